@@ -1,0 +1,49 @@
+# Every target calls `builder` or pytest; the logic lives in the package. Targets create/reuse .venv themselves.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BUILDER := $(VENV)/bin/builder
+PYTEST := $(PY) -m pytest
+R      ?= recipes/smollm2/nf4.yaml
+
+.PHONY: demo test test-slow test-gpu validate plan models schema clean
+
+# The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
+# package with its quantize, onnx and test extras.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[quantize,onnx,test]'
+	touch $@
+
+models/.ready: $(VENV)/.installed tests/assets/make_models.py
+	$(PY) tests/assets/make_models.py models
+	touch $@
+
+models: models/.ready
+
+demo: models/.ready
+	$(BUILDER) validate recipes/
+	$(BUILDER) plan recipes/smollm2/nf4.yaml
+
+test: models/.ready
+	$(PYTEST) -q
+
+test-slow: models/.ready
+	$(PYTEST) -q -m slow
+
+# Needs a CUDA host; on a CPU-only machine every test here is skipped.
+test-gpu: models/.ready
+	$(PYTEST) -q -m gpu
+
+validate: $(VENV)/.installed
+	$(BUILDER) validate recipes/
+
+plan: models/.ready
+	$(BUILDER) plan $(R)
+
+schema: $(VENV)/.installed
+	$(BUILDER) schema > docs/recipe.schema.json
+
+clean:
+	rm -rf artifacts .pytest_cache .hypothesis

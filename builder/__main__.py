@@ -1,0 +1,3 @@
+from builder.cli import main_entry
+
+main_entry()

@@ -1,0 +1,155 @@
+"""`builder` command line: parse, call the library, return an exit code.
+
+Exit codes: 0 ok, 1 a known failure (bad recipe, gate failed, publish refused), 2 usage, 3 unexpected (traceback
+in a log file), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from builder.errors import BuilderError, RecipeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _print_json(payload: object) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from builder.loader import find_recipe_files, load_recipes
+
+    files = find_recipe_files(args.paths or ["recipes"])
+    results, failed = [], False
+    for file in files:
+        try:
+            loaded = load_recipes(file)
+            results.append({"file": str(file), "ok": True, "recipes": [r.recipe.name for r in loaded], "problems": []})
+        except RecipeError as error:
+            failed = True
+            results.append({"file": str(file), "ok": False, "recipes": [],
+                            "problems": [p.as_json() for p in error.problems]})
+            if not args.json:
+                print(error)
+    if args.json:
+        _print_json({"ok": not failed, "files": results})
+    elif not failed:
+        count = sum(len(r["recipes"]) for r in results)
+        print(f"{len(files)} file(s), {count} recipe(s): ok")
+    if not files:
+        print("no recipe files found", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from builder.loader import load_recipes
+    from builder.plan import make_plan
+
+    plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
+    if args.json:
+        _print_json([p.as_json() for p in plans])
+        return EXIT_OK
+    for plan in plans:
+        print(_format_plan(plan))
+    return EXIT_OK
+
+
+def _format_plan(plan) -> str:
+    import yaml
+
+    recipe = plan.loaded.recipe
+    lines = [
+        f"# {recipe.name}" + (f"  (variant {plan.loaded.variant} of {plan.loaded.path})" if plan.loaded.variant else ""),
+        f"build hash:  {plan.build_hash}",
+        f"source:      {recipe.source.model} @ {plan.source.revision}",
+        f"parameters:  {plan.parameter_count:,}",
+        f"source size: {_size(plan.source_bytes)}",
+        f"artifact:    ~{_size(plan.expected_artifact_bytes)} (estimate)",
+        "versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
+        "steps:",
+    ]
+    for stage in plan.stages:
+        peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
+        lines.append(f"  {stage.name:<11} {stage.description}{peak}")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from builder.recipe import json_schema
+
+    _print_json(json_schema())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="builder", description="Declarative, verified model builds from YAML recipes.")
+    parser.add_argument("--version", action="version", version=f"builder {_own_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check recipes (files or folders; default recipes/)")
+    validate.add_argument("paths", nargs="*", help="recipe files or folders")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.set_defaults(run=cmd_validate)
+
+    plan = commands.add_parser("plan", help="show the resolved recipe, build hash, steps and a preflight")
+    plan.add_argument("recipe", help="a recipe file")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(run=cmd_plan)
+
+    schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+    schema.set_defaults(run=cmd_schema)
+    return parser
+
+
+def _own_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("builder")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code else EXIT_OK
+    try:
+        return args.run(args)
+    except BuilderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: keep the traceback, show one line
+        log = Path(tempfile.gettempdir()) / "builder-crash.log"
+        log.write_text(traceback.format_exc())
+        print(f"internal error: {type(error).__name__}: {error} (traceback in {log})", file=sys.stderr)
+        return EXIT_BUG
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

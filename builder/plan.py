@@ -1,0 +1,207 @@
+"""What a build would do, decided before anything heavy runs: the build hash, the steps and a preflight.
+
+The preflight reads config.json and the safetensors headers only, so `builder plan` runs on a laptop with the
+core install and tells you parameter count, expected artifact size and peak memory per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from builder.errors import SourceError
+from builder.loader import LoadedRecipe
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.source import ResolvedSource, TensorInfo, resolve
+
+# Packages whose version can change an artifact's bytes, per kind of build.
+_VERSIONED = {
+    "quantize": ("torch", "transformers", "accelerate", "bitsandbytes"),
+    "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
+               "optimum-onnx"),
+}
+_BYTES_PER_DTYPE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
+
+
+def package_versions(kind: str) -> dict[str, str]:
+    """Installed versions of the packages that matter for `kind` (quantize/export), plus builder's own."""
+    versions = {"builder": _version("builder")}
+    for name in _VERSIONED[kind]:
+        if (found := _version(name)) != "not installed":
+            versions[name] = found
+    return versions
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def build_kind(recipe: Recipe) -> str:
+    return "export" if recipe.export is not None else "quantize"
+
+
+def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -> str:
+    """sha256 of the canonical resolved recipe, the pinned source revision and the versions that change bytes.
+    `publish` is left out: where an artifact goes does not change what it is."""
+    content = recipe.model_dump(mode="json", exclude={"publish"})
+    canonical = json.dumps({"recipe": content, "source": source_revision, "versions": versions},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def skip_module_matches(module: str, pattern: str) -> bool:
+    """transformers' rule (quantizers_utils.should_convert_module): a prefix up to a module boundary, a regex
+    with the same boundary, or a suffix of the module's full name."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    try:
+        return bool(re.match(rf"(?:{pattern}){boundary}", module)) or module.endswith(pattern)
+    except re.error:
+        return module.endswith(pattern)
+
+
+def module_names(tensors: tuple[TensorInfo, ...]) -> list[str]:
+    """Every module path implied by the tensor names (`a.b.weight` -> `a`, `a.b`)."""
+    names: set[str] = set()
+    for tensor in tensors:
+        parts = tensor.name.split(".")[:-1]
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(names)
+
+
+@dataclass
+class Stage:
+    name: str
+    description: str
+    peak_memory_bytes: int | None = None
+
+
+@dataclass
+class Plan:
+    loaded: LoadedRecipe
+    source: ResolvedSource
+    build_hash: str
+    versions: dict[str, str]
+    stages: list[Stage]
+    parameter_count: int
+    source_bytes: int
+    expected_artifact_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        recipe = self.loaded.recipe
+        return {
+            "name": recipe.name,
+            "recipe_file": str(self.loaded.path),
+            "variant": self.loaded.variant,
+            "recipe": recipe.model_dump(mode="json"),
+            "build_hash": self.build_hash,
+            "source": {"model": recipe.source.model, "revision": self.source.revision},
+            "versions": self.versions,
+            "parameter_count": self.parameter_count,
+            "source_bytes": self.source_bytes,
+            "expected_artifact_bytes": self.expected_artifact_bytes,
+            "stages": [{"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
+                       for s in self.stages],
+            "warnings": self.warnings,
+        }
+
+
+def make_plan(loaded: LoadedRecipe) -> Plan:
+    """Resolve the source (metadata only), check skip_modules against it and estimate sizes and memory."""
+    recipe = loaded.recipe
+    source = resolve(recipe.source, loaded.source_path)
+    _check_skip_modules(recipe, source)
+    versions = package_versions(build_kind(recipe))
+    source_bytes = sum(t.numel * _BYTES_PER_DTYPE.get(t.dtype, 4) for t in source.tensors)
+    loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)
+    artifact = _expected_artifact_bytes(recipe, source.tensors)
+    warnings = []
+    if recipe.publish is not None and not recipe.source.pinned:
+        warnings.append(f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
+                        "records the commit it resolved, but `builder publish` will refuse until you pin it")
+    stages = _stages(recipe, loaded_bytes, artifact)
+    return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
+                source.parameter_count, source_bytes, artifact, warnings)
+
+
+def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
+    if not isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit)) or not source.tensors:
+        return
+    modules = module_names(source.tensors)
+    unmatched = [p for p in recipe.quantize.skip_modules if not any(skip_module_matches(m, p) for m in modules)]
+    if unmatched:
+        example = ", ".join(m for m in modules if m.count(".") <= 1)[:200]
+        raise SourceError(f"quantize.skip_modules: {', '.join(map(repr, unmatched))} match no module of "
+                          f"{recipe.source.model} (modules include: {example}, ...); use a module name or suffix "
+                          "such as lm_head or mlp.down_proj")
+
+
+def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
+    dtype = recipe.source.dtype
+    return _TORCH_DTYPE_BYTES.get(dtype, _BYTES_PER_DTYPE.get(tensor.dtype, 4))
+
+
+def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
+    """Estimate of what bnb replaces: 2-D `.weight`s of linear layers, not embeddings, lm_head or skipped modules."""
+    if len(tensor.shape) != 2 or not tensor.name.endswith(".weight") or _EMBEDDING_NAMES.search(tensor.name):
+        return False
+    module = tensor.name[: -len(".weight")]
+    patterns = skip_modules or ("lm_head",)
+    return not any(skip_module_matches(module, p) for p in patterns)
+
+
+def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:
+    quantize = recipe.quantize
+    if recipe.export is not None:
+        per_element = 1 if recipe.export.quantize == "dynamic-int8" else (2 if recipe.export.dtype == "float16" else 4)
+        return sum(t.numel for t in tensors) * per_element
+    total = 0.0
+    for tensor in tensors:
+        if quantize is None or not is_quantizable(tensor, quantize.skip_modules):
+            total += tensor.numel * _loaded_bytes(tensor, recipe)
+        elif isinstance(quantize, Bnb4Bit):
+            # 4 bits a weight, plus one absmax per 64-block (fp32, or uint8 + fp32 per 256 blocks with double quant)
+            scales = tensor.numel / 64 * (1 + 4 / 256) if quantize.double_quant else tensor.numel / 64 * 4
+            total += tensor.numel / 2 + scales
+        else:
+            total += tensor.numel + tensor.shape[0] * 4  # int8 weights + one fp32 scale per row
+    return int(total)
+
+
+def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stage]:
+    stages = [Stage("resolve", "pin the source (commit sha or content digest) and read its config")]
+    if recipe.export is not None:
+        export = recipe.export
+        stages += [
+            Stage("load", f"load the source as {recipe.source.dtype}", loaded_bytes),
+            Stage("export", f"export to ONNX (opset {export.opset}, {export.dtype}, exporter {export.exporter})",
+                  loaded_bytes * 2),
+        ]
+        if export.optimize != "none":
+            stages.append(Stage("optimize", f"onnxruntime transformer optimizer {export.optimize}", artifact_bytes * 2))
+        if export.quantize != "none":
+            stages.append(Stage("quantize", "onnxruntime dynamic int8 quantization", artifact_bytes * 5))
+        verify_on = export.verify_on or export.provider
+        stages.append(Stage("verify", f"compare with the PyTorch source on {verify_on}", loaded_bytes + artifact_bytes))
+    else:
+        method = recipe.quantize.method if recipe.quantize else "none"
+        stages += [
+            Stage("load", f"load and quantize ({method}) with transformers", loaded_bytes + artifact_bytes),
+            Stage("save", "write safetensors, config, tokenizer, generation config", artifact_bytes),
+        ]
+        if recipe.quantize is not None and recipe.quantize.dequantize:
+            stages.append(Stage("dequantize", "write a dequantized checkpoint", loaded_bytes + artifact_bytes))
+        stages.append(Stage("verify", "reload the artifact in a fresh process and compare with the source",
+                            loaded_bytes + artifact_bytes))
+    stages.append(Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename"))
+    return stages
+

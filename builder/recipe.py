@@ -1,0 +1,358 @@
+"""The recipe schema (schema_version 1): one pydantic model per block, every field described.
+
+A recipe file is YAML; `builder.loader` reads it with line marks, resolves `extends` and `variants`, and
+validates the result against `Recipe`. The JSON Schema that editors use comes from these models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from builder.tasks import TASKS
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
+COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+# huggingface_hub's repo id rule: optional namespace, then a name of letters, digits, '-', '_', '.'.
+REPO_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+Dtype = Literal["float32", "float16", "bfloat16", "auto"]
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
+Provider = Literal[
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"
+]
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+
+
+class RuleViolation(ValueError):
+    """A cross-field rule failed; `path` (relative to the model that checks it) locates the offending key."""
+
+    def __init__(self, path: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class Block(BaseModel):
+    """Base of every recipe block: unknown keys are errors and resolved recipes are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_local_path(model: str) -> bool:
+    return model.startswith(LOCAL_PREFIXES)
+
+
+class Source(Block):
+    model: str = Field(
+        description="A Hub repo id (`org/name`) or a local folder starting with `./`, `../`, `/` or `~` "
+        "(relative paths are relative to the recipe file)."
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub branch, tag or 40-hex commit (default `main`); a build records the resolved commit. "
+        "Not allowed for a local folder.",
+    )
+    task: str | None = Field(
+        default=None,
+        description="An optimum task name (text-generation, feature-extraction, text-classification, ...); "
+        "inferred from config.json's `architectures` when absent.",
+    )
+    dtype: Dtype = Field(default="auto", description="Weights dtype to load the source in; `auto` keeps the checkpoint's.")
+    trust_remote_code: StrictBool = Field(
+        default=False, description="Run the model repo's own Python code. Requires a 40-hex `revision`."
+    )
+    allow_pickle: StrictBool = Field(
+        default=False, description="Also read pickle (`.bin`) weights; by default only safetensors are read."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_repo_or_path(cls, model: str) -> str:
+        if not is_local_path(model) and not REPO_ID_PATTERN.match(model):
+            raise ValueError(
+                f"{model!r} is neither a Hub repo id (org/name) nor a local path; "
+                "start local folders with './', '../', '/' or '~'"
+            )
+        return model
+
+    @field_validator("task")
+    @classmethod
+    def _task_is_known(cls, task: str | None) -> str | None:
+        if task is not None and task not in TASKS:
+            raise ValueError(_not_one_of(task, TASKS))
+        return task
+
+    @model_validator(mode="after")
+    def _revision_rules(self) -> Source:
+        if self.revision is not None and is_local_path(self.model):
+            raise RuleViolation(("revision",), "a local folder has no revision; remove `revision`")
+        if self.trust_remote_code and not (self.revision and COMMIT_PATTERN.match(self.revision)):
+            raise RuleViolation(
+                ("trust_remote_code",),
+                "trust_remote_code needs `revision` pinned to a 40-hex commit so the code that runs is the code "
+                "you reviewed",
+            )
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return is_local_path(self.model)
+
+    @property
+    def pinned(self) -> bool:
+        """True when the source cannot change under the recipe: a local folder or a 40-hex commit."""
+        return self.is_local or bool(self.revision and COMMIT_PATTERN.match(self.revision))
+
+
+_DEVICE = re.compile(r"^(cpu|disk|cuda|cuda:\d+|\d+)$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+class Load(Block):
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = (
+        Field(default=None, description="Attention kernel; transformers picks `sdpa` when absent.")
+    )
+    device_map: str | dict[str, str] | None = Field(
+        default=None,
+        description="Where to load: auto, cpu, cuda, cuda:N, or {module: device} with devices cpu, disk, cuda, "
+        "cuda:N or N. Absent = CUDA when present, else CPU.",
+    )
+    max_memory: dict[str, str] | None = Field(
+        default=None, description='Per-device memory caps, e.g. {"0": "20GiB", "cpu": "64GiB"}.'
+    )
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, device_map: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        if isinstance(device_map, str):
+            if device_map not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", device_map):
+                raise ValueError(f"{device_map!r} is not auto, cpu, cuda or cuda:N")
+        elif isinstance(device_map, dict):
+            for module, device in device_map.items():
+                if not _DEVICE.match(device):
+                    raise RuleViolation((module,), f"{device!r} is not a device: use cpu, disk, cuda, cuda:N or N")
+        return device_map
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, max_memory: dict[str, str] | None) -> dict[str, str] | None:
+        for device, amount in (max_memory or {}).items():
+            if not re.match(r"^(\d+|cpu|disk)$", device):
+                raise RuleViolation((device,), f"{device!r} is not a device key: use a GPU index (\"0\"), cpu or disk")
+            if not _MEMORY.match(amount):
+                raise RuleViolation((device,), f"{amount!r} is not a memory size like 20GiB or 500MB")
+        return max_memory
+
+
+SkipModules = tuple[Annotated[str, Field(min_length=1)], ...]
+
+
+class Bnb4Bit(Block):
+    method: Literal["bnb-4bit"] = Field(description="bitsandbytes 4-bit (QLoRA's NF4/FP4) quantization.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="nf4 (normal-float, best for normally distributed weights) or fp4."
+    )
+    double_quant: StrictBool = Field(
+        default=False, description="Quantize the quantization constants too (saves ~0.37 bits/param)."
+    )
+    compute_dtype: ComputeDtype = Field(
+        default="float32", description="dtype of the matmuls; bfloat16 or float16 is faster on GPUs."
+    )
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
+        default="uint8", description="Storage dtype of the packed 4-bit weights (match it to FSDP's dtype)."
+    )
+    skip_modules: SkipModules = Field(
+        default=(), description="Module names (or name suffixes) kept unquantized, e.g. lm_head."
+    )
+    dequantize: StrictBool = Field(
+        default=False, description="Also write a dequantized checkpoint in the source dtype under `dequantized/`."
+    )
+
+
+class Bnb8Bit(Block):
+    method: Literal["bnb-8bit"] = Field(description="bitsandbytes LLM.int8() quantization.")
+    threshold: float = Field(
+        default=6.0, gt=0, description="Outlier threshold: activations above it run in fp16 (LLM.int8's 6.0)."
+    )
+    skip_modules: SkipModules = Field(default=(), description="Module names (or name suffixes) kept unquantized.")
+    fp32_cpu_offload: StrictBool = Field(
+        default=False,
+        description="Keep the modules that `load.device_map` puts on cpu in float32 (unquantized).",
+    )
+    has_fp16_weight: StrictBool = Field(
+        default=False, description="Keep fp16 master weights beside the int8 ones (for training; 2x the size)."
+    )
+    dequantize: StrictBool = Field(
+        default=False, description="Also write a dequantized checkpoint in the source dtype under `dequantized/`."
+    )
+
+
+Quantize = Annotated[Bnb4Bit | Bnb8Bit, Field(discriminator="method")]
+
+
+class OnnxExport(Block):
+    format: Literal["onnx"] = Field(description="The export format.")
+    exporter: Literal["auto", "torch", "optimum"] = Field(
+        default="auto",
+        description="torch: torch.onnx.export(dynamo=True); optimum: optimum-onnx's main_export; auto: optimum "
+        "when importable, else torch.",
+    )
+    opset: int = Field(default=18, ge=7, le=23, description="ONNX opset; the torch exporter needs 18 or newer.")
+    dtype: Literal["float32", "float16"] = Field(default="float32", description="Precision of the exported graph.")
+    provider: Provider = Field(default="CPUExecutionProvider", description="The execution provider the graph targets.")
+    optimize: Literal["none", "O1", "O2", "O3", "O4"] = Field(
+        default="none",
+        description="onnxruntime transformer-optimizer level: O1 basic, O2 extended fusions, O3 + GELU "
+        "approximation, O4 = O3 + float16 (GPU providers only).",
+    )
+    with_past: StrictBool = Field(
+        default=False, description="text-generation only: export with the KV cache (past_key_values inputs)."
+    )
+    quantize: Literal["none", "dynamic-int8"] = Field(
+        default="none", description="onnxruntime dynamic int8 quantization (CPUExecutionProvider only)."
+    )
+    verify_on: Provider | None = Field(
+        default=None,
+        description="Provider to verify on when the target provider is absent on the build host; absent = the "
+        "target itself.",
+    )
+
+    @model_validator(mode="after")
+    def _provider_rules(self) -> OnnxExport:
+        if self.quantize == "dynamic-int8" and self.provider in GPU_PROVIDERS:
+            raise RuleViolation(
+                ("quantize",),
+                f"dynamic-int8 graphs run on CPUExecutionProvider only, not {self.provider}; use `dtype: float16` "
+                "for GPU providers or target CPUExecutionProvider",
+            )
+        if self.optimize == "O4" and self.provider not in GPU_PROVIDERS:
+            raise RuleViolation(
+                ("optimize",), "O4 (float16 fusions) is for GPU providers; use O3 for CPUExecutionProvider"
+            )
+        if self.dtype == "float16" and self.quantize == "dynamic-int8":
+            raise RuleViolation(("quantize",), "dynamic-int8 quantizes a float32 graph; set `dtype: float32`")
+        return self
+
+
+class Thresholds(Block):
+    top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Minimum share of positions whose top-1 next token matches (LMs)."
+    )
+    kl_divergence: float | None = Field(
+        default=None, ge=0, description="Maximum mean KL divergence of next-token distributions, in nats (LMs)."
+    )
+    perplexity_ratio: float | None = Field(
+        default=None, ge=1, description="Maximum perplexity ratio candidate/reference on the evaluation text (LMs)."
+    )
+    max_abs_diff: float | None = Field(
+        default=None, gt=0, description="Maximum absolute difference of outputs (ONNX) or hidden states (encoders)."
+    )
+    cosine: float | None = Field(
+        default=None, ge=-1, le=1, description="Minimum cosine similarity of pooled embeddings (encoders)."
+    )
+    footprint_ratio: float | None = Field(
+        default=None, gt=0, description="Maximum memory footprint ratio candidate/reference."
+    )
+
+
+class Verify(Block):
+    prompts: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=(), description="Inputs to compare on; absent = the built-in evaluation text."
+    )
+    max_new_tokens: int = Field(default=16, ge=1, le=512, description="Greedy tokens generated per prompt (LMs).")
+    thresholds: Thresholds = Field(
+        default_factory=Thresholds, description="Overrides of the per-method default thresholds."
+    )
+
+
+class Publish(Block):
+    repo: str = Field(description="Target Hub repo id, `org/name`.")
+    revision: str = Field(default="main", min_length=1, description="Branch to push to; created when missing.")
+    private: StrictBool = Field(default=False, description="Create the repo as private.")
+    create_pr: StrictBool = Field(default=False, description="Open a pull request instead of pushing to the branch.")
+    license: str | None = Field(default=None, description="License id for the model card (e.g. apache-2.0).")
+    tags: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), description="Extra model-card tags.")
+    card: str | None = Field(default=None, description="Markdown appended to the generated model card.")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, repo: str) -> str:
+        if "/" not in repo or not REPO_ID_PATTERN.match(repo):
+            raise ValueError(f"{repo!r} is not a Hub repo id; write it as org/name")
+        return repo
+
+
+class Recipe(Block):
+    """A resolved recipe: what `builder` builds one artifact from (after `extends` and `variants`)."""
+
+    schema_version: Literal[1] = Field(description="Recipe language version; always 1.")
+    name: str = Field(pattern=NAME_PATTERN, description="Artifact name: lowercase letters, digits, '.', '_', '-'.")
+    source: Source = Field(description="The model to build from.")
+    load: Load = Field(default_factory=Load, description="How to load the source.")
+    quantize: Quantize | None = Field(default=None, description="bitsandbytes quantization, by `method`.")
+    export: OnnxExport | None = Field(default=None, description="ONNX export for an onnxruntime provider.")
+    verify: Verify = Field(default_factory=Verify, description="What the verification gate compares.")
+    publish: Publish | None = Field(default=None, description="Where `builder publish` pushes the artifact.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Recipe:
+        if self.quantize is not None and self.export is not None:
+            raise RuleViolation(
+                ("export",),
+                "bitsandbytes weights cannot be exported to ONNX; use `export.quantize: dynamic-int8` instead of "
+                "`quantize`, or write two recipes",
+            )
+        if (self.load.attn_implementation or "").startswith("flash_attention") and self.source.dtype == "float32":
+            raise RuleViolation(
+                ("load", "attn_implementation"),
+                f"{self.load.attn_implementation} runs in float16/bfloat16 only; set `source.dtype: bfloat16` or use "
+                "sdpa",
+            )
+        if isinstance(self.quantize, Bnb8Bit) and self.quantize.fp32_cpu_offload:
+            devices = set(self.load.device_map.values()) if isinstance(self.load.device_map, dict) else set()
+            on_gpu = any(d == "cuda" or d.startswith("cuda:") or d.isdigit() for d in devices)
+            if "cpu" not in devices or not on_gpu:
+                raise RuleViolation(
+                    ("quantize", "fp32_cpu_offload"),
+                    "fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the rest on a GPU "
+                    "(with everything on one device it quantizes nothing or offloads nothing)",
+                )
+        if self.export is not None and self.export.with_past and self.source.task not in (None, "text-generation"):
+            raise RuleViolation(
+                ("export", "with_past"), f"with_past is for text-generation, not {self.source.task}"
+            )
+        return self
+
+
+def _not_one_of(value: str, choices: tuple[str, ...]) -> str:
+    from difflib import get_close_matches
+
+    close = get_close_matches(value, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    shown = ", ".join(choices) if len(choices) <= 8 else ", ".join(choices[:8]) + ", ..."
+    return f"{value!r} is not one of {shown}{hint}"
+
+
+def json_schema() -> dict:
+    """JSON Schema of a recipe file, for editors: the `Recipe` fields plus `extends` and `variants`.
+
+    Only `schema_version` is required, since a file that `extends` a parent may leave the rest to it.
+    """
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "builder recipe (schema_version 1)"
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "description": "Relative path of a parent recipe; its keys are deep-merged under this file's (child wins).",
+    }
+    schema["properties"]["variants"] = {
+        "type": "object",
+        "description": "suffix: {overrides}; each variant is its own artifact named <name>-<suffix>.",
+        "propertyNames": {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+        "additionalProperties": {"type": "object"},
+    }
+    schema["required"] = ["schema_version"]
+    return schema

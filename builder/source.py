@@ -1,0 +1,194 @@
+"""Resolve a recipe's source to exact bytes: a local folder's content digest or a Hub repo's commit sha.
+
+Reads only metadata (config.json, safetensors headers, file listings); never tensors. Needs only the core install
+(huggingface_hub), so `plan` can run anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import SourceError
+from builder.recipe import Source
+
+_SAFETENSORS = ".safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source pinned to exact content: `path` is where its files are (None for a Hub source not yet
+    downloaded), `revision` the commit sha (Hub) or `sha256:<digest of every file>` (local)."""
+
+    model: str
+    revision: str
+    path: Path | None
+    config: dict
+    tensors: tuple[TensorInfo, ...]
+    weight_files: tuple[str, ...]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def is_local(self) -> bool:
+        return self.revision.startswith("sha256:")
+
+
+def resolve(source: Source, local_path: Path | None) -> ResolvedSource:
+    """Pin the source and read its config and tensor headers. Raises `SourceError` with the fix."""
+    if local_path is not None:
+        return _resolve_local(source, local_path)
+    return _resolve_hub(source)
+
+
+def _resolve_local(source: Source, path: Path) -> ResolvedSource:
+    if not path.is_dir():
+        raise SourceError(f"source folder {path} does not exist; check `source.model` (relative paths are relative "
+                          "to the recipe file)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SourceError(f"source folder {path} has no config.json; point `source.model` at a Hugging Face model "
+                          "folder (the one save_pretrained writes)")
+    names = sorted(p.name for p in path.iterdir() if p.is_file())
+    weight_files = _weight_files(names, source.allow_pickle, str(path))
+    tensors = tuple(t for name in weight_files if name.endswith(_SAFETENSORS)
+                    for t in read_safetensors_header(path / name))
+    return ResolvedSource(source.model, f"sha256:{folder_digest(path)}", path, _read_json(config_file), tensors,
+                          weight_files)
+
+
+def _weight_files(names: list[str], allow_pickle: bool, where: str) -> tuple[str, ...]:
+    safetensors = [n for n in names if n.endswith(_SAFETENSORS)]
+    if safetensors:
+        return tuple(safetensors)
+    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise SourceError(f"{where} has only pickle weights ({', '.join(pickles)}); pickle can run arbitrary code "
+                          "when loaded. Convert them to safetensors, or set `source.allow_pickle: true` if you trust "
+                          "the source")
+    if not pickles:
+        raise SourceError(f"{where} has no weights (*.safetensors or, with allow_pickle, *.bin)")
+    return tuple(pickles)
+
+
+def read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """The tensors a safetensors file holds, read from its JSON header only."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return _tensors_from_header(header)
+
+
+def _tensors_from_header(header: dict) -> list[TensorInfo]:
+    return [TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
+            for name, meta in header.items() if name != "__metadata__"]
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SourceError(f"{file} is not valid JSON: {error}") from None
+
+
+def folder_digest(path: Path) -> str:
+    """sha256 over every file's relative name and sha256 (cached by size and mtime, so re-planning is fast)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_sha256(file).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("BUILDER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "builder")
+    return Path(root) / "sha256.json"
+
+
+def file_sha256(file: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) in the user's cache folder."""
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_path)
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return cache[key]
+
+
+def _resolve_hub(source: Source) -> ResolvedSource:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi()
+    revision = source.revision or "main"
+    try:
+        info = api.model_info(source.model, revision=revision, files_metadata=False)
+        names = sorted(s.rfilename for s in info.siblings or ())
+        if "config.json" not in names:
+            raise SourceError(f"Hub repo {source.model}@{revision} has no config.json; it is not a transformers model")
+        weight_files = _weight_files([n for n in names if "/" not in n], source.allow_pickle,
+                                     f"Hub repo {source.model}@{revision}")
+        config = _read_json(Path(api.hf_hub_download(source.model, "config.json", revision=info.sha)))
+        tensors: tuple[TensorInfo, ...] = ()
+        if weight_files[0].endswith(_SAFETENSORS):
+            metadata = api.get_safetensors_metadata(source.model, revision=info.sha)
+            tensors = tuple(t for file_meta in metadata.files_metadata.values()
+                            for t in _tensors_from_metadata(file_meta))
+    except GatedRepoError:
+        raise SourceError(f"Hub repo {source.model} is gated; accept its terms on the Hub and log in "
+                          "(hf auth login, or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"revision {revision!r} not found in Hub repo {source.model}; check `source.revision`") \
+            from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"Hub repo {source.model} not found (or private: log in with hf auth login or set "
+                          f"HF_TOKEN); endpoint {api.endpoint}") from None
+    except OSError as error:
+        raise SourceError(f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision}: {error}") \
+            from None
+    return ResolvedSource(source.model, info.sha, None, config, tensors, weight_files)
+
+
+def _tensors_from_metadata(file_meta) -> list[TensorInfo]:
+    return [TensorInfo(name, info.dtype, tuple(info.shape)) for name, info in file_meta.tensors.items()]

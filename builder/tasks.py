@@ -1,0 +1,58 @@
+"""The task vocabulary, kept in the core package so `validate` needs no optimum.
+
+It mirrors the transformers tasks of optimum's `TasksManager`; `tests/unit/test_tasks.py` keeps the two equal
+whenever optimum is installed.
+"""
+
+TASKS: tuple[str, ...] = (
+    "audio-classification",
+    "audio-frame-classification",
+    "audio-xvector",
+    "automatic-speech-recognition",
+    "depth-estimation",
+    "feature-extraction",
+    "fill-mask",
+    "image-classification",
+    "image-segmentation",
+    "image-text-to-text",
+    "image-to-image",
+    "image-to-text",
+    "mask-generation",
+    "masked-im",
+    "multiple-choice",
+    "object-detection",
+    "question-answering",
+    "reinforcement-learning",
+    "semantic-segmentation",
+    "text-classification",
+    "text-generation",
+    "text-to-audio",
+    "text2text-generation",
+    "token-classification",
+    "visual-question-answering",
+    "zero-shot-image-classification",
+    "zero-shot-object-detection",
+)
+
+# Architecture-name suffixes -> task, for recipes that leave `source.task` out (checked in this order).
+_ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForMultipleChoice", "multiple-choice"),
+    ("ForImageClassification", "image-classification"),
+    ("Model", "feature-extraction"),
+)
+
+
+def infer_task(architectures: list[str] | None) -> str | None:
+    """The task a config's `architectures` implies, or None when nothing matches."""
+    for architecture in architectures or ():
+        for suffix, task in _ARCHITECTURE_SUFFIXES:
+            if architecture.endswith(suffix):
+                return task
+    return None

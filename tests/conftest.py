@@ -1,0 +1,72 @@
+"""Shared fixtures: real-weight model folders (built once from PyPI packages) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "assets"))
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+    if not config.getoption("-m"):
+        slow = pytest.mark.skip(reason="slow: run with `make test-slow`")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(slow)
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct (bf16 safetensors) and all-MiniLM-L6-v2 folders under models/."""
+    from make_models import ensure_models
+
+    return ensure_models(REPO / "models")
+
+
+@pytest.fixture(scope="session")
+def smollm2(real_models) -> Path:
+    return real_models["smollm2-135m-instruct"]
+
+
+@pytest.fixture(scope="session")
+def minilm(real_models) -> Path:
+    return real_models["all-minilm-l6-v2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors: fast unit builds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from make_models import SMOLLM2, ensure_models
+
+    smol = ensure_models(REPO / "models")[SMOLLM2]
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smol).save_pretrained(folder)
+    return folder

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from builder.cli import main
+
+REPO_RECIPES = "recipes"
+
+
+def test_validate_shipped_recipes_is_clean(capsys):
+    assert main(["validate", REPO_RECIPES]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_validate_json_lists_every_recipe(capsys):
+    assert main(["validate", REPO_RECIPES, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    names = {name for f in payload["files"] for name in f["recipes"]}
+    assert "smollm2-135m-instruct-nf4" in names
+    assert {"smollm2-135m-instruct-4bit-nf4", "smollm2-135m-instruct-4bit-fp4-dq"} <= names
+
+
+def test_validate_reports_located_error_and_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nname: x\nsource:\n  model: a/b\nquantize:\n  method: bnb-4bit\n"
+                   "  quant_type: nf5\n")
+    assert main(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:7:15: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)" in out
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["frobnicate"]) == 2
+
+
+def test_schema_is_json_schema_with_descriptions(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["properties"]["quantize"]["description"]
+    assert "extends" in schema["properties"] and "variants" in schema["properties"]
+
+
+def test_committed_schema_file_is_current(capsys):
+    from pathlib import Path
+
+    main(["schema"])
+    current = capsys.readouterr().out
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "recipe.schema.json").read_text()
+    assert json.loads(committed) == json.loads(current), "run `make schema` and commit docs/recipe.schema.json"
+
+
+def test_plan_smollm2_counts_parameters_from_headers(smollm2, capsys):
+    assert main(["plan", "recipes/smollm2/nf4.yaml", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)[0]
+    # SmolLM2-135M: 134,515,008 parameters (tied embeddings stored once).
+    assert abs(plan["parameter_count"] - 134_515_008) / 134_515_008 < 0.01
+    assert len(plan["build_hash"]) == 64
+    assert plan["source"]["revision"].startswith("sha256:")
+
+
+def test_plan_rejects_skip_module_that_matches_nothing(smollm2, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"schema_version: 1\nname: x\nsource:\n  model: {smollm2}\nquantize:\n  method: bnb-8bit\n"
+                      "  skip_modules: [lm_haed]\n")
+    assert main(["plan", str(recipe)]) == 1
+    assert "'lm_haed' match no module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["validate", "--help"], ["--version"]])
+def test_help_and_version_exit_0(argv):
+    assert main(argv) == 0
