@@ -99,6 +99,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from builder.inventory import artifact_states, format_table
+
+    states = artifact_states(args.paths or ["recipes"], Path(args.artifacts))
+    if args.json:
+        _print_json([s.as_json() for s in states])
+    else:
+        print(format_table(states))
+    return EXIT_FAILED if any(s.state == "invalid" for s in states) else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Declarative, verified model builds from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"builder {_own_version()}")
@@ -116,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.set_defaults(run=cmd_schema)
+
+    listing = commands.add_parser("list", help="recipes and the state of their artifacts (missing/stale/built/"
+                                  "verified/published)")
+    listing.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/)")
+    listing.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=cmd_list)
     return parser
 
 

@@ -1,0 +1,69 @@
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+from builder.inventory import artifact_states
+
+
+def _fake_model(folder: Path) -> None:
+    """config.json + a safetensors file holding one 4x4 float32 linear weight (header written by hand)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    header = json.dumps({"model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [4, 4],
+                                                                "data_offsets": [0, 64]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILDER_CACHE", str(tmp_path / "cache"))
+    _fake_model(tmp_path / "m")
+    (tmp_path / "recipes").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "recipes" / f"{name}.yaml").write_text(
+            f"schema_version: 1\nname: {name}\nsource:\n  model: ../m\nquantize:\n  method: bnb-4bit\n")
+    (tmp_path / "artifacts").mkdir()
+    return tmp_path
+
+
+def _write_manifest(project: Path, name: str, build_hash: str, passed: bool) -> None:
+    folder = project / "artifacts" / name
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"build_hash": build_hash, "verification": {"passed": passed}}))
+
+
+def test_states_follow_the_build_hash(project):
+    states = {s.name: s for s in artifact_states([project / "recipes"], project / "artifacts")}
+    assert states["a"].state == "missing" and states["b"].state == "missing"
+    _write_manifest(project, "a", states["a"].build_hash, passed=True)
+    _write_manifest(project, "b", "0" * 64, passed=True)
+    states = {s.name: s for s in artifact_states([project / "recipes"], project / "artifacts")}
+    assert states["a"].state == "verified"
+    assert states["b"].state == "stale"
+
+
+def test_list_json_and_published_record(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    [state] = [s for s in artifact_states(["recipes"], Path("artifacts")) if s.name == "a"]
+    _write_manifest(project, "a", state.build_hash, passed=False)
+    (project / "artifacts" / ".published").mkdir()
+    (project / "artifacts" / ".published" / "a.json").write_text(json.dumps(
+        {"repo": "org/a", "commit": "c" * 40, "build_hash": state.build_hash}))
+    assert main(["list", "recipes", "--json"]) == 0
+    listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert listed["a"]["state"] == "built"
+    assert listed["a"]["published"]["repo"] == "org/a"
+    assert main(["list", "recipes"]) == 0
+    table = capsys.readouterr().out
+    assert "org/a@cccccccccccc" in table and "missing" in table
+
+
+def test_invalid_recipe_is_listed_not_raised(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "recipes" / "c.yaml").write_text("schema_version: 1\nname: c\n")
+    assert main(["list", "recipes", "--json"]) == 1
+    listed = {row["recipe_file"]: row for row in json.loads(capsys.readouterr().out)}
+    assert listed["recipes/c.yaml"]["state"] == "invalid"
