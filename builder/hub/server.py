@@ -1,0 +1,532 @@
+"""`builder hub serve`: a Hub-compatible registry on the standard library's ThreadingHTTPServer.
+
+It speaks the subset of the Hugging Face Hub HTTP API that huggingface_hub (1.x and 2.x) and transformers use to
+create repos, upload (preupload + the git-LFS batch API + the NDJSON commit endpoint), list and download:
+
+    POST /api/repos/create                                 (409 for an existing repo, still with `url`)
+    POST /api/validate-yaml
+    GET  /api/whoami-v2
+    GET  /api/{type}s/{id}[/revision/{rev}]                repo info (siblings; `?blobs=1` adds sizes and LFS)
+    GET  /api/{type}s/{id}/tree/{rev}[/{path}]             `?recursive=1`, paginated with a `Link` header
+    GET  /api/{type}s/{id}/refs, /api/{type}s/{id}/commits/{rev}
+    POST /api/{type}s/{id}/branch/{branch}                 create_branch
+    POST /api/{type}s/{id}/preupload/{rev}                 regular or LFS, and the current oid of each path
+    POST /{id}.git/info/lfs/objects/batch                  + PUT .../upload/{oid}/{size} (signed URL) + verify
+    POST /api/{type}s/{id}/commit/{rev}                    NDJSON header/file/lfsFile/deletedFile/deletedFolder;
+                                                           `parentCommit` checked; `?create_pr=1` -> refs/pr/N
+    HEAD/GET /{id}/resolve/{rev}/{path}                    X-Repo-Commit, ETag, X-Linked-Etag/-Size, Range
+
+Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the client raises the
+same exceptions as against the Hub. There is no Xet storage: clients must set HF_HUB_DISABLE_XET=1 (huggingface_hub
+2.x uploads through Xet whenever `hf_xet` is importable). With `token` set, writes and private repos need
+`Authorization: Bearer <token>`; without it every request is accepted (bind it to 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from builder.hub.store import REPO_TYPES, Entry, Store, StoreError, check_path, is_lfs, lfs_pointer
+
+XET_MESSAGE = ("this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
+               "huggingface_hub uploads through the git-LFS API")
+_TYPES = "|".join(f"{t}s" for t in REPO_TYPES)
+_API = re.compile(rf"^/api/({_TYPES})/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit|commits|refs|branch|"
+                  r"xet-write-token|xet-read-token)(?:/([^/]+)(/.*)?)?)?$")
+_RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_LFS = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/objects/"
+                  r"(batch|verify|upload/([0-9a-f]{64})/(\d+))$")
+_CHUNK = 1 << 20
+
+
+class HubServer(ThreadingHTTPServer):
+    """The registry: `HubServer((host, port), root, token=None).serve_forever()`; `url` is its endpoint."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], root: Path, *, token: str | None = None, page_size: int = 1000,
+                 quiet: bool = False):
+        self.store = Store(root)
+        self.token = token
+        self.page_size = page_size
+        self.quiet = quiet
+        self.upload_secret = secrets.token_bytes(32)
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def sign(self, repo: str, oid: str, size: int) -> str:
+        return hmac.new(self.upload_secret, f"{repo}\0{oid}\0{size}".encode(), hashlib.sha256).hexdigest()
+
+
+def start_in_thread(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                    page_size: int = 1000, quiet: bool = True) -> HubServer:
+    """Start a registry on a background thread (port 0 = a free port); stop it with `server.shutdown()`."""
+    server = HubServer((host, port), root, token=token, page_size=page_size, quiet=quiet)
+    threading.Thread(target=server.serve_forever, name="builder-hub", daemon=True).start()
+    return server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request: route by method and path, answer JSON (or file bytes), map `StoreError`s to Hub errors."""
+
+    server: HubServer
+    protocol_version = "HTTP/1.1"
+    server_version = "builder-hub/1"
+
+    # --- dispatch ---------------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def _dispatch(self, method: str) -> None:
+        split = urlsplit(self.path)
+        self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        self.body_read = False
+        try:
+            self._route(method, split.path)
+        except StoreError as error:
+            self._error(error.code, str(error), error.error_code)
+        except (ValueError, KeyError, json.JSONDecodeError) as error:
+            self._error(400, f"bad request: {error}")
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        if not self.body_read:  # an unread body would be parsed as the next request on this connection
+            self.close_connection = True
+
+    def _route(self, method: str, path: str) -> None:
+        if (match := _API.match(path)) is not None:
+            kind, repo, action, rev, rest = match.groups()
+            repo_type, revision = kind[:-1], unquote(rev) if rev else None
+            return self._api(method, repo_type, unquote(repo), action, revision, unquote(rest or "").lstrip("/"))
+        if (match := _RESOLVE.match(path)) is not None and method in ("GET", "HEAD"):
+            kind, repo, rev, file = match.groups()
+            return self._resolve(method, (kind or "models")[:-1], unquote(repo), unquote(rev), unquote(file))
+        if (match := _LFS.match(path)) is not None:
+            kind, repo, action, oid, size = match.groups()
+            repo_type = (kind or "models")[:-1]
+            if action == "batch" and method == "POST":
+                return self._lfs_batch(repo_type, unquote(repo))
+            if action == "verify" and method == "POST":
+                return self._lfs_verify(repo_type, unquote(repo))
+            if oid and method == "PUT":
+                return self._lfs_upload(unquote(repo), oid, int(size))
+        if path == "/api/repos/create" and method == "POST":
+            return self._create_repo()
+        if path == "/api/validate-yaml" and method == "POST":
+            return self._validate_yaml()
+        if path == "/api/whoami-v2" and method == "GET":
+            return self._whoami()
+        raise StoreError(404, f"no route for {method} {path}")
+
+    def _api(self, method: str, repo_type: str, repo: str, action: str | None, revision: str | None,
+             rest: str) -> None:
+        match (method, action):
+            case ("GET", None):
+                return self._info(repo_type, repo, "main")
+            case ("GET", "revision"):
+                return self._info(repo_type, repo, revision or "main")
+            case ("GET", "tree"):
+                return self._tree(repo_type, repo, revision or "main", rest)
+            case ("GET", "refs"):
+                return self._refs(repo_type, repo)
+            case ("GET", "commits"):
+                return self._commits(repo_type, repo, revision or "main")
+            case ("POST", "branch") if revision:
+                return self._create_branch(repo_type, repo, revision)
+            case ("POST", "preupload"):
+                return self._preupload(repo_type, repo, revision or "main")
+            case ("POST", "commit"):
+                return self._commit(repo_type, repo, revision or "main")
+            case (_, "xet-write-token" | "xet-read-token"):
+                raise StoreError(501, XET_MESSAGE)
+        raise StoreError(404, f"no route for {method} {self.path}")
+
+    # --- auth -------------------------------------------------------------------------------------------------
+
+    def _bearer(self) -> str | None:
+        header = self.headers.get("Authorization", "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+    def _authorized(self) -> bool:
+        given = self._bearer()
+        if self.server.token is None:
+            return True
+        return given is not None and hmac.compare_digest(given.encode(), self.server.token.encode())
+
+    def _require_write(self) -> None:
+        if not self._authorized():
+            raise StoreError(401, "Invalid credentials in Authorization header: pass the registry's token "
+                                  "(HF_TOKEN or `hf auth login`)")
+
+    def _require_read(self, repo_type: str, repo: str) -> dict:
+        meta = self.server.store.repo_meta(repo_type, repo)
+        anonymous = self.server.token is None and self._bearer() is None
+        if meta.get("private") and (anonymous or not self._authorized()):
+            raise StoreError(401, f"Repository {repo} not found (or private: pass a token)", "RepoNotFound")
+        return meta
+
+    # --- repos ------------------------------------------------------------------------------------------------
+
+    def _create_repo(self) -> None:
+        payload = self._json_body()
+        self._require_write()
+        repo_type = payload.get("type") or "model"
+        name, organization = payload.get("name"), payload.get("organization")
+        if not organization:
+            raise StoreError(400, "repos of this registry need a namespace: create org/name")
+        repo = f"{organization}/{name}"
+        private = bool(payload.get("private")) or payload.get("visibility") == "private"
+        created = self.server.store.create_repo(repo_type, repo, private)
+        url = self._repo_url(repo_type, repo)
+        if not created:
+            return self._json(409, {"error": "You already created this repo", "url": url})
+        self._json(200, {"url": url, "name": repo, "id": repo})
+
+    def _validate_yaml(self) -> None:
+        import yaml
+
+        content = self._json_body().get("content", "")
+        errors = []
+        if content.startswith("---"):
+            try:
+                front = yaml.safe_load(content.split("---", 2)[1]) or {}
+                if not isinstance(front, dict):
+                    errors.append({"message": "the metadata block is not a mapping"})
+            except (yaml.YAMLError, IndexError) as error:
+                errors.append({"message": f"invalid YAML metadata: {error}"})
+        self._json(400 if errors else 200, {"errors": errors, "warnings": []})
+
+    def _whoami(self) -> None:
+        self._no_body()
+        if self._bearer() is None or not self._authorized():
+            raise StoreError(401, "Invalid credentials in Authorization header")
+        self._json(200, {"type": "user", "name": "builder-hub", "fullname": "builder local registry", "orgs": [],
+                         "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
+
+    def _info(self, repo_type: str, repo: str, revision: str) -> None:
+        self._no_body()
+        meta = self._require_read(repo_type, repo)
+        store = self.server.store
+        oid = store.resolve(repo_type, repo, revision)
+        commit = store.commit(repo_type, repo, oid)
+        files = store.files(repo_type, repo, oid)
+        blobs = self.query.get("blobs", "").lower() in ("1", "true")
+        siblings = [self._sibling(path, entry, blobs) for path, entry in files.items()]
+        info = {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": oid,
+                "private": bool(meta.get("private")), "disabled": False, "gated": False, "downloads": 0,
+                "likes": 0, "lastModified": commit["date"], "createdAt": meta["created_at"], "siblings": siblings,
+                "tags": [], "usedStorage": sum(e.size for e in files.values())}
+        info.update(self._card_metadata(files))
+        self._json(200, info)
+
+    @staticmethod
+    def _sibling(path: str, entry: Entry, blobs: bool) -> dict:
+        if not blobs:
+            return {"rfilename": path}
+        sibling = {"rfilename": path, "size": entry.size, "blobId": entry.git_oid}
+        if entry.lfs:
+            sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size,
+                              "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+        return sibling
+
+    def _card_metadata(self, files: dict[str, Entry]) -> dict:
+        """tags, pipeline_tag, library_name and cardData from README.md's YAML block, as the Hub reports them."""
+        import yaml
+
+        entry = files.get("README.md")
+        if entry is None:
+            return {}
+        text = self.server.store.object_path(entry.sha256).read_text(encoding="utf-8", errors="replace")
+        try:
+            front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
+        except (yaml.YAMLError, IndexError):
+            front = None
+        if not isinstance(front, dict):
+            return {}
+        return {"cardData": front, "tags": list(front.get("tags") or []), "pipeline_tag": front.get("pipeline_tag"),
+                "library_name": front.get("library_name")}
+
+    def _tree(self, repo_type: str, repo: str, revision: str, folder: str) -> None:
+        self._no_body()
+        self._require_read(repo_type, repo)
+        store = self.server.store
+        oid = store.resolve(repo_type, repo, revision)
+        files = store.files(repo_type, repo, oid)
+        recursive = self.query.get("recursive", "").lower() in ("1", "true")
+        prefix = folder.rstrip("/") + "/" if folder else ""
+        entries: dict[str, dict] = {}
+        for path, entry in files.items():
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts)):
+                if depth == 1 or recursive:
+                    directory = prefix + "/".join(parts[:depth])
+                    entries.setdefault(directory, {"type": "directory", "path": directory,
+                                                   "oid": hashlib.sha1(directory.encode()).hexdigest()})
+            if len(parts) == 1 or recursive:
+                entries[path] = self._tree_entry(path, entry)
+        if folder and not entries:
+            raise StoreError(404, f"{folder} does not exist at {revision} in {repo}", "EntryNotFound")
+        listing = [entries[path] for path in sorted(entries)]
+        start = int(self.query.get("cursor", "0") or 0)
+        page = listing[start:start + self.server.page_size]
+        headers = {}
+        if start + self.server.page_size < len(listing):
+            query = {**self.query, "cursor": str(start + self.server.page_size)}
+            next_url = self._base_url() + urlsplit(self.path).path + "?" + "&".join(
+                f"{k}={quote(v, safe='')}" for k, v in query.items())
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        self._json(200, page, headers)
+
+    @staticmethod
+    def _tree_entry(path: str, entry: Entry) -> dict:
+        item = {"type": "file", "path": path, "size": entry.size, "oid": entry.git_oid}
+        if entry.lfs:
+            item["lfs"] = {"oid": entry.sha256, "size": entry.size,
+                           "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+        return item
+
+    def _refs(self, repo_type: str, repo: str) -> None:
+        self._no_body()
+        self._require_read(repo_type, repo)
+        refs = self.server.store.refs(repo_type, repo)
+        self._json(200, {
+            "branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+                         for name, oid in sorted(refs["heads"].items())],
+            "tags": [], "converts": [],
+            "pullRequests": [{"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": oid}
+                             for n, oid in sorted(refs["pulls"].items(), key=lambda item: int(item[0]))],
+        })
+
+    def _commits(self, repo_type: str, repo: str, revision: str) -> None:
+        self._no_body()
+        self._require_read(repo_type, repo)
+        store = self.server.store
+        history = store.history(repo_type, repo, store.resolve(repo_type, repo, revision))
+        self._json(200, [{"id": c["oid"], "title": c["title"], "message": c["description"], "date": c["date"],
+                          "authors": [{"user": "builder-hub"}]} for c in history])
+
+    def _create_branch(self, repo_type: str, repo: str, branch: str) -> None:
+        payload = self._json_body()
+        self._require_write()
+        self.server.store.create_branch(repo_type, repo, branch, payload.get("startingPoint"))
+        self._json(200, {})
+
+    # --- uploads ----------------------------------------------------------------------------------------------
+
+    def _preupload(self, repo_type: str, repo: str, revision: str) -> None:
+        import base64
+
+        payload = self._json_body()
+        self._require_write()
+        store = self.server.store
+        store.repo_meta(repo_type, repo)
+        try:
+            current = store.files(repo_type, repo, store.resolve(repo_type, repo, revision))
+        except StoreError:
+            current = {}  # a branch that create_commit is about to create: nothing to compare with
+        answers = []
+        for item in payload["files"]:
+            path = check_path(item["path"])
+            lfs = is_lfs(path, int(item["size"]), base64.b64decode(item.get("sample", "")))
+            existing = current.get(path)
+            oid = None
+            if existing is not None and existing.lfs == lfs:
+                oid = existing.sha256 if lfs else existing.git_oid
+            answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                            "oid": oid})
+        self._json(200, {"files": answers, "commitOid": None})
+
+    def _lfs_batch(self, repo_type: str, repo: str) -> None:
+        payload = self._json_body()
+        self._require_write()
+        self.server.store.repo_meta(repo_type, repo)
+        if payload.get("operation") != "upload":
+            raise StoreError(400, "only the upload operation is supported; download files through /resolve/")
+        objects = []
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        for item in payload.get("objects", []):
+            oid, size = str(item["oid"]), int(item["size"])
+            if not re.fullmatch(r"[0-9a-f]{64}", oid):
+                objects.append({"oid": oid, "size": size, "error": {"code": 422, "message": "oid is not a sha256"}})
+                continue
+            answer = {"oid": oid, "size": size, "authenticated": True}
+            if not self.server.store.has_object(oid, size):
+                base = f"{self._base_url()}/{prefix}{repo}.git/info/lfs/objects"
+                sig = self.server.sign(repo, oid, size)
+                answer["actions"] = {"upload": {"href": f"{base}/upload/{oid}/{size}?sig={sig}"},
+                                     "verify": {"href": f"{base}/verify"}}
+            objects.append(answer)
+        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                   content_type="application/vnd.git-lfs+json")
+
+    def _lfs_upload(self, repo: str, oid: str, size: int) -> None:
+        if not hmac.compare_digest(self.query.get("sig", ""), self.server.sign(repo, oid, size)):
+            raise StoreError(403, "upload URL signature is invalid or expired; ask the batch API again")
+        self.server.store.put_object(self._body_chunks(), oid, size)
+        self._json(200, {})
+
+    def _lfs_verify(self, repo_type: str, repo: str) -> None:
+        payload = self._json_body()
+        self._require_write()
+        if not self.server.store.has_object(str(payload["oid"]), int(payload["size"])):
+            raise StoreError(404, f"object {payload['oid']} was not uploaded")
+        self._json(200, {})
+
+    def _commit(self, repo_type: str, repo: str, revision: str) -> None:
+        lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
+        self._require_write()
+        if not lines or lines[0].get("key") != "header":
+            raise StoreError(400, "the commit payload must start with a header line")
+        create_pr = self.query.get("create_pr", "") in ("1", "true")
+        oid, number = self.server.store.apply_commit(repo_type, repo, revision, lines[0]["value"], lines[1:],
+                                                     create_pr)
+        url = self._repo_url(repo_type, repo)
+        answer = {"success": True, "commitOid": oid, "commitUrl": f"{url}/commit/{oid}",
+                  "commitMessage": lines[0]["value"].get("summary", "")}
+        if number is not None:
+            answer["pullRequestUrl"] = f"{url}/discussions/{number}"
+        self._json(200, answer)
+
+    # --- downloads --------------------------------------------------------------------------------------------
+
+    def _resolve(self, method: str, repo_type: str, repo: str, revision: str, path: str) -> None:
+        self._no_body()
+        store = self.server.store
+        self._require_read(repo_type, repo)
+        oid = store.resolve(repo_type, repo, revision)
+        entry = store.files(repo_type, repo, oid).get(path)
+        if entry is None:
+            raise StoreError(404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound")
+        headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
+                   "Accept-Ranges": "bytes"}
+        if entry.lfs:
+            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+        start, end, status = 0, entry.size - 1, 200
+        if (match := re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())) and entry.size:
+            first, last = match.groups()
+            start = int(first) if first else max(entry.size - int(last or 0), 0)
+            end = min(int(last), entry.size - 1) if first and last else entry.size - 1
+            if start > end:
+                raise StoreError(416, "requested range not satisfiable")
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1 if entry.size else 0))
+        self.end_headers()
+        if method == "GET" and entry.size:
+            with open(store.object_path(entry.sha256), "rb") as handle:
+                handle.seek(start)
+                remaining = end - start + 1
+                while remaining and (chunk := handle.read(min(remaining, _CHUNK))):
+                    self.wfile.write(chunk)
+                    remaining -= len(chunk)
+
+    # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def _base_url(self) -> str:
+        return f"http://{self.headers.get('Host') or '%s:%d' % self.server.server_address[:2]}"
+
+    def _repo_url(self, repo_type: str, repo: str) -> str:
+        return f"{self._base_url()}/{'' if repo_type == 'model' else repo_type + 's/'}{repo}"
+
+    def _body_chunks(self) -> Iterator[bytes]:
+        """The request body as it arrives (Content-Length or chunked); marks it read once fully consumed."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():  # trailers
+                        pass
+                    break
+                remaining = size
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, _CHUNK))
+                    if not chunk:
+                        raise ConnectionError("client went away mid-body")
+                    remaining -= len(chunk)
+                    yield chunk
+                self.rfile.readline()
+        else:
+            remaining = int(self.headers.get("Content-Length") or 0)
+            while remaining:
+                chunk = self.rfile.read(min(remaining, _CHUNK))
+                if not chunk:
+                    raise ConnectionError("client went away mid-body")
+                remaining -= len(chunk)
+                yield chunk
+        self.body_read = True
+
+    def _read_body(self) -> bytes:
+        return b"".join(self._body_chunks())
+
+    def _json_body(self) -> dict:
+        body = self._read_body()
+        return json.loads(body) if body.strip() else {}
+
+    def _no_body(self) -> None:
+        if int(self.headers.get("Content-Length") or 0) == 0 and "Transfer-Encoding" not in self.headers:
+            self.body_read = True
+        else:
+            self._read_body()
+
+    def _json(self, status: int, payload: object, headers: dict | None = None,
+              content_type: str = "application/json") -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, message: str, error_code: str | None = None) -> None:
+        headers = {"X-Error-Message": message.replace("\n", " ")}
+        if error_code:
+            headers["X-Error-Code"] = error_code
+        self._json(status, {"error": message}, headers)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+
+def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str | None = None) -> None:
+    """Run the registry in the foreground until interrupted."""
+    server = HubServer((host, port), root, token=token)
+    print(f"builder hub: serving {Path(root).resolve()} at {server.url}"
+          f"{' (token required for writes and private repos)' if token else ' (no token: every request accepted)'}")
+    print(f"clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
