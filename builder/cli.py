@@ -92,6 +92,19 @@ def _size(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder.pipeline import build_file
+
+    results = build_file(args.recipe, out=args.out, device=args.device, force=args.force, keep_temp=args.keep_temp,
+                         keep_failed=args.keep_failed)
+    if args.json:
+        _print_json([r.as_json() for r in results])
+    else:
+        for result in results:
+            print(f"{result.name}: {result.status} -> {result.path}")
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from builder.recipe import json_schema
 
@@ -124,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", help="a recipe file")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
+
+    build = commands.add_parser("build", help="build, verify and write the artifact(s) of a recipe file")
+    build.add_argument("recipe", help="a recipe file (a file with variants builds each)")
+    build.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when "
+                       "present, else cpu)")
+    build.add_argument("--out", default="artifacts", help="artifacts folder; each artifact goes to OUT/<name>/ "
+                       "(default artifacts/)")
+    build.add_argument("--force", action="store_true", help="rebuild even when the artifact is up to date")
+    build.add_argument("--keep-temp", action="store_true", help="keep the temporary build folder after a failure")
+    build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
+                       "OUT/.failed/<name>/")
+    build.add_argument("--json", action="store_true", help="machine-readable output")
+    build.set_defaults(run=cmd_build)
 
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.set_defaults(run=cmd_schema)

@@ -1,0 +1,243 @@
+"""A build: plan, lock, run the steps in a temporary folder beside the destination, rename it into place.
+
+The steps, in order: resolve -> quantize | export (by the recipe's kind) -> verify -> write. Everything is written
+into `<out>/.tmp-<name>-<random>/`; only a build whose verification passed is renamed to `<out>/<name>/`, so a
+failed or interrupted build leaves nothing at the final path. An artifact whose manifest has the same build hash
+and a passing verification is left alone ("up to date") unless `force`. `<out>/.<name>.lock` (flock) serializes
+concurrent builds of one recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.errors import BuildError, VerificationFailed
+from builder.loader import LoadedRecipe, load_recipes
+from builder.plan import Plan, build_kind, make_plan
+from builder.steps import load, quantize, write
+
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+
+
+@dataclass
+class BuildContext:
+    """What the steps of one build share. Steps write only inside `workdir`."""
+
+    loaded: LoadedRecipe
+    plan: Plan
+    source_dir: Path | None
+    """Local folder holding the source files; set by the resolve step (a Hub snapshot, or the local folder)."""
+    workdir: Path
+    """Temporary folder beside the destination; the artifact's files go directly in here."""
+    device: str
+    """"cpu", "cuda" or "cuda:N": where the model is loaded and verified."""
+    record: dict = field(default_factory=dict)
+    """What steps add to manifest.json (task, footprint, bits_per_param, verification, onnx, ...)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per step (filled by the pipeline; steps may add finer stages such as load and save)."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """One artifact's outcome: `status` is "built" or "up to date"."""
+
+    name: str
+    path: Path
+    status: str
+    manifest: dict
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "status": self.status,
+                "build_hash": self.manifest.get("build_hash"), "timings": self.manifest.get("timings"),
+                "footprint": self.manifest.get("footprint"), "bits_per_param": self.manifest.get("bits_per_param"),
+                "verification_passed": (self.manifest.get("verification") or {}).get("passed")}
+
+
+Step = Callable[[BuildContext], None]
+
+
+def build_file(recipe_file: str | Path, *, out: str | Path = "artifacts", device: str | None = None,
+               force: bool = False, keep_temp: bool = False, keep_failed: bool = False) -> list[BuildResult]:
+    """Build every artifact a recipe file defines (one, or one per variant), in order.
+
+    All variants are planned first, so a bad recipe or source fails before anything is written."""
+    plans = [make_plan(loaded) for loaded in load_recipes(recipe_file)]
+    return [build(plan, out=out, device=device, force=force, keep_temp=keep_temp, keep_failed=keep_failed)
+            for plan in plans]
+
+
+def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = None, force: bool = False,
+          keep_temp: bool = False, keep_failed: bool = False) -> BuildResult:
+    """Build one planned artifact into `<out>/<name>/`. Raises `BuilderError` (nothing at the final path),
+    `VerificationFailed` when the gate fails, and lets KeyboardInterrupt through after cleaning up."""
+    recipe = plan.loaded.recipe
+    steps = steps_for(plan)
+    chosen, device_map = choose_device(plan, device)
+    out = Path(out)
+    final = out / recipe.name
+    _check_destination(final)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out, recipe.name):
+        if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
+            _say(f"{recipe.name}: up to date ({final})")
+            return BuildResult(recipe.name, final, "up to date", manifest)
+        workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
+        ctx = BuildContext(plan.loaded, plan, None, workdir, chosen)
+        if build_kind(recipe) == "quantize":
+            ctx.record["device_map"] = device_map
+        try:
+            for number, (name, step) in enumerate(steps, 1):
+                _say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
+                start = time.perf_counter()
+                step(ctx)
+                ctx.timings[name] = round(time.perf_counter() - start, 3)
+            _install(workdir, final)
+        except VerificationFailed:
+            _discard(workdir, out / ".failed" / recipe.name if keep_failed else None, keep_temp)
+            raise
+        except BaseException:
+            _discard(workdir, None, keep_temp)
+            raise
+    manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+    _say(f"{recipe.name}: built {final}")
+    return BuildResult(recipe.name, final, "built", manifest)
+
+
+def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
+    """The build's steps in order, by the recipe's kind."""
+    recipe = plan.loaded.recipe
+    match build_kind(recipe):
+        case "export":
+            return (("resolve", load.resolve), ("export", _export), ("verify", _verify), ("write", write.write))
+        case "quantize" if recipe.quantize is not None:
+            return (("resolve", load.resolve), ("quantize", quantize.quantize), ("verify", _verify),
+                    ("write", write.write))
+        case _:
+            raise BuildError(f"recipe {recipe.name} has neither `quantize` nor `export`: there is nothing to build; "
+                             "add one of them")
+
+
+def _export(ctx: BuildContext) -> None:
+    from builder.steps.export import export
+
+    export(ctx)
+
+
+def _verify(ctx: BuildContext) -> None:
+    from builder.steps.verify import verify
+
+    ctx.record["verification"] = verify(ctx)
+
+
+def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[str, str]]:
+    """The build's device ("cpu", "cuda", "cuda:N") and device map: `--device`, else the recipe's
+    `load.device_map`, else CUDA when present and CPU otherwise. Refuses what this host cannot run."""
+    import torch
+
+    recipe = plan.loaded.recipe
+    device_map = recipe.load.device_map
+    if requested is not None:
+        if not _DEVICE.match(requested):
+            raise BuildError(f"--device {requested!r} is not cpu, cuda or cuda:N")
+        if isinstance(device_map, dict):
+            raise BuildError(f"recipe {recipe.name} places modules with `load.device_map`; drop --device, or remove "
+                             "the map from the recipe")
+        device = requested
+    elif isinstance(device_map, dict):
+        gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        device = "cpu" if not gpus else (f"cuda:{gpus[0]}" if gpus[0].isdigit() else gpus[0])
+    elif device_map in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = device_map
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BuildError(f"{recipe.name} asks for {device} but this host has no CUDA device; build with "
+                             "--device cpu (bitsandbytes quantizes on CPU too) or on a GPU host")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise BuildError(f"{device} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)")
+    chosen_map = quantize.device_map_for(recipe, device, pinned=requested is not None)
+    quantize.preflight(plan, chosen_map)
+    return device, chosen_map
+
+
+def up_to_date(final: Path, build_hash: str) -> dict | None:
+    """The manifest of the artifact at `final` when it has `build_hash`, passed verification and still has every
+    file it lists at the listed size; else None."""
+    try:
+        manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("build_hash") != build_hash or not (manifest.get("verification") or {}).get("passed"):
+        return None
+    for name, entry in (manifest.get("files") or {}).items():
+        path = final / name
+        if not path.is_file() or path.stat().st_size != entry.get("size"):
+            return None
+    return manifest
+
+
+def _check_destination(final: Path) -> None:
+    if final.exists() and not (final / "manifest.json").is_file():
+        raise BuildError(f"{final} exists and is not a builder artifact (no manifest.json); move it away or build "
+                         "with another --out")
+
+
+@contextmanager
+def _locked(out: Path, name: str) -> Iterator[None]:
+    """Hold `<out>/.<name>.lock` (fcntl.flock) for the block; wait, saying so, while another build holds it."""
+    import fcntl
+
+    path = out / f".{name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"{name}: waiting for another build of it to finish (lock {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _install(workdir: Path, final: Path) -> None:
+    """Rename `workdir` to `final`; an existing artifact is renamed aside first and deleted after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    workdir.chmod(0o777 & ~umask)  # mkdtemp made it private
+    if not final.exists():
+        os.rename(workdir, final)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+    os.rename(final, aside / final.name)
+    os.rename(workdir, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _discard(workdir: Path, failed: Path | None, keep_temp: bool) -> None:
+    """After a failure: move the build to `failed` (--keep-failed), keep it (--keep-temp) or delete it."""
+    if failed is not None:
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(workdir, failed)
+        _say(f"kept the failed build in {failed}")
+    elif keep_temp:
+        _say(f"kept the temporary build folder {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,78 @@
+"""The `resolve` step: the source files on local disk at the pinned revision, and the model class for the task.
+
+A local folder is used in place. A Hub repo is downloaded with huggingface_hub's `snapshot_download` at the commit
+`builder.source` resolved (so HF_ENDPOINT, HF_TOKEN and the Hub cache apply): safetensors, JSON configs and
+tokenizer files only, plus pickle weights with `source.allow_pickle` and Python files with `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder.errors import BuildError, SourceError
+from builder.tasks import infer_task
+
+if TYPE_CHECKING:
+    from builder.pipeline import BuildContext
+
+# What a transformers model folder needs besides its weights.
+_HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*")
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+# Task -> the transformers Auto class that loads a model for it (the head the task needs).
+AUTO_CLASSES = {
+    "text-generation": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "multiple-choice": "AutoModelForMultipleChoice",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
+def resolve(ctx: BuildContext) -> None:
+    """Make `ctx.source_dir` a local folder holding the source at `ctx.plan.source.revision`; record the task."""
+    source = ctx.loaded.recipe.source
+    if ctx.plan.source.path is not None:
+        ctx.source_dir = ctx.plan.source.path
+    else:
+        ctx.source_dir = download(source.model, ctx.plan.source.revision, allow_pickle=source.allow_pickle,
+                                  remote_code=source.trust_remote_code)
+    ctx.record["task"] = task_of(ctx)
+
+
+def download(repo_id: str, commit: str, *, allow_pickle: bool, remote_code: bool) -> Path:
+    """The Hub snapshot of `repo_id` at `commit` (from the Hub cache when it is there). Raises `SourceError`."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = list(_HUB_PATTERNS) + (list(_PICKLE_PATTERNS) if allow_pickle else []) + (["*.py"] if remote_code
+                                                                                         else [])
+    try:
+        return Path(snapshot_download(repo_id, revision=commit, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise SourceError(f"cannot download {repo_id}@{commit[:12]} from the Hub: {error}; check the network, "
+                          "HF_ENDPOINT and HF_TOKEN, or pre-fill the Hub cache (HF_HUB_CACHE)") from None
+
+
+def task_of(ctx: BuildContext) -> str:
+    """The recipe's `source.task`, or the one config.json's `architectures` implies."""
+    task = ctx.loaded.recipe.source.task or infer_task(ctx.plan.source.config.get("architectures"))
+    if task is None:
+        raise SourceError(f"cannot infer the task of {ctx.loaded.recipe.source.model} from config.json's "
+                          "`architectures`; set `source.task` in the recipe (e.g. text-generation)")
+    return task
+
+
+def auto_class(task: str):
+    """The transformers Auto class for `task` (AutoModelForCausalLM for text-generation, ...)."""
+    import transformers
+
+    if task not in AUTO_CLASSES:
+        raise BuildError(f"task {task!r} has no transformers model class in builder; use one of "
+                         f"{', '.join(AUTO_CLASSES)}")
+    return getattr(transformers, AUTO_CLASSES[task])

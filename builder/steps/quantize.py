@@ -1,0 +1,261 @@
+"""The `quantize` step: load the source through transformers' bitsandbytes quantizer and save it, before any forward.
+
+The recipe's `quantize` block maps one-to-one onto `transformers.BitsAndBytesConfig`; `load` and `source` give
+`dtype`, `attn_implementation`, `device_map` and `max_memory`. The quantized model is saved (safetensors, config with
+its quantization_config, tokenizer, generation config) before anything runs a forward pass: on some CPUs the first
+4-bit forward repacks the weights in place and a save after it is lossy. The step records the memory footprint of
+the quantized model and of the source (from the safetensors headers, so the source is not loaded twice) and the bits
+per parameter of the quantized layers as serialized.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder.errors import BuildError
+from builder.plan import is_quantizable
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+
+if TYPE_CHECKING:
+    from builder.pipeline import BuildContext
+    from builder.plan import Plan
+
+_HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
+# `.weight.nested_*`, `.weight.quant_state.bitsandbytes__nf4` (4-bit); `.weight`, `.SCB`, `.weight_format` (8-bit).
+_QUANTIZED_KEY = re.compile(r"^(?P<module>.+)\.(?:weight(?:\..+|_format)?|SCB)$")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def bnb_config(spec: Bnb4Bit | Bnb8Bit):
+    """`transformers.BitsAndBytesConfig` for the recipe's `quantize` block, field for field.
+
+    An empty `skip_modules` passes None, which keeps transformers' default skips (the output head); a non-empty one
+    replaces them."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(spec.skip_modules) or None
+    match spec:
+        case Bnb4Bit():
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=spec.quant_type,
+                bnb_4bit_use_double_quant=spec.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
+                bnb_4bit_quant_storage=getattr(torch, spec.quant_storage),
+                llm_int8_skip_modules=skip,
+            )
+        case Bnb8Bit():
+            return BitsAndBytesConfig(
+                load_in_8bit=True,
+                llm_int8_threshold=spec.threshold,
+                llm_int8_skip_modules=skip,
+                llm_int8_enable_fp32_cpu_offload=spec.fp32_cpu_offload,
+                llm_int8_has_fp16_weight=spec.has_fp16_weight,
+            )
+
+
+def device_map_for(recipe: Recipe, device: str, pinned: bool) -> str | dict[str, str]:
+    """The `device_map` a build loads with: the recipe's per-module map, its `auto` unless `--device` pinned a
+    device, else everything on `device`."""
+    device_map = recipe.load.device_map
+    if isinstance(device_map, dict):
+        return dict(device_map)
+    if device_map == "auto" and not pinned:
+        return "auto"
+    return {"": device}
+
+
+def load_kwargs(recipe: Recipe, device_map: str | dict[str, str]) -> dict:
+    """Keyword arguments of `from_pretrained` besides the quantization config (GPU indices become ints)."""
+    import torch
+
+    if isinstance(device_map, dict):
+        device_map = {module: int(where) if where.isdigit() else where for module, where in device_map.items()}
+    kwargs: dict = {
+        "device_map": device_map,
+        "dtype": "auto" if recipe.source.dtype == "auto" else getattr(torch, recipe.source.dtype),
+        "trust_remote_code": recipe.source.trust_remote_code,
+    }
+    if recipe.load.attn_implementation is not None:
+        kwargs["attn_implementation"] = recipe.load.attn_implementation
+    if recipe.load.max_memory is not None:
+        kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in recipe.load.max_memory.items()}
+    return kwargs
+
+
+def preflight(plan: Plan, device_map: str | dict[str, str]) -> None:
+    """Refuse, before anything is written, bitsandbytes settings that cannot work with `device_map`."""
+    spec = plan.loaded.recipe.quantize
+    if not isinstance(spec, Bnb8Bit) or not spec.fp32_cpu_offload:
+        return
+    if not isinstance(device_map, dict):
+        return
+    patterns = spec.skip_modules or ("lm_head",)
+    on_gpu = [t.name for t in plan.source.tensors if is_quantizable(t, patterns)
+              and _placement(t.name, device_map) not in ("cpu", "disk")]
+    if not on_gpu:
+        raise BuildError(
+            "quantize.fp32_cpu_offload: with this device map every quantizable layer is on cpu, so nothing would be "
+            "quantized; put the transformer layers on a GPU in `load.device_map` (e.g. {model.layers: 0, lm_head: "
+            "cpu}) and build on a CUDA host, or drop fp32_cpu_offload")
+
+
+def _placement(tensor: str, device_map: dict) -> object:
+    """Where accelerate puts `tensor`: the device of the longest device-map key that is a module prefix of it."""
+    best, where = -1, None
+    for module, device in device_map.items():
+        if (module == "" or tensor == module or tensor.startswith(module + ".")) and len(module) > best:
+            best, where = len(module), device
+    return where
+
+
+def quantize(ctx: BuildContext) -> None:
+    """Load and quantize the source, save it into `ctx.workdir`, record footprints and bits per parameter;
+    with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
+    from builder.steps.load import auto_class
+
+    recipe = ctx.loaded.recipe
+    spec = recipe.quantize
+    model_class = auto_class(ctx.record["task"])
+    kwargs = load_kwargs(recipe, ctx.record["device_map"])
+    with _stage(ctx, "load", "loading and quantizing"):
+        model = model_class.from_pretrained(ctx.source_dir, quantization_config=bnb_config(spec), **kwargs)
+    layers = _quantized_layers(model)
+    if not layers:
+        raise BuildError(f"{recipe.source.model} has no Linear layer that bitsandbytes quantized with these "
+                         "settings (all skipped or offloaded); check `quantize.skip_modules` and `load.device_map`")
+    with _stage(ctx, "save", "saving the quantized model"):
+        model.save_pretrained(ctx.workdir)  # before any forward pass (CPU 4-bit repack pitfall)
+        _save_preprocessor(ctx, ctx.workdir)
+    artifact_bytes = model.get_memory_footprint()
+    source_bytes = source_footprint(ctx, model_class)
+    ctx.record["footprint"] = {"source_bytes": source_bytes, "artifact_bytes": artifact_bytes,
+                               "ratio": round(artifact_bytes / source_bytes, 4)}
+    ctx.record["quantized_layers"] = serialized_layer_sizes(layers, ctx.workdir)
+    ctx.record["bits_per_param"] = ctx.record["quantized_layers"]["bits_per_param"]
+    if spec.dequantize:
+        dtype = _source_dtype(ctx)
+        with _stage(ctx, "dequantize", "dequantizing"):
+            model = model.dequantize(dtype=dtype)  # explicit dtype: after a save the default one is unreliable
+            model.save_pretrained(ctx.workdir / "dequantized")
+            _save_preprocessor(ctx, ctx.workdir / "dequantized")
+        ctx.record["dequantized"] = {"path": "dequantized", "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _quantized_layers(model) -> dict[str, int]:
+    """Module name -> weight element count of each bitsandbytes Linear in `model`."""
+    import bitsandbytes as bnb
+
+    return {name: module.in_features * module.out_features for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> dict:
+    """Bytes the quantized layers' weights take in the safetensors files of `folder` (packed weights and their
+    quantization state, not biases), and the bits per parameter that makes."""
+    sizes: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        sizes.update(tensor_bytes(file))
+    total = 0
+    for key, size in sizes.items():
+        match = _QUANTIZED_KEY.match(key)
+        if match and match["module"] in layers:
+            total += size
+    parameters = sum(layers.values())
+    return {"count": len(layers), "parameters": parameters, "bytes": total,
+            "bits_per_param": round(total * 8 / parameters, 4)}
+
+
+def tensor_bytes(file: Path) -> dict[str, int]:
+    """Tensor name -> stored bytes, from a safetensors file's header (data offsets)."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: meta["data_offsets"][1] - meta["data_offsets"][0]
+            for name, meta in header.items() if name != "__metadata__"}
+
+
+def source_footprint(ctx: BuildContext, model_class) -> int:
+    """Memory the source takes loaded unquantized in the recipe's dtype: from the safetensors headers, or from
+    an empty (meta-device) model when the source has pickle weights only."""
+    dtype = ctx.loaded.recipe.source.dtype
+    tensors = ctx.plan.source.tensors
+    if tensors:
+        wanted = _DTYPE_BYTES.get(dtype)
+        return sum(t.numel * (wanted if wanted and t.dtype in ("F32", "F16", "BF16") else _HEADER_BYTES.get(t.dtype, 4))
+                   for t in tensors)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ctx.source_dir, trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    with init_empty_weights():
+        empty = model_class.from_config(config, dtype=_source_dtype(ctx),
+                                        trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    return empty.get_memory_footprint()
+
+
+def _source_dtype(ctx: BuildContext):
+    """The source's dtype as torch.dtype: the recipe's, else config.json's, else float32."""
+    import torch
+
+    name = ctx.loaded.recipe.source.dtype
+    if name == "auto":
+        config = ctx.plan.source.config
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
+
+
+def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
+    if not any((ctx.source_dir / name).is_file() for name in _TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.source_dir, trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    tokenizer.save_pretrained(folder)
+
+
+@contextmanager
+def _stage(ctx: BuildContext, name: str, doing: str) -> Iterator[None]:
+    """Time a stage into `ctx.timings[name]`; turn out-of-memory and disk-full into errors that say what to change."""
+    import torch
+
+    start = time.perf_counter()
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise BuildError(
+            f"out of memory while {doing} {ctx.loaded.recipe.source.model} on {ctx.device} "
+            f"({str(error).splitlines()[0]}); offload part of the model: set `load.device_map: auto` with "
+            '`load.max_memory` (e.g. {"0": "20GiB", "cpu": "64GiB"}), or build with --device cpu') from None
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        free = shutil.disk_usage(ctx.workdir).free if ctx.workdir.exists() else 0
+        raise BuildError(
+            f"disk full while {doing} into {ctx.workdir}: this build needs about "
+            f"{_mib(ctx.plan.expected_artifact_bytes)} there and {_mib(free)} is free; free some space or pass "
+            "--out with a folder on a disk with room") from None
+    finally:
+        ctx.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the message of a library error that wraps it (safetensors raises its own)."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
