@@ -9,7 +9,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from builder.tasks import TASKS
 
@@ -36,12 +45,13 @@ class RuleViolation(ValueError):
 
 
 class Block(BaseModel):
-    """Base of every recipe block: unknown keys are errors and resolved recipes are immutable."""
+    """Base of every recipe block: unknown keys are errors, numbers are finite and recipes are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def is_local_path(model: str) -> bool:
+    """True when `source.model` names a local folder (starts with ./, ../, / or ~) rather than a Hub repo."""
     return model.startswith(LOCAL_PREFIXES)
 
 
@@ -52,6 +62,7 @@ class Source(Block):
     )
     revision: str | None = Field(
         default=None,
+        min_length=1,
         description="Hub branch, tag or 40-hex commit (default `main`); a build records the resolved commit. "
         "Not allowed for a local folder.",
     )
@@ -62,7 +73,8 @@ class Source(Block):
     )
     dtype: Dtype = Field(default="auto", description="Weights dtype to load the source in; `auto` keeps the checkpoint's.")
     trust_remote_code: StrictBool = Field(
-        default=False, description="Run the model repo's own Python code. Requires a 40-hex `revision`."
+        default=False,
+        description="Run the model repo's own Python code. A Hub source needs a 40-hex `revision` with it.",
     )
     allow_pickle: StrictBool = Field(
         default=False, description="Also read pickle (`.bin`) weights; by default only safetensors are read."
@@ -71,7 +83,12 @@ class Source(Block):
     @field_validator("model")
     @classmethod
     def _model_is_repo_or_path(cls, model: str) -> str:
-        if not is_local_path(model) and not REPO_ID_PATTERN.match(model):
+        if "\\" in model:
+            raise ValueError(f"{model!r} contains '\\'; write local paths with '/' (./models/x), on Windows too")
+        if is_local_path(model):
+            if any(ord(c) < 32 for c in model):
+                raise ValueError(f"{model!r} contains a control character; write the folder's path as plain text")
+        elif not REPO_ID_PATTERN.fullmatch(model):
             raise ValueError(
                 f"{model!r} is neither a Hub repo id (org/name) nor a local path; "
                 "start local folders with './', '../', '/' or '~'"
@@ -89,7 +106,7 @@ class Source(Block):
     def _revision_rules(self) -> Source:
         if self.revision is not None and is_local_path(self.model):
             raise RuleViolation(("revision",), "a local folder has no revision; remove `revision`")
-        if self.trust_remote_code and not (self.revision and COMMIT_PATTERN.match(self.revision)):
+        if self.trust_remote_code and not self.pinned:
             raise RuleViolation(
                 ("trust_remote_code",),
                 "trust_remote_code needs `revision` pinned to a 40-hex commit so the code that runs is the code "
@@ -104,7 +121,7 @@ class Source(Block):
     @property
     def pinned(self) -> bool:
         """True when the source cannot change under the recipe: a local folder or a 40-hex commit."""
-        return self.is_local or bool(self.revision and COMMIT_PATTERN.match(self.revision))
+        return self.is_local or bool(self.revision and COMMIT_PATTERN.fullmatch(self.revision))
 
 
 _DEVICE = re.compile(r"^(cpu|disk|cuda|cuda:\d+|\d+)$")
@@ -115,34 +132,43 @@ class Load(Block):
     attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = (
         Field(default=None, description="Attention kernel; transformers picks `sdpa` when absent.")
     )
-    device_map: str | dict[str, str] | None = Field(
+    device_map: str | dict[str, str | int] | None = Field(
         default=None,
         description="Where to load: auto, cpu, cuda, cuda:N, or {module: device} with devices cpu, disk, cuda, "
-        "cuda:N or N. Absent = CUDA when present, else CPU.",
+        "cuda:N or a GPU index N. Absent = CUDA when present, else CPU.",
     )
     max_memory: dict[str, str] | None = Field(
         default=None, description='Per-device memory caps, e.g. {"0": "20GiB", "cpu": "64GiB"}.'
     )
 
-    @field_validator("device_map")
+    @field_validator("device_map", mode="before")
     @classmethod
-    def _device_map(cls, device_map: str | dict[str, str] | None) -> str | dict[str, str] | None:
+    def _device_map(cls, device_map: object) -> object:
+        """One message per problem (not one per union branch); GPU indexes written as numbers become strings."""
+        if device_map is None:
+            return None
         if isinstance(device_map, str):
-            if device_map not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", device_map):
+            if device_map not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device_map):
                 raise ValueError(f"{device_map!r} is not auto, cpu, cuda or cuda:N")
-        elif isinstance(device_map, dict):
-            for module, device in device_map.items():
-                if not _DEVICE.match(device):
-                    raise RuleViolation((module,), f"{device!r} is not a device: use cpu, disk, cuda, cuda:N or N")
-        return device_map
+            return device_map
+        if not isinstance(device_map, dict) or not device_map:
+            raise ValueError("expected auto, cpu, cuda, cuda:N or a mapping {module: device}")
+        normalized = {}
+        for module, device in device_map.items():
+            if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+                device = str(device)
+            if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+                raise RuleViolation((str(module),), f"{_shown(device)} is not a device: use cpu, disk, cuda, cuda:N or N")
+            normalized[module] = device
+        return normalized
 
     @field_validator("max_memory")
     @classmethod
     def _max_memory(cls, max_memory: dict[str, str] | None) -> dict[str, str] | None:
         for device, amount in (max_memory or {}).items():
-            if not re.match(r"^(\d+|cpu|disk)$", device):
+            if not re.fullmatch(r"\d+|cpu|disk", device):
                 raise RuleViolation((device,), f"{device!r} is not a device key: use a GPU index (\"0\"), cpu or disk")
-            if not _MEMORY.match(amount):
+            if not _MEMORY.fullmatch(amount):
                 raise RuleViolation((device,), f"{amount!r} is not a memory size like 20GiB or 500MB")
         return max_memory
 
@@ -174,7 +200,7 @@ class Bnb4Bit(Block):
 
 class Bnb8Bit(Block):
     method: Literal["bnb-8bit"] = Field(description="bitsandbytes LLM.int8() quantization.")
-    threshold: float = Field(
+    threshold: StrictFloat = Field(
         default=6.0, gt=0, description="Outlier threshold: activations above it run in fp16 (LLM.int8's 6.0)."
     )
     skip_modules: SkipModules = Field(default=(), description="Module names (or name suffixes) kept unquantized.")
@@ -200,7 +226,7 @@ class OnnxExport(Block):
         description="torch: torch.onnx.export(dynamo=True); optimum: optimum-onnx's main_export; auto: optimum "
         "when importable, else torch.",
     )
-    opset: int = Field(default=18, ge=7, le=23, description="ONNX opset; the torch exporter needs 18 or newer.")
+    opset: StrictInt = Field(default=18, ge=7, le=23, description="ONNX opset; the torch exporter needs 18 or newer.")
     dtype: Literal["float32", "float16"] = Field(default="float32", description="Precision of the exported graph.")
     provider: Provider = Field(default="CPUExecutionProvider", description="The execution provider the graph targets.")
     optimize: Literal["none", "O1", "O2", "O3", "O4"] = Field(
@@ -238,22 +264,22 @@ class OnnxExport(Block):
 
 
 class Thresholds(Block):
-    top1_agreement: float | None = Field(
+    top1_agreement: StrictFloat | None = Field(
         default=None, ge=0, le=1, description="Minimum share of positions whose top-1 next token matches (LMs)."
     )
-    kl_divergence: float | None = Field(
+    kl_divergence: StrictFloat | None = Field(
         default=None, ge=0, description="Maximum mean KL divergence of next-token distributions, in nats (LMs)."
     )
-    perplexity_ratio: float | None = Field(
+    perplexity_ratio: StrictFloat | None = Field(
         default=None, ge=1, description="Maximum perplexity ratio candidate/reference on the evaluation text (LMs)."
     )
-    max_abs_diff: float | None = Field(
+    max_abs_diff: StrictFloat | None = Field(
         default=None, gt=0, description="Maximum absolute difference of outputs (ONNX) or hidden states (encoders)."
     )
-    cosine: float | None = Field(
+    cosine: StrictFloat | None = Field(
         default=None, ge=-1, le=1, description="Minimum cosine similarity of pooled embeddings (encoders)."
     )
-    footprint_ratio: float | None = Field(
+    footprint_ratio: StrictFloat | None = Field(
         default=None, gt=0, description="Maximum memory footprint ratio candidate/reference."
     )
 
@@ -262,7 +288,7 @@ class Verify(Block):
     prompts: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
         default=(), description="Inputs to compare on; absent = the built-in evaluation text."
     )
-    max_new_tokens: int = Field(default=16, ge=1, le=512, description="Greedy tokens generated per prompt (LMs).")
+    max_new_tokens: StrictInt = Field(default=16, ge=1, le=512, description="Greedy tokens generated per prompt (LMs).")
     thresholds: Thresholds = Field(
         default_factory=Thresholds, description="Overrides of the per-method default thresholds."
     )
@@ -280,7 +306,7 @@ class Publish(Block):
     @field_validator("repo")
     @classmethod
     def _repo_id(cls, repo: str) -> str:
-        if "/" not in repo or not REPO_ID_PATTERN.match(repo):
+        if "/" not in repo or not REPO_ID_PATTERN.fullmatch(repo):
             raise ValueError(f"{repo!r} is not a Hub repo id; write it as org/name")
         return repo
 
@@ -296,6 +322,13 @@ class Recipe(Block):
     export: OnnxExport | None = Field(default=None, description="ONNX export for an onnxruntime provider.")
     verify: Verify = Field(default_factory=Verify, description="What the verification gate compares.")
     publish: Publish | None = Field(default=None, description="Where `builder publish` pushes the artifact.")
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _schema_version(cls, version: object) -> object:
+        if type(version) is not int or version != 1:  # `true` is not 1
+            raise ValueError(f"{_shown(version)} is not a schema_version this builder reads; write schema_version: 1")
+        return version
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
@@ -325,6 +358,15 @@ class Recipe(Block):
                 ("export", "with_past"), f"with_past is for text-generation, not {self.source.task}"
             )
         return self
+
+
+def _shown(value: object) -> str:
+    """A value as the YAML author wrote it: true, null, a mapping, 'text', 3."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (dict, list, tuple)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
 
 
 def _not_one_of(value: str, choices: tuple[str, ...]) -> str:
