@@ -136,13 +136,20 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
 def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
     if not isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit)) or not source.tensors:
         return
-    modules = module_names(source.tensors)
+    modules = module_names(source.tensors) + _tied_heads(source.config)
     unmatched = [p for p in recipe.quantize.skip_modules if not any(skip_module_matches(m, p) for m in modules)]
     if unmatched:
         example = ", ".join(m for m in modules if m.count(".") <= 1)[:200]
         raise SourceError(f"quantize.skip_modules: {', '.join(map(repr, unmatched))} match no module of "
                           f"{recipe.source.model} (modules include: {example}, ...); use a module name or suffix "
                           "such as lm_head or mlp.down_proj")
+
+
+def _tied_heads(config: dict) -> list[str]:
+    """An output head tied to the input embeddings is a module of the model but has no tensor in the checkpoint."""
+    heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+    tied = config.get("tie_word_embeddings", True) is not False
+    return ["lm_head"] if tied and any(a.endswith(heads) for a in config.get("architectures") or ()) else []
 
 
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
