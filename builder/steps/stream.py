@@ -1,0 +1,351 @@
+"""The streaming quantizer: bitsandbytes 4-bit/8-bit builds straight from safetensors shards, one tensor at a time.
+
+The transformers path (`from_pretrained(quantization_config=...)` then `save_pretrained`) materializes the whole
+model. This step writes the same artifact without ever holding it: the same tensors (byte for byte on the same
+device), the same keys, the same `config.json`. What gets quantized is decided by transformers itself: the model is
+built on the meta device and transformers' bitsandbytes quantizer swaps its Linear modules exactly as
+`from_pretrained` would; every module it swapped is quantized here with the bitsandbytes calls its parameters use.
+
+Anything that cannot be matched exactly makes `streamable` return a reason, and the build takes the transformers
+path instead.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.tasks import infer_task
+
+if TYPE_CHECKING:
+    import torch
+
+    from builder.pipeline import BuildContext
+
+# The transformers auto class that loads each task's model (the class the transformers path uses).
+AUTO_CLASSES = {
+    "text-generation": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+# Files copied from the source beside the weights: tokenizer and processor files (generation_config.json is
+# rewritten the way save_pretrained writes it).
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+           "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+           "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json")
+MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
+
+
+def bnb_config(quantize: Bnb4Bit | Bnb8Bit) -> Any:
+    """The `transformers.BitsAndBytesConfig` a recipe's quantize block stands for."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(quantize.skip_modules) or None
+    match quantize:
+        case Bnb4Bit():
+            return BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type,
+                bnb_4bit_use_double_quant=quantize.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, quantize.compute_dtype),
+                bnb_4bit_quant_storage=getattr(torch, quantize.quant_storage), llm_int8_skip_modules=skip)
+        case Bnb8Bit():
+            return BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_threshold=quantize.threshold, llm_int8_skip_modules=skip,
+                llm_int8_enable_fp32_cpu_offload=quantize.fp32_cpu_offload,
+                llm_int8_has_fp16_weight=quantize.has_fp16_weight)
+
+
+@dataclass
+class _Plan:
+    """What the streaming build writes: per output key, where it comes from and how."""
+
+    model: Any                      # the meta model, after transformers' quantizer swapped its modules
+    dtype: "torch.dtype"            # the load dtype (what from_pretrained casts the checkpoint to)
+    sources: dict                   # checkpoint key -> stream_io.SourceTensor
+    keys: list[str]                 # the keys save_pretrained writes, in state_dict order
+    quantized: dict[str, Any]       # weight key -> its bitsandbytes module (Linear4bit / Linear8bitLt)
+    params: dict[str, "torch.Tensor"]  # key -> the meta tensor (its dtype is the saved dtype)
+
+
+def streamable(recipe: Recipe, source_dir: Path) -> str | None:
+    """None when the streaming quantizer reproduces the transformers path for this recipe and model; otherwise
+    the reason the build must take the transformers path."""
+    plan = _plan(recipe, Path(source_dir))
+    return plan if isinstance(plan, str) else None
+
+
+def _recipe_reason(recipe: Recipe, source_dir: Path) -> str | None:
+    import json
+
+    quantize = recipe.quantize
+    if quantize is None:
+        return "the recipe has no bitsandbytes `quantize` block"
+    if quantize.dequantize:
+        return "`dequantize: true` needs the quantized model in memory"
+    if isinstance(quantize, Bnb8Bit) and quantize.has_fp16_weight:
+        return "`has_fp16_weight: true` keeps fp16 master weights, which only the transformers path writes"
+    if isinstance(quantize, Bnb8Bit) and quantize.fp32_cpu_offload:
+        return "`fp32_cpu_offload` depends on the device map's placement"
+    if isinstance(quantize, Bnb4Bit) and quantize.quant_storage != "uint8":
+        return f"`quant_storage: {quantize.quant_storage}` is only written by the transformers path"
+    if isinstance(recipe.load.device_map, dict) or recipe.load.max_memory:
+        return "a custom `load.device_map`/`load.max_memory` can offload modules, which changes what is quantized"
+    if recipe.source.trust_remote_code:
+        return "remote code (`trust_remote_code`) defines its own modules"
+    if not sorted(source_dir.glob("*.safetensors")):
+        return "the source has no safetensors weights"
+    config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        return "the source is already quantized"
+    if config.get("auto_map"):
+        return "the model's config points at remote code (`auto_map`)"
+    task = recipe.source.task or infer_task(config.get("architectures"))
+    if task not in AUTO_CLASSES:
+        return f"task {task!r} is not one the streaming quantizer knows ({', '.join(AUTO_CLASSES)})"
+    return None
+
+
+def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
+    """The meta model with transformers' own module swaps, and every output key's origin; or why not."""
+    reason = _recipe_reason(recipe, source_dir)
+    if reason:
+        return reason
+    import torch
+    import transformers
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.pytorch_utils import Conv1D
+
+    from builder.steps.stream_io import read_source_tensors
+
+    sources = read_source_tensors(sorted(source_dir.glob("*.safetensors")))
+    config = transformers.AutoConfig.from_pretrained(source_dir)
+    quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
+    dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
+    config.quantization_config = quantizer.quantization_config
+    task = recipe.source.task or infer_task(config.architectures)
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        cls = transformers.models.auto.auto_factory._get_model_class(config, auto._model_mapping)
+    except (KeyError, ValueError):
+        return f"transformers has no {AUTO_CLASSES[task]} class for model type {config.model_type!r}"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
+            model = cls(config)
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                       use_kernels=False)
+    finally:
+        torch.set_default_dtype(previous)
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        return f"{cls.__name__} keeps modules in float32 (`_keep_in_fp32_modules`)"
+    import bitsandbytes as bnb
+
+    quantized, params = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            if issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D):
+                return f"{name} is a Conv1D (transposed on quantization)"
+            quantized[f"{name}.weight" if name else "weight"] = module
+    state = model.state_dict(keep_vars=True)
+    ignored = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(model._keys_to_ignore_on_save or ())
+    keys = [key for key in state if key not in ignored]
+    for key in keys:
+        params[key] = state[key]
+    missing = [key for key in keys if key not in sources]
+    unexpected = [key for key in sources if key not in params]
+    if missing or unexpected:
+        shown = ", ".join((missing or unexpected)[:3])
+        what = "lacks" if missing else "has keys the model does not (renamed or dropped on load)"
+        return f"the checkpoint {what}: {shown}"
+    for key in keys:
+        if sources[key].shape != tuple(params[key].shape):
+            return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
+    return _Plan(model, dtype, sources, keys, quantized, params)
+
+
+def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
+    """from_pretrained's `dtype` rule: a named dtype, or for `auto` the config's, else the first floating
+    checkpoint tensor's."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if found is not None:
+        return getattr(torch, found) if isinstance(found, str) else found
+    return next((s.dtype for s in sources.values() if s.dtype.is_floating_point), torch.get_default_dtype())
+
+
+def stream_quantize(ctx: BuildContext) -> None:
+    """The quantize step, streamed: writes model.safetensors (or shards and their index), config.json,
+    generation_config.json and the tokenizer files into `ctx.workdir`. Call only when `streamable` said None."""
+    stream_build(ctx.loaded.recipe, ctx.source_dir, ctx.workdir, ctx.device)
+
+
+def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *,
+                 max_shard_size: int = MAX_SHARD_SIZE) -> dict:
+    """Quantize `source_dir` per `recipe` into `workdir` on `device`, tensor by tensor; returns counts and sizes.
+    Raises `BuildError` when the build cannot be streamed (see `streamable`)."""
+    import torch
+
+    from builder.errors import BuildError
+    from builder.steps.stream_io import Engine, ShardWriter
+
+    source_dir, workdir = Path(source_dir), Path(workdir)
+    plan = _plan(recipe, source_dir)
+    if isinstance(plan, str):
+        raise BuildError(f"this build cannot be streamed: {plan}; build it through the transformers path")
+    outputs = {key: _outputs(plan, key) for key in plan.keys}
+    shards = _split(plan.keys, outputs, max_shard_size)
+    workdir.mkdir(parents=True, exist_ok=True)
+    writers, shard_of = [], {}
+    for filename, keys in shards:
+        writers.append(ShardWriter(workdir / filename, [o for k in keys for o in outputs[k]], {"format": "pt"}))
+        shard_of.update(dict.fromkeys(keys, writers[-1]))
+    torch_device = torch.device(device)
+    largest = max((plan.sources[k].nbytes for k in plan.quantized), default=1)
+    on_cuda = torch_device.type == "cuda"
+    engine = Engine(torch_device, largest, buffers=6 if on_cuda else 3, readers=4 if on_cuda else 2,
+                    workers=2, writers=4 if on_cuda else 2)
+    try:
+        order = sorted(plan.keys, key=lambda k: (k in plan.quantized, plan.sources[k].file, plan.sources[k].offset))
+        for key in order:
+            source, writer = plan.sources[key], shard_of[key]
+            if key in plan.quantized:
+                engine.quantize(source, _quantize_fn(plan, key), _write_all(writer))
+            elif source.dtype == plan.params[key].dtype:
+                engine.copy(writer, key, source)
+            else:
+                engine.convert(writer, key, source, plan.params[key].dtype)
+        engine.wait()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    sizes = [writer.finish() for writer in writers]
+    if len(shards) > 1:
+        _write_index(workdir, plan, outputs, shards)
+    _write_configs(plan, source_dir, workdir)
+    return {"tensors": sum(len(o) for o in outputs.values()), "quantized": len(plan.quantized),
+            "shards": len(shards), "weights_bytes": sum(sizes)}
+
+
+def _outputs(plan: _Plan, key: str) -> list:
+    """The tensors save_pretrained writes for one state_dict key (several for a quantized weight)."""
+    import torch
+
+    from builder.steps.stream_io import OutTensor
+
+    param = plan.params[key]
+    module = plan.quantized.get(key)
+    if module is None:
+        return [OutTensor(key, param.dtype, tuple(param.shape))]
+    n = param.numel()
+    prefix = key.removesuffix("weight")
+    if hasattr(module, "quant_state"):  # Linear4bit
+        weight = module.weight
+        blocks = -(n // -weight.blocksize)
+        storage = weight.quant_storage
+        result = [OutTensor(key, storage, ((n + 1) // (storage.itemsize * 2), 1))]
+        if weight.compress_statistics:
+            result += [OutTensor(f"{key}.absmax", torch.uint8, (blocks,)),
+                       OutTensor(f"{key}.quant_map", torch.float32, (16,)),
+                       OutTensor(f"{key}.nested_absmax", torch.float32, (-(blocks // -256),)),
+                       OutTensor(f"{key}.nested_quant_map", torch.float32, (256,))]
+        else:
+            result += [OutTensor(f"{key}.absmax", torch.float32, (blocks,)),
+                       OutTensor(f"{key}.quant_map", torch.float32, (16,))]
+        return result + [OutTensor(f"{key}.quant_state.bitsandbytes__{weight.quant_type}", torch.uint8, None)]
+    rows = param.shape[0]
+    return [OutTensor(key, torch.int8, tuple(param.shape)), OutTensor(f"{prefix}SCB", torch.float32, (rows,)),
+            OutTensor(f"{prefix}weight_format", torch.uint8, ())]
+
+
+def _quantize_fn(plan: _Plan, key: str):
+    """tensor on the device, in the checkpoint's dtype -> {output key: tensor}, with the exact bitsandbytes calls
+    of Params4bit._quantize / Int8Params._quantize on a tensor loaded in the load dtype."""
+    import bitsandbytes as bnb
+    import torch
+
+    module, dtype = plan.quantized[key], plan.dtype
+    prefix = key.removesuffix("weight")
+    if hasattr(module, "quant_state"):
+        weight = module.weight
+
+        def quantize_4bit(tensor: torch.Tensor) -> dict:
+            packed, state = bnb.functional.quantize_4bit(
+                tensor.to(dtype).contiguous(), blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage)
+            result = {key: packed}
+            result.update({f"{key}.{name}": value for name, value in state.as_dict(packed=True).items()})
+            return result
+        return quantize_4bit
+
+    def quantize_8bit(tensor: torch.Tensor) -> dict:
+        scaled, scales, _ = bnb.functional.int8_vectorwise_quant(tensor.to(dtype).contiguous().to(torch.float16))
+        return {key: scaled, f"{prefix}SCB": scales, f"{prefix}weight_format": torch.tensor(0, dtype=torch.uint8)}
+    return quantize_8bit
+
+
+def _write_all(writer):
+    def write(tensors: dict) -> None:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    return write
+
+
+def _split(keys: list[str], outputs: dict, max_shard_size: int) -> list[tuple[str, list[str]]]:
+    """save_pretrained's sharding (huggingface_hub's split): fill a shard in state_dict order until the next
+    key would pass `max_shard_size`; one file is model.safetensors, several are model-0000i-of-0000n."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        nbytes = sum(o.nbytes if o.shape is not None else 256 for o in outputs[key])
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", keys) for i, keys in enumerate(shards, 1)]
+
+
+def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> None:
+    import json
+
+    from builder.steps.stream_io import read_source_tensors
+
+    written = read_source_tensors(workdir / filename for filename, _ in shards)
+    weight_map = {name: tensor.file.name for name, tensor in written.items()}
+    parameters = sum(o.nbytes // o.dtype.itemsize for k in plan.keys for o in outputs[k][:1])
+    index = {"metadata": {"total_parameters": parameters, "total_size": sum(t.nbytes for t in written.values())},
+             "weight_map": weight_map}
+    (workdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                           encoding="utf-8")
+
+
+def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
+    """config.json and generation_config.json as save_pretrained writes them, and the tokenizer files."""
+    from transformers import GenerationConfig
+
+    model = plan.model
+    model.config.dtype = str(plan.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(workdir)
+    if model.can_generate():
+        generation = (GenerationConfig.from_pretrained(source_dir)
+                      if (source_dir / "generation_config.json").is_file() else model.generation_config)
+        generation.save_pretrained(workdir)
+    for name in _COPIED:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, workdir / name)
