@@ -219,7 +219,8 @@ def _merge(parent: Located, child: Located, path: Path_ = ()) -> Located:
 
 def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> Any:
     parent_value, child_value = _get(parent.data, path), _get(child.data, path)
-    if isinstance(parent_value, dict) and isinstance(child_value, dict):
+    if isinstance(parent_value, dict) and isinstance(child_value, dict) and not _kind_changes(path, parent_value,
+                                                                                              child_value):
         out.values[path] = child.values.get(path) or parent.values[path]
         result = {}
         for key in {**parent_value, **child_value}:
@@ -235,6 +236,15 @@ def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> A
     source = child if _has(child.data, path) else parent
     _copy_locations(source, path, out)
     return _get(source.data, path)
+
+
+def _kind_changes(path: Path_, parent_value: dict, child_value: dict) -> bool:
+    """True when the child picks another kind of a discriminated block (`quantize.method`): the parent's keys
+    belong to the other kind, so the child's block replaces the parent's instead of merging with it."""
+    if not path or not (tags := _tags_of(_fields(_model_at(path[:-1])).get(path[-1]))):
+        return False
+    tag_field = next(f for f in ("method", "format") if f in _fields(next(iter(tags.values()))))
+    return tag_field in child_value and parent_value.get(tag_field) != child_value[tag_field]
 
 
 def _copy_locations(source: Located, path: Path_, out: Located) -> None:
@@ -342,6 +352,7 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
         written = _subtree(located, ("variants", suffix), overrides)
         variant = _merge(located, written)
         variant.problems = []  # the file's own problems are already in `problems`
+        variant.values[()] = located.values[()]  # a missing top-level key is missing in the file, not the variant
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
         try:
@@ -463,7 +474,7 @@ def _type_hint(kind: str, value: Any) -> str:
 def _unknown_key(path: Path_, holders: list[Any]) -> str:
     key, holder = path[-1], holders[-1]
     choices = [*_fields(holder)] + ([*META_KEYS] if len(path) == 1 else [])
-    close = get_close_matches(key, choices, n=1)
+    close = get_close_matches(key, choices, n=1) or [c for c in choices if key.startswith(c) or c.startswith(key)]
     if len(path) >= 2 and (members := _tags_of(_fields(holders[-2]).get(path[-2]))):
         tag_field = next(f for f in ("method", "format") if f in _fields(holder))
         here = next(tag for tag, member in members.items() if member is holder)

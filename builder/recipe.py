@@ -84,7 +84,7 @@ class Source(Block):
     @classmethod
     def _model_is_repo_or_path(cls, model: str) -> str:
         if "\\" in model:
-            raise ValueError(f"{model!r} contains '\\'; write local paths with '/' (./models/x), on Windows too")
+            raise ValueError(f"'{model}' contains a backslash; write local paths with '/' (./models/x), on Windows too")
         if is_local_path(model):
             if any(ord(c) < 32 for c in model):
                 raise ValueError(f"{model!r} contains a control character; write the folder's path as plain text")
@@ -151,8 +151,10 @@ class Load(Block):
             if device_map not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device_map):
                 raise ValueError(f"{device_map!r} is not auto, cpu, cuda or cuda:N")
             return device_map
-        if not isinstance(device_map, dict) or not device_map:
+        if not isinstance(device_map, dict):
             raise ValueError("expected auto, cpu, cuda, cuda:N or a mapping {module: device}")
+        if not device_map:
+            raise ValueError("the mapping is empty; map module names to devices, e.g. {model: 0, lm_head: cpu}")
         normalized = {}
         for module, device in device_map.items():
             if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
