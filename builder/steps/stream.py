@@ -12,12 +12,13 @@ path instead.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.steps.load import AUTO_CLASSES
+from builder.steps.quantize import bnb_config
 from builder.tasks import infer_task
 
 if TYPE_CHECKING:
@@ -25,41 +26,9 @@ if TYPE_CHECKING:
 
     from builder.pipeline import BuildContext
 
-# The transformers auto class that loads each task's model (the class the transformers path uses).
-AUTO_CLASSES = {
-    "text-generation": "AutoModelForCausalLM",
-    "feature-extraction": "AutoModel",
-    "fill-mask": "AutoModelForMaskedLM",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-}
-# Files copied from the source beside the weights: tokenizer and processor files (generation_config.json is
-# rewritten the way save_pretrained writes it).
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-           "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-           "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json")
+# Tokenizer files: when the source has one, the tokenizer is saved beside the weights as the transformers path does.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
-
-
-def bnb_config(quantize: Bnb4Bit | Bnb8Bit) -> Any:
-    """The `transformers.BitsAndBytesConfig` a recipe's quantize block stands for."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    skip = list(quantize.skip_modules) or None
-    match quantize:
-        case Bnb4Bit():
-            return BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type,
-                bnb_4bit_use_double_quant=quantize.double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, quantize.compute_dtype),
-                bnb_4bit_quant_storage=getattr(torch, quantize.quant_storage), llm_int8_skip_modules=skip)
-        case Bnb8Bit():
-            return BitsAndBytesConfig(
-                load_in_8bit=True, llm_int8_threshold=quantize.threshold, llm_int8_skip_modules=skip,
-                llm_int8_enable_fp32_cpu_offload=quantize.fp32_cpu_offload,
-                llm_int8_has_fp16_weight=quantize.has_fp16_weight)
 
 
 @dataclass
@@ -186,8 +155,18 @@ def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
 
 def stream_quantize(ctx: BuildContext) -> None:
     """The quantize step, streamed: writes model.safetensors (or shards and their index), config.json,
-    generation_config.json and the tokenizer files into `ctx.workdir`. Call only when `streamable` said None."""
-    stream_build(ctx.loaded.recipe, ctx.source_dir, ctx.workdir, ctx.device)
+    generation_config.json and the tokenizer into `ctx.workdir`, and records what the transformers path records
+    (footprint, quantized layers, bits per parameter). Call only when `streamable` returned None."""
+    from builder.steps.load import auto_class
+    from builder.steps.quantize import serialized_layer_sizes, source_footprint
+
+    result = stream_build(ctx.loaded.recipe, ctx.source_dir, ctx.workdir, ctx.device)
+    source_bytes = source_footprint(ctx, auto_class(ctx.record["task"]))
+    ctx.record["footprint"] = {"source_bytes": source_bytes, "artifact_bytes": result["memory_footprint"],
+                               "ratio": round(result["memory_footprint"] / source_bytes, 4)}
+    ctx.record["quantized_layers"] = serialized_layer_sizes(result["layers"], ctx.workdir)
+    ctx.record["bits_per_param"] = ctx.record["quantized_layers"]["bits_per_param"]
+    ctx.record["quantize_path"] = "stream"
 
 
 def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *,
@@ -234,8 +213,12 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     if len(shards) > 1:
         _write_index(workdir, plan, outputs, shards)
     _write_configs(plan, source_dir, workdir)
-    return {"tensors": sum(len(o) for o in outputs.values()), "quantized": len(plan.quantized),
-            "shards": len(shards), "weights_bytes": sum(sizes)}
+    state = set(plan.model.state_dict(keep_vars=True))
+    footprint = sum(outputs[key][0].nbytes for key in plan.keys) + sum(
+        b.numel() * b.element_size() for name, b in plan.model.named_buffers() if name not in state)
+    return {"tensors": sum(len(o) for o in outputs.values()), "shards": len(shards), "weights_bytes": sum(sizes),
+            "memory_footprint": footprint,  # what get_memory_footprint() says of the loaded quantized model
+            "layers": {key.removesuffix(".weight"): plan.params[key].numel() for key in plan.quantized}}
 
 
 def _outputs(plan: _Plan, key: str) -> list:
@@ -346,6 +329,7 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
         generation = (GenerationConfig.from_pretrained(source_dir)
                       if (source_dir / "generation_config.json").is_file() else model.generation_config)
         generation.save_pretrained(workdir)
-    for name in _COPIED:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, workdir / name)
+    if any((source_dir / name).is_file() for name in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source_dir).save_pretrained(workdir)
