@@ -1,0 +1,210 @@
+"""onnxruntime side of the ONNX export: provider checks, the transformer optimizer, float16 and int8 conversion.
+
+Every function here works on an ONNX file in the build's work folder and rewrites it in place. onnxruntime and onnx
+are imported inside the functions (the core install has neither).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import BuildError
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx_data"
+# protobuf's hard limit: a larger graph keeps its tensors in EXTERNAL_DATA_FILE (optimum's layout).
+PROTOBUF_LIMIT = 2 * 1024**3
+# Encoders whose graphs onnxruntime's BERT fusions understand; every other decoder uses the GPT-2 fusions (as
+# optimum's ORTOptimizer does for Llama-like models).
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert", "mpnet", "albert", "deberta")
+_GPU_HINT = {
+    "CUDAExecutionProvider": "pip install onnxruntime-gpu (instead of onnxruntime)",
+    "TensorrtExecutionProvider": "pip install onnxruntime-gpu (instead of onnxruntime) and the TensorRT libraries",
+    "ROCMExecutionProvider": "install onnxruntime's ROCm build (onnxruntime-rocm from AMD's package index)",
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the graph was checked: the target provider, the provider that really ran it, and why they differ."""
+
+    target: str
+    verified_on: str
+    reason: str | None = None
+
+    def as_json(self) -> dict:
+        return {"provider": self.target, "verified_on": self.verified_on,
+                "target_checked": self.target == self.verified_on, "fallback_reason": self.reason}
+
+
+def provider_problem(provider: str, model: Path) -> str | None:
+    """Why `provider` cannot run `model` on this host, or None when a session's first provider is `provider`.
+
+    onnxruntime-gpu lists CUDA as available on a host without a GPU and silently runs on the CPU; that counts as a
+    problem here, so the check opens a real session and reads `get_providers()[0]`.
+    """
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        return f"this onnxruntime build ({_ort_package()}) lacks {provider}; {_GPU_HINT.get(provider, '')}".rstrip("; ")
+    try:
+        session = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
+    except Exception as error:  # onnxruntime raises its own Fail/RuntimeException types for missing libraries
+        return f"{provider} failed to start: {str(error).splitlines()[0][:300]}"
+    ran_on = session.get_providers()[0]
+    if ran_on == provider:
+        return None
+    if provider == "TensorrtExecutionProvider" and _cuda_visible():
+        return ("the TensorRT libraries (libnvinfer) are missing, so onnxruntime fell back to "
+                f"{ran_on}; install TensorRT matching onnxruntime-gpu")
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return f"no CUDA GPU is visible, so onnxruntime fell back to {ran_on}"
+    if provider == "ROCMExecutionProvider":
+        return f"no ROCm GPU is visible, so onnxruntime fell back to {ran_on}"
+    return f"onnxruntime ran the graph on {ran_on} instead"
+
+
+def place(target: str, verify_on: str | None, model: Path) -> Placement:
+    """The provider the graph is verified on: the target when it runs here, else `verify_on`.
+
+    Raises `BuildError` with the reason when neither is possible."""
+    problem = provider_problem(target, model)
+    if problem is None:
+        return Placement(target, target)
+    if verify_on is None or verify_on == target:
+        raise BuildError(f"cannot verify on {target}: {problem}. Build on a host that has it, or set "
+                         "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)")
+    fallback = provider_problem(verify_on, model)
+    if fallback is not None:
+        raise BuildError(f"cannot verify on {target} ({problem}) nor on export.verify_on {verify_on} ({fallback})")
+    return Placement(target, verify_on, problem)
+
+
+def session(model: Path, provider: str):
+    """An onnxruntime session that really runs on `provider` (checked), for verification."""
+    import onnxruntime as ort
+
+    created = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
+    if created.get_providers()[0] != provider:
+        raise BuildError(f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
+                         f"{provider_problem(provider, model) or 'check the onnxruntime install'}")
+    return created
+
+
+def quiet_options():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def _ort_package() -> str:
+    for name in ("onnxruntime-gpu", "onnxruntime-rocm", "onnxruntime"):
+        if _installed(name):
+            return name
+    return "onnxruntime"
+
+
+def _installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _cuda_visible() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def save(model, path: Path) -> None:
+    """Write an onnx ModelProto as optimum does: one file, or `model.onnx_data` beside it past protobuf's 2 GB."""
+    import onnx
+
+    for stale in (path, path.with_name(EXTERNAL_DATA_FILE)):
+        stale.unlink(missing_ok=True)
+    large = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+
+
+def _fits_protobuf(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def load(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def fusion_model_type(model_type: str) -> str:
+    """The onnxruntime.transformers optimizer model type for a transformers `model_type`."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    if model_type in MODEL_TYPES:
+        return model_type
+    return "bert" if model_type in _BERT_LIKE else "gpt2"
+
+
+def optimize(path: Path, level: str, config: dict) -> dict:
+    """Rewrite `path` with onnxruntime's transformer optimizer; returns what was applied.
+
+    O1: onnxruntime's basic (provider-independent) graph optimizations only. O2: O1 + the transformer fusions
+    (attention, layer norm, GELU, skip layer norm, ...). O3: O2 + GELU approximation. O4: O3 + float16 with float32
+    inputs/outputs (GPU providers). Offline optimization stays at onnxruntime level 1, so the file runs on any
+    provider; the provider applies its own level-99 fusions when it loads the graph.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = fusion_model_type(config.get("model_type", ""))
+    options = FusionOptions(model_type)
+    options.enable_gelu_approximation = level in ("O3", "O4")
+    num_heads = int(config.get("num_attention_heads") or 0)
+    hidden_size = int(config.get("hidden_size") or 0)
+    optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                               optimization_options=options, opt_level=1, use_gpu=False,
+                               only_onnxruntime=level == "O1")
+    if level == "O4":
+        optimized.convert_float_to_float16(keep_io_types=True)
+    fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    save(optimized.model, path)
+    return {"level": level, "fusion_model_type": model_type, "fused_operators": fused,
+            "float16": level == "O4"}
+
+
+def to_float16(path: Path) -> None:
+    """Convert a float32 graph to float16 weights and compute, keeping float32 inputs and outputs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    save(convert_float_to_float16(load(path), keep_io_types=True), path)
+
+
+def quantize_dynamic_int8(path: Path) -> dict:
+    """onnxruntime dynamic quantization: int8 weights, activations quantized per batch at run time (CPU)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize.") as tmp:
+        output = Path(tmp) / MODEL_FILE
+        large = path.with_name(EXTERNAL_DATA_FILE).exists()
+        quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8, per_channel=False,
+                         use_external_data_format=large)
+        model = load(output)
+    save(model, path)
+    return {"method": "dynamic-int8", "weight_type": "QInt8", "per_channel": False}

@@ -1,0 +1,260 @@
+"""What the verification gate compares for an ONNX export: the graph on onnxruntime vs the PyTorch source.
+
+`onnx_metrics` runs both on the same inputs and returns numbers; `builder.steps.verify` applies the thresholds
+(`default_thresholds` gives the measured defaults per dtype and quantization) and writes the report.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "A man is eating food.",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+)
+# Metrics where larger is better; every other metric is a maximum.
+HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine", "generation_match"})
+
+# Defaults measured on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct with the built-in prompts (docs/recipes.md has
+# the measured values), with headroom of roughly 10x over the measured error.
+_THRESHOLDS = {
+    ("float32", "none"): {"max_abs_diff": 1e-2, "cosine": 0.9999, "top1_agreement": 0.99, "generation_match": 1.0,
+                          "kl_divergence": 1e-4},
+    ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
+    ("float32", "dynamic-int8"): {"cosine": 0.98, "top1_agreement": 0.8, "kl_divergence": 0.2},
+}
+_TASK_METRICS = {
+    "feature-extraction": ("max_abs_diff", "cosine"),
+    "text-generation": ("max_abs_diff", "top1_agreement", "kl_divergence", "generation_match"),
+}
+_CLASSIFIER_METRICS = ("max_abs_diff", "top1_agreement")
+
+
+def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none") -> dict[str, float]:
+    """Default gate thresholds for an ONNX export of `task` in `dtype` with `quantize`.
+
+    Keys are metric names of `onnx_metrics`; metrics in `HIGHER_IS_BETTER` are minimums, the others maximums."""
+    table = _THRESHOLDS[(dtype, quantize)]
+    names = _TASK_METRICS.get(task, _CLASSIFIER_METRICS)
+    return {name: table[name] for name in names if name in table}
+
+
+def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str, prompts: Sequence[str] = (),
+                 max_new_tokens: int = 16, device: str = "cpu") -> dict:
+    """Compare the ONNX graph in `model_dir` (run on `provider`) with the PyTorch source in `source_dir`.
+
+    Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "provider": provider}`:
+    - metrics, for every task: `max_abs_diff` and `relative_error` (largest over the graph's outputs; relative error
+      is ||onnx - torch|| / ||torch||); feature-extraction adds `cosine` (lowest cosine similarity of mean-pooled
+      embeddings over the prompts); classifiers add `top1_agreement`; text-generation adds `top1_agreement` and
+      `kl_divergence` (teacher-forced on PyTorch's greedy continuation) and `generation_match` (share of prompts
+      whose greedy generation through the graph, with the KV cache when it has one, equals PyTorch `generate`);
+    - outputs: per graph output, `max_abs_diff` and `relative_error`;
+    - performance: median latency of one forward pass, `reference_latency_ms` (PyTorch on `device`) and
+      `candidate_latency_ms` (onnxruntime on `provider`), and their ratio `speedup`.
+    Raises `BuildError` when the session does not run on `provider`.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from builder.steps import ort
+    from builder.steps.export import load_source
+
+    model_dir, source_dir = Path(model_dir), Path(source_dir)
+    session = ort.session(model_dir / ort.MODEL_FILE, provider)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    reference = load_source(source_dir, task, torch.float32, device)
+    prompts = tuple(prompts) or DEFAULT_PROMPTS
+    with torch.no_grad():
+        if task == "text-generation":
+            result = _decoder_metrics(session, reference, tokenizer, prompts, max_new_tokens)
+        else:
+            result = _encoder_metrics(session, reference, tokenizer, prompts, task)
+    result["provider"] = provider
+    return result
+
+
+# --- encoders ------------------------------------------------------------------------------------------------------
+
+
+def _encoder_metrics(session, reference, tokenizer, prompts: Sequence[str], task: str) -> dict:
+    import numpy as np
+    import torch
+
+    batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    feed = _encoder_feed(session, batch)
+    onnx_out = session.run(None, feed)
+    kwargs = {k: v.to(reference.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                            "token_type_ids")}
+    torch_out = reference(**kwargs)
+    mask = batch["attention_mask"].numpy().astype(bool)
+    outputs, metrics = {}, {}
+    for meta, value in zip(session.get_outputs(), onnx_out):
+        expected = getattr(torch_out, meta.name).float().cpu().numpy()
+        actual = value.astype(np.float32)
+        if actual.ndim >= 2 and actual.shape[:2] == mask.shape:  # per-token outputs: padding is not compared
+            actual, expected = actual[mask], expected[mask]
+        outputs[meta.name] = _difference(actual, expected)
+    metrics["max_abs_diff"] = max(o["max_abs_diff"] for o in outputs.values())
+    metrics["relative_error"] = max(o["relative_error"] for o in outputs.values())
+    first = session.get_outputs()[0].name
+    if task == "feature-extraction":
+        onnx_pooled = _mean_pool(torch.from_numpy(onnx_out[0].astype(np.float32)), batch["attention_mask"])
+        torch_pooled = _mean_pool(getattr(torch_out, first).float().cpu(), batch["attention_mask"])
+        metrics["cosine"] = float(torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled).min())
+    else:
+        onnx_top = onnx_out[0].argmax(-1)
+        torch_top = getattr(torch_out, first).argmax(-1).cpu().numpy()
+        if onnx_top.shape == mask.shape:
+            onnx_top, torch_top = onnx_top[mask], torch_top[mask]
+        metrics["top1_agreement"] = float((onnx_top == torch_top).mean())
+    performance = _latency(lambda: session.run(None, feed), lambda: reference(**kwargs))
+    return {"metrics": metrics, "outputs": outputs, "performance": performance}
+
+
+def _encoder_feed(session, batch) -> dict:
+    import numpy as np
+
+    feed = {}
+    for meta in session.get_inputs():
+        if meta.name in batch:
+            feed[meta.name] = batch[meta.name].numpy().astype(np.int64)
+        else:  # token_type_ids for a tokenizer that does not return them
+            feed[meta.name] = np.zeros_like(batch["input_ids"].numpy(), dtype=np.int64)
+    return feed
+
+
+def _mean_pool(hidden, mask):
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+# --- decoders ------------------------------------------------------------------------------------------------------
+
+
+class _OnnxDecoder:
+    """Runs a decoder graph in optimum's signature: full sequence with an empty cache, then one token at a time."""
+
+    def __init__(self, session, config):
+        import numpy as np
+
+        from builder.steps.export import decoder_shape
+
+        self.session = session
+        self.names = [i.name for i in session.get_inputs()]
+        self.past_names = [n for n in self.names if n.startswith("past_key_values.")]
+        self.output_names = [o.name for o in session.get_outputs()]
+        _, self.kv_heads, self.head_dim = decoder_shape(config)
+        past_types = {i.type for i in session.get_inputs() if i.name in self.past_names}
+        self.past_dtype = np.float16 if "tensor(float16)" in past_types else np.float32
+
+    def feed(self, ids, past: dict | None = None) -> dict:
+        import numpy as np
+
+        ids = np.asarray(ids, dtype=np.int64)[None]
+        past_length = next(iter(past.values())).shape[2] if past else 0
+        total = past_length + ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
+        if "position_ids" in self.names:
+            feed["position_ids"] = np.arange(past_length, total, dtype=np.int64)[None]
+        for name in self.past_names:
+            feed[name] = past[name] if past else np.zeros((1, self.kv_heads, 0, self.head_dim), self.past_dtype)
+        return feed
+
+    def run(self, ids, past: dict | None = None) -> dict:
+        return dict(zip(self.output_names, self.session.run(None, self.feed(ids, past))))
+
+    def generate(self, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+        """Greedy tokens after `ids`: through the KV cache when the graph has one, else re-running the sequence."""
+        tokens, step_input, past = list(ids), list(ids), None
+        for _ in range(max_new_tokens):
+            out = self.run(step_input if self.past_names else tokens, past)
+            token = int(out["logits"][0, -1].argmax())
+            tokens.append(token)
+            if token in eos:
+                break
+            if self.past_names:
+                past = {name: out[name.replace("past_key_values.", "present.")] for name in self.past_names}
+                step_input = [token]
+        return tokens[len(ids):]
+
+
+def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> dict:
+    import numpy as np
+    import torch
+
+    decoder = _OnnxDecoder(session, reference.config)
+    eos = reference.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    outputs: dict[str, dict] = {}
+    matches, agree, total, kls = 0, 0, 0, []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        generated = reference.generate(ids.to(reference.device), attention_mask=torch.ones_like(ids).to(
+            reference.device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        torch_tokens = generated[0, ids.shape[1]:].tolist()
+        matches += decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens
+        sequence = generated[0].cpu()
+        torch_out = reference(sequence[None].to(reference.device), use_cache=bool(decoder.past_names))
+        onnx_out = decoder.run(sequence.tolist())
+        expected = {"logits": torch_out.logits}
+        if decoder.past_names:
+            for i, layer in enumerate(torch_out.past_key_values.layers):
+                expected[f"present.{i}.key"], expected[f"present.{i}.value"] = layer.keys, layer.values
+        for name, value in onnx_out.items():
+            diff = _difference(value.astype(np.float32), expected[name].float().cpu().numpy())
+            seen = outputs.setdefault(name, {"max_abs_diff": 0.0, "relative_error": 0.0})
+            for key in seen:
+                seen[key] = max(seen[key], diff[key])
+        onnx_logits = torch.from_numpy(onnx_out["logits"][0].astype(np.float32))
+        torch_logits = torch_out.logits[0].float().cpu()
+        agree += int((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).sum())
+        total += onnx_logits.shape[0]
+        kls.append(float(torch.nn.functional.kl_div(onnx_logits.log_softmax(-1), torch_logits.log_softmax(-1),
+                                                    log_target=True, reduction="batchmean")))
+    metrics = {
+        "max_abs_diff": max(o["max_abs_diff"] for o in outputs.values()),
+        "relative_error": max(o["relative_error"] for o in outputs.values()),
+        "top1_agreement": agree / total,
+        "kl_divergence": statistics.fmean(kls),
+        "generation_match": matches / len(prompts),
+    }
+    ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+    feed = decoder.feed(ids[0].tolist())
+    performance = _latency(lambda: session.run(None, feed), lambda: reference(ids.to(reference.device)))
+    return {"metrics": metrics, "outputs": outputs, "performance": performance}
+
+
+# --- shared --------------------------------------------------------------------------------------------------------
+
+
+def _difference(actual, expected) -> dict:
+    import numpy as np
+
+    delta = np.abs(actual - expected)
+    scale = float(np.linalg.norm(expected)) or 1.0
+    return {"max_abs_diff": float(delta.max()) if delta.size else 0.0,
+            "relative_error": float(np.linalg.norm(actual - expected)) / scale}
+
+
+def _latency(candidate, reference, repeats: int = 5) -> dict:
+    def median_ms(run) -> float:
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    # PyTorch first: onnxruntime's worker threads keep spinning for a while after a run and would slow it down.
+    reference_ms = median_ms(reference)
+    candidate_ms = median_ms(candidate)
+    return {"reference_latency_ms": round(reference_ms, 3), "candidate_latency_ms": round(candidate_ms, 3),
+            "speedup": round(reference_ms / candidate_ms, 3) if candidate_ms else None}
