@@ -496,9 +496,11 @@ def _show(value: Any) -> str:
 
 
 def _not_one_of(value: Any, choices: tuple[str, ...]) -> str:
-    close = get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
-    if isinstance(value, str) and _ALIASES.get(value.lower()) in choices:
-        close = [_ALIASES[value.lower()]]
+    close = []
+    if isinstance(value, str) and value:
+        containing = [c for c in choices if value.lower() in c.lower()]
+        close = ([_ALIASES[value.lower()]] if _ALIASES.get(value.lower()) in choices else
+                 get_close_matches(value, choices, n=1) or (containing if len(containing) == 1 else []))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{_show(value)} is not one of {', '.join(choices)}{hint}"
 
