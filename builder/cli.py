@@ -102,6 +102,41 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         for result in results:
             print(f"{result.name}: {result.status} -> {result.path}")
+    if args.publish:
+        for result in results:
+            _publish_and_report(result.path, args)
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    _publish_and_report(Path(args.artifact), args)
+    return EXIT_OK
+
+
+def _publish_and_report(artifact: Path, args: argparse.Namespace) -> None:
+    from builder.hub.publish import publish
+
+    result = publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
+                     create_pr=args.create_pr or None, dry_run=getattr(args, "dry_run", False),
+                     progress=lambda message: print(message, file=sys.stderr, flush=True))
+    if args.json:
+        _print_json(result.as_json())
+    elif result.status == "dry-run":
+        print(f"would publish {len(result.uploaded)} files of {artifact} to {result.repo}@{result.revision} "
+              f"({result.endpoint}):")
+        print("\n".join(f"  {path}" for path in result.uploaded))
+        print(f"--- README.md (model card) ---\n{result.card or '(none)'}")
+    elif result.status == "unchanged":
+        print(f"{result.repo}@{result.revision} is up to date (commit {result.commit}); nothing pushed")
+    else:
+        print(f"published {artifact} to {result.endpoint}/{result.repo} @ {result.commit}"
+              + (f" ({result.pr_url})" if result.pr_url else ""))
+
+
+def cmd_hub_serve(args: argparse.Namespace) -> int:
+    from builder.hub.server import serve
+
+    serve(Path(args.root), host=args.host, port=args.port, token=args.token)
     return EXIT_OK
 
 
@@ -149,7 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
                        "OUT/.failed/<name>/")
     build.add_argument("--json", action="store_true", help="machine-readable output")
+    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds (see publish)")
+    _add_publish_options(build)
     build.set_defaults(run=cmd_build)
+
+    publish = commands.add_parser("publish", help="push a verified artifact to the Hugging Face Hub (HF_ENDPOINT) "
+                                  "in one commit")
+    publish.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
+    _add_publish_options(publish)
+    publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; "
+                         "touch nothing")
+    publish.add_argument("--json", action="store_true", help="machine-readable output")
+    publish.set_defaults(run=cmd_publish)
+
+    hub = commands.add_parser("hub", help="the local Hub-compatible registry").add_subparsers(
+        dest="hub_command", required=True, metavar="COMMAND")
+    serve = hub.add_parser("serve", help="serve a Hub-compatible registry from a folder (clients: HF_ENDPOINT=URL "
+                           "HF_HUB_DISABLE_XET=1)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8808, help="port (default 8808; 0 = any free port)")
+    serve.add_argument("--root", default="artifacts/.hub", help="folder the registry persists to "
+                       "(default artifacts/.hub)")
+    serve.add_argument("--token", help="require this bearer token for writes and private repos")
+    serve.set_defaults(run=cmd_hub_serve)
 
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.set_defaults(run=cmd_schema)
@@ -161,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_list)
     return parser
+
+
+def _add_publish_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", help="target repo org/name (default: the recipe's publish.repo)")
+    parser.add_argument("--revision", help="branch to push to, created when missing (default: publish.revision, "
+                        "else main)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
 
 
 def _own_version() -> str:

@@ -1,0 +1,231 @@
+"""The model card (README.md) of an artifact, rendered from its manifest alone.
+
+The YAML block is huggingface_hub's `ModelCardData` (base_model + base_model_relation so the Hub links the card to
+its source, library_name, pipeline_tag, license, tags); the body says how to load the model with stock libraries,
+what was done to it, how well it matched the source, what it costs, and exactly how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from builder.recipe import REPO_ID_PATTERN, is_local_path
+
+# optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
+_PIPELINE_TAGS = {"semantic-segmentation": "image-segmentation", "audio-frame-classification": "audio-classification",
+                  "audio-xvector": None, "masked-im": None, "multiple-choice": None, "image-to-image": "image-to-image"}
+_AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM", "text2text-generation": "AutoModelForSeq2SeqLM",
+                 "text-classification": "AutoModelForSequenceClassification",
+                 "token-classification": "AutoModelForTokenClassification",
+                 "question-answering": "AutoModelForQuestionAnswering", "fill-mask": "AutoModelForMaskedLM",
+                 "image-classification": "AutoModelForImageClassification"}
+_ORT_CLASSES = {"text-generation": "ORTModelForCausalLM", "feature-extraction": "ORTModelForFeatureExtraction",
+                "text-classification": "ORTModelForSequenceClassification",
+                "token-classification": "ORTModelForTokenClassification",
+                "question-answering": "ORTModelForQuestionAnswering", "fill-mask": "ORTModelForMaskedLM"}
+
+
+def render_card(manifest: dict, *, repo_id: str | None = None) -> str:
+    """README.md for the artifact `manifest` describes. `repo_id` (default: the recipe's `publish.repo`) is the
+    repo the usage snippet loads from."""
+    from huggingface_hub import ModelCard
+
+    recipe = manifest["recipe"]
+    repo_id = repo_id or (recipe.get("publish") or {}).get("repo") or f"<org>/{manifest['name']}"
+    sections = [
+        f"# {manifest['name']}",
+        _summary(manifest),
+        "## Usage\n\n" + _usage(manifest, repo_id),
+        "## Build settings\n\n" + _settings(manifest),
+        "## Verification\n\n" + _verification(manifest.get("verification") or {}),
+        "## Size\n\n" + _size(manifest),
+        "## Reproduce\n\n" + _reproduce(manifest),
+    ]
+    extra = (recipe.get("publish") or {}).get("card")
+    if extra:
+        sections.append(extra.strip())
+    body = "\n\n".join(sections) + "\n"
+    return str(ModelCard(f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}"))
+
+
+def _card_data(manifest: dict):
+    from huggingface_hub import ModelCardData
+
+    recipe, task = manifest["recipe"], manifest["source"].get("task")
+    fields: dict = {"library_name": manifest.get("library_name") or "transformers",
+                    "pipeline_tag": _PIPELINE_TAGS.get(task, task) if task else None,
+                    "license": (recipe.get("publish") or {}).get("license"),
+                    "tags": _tags(recipe)}
+    base_model = base_model_of(manifest)
+    if base_model:
+        fields["base_model"] = base_model
+        if _is_quantized(recipe):
+            fields["base_model_relation"] = "quantized"
+    return ModelCardData(**{key: value for key, value in fields.items() if value is not None})
+
+
+def base_model_of(manifest: dict) -> str | None:
+    """The Hub repo the artifact derives from: the source repo id, or for a local folder its config's
+    `_name_or_path` when that is a repo id (None when unknown)."""
+    model = manifest["source"]["model"]
+    if not is_local_path(model):
+        return model
+    for recipe_file in manifest.get("recipe_files") or ():
+        config = (Path(recipe_file).parent / Path(model).expanduser()) / "config.json"
+        if not config.is_file():
+            continue
+        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path") or ""
+        if "/" in name and REPO_ID_PATTERN.match(name) and not is_local_path(name):
+            return name
+    return None
+
+
+def _is_quantized(recipe: dict) -> bool:
+    export = recipe.get("export")
+    # A float32 ONNX export holds the source's weights unchanged: a conversion, not a quantization.
+    return recipe.get("quantize") is not None or bool(export and (export.get("quantize") not in (None, "none")
+                                                                   or export.get("dtype") == "float16"))
+
+
+def _tags(recipe: dict) -> list[str]:
+    tags = ["builder"]
+    quantize, export = recipe.get("quantize"), recipe.get("export")
+    if quantize:
+        tags += ["bitsandbytes", "4-bit" if quantize["method"] == "bnb-4bit" else "8-bit"]
+        if quantize.get("quant_type"):
+            tags.append(quantize["quant_type"])
+    if export:
+        tags += ["onnx", export["provider"]]
+        if export.get("quantize") == "dynamic-int8":
+            tags.append("int8")
+    tags += list((recipe.get("publish") or {}).get("tags") or ())
+    return list(dict.fromkeys(tags))
+
+
+def _summary(manifest: dict) -> str:
+    recipe, source = manifest["recipe"], manifest["source"]
+    quantize, export = recipe.get("quantize"), recipe.get("export")
+    if quantize:
+        what = {"bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
+                            f"{', double quantization' if quantize.get('double_quant') else ''})",
+                "bnb-8bit": "bitsandbytes LLM.int8()"}[quantize["method"]]
+    else:
+        what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
+                f"quantize {export['quantize']}) for {export['provider']}")
+    passed = (manifest.get("verification") or {}).get("passed")
+    return (f"{what} build of `{source['model']}` (revision `{source['revision']}`), made by "
+            f"`builder` from a YAML recipe and "
+            f"{'verified against the source model before publishing' if passed else 'NOT verified'}. "
+            f"Build hash `{manifest['build_hash']}`.")
+
+
+def _usage(manifest: dict, repo_id: str) -> str:
+    task = manifest["source"].get("task") or "feature-extraction"
+    if manifest.get("library_name") == "onnx":
+        return _usage_onnx(manifest, repo_id, task)
+    auto = _AUTO_CLASSES.get(task, "AutoModel")
+    extra = ", bitsandbytes" if manifest["recipe"].get("quantize") else ""
+    if task == "text-generation":
+        run = ('inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
+               "output = model.generate(**inputs, max_new_tokens=20)\n"
+               "print(tokenizer.decode(output[0], skip_special_tokens=True))")
+    else:
+        run = ('inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
+               "outputs = model(**inputs)")
+    return (f"Stock `transformers`{extra} loads it; the quantization settings are in `config.json`.\n\n"
+            f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+            f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```')
+
+
+def _usage_onnx(manifest: dict, repo_id: str, task: str) -> str:
+    provider = manifest["recipe"]["export"]["provider"]
+    graphs = sorted(path for path in manifest.get("files", {}) if path.endswith(".onnx"))
+    graph = graphs[0] if graphs else "model.onnx"
+    ort_class = _ORT_CLASSES.get(task, "ORTModel")
+    return (f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
+            "import onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"
+            "from transformers import AutoTokenizer\n\n"
+            f'folder = snapshot_download("{repo_id}")\n'
+            "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
+            f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
+            'inputs = tokenizer(["A man is eating food."], return_tensors="np")\n'
+            "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
+            f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
+            f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```')
+
+
+def _settings(manifest: dict) -> str:
+    recipe = manifest["recipe"]
+    block, name = (recipe["quantize"], "quantize") if recipe.get("quantize") else (recipe["export"], "export")
+    rows = "\n".join(f"| `{name}.{key}` | `{_plain(value)}` |" for key, value in block.items())
+    return f"| setting | value |\n|---|---|\n{rows}\n\nBuilt on `{manifest.get('device', 'unknown')}`."
+
+
+def _verification(report: dict) -> str:
+    if not report:
+        return "No verification report."
+    thresholds, failed = report.get("thresholds") or {}, {f["metric"] for f in report.get("failures") or ()}
+    rows = []
+    for metric, value in sorted((report.get("metrics") or {}).items()):
+        limit = thresholds.get(metric)
+        verdict = "" if limit is None else ("fail" if metric in failed else "pass")
+        rows.append(f"| {metric} | {_number(value)} | {'' if limit is None else _number(limit)} | {verdict} |")
+    where = report.get("provider") or report.get("device") or "cpu"
+    lines = [f"Task `{report.get('task')}`, compared with the source on `{where}`: "
+             f"**{'passed' if report.get('passed') else 'FAILED'}**.", "",
+             "| metric | value | threshold | |", "|---|---|---|---|", *rows]
+    performance = report.get("performance") or {}
+    if performance:
+        lines += ["", "| performance | value |", "|---|---|"]
+        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(performance.items())]
+    return "\n".join(lines)
+
+
+def _size(manifest: dict) -> str:
+    footprint = manifest.get("footprint") or {}
+    files = manifest.get("files") or {}
+    lines = [f"- files: {len(files)}, {_bytes(sum(f['size'] for f in files.values()))} in total"] if files else []
+    if footprint.get("source_bytes"):
+        lines.append(f"- source weights: {_bytes(footprint['source_bytes'])}")
+    if footprint.get("artifact_bytes"):
+        ratio = footprint.get("ratio")
+        lines.append(f"- artifact weights: {_bytes(footprint['artifact_bytes'])}"
+                     + (f" ({ratio:.2f}x the source)" if isinstance(ratio, (int, float)) else ""))
+    for key, value in sorted(footprint.items()):
+        if key not in ("source_bytes", "artifact_bytes", "ratio"):
+            lines.append(f"- {key}: {_number(value)}")
+    if manifest.get("bits_per_param") is not None:
+        lines.append(f"- bits per parameter: {manifest['bits_per_param']:.2f}")
+    return "\n".join(lines) or "Not measured."
+
+
+def _reproduce(manifest: dict) -> str:
+    recipe_yaml = yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip()
+    versions = "\n".join(f"| {name} | {version} |" for name, version in sorted(manifest.get("versions", {}).items()))
+    return (f"The resolved recipe (also in `recipe.lock.yaml`); `builder build` on it with the versions below "
+            f"reproduces build hash `{manifest['build_hash']}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
+            f"| package | version |\n|---|---|\n{versions}\n\nBuilt at {manifest.get('built_at', 'unknown')}; "
+            "`manifest.json` lists every file with its sha256.")
+
+
+def _plain(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

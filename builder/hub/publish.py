@@ -1,0 +1,392 @@
+"""`builder publish`: push a verified artifact folder to the Hugging Face Hub (or any Hub-compatible endpoint) in
+one commit, then check what landed.
+
+The same code talks to huggingface.co and to `builder hub serve`; only HF_ENDPOINT differs. Order of work:
+
+1. refuse what must not be published: no manifest, verification not passed, files that differ from the manifest's
+   hashes, a Hub source not pinned to a commit, no target repo, no token;
+2. create the repo (exist_ok) and the branch (when missing);
+3. read the branch head; when the remote manifest has the same build hash and file hashes (and the files are
+   there), stop: nothing to push;
+4. one `create_commit` with every file (uploads first; the commit references them), deleting the files a
+   previous publish put there that this build no longer has, with `parent_commit` = the head read in 3, so a
+   concurrent push fails the commit instead of being overwritten;
+5. list the new commit's files and compare sizes and sha256 with the manifest.
+
+A crash or network failure before the commit leaves the branch as it was; the commit switches it in one step.
+Transient failures (5xx, 429, timeouts, resets) are retried with backoff; a retry first re-reads the branch, so a
+commit whose response was lost is recognised instead of repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from builder.errors import PublishError
+from builder.recipe import COMMIT_PATTERN, is_local_path
+
+MANIFEST = "manifest.json"
+RETRIES = 4
+_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class Upload:
+    """What one publish pushes: repo-relative path -> local file or bytes, and the manifest that describes it."""
+
+    files: dict[str, Path | bytes]
+    manifest: dict
+
+    def size(self, path: str) -> int:
+        content = self.files[path]
+        return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+@dataclass
+class PublishResult:
+    """The outcome: `status` is published, unchanged or dry-run."""
+
+    status: str
+    repo: str
+    revision: str
+    endpoint: str
+    commit: str | None = None
+    pr_url: str | None = None
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    attempts: int = 0
+    card: str | None = None
+
+    def as_json(self) -> dict:
+        return {"status": self.status, "repo": self.repo, "revision": self.revision, "endpoint": self.endpoint,
+                "commit": self.commit, "pr_url": self.pr_url, "uploaded": self.uploaded, "deleted": self.deleted,
+                "attempts": self.attempts}
+
+
+def load_manifest(artifact_dir: Path) -> dict:
+    """The artifact's manifest.json, or a PublishError saying what the folder is missing."""
+    path = Path(artifact_dir) / MANIFEST
+    if not path.is_file():
+        raise PublishError(f"{artifact_dir} has no {MANIFEST}: it is not a builder artifact; build one with "
+                           "`builder build RECIPE` and publish artifacts/<name>/")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise PublishError(f"{path} is not valid JSON ({error}); rebuild the artifact") from None
+
+
+def check_publishable(artifact_dir: Path, manifest: dict) -> None:
+    """Refuse unverified or failed builds, files that are not the ones the manifest hashed, and unpinned sources."""
+    from builder.source import file_sha256
+
+    verification = manifest.get("verification") or {}
+    if verification.get("passed") is not True:
+        failures = "; ".join(f.get("message", str(f)) for f in verification.get("failures") or ()) or "no report"
+        raise PublishError(f"{artifact_dir} did not pass verification ({failures}); only verified builds are "
+                           "published: fix the recipe or its thresholds and rebuild")
+    listed = manifest.get("files") or {}
+    if not listed:
+        raise PublishError(f"{artifact_dir}/{MANIFEST} lists no files; rebuild the artifact")
+    for name, expected in sorted(listed.items()):
+        path = Path(artifact_dir) / name
+        if not path.is_file():
+            raise PublishError(f"{path} is listed in the manifest but missing; rebuild the artifact")
+        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            raise PublishError(f"{path} was changed after the build (its sha256 differs from the manifest's); "
+                               "rebuild the artifact instead of editing it")
+    present = {p.relative_to(artifact_dir).as_posix() for p in Path(artifact_dir).rglob("*") if p.is_file()}
+    extra = sorted(present - set(listed) - {MANIFEST})
+    if extra:
+        raise PublishError(f"{artifact_dir} has files the manifest does not list ({', '.join(extra[:5])}); "
+                           "remove them or rebuild the artifact")
+    source = manifest.get("recipe", {}).get("source", {})
+    if not is_local_path(source.get("model", "")) and not COMMIT_PATTERN.match(source.get("revision") or ""):
+        raise PublishError(f"source.revision {source.get('revision') or 'main'!r} of {source.get('model')} is not a "
+                           "40-hex commit: pin it (the build recorded "
+                           f"{manifest.get('source', {}).get('revision')}) so the published card names the exact "
+                           "source, then rebuild")
+
+
+def prepare_upload(artifact_dir: Path, manifest: dict, repo: str) -> Upload:
+    """Every artifact file plus manifest.json. When `repo` is not the recipe's `publish.repo`, the card is
+    re-rendered so its usage snippet loads from `repo`, and the uploaded manifest lists that card."""
+    import hashlib
+
+    from builder.card import render_card
+
+    files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(manifest["files"])}
+    recipe_repo = (manifest.get("recipe", {}).get("publish") or {}).get("repo")
+    if repo != recipe_repo and "README.md" in files:
+        card = render_card(manifest, repo_id=repo).encode()
+        files["README.md"] = card
+        manifest = {**manifest, "files": {**manifest["files"],
+                                          "README.md": {"sha256": hashlib.sha256(card).hexdigest(),
+                                                        "size": len(card)}}}
+        files[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    else:
+        files[MANIFEST] = Path(artifact_dir) / MANIFEST
+    return Upload(files, manifest)
+
+
+def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str | None = None,
+            private: bool | None = None, create_pr: bool | None = None, dry_run: bool = False,
+            endpoint: str | None = None, token: str | None = None,
+            progress: Callable[[str], None] = lambda message: None) -> PublishResult:
+    """Publish the artifact in `artifact_dir` (see the module docstring). Arguments left None come from the
+    recipe's `publish` block. Raises `PublishError` when refused or when it finally fails."""
+    from huggingface_hub import constants
+
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    check_publishable(artifact_dir, manifest)
+    settings = manifest.get("recipe", {}).get("publish") or {}
+    repo = repo or settings.get("repo")
+    if not repo:
+        raise PublishError(f"no target repo: add `publish: {{repo: org/name}}` to the recipe of "
+                           f"{manifest.get('name')} or pass --repo org/name")
+    revision = revision or settings.get("revision") or "main"
+    private = settings.get("private", False) if private is None else private
+    create_pr = settings.get("create_pr", False) if create_pr is None else create_pr
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    upload = prepare_upload(artifact_dir, manifest, repo)
+    result = PublishResult("dry-run", repo, revision, endpoint, uploaded=sorted(upload.files))
+    if dry_run:
+        card = upload.files["README.md"] if "README.md" in upload.files else None
+        result.card = card.decode() if isinstance(card, bytes) else card.read_text() if card else None
+        return result
+    token = token or _token()
+    return _push(upload, result, token=token, private=private, create_pr=create_pr, progress=progress)
+
+
+def _token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PublishError("no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set "
+                           "HF_TOKEN to a token with write access")
+    return token
+
+
+def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, create_pr: bool,
+          progress: Callable[[str], None]) -> PublishResult:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=result.endpoint, token=token)
+    repo, revision, name = result.repo, result.revision, upload.manifest["name"]
+    _retrying(lambda: api.create_repo(repo, exist_ok=True, private=private), f"create {repo}", progress)
+    if revision != "main":
+        _retrying(lambda: api.create_branch(repo, branch=revision, exist_ok=True), f"create branch {revision}",
+                  progress)
+    first_head = None
+    for attempt in range(1, RETRIES + 2):
+        result.attempts = attempt
+        head = _retrying(lambda: api.repo_info(repo, revision=revision).sha, f"read {repo}@{revision}", progress)
+        remote = _retrying(lambda: _remote_state(api, repo, head), f"list {repo}@{head[:12]}", progress)
+        if _matches(upload, remote):
+            result.commit = head
+            # A match on a retry means the commit landed but its response was lost.
+            result.status = "published" if first_head not in (None, head) else "unchanged"
+            if result.status == "unchanged":
+                result.uploaded = []
+            progress(f"{repo}@{revision} already holds build {upload.manifest['build_hash'][:12]} "
+                     f"(commit {head[:12]}): nothing to push" if result.status == "unchanged"
+                     else f"the commit of attempt {attempt - 1} landed ({head[:12]})")
+            return result
+        if first_head is not None and head != first_head:
+            raise PublishError(f"{repo}@{revision} moved from {first_head[:12]} to {head[:12]} while publishing "
+                               "(another push?); nothing was overwritten: check the repo and run publish again")
+        first_head = head
+        operations, deleted = _operations(upload, remote)
+        progress(f"committing {len(upload.files)} files to {repo}@{revision} on top of {head[:12]}"
+                 + (f", deleting {', '.join(deleted)}" if deleted else ""))
+        try:
+            commit = api.create_commit(
+                repo, operations, revision=revision, create_pr=create_pr, parent_commit=head,
+                commit_message=f"Publish {name} (build {upload.manifest['build_hash'][:12]})",
+                commit_description=_description(upload.manifest))
+        except Exception as error:  # noqa: BLE001 - classified below; anything not transient is re-raised
+            _raise_unless_transient(error, f"commit to {repo}@{revision}")
+            if attempt > RETRIES:
+                raise PublishError(f"publishing to {repo} failed after {attempt} attempts: {_reason(error)}") \
+                    from None
+            delay = _BACKOFF_SECONDS[min(attempt - 1, len(_BACKOFF_SECONDS) - 1)]
+            progress(f"attempt {attempt} failed ({_reason(error)}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+            continue
+        result.status, result.commit, result.pr_url, result.deleted = "published", commit.oid, commit.pr_url, deleted
+        _retrying(lambda: check_remote(api, repo, commit.oid, upload, deleted), f"check {repo}@{commit.oid[:12]}", progress)
+        progress(f"published {repo}@{commit.oid[:12]}" + (f" as {commit.pr_url}" if commit.pr_url else "")
+                 + ": remote files match the manifest")
+        return result
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+@dataclass
+class RemoteState:
+    """A branch head's file listing (path -> RepoFile) and its manifest (None when it has none)."""
+
+    tree: dict
+    manifest: dict | None
+
+
+def _remote_state(api, repo: str, head: str) -> RemoteState:
+    import tempfile
+
+    from huggingface_hub.hf_api import RepoFile
+
+    tree = {f.path: f for f in api.list_repo_tree(repo, recursive=True, revision=head) if isinstance(f, RepoFile)}
+    manifest = None
+    if MANIFEST in tree:
+        with tempfile.TemporaryDirectory() as cache:
+            path = api.hf_hub_download(repo, MANIFEST, revision=head, cache_dir=cache)
+            try:
+                manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                manifest = None
+    return RemoteState(tree, manifest)
+
+
+def _matches(upload: Upload, remote: RemoteState) -> bool:
+    if remote.manifest is None:
+        return False
+    same = (remote.manifest.get("build_hash") == upload.manifest["build_hash"]
+            and remote.manifest.get("files") == upload.manifest["files"])
+    return same and not _differences(upload, remote.tree)
+
+
+def _operations(upload: Upload, remote: RemoteState) -> tuple[list, list[str]]:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes)
+                                     else str(content)) for path, content in upload.files.items()]
+    previous = set((remote.manifest or {}).get("files") or ())
+    stale = sorted(path for path in previous - set(upload.files) if path in remote.tree)
+    operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+    return operations, stale
+
+
+def check_remote(api, repo: str, commit: str, upload: Upload, deleted: list[str]) -> None:
+    """List `commit`'s files and compare each with the upload: present, same size, same sha256 (LFS) or git blob
+    id (regular files), and the `deleted` ones gone. Raises PublishError naming the first differences."""
+    from huggingface_hub.hf_api import RepoFile
+
+    tree = {f.path: f for f in api.list_repo_tree(repo, recursive=True, revision=commit) if isinstance(f, RepoFile)}
+    problems = _differences(upload, tree) + [f"{path} was not deleted" for path in deleted if path in tree]
+    if problems:
+        raise PublishError(f"{repo}@{commit[:12]} does not hold what was published: {'; '.join(problems[:5])}; "
+                           "run publish again")
+
+
+def _differences(upload: Upload, tree: dict) -> list[str]:
+    import hashlib
+
+    from builder.hub.store import git_blob_oid
+
+    problems = []
+    for path, content in upload.files.items():
+        remote = tree.get(path)
+        if remote is None:
+            problems.append(f"{path} is missing")
+            continue
+        if remote.size != upload.size(path):
+            problems.append(f"{path} has {remote.size} bytes, not {upload.size(path)}")
+        elif remote.lfs is not None:
+            expected = upload.manifest["files"][path]["sha256"] if path in upload.manifest["files"] else \
+                hashlib.sha256(content if isinstance(content, bytes) else content.read_bytes()).hexdigest()
+            if remote.lfs.sha256 != expected:
+                problems.append(f"{path} has sha256 {remote.lfs.sha256}, not {expected}")
+        else:
+            data = content if isinstance(content, bytes) else content.read_bytes()
+            if remote.blob_id != git_blob_oid(data):
+                problems.append(f"{path} has different bytes (git blob {remote.blob_id})")
+    return problems
+
+
+def _description(manifest: dict) -> str:
+    verification = manifest.get("verification") or {}
+    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in sorted((verification.get("metrics") or {}).items()))
+    return (f"builder artifact {manifest['name']}\n\nbuild hash: {manifest['build_hash']}\n"
+            f"source: {manifest['source']['model']} @ {manifest['source']['revision']}\n"
+            f"verification: {'passed' if verification.get('passed') else 'not passed'} ({metrics})\n")
+
+
+# --- retries ------------------------------------------------------------------------------------------------
+
+
+def _retrying(call: Callable, what: str, progress: Callable[[str], None]):
+    for attempt in range(1, RETRIES + 2):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - classified below
+            _raise_unless_transient(error, what)
+            if attempt > RETRIES:
+                raise PublishError(f"{what} failed after {attempt} attempts: {_reason(error)}") from None
+            delay = _BACKOFF_SECONDS[min(attempt - 1, len(_BACKOFF_SECONDS) - 1)]
+            progress(f"{what}: attempt {attempt} failed ({_reason(error)}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _raise_unless_transient(error: Exception, what: str) -> None:
+    """Return when `error` (or its cause) is worth retrying; otherwise raise the PublishError that explains it."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, PublishError):
+        raise error
+    chain = _causes(error)
+    if any(_is_transient(e) for e in chain):
+        return
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+    status = http.response.status_code if http is not None and http.response is not None else None
+    reason = _reason(error)
+    if "HF_HUB_DISABLE_XET" in reason:
+        raise PublishError(f"{what}: the endpoint has no Xet storage; set HF_HUB_DISABLE_XET=1 and retry") from None
+    if status == 412:
+        raise PublishError(f"{what}: the branch moved since it was read (a concurrent push); nothing was "
+                           "overwritten: check the repo and run publish again") from None
+    if status in (401, 403):
+        raise PublishError(f"{what}: the token was refused ({status}); log in again with `hf auth login` or set "
+                           "HF_TOKEN to a token with write access to the repo") from None
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
+        raise PublishError(f"{what}: {reason}") from None
+    if isinstance(error, (HfHubHTTPError, ValueError, OSError)):
+        raise PublishError(f"{what} failed: {reason}") from None
+    raise error
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _is_transient(error: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        return status is not None and (status == 429 or (status >= 500 and status != 501))
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return type(error).__name__ in _TRANSPORT_ERRORS and type(error).__module__.split(".")[0] in ("httpx", "httpx2")
+
+
+# httpx's (huggingface_hub 1.x) and httpx2's (2.x) transport failures: the request may not have reached the server.
+_TRANSPORT_ERRORS = {"TransportError", "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout",
+                     "PoolTimeout", "NetworkError", "ConnectError", "ReadError", "WriteError", "CloseError",
+                     "RemoteProtocolError", "ProtocolError"}
+
+
+def _reason(error: BaseException) -> str:
+    """The error's message on one line (huggingface_hub puts the server's own message after a blank line)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return (text or type(error).__name__)[:500]
