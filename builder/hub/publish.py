@@ -339,14 +339,15 @@ def _raise_unless_transient(error: Exception, what: str) -> None:
 
     if isinstance(error, PublishError):
         raise error
+    reason = _reason(error)
+    if "HF_HUB_DISABLE_XET" in reason or "xet-write-token" in reason:
+        raise PublishError(f"{what}: the endpoint has no Xet storage; set HF_HUB_DISABLE_XET=1 (huggingface_hub "
+                           "then uploads through git-LFS) and run publish again") from None
     chain = _causes(error)
     if any(_is_transient(e) for e in chain):
         return
     http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
     status = http.response.status_code if http is not None and http.response is not None else None
-    reason = _reason(error)
-    if "HF_HUB_DISABLE_XET" in reason:
-        raise PublishError(f"{what}: the endpoint has no Xet storage; set HF_HUB_DISABLE_XET=1 and retry") from None
     if status == 412:
         raise PublishError(f"{what}: the branch moved since it was read (a concurrent push); nothing was "
                            "overwritten: check the repo and run publish again") from None
