@@ -127,7 +127,7 @@ def _usage(manifest: dict, repo_id: str) -> str:
     if manifest.get("library_name") == "onnx":
         return _usage_onnx(manifest, repo_id, task)
     auto = _AUTO_CLASSES.get(task, "AutoModel")
-    extra = ", bitsandbytes" if manifest["recipe"].get("quantize") else ""
+    extra = " (with `bitsandbytes` installed)" if manifest["recipe"].get("quantize") else ""
     if task == "text-generation":
         run = ('inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
                "output = model.generate(**inputs, max_new_tokens=20)\n"
@@ -135,7 +135,8 @@ def _usage(manifest: dict, repo_id: str) -> str:
     else:
         run = ('inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
                "outputs = model(**inputs)")
-    return (f"Stock `transformers`{extra} loads it; the quantization settings are in `config.json`.\n\n"
+    settings = "; the quantization settings are in `config.json`" if extra else ""
+    return (f"Stock `transformers`{extra} loads it{settings}.\n\n"
             f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
             f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```')

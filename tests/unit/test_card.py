@@ -1,0 +1,127 @@
+"""The model card rendered from a manifest: Hub metadata, usage, settings, verification, size, recipe."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from builder.card import render_card
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def bnb_manifest(**changes) -> dict:
+    recipe = {"schema_version": 1, "name": "smol-nf4",
+              "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": COMMIT,
+                         "task": "text-generation", "dtype": "bfloat16", "trust_remote_code": False,
+                         "allow_pickle": False},
+              "load": {"attn_implementation": None, "device_map": None, "max_memory": None},
+              "quantize": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": True,
+                           "compute_dtype": "bfloat16", "quant_storage": "uint8", "skip_modules": [],
+                           "dequantize": False},
+              "export": None,
+              "publish": {"repo": "demo/smol-nf4", "revision": "main", "private": False, "create_pr": False,
+                          "license": "apache-2.0", "tags": ["tiny"], "card": "## Notes\n\nHand-written notes."}}
+    manifest = {"manifest_version": 1, "name": "smol-nf4", "build_hash": "ab" * 32, "kind": "quantize",
+                "recipe": recipe, "recipe_files": ["recipes/smollm2/nf4.yaml"],
+                "source": {"model": recipe["source"]["model"], "revision": COMMIT, "task": "text-generation"},
+                "versions": {"builder": "0.1.0", "torch": "2.13.0", "bitsandbytes": "0.50.2"},
+                "device": "AMD EPYC", "built_at": "2026-01-01T00:00:00+00:00", "timings": {"load": 1.0},
+                "footprint": {"source_bytes": 269_060_096, "artifact_bytes": 118_000_000, "ratio": 0.44},
+                "bits_per_param": 4.13, "library_name": "transformers",
+                "verification": {"passed": True, "task": "text-generation", "device": "cpu", "provider": None,
+                                 "metrics": {"top1_agreement": 0.953, "kl_divergence_mean": 0.0412},
+                                 "thresholds": {"top1_agreement": 0.9}, "failures": [],
+                                 "performance": {"reference_latency_ms": 12.5}}}
+    manifest.update(changes)
+    return manifest
+
+
+def onnx_manifest(**export_changes) -> dict:
+    manifest = bnb_manifest(kind="export", library_name="onnx", bits_per_param=None,
+                            files={"onnx/model.onnx": {"sha256": "00" * 32, "size": 10}})
+    recipe = manifest["recipe"]
+    recipe["quantize"] = None
+    recipe["export"] = {"format": "onnx", "exporter": "torch", "opset": 18, "dtype": "float32",
+                        "provider": "CPUExecutionProvider", "optimize": "O2", "with_past": False, "quantize": "none",
+                        "verify_on": None, **export_changes}
+    recipe["source"] = {**recipe["source"], "task": "feature-extraction"}
+    manifest["source"]["task"] = "feature-extraction"
+    return manifest
+
+
+def card_data(card: str) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data.to_dict()
+
+
+def test_bnb_card_metadata_links_the_source_as_quantized():
+    data = card_data(render_card(bnb_manifest()))
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["base_model_relation"] == "quantized"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "apache-2.0"
+    assert {"bitsandbytes", "4-bit", "nf4", "tiny"} <= set(data["tags"])
+
+
+def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extra_text():
+    card = render_card(bnb_manifest())
+    assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
+    assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `True` |" in card
+    assert re.search(r"\| top1_agreement \| 0\.953 \| 0\.9 \| pass \|", card)
+    assert "**passed**" in card and "reference_latency_ms" in card
+    assert "bits per parameter: 4.13" in card and "(0.44x the source)" in card
+    recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(recipe_block) == bnb_manifest()["recipe"]
+    assert "| bitsandbytes | 0.50.2 |" in card
+    assert card.rstrip().endswith("Hand-written notes.")
+
+
+def test_the_usage_snippet_names_the_repo_it_is_published_to():
+    assert 'from_pretrained("other/repo"' in render_card(bnb_manifest(), repo_id="other/repo")
+    manifest = bnb_manifest()
+    manifest["recipe"]["publish"] = None
+    assert 'from_pretrained("<org>/smol-nf4"' in render_card(manifest)
+
+
+def test_failed_verification_is_shown_as_failed():
+    manifest = bnb_manifest()
+    manifest["verification"] = {**manifest["verification"], "passed": False,
+                                "failures": [{"metric": "top1_agreement", "value": 0.4, "threshold": 0.9,
+                                              "message": "top1_agreement 0.400 < 0.900"}]}
+    card = render_card(manifest)
+    assert "**FAILED**" in card and "| fail |" in card and "NOT verified" in card
+
+
+def test_local_source_uses_the_config_name_when_it_is_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    config = tmp_path / "models" / "m" / "config.json"
+    manifest = bnb_manifest(recipe_files=["recipes/r.yaml"],
+                            source={"model": "../models/m", "revision": "sha256:" + "1" * 64,
+                                    "task": "text-generation"})
+    config.write_text(json.dumps({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"}))
+    assert card_data(render_card(manifest))["base_model"] == "nreimers/MiniLM-L6-H384-uncased"
+    config.write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/run-3"}))
+    data = card_data(render_card(manifest))
+    assert "base_model" not in data and "base_model_relation" not in data
+
+
+@pytest.mark.parametrize(("export", "relation"), [({}, None), ({"quantize": "dynamic-int8"}, "quantized"),
+                                                   ({"dtype": "float16", "provider": "CUDAExecutionProvider",
+                                                     "optimize": "O4"}, "quantized")])
+def test_onnx_card(export, relation):
+    card = render_card(onnx_manifest(**export))
+    data = card_data(card)
+    provider = export.get("provider", "CPUExecutionProvider")
+    assert data["library_name"] == "onnx" and data["pipeline_tag"] == "feature-extraction"
+    assert {"onnx", provider} <= set(data["tags"])
+    assert data.get("base_model_relation") == relation
+    assert f'ort.InferenceSession(f"{{folder}}/onnx/model.onnx", providers=["{provider}"])' in card
+    assert "ORTModelForFeatureExtraction.from_pretrained" in card
+    assert "| `export.optimize` |" in card
