@@ -93,7 +93,7 @@ def load_one(name: str):
 
 def test_valid_corpus_validates_through_the_cli(capsys):
     assert main(["validate", str(VALID)]) == 0
-    assert "6 file(s), 9 recipe(s): ok" in capsys.readouterr().out
+    assert "7 file(s), 10 recipe(s): ok" in capsys.readouterr().out
 
 
 def test_minimal_recipe_takes_every_default():
