@@ -48,11 +48,12 @@ def export(ctx) -> None:
     recipe = ctx.loaded.recipe
     spec: OnnxExport = recipe.export
     config = ctx.plan.source.config
-    task = recipe.source.task or infer_task(config.get("architectures"))
+    task = ctx.record.get("task") or recipe.source.task or infer_task(config.get("architectures"))
     if task is None:
         raise BuildError(f"cannot infer the task of {recipe.source.model} from config.json's architectures "
                          f"{config.get('architectures')}; set `source.task`")
     exporter = choose_exporter(spec, task)
+    ort.preflight(spec.provider, spec.verify_on)
     timings: dict[str, float] = {}
     model_path = Path(ctx.workdir) / ort.MODEL_FILE
     try:
@@ -68,6 +69,9 @@ def export(ctx) -> None:
         _remove_model(Path(ctx.workdir))
         raise
     ctx.record["onnx"] = record
+    ctx.record["footprint"] = {"source_bytes": ctx.plan.source_bytes, "artifact_bytes": record["model_bytes"],
+                               "ratio": round(record["model_bytes"] / ctx.plan.source_bytes, 4)
+                               if ctx.plan.source_bytes else None}
 
 
 def choose_exporter(spec: OnnxExport, task: str) -> str:

@@ -66,6 +66,16 @@ def provider_problem(provider: str, model: Path) -> str | None:
     return f"onnxruntime ran the graph on {ran_on} instead"
 
 
+def preflight(target: str, verify_on: str | None) -> None:
+    """Before exporting: refuse a target this onnxruntime build does not even list, unless `verify_on` is set."""
+    import onnxruntime as ort
+
+    if verify_on is None and target not in ort.get_available_providers():
+        raise BuildError(f"cannot verify on {target}: this onnxruntime build ({_ort_package()}) lacks {target}; "
+                         f"{_GPU_HINT.get(target, '')}. Build on a host that has it, or set "
+                         "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)")
+
+
 def place(target: str, verify_on: str | None, model: Path) -> Placement:
     """The provider the graph is verified on: the target when it runs here, else `verify_on`.
 
@@ -181,6 +191,7 @@ def optimize(path: Path, level: str, config: dict) -> dict:
                                only_onnxruntime=level == "O1")
     if level == "O4":
         optimized.convert_float_to_float16(keep_io_types=True)
+        optimized.topological_sort()  # the boundary casts are appended at the end of the node list
     fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     save(optimized.model, path)
     return {"level": level, "fusion_model_type": model_type, "fused_operators": fused,
@@ -189,9 +200,12 @@ def optimize(path: Path, level: str, config: dict) -> dict:
 
 def to_float16(path: Path) -> None:
     """Convert a float32 graph to float16 weights and compute, keeping float32 inputs and outputs."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    save(convert_float_to_float16(load(path), keep_io_types=True), path)
+    model = OnnxModel(load(path))
+    model.convert_float_to_float16(keep_io_types=True)
+    model.topological_sort()  # the boundary casts are appended at the end of the node list
+    save(model.model, path)
 
 
 def quantize_dynamic_int8(path: Path) -> dict:

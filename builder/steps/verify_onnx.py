@@ -1,7 +1,9 @@
 """What the verification gate compares for an ONNX export: the graph on onnxruntime vs the PyTorch source.
 
-`onnx_metrics` runs both on the same inputs and returns numbers; `builder.steps.verify` applies the thresholds
-(`default_thresholds` gives the measured defaults per dtype and quantization) and writes the report.
+`onnx_metrics` runs both on the same inputs and returns numbers; `onnx_report` turns them into the verification
+report with the gate of `builder.steps.verify` (thresholds: `default_thresholds`, overridden by the recipe's
+`verify.thresholds`). The verification provider is the one the export step placed the graph on
+(`ctx.record["onnx"]["verified_on"]`).
 """
 
 from __future__ import annotations
@@ -11,37 +13,76 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_PROMPTS = (
-    "The capital of France is",
-    "A man is eating food.",
-    "def fibonacci(n):",
-    "Water boils at a temperature of",
-)
-# Metrics where larger is better; every other metric is a maximum.
-HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine", "generation_match"})
+from builder.errors import BuildError
 
-# Defaults measured on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct with the built-in prompts (docs/recipes.md has
-# the measured values), with headroom of roughly 10x over the measured error.
+ENCODER_SENTENCES = 16  # sentences of the built-in evaluation text embedded besides the recipe's prompts
+
+# Defaults measured on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has the measured
+# values), with one to two orders of magnitude of headroom over an honest build and far from a broken one. Keys
+# are `verify.thresholds` keys (builder.steps.verify.GATES names the metric each bounds) plus `generation_match`,
+# the share of prompts whose greedy continuation equals PyTorch's (a minimum; float32 graphs only).
 _THRESHOLDS = {
-    ("float32", "none"): {"max_abs_diff": 1e-2, "cosine": 0.9999, "top1_agreement": 0.99, "generation_match": 1.0,
-                          "kl_divergence": 1e-4},
+    ("float32", "none"): {"max_abs_diff": 1e-2, "cosine": 0.9999, "top1_agreement": 0.99, "kl_divergence": 1e-4,
+                          "generation_match": 1.0},
     ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
     ("float32", "dynamic-int8"): {"cosine": 0.98, "top1_agreement": 0.8, "kl_divergence": 0.2},
 }
-_TASK_METRICS = {
+_GATED = {
     "feature-extraction": ("max_abs_diff", "cosine"),
     "text-generation": ("max_abs_diff", "top1_agreement", "kl_divergence", "generation_match"),
 }
-_CLASSIFIER_METRICS = ("max_abs_diff", "top1_agreement")
+_CLASSIFIER_GATED = ("max_abs_diff", "top1_agreement")
 
 
 def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none") -> dict[str, float]:
-    """Default gate thresholds for an ONNX export of `task` in `dtype` with `quantize`.
-
-    Keys are metric names of `onnx_metrics`; metrics in `HIGHER_IS_BETTER` are minimums, the others maximums."""
+    """Default gate thresholds of an ONNX export of `task` with `export.dtype` and `export.quantize`."""
     table = _THRESHOLDS[(dtype, quantize)]
-    names = _TASK_METRICS.get(task, _CLASSIFIER_METRICS)
-    return {name: table[name] for name in names if name in table}
+    return {name: table[name] for name in _GATED.get(task, _CLASSIFIER_GATED) if name in table}
+
+
+def thresholds_for(recipe, task: str) -> dict[str, float]:
+    """The defaults overridden by `verify.thresholds`; refuses a threshold that has no ONNX metric for `task`."""
+    thresholds = default_thresholds(task, recipe.export.dtype, recipe.export.quantize)
+    applicable = [k for k in _GATED.get(task, _CLASSIFIER_GATED) if k != "generation_match"]
+    for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
+        if key not in applicable:
+            raise BuildError(f"verify.thresholds.{key} does not apply to an ONNX export of a {task} model (its "
+                             f"gates: {', '.join(applicable)}); remove it from the recipe")
+        thresholds[key] = value
+    return thresholds
+
+
+def onnx_report(ctx) -> dict:
+    """The verification report of the ONNX export in `ctx.workdir` (the shape `builder.steps.verify` writes).
+
+    Compares on `ctx.record["onnx"]["verified_on"]` with the recipe's prompts (else the built-in ones; encoders
+    also embed `ENCODER_SENTENCES` sentences of the evaluation text)."""
+    from builder.steps.verify import default_prompts, eval_sentences, gate
+
+    recipe = ctx.loaded.recipe
+    placed = ctx.record["onnx"]
+    task = placed["task"]
+    thresholds = thresholds_for(recipe, task)
+    if task == "text-generation":
+        prompts = list(recipe.verify.prompts) or default_prompts()
+    else:
+        prompts = list(recipe.verify.prompts) + eval_sentences(ENCODER_SENTENCES)
+    started = time.perf_counter()
+    result = onnx_metrics(Path(ctx.workdir), Path(ctx.source_dir), task=task, provider=placed["verified_on"],
+                          prompts=prompts, max_new_tokens=recipe.verify.max_new_tokens, device=ctx.device)
+    metrics = result["metrics"]
+    failures = gate(metrics, {k: v for k, v in thresholds.items() if k != "generation_match"})
+    if "generation_match" in thresholds and metrics["generation_match"] < thresholds["generation_match"]:
+        value, bound = metrics["generation_match"], thresholds["generation_match"]
+        failures.append({"metric": "generation_match", "value": value, "threshold": bound,
+                         "message": f"generation_match {value:.3f} < {bound:.3f} (missed by {bound - value:.3f}): "
+                                    "greedy generation through the graph differs from PyTorch generate"})
+    performance = result["performance"] | {"verification_seconds": round(time.perf_counter() - started, 2)}
+    return {"passed": not failures, "task": task, "device": ctx.device, "provider": placed["verified_on"],
+            "target_provider": placed["provider"], "metrics": {k: round(v, 6) for k, v in metrics.items()},
+            "thresholds": thresholds, "failures": failures, "performance": performance,
+            "outputs": result["outputs"], "reference": {"model": "source", "dtype": "float32"},
+            "inputs": {"prompts": prompts, "max_new_tokens": recipe.verify.max_new_tokens}}
 
 
 def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str, prompts: Sequence[str] = (),
@@ -50,9 +91,10 @@ def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str,
 
     Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "provider": provider}`:
     - metrics, for every task: `max_abs_diff` and `relative_error` (largest over the graph's outputs; relative error
-      is ||onnx - torch|| / ||torch||); feature-extraction adds `cosine` (lowest cosine similarity of mean-pooled
-      embeddings over the prompts); classifiers add `top1_agreement`; text-generation adds `top1_agreement` and
-      `kl_divergence` (teacher-forced on PyTorch's greedy continuation) and `generation_match` (share of prompts
+      is ||onnx - torch|| / ||torch||); feature-extraction adds `cosine_min` (lowest cosine similarity of
+      mean-pooled embeddings over the prompts); classifiers add `top1_agreement`; text-generation adds
+      `top1_agreement` and `kl_divergence_mean` (teacher-forced on PyTorch's greedy continuation, per position)
+      and `generation_match` (share of prompts
       whose greedy generation through the graph, with the KV cache when it has one, equals PyTorch `generate`);
     - outputs: per graph output, `max_abs_diff` and `relative_error`;
     - performance: median latency of one forward pass, `reference_latency_ms` (PyTorch on `device`) and
@@ -69,7 +111,8 @@ def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str,
     session = ort.session(model_dir / ort.MODEL_FILE, provider)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     reference = load_source(source_dir, task, torch.float32, device)
-    prompts = tuple(prompts) or DEFAULT_PROMPTS
+    if not prompts:
+        raise ValueError("onnx_metrics needs at least one prompt")
     with torch.no_grad():
         if task == "text-generation":
             result = _decoder_metrics(session, reference, tokenizer, prompts, max_new_tokens)
@@ -106,7 +149,7 @@ def _encoder_metrics(session, reference, tokenizer, prompts: Sequence[str], task
     if task == "feature-extraction":
         onnx_pooled = _mean_pool(torch.from_numpy(onnx_out[0].astype(np.float32)), batch["attention_mask"])
         torch_pooled = _mean_pool(getattr(torch_out, first).float().cpu(), batch["attention_mask"])
-        metrics["cosine"] = float(torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled).min())
+        metrics["cosine_min"] = float(torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled).min())
     else:
         onnx_top = onnx_out[0].argmax(-1)
         torch_top = getattr(torch_out, first).argmax(-1).cpu().numpy()
@@ -222,7 +265,7 @@ def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_
         "max_abs_diff": max(o["max_abs_diff"] for o in outputs.values()),
         "relative_error": max(o["relative_error"] for o in outputs.values()),
         "top1_agreement": agree / total,
-        "kl_divergence": statistics.fmean(kls),
+        "kl_divergence_mean": statistics.fmean(kls),
         "generation_match": matches / len(prompts),
     }
     ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
