@@ -12,6 +12,7 @@ path instead.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,7 +180,9 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     from builder.steps.stream_io import Engine, ShardWriter
 
     source_dir, workdir = Path(source_dir), Path(workdir)
+    started = time.perf_counter()
     plan = _plan(recipe, source_dir)
+    planned = time.perf_counter()
     if isinstance(plan, str):
         raise BuildError(f"this build cannot be streamed: {plan}; build it through the transformers path")
     outputs = {key: _outputs(plan, key) for key in plan.keys}
@@ -212,11 +215,14 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     sizes = [writer.finish() for writer in writers]
     if len(shards) > 1:
         _write_index(workdir, plan, outputs, shards)
+    streamed = time.perf_counter()
     _write_configs(plan, source_dir, workdir)
+    timings = {"plan": planned - started, "tensors": streamed - planned, "configs": time.perf_counter() - streamed}
     state = set(plan.model.state_dict(keep_vars=True))
     footprint = sum(outputs[key][0].nbytes for key in plan.keys) + sum(
         b.numel() * b.element_size() for name, b in plan.model.named_buffers() if name not in state)
     return {"tensors": sum(len(o) for o in outputs.values()), "shards": len(shards), "weights_bytes": sum(sizes),
+            "timings": {name: round(seconds, 3) for name, seconds in timings.items()},
             "memory_footprint": footprint,  # what get_memory_footprint() says of the loaded quantized model
             "layers": {key.removesuffix(".weight"): plan.params[key].numel() for key in plan.quantized}}
 
@@ -326,8 +332,12 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(workdir)
     if model.can_generate():
-        generation = (GenerationConfig.from_pretrained(source_dir)
-                      if (source_dir / "generation_config.json").is_file() else model.generation_config)
+        # from_pretrained's rule (GenerationMixin.adjust_generation_fn): the file, else one built from config.json
+        if (source_dir / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(source_dir)
+        else:
+            generation = GenerationConfig.from_pretrained(source_dir, config_file_name="config.json",
+                                                          _from_model_config=True)
         generation.save_pretrained(workdir)
     if any((source_dir / name).is_file() for name in _TOKENIZER_FILES):
         from transformers import AutoTokenizer

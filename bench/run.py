@@ -1,0 +1,292 @@
+"""Benchmark: the hand-written transformers script vs the streaming builder vs plain file I/O, same run, same cache.
+
+For each method (nf4+double quant, nf4, fp4, int8) it runs, each in its own subprocess so that peak host RSS and
+peak GPU memory are the contender's own:
+- transformers: `from_pretrained(quantization_config=BitsAndBytesConfig(...), dtype=bfloat16)` then
+  `save_pretrained` (the seeds' script);
+- stream: `builder.steps.stream.stream_build` on the equivalent recipe;
+- floor: reading every checkpoint byte, then writing as many bytes as the streamed artifact, with plain file I/O.
+Then it checks that both artifacts hold the same tensors byte for byte. It prints a Markdown table and writes JSON.
+
+Usage:
+  python bench/run.py --shape llama3-8b --dir /tmp/bench --device cuda [--methods nf4-dq,int8] [--cap-gb 4,1]
+  python bench/run.py --shape smollm2 --shape llama-1b --device cpu          (what `make bench` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+METHODS = {
+    "nf4-dq": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+    "nf4": {"method": "bnb-4bit", "quant_type": "nf4", "compute_dtype": "bfloat16"},
+    "fp4": {"method": "bnb-4bit", "quant_type": "fp4", "compute_dtype": "bfloat16"},
+    "int8": {"method": "bnb-8bit"},
+}
+_CHUNK = 64 << 20
+
+
+def _recipe(source: Path, method: str):
+    from builder.recipe import Recipe
+
+    return Recipe.model_validate({"schema_version": 1, "name": f"bench-{method}",
+                                  "source": {"model": str(source), "dtype": "bfloat16"},
+                                  "quantize": METHODS[method]})
+
+
+# --- contenders (each runs in a child process) -------------------------------------------------------------------
+
+
+def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_gb: float | None,
+              artifact_bytes: int) -> dict:
+    import bitsandbytes  # noqa: F401  (imports are not what is timed)
+    import torch
+    import transformers  # noqa: F401
+
+    import builder.steps.stream  # noqa: F401
+
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        if cap_gb:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    error = None
+    try:
+        match kind:
+            case "transformers":
+                _transformers(source, out, method, device, stages)
+            case "stream":
+                _stream(source, out, method, device, stages)
+            case "floor":
+                _floor(source, out, artifact_bytes, stages)
+    except torch.OutOfMemoryError as oom:
+        error = f"out of GPU memory: {str(oom).splitlines()[0][:160]}"
+    wall = time.perf_counter() - start
+    gpu = torch.cuda.max_memory_reserved(device) if device.startswith("cuda") else None
+    return {"kind": kind, "method": method, "wall_s": round(wall, 3), "stages": stages, "error": error,
+            "gpu_peak_bytes": gpu, "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "artifact_bytes": _size(out) if out.exists() else 0, "cap_gb": cap_gb}
+
+
+def _timed(stages: dict, name: str, start: float) -> float:
+    now = time.perf_counter()
+    stages[name] = round(now - start, 3)
+    return now
+
+
+def _transformers(source: Path, out: Path, method: str, device: str, stages: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from builder.steps.quantize import bnb_config
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config(_recipe(source, method).quantize),
+                                                 dtype=torch.bfloat16, device_map={"": device})
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = _timed(stages, "load+quantize", start)
+    model.save_pretrained(out)
+    _timed(stages, "save", start)
+
+
+def _stream(source: Path, out: Path, method: str, device: str, stages: dict) -> None:
+    from builder.steps.stream import stream_build
+
+    stages.update(stream_build(_recipe(source, method), source, out, device)["timings"])
+
+
+def _floor(source: Path, out: Path, artifact_bytes: int, stages: dict) -> None:
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for file in sorted(source.glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+    start = _timed(stages, "read", start)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.safetensors", "wb", buffering=0) as handle:
+        left = artifact_bytes
+        while left > 0:
+            left -= handle.write(view[: min(left, _CHUNK)])
+    _timed(stages, "write", start)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+# --- the orchestrator --------------------------------------------------------------------------------------------
+
+
+def _child(kind: str, source: Path, out: Path, method: str, device: str, cap: float | None = None,
+           artifact_bytes: int = 0) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the previous contender's dirty pages are not this one's to flush
+    command = [sys.executable, __file__, "--contender", kind, "--source", str(source), "--out", str(out),
+               "--methods", method, "--device", device, "--artifact-bytes", str(artifact_bytes)]
+    if cap:
+        command += ["--cap-gb", str(cap)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"kind": kind, "method": method, "error": " | ".join(tail)[-300:], "cap_gb": cap}
+    return json.loads(lines[-1])
+
+
+def _same_tensors(a: Path, b: Path) -> str:
+    """'identical' or the first difference: every tensor of both artifacts compared byte for byte."""
+    from contextlib import ExitStack
+
+    import torch
+    from safetensors import safe_open
+
+    with ExitStack() as stack:
+        def index(folder: Path) -> dict:
+            found = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                handle = stack.enter_context(safe_open(file, "pt"))
+                found.update(dict.fromkeys(handle.keys(), handle))
+            return found
+        ours, theirs = index(a), index(b)
+        if set(ours) != set(theirs):
+            return f"different keys: {sorted(set(ours) ^ set(theirs))[:3]}"
+        for key in sorted(ours):
+            s, t = ours[key].get_tensor(key), theirs[key].get_tensor(key)
+            if s.dtype != t.dtype or s.shape != t.shape or not torch.equal(
+                    s.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
+                return f"{key} differs"
+    for name in ("config.json", "generation_config.json"):
+        if (a / name).read_bytes() != (b / name).read_bytes():
+            return f"{name} differs"
+    return "identical"
+
+
+def _warm(source: Path) -> None:
+    buffer = memoryview(bytearray(_CHUNK))
+    for file in sorted(source.glob("*.safetensors")):
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], verify: bool) -> dict:
+    from checkpoints import generate
+
+    start = time.perf_counter()
+    source = generate(shape, root / shape)
+    generated_s = round(time.perf_counter() - start, 1)
+    _warm(source)
+    rows, checks = [], {}
+    for method in methods:
+        hf = _child("transformers", source, root / "out-transformers", method, device)
+        stream = _child("stream", source, root / "out-stream", method, device)
+        floor = _child("floor", source, root / "out-floor", method, device,
+                       artifact_bytes=stream.get("artifact_bytes", 0))
+        shutil.rmtree(root / "out-floor", ignore_errors=True)
+        if verify and not hf.get("error") and not stream.get("error"):
+            checks[method] = _same_tensors(root / "out-stream", root / "out-transformers")
+        rows += [hf, stream, floor]
+        print(_table([hf, stream, floor]), flush=True)
+    for cap in caps:
+        for method in methods[:1] + [m for m in methods[1:] if m == "int8"]:
+            rows.append(_child("stream", source, root / "out-stream", method, device, cap))
+        rows.append(_child("transformers", source, root / "out-transformers", methods[0], device, cap))
+    for folder in ("out-stream", "out-transformers"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    return {"shape": shape, "device": device, "machine": _machine(device), "versions": _versions(),
+            "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
+            "generate_s": generated_s, "rows": rows, "equal": checks}
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    machine = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    if device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    return {name: metadata.version(name) for name in ("torch", "transformers", "bitsandbytes", "safetensors")}
+
+
+def _table(rows: list[dict]) -> str:
+    """Markdown: one line per contender, with ratios against the transformers script and the I/O floor."""
+    by = {(r["method"], r["kind"]): r for r in rows if not r.get("cap_gb")}
+    lines = ["| method | contender | wall s | stages s | GPU peak GiB | RSS peak GiB | artifact GB | x HF | x floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | failed: {row['error']} | | | | | | |")
+            continue
+        hf, floor = by.get((row["method"], "transformers")), by.get((row["method"], "floor"))
+        ratio = lambda base: f"{row['wall_s'] / base['wall_s']:.2f}" if base and not base.get("error") else ""
+        stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
+        gpu = f"{row['gpu_peak_bytes'] / 2**30:.2f}" if row.get("gpu_peak_bytes") is not None else "-"
+        lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "
+                     f"{row['rss_peak_bytes'] / 2**30:.2f} | {row['artifact_bytes'] / 1e9:.3f} | "
+                     f"{ratio(hf) if row['kind'] != 'transformers' else ''} | "
+                     f"{ratio(floor) if row['kind'] != 'floor' else ''} |")
+    return "\n".join(lines)
+
+
+def _cap(row: dict) -> str:
+    return f" (GPU capped at {row['cap_gb']} GiB)" if row.get("cap_gb") else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", action="append", help="llama3-8b, llama-1b, smollm2 (repeatable)")
+    parser.add_argument("--dir", default="/tmp/builder-bench", help="where checkpoints and outputs go")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--cap-gb", default="", help="GPU memory caps (GiB, comma-separated) to build under")
+    parser.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte comparison")
+    parser.add_argument("--json", default=None, help="write the results here (default: DIR/results-<device>.json)")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    caps = [float(c) for c in args.cap_gb.split(",") if c]
+    if args.contender:
+        print(json.dumps(contender(args.contender, Path(args.source), Path(args.out), methods[0], args.device,
+                                   caps[0] if caps else None, args.artifact_bytes)))
+        return 0
+    root = Path(args.dir)
+    results = [bench(shape, root, args.device, methods, caps, not args.no_verify)
+               for shape in args.shape or ["smollm2"]]
+    for result in results:
+        print(f"\n## {result['shape']} on {result['device']} ({result['machine']}, {result['versions']})\n")
+        print(_table(result["rows"]))
+        print(f"\nsource {result['source_bytes'] / 1e9:.2f} GB; streamed == transformers: {result['equal']}")
+    out = Path(args.json or root / f"results-{args.device.replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
