@@ -474,7 +474,7 @@ def _type_hint(kind: str, value: Any) -> str:
 def _unknown_key(path: Path_, holders: list[Any]) -> str:
     key, holder = path[-1], holders[-1]
     choices = [*_fields(holder)] + ([*META_KEYS] if len(path) == 1 else [])
-    close = get_close_matches(key, choices, n=1) or [c for c in choices if key.startswith(c) or c.startswith(key)]
+    close = get_close_matches(key, choices, n=1) or [c for c in choices if _shares_prefix(key, c)]
     if len(path) >= 2 and (members := _tags_of(_fields(holders[-2]).get(path[-2]))):
         tag_field = next(f for f in ("method", "format") if f in _fields(holder))
         here = next(tag for tag, member in members.items() if member is holder)
@@ -483,6 +483,11 @@ def _unknown_key(path: Path_, holders: list[Any]) -> str:
             return f"unknown key {key!r} for {tag_field} {here}; it is a setting of {' and '.join(elsewhere)}"
     hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(choices)}"
     return f"unknown key {key!r}{hint}"
+
+
+def _shares_prefix(key: str, choice: str) -> bool:
+    """`opset_version` ~ `opset`: one name starts with the other (for names of three or more characters)."""
+    return len(key) >= 3 and (key.startswith(choice) or choice.startswith(key))
 
 
 def _show(value: Any) -> str:
@@ -498,7 +503,7 @@ def _show(value: Any) -> str:
 def _not_one_of(value: Any, choices: tuple[str, ...]) -> str:
     close = []
     if isinstance(value, str) and value:
-        containing = [c for c in choices if value.lower() in c.lower()]
+        containing = [c for c in choices if len(value) >= 3 and value.lower() in c.lower()]
         close = ([_ALIASES[value.lower()]] if _ALIASES.get(value.lower()) in choices else
                  get_close_matches(value, choices, n=1) or (containing if len(containing) == 1 else []))
     hint = f" (did you mean {close[0]!r}?)" if close else ""
