@@ -67,7 +67,7 @@ class LoadedRecipe:
     """The recipe file and every `extends` parent, child first (what a change to triggers a rebuild)."""
     variant: str | None = None
     source_root: Path = Path(".")
-    """Folder that relative `source.model` paths are resolved against (the recipe file's folder)."""
+    """Folder that a relative `source.model` is resolved against: that of the file that wrote it."""
 
     @property
     def source_path(self) -> Path | None:
@@ -340,11 +340,11 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     variants = located.data.pop("variants", None)
     if variants is None:
         recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, path.parent)]
+        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path))]
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(_unique([*located.problems, Problem(located.where(("variants",)), "variants", "variants is "
                                    "a mapping of suffix: {overrides}, with at least one suffix")]))
-    problems, results = list(located.problems), []
+    problems, results, roots = list(located.problems), [], {}
     for suffix, overrides in variants.items():
         overrides = {} if overrides is None else overrides
         if not _variant_ok(located, suffix, overrides, problems):
@@ -355,6 +355,7 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
         variant.values[()] = located.values[()]  # a missing top-level key is missing in the file, not the variant
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
+        roots[suffix] = _source_root(variant, path)
         try:
             results.append((suffix, written, _validate(variant), []))
         except RecipeError as error:
@@ -362,7 +363,16 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     problems += _variant_problems(results)
     if problems:
         raise RecipeError(_unique(problems))
-    return [LoadedRecipe(recipe, path, files, suffix, path.parent) for suffix, _, recipe, _ in results]
+    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix]) for suffix, _, recipe, _ in results]
+
+
+def _source_root(located: Located, path: Path) -> Path:
+    """The folder a relative `source.model` is relative to: that of the file that wrote it (a parent's own folder
+    for a path inherited through `extends`). Location files are paths as shown, relative to the working folder."""
+    written = located.values.get(("source", "model"))
+    if written is None or Path(written.file).resolve() == path.resolve():
+        return path.parent
+    return Path(written.file).resolve().parent
 
 
 def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Problem]) -> bool:

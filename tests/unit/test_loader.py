@@ -45,7 +45,7 @@ def test_extends_is_relative_to_the_extending_file_and_files_lists_the_chain(tmp
     (loaded,) = load_recipes(child)
     assert loaded.files == (child, middle.resolve(), base.resolve())
     assert (loaded.recipe.source.dtype, loaded.recipe.quantize.method) == ("float16", "bnb-8bit")
-    assert loaded.source_root == child.parent
+    assert loaded.source_path is None  # a Hub source
 
 
 def test_null_replaces_and_lists_are_replaced(tmp_path):
@@ -238,3 +238,16 @@ def test_plan_of_a_bad_recipe_prints_located_problems_and_exits_1(tmp_path, monk
     assert main(["plan", "r.yaml"]) == 1
     assert capsys.readouterr().err == ("error: r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, "
                                        "bnb-8bit (did you mean 'bnb-8bit'?)\n")
+
+
+def test_relative_source_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "shared/_base.yaml", "schema_version: 1\nsource: {model: ./weights}\n")
+    write(tmp_path, "family/child.yaml", "extends: ../shared/_base.yaml\nname: c\n")
+    write(tmp_path, "family/own.yaml", "extends: ../shared/_base.yaml\nname: o\nsource: {model: ./mine}\n")
+    write(tmp_path, "family/matrix.yaml", "extends: ../shared/_base.yaml\nname: m\n"
+                                          "variants: {base: {}, mine: {source: {model: ../mine}}}\n")
+    root = tmp_path.resolve()
+    assert load_recipes("family/child.yaml")[0].source_path == root / "shared" / "weights"
+    assert load_recipes(tmp_path / "family/own.yaml")[0].source_path == root / "family" / "mine"
+    assert [r.source_path for r in load_recipes("family/matrix.yaml")] == [root / "shared" / "weights", root / "mine"]
