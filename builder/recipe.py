@@ -58,7 +58,7 @@ def is_local_path(model: str) -> bool:
 class Source(Block):
     model: str = Field(
         description="A Hub repo id (`org/name`) or a local folder starting with `./`, `../`, `/` or `~` "
-        "(relative paths are relative to the recipe file)."
+        "(a relative path is relative to the recipe file that writes it)."
     )
     revision: str | None = Field(
         default=None,
