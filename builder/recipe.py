@@ -394,9 +394,9 @@ def json_schema() -> dict:
     }
     schema["properties"]["variants"] = {
         "type": "object",
-        "description": "suffix: {overrides}; each variant is its own artifact named <name>-<suffix>.",
+        "description": "suffix: {overrides} (or nothing); each variant is its own artifact named <name>-<suffix>.",
         "propertyNames": {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
-        "additionalProperties": {"type": "object"},
+        "additionalProperties": {"type": ["object", "null"]},
     }
     schema["required"] = ["schema_version"]
     return schema

@@ -230,3 +230,15 @@ def test_field_rejects_a_bad_value_naming_its_path(case, tmp_path):
         shown = [f"{p.path}: {p.message}" for p in error.value.problems]
         assert shown == [".".join((*prefix, expected)) if prefix else expected], value
         assert all(p.location.file.endswith("recipe.yaml") for p in error.value.problems)
+
+
+def test_language_docs_cover_every_top_level_key_and_source_and_load_field():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
+    section = docs[docs.index("<!-- section: language -->"):docs.index("<!-- end: language -->")]
+    names = [*Recipe.model_fields, "extends", "variants", *Source.model_fields, *Load.model_fields]
+    assert [name for name in names if f"| `{name}` |" not in section] == []
+    for heading in ("### `extends`", "### `variants`", "### Errors", "### Editor support", "`builder validate",
+                    "`builder plan", "`builder schema`", "yaml-language-server: $schema="):
+        assert heading in section
