@@ -23,6 +23,7 @@ from builder.recipe import NAME_PATTERN, Recipe, RuleViolation
 Path_ = tuple[str, ...]
 META_KEYS = ("extends", "variants")
 MAX_DEPTH = 32
+MAX_VALUES = 100_000  # aliases can make a small file expand exponentially ("billion laughs")
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = tuple(_YAML + t for t in ("str", "int", "float", "bool", "null"))
@@ -109,6 +110,9 @@ def parse_yaml(text: str, file: str) -> Located:
         raise RecipeError([Problem(Location(file, 1, 1), "", "the file is empty; a recipe starts with schema_version: 1")])
     located = Located(None, {(): _mark(file, node)})
     located.data = _construct(node, (), file, located)
+    if len(located.values) > MAX_VALUES:
+        raise RecipeError([Problem(Location(file, 1, 1), "", f"the YAML expands to more than {MAX_VALUES:,} values "
+                                   "(through aliases); a recipe is far smaller")])
     return located
 
 
@@ -131,6 +135,8 @@ def _yaml_message(error: yaml.MarkedYAMLError) -> str:
 
 def _construct(node: yaml.Node, path: Path_, file: str, located: Located) -> Any:
     where = located.values[path] = _mark(file, node)
+    if len(located.values) > MAX_VALUES:
+        return None  # parse_yaml reports it
     if len(path) > MAX_DEPTH:
         return _unreadable(located, where, path, f"nested deeper than {MAX_DEPTH} levels; no recipe key is that deep")
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
