@@ -108,6 +108,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from builder.steps.verify import format_report, reverify
+
+    report = reverify(Path(args.artifact), write=args.write, device=args.device)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return EXIT_OK if report["passed"] else EXIT_FAILED
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     _publish_and_report(Path(args.artifact), args)
     return EXIT_OK
@@ -131,6 +142,14 @@ def _publish_and_report(artifact: Path, args: argparse.Namespace) -> None:
     else:
         print(f"published {artifact} to {result.endpoint}/{result.repo} @ {result.commit}"
               + (f" ({result.pr_url})" if result.pr_url else ""))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from builder.hub.demo import run_demo
+
+    run_demo(args.recipe, out=args.out, root=Path(args.root) if args.root else None,
+             say=lambda line: print(line, flush=True))
+    return EXIT_OK
 
 
 def cmd_hub_serve(args: argparse.Namespace) -> int:
@@ -188,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
 
+    verify = commands.add_parser("verify", help="re-run the verification of an artifact against its recorded source")
+    verify.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
+    verify.add_argument("--write", action="store_true", help="rewrite verify-report.json and the manifest's "
+                        "verification and file hashes (default: change nothing)")
+    verify.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else cpu)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(run=cmd_verify)
+
     publish = commands.add_parser("publish", help="push a verified artifact to the Hugging Face Hub (HF_ENDPOINT) "
                                   "in one commit")
     publish.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
@@ -196,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "touch nothing")
     publish.add_argument("--json", action="store_true", help="machine-readable output")
     publish.set_defaults(run=cmd_publish)
+
+    demo = commands.add_parser("demo", help="build + verify SmolLM2 nf4, publish it to a local registry, load it "
+                               "back with transformers and generate")
+    demo.add_argument("--recipe", default="recipes/smollm2/nf4.yaml", help="recipe to build (default: %(default)s)")
+    demo.add_argument("--out", default="artifacts", help="artifacts folder (default artifacts/)")
+    demo.add_argument("--root", help="registry folder to keep (default: a temporary folder)")
+    demo.set_defaults(run=cmd_demo)
 
     hub = commands.add_parser("hub", help="the local Hub-compatible registry").add_subparsers(
         dest="hub_command", required=True, metavar="COMMAND")

@@ -1,0 +1,216 @@
+"""Run one model on the verification inputs, and compare a reference run with a candidate run.
+
+The gate (`builder.steps.verify`) runs the reference (the source model) in its own process and the candidate (the
+artifact as a user loads it, with stock transformers) in a fresh one:
+
+    python -m builder.steps.metrics SPEC.pt OUT.pt
+
+SPEC.pt holds the model folder, task, dtype, device and the token ids (tokenized once, by the parent, so both
+runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then calls `compare`.
+
+Causal LMs are probed on the evaluation text in chunks (next-token logits, for top-1 agreement, KL divergence and
+perplexity) and on the prompts (greedy continuations); encoders on sentences (hidden states, mean-pooled
+embeddings). Every run also reports its memory footprint, latency and throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+
+SEED = 0
+LATENCY_TOKENS = 64
+LATENCY_RUNS = 5
+
+
+def load_model(folder: str, task: str, dtype: str, device: str):
+    """`folder` loaded with stock transformers as `task` needs it, in `dtype`, on `device`, in eval mode."""
+    import torch
+
+    from builder.steps.load import auto_class
+
+    model_class = auto_class(task) if task == "text-generation" else auto_class("feature-extraction")
+    model = model_class.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device)
+    return model.eval()
+
+
+def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str) -> dict:
+    """Outputs of `model` on `inputs` (see `builder.steps.verify.tokenize_inputs`), as CPU float32 tensors, plus
+    `footprint_bytes`, `parameters`, `latency_ms` (median forward of LATENCY_TOKENS tokens, batch 1) and
+    `throughput_tokens_per_s` (over the evaluation pass)."""
+    import torch
+
+    torch.manual_seed(SEED)
+    with torch.inference_mode():
+        _forward(model, inputs["latency_ids"][:, :8], device)  # warm-up: 4-bit CPU kernels repack on first use
+        outputs = _probe_lm(model, inputs, max_new_tokens, device) if task == "text-generation" \
+            else _probe_encoder(model, inputs, device)
+        outputs["latency_ms"] = _latency_ms(model, inputs["latency_ids"], device)
+    outputs["footprint_bytes"] = int(model.get_memory_footprint())
+    outputs["parameters"] = _parameter_count(model)
+    return outputs
+
+
+def _forward(model, ids, device: str, **kwargs):
+    return model(input_ids=ids.to(device), **{k: v.to(device) for k, v in kwargs.items()})
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str) -> dict:
+    import torch
+
+    eval_logits, tokens = [], 0
+    _synchronize(device)
+    started = time.perf_counter()
+    for chunk in inputs["eval_chunks"]:
+        eval_logits.append(_forward(model, chunk, device).logits[0].float().cpu())
+        tokens += chunk.shape[1]
+    _synchronize(device)
+    elapsed = time.perf_counter() - started
+    prompt_logits, continuations = [], []
+    for ids in inputs["prompts"]:
+        prompt_logits.append(_forward(model, ids, device).logits[0].float().cpu())
+        generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   pad_token_id=_pad_id(model))
+        continuations.append(generated[0, ids.shape[1]:].cpu().tolist())
+    return {"eval_logits": eval_logits, "prompt_logits": prompt_logits, "continuations": continuations,
+            "throughput_tokens_per_s": tokens / elapsed}
+
+
+def _pad_id(model) -> int | None:
+    config = model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return pad[0] if isinstance(pad, list) else pad
+
+
+def _probe_encoder(model, inputs: dict, device: str) -> dict:
+    batch = inputs["sentences"]
+    _synchronize(device)
+    started = time.perf_counter()
+    hidden = _forward(model, batch["input_ids"], device,
+                      **{k: v for k, v in batch.items() if k != "input_ids"}).last_hidden_state
+    _synchronize(device)
+    elapsed = time.perf_counter() - started
+    tokens = int(batch["attention_mask"].sum())
+    return {"hidden": hidden.float().cpu(), "throughput_tokens_per_s": tokens / elapsed}
+
+
+def _latency_ms(model, ids, device: str) -> float:
+    times = []
+    for _ in range(LATENCY_RUNS):
+        _synchronize(device)
+        started = time.perf_counter()
+        _forward(model, ids, device)
+        _synchronize(device)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def _parameter_count(model) -> int:
+    """Parameters of the model as the source counts them: a 4-bit weight packs two values in a byte."""
+    total = 0
+    for parameter in model.parameters():
+        shape = getattr(parameter, "quant_state", None)
+        total += shape.shape.numel() if shape is not None else parameter.numel()
+    return total
+
+
+def compare(task: str, inputs: dict, reference: dict, candidate: dict) -> tuple[dict, dict]:
+    """(metrics, details) of candidate against reference on `inputs`: the scalars the gate checks, and
+    per-input values."""
+    if task == "text-generation":
+        metrics, details = _compare_lm(inputs, reference, candidate)
+    else:
+        metrics, details = _compare_encoder(reference, candidate, inputs["sentences"]["attention_mask"])
+    metrics["footprint_ratio"] = candidate["footprint_bytes"] / reference["footprint_bytes"]
+    return metrics, details
+
+
+def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, dict]:
+    import torch
+
+    agree, kl_sum, kl_max, positions = 0, 0.0, 0.0, 0
+    for ref, cand in zip(reference["eval_logits"] + reference["prompt_logits"],
+                         candidate["eval_logits"] + candidate["prompt_logits"], strict=True):
+        ref_log, cand_log = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+        kl = (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0)
+        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+        positions += ref.shape[0]
+    targets = [chunk[0] for chunk in inputs["eval_chunks"]]
+    ref_ppl, cand_ppl = _perplexity(reference["eval_logits"], targets), _perplexity(candidate["eval_logits"], targets)
+    matches = [_common_prefix(r, c) for r, c in zip(reference["continuations"], candidate["continuations"],
+                                                     strict=True)]
+    lengths = [len(r) for r in reference["continuations"]]
+    metrics = {
+        "top1_agreement": agree / positions,
+        "kl_divergence_mean": kl_sum / positions,
+        "kl_divergence_max": kl_max,
+        "perplexity_reference": ref_ppl,
+        "perplexity_candidate": cand_ppl,
+        "perplexity_ratio": cand_ppl / ref_ppl,
+        "greedy_match": sum(matches) / max(sum(lengths), 1),
+    }
+    details = {"positions": positions, "greedy_tokens_matched": matches, "greedy_tokens_generated": lengths}
+    return metrics, details
+
+
+def _perplexity(logits: list, targets: list) -> float:
+    """exp(mean negative log-likelihood) of each chunk's next tokens (a chunk's last position predicts nothing)."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    for chunk_logits, chunk_targets in zip(logits, targets, strict=True):
+        nll += float(torch.nn.functional.cross_entropy(chunk_logits[:-1], chunk_targets[1:], reduction="sum"))
+        count += chunk_targets.shape[0] - 1
+    return math.exp(nll / count)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share (the tokens until the first divergence)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _compare_encoder(reference: dict, candidate: dict, attention_mask) -> tuple[dict, dict]:
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).float()
+    ref, cand = reference["hidden"], candidate["hidden"]
+    pooled_ref, pooled_cand = (ref * mask).sum(1) / mask.sum(1), (cand * mask).sum(1) / mask.sum(1)
+    cosine = torch.nn.functional.cosine_similarity(pooled_ref, pooled_cand, dim=-1)
+    diff = ((ref - cand).abs() * mask).amax()
+    metrics = {"cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()), "max_abs_diff": float(diff)}
+    return metrics, {"cosine_per_input": [round(float(c), 6) for c in cosine]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point: load SPEC.pt's model folder with stock transformers, probe it, write OUT.pt."""
+    import torch
+
+    spec_file, out_file = argv if argv is not None else sys.argv[1:]
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast warning per matmul
+    spec = torch.load(spec_file, weights_only=True)
+    model = load_model(spec["folder"], spec["task"], spec["dtype"], spec["device"])
+    torch.save(probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], spec["device"]), out_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
