@@ -125,8 +125,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish_and_report(artifact: Path, args: argparse.Namespace) -> None:
-    from builder.hub.publish import publish
+    from builder.hub.publish import publish, use_network_timeouts
 
+    use_network_timeouts()
     result = publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
                      create_pr=args.create_pr or None, dry_run=getattr(args, "dry_run", False),
                      progress=lambda message: print(message, file=sys.stderr, flush=True))

@@ -319,6 +319,26 @@ def _description(manifest: dict) -> str:
 # --- retries ------------------------------------------------------------------------------------------------
 
 
+def use_network_timeouts(seconds: float | None = None) -> None:
+    """Make huggingface_hub's HTTP client give up on a connection that makes no progress for `seconds` (default
+    BUILDER_HTTP_TIMEOUT, else 60) instead of waiting forever (its default), so a stalled server becomes a retried
+    timeout. It is process-wide: the CLI calls it; a library user decides for their own process."""
+    import os
+
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    timeout = seconds if seconds is not None else float(os.environ.get("BUILDER_HTTP_TIMEOUT") or 60)
+
+    def client_with_timeouts():
+        client = default_client_factory()
+        client.timeout = timeout  # connect, read, write and pool: each operation, not the whole transfer
+        return client
+
+    set_client_factory(client_with_timeouts)
+
+
+
 def _retrying(call: Callable, what: str, progress: Callable[[str], None]):
     for attempt in range(1, RETRIES + 2):
         try:

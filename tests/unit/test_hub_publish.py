@@ -75,8 +75,9 @@ def make_artifact(folder: Path, *, weights: bytes = b"\x00weights" * 4096, passe
 
 
 def run_publish(artifact: Path, endpoint: str, *args: str, token: str | None = TOKEN, timeout: float = 120,
-                home: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                home: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           **(env or {})}
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
@@ -217,7 +218,8 @@ def test_revision_branch_private_repo_and_pull_request(hub, tmp_path):
 class FaultyProxy(ThreadingHTTPServer):
     """Forwards to the registry; `rules` decide per request: ("503", n) answers 503 to the next n commits,
     ("drop-after-commit", n) forwards the commit then cuts the connection before the answer, ("hang-lfs",)
-    stalls LFS uploads forever, ("drop-commit",) cuts every commit before forwarding it."""
+    stalls LFS uploads forever, ("drop-commit",) cuts every commit before forwarding it, ("hang-commit", n) lets
+    the next n commits hang unanswered for a minute."""
 
     daemon_threads = True
 
@@ -256,6 +258,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if is_commit and rule[0] == "503" and rule[1] > 0:
             rule[1] -= 1
             return self._answer(503, {"X-Error-Message": "injected"}, b'{"error": "injected 503"}')
+        if is_commit and rule[0] == "hang-commit" and rule[1] > 0:
+            rule[1] -= 1
+            time.sleep(60)
+            self.close_connection = True
+            return
         if is_commit and rule[0] == "drop-commit":
             self.close_connection = True
             self.connection.shutdown(2)
@@ -375,3 +382,11 @@ def test_concurrent_push_is_detected_not_overwritten(hub, tmp_path):
         api.create_commit(REPO, [CommitOperationAdd("mine.txt", b"mine")], commit_message="late", parent_commit=head)
     assert error.value.response.status_code == 412
     assert [f.path for f in api.list_repo_tree(REPO)] == ["other.txt"]
+
+
+def test_a_stalled_commit_times_out_and_is_retried(hub, proxy, tmp_path):
+    artifact = make_artifact(tmp_path / "artifact")
+    result = run_publish(artifact, proxy(("hang-commit", 1)).url, "--json", env={"BUILDER_HTTP_TIMEOUT": "2"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["attempts"] == 2 and "timed out" in result.stderr.lower()
+    assert len(commits(hub)) == 2
