@@ -24,8 +24,10 @@ from builder.tasks import TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
-# huggingface_hub's repo id rule: optional namespace, then a name of letters, digits, '-', '_', '.'.
-REPO_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+# huggingface_hub's repo id rule (validate_repo_id): optional namespace, then a name; each of letters, digits, '-',
+# '_', '.', at most 96, not starting or ending with '-' or '.'; and never '--', '..' or a '.git' ending.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID_PATTERN = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 LOCAL_PREFIXES = ("./", "../", "/", "~")
 
 Dtype = Literal["float32", "float16", "bfloat16", "auto"]
@@ -93,6 +95,8 @@ class Source(Block):
                 f"{model!r} is neither a Hub repo id (org/name) nor a local path; "
                 "start local folders with './', '../', '/' or '~'"
             )
+        elif reason := _hub_forbids(model):
+            raise ValueError(f"{model!r} is not a valid Hub repo id: {reason}")
         return model
 
     @field_validator("task")
@@ -310,6 +314,8 @@ class Publish(Block):
     def _repo_id(cls, repo: str) -> str:
         if "/" not in repo or not REPO_ID_PATTERN.fullmatch(repo):
             raise ValueError(f"{repo!r} is not a Hub repo id; write it as org/name")
+        if reason := _hub_forbids(repo):
+            raise ValueError(f"{repo!r} is not a valid Hub repo id: {reason}")
         return repo
 
 
@@ -360,6 +366,15 @@ class Recipe(Block):
                 ("export", "with_past"), f"with_past is for text-generation, not {self.source.task}"
             )
         return self
+
+
+def _hub_forbids(repo_id: str) -> str | None:
+    """What the Hub refuses in a repo id that the pattern lets through, or None."""
+    if "--" in repo_id or ".." in repo_id:
+        return "it cannot contain '--' or '..'"
+    if repo_id.endswith(".git"):
+        return "it cannot end with '.git'"
+    return None
 
 
 def _shown(value: object) -> str:
