@@ -99,6 +99,11 @@ class Source(Block):
             raise ValueError(f"{model!r} is not a valid Hub repo id: {reason}")
         return model
 
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_a_ref(cls, revision: str | None) -> str | None:
+        return revision if revision is None else _check_ref(revision)
+
     @field_validator("task")
     @classmethod
     def _task_is_known(cls, task: str | None) -> str | None:
@@ -309,6 +314,11 @@ class Publish(Block):
     tags: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), description="Extra model-card tags.")
     card: str | None = Field(default=None, description="Markdown appended to the generated model card.")
 
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_a_ref(cls, revision: str) -> str:
+        return _check_ref(revision)
+
     @field_validator("repo")
     @classmethod
     def _repo_id(cls, repo: str) -> str:
@@ -366,6 +376,17 @@ class Recipe(Block):
                 ("export", "with_past"), f"with_past is for text-generation, not {self.source.task}"
             )
         return self
+
+
+_BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|^/|/$|\.lock$")
+
+
+def _check_ref(revision: str) -> str:
+    """`revision` if git could name a branch, tag or commit so; raises ValueError with the rule otherwise."""
+    if _BAD_REF.search(revision):
+        raise ValueError(f"{revision!r} is not a branch, tag or commit name: git refs have no spaces, none of "
+                         "~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do not end with '.lock'")
+    return revision
 
 
 def _hub_forbids(repo_id: str) -> str | None:

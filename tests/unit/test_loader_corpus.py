@@ -47,7 +47,7 @@ def test_invalid_recipe_reports_exact_messages_and_locations(case, monkeypatch):
 # Each bad-input class of the recipe language, by the file-name prefix of its cases.
 BAD_INPUT_CLASSES = {
     "syntax-": 5, "not-utf8": 1, "empty": 1, "top-level-": 2, "duplicate-": 2, "key-read-as-": 1, "yaml-": 4,
-    "unknown-key-": 10, "type-": 6, "range-": 4, "name-": 2, "repo-id-": 5, "path-": 3, "enum-": 6, "missing-": 4,
+    "unknown-key-": 10, "type-": 6, "range-": 4, "name-": 2, "repo-id-": 5, "path-": 4, "enum-": 6, "missing-": 4,
     "schema-version-": 1, "discriminator-": 3, "variants-": 6, "extends-": 6, "rule-": 10, "several-": 1,
 }
 # Every cross-field rule of builder/recipe.py has a case.

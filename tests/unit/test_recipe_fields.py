@@ -16,6 +16,8 @@ from builder.loader import load_recipes
 from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, Source, Thresholds, Verify
 
 HEX = "0123456789abcdef0123456789abcdef01234567"
+REF_RULE = ("git refs have no spaces, none of ~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do "
+            "not end with '.lock'")
 BASE = {"schema_version": 1, "name": "x", "source": {"model": "org/model"}}
 # Where a model's fields live in a recipe, and the keys its block needs to be valid.
 BLOCKS: dict[type, tuple[tuple[str, ...], dict]] = {
@@ -71,7 +73,8 @@ CASES = [
           (5, "model: expected a string, got 5 (quote it to make it a string)")]),
     Case(Source, "revision", [None, "main", "v1.0", HEX],
          [("", "revision: string should have at least 1 character (got '')"),
-          (2024, "revision: expected a string, got 2024 (quote it to make it a string)")]),
+          (2024, "revision: expected a string, got 2024 (quote it to make it a string)"),
+          ("main~1", f"revision: 'main~1' is not a branch, tag or commit name: {REF_RULE}")]),
     Case(Source, "task", [None, "text-generation", "feature-extraction", "text2text-generation"],
          [("generation", "task: 'generation' is not one of audio-classification, audio-frame-classification, "
            "audio-xvector, automatic-speech-recognition, depth-estimation, feature-extraction, fill-mask, "
@@ -167,8 +170,9 @@ CASES = [
     Case(Publish, "repo", ["org/x", "my-org/model.v2_nf4"],
          [("x", "repo: 'x' is not a Hub repo id; write it as org/name"),
           ("org/x/y", "repo: 'org/x/y' is not a Hub repo id; write it as org/name")]),
-    Case(Publish, "revision", ["main", "release/v1"], [("", "revision: string should have at least 1 character "
-                                                            "(got '')")]),
+    Case(Publish, "revision", ["main", "release/v1", "refs/pr/1"],
+         [("", "revision: string should have at least 1 character (got '')"),
+          ("release/", f"revision: 'release/' is not a branch, tag or commit name: {REF_RULE}")]),
     Case(Publish, "private", [True, False], [("false", "private: expected true or false, got 'false' (write it "
                                                        "without quotes)")]),
     Case(Publish, "create_pr", [True, False], [(2, "create_pr: expected true or false, got 2")]),
