@@ -71,9 +71,10 @@ def test_yaml_syntax_soup_never_crashes_validate(tmp_path, capsys, pieces):
 
 
 @FUZZ
-@given(data=recipes, style=st.sampled_from([False, True, None]))
-def test_recipe_shaped_structures_never_crash_validate(tmp_path, capsys, data, style):
-    parent(tmp_path)
+@given(data=recipes, parent_data=recipes | structures, style=st.sampled_from([False, True, None]))
+def test_recipe_shaped_structures_never_crash_validate(tmp_path, capsys, data, parent_data, style):
+    """The file and the parent it may extend are both arbitrary: extends, variants and merging see odd shapes."""
+    (tmp_path / "_parent.yaml").write_text(yaml.safe_dump(parent_data, allow_unicode=True))
     text = yaml.safe_dump(data, default_flow_style=style, allow_unicode=True)
     assert run_validate(tmp_path, text) in (0, 1)
     assert "internal error" not in capsys.readouterr().err
