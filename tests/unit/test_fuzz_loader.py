@@ -13,7 +13,7 @@ from builder.cli import main
 from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, Source, Thresholds, Verify
 
 # CI runs this in the default suite; `FUZZ_EXAMPLES=5000 pytest tests/unit/test_fuzz_loader.py` digs deeper.
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])
 
