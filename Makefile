@@ -5,7 +5,7 @@ BUILDER := $(VENV)/bin/builder
 PYTEST := $(PY) -m pytest
 R      ?= recipes/smollm2/nf4.yaml
 
-.PHONY: demo test test-slow test-gpu validate plan models schema clean
+.PHONY: demo test test-slow test-gpu validate plan models schema clean publish
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -22,9 +22,15 @@ models/.ready: $(VENV)/.installed tests/assets/make_models.py
 
 models: models/.ready
 
+# Build + verify SmolLM2 nf4, publish it to the embedded Hub-compatible registry, load it back and generate.
 demo: models/.ready
-	$(BUILDER) validate recipes/
-	$(BUILDER) plan recipes/smollm2/nf4.yaml
+	$(BUILDER) demo
+
+# Publish an artifact to HF_ENDPOINT (default: the public Hub); needs HF_TOKEN or `hf auth login`.
+# For the local registry: HF_ENDPOINT=http://127.0.0.1:8808 HF_HUB_DISABLE_XET=1 make publish
+A ?= artifacts/smollm2-135m-instruct-nf4
+publish: $(VENV)/.installed
+	$(BUILDER) publish $(A)
 
 test: models/.ready
 	$(PYTEST) -q
