@@ -107,7 +107,8 @@ def parse_yaml(text: str, file: str) -> Located:
         raise RecipeError([Problem(Location(file, 1, 1), "", f"the YAML is nested too deeply; a recipe needs at most "
                                    f"{MAX_DEPTH} levels")]) from None
     if node is None:
-        raise RecipeError([Problem(Location(file, 1, 1), "", "the file is empty; a recipe starts with schema_version: 1")])
+        raise RecipeError([Problem(Location(file, 1, 1), "", "the file is empty; a recipe starts with "
+                                   "schema_version: 1")])
     located = Located(None, {(): _mark(file, node)})
     located.data = _construct(node, (), file, located)
     if len(located.values) > MAX_VALUES:

@@ -169,7 +169,8 @@ class Load(Block):
             if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
                 device = str(device)
             if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-                raise RuleViolation((str(module),), f"{_shown(device)} is not a device: use cpu, disk, cuda, cuda:N or N")
+                raise RuleViolation((str(module),), f"{_shown(device)} is not a device: use cpu, disk, cuda, cuda:N "
+                                    "or N")
             normalized[module] = device
         return normalized
 

@@ -71,7 +71,8 @@ def test_child_changing_method_replaces_the_parent_block(tmp_path):
 
 def test_parent_variants_are_inherited_and_named_after_the_child(tmp_path):
     write(tmp_path, "_matrix.yaml", "schema_version: 1\nname: parent\nsource: {model: org/m}\n"
-                                    "quantize: {method: bnb-4bit}\nvariants: {nf4: {}, fp4: {quantize: {quant_type: fp4}}}\n")
+                                    "quantize: {method: bnb-4bit}\n"
+                                    "variants: {nf4: {}, fp4: {quantize: {quant_type: fp4}}}\n")
     child = write(tmp_path, "c.yaml", "extends: _matrix.yaml\nname: child\n"
                                       "variants: {fp4: {quantize: {double_quant: true}}, dq: {}}\n")
     loaded = {item.variant: item.recipe for item in load_recipes(child)}
@@ -147,7 +148,8 @@ def test_load_recipes_on_a_folder_or_a_missing_file_is_a_located_problem(tmp_pat
 def test_problem_format_and_json():
     problem = Problem(Location("recipes/x.yaml", 12, 5), "quantize.quant_type",
                       "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)")
-    assert str(problem) == "recipes/x.yaml:12:5: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)"
+    assert str(problem) == ("recipes/x.yaml:12:5: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean "
+                            "'nf4'?)")
     assert problem.as_json() == {"file": "recipes/x.yaml", "line": 12, "column": 5, "path": "quantize.quant_type",
                                  "message": "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)"}
     assert str(Problem(Location("x.yaml", 1, 1), "", "the file is empty")) == "x.yaml:1:1: the file is empty"

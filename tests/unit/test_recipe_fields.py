@@ -102,7 +102,8 @@ CASES = [
     # quantize: bnb-4bit
     Case(Bnb4Bit, "method", ["bnb-4bit"], [("bnb4", "method: 'bnb4' is not one of bnb-4bit, bnb-8bit (did you mean "
                                                    "'bnb-4bit'?)")]),
-    Case(Bnb4Bit, "quant_type", ["nf4", "fp4"], [("NF4", "quant_type: 'NF4' is not one of nf4, fp4 (did you mean 'nf4'?)")]),
+    Case(Bnb4Bit, "quant_type", ["nf4", "fp4"],
+         [("NF4", "quant_type: 'NF4' is not one of nf4, fp4 (did you mean 'nf4'?)")]),
     Case(Bnb4Bit, "double_quant", [True, False], [("true", "double_quant: expected true or false, got 'true' (write it "
                                                            "without quotes)")]),
     Case(Bnb4Bit, "compute_dtype", ["float32", "float16", "bfloat16"],
