@@ -209,7 +209,9 @@ def to_float16(path: Path) -> None:
 
 
 def quantize_dynamic_int8(path: Path) -> dict:
-    """onnxruntime dynamic quantization: int8 weights, activations quantized per batch at run time (CPU)."""
+    """onnxruntime dynamic quantization: int8 weights with one scale per output channel, activations quantized per
+    batch at run time (CPU). Per-channel scales matter: on all-MiniLM-L6-v2 the embedding cosine is 0.987 with them
+    and 0.929 with one scale per tensor."""
     import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -217,8 +219,8 @@ def quantize_dynamic_int8(path: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize.") as tmp:
         output = Path(tmp) / MODEL_FILE
         large = path.with_name(EXTERNAL_DATA_FILE).exists()
-        quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8, per_channel=False,
+        quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8, per_channel=True,
                          use_external_data_format=large)
         model = load(output)
     save(model, path)
-    return {"method": "dynamic-int8", "weight_type": "QInt8", "per_channel": False}
+    return {"method": "dynamic-int8", "weight_type": "QInt8", "per_channel": True}

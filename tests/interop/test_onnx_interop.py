@@ -1,0 +1,105 @@
+"""optimum's ORTModelFor* load builder's ONNX folders; the `optimum` exporter backend builds the same layout.
+
+Runs only in the interop environment (`make test-interop`: transformers 4.57 + optimum-onnx); elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optimum.onnxruntime", reason="needs optimum-onnx (transformers 4.57): run `make test-interop`")
+
+import torch  # noqa: E402
+from transformers import AutoModel, PreTrainedTokenizerFast  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MINILM_RECIPE = "recipes/minilm/onnx-cpu.yaml"
+SMOLLM2_RECIPE = "recipes/smollm2/onnx-cpu.yaml"
+SENTENCES = ["A man is eating food.", "The new movie is awesome.", "A cheetah chases its prey across a field."]
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """The artifact's tokenizer.json, read directly: transformers 5 writes a tokenizer_config.json
+    (`TokenizersBackend`) that 4.57 does not know."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+
+
+def _mean_pool(hidden, mask):
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def _embeddings_cosine(folder: Path) -> float:
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    model = ORTModelForFeatureExtraction.from_pretrained(folder, provider="CPUExecutionProvider")
+    tokenizer = _tokenizer(folder)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    onnx_pooled = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    reference = AutoModel.from_pretrained(REPO / "models" / "all-minilm-l6-v2").eval()
+    with torch.no_grad():
+        torch_pooled = _mean_pool(reference(**batch).last_hidden_state, batch["attention_mask"])
+    return float(torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled).min())
+
+
+def test_ort_model_for_feature_extraction_loads_minilm(main_env_build):
+    folder = main_env_build(MINILM_RECIPE)
+    assert _embeddings_cosine(folder) > 0.9999
+
+
+def test_ort_model_for_causal_lm_generates_with_the_cache(main_env_build):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = main_env_build(SMOLLM2_RECIPE)
+    model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_cache=True)
+    assert model.can_use_cache and model.use_cache
+    tokenizer = _tokenizer(folder)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    generated = model.generate(**prompt, do_sample=False, max_new_tokens=12)
+    # The PyTorch reference under transformers 4.57: its LlamaConfig reads `rope_theta`, which transformers 5
+    # writes inside `rope_parameters`.
+    source = REPO / "models" / "smollm2-135m-instruct"
+    config = LlamaConfig.from_pretrained(source)
+    config.rope_theta = json.loads((source / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    reference = LlamaForCausalLM.from_pretrained(source, config=config, torch_dtype=torch.float32).eval()
+    expected = reference.generate(**prompt, do_sample=False, max_new_tokens=12)
+    assert generated[0].tolist() == expected[0].tolist()
+    assert "Paris" in tokenizer.decode(generated[0])
+
+
+def test_auto_picks_the_optimum_exporter_here():
+    from builder.recipe import OnnxExport
+    from builder.steps.export import choose_exporter
+
+    assert choose_exporter(OnnxExport(format="onnx"), "feature-extraction") == "optimum"
+
+
+def test_optimum_backend_builds_the_same_layout(main_env_build, tmp_path):
+    """exporter: optimum (main_export) in this environment gives the torch exporter's names and passes the gate."""
+    import onnx
+
+    from builder.pipeline import build_file
+
+    recipe = tmp_path / "minilm-optimum.yaml"
+    recipe.write_text(f"schema_version: 1\nname: minilm-onnx-optimum\nsource:\n  model: {REPO / 'models' / 'all-minilm-l6-v2'}\n"
+                      "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n  exporter: optimum\n"
+                      "  opset: 17\n")
+    result = build_file(recipe, out=tmp_path / "out", device="cpu")[0]
+    manifest = result.manifest
+    assert manifest["onnx"]["exporter"] == "optimum"
+    assert manifest["verification"]["passed"], manifest["verification"]["failures"]
+    assert manifest["verification"]["metrics"]["cosine_min"] > 0.9999
+    torch_built = main_env_build(MINILM_RECIPE)
+
+    def io(folder: Path) -> tuple[list[str], list[str]]:
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return sorted(i.name for i in graph.input), [o.name for o in graph.output]
+
+    assert io(result.path) == io(torch_built)
+    assert _embeddings_cosine(result.path) > 0.9999
