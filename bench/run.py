@@ -51,14 +51,17 @@ def _recipe(source: Path, method: str):
 
 def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_gb: float | None,
               artifact_bytes: int) -> dict:
-    import bitsandbytes  # noqa: F401  (imports are not what is timed)
+    import bitsandbytes  # noqa: F401  (imports are not what is timed: both contenders get them done first)
     import torch
-    import transformers  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.quantizers  # noqa: F401
 
     import builder.steps.stream  # noqa: F401
 
     if device.startswith("cuda"):
         torch.cuda.init()
+        device = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device
         if cap_gb:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
@@ -78,8 +81,16 @@ def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_
     wall = time.perf_counter() - start
     gpu = torch.cuda.max_memory_reserved(device) if device.startswith("cuda") else None
     return {"kind": kind, "method": method, "wall_s": round(wall, 3), "stages": stages, "error": error,
-            "gpu_peak_bytes": gpu, "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "gpu_peak_bytes": gpu, "rss_peak_bytes": _peak_rss(),
             "artifact_bytes": _size(out) if out.exists() else 0, "cap_gb": cap_gb}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _timed(stages: dict, name: str, start: float) -> float:
@@ -136,8 +147,7 @@ def _size(folder: Path) -> int:
 
 def _child(kind: str, source: Path, out: Path, method: str, device: str, cap: float | None = None,
            artifact_bytes: int = 0) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    os.sync()  # the previous contender's dirty pages are not this one's to flush
+    shutil.rmtree(out, ignore_errors=True)  # dropped before it is flushed: no writeback left for the next one
     command = [sys.executable, __file__, "--contender", kind, "--source", str(source), "--out", str(out),
                "--methods", method, "--device", device, "--artifact-bytes", str(artifact_bytes)]
     if cap:
@@ -186,33 +196,40 @@ def _warm(source: Path) -> None:
                 pass
 
 
-def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], verify: bool) -> dict:
+def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], hf_cap: float | None,
+          verify: bool, save) -> dict:
+    """Run every contender for every method (then the capped runs), calling `save(result)` after each step."""
     from checkpoints import generate
 
     start = time.perf_counter()
     source = generate(shape, root / shape)
-    generated_s = round(time.perf_counter() - start, 1)
+    result = {"shape": shape, "device": device, "machine": _machine(device), "versions": _versions(),
+              "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
+              "generate_s": round(time.perf_counter() - start, 1), "rows": [], "equal": {}}
     _warm(source)
-    rows, checks = [], {}
+    outputs = {kind: root / f"out-{kind}" for kind in ("transformers", "stream", "floor")}
     for method in methods:
-        hf = _child("transformers", source, root / "out-transformers", method, device)
-        stream = _child("stream", source, root / "out-stream", method, device)
-        floor = _child("floor", source, root / "out-floor", method, device,
-                       artifact_bytes=stream.get("artifact_bytes", 0))
-        shutil.rmtree(root / "out-floor", ignore_errors=True)
+        hf = _child("transformers", source, outputs["transformers"], method, device)
+        stream = _child("stream", source, outputs["stream"], method, device)
         if verify and not hf.get("error") and not stream.get("error"):
-            checks[method] = _same_tensors(root / "out-stream", root / "out-transformers")
-        rows += [hf, stream, floor]
+            result["equal"][method] = _same_tensors(outputs["stream"], outputs["transformers"])
+        for folder in outputs.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        floor = _child("floor", source, outputs["floor"], method, device,
+                       artifact_bytes=stream.get("artifact_bytes", 0))
+        result["rows"] += [hf, stream, floor]
         print(_table([hf, stream, floor]), flush=True)
+        save(result)
     for cap in caps:
-        for method in methods[:1] + [m for m in methods[1:] if m == "int8"]:
-            rows.append(_child("stream", source, root / "out-stream", method, device, cap))
-        rows.append(_child("transformers", source, root / "out-transformers", methods[0], device, cap))
-    for folder in ("out-stream", "out-transformers"):
-        shutil.rmtree(root / folder, ignore_errors=True)
-    return {"shape": shape, "device": device, "machine": _machine(device), "versions": _versions(),
-            "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
-            "generate_s": generated_s, "rows": rows, "equal": checks}
+        for method in methods:
+            result["rows"].append(_child("stream", source, outputs["stream"], method, device, cap))
+            save(result)
+    if hf_cap:
+        result["rows"].append(_child("transformers", source, outputs["transformers"], methods[0], device, hf_cap))
+    for folder in outputs.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    save(result)
+    return result
 
 
 def _machine(device: str) -> dict:
@@ -260,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="/tmp/builder-bench", help="where checkpoints and outputs go")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--cap-gb", default="", help="GPU memory caps (GiB, comma-separated) to build under")
+    parser.add_argument("--cap-gb", default="", help="GPU memory caps (GiB, comma-separated) to stream under")
+    parser.add_argument("--hf-cap-gb", type=float, default=None, help="GPU cap (GiB) to try the transformers "
+                        "script under, with the first method")
     parser.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte comparison")
     parser.add_argument("--json", default=None, help="write the results here (default: DIR/results-<device>.json)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -275,15 +294,18 @@ def main(argv: list[str] | None = None) -> int:
                                    caps[0] if caps else None, args.artifact_bytes)))
         return 0
     root = Path(args.dir)
-    results = [bench(shape, root, args.device, methods, caps, not args.no_verify)
-               for shape in args.shape or ["smollm2"]]
+    out = Path(args.json or root / f"results-{args.device.replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+
+    def save(result: dict) -> None:
+        out.write_text(json.dumps([*results, result], indent=2), encoding="utf-8")
+    for shape in args.shape or ["smollm2"]:
+        results.append(bench(shape, root, args.device, methods, caps, args.hf_cap_gb, not args.no_verify, save))
     for result in results:
         print(f"\n## {result['shape']} on {result['device']} ({result['machine']}, {result['versions']})\n")
         print(_table(result["rows"]))
         print(f"\nsource {result['source_bytes'] / 1e9:.2f} GB; streamed == transformers: {result['equal']}")
-    out = Path(args.json or root / f"results-{args.device.replace(':', '')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"\nJSON: {out}")
     return 0
 

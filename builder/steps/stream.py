@@ -193,6 +193,8 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
         writers.append(ShardWriter(workdir / filename, [o for k in keys for o in outputs[k]], {"format": "pt"}))
         shard_of.update(dict.fromkeys(keys, writers[-1]))
     torch_device = torch.device(device)
+    if torch_device.type == "cuda" and torch_device.index is None:
+        torch_device = torch.device("cuda", torch.cuda.current_device())
     largest = max((plan.sources[k].nbytes for k in plan.quantized), default=1)
     on_cuda = torch_device.type == "cuda"
     engine = Engine(torch_device, largest, buffers=6 if on_cuda else 3, readers=4 if on_cuda else 2,

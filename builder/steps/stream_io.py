@@ -224,9 +224,10 @@ class Engine:
         self._futures: list[Future] = []
 
     def _init_worker(self) -> None:
+        # Workers stay on the default stream: bitsandbytes' 4-bit kernels launch there whatever the current stream
+        # is, so copies on another stream would race them.
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
 
     def copy(self, writer: ShardWriter, name: str, source: SourceTensor) -> None:
         """Queue an unchanged copy of a source tensor."""

@@ -40,7 +40,11 @@ def test_streaming_peak_gpu_memory_stays_small(smol_shape, tmp_path):
 
     from builder.steps.stream import stream_build
 
+    import gc
+
+    gc.collect()
+    before = torch.cuda.memory_allocated()  # what earlier tests' models still hold
     torch.cuda.reset_peak_memory_stats()
     stream_build(recipe_for(smol_shape, "int8"), smol_shape, tmp_path, "cuda")
-    largest = 576 * 1536 * 2  # one MLP weight in bf16
-    assert torch.cuda.max_memory_allocated() < 16 * largest
+    largest = 576 * 1536 * 2  # one MLP weight in bf16; the 56 MB embedding never goes to the GPU
+    assert torch.cuda.max_memory_allocated() - before < 16 * largest
