@@ -22,7 +22,7 @@ import time
 
 SEED = 0
 LATENCY_TOKENS = 64
-LATENCY_RUNS = 5
+LATENCY_RUNS = 3
 
 
 def load_model(folder: str, task: str, dtype: str, device: str):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from builder.errors import BuildError, SourceError, VerificationFailed
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.steps.metrics import LATENCY_TOKENS
 
 if TYPE_CHECKING:
     from builder.pipeline import BuildContext
@@ -102,8 +103,14 @@ def gate(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
         if missed > 0:
             sign = "<" if kind == "min" else ">"
             failures.append({"metric": metric, "value": value, "threshold": bound,
-                             "message": f"{metric} {value:.3f} {sign} {bound:.3f} (missed by {missed:.3f})"})
+                             "message": f"{metric} {_number(value)} {sign} {_number(bound)} "
+                                        f"(missed by {_number(missed)})"})
     return failures
+
+
+def _number(value: float) -> str:
+    """Three decimals, or three significant digits for values too small for that (a KL of 0.000213)."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
 
 
 # --- the build step --------------------------------------------------------------------------------------------
@@ -218,15 +225,17 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
     prompts (LMs), or the prompts and ENCODER_SENTENCES sentences of the text, padded (encoders)."""
     from transformers import AutoTokenizer
 
+    from builder.steps import metrics as probes
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     except (OSError, ValueError) as error:
         raise BuildError(f"cannot load the tokenizer of {source_dir} to verify the artifact ({error}); the source "
                          "folder needs its tokenizer files") from None
     text = eval_text()
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    latency_ids = ids[:, :64]
     if task == "text-generation":
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        latency_ids = ids[:, :probes.LATENCY_TOKENS]
         ids = ids[:, :EVAL_TOKENS]
         chunks = [ids[:, i:i + CHUNK_TOKENS] for i in range(0, ids.shape[1], CHUNK_TOKENS)]
         chunks = [chunk for chunk in chunks if chunk.shape[1] > 1]
@@ -234,7 +243,8 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
         return {"eval_chunks": chunks, "prompts": prompt_ids, "latency_ids": latency_ids}
     sentences = list(prompts) + eval_sentences(ENCODER_SENTENCES)
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="pt")
-    return {"sentences": dict(batch), "latency_ids": latency_ids[:, :ENCODER_MAX_TOKENS]}
+    latency_ids = tokenizer(text[:2000], truncation=True, max_length=probes.LATENCY_TOKENS, return_tensors="pt")
+    return {"sentences": dict(batch), "latency_ids": latency_ids.input_ids}
 
 
 def eval_text() -> str:
@@ -264,7 +274,7 @@ def _performance(reference: dict, candidate: dict) -> dict:
         "candidate_throughput_tokens_per_s": round(candidate["throughput_tokens_per_s"], 1),
         "reference_footprint_bytes": reference["footprint_bytes"],
         "candidate_footprint_bytes": candidate["footprint_bytes"],
-        "latency_tokens": 64,
+        "latency_tokens": LATENCY_TOKENS,
     }
 
 
