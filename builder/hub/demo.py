@@ -43,8 +43,13 @@ print(f"downloaded {len(manifest['files']) + 1} files in {time.perf_counter() - 
       "the manifest", flush=True)
 tokenizer = AutoTokenizer.from_pretrained(repo)
 model = AutoModelForCausalLM.from_pretrained(repo)
-quantization = getattr(model.config, "quantization_config", None)
-method = quantization.to_dict().get("quant_method") if hasattr(quantization, "to_dict") else quantization
+quantization = getattr(model.config, "quantization_config", None) or {}
+quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+method = getattr(quantization.get("quant_method"), "value", quantization.get("quant_method"))
+if quantization.get("load_in_4bit"):
+    method = f"{method} 4-bit {quantization.get('bnb_4bit_quant_type')}"
+elif quantization.get("load_in_8bit"):
+    method = f"{method} 8-bit"
 print(f"loaded {type(model).__name__} ({method}), {model.get_memory_footprint() / 2**20:.1f} MiB in memory",
       flush=True)
 if tokenizer.chat_template:
@@ -94,8 +99,9 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifact
 
 
 def _run(command: list[str], env: dict, say: Callable[[str], None], stage: str) -> None:
-    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    for line in (process.stdout + process.stderr).splitlines():
+    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=900)
+    for line in process.stdout.splitlines():
         if line.strip() and not line.startswith(("Loading weights", "Fetching")) and "\r" not in line:
             say(f"      {line}")
     if process.returncode != 0:

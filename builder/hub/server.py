@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from builder.hub.store import REPO_TYPES, Entry, Store, StoreError, check_path, is_lfs, lfs_pointer
+from builder.hub import views
+from builder.hub.store import REPO_TYPES, Store, StoreError, check_path, is_lfs
 
 XET_MESSAGE = ("this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
                "huggingface_hub uploads through the git-LFS API")
@@ -231,104 +232,37 @@ class Handler(BaseHTTPRequestHandler):
         meta = self._require_read(repo_type, repo)
         store = self.server.store
         oid = store.resolve(repo_type, repo, revision)
-        commit = store.commit(repo_type, repo, oid)
         files = store.files(repo_type, repo, oid)
-        blobs = self.query.get("blobs", "").lower() in ("1", "true")
-        siblings = [self._sibling(path, entry, blobs) for path, entry in files.items()]
-        info = {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": oid,
-                "private": bool(meta.get("private")), "disabled": False, "gated": False, "downloads": 0,
-                "likes": 0, "lastModified": commit["date"], "createdAt": meta["created_at"], "siblings": siblings,
-                "tags": [], "usedStorage": sum(e.size for e in files.values())}
-        info.update(self._card_metadata(files))
-        self._json(200, info)
-
-    @staticmethod
-    def _sibling(path: str, entry: Entry, blobs: bool) -> dict:
-        if not blobs:
-            return {"rfilename": path}
-        sibling = {"rfilename": path, "size": entry.size, "blobId": entry.git_oid}
-        if entry.lfs:
-            sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size,
-                              "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
-        return sibling
-
-    def _card_metadata(self, files: dict[str, Entry]) -> dict:
-        """tags, pipeline_tag, library_name and cardData from README.md's YAML block, as the Hub reports them."""
-        import yaml
-
-        entry = files.get("README.md")
-        if entry is None:
-            return {}
-        text = self.server.store.object_path(entry.sha256).read_text(encoding="utf-8", errors="replace")
-        try:
-            front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") else None
-        except (yaml.YAMLError, IndexError):
-            front = None
-        if not isinstance(front, dict):
-            return {}
-        return {"cardData": front, "tags": list(front.get("tags") or []), "pipeline_tag": front.get("pipeline_tag"),
-                "library_name": front.get("library_name")}
+        readme = files.get("README.md")
+        text = store.object_path(readme.sha256).read_text(encoding="utf-8", errors="replace") if readme else None
+        self._json(200, views.repo_info(repo, oid, meta, store.commit(repo_type, repo, oid), files, readme=text,
+                                        blobs=self.query.get("blobs", "").lower() in ("1", "true")))
 
     def _tree(self, repo_type: str, repo: str, revision: str, folder: str) -> None:
         self._no_body()
         self._require_read(repo_type, repo)
         store = self.server.store
-        oid = store.resolve(repo_type, repo, revision)
-        files = store.files(repo_type, repo, oid)
-        recursive = self.query.get("recursive", "").lower() in ("1", "true")
-        prefix = folder.rstrip("/") + "/" if folder else ""
-        entries: dict[str, dict] = {}
-        for path, entry in files.items():
-            if not path.startswith(prefix):
-                continue
-            parts = path[len(prefix):].split("/")
-            for depth in range(1, len(parts)):
-                if depth == 1 or recursive:
-                    directory = prefix + "/".join(parts[:depth])
-                    entries.setdefault(directory, {"type": "directory", "path": directory,
-                                                   "oid": hashlib.sha1(directory.encode()).hexdigest()})
-            if len(parts) == 1 or recursive:
-                entries[path] = self._tree_entry(path, entry)
-        if folder and not entries:
+        files = store.files(repo_type, repo, store.resolve(repo_type, repo, revision))
+        listing = views.tree(files, folder, recursive=self.query.get("recursive", "").lower() in ("1", "true"))
+        if folder and not listing:
             raise StoreError(404, f"{folder} does not exist at {revision} in {repo}", "EntryNotFound")
-        listing = [entries[path] for path in sorted(entries)]
-        start = int(self.query.get("cursor", "0") or 0)
-        page = listing[start:start + self.server.page_size]
+        start, size = int(self.query.get("cursor", "0") or 0), self.server.page_size
         headers = {}
-        if start + self.server.page_size < len(listing):
-            query = {**self.query, "cursor": str(start + self.server.page_size)}
-            next_url = self._base_url() + urlsplit(self.path).path + "?" + "&".join(
-                f"{k}={quote(v, safe='')}" for k, v in query.items())
-            headers["Link"] = f'<{next_url}>; rel="next"'
-        self._json(200, page, headers)
-
-    @staticmethod
-    def _tree_entry(path: str, entry: Entry) -> dict:
-        item = {"type": "file", "path": path, "size": entry.size, "oid": entry.git_oid}
-        if entry.lfs:
-            item["lfs"] = {"oid": entry.sha256, "size": entry.size,
-                           "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
-        return item
+        if start + size < len(listing):
+            query = "&".join(f"{k}={quote(v, safe='')}" for k, v in {**self.query, "cursor": str(start + size)}.items())
+            headers["Link"] = f'<{self._base_url()}{urlsplit(self.path).path}?{query}>; rel="next"'
+        self._json(200, listing[start:start + size], headers)
 
     def _refs(self, repo_type: str, repo: str) -> None:
         self._no_body()
         self._require_read(repo_type, repo)
-        refs = self.server.store.refs(repo_type, repo)
-        self._json(200, {
-            "branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-                         for name, oid in sorted(refs["heads"].items())],
-            "tags": [], "converts": [],
-            "pullRequests": [{"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": oid}
-                             for n, oid in sorted(refs["pulls"].items(), key=lambda item: int(item[0]))],
-        })
+        self._json(200, views.refs(self.server.store.refs(repo_type, repo)))
 
     def _commits(self, repo_type: str, repo: str, revision: str) -> None:
         self._no_body()
         self._require_read(repo_type, repo)
         store = self.server.store
-        history = store.history(repo_type, repo, store.resolve(repo_type, repo, revision))
-        self._json(200, [{"id": c["oid"], "title": c["title"], "message": c["description"], "date": c["date"],
-                          "authors": [{"user": "builder-hub"}]} for c in history])
+        self._json(200, views.commits(store.history(repo_type, repo, store.resolve(repo_type, repo, revision))))
 
     def _create_branch(self, repo_type: str, repo: str, branch: str) -> None:
         payload = self._json_body()
