@@ -109,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._route(method, split.path)
         except StoreError as error:
-            self._error(error.code, str(error), error.error_code)
+            self._error(error.code, str(error), error.error_code, error.headers)
         except (ValueError, KeyError, json.JSONDecodeError) as error:
             self._error(400, f"bad request: {error}")
         except (ConnectionError, TimeoutError):
@@ -355,7 +355,9 @@ class Handler(BaseHTTPRequestHandler):
         oid = store.resolve(repo_type, repo, revision)
         entry = store.files(repo_type, repo, oid).get(path)
         if entry is None:
-            raise StoreError(404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound")
+            # X-Repo-Commit lets the client remember the absence for this commit instead of asking again
+            raise StoreError(404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound",
+                             {"X-Repo-Commit": oid})
         headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
                    "Accept-Ranges": "bytes"}
         if entry.lfs:
@@ -443,8 +445,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _error(self, status: int, message: str, error_code: str | None = None) -> None:
-        headers = {"X-Error-Message": message.replace("\n", " ")}
+    def _error(self, status: int, message: str, error_code: str | None = None, extra: dict | None = None) -> None:
+        headers = {"X-Error-Message": message.replace("\n", " "), **(extra or {})}
         if error_code:
             headers["X-Error-Code"] = error_code
         self._json(status, {"error": message}, headers)

@@ -42,10 +42,11 @@ _PR_REF = re.compile(r"^refs/pr/(\d+)$")
 class StoreError(Exception):
     """A request the store refuses; `code` is the HTTP status and `error_code` the Hub's X-Error-Code."""
 
-    def __init__(self, code: int, message: str, error_code: str | None = None):
+    def __init__(self, code: int, message: str, error_code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.code = code
         self.error_code = error_code
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)

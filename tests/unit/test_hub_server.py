@@ -109,8 +109,9 @@ def test_errors_carry_the_hub_error_codes(api, hub, tmp_path):
         hf_hub_download("demo/missing", "config.json", **kwargs)
     with pytest.raises(RevisionNotFoundError):
         hf_hub_download("demo/errors", "config.json", revision="nope", **kwargs)
-    with pytest.raises(RemoteEntryNotFoundError):
+    with pytest.raises(RemoteEntryNotFoundError) as missing:
         hf_hub_download("demo/errors", "config.json", **kwargs)
+    assert missing.value.response.headers["X-Repo-Commit"] == api.repo_info("demo/errors").sha
 
 
 def test_tokens_and_private_repos(api, hub):
