@@ -17,12 +17,13 @@ from builder.errors import BuildError
 
 ENCODER_SENTENCES = 16  # sentences of the built-in evaluation text embedded besides the recipe's prompts
 
-# Defaults measured on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has the measured
-# values), with one to two orders of magnitude of headroom over an honest build and far from a broken one. Keys
+# Defaults from measurements on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has them):
+# above the worst honest build (O3's GELU approximation: 5e-3; per-channel int8: cosine 0.987) and far from a broken
+# one (per-tensor int8 MiniLM: cosine 0.93; a wrong input order: max_abs_diff ~6). Keys
 # are `verify.thresholds` keys (builder.steps.verify.GATES names the metric each bounds) plus `generation_match`,
 # the share of prompts whose greedy continuation equals PyTorch's (a minimum; float32 graphs only).
 _THRESHOLDS = {
-    ("float32", "none"): {"max_abs_diff": 1e-2, "cosine": 0.9999, "top1_agreement": 0.99, "kl_divergence": 1e-4,
+    ("float32", "none"): {"max_abs_diff": 2e-2, "cosine": 0.9999, "top1_agreement": 0.99, "kl_divergence": 1e-4,
                           "generation_match": 1.0},
     ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
     ("float32", "dynamic-int8"): {"cosine": 0.97, "top1_agreement": 0.8, "kl_divergence": 0.2},

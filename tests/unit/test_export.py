@@ -97,6 +97,33 @@ def test_decoder_without_past_has_no_cache_inputs(tiny_llama, tmp_path):
     assert metrics["generation_match"] == 1.0
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier(minilm, tmp_path_factory) -> Path:
+    """A random 2-layer BERT sequence classifier (3 labels) with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-classifier")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return folder
+
+
+def test_text_classification(tiny_classifier, tmp_path):
+    ctx = _context(tmp_path, tiny_classifier, "  optimize: O2\n", task="text-classification")
+    export(ctx)
+    assert ctx.record["onnx"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert ctx.record["onnx"]["outputs"] == ["logits"]
+    metrics = onnx_metrics(ctx.workdir, tiny_classifier, task="text-classification",
+                           provider="CPUExecutionProvider", prompts=["A fine day.", "Terrible, awful weather today."])
+    assert metrics["metrics"]["top1_agreement"] == 1.0
+    assert metrics["metrics"]["max_abs_diff"] < 1e-4
+    assert set(metrics["outputs"]) == {"logits"}
+
+
 def test_auto_picks_torch_without_optimum_onnx(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  exporter: auto\n")
     assert choose_exporter(ctx.loaded.recipe.export, "text-generation") == "torch"
