@@ -5,7 +5,7 @@ BUILDER := $(VENV)/bin/builder
 PYTEST := $(PY) -m pytest
 R      ?= recipes/smollm2/nf4.yaml
 
-.PHONY: demo test test-slow test-gpu validate plan models schema clean publish
+.PHONY: demo test test-slow test-gpu test-interop validate plan models schema clean publish
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -41,6 +41,23 @@ test-slow: models/.ready
 # Needs a CUDA host; on a CPU-only machine every test here is skipped.
 test-gpu: models/.ready
 	$(PYTEST) -q -m gpu
+
+# The interop environment: optimum-onnx needs transformers < 4.58 (and optimum 2.1), which the main venv cannot hold.
+# tests/interop/ has the main env's `builder build` export into $(INTEROP_DIR) (`make test` already built them there,
+# so they are up to date), loads those folders with optimum's ORTModelFor* here, and builds with the `optimum`
+# exporter backend. torch is the CPU wheel, pinned (plain `torch` pulls CUDA).
+VENV_INTEROP ?= .venv-interop
+INTEROP_DIR  ?= artifacts/.interop
+$(VENV_INTEROP)/.installed: pyproject.toml
+	test -x $(VENV_INTEROP)/bin/python || python3 -m venv $(VENV_INTEROP)
+	$(VENV_INTEROP)/bin/python -m pip install -q --upgrade pip
+	$(VENV_INTEROP)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_INTEROP)/bin/python -m pip install -q 'transformers>=4.57,<4.58' 'optimum-onnx[onnxruntime]' onnxscript pytest pydantic pyyaml
+	$(VENV_INTEROP)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-interop: models/.ready $(VENV_INTEROP)/.installed
+	BUILDER_INTEROP_DIR=$(INTEROP_DIR) BUILDER_MAIN_PYTHON=$(PY) $(VENV_INTEROP)/bin/python -m pytest -q tests/interop
 
 validate: $(VENV)/.installed
 	$(BUILDER) validate recipes/
