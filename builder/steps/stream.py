@@ -124,6 +124,8 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
             if issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D):
                 return f"{name} is a Conv1D (transposed on quantization)"
             quantized[f"{name}.weight" if name else "weight"] = module
+    if not quantized:
+        return "no Linear layer would be quantized with these settings"
     state = model.state_dict(keep_vars=True)
     ignored = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(model._keys_to_ignore_on_save or ())
     keys = [key for key in state if key not in ignored]
