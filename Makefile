@@ -5,7 +5,7 @@ BUILDER := $(VENV)/bin/builder
 PYTEST := $(PY) -m pytest
 R      ?= recipes/smollm2/nf4.yaml
 
-.PHONY: demo test test-slow test-gpu test-interop validate plan models schema clean publish
+.PHONY: demo test test-slow test-gpu test-interop validate plan models schema clean publish bench
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -41,6 +41,12 @@ test-slow: models/.ready
 # Needs a CUDA host; on a CPU-only machine every test here is skipped.
 test-gpu: models/.ready
 	$(PYTEST) -q -m gpu
+
+# The streaming quantizer vs the transformers script vs plain file I/O (docs/benchmarks.md). On CPU by default with
+# the SmolLM2 shape (a few minutes); e.g. BENCH_ARGS="--shape llama3-8b --device cuda --cap-gb 1 --hf-cap-gb 4" on a GPU.
+BENCH_ARGS ?= --shape smollm2 --device cpu
+bench: $(VENV)/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # The interop environment: optimum-onnx needs transformers < 4.58 (and optimum 2.1), which the main venv cannot hold.
 # tests/interop/ has the main env's `builder build` export into $(INTEROP_DIR) (`make test` already built them there,
