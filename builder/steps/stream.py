@@ -69,8 +69,8 @@ def _recipe_reason(recipe: Recipe, source_dir: Path) -> str | None:
         return "a custom `load.device_map`/`load.max_memory` can offload modules, which changes what is quantized"
     if recipe.source.trust_remote_code:
         return "remote code (`trust_remote_code`) defines its own modules"
-    if not sorted(source_dir.glob("*.safetensors")):
-        return "the source has no safetensors weights"
+    if not _weight_files(source_dir):
+        return "the source has no model.safetensors (or model.safetensors.index.json)"
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config"):
         return "the source is already quantized"
@@ -94,7 +94,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
 
     from builder.steps.stream_io import read_source_tensors
 
-    sources = read_source_tensors(sorted(source_dir.glob("*.safetensors")))
+    sources = read_source_tensors(_weight_files(source_dir))
     config = transformers.AutoConfig.from_pretrained(source_dir)
     quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
     dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
@@ -141,6 +141,19 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
         if sources[key].shape != tuple(params[key].shape):
             return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
     return _Plan(model, dtype, sources, keys, quantized, params)
+
+
+def _weight_files(source_dir: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: the index's shards, else model.safetensors (other
+    *.safetensors beside them, such as consolidated.safetensors, are not the model's)."""
+    import json
+
+    index = source_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [source_dir / name for name in sorted(set(weight_map.values()))]
+    single = source_dir / "model.safetensors"
+    return [single] if single.is_file() else []
 
 
 def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":

@@ -145,3 +145,18 @@ def test_shard_writer_pads_the_header_and_keeps_tensors_aligned(tmp_path):
                for name, meta in header.items() if name != "__metadata__")
     loaded = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(loaded[name], values[name]) for name in values)
+
+
+def test_only_the_files_transformers_reads_are_streamed(tiny_llama, tiny_references, tmp_path):
+    """A stray consolidated.safetensors (Mistral-style repos ship one) is not the model: transformers reads
+    model.safetensors, and so does the streaming quantizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from builder.steps.stream import stream_build
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_llama, source)
+    save_file({"tok_embeddings.weight": torch.zeros(4, 4)}, source / "consolidated.safetensors")
+    stream_build(recipe_for(source, "int8"), source, tmp_path / "out")
+    assert differences(tmp_path / "out", tiny_references["int8"]) == []
