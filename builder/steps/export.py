@@ -271,7 +271,7 @@ def _export_optimum(ctx, task: str, spec: OnnxExport) -> None:
                          f"{optimum_task}; change `source.task` or `export.with_past`, or use `exporter: torch`")
     try:
         main_export(str(ctx.source_dir), output=str(ctx.workdir), task=optimum_task, opset=spec.opset,
-                    device="cpu", dtype="fp32", no_post_process=True, do_validation=False)
+                    device="cpu", dtype="fp32", no_post_process=True, do_validation=False, local_files_only=True)
     except Exception as error:
         raise BuildError(f"optimum-onnx main_export failed for {model_type} ({optimum_task}): "
                          f"{str(error).splitlines()[0][:400]}") from None

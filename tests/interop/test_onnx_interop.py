@@ -58,9 +58,9 @@ def test_ort_model_for_causal_lm_generates_with_the_cache(main_env_build):
 
     folder = main_env_build(SMOLLM2_RECIPE)
     model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_cache=True)
-    assert model.can_use_cache and model.use_cache
+    assert model.can_use_cache and model.config.use_cache
     tokenizer = _tokenizer(folder)
-    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    prompt = tokenizer("The capital of France is", return_tensors="pt", return_token_type_ids=False)
     generated = model.generate(**prompt, do_sample=False, max_new_tokens=12)
     # The PyTorch reference under transformers 4.57: its LlamaConfig reads `rope_theta`, which transformers 5
     # writes inside `rope_parameters`.
