@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import PublishError
-from builder.recipe import COMMIT_PATTERN, is_local_path
+from builder.recipe import COMMIT_PATTERN, REPO_ID_PATTERN, is_local_path
 
 MANIFEST = "manifest.json"
 RETRIES = 4
@@ -148,6 +148,8 @@ def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str 
     if not repo:
         raise PublishError(f"no target repo: add `publish: {{repo: org/name}}` to the recipe of "
                            f"{manifest.get('name')} or pass --repo org/name")
+    if "/" not in repo or not REPO_ID_PATTERN.match(repo):
+        raise PublishError(f"{repo!r} is not a Hub repo id; write it as org/name (letters, digits, '-', '_', '.')")
     revision = revision or settings.get("revision") or "main"
     private = settings.get("private", False) if private is None else private
     create_pr = settings.get("create_pr", False) if create_pr is None else create_pr

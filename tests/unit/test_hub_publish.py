@@ -163,10 +163,11 @@ def test_dry_run_touches_nothing_and_prints_the_card(hub, tmp_path):
         ({"passed": False}, (), TOKEN, "did not pass verification"),
         ({}, (), None, "hf auth login"),
         ({"repo": None}, (), TOKEN, "--repo org/name"),
+        ({}, ("--repo", "no-namespace"), TOKEN, "'no-namespace' is not a Hub repo id; write it as org/name"),
         ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "source_revision": "main"}, (), TOKEN,
          "is not a 40-hex commit"),
     ],
-    ids=["unverified", "no-token", "no-repo", "unpinned-hub-source"],
+    ids=["unverified", "no-token", "no-repo", "bad-repo", "unpinned-hub-source"],
 )
 def test_refusals_exit_1_with_the_fix(hub, tmp_path, kwargs, args, token, message):
     artifact = make_artifact(tmp_path / "artifact", **kwargs)
