@@ -161,7 +161,27 @@ def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str 
         result.card = card.decode() if isinstance(card, bytes) else card.read_text() if card else None
         return result
     token = token or _token()
-    return _push(upload, result, token=token, private=private, create_pr=create_pr, progress=progress)
+    result = _push(upload, result, token=token, private=private, create_pr=create_pr, progress=progress)
+    _record(artifact_dir, upload.manifest, result, progress)
+    return result
+
+
+def _record(artifact_dir: Path, manifest: dict, result: PublishResult, progress: Callable[[str], None]) -> None:
+    """`<artifacts>/.published/<name>.json`: where this artifact was last published (`builder list` shows it)."""
+    from datetime import datetime, timezone
+
+    record = {**result.as_json(), "name": manifest["name"], "build_hash": manifest["build_hash"],
+              "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for key in ("uploaded", "deleted", "attempts"):
+        record.pop(key)
+    path = artifact_dir.resolve().parent / ".published" / f"{manifest['name']}.json"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as error:
+        progress(f"could not record the publish in {path}: {error}")
 
 
 def _token() -> str:

@@ -120,6 +120,9 @@ def test_publish_then_download_matches_manifest_and_second_publish_is_a_no_op(hu
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"], name
     assert (folder / "manifest.json").read_bytes() == (artifact / "manifest.json").read_bytes()
+    record = json.loads((artifact.parent / ".published" / "tiny-nf4.json").read_text())  # what `builder list` shows
+    assert record["repo"] == REPO and record["commit"] == result["commit"]
+    assert record["build_hash"] == manifest["build_hash"] and TOKEN not in json.dumps(record)
     tree = {f.path: f for f in hf_api(hub).list_repo_tree(REPO, recursive=True)}
     assert tree["model.safetensors"].lfs.sha256 == manifest["files"]["model.safetensors"]["sha256"]
     info = hf_api(hub).model_info(REPO)
@@ -155,6 +158,7 @@ def test_dry_run_touches_nothing_and_prints_the_card(hub, tmp_path):
     assert "base_model_relation: quantized" in dry.stdout
     assert "Made for the publish tests." in dry.stdout
     assert not (Path(hub.store.root) / "repos" / "models" / "demo").exists()
+    assert not (artifact.parent / ".published").exists()
 
 
 @pytest.mark.parametrize(
