@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import errno
-import json
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -14,12 +11,7 @@ from builder.cli import main
 from builder.errors import BuildError
 from builder.loader import load_recipes
 from builder.plan import make_plan
-from test_pipeline import install_verify_gate, write_recipe
-
-
-@pytest.fixture(autouse=True)
-def verify_gate(monkeypatch):
-    install_verify_gate(monkeypatch)
+from test_pipeline import write_recipe
 
 
 def build_fails(capsys, recipe, out, *extra: str, code: int = 1) -> str:
@@ -151,27 +143,3 @@ def test_folder_that_is_not_an_artifact_is_not_replaced(tiny_llama, tmp_path, ca
     recipe = write_recipe(tmp_path, tiny_llama)
     assert "is not a builder artifact (no manifest.json)" in build_fails(capsys, recipe, tmp_path / "out")
     assert (mine / "notes.txt").read_text() == "mine"
-
-
-def test_concurrent_build_waits_for_the_lock(tiny_llama, tmp_path, capsys):
-    import fcntl
-
-    from builder.pipeline import build
-
-    out = tmp_path / "out"
-    out.mkdir()
-    plan = make_plan(load_recipes(write_recipe(tmp_path, tiny_llama))[0])
-    results = []
-    with open(out / ".tiny-nf4.lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        worker = threading.Thread(target=lambda: results.append(build(plan, out=out)))
-        worker.start()
-        deadline = time.monotonic() + 60
-        while "waiting for another build" not in capsys.readouterr().err and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert worker.is_alive() and not (out / "tiny-nf4").exists()
-        assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
-        fcntl.flock(held, fcntl.LOCK_UN)
-    worker.join(120)
-    assert results and results[0].status == "built"
-    assert json.loads((out / "tiny-nf4" / "manifest.json").read_text())["name"] == "tiny-nf4"
