@@ -114,6 +114,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, f"bad request: {error}")
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+        except OSError as error:  # the store's disk: full, read-only, ...
+            self._error(507 if error.errno == 28 else 500, f"storage error: {error}")
         if not self.body_read:  # an unread body would be parsed as the next request on this connection
             self.close_connection = True
 
@@ -458,7 +460,13 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str | None = None) -> None:
     """Run the registry in the foreground until interrupted."""
-    server = HubServer((host, port), root, token=token)
+    from builder.errors import BuilderError
+
+    try:
+        server = HubServer((host, port), root, token=token)
+    except OSError as error:
+        raise BuilderError(f"cannot serve on {host}:{port} ({error.strerror or error}); choose another --port "
+                           "(0 picks a free one)") from None
     print(f"builder hub: serving {Path(root).resolve()} at {server.url}"
           f"{' (token required for writes and private repos)' if token else ' (no token: every request accepted)'}")
     print(f"clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)

@@ -235,6 +235,10 @@ def test_hub_serve_command(tmp_path):
         status, _, body = _request(f"{url}/api/whoami-v2", headers={"Authorization": f"Bearer {TOKEN}"})
         assert status == 200 and json.loads(body)["name"] == "builder-hub"
         assert _request(f"{url}/api/whoami-v2")[0] == 401
+        port = url.rsplit(":", 1)[1]
+        busy = subprocess.run([sys.executable, "-m", "builder", "hub", "serve", "--port", port, "--root",
+                               str(tmp_path / "other")], capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in busy.stderr
     finally:
         process.terminate()
         process.wait(30)
