@@ -241,7 +241,8 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
             time.sleep(delay)
             continue
         result.status, result.commit, result.pr_url, result.deleted = "published", commit.oid, commit.pr_url, deleted
-        _retrying(lambda: check_remote(api, repo, commit.oid, upload, deleted), f"check {repo}@{commit.oid[:12]}", progress)
+        _retrying(lambda: check_remote(api, repo, commit.oid, upload, deleted), f"check {repo}@{commit.oid[:12]}",
+                  progress)
         progress(f"published {repo}@{commit.oid[:12]}" + (f" as {commit.pr_url}" if commit.pr_url else "")
                  + ": remote files match the manifest")
         return result
