@@ -102,9 +102,11 @@ class Store:
     # --- blobs ------------------------------------------------------------------------------------------------
 
     def object_path(self, sha256: str) -> Path:
+        """Where the bytes with this sha256 are (or would be) stored."""
         return self.root / "objects" / sha256[:2] / sha256
 
     def has_object(self, sha256: str, size: int | None = None) -> bool:
+        """True when the bytes are stored (and, given `size`, have that size)."""
         path = self.object_path(sha256)
         return path.is_file() and (size is None or path.stat().st_size == size)
 
@@ -134,6 +136,7 @@ class Store:
                 os.unlink(handle.name)
 
     def put_bytes(self, data: bytes) -> Entry:
+        """Store a regular (non-LFS) file's bytes; returns its entry for a commit."""
         sha256 = hashlib.sha256(data).hexdigest()
         if not self.has_object(sha256, len(data)):
             self.put_object([data], sha256, len(data))
@@ -142,11 +145,13 @@ class Store:
     # --- repos ------------------------------------------------------------------------------------------------
 
     def repo_dir(self, repo_type: str, repo_id: str) -> Path:
+        """The repo's folder (which may not exist yet); refuses unknown types and malformed ids."""
         if repo_type not in REPO_TYPES:
             raise StoreError(400, f"unknown repo type {repo_type!r}")
         return self.root / "repos" / f"{repo_type}s" / check_repo_id(repo_id)
 
     def repo_meta(self, repo_type: str, repo_id: str) -> dict:
+        """repo.json (private, created_at); a 404 RepoNotFound when the repo does not exist."""
         path = self.repo_dir(repo_type, repo_id) / "repo.json"
         if not path.is_file():
             raise StoreError(404, f"Repository {repo_id} not found", "RepoNotFound")
@@ -166,6 +171,7 @@ class Store:
             return True
 
     def refs(self, repo_type: str, repo_id: str) -> dict:
+        """{"heads": {branch: oid}, "pulls": {"N": oid}} as last switched."""
         self.repo_meta(repo_type, repo_id)
         return json.loads((self.repo_dir(repo_type, repo_id) / "refs.json").read_text())
 
@@ -182,12 +188,15 @@ class Store:
         raise StoreError(404, f"Revision {revision!r} not found in {repo_id}", "RevisionNotFound")
 
     def commit(self, repo_type: str, repo_id: str, oid: str) -> dict:
+        """One commit: oid, parents, title, description, date and its files."""
         return json.loads((self.repo_dir(repo_type, repo_id) / "commits" / f"{oid}.json").read_text())
 
     def files(self, repo_type: str, repo_id: str, oid: str) -> dict[str, Entry]:
+        """The commit's files by path."""
         return {path: Entry(**entry) for path, entry in self.commit(repo_type, repo_id, oid)["files"].items()}
 
     def create_branch(self, repo_type: str, repo_id: str, branch: str, starting_point: str | None) -> None:
+        """A new branch at `starting_point` (default main); 409 when it exists."""
         folder = self.repo_dir(repo_type, repo_id)
         self.repo_meta(repo_type, repo_id)
         _check_branch(branch)
