@@ -174,7 +174,9 @@ def test_validate_without_arguments_checks_the_recipes_folder(tmp_path, monkeypa
     default = json.loads(capsys.readouterr().out)
     assert main(["validate", "--json", "recipes"]) == 0
     assert json.loads(capsys.readouterr().out) == default
-    assert {Path(f["file"]).parent.name for f in default["files"]} == {"smollm2", "minilm"}
+    shipped = [str(p) for p in find_recipe_files(["recipes"])]
+    assert [f["file"] for f in default["files"]] == shipped and len(shipped) >= 6
+    assert all(f["file"].startswith("recipes/") for f in default["files"])
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "recipes/good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\n")
     write(tmp_path, "recipes/sub/bad.yaml", "schema_version: 1\nname: Bad\nsource: {model: org/m}\n")
