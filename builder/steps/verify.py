@@ -49,17 +49,19 @@ GATES: dict[str, tuple[str, str]] = {
     "footprint_ratio": ("footprint_ratio", "max"),
 }
 
-# Defaults, from measurements on SmolLM2-135M-Instruct and all-MiniLM-L6-v2 (docs/recipes.md, "verify", has the
-# table): about twice the honest build's distance, far from a broken build's.
+# Defaults, from measurements on SmolLM2-135M-Instruct and all-MiniLM-L6-v2 on CPU (docs/recipes.md, "verify", has
+# the table): each allows about twice an honest build's distance from the reference (a 135M model loses a lot to
+# 4-bit: nf4 agrees on 63% of next tokens), and sits far from a build with shuffled 4-bit blocks (top-1 0.016,
+# KL 9.95 nats, perplexity x16,000). The footprint bound catches a build that quantized nothing (ratio 1.0).
 _LM_DEFAULTS = {
     "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5, "footprint_ratio": 0.60},
     "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 3.0, "footprint_ratio": 0.60},
-    "int8": {"top1_agreement": 0.80, "kl_divergence": 0.3, "perplexity_ratio": 1.3, "footprint_ratio": 0.80},
+    "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10, "footprint_ratio": 0.75},
 }
 _ENCODER_DEFAULTS = {
-    "nf4": {"cosine": 0.90, "footprint_ratio": 0.80},
-    "fp4": {"cosine": 0.85, "footprint_ratio": 0.80},
-    "int8": {"cosine": 0.95, "footprint_ratio": 0.85},
+    "nf4": {"cosine": 0.90, "footprint_ratio": 0.75},
+    "fp4": {"cosine": 0.85, "footprint_ratio": 0.75},
+    "int8": {"cosine": 0.99, "footprint_ratio": 0.80},
 }
 
 
