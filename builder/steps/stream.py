@@ -215,16 +215,19 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     engine = Engine(torch_device, largest, buffers=6 if on_cuda else 3, readers=4 if on_cuda else 2,
                     workers=2, writers=4 if on_cuda else 2)
     try:
-        order = sorted(plan.keys, key=lambda k: (k in plan.quantized, plan.sources[k].file, plan.sources[k].offset))
-        for key in order:
-            source, writer = plan.sources[key], shard_of[key]
-            if key in plan.quantized:
-                engine.quantize(source, _quantize_fn(plan, key), _write_all(writer))
-            elif source.dtype == plan.params[key].dtype:
-                engine.copy(writer, key, source)
-            else:
-                engine.convert(writer, key, source, plan.params[key].dtype)
-        engine.wait()
+        try:
+            order = sorted(plan.keys, key=lambda k: (k in plan.quantized, plan.sources[k].file,
+                                                     plan.sources[k].offset))
+            for key in order:
+                source, writer = plan.sources[key], shard_of[key]
+                if key in plan.quantized:
+                    engine.quantize(source, _quantize_fn(plan, key), _write_all(writer))
+                elif source.dtype == plan.params[key].dtype:
+                    engine.copy(writer, key, source)
+                else:
+                    engine.convert(writer, key, source, plan.params[key].dtype)
+        finally:
+            engine.wait()  # on failure too: no worker thread outlives the build
     except BaseException:
         for writer in writers:
             writer.abort()

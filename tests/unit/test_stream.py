@@ -160,3 +160,19 @@ def test_only_the_files_transformers_reads_are_streamed(tiny_llama, tiny_referen
     save_file({"tok_embeddings.weight": torch.zeros(4, 4)}, source / "consolidated.safetensors")
     stream_build(recipe_for(source, "int8"), source, tmp_path / "out")
     assert differences(tmp_path / "out", tiny_references["int8"]) == []
+
+
+def test_a_failed_read_fails_the_build_and_stops_every_thread(tiny_llama, tmp_path):
+    import os
+    import threading
+
+    from builder.steps.stream import stream_build
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_llama, source)
+    weights = source / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 4096)  # the last tensors' bytes are gone
+    before = threading.active_count()
+    with pytest.raises(OSError, match="unexpected end of file"):
+        stream_build(recipe_for(source, "int8"), source, tmp_path / "out")
+    assert threading.active_count() == before
