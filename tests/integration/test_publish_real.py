@@ -40,28 +40,13 @@ def _built(recipe: str, tmp_path_factory) -> Path:
     return build(make_plan(loaded), out=tmp_path_factory.mktemp("publish-artifacts"), device="cpu").path
 
 
-# recipes/smollm2/nf4.yaml's quantization, with gate thresholds loose enough for CPU builds of this 135M model
-# (the gate itself is tested elsewhere; here the point is publishing a real verified artifact).
-SMOLLM2_NF4 = """schema_version: 1
-name: smollm2-135m-instruct-nf4
-source: {{model: {model}, task: text-generation, dtype: bfloat16}}
-quantize: {{method: bnb-4bit, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}}
-verify:
-  prompts: ["The capital of France is"]
-  max_new_tokens: 8
-  thresholds: {{top1_agreement: 0.4, kl_divergence: 2.0, perplexity_ratio: 3.0}}
-publish: {{repo: demo/smollm2-135m-instruct-nf4, license: apache-2.0}}
-"""
-
-
 @pytest.fixture(scope="module")
 def smollm2_nf4(smollm2, hub, tmp_path_factory) -> tuple[Path, str]:
-    """`builder build RECIPE --publish` of SmolLM2 nf4: the artifact folder and what the command printed."""
+    """`builder build recipes/smollm2/nf4.yaml --publish` (what `make demo` builds): the artifact folder and what
+    the command printed."""
     out = tmp_path_factory.mktemp("publish-artifacts")
-    recipe = tmp_path_factory.mktemp("recipe") / "smollm2-nf4.yaml"
-    recipe.write_text(SMOLLM2_NF4.format(model=smollm2))
-    result = _run(["-m", "builder", "build", str(recipe), "--out", str(out), "--device", "cpu", "--publish"],
-                  _env(hub, tmp_path_factory.mktemp("build-env")), timeout=1500)
+    result = _run(["-m", "builder", "build", str(REPO / "recipes/smollm2/nf4.yaml"), "--out", str(out), "--device",
+                   "cpu", "--publish"], _env(hub, tmp_path_factory.mktemp("build-env")), timeout=1500)
     return out / "smollm2-135m-instruct-nf4", result.stdout
 
 
