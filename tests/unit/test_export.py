@@ -214,3 +214,19 @@ def test_default_thresholds_tighten_with_precision():
     assert fp32["cosine"] > int8["cosine"] and "max_abs_diff" not in int8
     assert default_thresholds("text-generation")["generation_match"] == 1.0
     assert "generation_match" not in default_thresholds("text-generation", "float16")
+
+
+def test_graph_past_the_protobuf_limit_goes_to_model_onnx_data(tiny_with_past, tmp_path, monkeypatch):
+    """optimum's layout for big graphs: tensors in one model.onnx_data beside model.onnx; checker and onnxruntime
+    read it through the path."""
+    import onnx
+    import onnxruntime
+
+    monkeypatch.setattr(ort, "PROTOBUF_LIMIT", 1024)
+    target = tmp_path / "model.onnx"
+    ort.save(ort.load(Path(tiny_with_past.workdir) / "model.onnx"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert target.stat().st_size < (tmp_path / "model.onnx_data").stat().st_size
+    onnx.checker.check_model(str(target))
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert session.get_providers()[0] == "CPUExecutionProvider"
