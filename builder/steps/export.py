@@ -147,7 +147,7 @@ def _export_torch(ctx, task: str, spec: OnnxExport, model_path: Path) -> None:
             program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=inputs,
                                         output_names=outputs, opset_version=spec.opset, dynamo=True,
                                         verbose=False)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (torch.export and onnxscript raise many unrelated types)
         first = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
         raise BuildError(f"torch.onnx.export cannot export {type(model).__name__} ({model.config.model_type}) for "
                          f"{task}: {first}. Try `exporter: optimum` (optimum-onnx) or "
@@ -272,7 +272,7 @@ def _export_optimum(ctx, task: str, spec: OnnxExport) -> None:
     try:
         main_export(str(ctx.source_dir), output=str(ctx.workdir), task=optimum_task, opset=spec.opset,
                     device="cpu", dtype="fp32", no_post_process=True, do_validation=False, local_files_only=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (main_export raises whatever the model's tracing raises)
         raise BuildError(f"optimum-onnx main_export failed for {model_type} ({optimum_task}): "
                          f"{str(error).splitlines()[0][:400]}") from None
 

@@ -51,7 +51,7 @@ def provider_problem(provider: str, model: Path) -> str | None:
         return f"this onnxruntime build ({_ort_package()}) lacks {provider}; {_GPU_HINT.get(provider, '')}".rstrip("; ")
     try:
         session = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
-    except Exception as error:  # onnxruntime raises its own Fail/RuntimeException types for missing libraries
+    except Exception as error:  # noqa: BLE001 (onnxruntime's Fail/RuntimeException for missing libraries)
         return f"{provider} failed to start: {str(error).splitlines()[0][:300]}"
     ran_on = session.get_providers()[0]
     if ran_on == provider:

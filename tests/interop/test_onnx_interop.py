@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("optimum.onnxruntime", reason="needs optimum-onnx (transformers 4.57): run `make test-interop`")
 
-import torch  # noqa: E402
-from transformers import AutoModel, PreTrainedTokenizerFast  # noqa: E402
+import torch
+from transformers import AutoModel, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[2]
 MINILM_RECIPE = "recipes/minilm/onnx-cpu.yaml"
@@ -87,7 +87,8 @@ def test_optimum_backend_builds_the_same_layout(main_env_build, tmp_path):
     from builder.pipeline import build_file
 
     recipe = tmp_path / "minilm-optimum.yaml"
-    recipe.write_text(f"schema_version: 1\nname: minilm-onnx-optimum\nsource:\n  model: {REPO / 'models' / 'all-minilm-l6-v2'}\n"
+    source = REPO / "models" / "all-minilm-l6-v2"
+    recipe.write_text(f"schema_version: 1\nname: minilm-onnx-optimum\nsource:\n  model: {source}\n"
                       "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n  exporter: optimum\n"
                       "  opset: 17\n")
     result = build_file(recipe, out=tmp_path / "out", device="cpu")[0]
