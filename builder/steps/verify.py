@@ -55,7 +55,7 @@ GATES: dict[str, tuple[str, str]] = {
 # KL 9.95 nats, perplexity x16,000). The footprint bound catches a build that quantized nothing (ratio 1.0).
 _LM_DEFAULTS = {
     "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5, "footprint_ratio": 0.60},
-    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 3.0, "footprint_ratio": 0.60},
+    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 2.2, "footprint_ratio": 0.60},
     "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10, "footprint_ratio": 0.75},
 }
 _ENCODER_DEFAULTS = {
