@@ -116,7 +116,10 @@ def _summary(manifest: dict) -> str:
         what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
                 f"quantize {export['quantize']}) for {export['provider']}")
     passed = (manifest.get("verification") or {}).get("passed")
-    return (f"{what} build of `{source['model']}` (revision `{source['revision']}`), made by "
+    origin = (f"the local folder `{source['model']}` (content digest `{source['revision']}`)"
+              if str(source["revision"]).startswith("sha256:") else
+              f"`{source['model']}` (revision `{source['revision']}`)")
+    return (f"{what} build of {origin}, made by "
             f"`builder` from a YAML recipe and "
             f"{'verified against the source model before publishing' if passed else 'NOT verified'}. "
             f"Build hash `{manifest['build_hash']}`.")
@@ -169,11 +172,14 @@ def _settings(manifest: dict) -> str:
 def _verification(report: dict) -> str:
     if not report:
         return "No verification report."
-    thresholds, failed = report.get("thresholds") or {}, {f["metric"] for f in report.get("failures") or ()}
+    metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
+    gated = {}  # metric -> (threshold key, limit); `kl_divergence` gates the metric `kl_divergence_mean`
+    for key, limit in (report.get("thresholds") or {}).items():
+        gated[key if key in metrics or f"{key}_mean" not in metrics else f"{key}_mean"] = (key, limit)
     rows = []
-    for metric, value in sorted((report.get("metrics") or {}).items()):
-        limit = thresholds.get(metric)
-        verdict = "" if limit is None else ("fail" if metric in failed else "pass")
+    for metric, value in sorted(metrics.items()):
+        key, limit = gated.get(metric, (None, None))
+        verdict = "" if limit is None else ("fail" if {metric, key} & failed else "pass")
         rows.append(f"| {metric} | {_number(value)} | {'' if limit is None else _number(limit)} | {verdict} |")
     where = report.get("provider") or report.get("device") or "cpu"
     lines = [f"Task `{report.get('task')}`, compared with the source on `{where}`: "

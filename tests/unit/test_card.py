@@ -34,7 +34,7 @@ def bnb_manifest(**changes) -> dict:
                 "bits_per_param": 4.13, "library_name": "transformers",
                 "verification": {"passed": True, "task": "text-generation", "device": "cpu", "provider": None,
                                  "metrics": {"top1_agreement": 0.953, "kl_divergence_mean": 0.0412},
-                                 "thresholds": {"top1_agreement": 0.9}, "failures": [],
+                                 "thresholds": {"top1_agreement": 0.9, "kl_divergence": 0.15}, "failures": [],
                                  "performance": {"reference_latency_ms": 12.5}}}
     manifest.update(changes)
     return manifest
@@ -73,6 +73,7 @@ def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extr
     assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
     assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `True` |" in card
     assert re.search(r"\| top1_agreement \| 0\.953 \| 0\.9 \| pass \|", card)
+    assert re.search(r"\| kl_divergence_mean \| 0\.0412 \| 0\.15 \| pass \|", card)  # gated as kl_divergence
     assert "**passed**" in card and "reference_latency_ms" in card
     assert "bits per parameter: 4.13" in card and "(0.44x the source)" in card
     recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -106,7 +107,9 @@ def test_local_source_uses_the_config_name_when_it_is_a_repo_id(tmp_path, monkey
                             source={"model": "../models/m", "revision": "sha256:" + "1" * 64,
                                     "task": "text-generation"})
     config.write_text(json.dumps({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"}))
-    assert card_data(render_card(manifest))["base_model"] == "nreimers/MiniLM-L6-H384-uncased"
+    card = render_card(manifest)
+    assert card_data(card)["base_model"] == "nreimers/MiniLM-L6-H384-uncased"
+    assert "build of the local folder `../models/m` (content digest `sha256:111" in card
     config.write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/run-3"}))
     data = card_data(render_card(manifest))
     assert "base_model" not in data and "base_model_relation" not in data
