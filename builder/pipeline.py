@@ -222,8 +222,13 @@ def _install(workdir: Path, final: Path) -> None:
         return
     aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
     os.rename(final, aside / final.name)
-    os.rename(workdir, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(workdir, final)
+    except BaseException:
+        os.rename(aside / final.name, final)  # put the old artifact back
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _discard(workdir: Path, failed: Path | None, keep_temp: bool) -> None:

@@ -235,12 +235,9 @@ def _stage(ctx: BuildContext, name: str, doing: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    except torch.OutOfMemoryError as error:
-        raise BuildError(
-            f"out of memory while {doing} {ctx.loaded.recipe.source.model} on {ctx.device} "
-            f"({str(error).splitlines()[0]}); offload part of the model: set `load.device_map: auto` with "
-            '`load.max_memory` (e.g. {"0": "20GiB", "cpu": "64GiB"}), or build with --device cpu') from None
     except Exception as error:
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error):
+            raise BuildError(_out_of_memory(ctx, doing, error)) from None
         if not _is_disk_full(error):
             raise
         free = shutil.disk_usage(ctx.workdir).free if ctx.workdir.exists() else 0
@@ -250,6 +247,18 @@ def _stage(ctx: BuildContext, name: str, doing: str) -> Iterator[None]:
             "--out with a folder on a disk with room") from None
     finally:
         ctx.timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _out_of_memory(ctx: BuildContext, doing: str, error: BaseException) -> str:
+    """Which stage ran out of memory where, and what to change in the recipe."""
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    if ctx.device.startswith("cuda"):
+        fix = ('offload part of the model: set `load.device_map: auto` with `load.max_memory` (e.g. {"0": "20GiB", '
+               '"cpu": "64GiB"}), or build with --device cpu')
+    else:
+        fix = ("free host memory or build on a host with more; `load.device_map: auto` with `load.max_memory` (e.g. "
+               '{"cpu": "8GiB", "disk": "64GiB"}) offloads the rest to disk')
+    return f"out of memory while {doing} {ctx.loaded.recipe.source.model} on {ctx.device} ({first}); {fix}"
 
 
 def _is_disk_full(error: BaseException) -> bool:

@@ -79,18 +79,21 @@ def test_fp32_cpu_offload_that_would_quantize_nothing(tiny_llama, tmp_path):
     preflight(plan, {"model.embed_tokens": "cpu", "model.layers": "0", "lm_head": "cpu"})  # layers on the GPU: ok
 
 
-def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("raised", ["torch.OutOfMemoryError", "allocator"])
+def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys, monkeypatch, raised):
     import torch
     import transformers
 
     def out_of_memory(*args, **kwargs):
+        if raised == "allocator":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
     recipe = write_recipe(tmp_path, tiny_llama)
     err = build_fails(capsys, recipe, tmp_path / "out")
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: out of memory while loading and quantizing")
+    assert line.startswith(f"error: out of memory while loading and quantizing {tiny_llama} on cpu")
     assert "load.device_map: auto" in line and "load.max_memory" in line
     assert nothing_written(tmp_path / "out")
 
