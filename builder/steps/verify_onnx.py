@@ -80,7 +80,7 @@ def onnx_report(ctx) -> dict:
                                     "greedy generation through the graph differs from PyTorch generate"})
     performance = result["performance"] | {"verification_seconds": round(time.perf_counter() - started, 2)}
     return {"passed": not failures, "task": task, "device": ctx.device, "provider": placed["verified_on"],
-            "target_provider": placed["provider"], "metrics": {k: round(v, 6) for k, v in metrics.items()},
+            "target_provider": placed["provider"], "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
             "thresholds": thresholds, "failures": failures, "performance": performance,
             "outputs": result["outputs"], "reference": {"model": "source", "dtype": "float32"},
             "inputs": {"prompts": prompts, "max_new_tokens": recipe.verify.max_new_tokens}}
