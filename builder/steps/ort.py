@@ -47,6 +47,7 @@ def provider_problem(provider: str, model: Path) -> str | None:
     """
     import onnxruntime as ort
 
+    _load_cuda_libraries(ort, provider)
     if provider not in ort.get_available_providers():
         return f"this onnxruntime build ({_ort_package()}) lacks {provider}; {_GPU_HINT.get(provider, '')}".rstrip("; ")
     try:
@@ -96,11 +97,19 @@ def session(model: Path, provider: str):
     """An onnxruntime session that really runs on `provider` (checked), for verification."""
     import onnxruntime as ort
 
+    _load_cuda_libraries(ort, provider)
     created = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
     if created.get_providers()[0] != provider:
         raise BuildError(f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
                          f"{provider_problem(provider, model) or 'check the onnxruntime install'}")
     return created
+
+
+def _load_cuda_libraries(ort, provider: str) -> None:
+    """onnxruntime-gpu finds the CUDA/cuDNN libraries that torch's wheels ship only after `preload_dlls()` (1.21+);
+    without it the CUDA provider fails to start on hosts that have no system-wide CUDA install."""
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def quiet_options():
