@@ -137,6 +137,7 @@ def quantize(ctx: BuildContext) -> None:
     if not layers:
         raise BuildError(f"{recipe.source.model} has no Linear layer that bitsandbytes quantized with these "
                          "settings (all skipped or offloaded); check `quantize.skip_modules` and `load.device_map`")
+    _name_offloaded_layers(model, spec)
     with _stage(ctx, "save", "saving the quantized model"):
         model.save_pretrained(ctx.workdir)  # before any forward pass (CPU 4-bit repack pitfall)
         _save_preprocessor(ctx, ctx.workdir)
@@ -153,6 +154,19 @@ def quantize(ctx: BuildContext) -> None:
             model.save_pretrained(ctx.workdir / "dequantized")
             _save_preprocessor(ctx, ctx.workdir / "dequantized")
         ctx.record["dequantized"] = {"path": "dequantized", "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _name_offloaded_layers(model, spec: Bnb4Bit | Bnb8Bit) -> None:
+    """fp32 CPU offload leaves the cpu-placed Linear layers unquantized. The saved config must name them in
+    `llm_int8_skip_modules`, or stock `from_pretrained(folder)` expects int8 weights there and fails to load
+    (seen on an H100: `'Parameter' object has no attribute 'CB'`)."""
+    import torch
+
+    if not (isinstance(spec, Bnb8Bit) and spec.fp32_cpu_offload):
+        return
+    config = model.config.quantization_config
+    plain = {name for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+    config.llm_int8_skip_modules = sorted(set(config.llm_int8_skip_modules or ()) | plain)
 
 
 def _quantized_layers(model) -> dict[str, int]:
