@@ -202,7 +202,7 @@ def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stag
     else:
         method = recipe.quantize.method if recipe.quantize else "none"
         stages += [
-            Stage("load", f"load and quantize ({method}) with transformers", loaded_bytes + artifact_bytes),
+            Stage("load", f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else loaded and quantized by transformers", loaded_bytes + artifact_bytes),
             Stage("save", "write safetensors, config, tokenizer, generation config", artifact_bytes),
         ]
         if recipe.quantize is not None and recipe.quantize.dequantize:

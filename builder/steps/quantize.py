@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,9 +127,17 @@ def quantize(ctx: BuildContext) -> None:
     """Load and quantize the source, save it into `ctx.workdir`, record footprints and bits per parameter;
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
     from builder.steps.load import auto_class
+    from builder.steps.stream import stream_quantize, streamable
 
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
+    reason = streamable(recipe, ctx.source_dir)
+    if reason is None:
+        with _stage(ctx, "stream", "streaming the quantized weights"):
+            stream_quantize(ctx)
+        return
+    print(f"{recipe.name}: quantizing through transformers (not streamed: {reason})", file=sys.stderr, flush=True)
+    ctx.record["quantize_path"] = f"transformers ({reason})"
     model_class = auto_class(ctx.record["task"])
     kwargs = load_kwargs(recipe, ctx.record["device_map"])
     with _stage(ctx, "load", "loading and quantizing"):

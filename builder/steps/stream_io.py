@@ -96,6 +96,7 @@ class ShardWriter:
         if any(t.dtype.itemsize != 1 for t in self._late):
             raise ValueError("tensors of unknown size must be byte tensors (they go last, unaligned)")
         self._cursor = cursor
+        self._late_data: dict[str, bytes] = {}
         self._lock = threading.Lock()
         placeholder = dict(self._entries)
         for tensor in self._late:
@@ -110,22 +111,21 @@ class ShardWriter:
         return json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
 
     def place(self, name: str, nbytes: int) -> int:
-        """The absolute file offset where `name`'s `nbytes` bytes go (allocating late tensors as they come)."""
-        if name in self._offsets:
-            entry = self._entries[name]
-            if entry["data_offsets"][1] - entry["data_offsets"][0] != nbytes:
-                raise ValueError(f"{name}: planned {entry['data_offsets']} bytes, got {nbytes}")
-            return self._data_start + self._offsets[name]
-        with self._lock:
-            start = self._cursor
-            self._cursor += nbytes
-            self._entries[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [start, start + nbytes]}
-        return self._data_start + start
+        """The absolute file offset where planned tensor `name`'s `nbytes` bytes go."""
+        entry = self._entries[name]
+        if entry["data_offsets"][1] - entry["data_offsets"][0] != nbytes:
+            raise ValueError(f"{name}: planned {entry['data_offsets']} bytes, got {nbytes}")
+        return self._data_start + self._offsets[name]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        offset = self.place(name, data.nbytes)
-        _pwrite_all(self.fd, memoryview(data), offset)
+        if name not in self._offsets:
+            # A tensor of unknown size (a quant-state JSON, a few hundred bytes): kept until `finish`, which lays
+            # them out by name, so the file does not depend on which thread finished first.
+            with self._lock:
+                self._late_data[name] = data.tobytes()
+            return
+        _pwrite_all(self.fd, memoryview(data), self.place(name, data.nbytes))
 
     def copy_from(self, name: str, source: SourceTensor) -> None:
         """Copy a source tensor's bytes unchanged, inside the kernel."""
@@ -141,9 +141,15 @@ class ShardWriter:
 
     def finish(self) -> int:
         """Write the header (padded with spaces to the reserved size) and close; returns the file size."""
-        missing = [t.name for t in self._late if t.name not in self._entries]
+        missing = [t.name for t in self._late if t.name not in self._late_data]
         if missing:
             raise ValueError(f"{self.path.name}: never written: {', '.join(missing[:5])}")
+        for name in sorted(self._late_data):
+            data = self._late_data[name]
+            self._entries[name] = {"dtype": "U8", "shape": [len(data)],
+                                   "data_offsets": [self._cursor, self._cursor + len(data)]}
+            _pwrite_all(self.fd, memoryview(data), self._data_start + self._cursor)
+            self._cursor += len(data)
         header = self._header_bytes(self._entries)
         room = self._data_start - 8
         if len(header) > room:

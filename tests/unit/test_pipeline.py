@@ -64,7 +64,8 @@ def test_manifest_follows_the_contract(built):
     assert manifest["recipe"]["quantize"]["method"] == "bnb-4bit"
     assert {"torch", "transformers", "bitsandbytes", "accelerate", "huggingface_hub", "builder"} <= set(
         manifest["versions"])
-    assert {"resolve", "load", "save", "quantize", "verify"} <= set(manifest["timings"])
+    assert {"resolve", "stream", "quantize", "verify"} <= set(manifest["timings"])
+    assert manifest["quantize_path"] == "stream"  # a plain bnb recipe streams; see test_stream_step for fallbacks
     assert manifest["library_name"] == "transformers" and manifest["device"]
     assert manifest["verification"]["passed"] is True
     assert 0 < manifest["footprint"]["artifact_bytes"] < manifest["footprint"]["source_bytes"]
