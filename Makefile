@@ -5,7 +5,7 @@ BUILDER := $(VENV)/bin/builder
 PYTEST := $(PY) -m pytest
 R      ?= recipes/smollm2/nf4.yaml
 
-.PHONY: demo test test-slow test-gpu test-interop validate plan models schema clean publish bench
+.PHONY: demo test test-slow test-gpu test-interop validate plan build all models schema clean publish bench
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -25,6 +25,13 @@ models: models/.ready
 # Build + verify SmolLM2 nf4, publish it to the embedded Hub-compatible registry, load it back and generate.
 demo: models/.ready
 	$(BUILDER) demo
+
+# Build one recipe file (R=...), or every recipe; both skip artifacts whose build hash is unchanged ("up to date").
+build: models/.ready
+	$(BUILDER) build $(R)
+
+all: models/.ready
+	$(BUILDER) build recipes/
 
 # Publish an artifact to HF_ENDPOINT (default: the public Hub); needs HF_TOKEN or `hf auth login`.
 # For the local registry: HF_ENDPOINT=http://127.0.0.1:8808 HF_HUB_DISABLE_XET=1 make publish

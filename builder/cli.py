@@ -93,19 +93,33 @@ def _size(n: int | None) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.pipeline import build_file
+    from builder.batch import build_files
+    from builder.changes import recipes_changed_since
+    from builder.loader import find_recipe_files
 
-    results = build_file(args.recipe, out=args.out, device=args.device, force=args.force, keep_temp=args.keep_temp,
-                         keep_failed=args.keep_failed)
+    paths = args.paths or ["recipes"]
+    files = recipes_changed_since(args.changed_since, paths) if args.changed_since else find_recipe_files(paths)
+    if not files:
+        print(f"no recipe changed since {args.changed_since}" if args.changed_since else "no recipe files found",
+              file=sys.stderr)
+        if args.json:
+            _print_json([])
+        return EXIT_OK if args.changed_since else EXIT_FAILED
+    outcomes = build_files(files, jobs=args.jobs, out=args.out, device=args.device, force=args.force,
+                           keep_temp=args.keep_temp, keep_failed=args.keep_failed)
+    rows = [{"recipe_file": o.recipe_file, **row} for o in outcomes for row in o.results]
+    failed = [{"recipe_file": o.recipe_file, "status": "failed", "error": o.error} for o in outcomes if o.error]
     if args.json:
-        _print_json([r.as_json() for r in results])
+        _print_json(rows + failed)
     else:
-        for result in results:
-            print(f"{result.name}: {result.status} -> {result.path}")
+        for row in rows:
+            print(f"{row['name']}: {row['status']} -> {row['path']}")
+    for failure in failed:
+        print(f"error: {failure['recipe_file']}: {failure['error']}", file=sys.stderr)
     if args.publish:
-        for result in results:
-            _publish_and_report(result.path, args)
-    return EXIT_OK
+        for row in rows:
+            _publish_and_report(Path(row["path"]), args)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -193,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 
-    build = commands.add_parser("build", help="build, verify and write the artifact(s) of a recipe file")
-    build.add_argument("recipe", help="a recipe file (a file with variants builds each)")
+    build = commands.add_parser("build", help="build, verify and write the artifacts of recipe files")
+    build.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/); a file with variants "
+                       "builds each; up-to-date artifacts are skipped")
+    build.add_argument("--changed-since", metavar="REF", help="only recipes whose file or `extends` parents changed "
+                       "since this git ref (committed or not)")
+    build.add_argument("--jobs", "-j", type=int, default=1, help="builds at once, each in its own process and, when "
+                       "there are several GPUs, on its own GPU (default 1)")
     build.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when "
                        "present, else cpu)")
     build.add_argument("--out", default="artifacts", help="artifacts folder; each artifact goes to OUT/<name>/ "

@@ -81,10 +81,15 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
     """Build one planned artifact into `<out>/<name>/`. Raises `BuilderError` (nothing at the final path),
     `VerificationFailed` when the gate fails, and lets KeyboardInterrupt through after cleaning up."""
     recipe = plan.loaded.recipe
-    steps = steps_for(plan)
-    chosen, device_map = choose_device(plan, device)
     out = Path(out)
     final = out / recipe.name
+    # Checked before anything heavy is imported, so `make all` over built recipes takes seconds; checked again
+    # under the lock in case a concurrent build just finished it.
+    if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
+        _say(f"{recipe.name}: up to date ({final})")
+        return BuildResult(recipe.name, final, "up to date", manifest)
+    steps = steps_for(plan)
+    chosen, device_map = choose_device(plan, device)
     _check_destination(final)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out, recipe.name):

@@ -1,0 +1,136 @@
+"""Recipes in git, built incrementally: --changed-since (through `extends`), up-to-date skips, make targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def _build(capsys, *argv: str) -> tuple[int, list[dict]]:
+    code = main(["build", *argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def recipe_repo(tiny_llama, tmp_path_factory) -> Path:
+    """A git repo of three tiny-Llama recipes: two extend a shared base, one stands alone; all built once."""
+    repo = tmp_path_factory.mktemp("recipe-repo")
+    recipes = repo / "recipes"
+    recipes.mkdir()
+    (recipes / "_base.yaml").write_text(
+        f"schema_version: 1\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
+        "verify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n")
+    for name, quant in (("nf4", "nf4"), ("fp4", "fp4")):
+        (recipes / f"{name}.yaml").write_text(
+            f"schema_version: 1\nextends: _base.yaml\nname: tiny-{name}\nquantize:\n  method: bnb-4bit\n"
+            f"  quant_type: {quant}\n")
+    (recipes / "int8.yaml").write_text(
+        f"schema_version: 1\nname: tiny-int8\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
+        "quantize:\n  method: bnb-8bit\nverify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "recipes")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def built(recipe_repo):
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(recipe_repo)
+    try:
+        assert main(["build", "recipes", "--device", "cpu"]) == 0
+    finally:
+        os.chdir(cwd)
+    return recipe_repo
+
+
+def test_second_build_of_everything_builds_nothing_in_seconds(built, capsys, monkeypatch):
+    monkeypatch.chdir(built)
+    start = time.perf_counter()
+    code, rows = _build(capsys, "recipes", "--device", "cpu")
+    elapsed = time.perf_counter() - start
+    assert code == 0
+    assert sorted((r["name"], r["status"]) for r in rows) == [
+        ("tiny-fp4", "up to date"), ("tiny-int8", "up to date"), ("tiny-nf4", "up to date")]
+    assert elapsed < 5, f"an up-to-date build of 3 recipes took {elapsed:.1f} s"
+
+
+def test_changed_since_builds_the_changed_recipe_only(built, capsys, monkeypatch):
+    monkeypatch.chdir(built)
+    code, rows = _build(capsys, "recipes", "--changed-since", "HEAD")
+    assert (code, rows) == (0, [])
+    int8 = built / "recipes" / "int8.yaml"
+    int8.write_text(int8.read_text().replace("method: bnb-8bit", "method: bnb-8bit\n  threshold: 5.0"))
+    code, rows = _build(capsys, "recipes", "--changed-since", "HEAD", "--device", "cpu")
+    assert code == 0
+    assert [(r["name"], r["status"]) for r in rows] == [("tiny-int8", "built")]
+
+
+def test_changed_parent_rebuilds_its_children(built, capsys, monkeypatch):
+    monkeypatch.chdir(built)
+    base = built / "recipes" / "_base.yaml"
+    base.write_text(base.read_text().replace("max_new_tokens: 4", "max_new_tokens: 3"))
+    _git(built, "commit", "-qam", "base: fewer verification tokens")
+    code, rows = _build(capsys, "recipes", "--changed-since", "HEAD~1", "--device", "cpu")
+    assert code == 0
+    rebuilt = sorted(r["name"] for r in rows if r["status"] == "built")
+    assert rebuilt == ["tiny-fp4", "tiny-nf4"]  # int8.yaml, changed in the same range, is already up to date
+
+
+def test_list_shows_every_artifact_verified(built, capsys, monkeypatch):
+    monkeypatch.chdir(built)
+    assert main(["list", "recipes", "--json"]) == 0
+    states = {row["name"]: row["state"] for row in json.loads(capsys.readouterr().out)}
+    assert states == {"tiny-nf4": "verified", "tiny-fp4": "verified", "tiny-int8": "verified"}
+
+
+def test_make_targets_only_call_builder():
+    dry = subprocess.run(["make", "-n", "all", "build", "R=recipes/x.yaml", "VENV=/v"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert "/v/bin/builder build recipes/" in dry
+    assert "/v/bin/builder build recipes/x.yaml" in dry
+
+
+def _workflow_commands() -> list[list[str]]:
+    """The `builder ...` commands of the example GitHub Actions workflow, with its ${{ }} expressions filled in."""
+    import re
+    import shlex
+
+    import yaml
+
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "builder.yml").read_text())
+    commands = []
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            line = step.get("run", "")
+            if line.startswith("builder "):
+                line = re.sub(r"\$\{\{[^}]*\}\}", "HEAD", line)
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_example_workflow_commands_run(built, capsys, monkeypatch):
+    """The workflow's commands, run as CI would run them (publishing aside, tested in test_publish_real.py)."""
+    monkeypatch.chdir(built)
+    commands = _workflow_commands()
+    assert [c[0] for c in commands] == ["validate", "list", "validate", "build"]
+    for argv in commands:
+        argv = [a for a in argv if a != "--publish"]
+        if argv[0] == "build":
+            argv += ["--device", "cpu"]
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
