@@ -115,7 +115,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row['name']}: {row['status']} -> {row['path']}")
     for failure in failed:
-        print(f"error: {failure['recipe_file']}: {failure['error']}", file=sys.stderr)
+        where = f"{failure['recipe_file']}: " if len(files) > 1 else ""
+        print(f"error: {where}{failure['error']}", file=sys.stderr)
     if args.publish:
         for row in rows:
             _publish_and_report(Path(row["path"]), args)

@@ -20,6 +20,15 @@ def build_fails(capsys, recipe, out, *extra: str, code: int = 1) -> str:
     return err
 
 
+@pytest.fixture
+def transformers_path(monkeypatch):
+    """Take the transformers path (from_pretrained + save_pretrained) whose calls these tests break on purpose;
+    plain recipes are otherwise streamed (test_stream_faults_* below break the streaming path)."""
+    import builder.steps.stream
+
+    monkeypatch.setattr(builder.steps.stream, "streamable", lambda recipe, source_dir: "forced by the test")
+
+
 def nothing_written(out) -> bool:
     """No artifact and no temporary folder (the output folder may hold only lock files)."""
     return not out.exists() or all(p.name.endswith(".lock") for p in out.iterdir())
@@ -80,7 +89,7 @@ def test_fp32_cpu_offload_that_would_quantize_nothing(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("raised", ["torch.OutOfMemoryError", "allocator"])
-def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys, monkeypatch, raised):
+def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys, monkeypatch, transformers_path, raised):
     import torch
     import transformers
 
@@ -98,7 +107,7 @@ def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys,
     assert nothing_written(tmp_path / "out")
 
 
-def test_disk_full_says_where_and_how_much(tiny_llama, tmp_path, capsys, monkeypatch):
+def test_disk_full_says_where_and_how_much(tiny_llama, tmp_path, capsys, monkeypatch, transformers_path):
     from transformers import PreTrainedModel
 
     def disk_full(self, folder, *args, **kwargs):
@@ -112,7 +121,7 @@ def test_disk_full_says_where_and_how_much(tiny_llama, tmp_path, capsys, monkeyp
     assert nothing_written(tmp_path / "out")
 
 
-def test_interrupt_cleans_up_and_exits_130(tiny_llama, tmp_path, capsys, monkeypatch):
+def test_interrupt_cleans_up_and_exits_130(tiny_llama, tmp_path, capsys, monkeypatch, transformers_path):
     from transformers import PreTrainedModel
 
     def interrupted(self, folder, *args, **kwargs):
@@ -125,7 +134,7 @@ def test_interrupt_cleans_up_and_exits_130(tiny_llama, tmp_path, capsys, monkeyp
     assert nothing_written(tmp_path / "out")
 
 
-def test_keep_temp_keeps_the_failed_build_folder(tiny_llama, tmp_path, capsys, monkeypatch):
+def test_keep_temp_keeps_the_failed_build_folder(tiny_llama, tmp_path, capsys, monkeypatch, transformers_path):
     from transformers import PreTrainedModel
 
     def disk_full(self, folder, *args, **kwargs):
@@ -137,6 +146,28 @@ def test_keep_temp_keeps_the_failed_build_folder(tiny_llama, tmp_path, capsys, m
     kept = [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-tiny-nf4-")]
     assert len(kept) == 1 and f"kept the temporary build folder {kept[0]}" in err
     assert not (tmp_path / "out" / "tiny-nf4").exists()
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("oom", "error: out of memory while streaming the quantized weights"),
+    ("disk", "error: disk full while streaming the quantized weights into"),
+])
+def test_stream_faults_name_the_stage(tiny_llama, tmp_path, capsys, monkeypatch, fault, message):
+    import torch
+
+    import builder.steps.stream
+
+    def broken(ctx):
+        (ctx.workdir / "model.safetensors").write_bytes(b"half written")
+        if fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builder.steps.stream, "stream_quantize", broken)
+    recipe = write_recipe(tmp_path, tiny_llama)
+    line = build_fails(capsys, recipe, tmp_path / "out").strip().splitlines()[-1]
+    assert line.startswith(message)
+    assert nothing_written(tmp_path / "out")
 
 
 def test_folder_that_is_not_an_artifact_is_not_replaced(tiny_llama, tmp_path, capsys):
