@@ -404,23 +404,20 @@ class Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline().strip():  # trailers
                         pass
                     break
-                remaining = size
-                while remaining:
-                    chunk = self.rfile.read(min(remaining, _CHUNK))
-                    if not chunk:
-                        raise ConnectionError("client went away mid-body")
-                    remaining -= len(chunk)
-                    yield chunk
+                yield from self._exactly(size)
                 self.rfile.readline()
         else:
-            remaining = int(self.headers.get("Content-Length") or 0)
-            while remaining:
-                chunk = self.rfile.read(min(remaining, _CHUNK))
-                if not chunk:
-                    raise ConnectionError("client went away mid-body")
-                remaining -= len(chunk)
-                yield chunk
+            yield from self._exactly(int(self.headers.get("Content-Length") or 0))
         self.body_read = True
+
+    def _exactly(self, remaining: int) -> Iterator[bytes]:
+        """The next `remaining` bytes of the request, in chunks; a connection that closes early is an error."""
+        while remaining:
+            chunk = self.rfile.read(min(remaining, _CHUNK))
+            if not chunk:
+                raise ConnectionError("client went away mid-body")
+            remaining -= len(chunk)
+            yield chunk
 
     def _read_body(self) -> bytes:
         return b"".join(self._body_chunks())
