@@ -21,7 +21,10 @@ def test_demo_builds_publishes_to_a_local_registry_and_loads_back(tiny_llama, tm
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE.format(model=tiny_llama))
     lines: list[str] = []
-    run_demo(recipe, out=tmp_path / "artifacts", root=tmp_path / "hub", say=lines.append)
+    try:
+        run_demo(recipe, out=tmp_path / "artifacts", root=tmp_path / "hub", say=lines.append)
+    finally:
+        print("\n".join(lines))  # what each stage printed, shown when the test fails
     text = "\n".join(lines)
     assert [line.split()[0] for line in lines if line.startswith("[")] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     assert "verification passed" in text
