@@ -4,8 +4,10 @@ PY     := $(VENV)/bin/python
 BUILDER := $(VENV)/bin/builder
 PYTEST := $(PY) -m pytest
 R      ?= recipes/smollm2/nf4.yaml
+RECIPES   ?= recipes
+ARTIFACTS ?= artifacts
 
-.PHONY: demo test test-slow test-gpu test-interop validate plan build all models schema clean publish bench
+.PHONY: demo test test-slow test-gpu test-interop validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -31,7 +33,21 @@ build: models/.ready
 	$(BUILDER) build $(R)
 
 all: models/.ready
-	$(BUILDER) build recipes/
+	$(BUILDER) build $(RECIPES)/
+
+# `make artifacts/<name>/manifest.json` builds the recipe (or variant) whose artifact is <name>, for other rules to
+# depend on. Its prerequisite, a stamp holding the build hash, is rewritten on every run by `builder stamp`: dated
+# like the manifest when the artifact is up to date (same build hash, verified, files intact) and now otherwise, so
+# make's own up-to-date check rebuilds exactly when `builder build` would.
+$(ARTIFACTS)/%/manifest.json: $(ARTIFACTS)/.stamps/%.hash
+	$(BUILDER) build $(RECIPES) --name $* --out $(ARTIFACTS)
+
+$(ARTIFACTS)/.stamps/%.hash: FORCE | models/.ready
+	$(BUILDER) stamp $* $(RECIPES) --artifacts $(ARTIFACTS)
+
+# Kept between runs, and never deleted by an interrupted make (the manifest is builder's to write).
+.PRECIOUS: $(ARTIFACTS)/%/manifest.json $(ARTIFACTS)/.stamps/%.hash
+FORCE:
 
 # Publish an artifact to HF_ENDPOINT (default: the public Hub); needs HF_TOKEN or `hf auth login`.
 # For the local registry: HF_ENDPOINT=http://127.0.0.1:8808 HF_HUB_DISABLE_XET=1 make publish

@@ -13,6 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from builder.console import configured, say
 from builder.errors import BuilderError, RecipeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -23,20 +24,28 @@ def _print_json(payload: object) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from builder.loader import find_recipe_files, load_recipes
+    from builder.loader import find_recipe_files, load_recipes, name_clashes
 
     files = find_recipe_files(args.paths or ["recipes"])
-    results, failed = [], False
+    results, failed = {}, False
     for file in files:
         try:
             loaded = load_recipes(file)
-            results.append({"file": str(file), "ok": True, "recipes": [r.recipe.name for r in loaded], "problems": []})
+            results[file] = {"file": str(file), "ok": True, "recipes": [r.recipe.name for r in loaded],
+                             "problems": []}
         except RecipeError as error:
             failed = True
-            results.append({"file": str(file), "ok": False, "recipes": [],
-                            "problems": [p.as_json() for p in error.problems]})
+            results[file] = {"file": str(file), "ok": False, "recipes": [],
+                             "problems": [p.as_json() for p in error.problems]}
             if not args.json:
                 print(error)
+    for file, problem in name_clashes(files):
+        failed = True
+        results[file]["ok"] = False
+        results[file]["problems"].append(problem.as_json())
+        if not args.json:
+            print(problem)
+    results = list(results.values())
     if args.json:
         _print_json({"ok": not failed, "files": results})
     elif not failed:
@@ -95,32 +104,48 @@ def _size(n: int | None) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.batch import build_files
     from builder.changes import recipes_changed_since
-    from builder.loader import find_recipe_files
+    from builder.loader import files_defining, find_recipe_files, name_clashes
 
     paths = args.paths or ["recipes"]
-    files = recipes_changed_since(args.changed_since, paths) if args.changed_since else find_recipe_files(paths)
+    every = find_recipe_files(paths)
+    if clashes := name_clashes(every):
+        raise RecipeError([problem for _, problem in clashes])
+    files = recipes_changed_since(args.changed_since, paths) if args.changed_since else every
+    if args.name:
+        named = files_defining(args.name, every)
+        files = [file for file in files if file in named]
     if not files:
         print(f"no recipe changed since {args.changed_since}" if args.changed_since else "no recipe files found",
               file=sys.stderr)
         if args.json:
             _print_json([])
         return EXIT_OK if args.changed_since else EXIT_FAILED
-    outcomes = build_files(files, jobs=args.jobs, out=args.out, device=args.device, force=args.force,
-                           keep_temp=args.keep_temp, keep_failed=args.keep_failed)
+    outcomes = build_files(files, jobs=args.jobs, names=args.name, out=args.out, device=args.device,
+                           force=args.force, keep_temp=args.keep_temp, keep_failed=args.keep_failed)
     rows = [{"recipe_file": o.recipe_file, **row} for o in outcomes for row in o.results]
     failed = [{"recipe_file": o.recipe_file, "status": "failed", "error": o.error} for o in outcomes if o.error]
-    if args.json:
-        _print_json(rows + failed)
-    else:
+    if not args.json:
         for row in rows:
             print(f"{row['name']}: {row['status']} -> {row['path']}")
     for failure in failed:
         where = f"{failure['recipe_file']}: " if len(files) > 1 else ""
         print(f"error: {where}{failure['error']}", file=sys.stderr)
+    publish_failed = False
     if args.publish:
         for row in rows:
-            _publish_and_report(Path(row["path"]), args)
-    return EXIT_FAILED if failed else EXIT_OK
+            try:
+                result = _publish(Path(row["path"]), args)
+            except BuilderError as error:
+                publish_failed = True
+                row["publish"] = {"status": "failed", "error": str(error)}
+                print(f"error: publishing {row['name']}: {error}", file=sys.stderr)
+                continue
+            row["publish"] = result.as_json()
+            if not args.json:
+                _print_publish(result, Path(row["path"]))
+    if args.json:
+        _print_json(rows + failed)
+    return EXIT_FAILED if failed or publish_failed else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -135,20 +160,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    _publish_and_report(Path(args.artifact), args)
+    artifact = Path(args.artifact)
+    result = _publish(artifact, args)
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        _print_publish(result, artifact)
     return EXIT_OK
 
 
-def _publish_and_report(artifact: Path, args: argparse.Namespace) -> None:
+def _publish(artifact: Path, args: argparse.Namespace):
+    from builder.console import say
     from builder.hub.publish import publish, use_network_timeouts
 
     use_network_timeouts()
-    result = publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
-                     create_pr=args.create_pr or None, dry_run=getattr(args, "dry_run", False),
-                     progress=lambda message: print(message, file=sys.stderr, flush=True))
-    if args.json:
-        _print_json(result.as_json())
-    elif result.status == "dry-run":
+    return publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
+                   create_pr=args.create_pr or None, dry_run=getattr(args, "dry_run", False), progress=say)
+
+
+def _print_publish(result, artifact: Path) -> None:
+    if result.status == "dry-run":
         print(f"would publish {len(result.uploaded)} files of {artifact} to {result.repo}@{result.revision} "
               f"({result.endpoint}):")
         print("\n".join(f"  {path}" for path in result.uploaded))
@@ -185,7 +216,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from builder.inventory import artifact_states, format_table
 
-    states = artifact_states(args.paths or ["recipes"], Path(args.artifacts))
+    states = artifact_states(args.paths or ["recipes"], Path(args.artifacts), names=args.name)
     if args.json:
         _print_json([s.as_json() for s in states])
     else:
@@ -193,24 +224,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any(s.state == "invalid" for s in states) else EXIT_OK
 
 
+def cmd_stamp(args: argparse.Namespace) -> int:
+    from builder.inventory import artifact_states, write_stamp
+    from builder.loader import find_recipe_files, name_clashes
+
+    files = find_recipe_files(args.paths or ["recipes"])
+    if clashes := name_clashes(files):
+        raise RecipeError([problem for _, problem in clashes])
+    [state] = artifact_states(files, Path(args.artifacts), names=[args.name])
+    path = write_stamp(state, Path(args.artifacts))
+    say(f"{state.name}: {'up to date' if state.state == 'verified' else state.state + ', to build'} ({path})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Declarative, verified model builds from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"builder {_own_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The commands that report progress take --quiet; bars also switch off by themselves when stderr is no terminal.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", help="no status lines or progress bars on stderr "
+                       "(errors and results still print)")
 
-    validate = commands.add_parser("validate", help="check recipes (files or folders; default recipes/)")
+    validate = commands.add_parser("validate", parents=[quiet],
+                                   help="check recipes (files or folders; default recipes/)")
     validate.add_argument("paths", nargs="*", help="recipe files or folders")
     validate.add_argument("--json", action="store_true", help="machine-readable output")
     validate.set_defaults(run=cmd_validate)
 
-    plan = commands.add_parser("plan", help="show the resolved recipe, build hash, steps and a preflight")
+    plan = commands.add_parser("plan", parents=[quiet],
+                               help="show the resolved recipe, build hash, steps and a preflight")
     plan.add_argument("recipe", help="a recipe file")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 
-    build = commands.add_parser("build", help="build, verify and write the artifacts of recipe files")
+    build = commands.add_parser("build", parents=[quiet],
+                                help="build, verify and write the artifacts of recipe files")
     build.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/); a file with variants "
                        "builds each; up-to-date artifacts are skipped")
+    build.add_argument("--name", action="append", metavar="ARTIFACT", help="only the recipe (or variant) that "
+                       "builds this artifact; repeatable")
     build.add_argument("--changed-since", metavar="REF", help="only recipes whose file or `extends` parents changed "
                        "since this git ref (committed or not)")
     build.add_argument("--jobs", "-j", type=int, default=1, help="builds at once, each in its own process and, when "
@@ -228,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
 
-    verify = commands.add_parser("verify", help="re-run the verification of an artifact against its recorded source")
+    verify = commands.add_parser("verify", parents=[quiet],
+                                 help="re-run the verification of an artifact against its recorded source")
     verify.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
     verify.add_argument("--write", action="store_true", help="rewrite verify-report.json and the manifest's "
                         "verification and file hashes (default: change nothing)")
@@ -236,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(run=cmd_verify)
 
-    publish = commands.add_parser("publish", help="push a verified artifact to the Hugging Face Hub (HF_ENDPOINT) "
-                                  "in one commit")
+    publish = commands.add_parser("publish", parents=[quiet], help="push a verified artifact to the Hugging Face "
+                                  "Hub (HF_ENDPOINT) in one commit")
     publish.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
     _add_publish_options(publish)
     publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; "
@@ -245,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--json", action="store_true", help="machine-readable output")
     publish.set_defaults(run=cmd_publish)
 
-    demo = commands.add_parser("demo", help="build + verify SmolLM2 nf4, publish it to a local registry, load it "
-                               "back with transformers and generate")
+    demo = commands.add_parser("demo", parents=[quiet], help="build + verify SmolLM2 nf4, publish it to a local "
+                               "registry, load it back with transformers and generate")
     demo.add_argument("--recipe", default="recipes/smollm2/nf4.yaml", help="recipe to build (default: %(default)s)")
     demo.add_argument("--out", default="artifacts", help="artifacts folder (default artifacts/)")
     demo.add_argument("--root", help="registry folder to keep (default: a temporary folder)")
@@ -266,12 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.set_defaults(run=cmd_schema)
 
-    listing = commands.add_parser("list", help="recipes and the state of their artifacts (missing/stale/built/"
-                                  "verified/published)")
+    listing = commands.add_parser("list", parents=[quiet], help="recipes and the state of their artifacts "
+                                  "(missing/stale/built/verified/published)")
     listing.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/)")
     listing.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
+    listing.add_argument("--name", action="append", metavar="ARTIFACT", help="only this artifact; repeatable")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_list)
+
+    stamp = commands.add_parser("stamp", parents=[quiet], help="for make: write ARTIFACTS/.stamps/NAME.hash, dated "
+                                "like the artifact's manifest when it is up to date and now otherwise")
+    stamp.add_argument("name", help="the artifact's name (the recipe's `name`, with a variant's suffix)")
+    stamp.add_argument("paths", nargs="*", help="recipe files or folders to find it in (default recipes/)")
+    stamp.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
+    stamp.set_defaults(run=cmd_stamp)
     return parser
 
 
@@ -300,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_OK
     try:
-        return args.run(args)
+        with configured(quiet=getattr(args, "quiet", False)):
+            return args.run(args)
     except BuilderError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

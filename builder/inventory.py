@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError, RecipeError
-from builder.loader import find_recipe_files, load_recipes
+from builder.loader import files_defining, find_recipe_files, load_recipes
 from builder.plan import make_plan
 
 PUBLISHED_DIR = ".published"
 """`artifacts/.published/<name>.json`: the last publish of an artifact (repo, revision, commit, build hash)."""
+STAMPS_DIR = ".stamps"
+"""`artifacts/.stamps/<name>.hash`: make's view of an artifact (see `write_stamp`)."""
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class ArtifactState:
     recipe_file: str
     name: str
     state: str
-    """missing | stale | built (present, verification missing or failed) | verified | invalid (recipe/source error)"""
+    """missing | stale (another build hash) | built (this build hash, but verification did not pass or a file is
+    missing or changed; `detail` says which) | verified (up to date: `builder build` skips it) | invalid (recipe or
+    source error)"""
     build_hash: str | None
     artifact_build_hash: str | None
     published: dict | None
@@ -31,9 +35,31 @@ class ArtifactState:
 
 def read_manifest(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "manifest.json").read_text())
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def up_to_date(final: Path, build_hash: str) -> dict | None:
+    """The manifest of the artifact at `final` when it has `build_hash`, passed verification and still has every
+    file it lists at the listed size; else None. `builder build` skips exactly these artifacts."""
+    manifest = read_manifest(final)
+    if manifest is None or _not_current(final, manifest, build_hash):
+        return None
+    return manifest
+
+
+def _not_current(final: Path, manifest: dict, build_hash: str) -> str:
+    """Why the artifact is not up to date for `build_hash` ("" when it is)."""
+    if manifest.get("build_hash") != build_hash:
+        return "another build hash"
+    if not (manifest.get("verification") or {}).get("passed"):
+        return "verification did not pass"
+    for name, entry in (manifest.get("files") or {}).items():
+        path = final / name
+        if not path.is_file() or path.stat().st_size != entry.get("size"):
+            return f"{name} is missing or changed"
+    return ""
 
 
 def published_record(artifacts: Path, name: str) -> dict | None:
@@ -43,10 +69,14 @@ def published_record(artifacts: Path, name: str) -> dict | None:
         return None
 
 
-def artifact_states(paths: list[str | Path], artifacts: Path) -> list[ArtifactState]:
-    """One state per recipe (variants expanded) under `paths`, comparing build hashes with artifacts/<name>/."""
+def artifact_states(paths: list[str | Path], artifacts: Path, names: list[str] | None = None) -> list[ArtifactState]:
+    """One state per recipe (variants expanded) under `paths`, comparing build hashes with artifacts/<name>/; only
+    the artifacts in `names` when given (a name no recipe defines is an error)."""
+    files = find_recipe_files(paths)
+    if names:
+        files = files_defining(names, files)
     states = []
-    for file in find_recipe_files(paths):
+    for file in files:
         try:
             loaded_recipes = load_recipes(file)
         except RecipeError as error:
@@ -54,6 +84,8 @@ def artifact_states(paths: list[str | Path], artifacts: Path) -> list[ArtifactSt
             continue
         for loaded in loaded_recipes:
             name = loaded.recipe.name
+            if names and name not in names:
+                continue
             manifest = read_manifest(artifacts / name)
             found = manifest.get("build_hash") if manifest else None
             published = published_record(artifacts, name)
@@ -62,18 +94,38 @@ def artifact_states(paths: list[str | Path], artifacts: Path) -> list[ArtifactSt
             except BuilderError as error:
                 states.append(ArtifactState(str(file), name, "invalid", None, found, published, str(error)))
                 continue
+            detail = ""
             if manifest is None:
                 state = "missing"
             elif found != expected:
                 state = "stale"
-            elif (manifest.get("verification") or {}).get("passed") is True:
-                state = "verified"
-            else:
+            elif detail := _not_current(artifacts / name, manifest, expected):
                 state = "built"
+            else:
+                state = "verified"
             if published and published.get("build_hash") != found:
                 published = {**published, "outdated": True}
-            states.append(ArtifactState(str(file), name, state, expected, found, published))
+            states.append(ArtifactState(str(file), name, state, expected, found, published, detail))
     return states
+
+
+def write_stamp(state: ArtifactState, artifacts: Path) -> Path:
+    """Write `<artifacts>/.stamps/<name>.hash` (the recipe's build hash) for make's
+    `<artifacts>/<name>/manifest.json: <artifacts>/.stamps/<name>.hash` rule. The stamp is dated like the manifest
+    when the artifact is up to date and now otherwise, so make rebuilds exactly when `builder build` would: after a
+    change to the recipe, its parents, the source or the versions, and after a failed verification or a changed
+    file."""
+    import os
+
+    if state.state == "invalid":
+        raise BuilderError(f"{state.recipe_file}: {state.detail}")
+    path = artifacts / STAMPS_DIR / f"{state.name}.hash"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{state.build_hash}\n")
+    if state.state == "verified":
+        manifest = artifacts / state.name / "manifest.json"
+        os.utime(path, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns))
+    return path
 
 
 def format_table(states: list[ArtifactState]) -> str:

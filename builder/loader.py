@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from builder.errors import Location, Problem, RecipeError
+from builder.errors import BuilderError, Location, Problem, RecipeError
 from builder.messages import META_KEYS, Path_, discriminator_at, problem_from_error, show, unique_sorted
 from builder.recipe import Recipe
 from builder.yaml_marks import Located, parse_yaml
@@ -34,6 +34,8 @@ class LoadedRecipe:
     variant: str | None = None
     source_root: Path = Path(".")
     """Folder that a relative `source.model` is resolved against: that of the file that wrote it."""
+    name_at: Location | None = None
+    """Where `name` was written."""
 
     @property
     def source_path(self) -> Path | None:
@@ -174,7 +176,7 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     variants = located.data.pop("variants", None)
     if variants is None:
         recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path))]
+        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)))]
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(unique_sorted([*located.problems, Problem(located.where(("variants",)), "variants", "variants is "
                                    "a mapping of suffix: {overrides}, with at least one suffix")]))
@@ -197,7 +199,8 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     problems += _variant_problems(results)
     if problems:
         raise RecipeError(unique_sorted(problems))
-    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix]) for suffix, _, recipe, _ in results]
+    name_at = located.where(("name",))
+    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at) for suffix, _, recipe, _ in results]
 
 
 def _source_root(located: Located, path: Path) -> Path:
@@ -274,3 +277,48 @@ def find_recipe_files(paths: list[str | Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def files_defining(names: list[str], files: list[Path]) -> list[Path]:
+    """The recipe files among `files` that define an artifact named in `names`. A name that no valid file defines
+    is an error naming the closest artifact (and any file that could not be read)."""
+    from difflib import get_close_matches
+
+    loaded, unreadable = _readable(files)
+    defined = {item.recipe.name for item in loaded}
+    for name in names:
+        if name not in defined:
+            close = get_close_matches(name, sorted(defined), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            broken = f"; these files have errors, see `builder validate`: {', '.join(unreadable)}" if unreadable else ""
+            raise BuilderError(f"no recipe defines an artifact named {name!r}{hint}{broken}")
+    return list(dict.fromkeys(item.path for item in loaded if item.recipe.name in names))
+
+
+def name_clashes(files: list[Path]) -> list[tuple[Path, Problem]]:
+    """(recipe file, problem) for each recipe whose artifact name an earlier recipe already has: both would build
+    into `<out>/<name>/`. Files that do not load are skipped (their own problems are reported elsewhere)."""
+    first: dict[str, LoadedRecipe] = {}
+    problems = []
+    for item in _readable(files)[0]:
+        name = item.recipe.name
+        if name not in first:
+            first[name] = item
+            continue
+        other = first[name]
+        where = f"{other.path}" + (f" (variant {other.variant})" if other.variant else "")
+        problems.append((item.path, Problem(item.name_at or Location(str(item.path), 1, 1), "name",
+                                            f"artifact {name!r} is also built by {where}; artifact names must be "
+                                            "unique (each builds <out>/<name>/)")))
+    return problems
+
+
+def _readable(files: list[Path]) -> tuple[list[LoadedRecipe], list[str]]:
+    """Every recipe the files define, and the files that do not load."""
+    loaded, unreadable = [], []
+    for file in files:
+        try:
+            loaded += load_recipes(file)
+        except RecipeError:
+            unreadable.append(str(file))
+    return loaded, unreadable

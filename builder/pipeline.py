@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder.console import say
 from builder.errors import BuildError, VerificationFailed
+from builder.inventory import up_to_date
 from builder.loader import LoadedRecipe, load_recipes
 from builder.plan import Plan, build_kind, make_plan
 from builder.steps import load, quantize, write
@@ -66,12 +67,14 @@ class BuildResult:
 Step = Callable[[BuildContext], None]
 
 
-def build_file(recipe_file: str | Path, *, out: str | Path = "artifacts", device: str | None = None,
-               force: bool = False, keep_temp: bool = False, keep_failed: bool = False) -> list[BuildResult]:
-    """Build every artifact a recipe file defines (one, or one per variant), in order.
+def build_file(recipe_file: str | Path, *, names: list[str] | None = None, out: str | Path = "artifacts",
+               device: str | None = None, force: bool = False, keep_temp: bool = False,
+               keep_failed: bool = False) -> list[BuildResult]:
+    """Build every artifact a recipe file defines (one, or one per variant), in order; only those in `names` when
+    given.
 
-    All variants are planned first, so a bad recipe or source fails before anything is written."""
-    plans = [make_plan(loaded) for loaded in load_recipes(recipe_file)]
+    All of them are planned first, so a bad recipe or source fails before anything is written."""
+    plans = [make_plan(loaded) for loaded in load_recipes(recipe_file) if not names or loaded.recipe.name in names]
     return [build(plan, out=out, device=device, force=force, keep_temp=keep_temp, keep_failed=keep_failed)
             for plan in plans]
 
@@ -85,16 +88,23 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
     final = out / recipe.name
     # Checked before anything heavy is imported, so `make all` over built recipes takes seconds; checked again
     # under the lock in case a concurrent build just finished it.
+    publish = recipe.publish.model_dump(mode="json") if recipe.publish else None
     if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
-        _say(f"{recipe.name}: up to date ({final})")
-        return BuildResult(recipe.name, final, "up to date", manifest)
+        if manifest["recipe"].get("publish") == publish:
+            say(f"{recipe.name}: up to date ({final})")
+            return BuildResult(recipe.name, final, "up to date", manifest)
+        with _locked(out, recipe.name):
+            if (manifest := up_to_date(final, plan.build_hash)) is not None:
+                manifest = write.refresh_publish(final, plan.loaded, plan, manifest)
+                say(f"{recipe.name}: up to date ({final}); its card and manifest now carry the recipe's `publish`")
+                return BuildResult(recipe.name, final, "up to date", manifest)
     steps = steps_for(plan)
     chosen, device_map = choose_device(plan, device)
     _check_destination(final)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out, recipe.name):
         if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
-            _say(f"{recipe.name}: up to date ({final})")
+            say(f"{recipe.name}: up to date ({final})")
             return BuildResult(recipe.name, final, "up to date", manifest)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
         ctx = BuildContext(plan.loaded, plan, None, workdir, chosen)
@@ -102,7 +112,7 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
             ctx.record["device_map"] = device_map
         try:
             for number, (name, step) in enumerate(steps, 1):
-                _say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
+                say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
                 start = time.perf_counter()
                 step(ctx)
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
@@ -114,7 +124,7 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
             _discard(workdir, None, keep_temp)
             raise
     manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
-    _say(f"{recipe.name}: built {final}")
+    say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", manifest)
 
 
@@ -177,22 +187,6 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
     return device, chosen_map
 
 
-def up_to_date(final: Path, build_hash: str) -> dict | None:
-    """The manifest of the artifact at `final` when it has `build_hash`, passed verification and still has every
-    file it lists at the listed size; else None."""
-    try:
-        manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("build_hash") != build_hash or not (manifest.get("verification") or {}).get("passed"):
-        return None
-    for name, entry in (manifest.get("files") or {}).items():
-        path = final / name
-        if not path.is_file() or path.stat().st_size != entry.get("size"):
-            return None
-    return manifest
-
-
 def _check_destination(final: Path) -> None:
     if final.exists() and not (final / "manifest.json").is_file():
         raise BuildError(f"{final} exists and is not a builder artifact (no manifest.json); move it away or build "
@@ -209,7 +203,7 @@ def _locked(out: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(f"{name}: waiting for another build of it to finish (lock {path})")
+            say(f"{name}: waiting for another build of it to finish (lock {path})")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -242,12 +236,8 @@ def _discard(workdir: Path, failed: Path | None, keep_temp: bool) -> None:
         shutil.rmtree(failed, ignore_errors=True)
         failed.parent.mkdir(parents=True, exist_ok=True)
         os.rename(workdir, failed)
-        _say(f"kept the failed build in {failed}")
+        say(f"kept the failed build in {failed}")
     elif keep_temp:
-        _say(f"kept the temporary build folder {workdir}")
+        say(f"kept the temporary build folder {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -15,13 +15,13 @@ import json
 import re
 import shutil
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.console import say
 from builder.errors import BuildError
 from builder.plan import is_quantizable
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
@@ -136,7 +136,7 @@ def quantize(ctx: BuildContext) -> None:
         with _stage(ctx, "stream", "streaming the quantized weights"):
             stream_quantize(ctx)
         return
-    print(f"{recipe.name}: quantizing through transformers (not streamed: {reason})", file=sys.stderr, flush=True)
+    say(f"{recipe.name}: quantizing through transformers (not streamed: {reason})")
     ctx.record["quantize_path"] = f"transformers ({reason})"
     model_class = auto_class(ctx.record["task"])
     kwargs = load_kwargs(recipe, ctx.record["device_map"])

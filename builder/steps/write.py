@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING
 from builder.plan import build_kind
 
 if TYPE_CHECKING:
+    from builder.loader import LoadedRecipe
     from builder.pipeline import BuildContext
+    from builder.plan import Plan
 
 MANIFEST_VERSION = 1
 # Record keys the manifest places itself; any other key a step records is copied into the manifest as is.
@@ -31,7 +34,7 @@ def write(ctx: BuildContext) -> None:
 
     manifest = manifest_for(ctx)
     _write_json(ctx.workdir / "verify-report.json", manifest["verification"])
-    (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx), encoding="utf-8")
+    (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
     manifest["files"] = file_table(ctx.workdir)
     _write_json(ctx.workdir / "manifest.json", manifest)
@@ -63,30 +66,55 @@ def manifest_for(ctx: BuildContext) -> dict:
     return manifest
 
 
-def lock_text(ctx: BuildContext) -> str:
+def lock_text(loaded: LoadedRecipe, plan: Plan) -> str:
     """recipe.lock.yaml: the resolved recipe (after extends and variants), a Hub source pinned to its commit."""
     import yaml
 
-    recipe = ctx.loaded.recipe.model_dump(mode="json")
-    revision = ctx.plan.source.revision
-    if ctx.loaded.source_path is not None:
-        recipe["source"]["model"] = str(ctx.loaded.source_path)  # absolute: the lock lives in another folder
+    recipe = loaded.recipe.model_dump(mode="json")
+    revision = plan.source.revision
+    if loaded.source_path is not None:
+        recipe["source"]["model"] = str(loaded.source_path)  # absolute: the lock lives in another folder
     else:
         recipe["source"]["revision"] = revision
-    header = (f"# Resolved recipe of {ctx.loaded.recipe.name} (build {ctx.plan.build_hash[:16]}), from "
-              f"{_display(ctx.loaded.path)}{' variant ' + ctx.loaded.variant if ctx.loaded.variant else ''}.\n"
-              f"# source {ctx.loaded.recipe.source.model} @ {revision}\n")
+    header = (f"# Resolved recipe of {loaded.recipe.name} (build {plan.build_hash[:16]}), from "
+              f"{_display(loaded.path)}{' variant ' + loaded.variant if loaded.variant else ''}.\n"
+              f"# source {loaded.recipe.source.model} @ {revision}\n")
     return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def refresh_publish(final: Path, loaded: LoadedRecipe, plan: Plan, manifest: dict) -> dict:
+    """Give the up-to-date artifact at `final` its recipe's current `publish` block, which is not part of the build
+    hash (changing where or how an artifact is published rebuilds nothing): recipe.lock.yaml and the README.md card
+    are rewritten in place, then the manifest, each by an atomic rename. Returns the new manifest."""
+    from builder.card import render_card
+
+    manifest = {**manifest, "recipe": loaded.recipe.model_dump(mode="json")}
+    files = dict(manifest["files"])
+    for name, text in (("recipe.lock.yaml", lock_text(loaded, plan)), ("README.md", render_card(manifest))):
+        data = text.encode()
+        _replace(final / name, data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest["files"] = files
+    _replace(final / "manifest.json", _json_bytes(manifest))
+    return manifest
+
+
+def _replace(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def file_table(folder: Path) -> dict[str, dict]:
     """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path."""
     from tqdm.auto import tqdm
 
+    from builder.console import show_progress
+
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != "manifest.json")
     table = {}
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="Hashing files",
-              leave=False) as bar:
+              leave=False, disable=not show_progress()) as bar:
         for path in files:
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
@@ -130,4 +158,8 @@ def _display(path: Path) -> str:
 
 
 def _write_json(path: Path, payload: object) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_bytes(_json_bytes(payload))
+
+
+def _json_bytes(payload: object) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,3 +136,91 @@ def test_example_workflow_commands_run(built, capsys, monkeypatch):
         if argv[0] == "build":
             argv += ["--device", "cpu"]
         assert main(argv) == 0, (argv, capsys.readouterr().err)
+
+
+def _make(repo: Path, *targets: str) -> subprocess.CompletedProcess:
+    """The project's Makefile run in `repo` with this interpreter's environment (models/ is not needed there)."""
+    venv = Path(sys.executable).parent.parent
+    return subprocess.run(["make", "-f", str(REPO / "Makefile"), "-o", "models/.ready", f"VENV={venv}", *targets],
+                          cwd=repo, capture_output=True, text=True, check=True)
+
+
+def test_second_make_all_builds_nothing_in_seconds(built):
+    _make(built, "all")  # whatever earlier tests left stale
+    start = time.perf_counter()
+    done = _make(built, "all")
+    elapsed = time.perf_counter() - start
+    assert sorted(done.stdout.splitlines()[1:]) == [f"tiny-{q}: up to date -> artifacts/tiny-{q}"
+                                                    for q in ("fp4", "int8", "nf4")]
+    assert elapsed < 5, f"a second `make all` over 3 recipes took {elapsed:.1f} s"
+
+
+def test_make_manifest_rule_rebuilds_exactly_when_the_build_hash_says_so(built):
+    target = "artifacts/tiny-int8/manifest.json"
+    recipe = built / "recipes" / "int8.yaml"
+    build_line = "builder build recipes --name tiny-int8 --out artifacts"
+
+    def make() -> subprocess.CompletedProcess:
+        return _make(built, target)
+
+    _make(built, "all")
+    # make runs the rule once when the stamp is new (its rule for a prerequisite that did not exist); builder
+    # answers "up to date". From then on only the stamp runs.
+    assert "tiny-int8: up to date -> artifacts/tiny-int8" in make().stdout
+    assert build_line not in make().stdout
+    recipe.write_text(recipe.read_text() + "# a comment changes no resolved value\n")
+    assert build_line not in make().stdout
+    recipe.write_text(recipe.read_text().replace("max_new_tokens: 4", "max_new_tokens: 5"))
+    done = make()
+    assert build_line in done.stdout and "tiny-int8: built" in done.stdout
+    assert build_line not in make().stdout
+    (built / "artifacts" / "tiny-int8" / "README.md").unlink()  # a damaged artifact is rebuilt, as builder would
+    assert "tiny-int8: built" in make().stdout
+    assert build_line not in make().stdout
+    _git(built, "commit", "-qam", "int8: one more verification token")
+
+
+def test_build_quiet_prints_results_only(built, capsys, monkeypatch):
+    monkeypatch.chdir(built)
+    assert main(["build", "recipes", "--name", "tiny-nf4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "tiny-nf4: up to date -> artifacts/tiny-nf4\n"
+    assert "tiny-nf4: up to date (artifacts/tiny-nf4)" in captured.err
+    assert main(["build", "recipes", "--name", "tiny-nf4", "--quiet"]) == 0
+    assert capsys.readouterr() == (captured.out, "")
+    assert "BUILDER_QUIET" not in os.environ  # --quiet lasts for its command only
+
+
+def test_build_publish_json_is_one_document(built, tmp_path):
+    """The workflow's `build --changed-since REF --publish --json`: one JSON document with each artifact's publish
+    outcome; one recipe without a target repo fails its publish, the other still publishes, and the exit is 1."""
+    from huggingface_hub import HfApi
+
+    from builder.hub.server import start_in_thread
+
+    recipes = built / "recipes"
+    (recipes / "fp4.yaml").write_text((recipes / "fp4.yaml").read_text() + "publish:\n  repo: team/tiny-fp4\n")
+    (recipes / "nf4.yaml").write_text((recipes / "nf4.yaml").read_text() + "  double_quant: true\n")
+    hub = start_in_thread(tmp_path / "hub", token="hf_test")
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test",
+               "HF_HOME": str(tmp_path / "hf-home")}
+        done = subprocess.run([sys.executable, "-m", "builder", "build", "recipes", "--changed-since", "HEAD",
+                               "--device", "cpu", "--publish", "--json"], cwd=built, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 1, done.stderr[-2000:]
+        rows = {row["name"]: row for row in json.loads(done.stdout)}
+        assert sorted(rows) == ["tiny-fp4", "tiny-nf4"]
+        assert rows["tiny-nf4"]["status"] == "built"
+        assert rows["tiny-fp4"]["status"] == "up to date"  # `publish` is not part of the build hash
+        published = rows["tiny-fp4"]["publish"]
+        assert published["status"] == "published" and published["repo"] == "team/tiny-fp4", published
+        assert [c.commit_id for c in HfApi(endpoint=hub.url, token="hf_test").list_repo_commits(
+            "team/tiny-fp4")][0] == published["commit"]
+        assert rows["tiny-nf4"]["publish"]["status"] == "failed"
+        assert "no target repo" in rows["tiny-nf4"]["publish"]["error"]
+        assert "error: publishing tiny-nf4: no target repo" in done.stderr
+    finally:
+        hub.shutdown()
+        hub.server_close()
+        _git(built, "commit", "-qam", "fp4 published, nf4 double quant")

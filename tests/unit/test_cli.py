@@ -69,3 +69,30 @@ def test_plan_rejects_skip_module_that_matches_nothing(smollm2, tmp_path, capsys
 @pytest.mark.parametrize("argv", [["validate", "--help"], ["--version"]])
 def test_help_and_version_exit_0(argv):
     assert main(argv) == 0
+
+
+def _two_recipes_named_alike(folder) -> None:
+    folder.mkdir()
+    for file in ("a.yaml", "b.yaml"):
+        (folder / file).write_text("schema_version: 1\nsource:\n  model: org/m\nname: same\nquantize:\n"
+                                   "  method: bnb-8bit\n")
+
+
+def test_two_recipes_building_one_artifact_are_refused(tmp_path, capsys):
+    _two_recipes_named_alike(tmp_path / "recipes")
+    assert main(["validate", str(tmp_path / "recipes")]) == 1
+    expected = (f"{tmp_path}/recipes/b.yaml:4:7: name: artifact 'same' is also built by {tmp_path}/recipes/a.yaml; "
+                "artifact names must be unique")
+    assert expected in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "recipes"), "--json"]) == 1
+    files = {f["file"].rsplit("/", 1)[1]: f for f in json.loads(capsys.readouterr().out)["files"]}
+    assert files["a.yaml"]["ok"] and not files["b.yaml"]["ok"]
+    assert files["b.yaml"]["problems"][0]["line"] == 4
+    assert main(["build", str(tmp_path / "recipes")]) == 1  # refused before anything is resolved or built
+    assert expected in capsys.readouterr().err
+
+
+def test_build_by_an_unknown_name_suggests_the_closest(capsys):
+    assert main(["build", REPO_RECIPES, "--name", "smollm2-135m-instruct-nf5"]) == 1
+    assert ("no recipe defines an artifact named 'smollm2-135m-instruct-nf5' (did you mean "
+            "'smollm2-135m-instruct-nf4'?)") in capsys.readouterr().err

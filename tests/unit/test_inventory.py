@@ -67,3 +67,40 @@ def test_invalid_recipe_is_listed_not_raised(project, capsys, monkeypatch):
     assert main(["list", "recipes", "--json"]) == 1
     listed = {row["recipe_file"]: row for row in json.loads(capsys.readouterr().out)}
     assert listed["recipes/c.yaml"]["state"] == "invalid"
+
+
+def _stamp(project: Path, name: str) -> Path:
+    assert main(["stamp", name, str(project / "recipes"), "--artifacts", str(project / "artifacts")]) == 0
+    return project / "artifacts" / ".stamps" / f"{name}.hash"
+
+
+def test_stamp_is_dated_like_the_manifest_only_when_the_artifact_is_up_to_date(project):
+    import os
+
+    [state] = artifact_states([project / "recipes"], project / "artifacts", names=["a"])
+    stamp = _stamp(project, "a")
+    assert stamp.read_text() == f"{state.build_hash}\n"
+    folder = project / "artifacts" / "a"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"12345")
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"build_hash": state.build_hash, "verification": {"passed": True},
+                                    "files": {"model.safetensors": {"size": 5, "sha256": "x"}}}))
+    os.utime(manifest, ns=(10**18, 10**18))  # older than any stamp written now
+    assert _stamp(project, "a").stat().st_mtime_ns == 10**18  # make: up to date
+    (folder / "model.safetensors").write_bytes(b"1234")  # changed after the build: builder would rebuild
+    assert _stamp(project, "a").stat().st_mtime_ns > 10**18
+    (folder / "model.safetensors").write_bytes(b"12345")
+    manifest.write_text(manifest.read_text().replace(state.build_hash, "0" * 64))
+    os.utime(manifest, ns=(10**18, 10**18))
+    assert _stamp(project, "a").stat().st_mtime_ns > 10**18  # stale
+
+
+def test_state_names_what_keeps_an_artifact_of_this_hash_from_being_up_to_date(project):
+    [state] = artifact_states([project / "recipes"], project / "artifacts", names=["b"])
+    folder = project / "artifacts" / "b"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"build_hash": state.build_hash, "verification": {"passed": True},
+                                                      "files": {"model.safetensors": {"size": 5}}}))
+    [state] = artifact_states([project / "recipes"], project / "artifacts", names=["b"])
+    assert (state.state, state.detail) == ("built", "model.safetensors is missing or changed")

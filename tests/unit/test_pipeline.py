@@ -184,3 +184,25 @@ def test_concurrent_build_waits_for_the_lock(built, capsys):
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(600)
     assert results and results[0].status == "built"
+
+
+def test_a_new_publish_block_refreshes_the_card_without_a_rebuild(built, tmp_path, capsys):
+    """`publish` is not part of the build hash; an up-to-date artifact takes the recipe's new block (card and
+    manifest), and `builder publish` accepts the refreshed files."""
+    out = tmp_path / "out"
+    shutil.copytree(built["artifact"], out / "tiny-nf4")
+    before = json.loads((out / "tiny-nf4" / "manifest.json").read_text())
+    recipe = tmp_path / "tiny-nf4.yaml"
+    recipe.write_text(built["recipe"].read_text() + "publish:\n  repo: team/tiny-nf4\n  license: apache-2.0\n")
+    [again] = build_json(capsys, str(recipe), "--out", str(out))
+    assert again["status"] == "up to date" and again["build_hash"] == before["build_hash"]
+    after = json.loads((out / "tiny-nf4" / "manifest.json").read_text())
+    assert after["built_at"] == before["built_at"]
+    assert after["files"]["model.safetensors"] == before["files"]["model.safetensors"]
+    assert after["recipe"]["publish"]["repo"] == "team/tiny-nf4"
+    card = (out / "tiny-nf4" / "README.md").read_text()
+    assert "license: apache-2.0" in card and 'from_pretrained("team/tiny-nf4")' in card
+    assert "team/tiny-nf4" in (out / "tiny-nf4" / "recipe.lock.yaml").read_text()
+    assert main(["publish", str(out / "tiny-nf4"), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["repo"] == "team/tiny-nf4"
+    assert sorted(p.name for p in (out / "tiny-nf4").iterdir()) == sorted([*before["files"], "manifest.json"])
