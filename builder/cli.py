@@ -104,12 +104,11 @@ def _size(n: int | None) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.batch import build_files
     from builder.changes import recipes_changed_since
-    from builder.loader import files_defining, find_recipe_files, name_clashes
+    from builder.loader import files_defining, find_recipe_files, require_unique_names
 
     paths = args.paths or ["recipes"]
     every = find_recipe_files(paths)
-    if clashes := name_clashes(every):
-        raise RecipeError([problem for _, problem in clashes])
+    require_unique_names(every)
     files = recipes_changed_since(args.changed_since, paths) if args.changed_since else every
     if args.name:
         named = files_defining(args.name, every)
@@ -170,7 +169,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish(artifact: Path, args: argparse.Namespace):
-    from builder.console import say
     from builder.hub.publish import publish, use_network_timeouts
 
     use_network_timeouts()
@@ -226,11 +224,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stamp(args: argparse.Namespace) -> int:
     from builder.inventory import artifact_states, write_stamp
-    from builder.loader import find_recipe_files, name_clashes
+    from builder.loader import find_recipe_files, require_unique_names
 
     files = find_recipe_files(args.paths or ["recipes"])
-    if clashes := name_clashes(files):
-        raise RecipeError([problem for _, problem in clashes])
+    require_unique_names(files)
     [state] = artifact_states(files, Path(args.artifacts), names=[args.name])
     path = write_stamp(state, Path(args.artifacts))
     say(f"{state.name}: {'up to date' if state.state == 'verified' else state.state + ', to build'} ({path})")

@@ -313,6 +313,12 @@ def name_clashes(files: list[Path]) -> list[tuple[Path, Problem]]:
     return problems
 
 
+def require_unique_names(files: list[Path]) -> None:
+    """Raise `RecipeError` when two recipes among `files` build the same artifact (see `name_clashes`)."""
+    if clashes := name_clashes(files):
+        raise RecipeError([problem for _, problem in clashes])
+
+
 def _readable(files: list[Path]) -> tuple[list[LoadedRecipe], list[str]]:
     """Every recipe the files define, and the files that do not load."""
     loaded, unreadable = [], []

@@ -14,6 +14,10 @@ import pytest
 from builder.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
+# The documented shapes of `build --json` rows (docs/automation.md).
+BUILD_ROW_KEYS = {"recipe_file", "name", "path", "status", "build_hash", "verification_passed", "bits_per_param",
+                  "footprint", "timings"}
+PUBLISH_KEYS = {"status", "repo", "revision", "endpoint", "commit", "pr_url", "uploaded", "deleted", "attempts"}
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -70,6 +74,7 @@ def test_second_build_of_everything_builds_nothing_in_seconds(built, capsys, mon
     assert sorted((r["name"], r["status"]) for r in rows) == [
         ("tiny-fp4", "up to date"), ("tiny-int8", "up to date"), ("tiny-nf4", "up to date")]
     assert elapsed < 5, f"an up-to-date build of 3 recipes took {elapsed:.1f} s"
+    assert set(rows[0]) == BUILD_ROW_KEYS  # docs/automation.md: the shape is stable
 
 
 def test_changed_since_builds_the_changed_recipe_only(built, capsys, monkeypatch):
@@ -97,8 +102,11 @@ def test_changed_parent_rebuilds_its_children(built, capsys, monkeypatch):
 def test_list_shows_every_artifact_verified(built, capsys, monkeypatch):
     monkeypatch.chdir(built)
     assert main(["list", "recipes", "--json"]) == 0
-    states = {row["name"]: row["state"] for row in json.loads(capsys.readouterr().out)}
-    assert states == {"tiny-nf4": "verified", "tiny-fp4": "verified", "tiny-int8": "verified"}
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["name"]: row["state"] for row in rows} == {
+        "tiny-nf4": "verified", "tiny-fp4": "verified", "tiny-int8": "verified"}
+    assert all(set(row) == {"recipe_file", "name", "state", "build_hash", "artifact_build_hash", "detail",
+                            "published"} for row in rows)
 
 
 def test_make_targets_only_call_builder():
@@ -141,8 +149,15 @@ def test_example_workflow_commands_run(built, capsys, monkeypatch):
 def _make(repo: Path, *targets: str) -> subprocess.CompletedProcess:
     """The project's Makefile run in `repo` with this interpreter's environment (models/ is not needed there)."""
     venv = Path(sys.executable).parent.parent
-    return subprocess.run(["make", "-f", str(REPO / "Makefile"), "-o", "models/.ready", f"VENV={venv}", *targets],
-                          cwd=repo, capture_output=True, text=True, check=True)
+    # Not a sub-make of `make test`: no inherited flags, no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-o", "models/.ready",
+                           f"VENV={venv}", *targets], cwd=repo, env=env, capture_output=True, text=True, check=True)
+
+
+def _builder_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """What `builder build` printed, without make's echo of the commands it ran."""
+    return sorted(line for line in done.stdout.splitlines() if line.startswith("tiny-"))
 
 
 def test_second_make_all_builds_nothing_in_seconds(built):
@@ -150,8 +165,7 @@ def test_second_make_all_builds_nothing_in_seconds(built):
     start = time.perf_counter()
     done = _make(built, "all")
     elapsed = time.perf_counter() - start
-    assert sorted(done.stdout.splitlines()[1:]) == [f"tiny-{q}: up to date -> artifacts/tiny-{q}"
-                                                    for q in ("fp4", "int8", "nf4")]
+    assert _builder_lines(done) == [f"tiny-{q}: up to date -> artifacts/tiny-{q}" for q in ("fp4", "int8", "nf4")]
     assert elapsed < 5, f"a second `make all` over 3 recipes took {elapsed:.1f} s"
 
 
@@ -214,6 +228,7 @@ def test_build_publish_json_is_one_document(built, tmp_path):
         assert rows["tiny-nf4"]["status"] == "built"
         assert rows["tiny-fp4"]["status"] == "up to date"  # `publish` is not part of the build hash
         published = rows["tiny-fp4"]["publish"]
+        assert set(rows["tiny-fp4"]) == BUILD_ROW_KEYS | {"publish"} and set(published) == PUBLISH_KEYS
         assert published["status"] == "published" and published["repo"] == "team/tiny-fp4", published
         assert [c.commit_id for c in HfApi(endpoint=hub.url, token="hf_test").list_repo_commits(
             "team/tiny-fp4")][0] == published["commit"]
