@@ -55,6 +55,7 @@ def manifest_for(ctx: BuildContext) -> dict:
         "source": {"model": recipe.source.model, "revision": ctx.plan.source.revision, "task": record.get("task")},
         "versions": {**ctx.plan.versions, **_extra_versions()},
         "device": device_name(ctx.device),
+        "device_uuid": device_uuid(ctx.device),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings": dict(ctx.timings),
         "footprint": record.get("footprint"),
@@ -123,6 +124,17 @@ def file_table(folder: Path) -> dict[str, dict]:
                     bar.update(len(chunk))
             table[path.relative_to(folder).as_posix()] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
     return table
+
+
+def device_uuid(device: str) -> str | None:
+    """The CUDA device's UUID (which physical GPU built the artifact, whatever CUDA_VISIBLE_DEVICES renumbered);
+    None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
 
 
 def device_name(device: str) -> str:
