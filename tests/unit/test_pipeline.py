@@ -66,7 +66,7 @@ def test_manifest_follows_the_contract(built):
         manifest["versions"])
     assert {"resolve", "stream", "quantize", "verify"} <= set(manifest["timings"])
     assert manifest["quantize_path"] == "stream"  # a plain bnb recipe streams; see test_stream_step for fallbacks
-    assert manifest["library_name"] == "transformers" and manifest["device"]
+    assert manifest["library_name"] == "transformers" and manifest["device"] and manifest["device_uuid"] is None
     assert manifest["verification"]["passed"] is True
     assert 0 < manifest["footprint"]["artifact_bytes"] < manifest["footprint"]["source_bytes"]
     # 2 layers x 7 Linear; the output head is tied to the embeddings and stays unquantized.
