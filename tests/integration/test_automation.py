@@ -239,3 +239,28 @@ def test_build_publish_json_is_one_document(built, tmp_path):
         hub.shutdown()
         hub.server_close()
         _git(built, "commit", "-qam", "fp4 published, nf4 double quant")
+
+
+def test_pre_commit_hook_validates_recipes(tmp_path, capsys, monkeypatch):
+    """.pre-commit-hooks.yaml as pre-commit runs it: `entry` plus the user's `args`, no file names, on YAML files."""
+    import re
+    import shlex
+
+    import yaml
+
+    [hook] = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "builder-validate" and hook["language"] == "python" and hook["pass_filenames"] is False
+    assert re.search(hook["files"], "recipes/smollm2/nf4.yaml") and re.search(hook["files"], "a/b.yml")
+    assert not re.search(hook["files"], "builder/cli.py")
+    program, *argv = shlex.split(hook["entry"])
+    assert program == "builder"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "ok.yaml").write_text("schema_version: 1\nname: ok\nsource: {model: org/m}\n"
+                                                  "quantize: {method: bnb-8bit}\n")
+    assert main([*argv, "recipes/"]) == 0
+    (tmp_path / "recipes" / "bad.yaml").write_text("schema_version: 1\nname: bad\nsource: {model: org/m}\n"
+                                                   "quantize: {method: bnb-8bit, treshold: 6.0}\n")
+    assert main([*argv, "recipes/"]) == 1
+    assert "recipes/bad.yaml:4:30: quantize.treshold: unknown key 'treshold' (did you mean 'threshold'?)" in (
+        capsys.readouterr().out)
