@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="artifacts", help="artifacts folder; each artifact goes to OUT/<name>/ "
                        "(default artifacts/)")
     build.add_argument("--force", action="store_true", help="rebuild even when the artifact is up to date")
-    build.add_argument("--keep-temp", action="store_true", help="keep the temporary build folder after a failure")
+    build.add_argument("--keep-temp", action="store_true", help="keep the temporary build folder after a failure "
+                       "(until the recipe's next build)")
     build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
                        "OUT/.failed/<name>/")
     build.add_argument("--json", action="store_true", help="machine-readable output")

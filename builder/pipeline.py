@@ -106,6 +106,7 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
         if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
             say(f"{recipe.name}: up to date ({final})")
             return BuildResult(recipe.name, final, "up to date", manifest)
+        _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
         ctx = BuildContext(plan.loaded, plan, None, workdir, chosen)
         if build_kind(recipe) == "quantize":
@@ -209,6 +210,17 @@ def _locked(out: Path, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(out: Path, name: str) -> None:
+    """Delete the `.tmp-<name>-*` and `.old-<name>-*` folders of earlier builds of `name` that were killed before
+    they could clean up (or kept with --keep-temp). The caller holds the lock, so no build of `name` uses them; the
+    exact 8-character random suffix of `mkdtemp` keeps other recipes' folders out."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(name)}-[a-z0-9_]{{8}}")
+    for path in out.iterdir():
+        if path.is_dir() and pattern.fullmatch(path.name):
+            say(f"{name}: removing {path}, left by an earlier build")
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _install(workdir: Path, final: Path) -> None:

@@ -99,13 +99,18 @@ def test_second_build_is_up_to_date_and_force_rebuilds_identically(built, capsys
     assert again["status"] == "up to date"
     assert json.loads((built["artifact"] / "manifest.json").read_text())["built_at"] == before["built_at"]
 
+    # What killed builds leave behind: this recipe's are removed by its next build, another recipe's stay.
+    for leftover in (".tmp-tiny-nf4-k1ll3d_x", ".old-tiny-nf4-abcdefgh", ".tmp-tiny-nf4-int8-abcdefgh"):
+        (built["out"] / leftover).mkdir()
     [forced] = build_json(capsys, str(built["recipe"]), "--out", str(built["out"]), "--force")
     assert forced["status"] == "built"
     after = json.loads((built["artifact"] / "manifest.json").read_text())
     assert after["build_hash"] == before["build_hash"]
     # Quantization on CPU is deterministic: the same recipe gives byte-identical weights.
     assert after["files"]["model.safetensors"] == before["files"]["model.safetensors"]
-    assert sorted(p.name for p in built["out"].iterdir()) == [".tiny-nf4.lock", "tiny-nf4"]
+    assert sorted(p.name for p in built["out"].iterdir()) == [".tiny-nf4.lock", ".tmp-tiny-nf4-int8-abcdefgh",
+                                                               "tiny-nf4"]
+    shutil.rmtree(built["out"] / ".tmp-tiny-nf4-int8-abcdefgh")
 
 
 def test_variants_build_each_artifact_and_replace_a_stale_one(built, tiny_llama, tmp_path, capsys):
