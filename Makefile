@@ -7,7 +7,7 @@ R      ?= recipes/smollm2/nf4.yaml
 RECIPES   ?= recipes
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test test-slow test-gpu test-interop validate plan build all models schema clean publish bench FORCE
+.PHONY: demo test test-slow test-gpu test-interop test-hub-oldest validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -87,6 +87,20 @@ $(VENV_INTEROP)/.installed: pyproject.toml
 
 test-interop: models/.ready $(VENV_INTEROP)/.installed
 	BUILDER_INTEROP_DIR=$(INTEROP_DIR) BUILDER_MAIN_PYTHON=$(PY) $(VENV_INTEROP)/bin/python -m pytest -q tests/interop
+
+# The core install (validate, plan, publish, hub serve) with the oldest huggingface_hub it admits, 1.33 (what the
+# GPU machines' image has): the publish and registry tests, no torch.
+VENV_HUB_OLDEST ?= .venv-hub-oldest
+$(VENV_HUB_OLDEST)/.installed: pyproject.toml
+	test -x $(VENV_HUB_OLDEST)/bin/python || python3 -m venv $(VENV_HUB_OLDEST)
+	$(VENV_HUB_OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_HUB_OLDEST)/bin/python -m pip install -q 'huggingface-hub==1.33.*' pytest
+	$(VENV_HUB_OLDEST)/bin/python -m pip install -q -e .
+	touch $@
+
+test-hub-oldest: models/.ready $(VENV_HUB_OLDEST)/.installed
+	$(VENV_HUB_OLDEST)/bin/python -m pytest -q tests/unit/test_core_install.py tests/unit/test_hub_publish.py \
+		tests/unit/test_hub_server.py -k "not transformers_loads"
 
 validate: $(VENV)/.installed
 	$(BUILDER) validate recipes/
