@@ -81,11 +81,17 @@ def default_thresholds(recipe: Recipe, task: str) -> dict[str, float]:
 
 def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
     """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
-    thresholds = default_thresholds(recipe, task)
     applicable = _LM_GATES if task == "text-generation" else _ENCODER_GATES
+    return with_overrides(default_thresholds(recipe, task), recipe, applicable, f"a {task} model")
+
+
+def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
+    """`defaults` with the recipe's `verify.thresholds` written over them; a threshold outside `applicable` (the
+    gates of `what` is being verified) is refused."""
+    thresholds = dict(defaults)
     for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
         if key not in applicable:
-            raise BuildError(f"verify.thresholds.{key} does not apply to a {task} model (its gates: "
+            raise BuildError(f"verify.thresholds.{key} does not apply to {what} (its gates: "
                              f"{', '.join(applicable)}); remove it from the recipe")
         thresholds[key] = value
     return thresholds

@@ -13,8 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.errors import BuildError
-
 ENCODER_SENTENCES = 16  # sentences of the built-in evaluation text embedded besides the recipe's prompts
 
 # Defaults from measurements on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has them):
@@ -43,14 +41,11 @@ def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none"
 
 def thresholds_for(recipe, task: str) -> dict[str, float]:
     """The defaults overridden by `verify.thresholds`; refuses a threshold that has no ONNX metric for `task`."""
-    thresholds = default_thresholds(task, recipe.export.dtype, recipe.export.quantize)
+    from builder.steps.verify import with_overrides
+
     applicable = [k for k in _GATED.get(task, _CLASSIFIER_GATED) if k != "generation_match"]
-    for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
-        if key not in applicable:
-            raise BuildError(f"verify.thresholds.{key} does not apply to an ONNX export of a {task} model (its "
-                             f"gates: {', '.join(applicable)}); remove it from the recipe")
-        thresholds[key] = value
-    return thresholds
+    return with_overrides(default_thresholds(task, recipe.export.dtype, recipe.export.quantize), recipe, applicable,
+                          f"an ONNX export of a {task} model")
 
 
 def onnx_report(ctx) -> dict:

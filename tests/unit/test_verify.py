@@ -174,3 +174,15 @@ def test_an_artifact_that_does_not_load_fails_the_gate(built, tmp_path):
     assert report["passed"] is False
     assert report["failures"][0]["metric"] == "loads"
     assert "does not load and run with stock transformers in a fresh process" in report["failures"][0]["message"]
+
+
+def test_onnx_thresholds_take_the_recipes_overrides_and_refuse_what_the_task_lacks():
+    from builder.steps import verify_onnx
+
+    export = Recipe.model_validate({"schema_version": 1, "name": "x", "source": {"model": "/nowhere"},
+                                    "export": {"format": "onnx"}, "verify": {"thresholds": {"top1_agreement": 0.5}}})
+    assert verify_onnx.thresholds_for(export, "text-generation") == (
+        verify_onnx.default_thresholds("text-generation") | {"top1_agreement": 0.5})
+    with pytest.raises(BuildError, match=r"verify\.thresholds\.top1_agreement does not apply to an ONNX export of a "
+                                         r"feature-extraction model \(its gates: "):
+        verify_onnx.thresholds_for(export, "feature-extraction")
