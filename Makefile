@@ -49,11 +49,10 @@ $(ARTIFACTS)/.stamps/%.hash: FORCE | models/.ready
 .PRECIOUS: $(ARTIFACTS)/%/manifest.json $(ARTIFACTS)/.stamps/%.hash
 FORCE:
 
-# Publish an artifact to HF_ENDPOINT (default: the public Hub); needs HF_TOKEN or `hf auth login`.
-# For the local registry: HF_ENDPOINT=http://127.0.0.1:8808 HF_HUB_DISABLE_XET=1 make publish
-A ?= artifacts/smollm2-135m-instruct-nf4
-publish: $(VENV)/.installed
-	$(BUILDER) publish $(A)
+# Publish what recipe file R builds (building it first unless up to date) to HF_ENDPOINT (default: the public Hub);
+# needs HF_TOKEN or `hf auth login`. For the local registry: HF_ENDPOINT=http://127.0.0.1:8808 HF_HUB_DISABLE_XET=1
+publish: models/.ready
+	$(BUILDER) build $(R) --publish
 
 test: models/.ready
 	$(PYTEST) -q

@@ -110,10 +110,12 @@ def test_list_shows_every_artifact_verified(built, capsys, monkeypatch):
 
 
 def test_make_targets_only_call_builder():
-    dry = subprocess.run(["make", "-n", "all", "build", "R=recipes/x.yaml", "VENV=/v"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
-    assert "/v/bin/builder build recipes/" in dry
-    assert "/v/bin/builder build recipes/x.yaml" in dry
+    dry = subprocess.run(["make", "-n", "all", "build", "publish", "plan", "validate", "R=recipes/x.yaml", "VENV=/v"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    commands = [line for line in dry.splitlines() if line.startswith("/v/bin/builder ")]
+    assert commands == ["/v/bin/builder build recipes/", "/v/bin/builder build recipes/x.yaml",
+                        "/v/bin/builder build recipes/x.yaml --publish", "/v/bin/builder plan recipes/x.yaml",
+                        "/v/bin/builder validate recipes/"]
 
 
 def _workflow_commands() -> list[list[str]]:
