@@ -85,11 +85,8 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifact
         try:
             say(f"[2/4] local registry at {server.url} (root {hub_root}); clients use "
                 f"HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1")
-            # The registry answers from a thread of this process: on a busy machine its replies can take longer
-            # than huggingface_hub's 10 s metadata and download timeouts.
             env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
-                   "HF_HOME": str(Path(scratch) / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                   "HF_HUB_ETAG_TIMEOUT": "60", "HF_HUB_DOWNLOAD_TIMEOUT": "60"}
+                   "HF_HOME": str(Path(scratch) / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             say(f"[3/4] builder publish {result.path} --repo {repo}")
             _run([sys.executable, "-m", "builder", "publish", str(result.path), "--repo", repo], env, say,
                  "publish")

@@ -105,7 +105,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-        self.body_read = False
+        self.body_read = int(self.headers.get("Content-Length") or 0) == 0 and "Transfer-Encoding" not in self.headers
         try:
             self._route(method, split.path)
         except StoreError as error:
@@ -427,10 +427,15 @@ class Handler(BaseHTTPRequestHandler):
         return json.loads(body) if body.strip() else {}
 
     def _no_body(self) -> None:
-        if int(self.headers.get("Content-Length") or 0) == 0 and "Transfer-Encoding" not in self.headers:
-            self.body_read = True
-        else:
+        if not self.body_read:
             self._read_body()
+
+    def end_headers(self) -> None:
+        # A response sent before the request's body was read ends the connection (the body would be parsed as
+        # the next request): say so, or a client reusing the connection races the close.
+        if not getattr(self, "body_read", True):
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def _json(self, status: int, payload: object, headers: dict | None = None,
               content_type: str = "application/json") -> None:

@@ -243,3 +243,23 @@ def test_hub_serve_command(tmp_path):
         process.terminate()
         process.wait(30)
     assert (tmp_path / "root" / "objects").is_dir()
+
+
+def test_a_connection_stays_usable_after_an_error_and_closes_only_when_it_says_so(api, hub):
+    """huggingface_hub 2.x asks for routes this registry lacks (e.g. /api/agent-harnesses) on a pooled connection;
+    the 404 must leave that connection usable, and a response that ends it must say `Connection: close`, or the
+    client's next request on it races the close ("Server disconnected without sending a response")."""
+    api.create_repo("org/keep-alive")
+    connection = http.client.HTTPConnection(hub.url.removeprefix("http://"), timeout=30)
+    connection.request("GET", "/api/agent-harnesses")
+    missing = connection.getresponse()
+    missing.read()
+    assert missing.status == 404 and missing.getheader("Connection") is None
+    connection.request("GET", "/api/models/org/keep-alive")  # the same socket
+    found = connection.getresponse()
+    assert found.status == 200 and json.loads(found.read())["id"] == "org/keep-alive"
+    connection.request("POST", "/api/nowhere", body=b"{}", headers={"Content-Type": "application/json"})
+    refused = connection.getresponse()
+    refused.read()
+    assert refused.status == 404 and refused.getheader("Connection") == "close"
+    connection.close()
