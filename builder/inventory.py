@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,8 +116,6 @@ def write_stamp(state: ArtifactState, artifacts: Path) -> Path:
     when the artifact is up to date and now otherwise, so make rebuilds exactly when `builder build` would: after a
     change to the recipe, its parents, the source or the versions, and after a failed verification or a changed
     file."""
-    import os
-
     if state.state == "invalid":
         raise BuilderError(f"{state.recipe_file}: {state.detail}")
     path = artifacts / STAMPS_DIR / f"{state.name}.hash"

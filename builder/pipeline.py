@@ -91,21 +91,18 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
     publish = recipe.publish.model_dump(mode="json") if recipe.publish else None
     if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
         if manifest["recipe"].get("publish") == publish:
-            say(f"{recipe.name}: up to date ({final})")
-            return BuildResult(recipe.name, final, "up to date", manifest)
+            return _reused(final, manifest)
         with _locked(out, recipe.name):
             if (manifest := up_to_date(final, plan.build_hash)) is not None:
-                manifest = write.refresh_publish(final, plan.loaded, plan, manifest)
-                say(f"{recipe.name}: up to date ({final}); its card and manifest now carry the recipe's `publish`")
-                return BuildResult(recipe.name, final, "up to date", manifest)
+                return _reused(final, write.refresh_publish(final, plan.loaded, plan, manifest),
+                               "; its card and manifest now carry the recipe's `publish`")
     steps = steps_for(plan)
     chosen, device_map = choose_device(plan, device)
     _check_destination(final)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out, recipe.name):
         if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
-            say(f"{recipe.name}: up to date ({final})")
-            return BuildResult(recipe.name, final, "up to date", manifest)
+            return _reused(final, manifest)
         _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
         ctx = BuildContext(plan.loaded, plan, None, workdir, chosen)
@@ -127,6 +124,11 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
     manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
     say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", manifest)
+
+
+def _reused(final: Path, manifest: dict, note: str = "") -> BuildResult:
+    say(f"{final.name}: up to date ({final}){note}")
+    return BuildResult(final.name, final, "up to date", manifest)
 
 
 def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
