@@ -360,6 +360,7 @@ class Handler(BaseHTTPRequestHandler):
             # X-Repo-Commit lets the client remember the absence for this commit instead of asking again
             raise StoreError(404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound",
                              {"X-Repo-Commit": oid})
+        blob = store.object_path(entry.sha256)  # checked before the status line goes out
         headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
                    "Accept-Ranges": "bytes"}
         if entry.lfs:
@@ -380,7 +381,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1 if entry.size else 0))
         self.end_headers()
         if method == "GET" and entry.size:
-            with open(store.object_path(entry.sha256), "rb") as handle:
+            with open(blob, "rb") as handle:
                 handle.seek(start)
                 remaining = end - start + 1
                 while remaining and (chunk := handle.read(min(remaining, _CHUNK))):

@@ -36,6 +36,7 @@ LFS_MIN_SIZE = 10 * 1024 * 1024
 REPO_TYPES = ("model", "dataset", "space")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PR_REF = re.compile(r"^refs/pr/(\d+)$")
 
 
@@ -102,8 +103,18 @@ class Store:
     # --- blobs ------------------------------------------------------------------------------------------------
 
     def object_path(self, sha256: str) -> Path:
-        """Where the bytes with this sha256 are (or would be) stored."""
-        return self.root / "objects" / sha256[:2] / sha256
+        """Where the bytes with this sha256 are (or would be) stored. Anything but 64 lowercase hex digits is
+        refused: an oid is a client's word, and `../x` or `/etc/passwd` would name a file outside the store."""
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise StoreError(422, f"{str(sha256)[:80]!r} is not a sha256 (64 lowercase hex digits)")
+        return self._inside(self.root / "objects" / sha256[:2] / sha256)
+
+    def _inside(self, path: Path) -> Path:
+        """`path` when it resolves inside the store's root (no symlink or `..` leads out of it); else a 400."""
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise StoreError(400, "that path is outside the registry's storage")
+        return path
 
     def has_object(self, sha256: str, size: int | None = None) -> bool:
         """True when the bytes are stored (and, given `size`, have that size)."""
@@ -148,7 +159,7 @@ class Store:
         """The repo's folder (which may not exist yet); refuses unknown types and malformed ids."""
         if repo_type not in REPO_TYPES:
             raise StoreError(400, f"unknown repo type {repo_type!r}")
-        return self.root / "repos" / f"{repo_type}s" / check_repo_id(repo_id)
+        return self._inside(self.root / "repos" / f"{repo_type}s" / check_repo_id(repo_id))
 
     def repo_meta(self, repo_type: str, repo_id: str) -> dict:
         """repo.json (private, created_at); a 404 RepoNotFound when the repo does not exist."""
