@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from builder.errors import BuilderError, RecipeError
-from builder.loader import find_recipe_files, load_recipes
+from builder.recipe import find_recipe_files, load_recipes
 
 
 def _git(args: list[str], cwd: Path) -> str:

@@ -24,7 +24,7 @@ def _print_json(payload: object) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from builder.loader import find_recipe_files, load_recipes, name_clashes
+    from builder.recipe import find_recipe_files, load_recipes, name_clashes
 
     files = find_recipe_files(args.paths or ["recipes"])
     results, failed = {}, False
@@ -58,7 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from builder.loader import load_recipes
+    from builder.recipe import load_recipes
     from builder.plan import make_plan
 
     plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
@@ -104,7 +104,7 @@ def _size(n: int | None) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.batch import build_files
     from builder.changes import recipes_changed_since
-    from builder.loader import files_defining, find_recipe_files, require_unique_names
+    from builder.recipe import files_defining, find_recipe_files, require_unique_names
 
     paths = args.paths or ["recipes"]
     every = find_recipe_files(paths)
@@ -224,7 +224,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stamp(args: argparse.Namespace) -> int:
     from builder.inventory import artifact_states, write_stamp
-    from builder.loader import find_recipe_files, require_unique_names
+    from builder.recipe import find_recipe_files, require_unique_names
 
     files = find_recipe_files(args.paths or ["recipes"])
     require_unique_names(files)

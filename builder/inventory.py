@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError, RecipeError
-from builder.loader import files_defining, find_recipe_files, load_recipes
+from builder.recipe import files_defining, find_recipe_files, load_recipes
 from builder.plan import make_plan
 
 PUBLISHED_DIR = ".published"

@@ -23,7 +23,7 @@ from pathlib import Path
 from builder.console import say
 from builder.errors import BuildError, VerificationFailed
 from builder.inventory import up_to_date
-from builder.loader import LoadedRecipe, load_recipes
+from builder.recipe import LoadedRecipe, load_recipes
 from builder.plan import Plan, build_kind, make_plan
 from builder.steps import load, quantize, write
 

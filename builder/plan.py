@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from builder.errors import SourceError
-from builder.loader import LoadedRecipe
+from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import ResolvedSource, TensorInfo, resolve
 

@@ -327,7 +327,7 @@ def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = No
 def _reverify_onnx(artifact_dir: Path, manifest: dict, recipe: Recipe, source_dir: Path, device: str,
                    task: str) -> dict:
     """An export's checks, on the provider its manifest says it was verified on (builder.steps.verify_onnx)."""
-    from builder.loader import LoadedRecipe
+    from builder.recipe import LoadedRecipe
     from builder.pipeline import BuildContext
     from builder.steps.verify_onnx import onnx_report
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from builder.plan import build_kind
 
 if TYPE_CHECKING:
-    from builder.loader import LoadedRecipe
+    from builder.recipe import LoadedRecipe
     from builder.pipeline import BuildContext
     from builder.plan import Plan
 

@@ -15,7 +15,7 @@ import pytest
 from safetensors import safe_open
 
 from builder.cli import main
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.pipeline import build
 from builder.plan import make_plan
 

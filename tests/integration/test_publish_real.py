@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.hub.server import start_in_thread
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.pipeline import build
 from builder.plan import make_plan
 

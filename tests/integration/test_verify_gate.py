@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import VerificationFailed
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.pipeline import BuildContext
 from builder.plan import make_plan
 from builder.steps.verify import verify

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from builder.errors import BuildError
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.pipeline import BuildContext
 from builder.plan import make_plan
 from builder.steps import ort

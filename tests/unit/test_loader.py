@@ -9,7 +9,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import Location, Problem, RecipeError
-from builder.loader import find_recipe_files, load_recipes
+from builder.recipe import find_recipe_files, load_recipes
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = REPO / "tests" / "recipes" / "valid"

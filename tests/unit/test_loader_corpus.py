@@ -15,7 +15,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import RecipeError
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 INVALID = RECIPES / "invalid"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from builder.cli import main
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.plan import make_plan
 
 # The tiny model is mostly its 49152x64 embedding table, which stays unquantized: its footprint barely shrinks.

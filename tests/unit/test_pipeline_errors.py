@@ -9,7 +9,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import BuildError
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.plan import make_plan
 from test_pipeline import write_recipe
 

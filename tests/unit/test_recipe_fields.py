@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from builder.errors import RecipeError
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, Source, Thresholds, Verify
 
 HEX = "0123456789abcdef0123456789abcdef01234567"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import RecipeError
-from builder.loader import load_recipes
+from builder.recipe import load_recipes
 
 HEX = "0123456789abcdef0123456789abcdef01234567"
 OFFLOAD = ("quantize.fp32_cpu_offload: fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the "

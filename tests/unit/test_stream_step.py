@@ -10,7 +10,7 @@ from stream_compare import differences
 
 
 def _context(recipe_file: Path, workdir: Path):
-    from builder.loader import load_recipes
+    from builder.recipe import load_recipes
     from builder.pipeline import BuildContext
     from builder.plan import make_plan
     from builder.steps.load import resolve

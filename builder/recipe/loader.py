@@ -16,9 +16,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from builder.errors import BuilderError, Location, Problem, RecipeError
-from builder.messages import META_KEYS, Path_, discriminator_at, problem_from_error, show, unique_sorted
-from builder.recipe import Recipe
-from builder.yaml_marks import Located, parse_yaml
+from builder.recipe.marks import Located, parse_yaml
+from builder.recipe.messages import META_KEYS, discriminator_at, problem_from_error, unique_sorted
+from builder.recipe.schema import Recipe
+from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -282,14 +283,11 @@ def find_recipe_files(paths: list[str | Path]) -> list[Path]:
 def files_defining(names: list[str], files: list[Path]) -> list[Path]:
     """The recipe files among `files` that define an artifact named in `names`. A name that no valid file defines
     is an error naming the closest artifact (and any file that could not be read)."""
-    from difflib import get_close_matches
-
     loaded, unreadable = _readable(files)
     defined = {item.recipe.name for item in loaded}
     for name in names:
         if name not in defined:
-            close = get_close_matches(name, sorted(defined), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, sorted(defined))
             broken = f"; these files have errors, see `builder validate`: {', '.join(unreadable)}" if unreadable else ""
             raise BuilderError(f"no recipe defines an artifact named {name!r}{hint}{broken}")
     return list(dict.fromkeys(item.path for item in loaded if item.recipe.name in names))

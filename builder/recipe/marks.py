@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 
 from builder.errors import Location, Problem, RecipeError
-from builder.messages import dotted, show
+from builder.recipe.wording import Path_, dotted, show
 
-Path_ = tuple[str, ...]
 MAX_DEPTH = 32
 MAX_VALUES = 100_000  # aliases can make a small file expand exponentially ("billion laughs")
 _YAML = "tag:yaml.org,2002:"

@@ -7,25 +7,18 @@ to name the key, offer a did-you-mean from the fields or values that are allowed
 from __future__ import annotations
 
 import re
-from difflib import get_close_matches
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
 from builder.errors import Problem
-from builder.recipe import NAME_PATTERN, Recipe, RuleViolation
+from builder.recipe.schema import NAME_PATTERN, Recipe, RuleViolation
+from builder.recipe.wording import Path_, closest, dotted, not_one_of, show
 
 if TYPE_CHECKING:
-    from builder.yaml_marks import Located
+    from builder.recipe.marks import Located
 
-Path_ = tuple[str, ...]
 META_KEYS = ("extends", "variants")
-# Spellings people reach for, mapped to the value the schema uses (offered as "did you mean").
-_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
-            "4bit": "bnb-4bit", "bnb4": "bnb-4bit", "8bit": "bnb-8bit", "bnb8": "bnb-8bit", "int8": "bnb-8bit",
-            "sdpa_attention": "sdpa", "flash_attention": "flash_attention_2", "cpu": "CPUExecutionProvider",
-            "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider"}
-
 
 
 def unique_sorted(problems: list[Problem]) -> list[Problem]:
@@ -57,12 +50,12 @@ def problem_from_error(error: dict, located: Located) -> Problem:
     where = located.where(path)
     if kind == "literal_error":
         choices = _literal_choices(holders[-1], path[-1]) or tuple(re.findall(r"'([^']*)'", ctx.get("expected", "")))
-        return Problem(where, shown_path, _not_one_of(value, choices))
+        return Problem(where, shown_path, not_one_of(value, choices))
     if kind == "union_tag_invalid":
         choices = tuple(re.findall(r"'([^']*)'", ctx.get("expected_tags", "")))
         discriminator = ctx.get("discriminator", "").strip("'")
         tag = value.get(discriminator) if isinstance(value, dict) else ctx.get("tag")
-        return Problem(located.where(path + (discriminator,)), f"{shown_path}.{discriminator}", _not_one_of(tag, choices))
+        return Problem(located.where(path + (discriminator,)), f"{shown_path}.{discriminator}", not_one_of(tag, choices))
     if kind == "union_tag_not_found":
         discriminator = ctx.get("discriminator", "").strip("'")
         return Problem(where, f"{shown_path}.{discriminator}", f"required key is missing; it picks the kind of {shown_path} "
@@ -89,44 +82,15 @@ def _type_hint(kind: str, value: Any) -> str:
 def _unknown_key(path: Path_, holders: list[Any]) -> str:
     key, holder = path[-1], holders[-1]
     choices = [*_fields(holder)] + ([*META_KEYS] if len(path) == 1 else [])
-    close = get_close_matches(key, choices, n=1) or [c for c in choices if _shares_prefix(key, c)]
+    close = closest(key, choices)
     if len(path) >= 2 and (members := _tags_of(_fields(holders[-2]).get(path[-2]))):
         tag_field = next(f for f in ("method", "format") if f in _fields(holder))
         here = next(tag for tag, member in members.items() if member is holder)
         elsewhere = [tag for tag, member in members.items() if member is not holder and key in _fields(member)]
         if elsewhere:
             return f"unknown key {key!r} for {tag_field} {here}; it is a setting of {' and '.join(elsewhere)}"
-    hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(choices)}"
+    hint = f" (did you mean {close!r}?)" if close else f"; allowed: {', '.join(choices)}"
     return f"unknown key {key!r}{hint}"
-
-
-def _shares_prefix(key: str, choice: str) -> bool:
-    """`opset_version` ~ `opset`: one name starts with the other (for names of three or more characters)."""
-    return len(key) >= 3 and (key.startswith(choice) or choice.startswith(key))
-
-
-def show(value: Any) -> str:
-    if isinstance(value, (dict, list, tuple)):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _not_one_of(value: Any, choices: tuple[str, ...]) -> str:
-    close = []
-    if isinstance(value, str) and value:
-        containing = [c for c in choices if len(value) >= 3 and value.lower() in c.lower()]
-        close = ([_ALIASES[value.lower()]] if _ALIASES.get(value.lower()) in choices else
-                 get_close_matches(value, choices, n=1) or (containing if len(containing) == 1 else []))
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{show(value)} is not one of {', '.join(choices)}{hint}"
-
-
-def dotted(path: Path_) -> str:
-    return ".".join(path)
 
 
 # --- walking the schema by error location ------------------------------------------------------------------------

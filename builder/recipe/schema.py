@@ -1,6 +1,6 @@
 """The recipe schema (schema_version 1): one pydantic model per block, every field described.
 
-A recipe file is YAML; `builder.loader` reads it with line marks, resolves `extends` and `variants`, and
+A recipe file is YAML; `builder.recipe.loader` reads it with line marks, resolves `extends` and `variants`, and
 validates the result against `Recipe`. The JSON Schema that editors use comes from these models.
 """
 
@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from builder.recipe.wording import not_one_of
 from builder.tasks import TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
@@ -108,7 +109,7 @@ class Source(Block):
     @classmethod
     def _task_is_known(cls, task: str | None) -> str | None:
         if task is not None and task not in TASKS:
-            raise ValueError(_not_one_of(task, TASKS))
+            raise ValueError(not_one_of(task, TASKS))
         return task
 
     @model_validator(mode="after")
@@ -406,15 +407,6 @@ def _shown(value: object) -> str:
     if isinstance(value, (dict, list, tuple)):
         return "a mapping" if isinstance(value, dict) else "a list"
     return repr(value)
-
-
-def _not_one_of(value: str, choices: tuple[str, ...]) -> str:
-    from difflib import get_close_matches
-
-    close = get_close_matches(value, choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    shown = ", ".join(choices) if len(choices) <= 8 else ", ".join(choices[:8]) + ", ..."
-    return f"{value!r} is not one of {shown}{hint}"
 
 
 def json_schema() -> dict:

@@ -1,0 +1,63 @@
+"""How recipe problems name things: key paths, values as the YAML author wrote them, and the one did-you-mean.
+
+The bottom of the recipe package: the YAML reader, the schema, the error messages and the loader all word their
+problems through it, so a suggestion reads the same wherever it is made.
+"""
+
+from __future__ import annotations
+
+from difflib import get_close_matches
+from typing import Any
+
+Path_ = tuple[str, ...]
+"""A key path in a recipe: ("quantize", "quant_type")."""
+
+# Spellings people reach for, mapped to the value the schema uses (offered as "did you mean").
+ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
+           "4bit": "bnb-4bit", "bnb4": "bnb-4bit", "8bit": "bnb-8bit", "bnb8": "bnb-8bit", "int8": "bnb-8bit",
+           "sdpa_attention": "sdpa", "flash_attention": "flash_attention_2", "cpu": "CPUExecutionProvider",
+           "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider"}
+
+
+def dotted(path: Path_) -> str:
+    return ".".join(path)
+
+
+def show(value: Any) -> str:
+    """A value as the YAML author wrote it: 'text', 3, true, nothing (null), a mapping, a list."""
+    if isinstance(value, (dict, list, tuple)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def closest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The choice `word` was probably meant to be: a known alias, else the nearest spelling, else the one choice
+    that contains it or shares its start (`opset_version` ~ `opset`, for words of three or more characters)."""
+    if not isinstance(word, str) or not word:
+        return None
+    alias = ALIASES.get(word.lower())
+    if alias in choices:
+        return alias
+    close = get_close_matches(word, list(choices), n=1)
+    if close:
+        return close[0]
+    if len(word) < 3:
+        return None
+    related = [c for c in choices if word.lower() in c.lower() or c.startswith(word) or word.startswith(c)]
+    return related[0] if len(related) == 1 else None
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """` (did you mean 'x'?)`, or "" when nothing is close."""
+    found = closest(word, choices)
+    return f" (did you mean {found!r}?)" if found else ""
+
+
+def not_one_of(value: Any, choices: tuple[str, ...]) -> str:
+    """`'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)`; long lists show their first eight."""
+    shown = ", ".join(choices) if len(choices) <= 8 else ", ".join(choices[:8]) + ", ..."
+    return f"{show(value)} is not one of {shown}{did_you_mean(value, choices)}"
