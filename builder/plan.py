@@ -15,7 +15,8 @@ from importlib import metadata
 from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.source import ResolvedSource, TensorInfo, resolve
+from builder.checkpoint import DTYPE_BYTES, TensorInfo
+from builder.source import ResolvedSource, resolve
 
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
@@ -23,8 +24,6 @@ _VERSIONED = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
-_BYTES_PER_DTYPE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 
@@ -121,7 +120,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     source = resolve(recipe.source, loaded.source_path)
     _check_skip_modules(recipe, source)
     versions = package_versions(build_kind(recipe))
-    source_bytes = sum(t.numel * _BYTES_PER_DTYPE.get(t.dtype, 4) for t in source.tensors)
+    source_bytes = sum(t.nbytes for t in source.tensors)
     loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)
     artifact = _expected_artifact_bytes(recipe, source.tensors)
     warnings = []
@@ -154,7 +153,7 @@ def _tied_heads(config: dict) -> list[str]:
 
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
     dtype = recipe.source.dtype
-    return _TORCH_DTYPE_BYTES.get(dtype, _BYTES_PER_DTYPE.get(tensor.dtype, 4))
+    return _TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
 
 
 def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:

@@ -13,25 +13,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.checkpoint import INDEX_FILE, TensorInfo, read_header, safetensors_files, weight_map
 from builder.errors import SourceError
 from builder.recipe import Source
 
-_SAFETENSORS = ".safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
 
 
 @dataclass(frozen=True)
@@ -71,15 +57,20 @@ def _resolve_local(source: Source, path: Path) -> ResolvedSource:
         raise SourceError(f"source folder {path} has no config.json; point `source.model` at a Hugging Face model "
                           "folder (the one save_pretrained writes)")
     names = sorted(p.name for p in path.iterdir() if p.is_file())
-    weight_files = _weight_files(names, source.allow_pickle, str(path))
-    tensors = tuple(t for name in weight_files if name.endswith(_SAFETENSORS)
-                    for t in read_safetensors_header(path / name))
+    weight_files = _weight_files(names, weight_map(path), source.allow_pickle, str(path))
+    missing = [name for name in weight_files if name not in names]
+    if missing:
+        raise SourceError(f"{path / INDEX_FILE} names shard(s) the folder does not have: {', '.join(missing[:3])}; "
+                          "copy the missing files or re-save the checkpoint")
+    tensors = tuple(t for name in weight_files if name.endswith(".safetensors") for t in read_header(path / name))
     return ResolvedSource(source.model, f"sha256:{folder_digest(path)}", path, _read_json(config_file), tensors,
                           weight_files)
 
 
-def _weight_files(names: list[str], allow_pickle: bool, where: str) -> tuple[str, ...]:
-    safetensors = [n for n in names if n.endswith(_SAFETENSORS)]
+def _weight_files(names: list[str], index: dict[str, str] | None, allow_pickle: bool, where: str) -> tuple[str, ...]:
+    """The files from_pretrained loads the weights from: safetensors (`builder.checkpoint.safetensors_files`), else
+    pickle files when the recipe allows them."""
+    safetensors = safetensors_files(names, index)
     if safetensors:
         return tuple(safetensors)
     pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
@@ -88,28 +79,23 @@ def _weight_files(names: list[str], allow_pickle: bool, where: str) -> tuple[str
                           "when loaded. Convert them to safetensors, or set `source.allow_pickle: true` if you trust "
                           "the source")
     if not pickles:
-        raise SourceError(f"{where} has no weights (*.safetensors or, with allow_pickle, *.bin)")
+        others = [n for n in names if n.endswith(".safetensors")]
+        hint = (f" ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not {INDEX_FILE}'s shards nor "
+                "model.safetensors, the files from_pretrained reads)") if others else ""
+        raise SourceError(f"{where} has no weights (model.safetensors, a {INDEX_FILE} with its shards or, with "
+                          f"allow_pickle, *.bin){hint}")
     return tuple(pickles)
 
 
-def read_safetensors_header(file: Path) -> list[TensorInfo]:
-    """The tensors a safetensors file holds, read from its JSON header only."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return _tensors_from_header(header)
-
-
-def _tensors_from_header(header: dict) -> list[TensorInfo]:
-    return [TensorInfo(name, meta["dtype"], tuple(meta["shape"]))
-            for name, meta in header.items() if name != "__metadata__"]
-
-
 def _read_json(file: Path) -> dict:
+    """A JSON object from the source (config.json, the shard index), or a SourceError saying what is wrong."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SourceError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{file} holds a JSON {type(value).__name__}, not an object; re-save or re-download it")
+    return value
 
 
 def folder_digest(path: Path) -> str:
@@ -167,11 +153,14 @@ def _resolve_hub(source: Source) -> ResolvedSource:
         names = sorted(s.rfilename for s in info.siblings or ())
         if "config.json" not in names:
             raise SourceError(f"Hub repo {source.model}@{revision} has no config.json; it is not a transformers model")
-        weight_files = _weight_files([n for n in names if "/" not in n], source.allow_pickle,
-                                     f"Hub repo {source.model}@{revision}")
+        top = [n for n in names if "/" not in n]
+        index = None
+        if INDEX_FILE in top:
+            index = _read_json(Path(api.hf_hub_download(source.model, INDEX_FILE, revision=info.sha)))["weight_map"]
+        weight_files = _weight_files(top, index, source.allow_pickle, f"Hub repo {source.model}@{revision}")
         config = _read_json(Path(api.hf_hub_download(source.model, "config.json", revision=info.sha)))
         tensors: tuple[TensorInfo, ...] = ()
-        if weight_files[0].endswith(_SAFETENSORS):
+        if weight_files[0].endswith(".safetensors"):
             metadata = api.get_safetensors_metadata(source.model, revision=info.sha)
             tensors = tuple(t for file_meta in metadata.files_metadata.values()
                             for t in _tensors_from_metadata(file_meta))
@@ -191,4 +180,5 @@ def _resolve_hub(source: Source) -> ResolvedSource:
 
 
 def _tensors_from_metadata(file_meta) -> list[TensorInfo]:
-    return [TensorInfo(name, info.dtype, tuple(info.shape)) for name, info in file_meta.tensors.items()]
+    return [TensorInfo(name, info.dtype, tuple(info.shape), info.data_offsets[1] - info.data_offsets[0])
+            for name, info in file_meta.tensors.items()]

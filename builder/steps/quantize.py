@@ -11,16 +11,15 @@ per parameter of the quantized layers as serialized.
 from __future__ import annotations
 
 import errno
-import json
 import re
 import shutil
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.checkpoint import FLOAT_DTYPES, has_tokenizer, read_header
 from builder.console import say
 from builder.errors import BuildError
 from builder.plan import is_quantizable
@@ -30,13 +29,10 @@ if TYPE_CHECKING:
     from builder.pipeline import BuildContext
     from builder.plan import Plan
 
-_HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
 # `.weight.nested_*`, `.weight.quant_state.bitsandbytes__nf4` (4-bit); `.weight`, `.SCB`, `.weight_format` (8-bit).
 _QUANTIZED_KEY = re.compile(r"^(?P<module>.+)\.(?:weight(?:\..+|_format)?|SCB)$")
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 
 
 def bnb_config(spec: Bnb4Bit | Bnb8Bit):
@@ -191,7 +187,7 @@ def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> dict:
     quantization state, not biases), and the bits per parameter that makes."""
     sizes: dict[str, int] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        sizes.update(tensor_bytes(file))
+        sizes.update({tensor.name: tensor.nbytes for tensor in read_header(file)})
     total = 0
     for key, size in sizes.items():
         match = _QUANTIZED_KEY.match(key)
@@ -202,15 +198,6 @@ def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> dict:
             "bits_per_param": round(total * 8 / parameters, 4)}
 
 
-def tensor_bytes(file: Path) -> dict[str, int]:
-    """Tensor name -> stored bytes, from a safetensors file's header (data offsets)."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: meta["data_offsets"][1] - meta["data_offsets"][0]
-            for name, meta in header.items() if name != "__metadata__"}
-
-
 def source_footprint(ctx: BuildContext, model_class) -> int:
     """Memory the source takes loaded unquantized in the recipe's dtype: from the safetensors headers, or from
     an empty (meta-device) model when the source has pickle weights only."""
@@ -218,8 +205,7 @@ def source_footprint(ctx: BuildContext, model_class) -> int:
     tensors = ctx.plan.source.tensors
     if tensors:
         wanted = _DTYPE_BYTES.get(dtype)
-        return sum(t.numel * (wanted if wanted and t.dtype in ("F32", "F16", "BF16") else _HEADER_BYTES.get(t.dtype, 4))
-                   for t in tensors)
+        return sum(t.numel * wanted if wanted and t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors)
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -242,7 +228,7 @@ def _source_dtype(ctx: BuildContext):
 
 
 def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
-    if not any((ctx.source_dir / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer(ctx.source_dir):
         return
     from transformers import AutoTokenizer
 

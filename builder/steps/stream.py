@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from builder.checkpoint import has_tokenizer, local_weight_files
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps.load import AUTO_CLASSES
 from builder.steps.quantize import bnb_config
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 
     from builder.pipeline import BuildContext
 
-# Tokenizer files: when the source has one, the tokenizer is saved beside the weights as the transformers path does.
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 
 
@@ -69,7 +68,7 @@ def _recipe_reason(recipe: Recipe, source_dir: Path) -> str | None:
         return "a custom `load.device_map`/`load.max_memory` can offload modules, which changes what is quantized"
     if recipe.source.trust_remote_code:
         return "remote code (`trust_remote_code`) defines its own modules"
-    if not _weight_files(source_dir):
+    if not local_weight_files(source_dir):
         return "the source has no model.safetensors (or model.safetensors.index.json)"
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config"):
@@ -94,7 +93,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
 
     from builder.steps.stream_io import read_source_tensors
 
-    sources = read_source_tensors(_weight_files(source_dir))
+    sources = read_source_tensors(local_weight_files(source_dir))
     config = transformers.AutoConfig.from_pretrained(source_dir)
     quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
     dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
@@ -141,19 +140,6 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
         if sources[key].shape != tuple(params[key].shape):
             return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
     return _Plan(model, dtype, sources, keys, quantized, params)
-
-
-def _weight_files(source_dir: Path) -> list[Path]:
-    """The safetensors files from_pretrained reads: the index's shards, else model.safetensors (other
-    *.safetensors beside them, such as consolidated.safetensors, are not the model's)."""
-    import json
-
-    index = source_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [source_dir / name for name in sorted(set(weight_map.values()))]
-    single = source_dir / "model.safetensors"
-    return [single] if single.is_file() else []
 
 
 def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
@@ -359,7 +345,7 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
             generation = GenerationConfig.from_pretrained(source_dir, config_file_name="config.json",
                                                           _from_model_config=True)
         generation.save_pretrained(workdir)
-    if any((source_dir / name).is_file() for name in _TOKENIZER_FILES):
+    if has_tokenizer(source_dir):  # saved beside the weights, as the transformers path does
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(source_dir).save_pretrained(workdir)

@@ -26,9 +26,14 @@ from queue import Queue
 
 import torch
 
+from builder.checkpoint import read_header
+from builder.errors import BuildError
+
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in ST_DTYPES.items()}
 _MAX_NUMBER = 10**15  # wider than any offset or length written; reserves header room for unknown sizes
@@ -46,18 +51,16 @@ class SourceTensor:
 
 
 def read_source_tensors(files: Iterable[Path]) -> dict[str, SourceTensor]:
-    """Every tensor of the given safetensors files, by name, with its absolute location."""
+    """Every tensor of the given safetensors files, by name, with its absolute location (headers read by
+    `builder.checkpoint`). A dtype torch cannot hold is a `BuildError` naming the tensor."""
     tensors = {}
     for file in files:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            tensors[name] = SourceTensor(file, 8 + length + start, end - start, ST_DTYPES[meta["dtype"]],
-                                         tuple(meta["shape"]))
+        for info in read_header(file):
+            if info.dtype not in ST_DTYPES:
+                raise BuildError(f"{file.name}: tensor {info.name} has dtype {info.dtype}, which the streaming "
+                                 f"quantizer cannot read (it reads {', '.join(ST_DTYPES)})")
+            assert info.offset is not None  # local files always have one
+            tensors[info.name] = SourceTensor(file, info.offset, info.nbytes, ST_DTYPES[info.dtype], info.shape)
     return tensors
 
 

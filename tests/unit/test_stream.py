@@ -162,16 +162,39 @@ def test_only_the_files_transformers_reads_are_streamed(tiny_llama, tiny_referen
     assert differences(tmp_path / "out", tiny_references["int8"]) == []
 
 
-def test_a_failed_read_fails_the_build_and_stops_every_thread(tiny_llama, tmp_path):
+def test_a_truncated_source_is_refused_from_its_header_before_any_work(tiny_llama, tmp_path):
     import os
-    import threading
 
+    from builder.errors import SourceError
     from builder.steps.stream import stream_build
 
     source = tmp_path / "src"
     shutil.copytree(tiny_llama, source)
     weights = source / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 4096)  # the last tensors' bytes are gone
+    with pytest.raises(SourceError, match="not a valid safetensors file: .* outside the file's"):
+        stream_build(recipe_for(source, "int8"), source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_failed_read_fails_the_build_and_stops_every_thread(tiny_llama, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from builder.steps import stream_io
+    from builder.steps.stream import stream_build
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_llama, source)
+    weights = source / "model.safetensors"
+    read_headers = stream_io.read_source_tensors
+
+    def shrink_after_the_header_is_read(files):
+        tensors = read_headers(files)
+        os.truncate(weights, weights.stat().st_size - 4096)  # the file shrinks under the running build
+        return tensors
+
+    monkeypatch.setattr(stream_io, "read_source_tensors", shrink_after_the_header_is_read)
     before = threading.active_count()
     with pytest.raises(OSError, match="unexpected end of file"):
         stream_build(recipe_for(source, "int8"), source, tmp_path / "out")
