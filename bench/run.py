@@ -103,7 +103,7 @@ def _transformers(source: Path, out: Path, method: str, device: str, stages: dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from builder.steps.quantize import bnb_config
+    from builder.steps.bnb import bnb_config
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config(_recipe(source, method).quantize),

@@ -12,35 +12,32 @@ from pathlib import Path
 
 import yaml
 
+from builder.artifact import Manifest
 from builder.recipe import REPO_ID_PATTERN, is_local_path
+from builder.tasks import AUTO_CLASSES
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
 _PIPELINE_TAGS = {"semantic-segmentation": "image-segmentation", "audio-frame-classification": "audio-classification",
                   "audio-xvector": None, "masked-im": None, "multiple-choice": None, "image-to-image": "image-to-image"}
-_AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM", "text2text-generation": "AutoModelForSeq2SeqLM",
-                 "text-classification": "AutoModelForSequenceClassification",
-                 "token-classification": "AutoModelForTokenClassification",
-                 "question-answering": "AutoModelForQuestionAnswering", "fill-mask": "AutoModelForMaskedLM",
-                 "image-classification": "AutoModelForImageClassification"}
 _ORT_CLASSES = {"text-generation": "ORTModelForCausalLM", "feature-extraction": "ORTModelForFeatureExtraction",
                 "text-classification": "ORTModelForSequenceClassification",
                 "token-classification": "ORTModelForTokenClassification",
                 "question-answering": "ORTModelForQuestionAnswering", "fill-mask": "ORTModelForMaskedLM"}
 
 
-def render_card(manifest: dict, *, repo_id: str | None = None) -> str:
+def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     """README.md for the artifact `manifest` describes. `repo_id` (default: the recipe's `publish.repo`) is the
     repo the usage snippet loads from."""
     from huggingface_hub import ModelCard
 
-    recipe = manifest["recipe"]
-    repo_id = repo_id or (recipe.get("publish") or {}).get("repo") or f"<org>/{manifest['name']}"
+    recipe = manifest.recipe
+    repo_id = repo_id or (recipe.get("publish") or {}).get("repo") or f"<org>/{manifest.name}"
     sections = [
-        f"# {manifest['name']}",
+        f"# {manifest.name}",
         _summary(manifest),
         "## Usage\n\n" + _usage(manifest, repo_id),
         "## Build settings\n\n" + _settings(manifest),
-        "## Verification\n\n" + _verification(manifest.get("verification") or {}),
+        "## Verification\n\n" + _verification(manifest.verification or {}),
         "## Size\n\n" + _size(manifest),
         "## Reproduce\n\n" + _reproduce(manifest),
     ]
@@ -51,11 +48,11 @@ def render_card(manifest: dict, *, repo_id: str | None = None) -> str:
     return str(ModelCard(f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}"))
 
 
-def _card_data(manifest: dict):
+def _card_data(manifest: Manifest):
     from huggingface_hub import ModelCardData
 
-    recipe, task = manifest["recipe"], manifest["source"].get("task")
-    fields: dict = {"library_name": manifest.get("library_name") or "transformers",
+    recipe, task = manifest.recipe, manifest.source.task
+    fields: dict = {"library_name": manifest.library_name,
                     "pipeline_tag": _PIPELINE_TAGS.get(task, task) if task else None,
                     "license": (recipe.get("publish") or {}).get("license"),
                     "tags": _tags(recipe)}
@@ -67,13 +64,13 @@ def _card_data(manifest: dict):
     return ModelCardData(**{key: value for key, value in fields.items() if value is not None})
 
 
-def base_model_of(manifest: dict) -> str | None:
+def base_model_of(manifest: Manifest) -> str | None:
     """The Hub repo the artifact derives from: the source repo id, or for a local folder its config's
     `_name_or_path` when that is a repo id (None when unknown)."""
-    model = manifest["source"]["model"]
+    model = manifest.source.model
     if not is_local_path(model):
         return model
-    for recipe_file in manifest.get("recipe_files") or ():
+    for recipe_file in manifest.recipe_files:
         config = (Path(recipe_file).parent / Path(model).expanduser()) / "config.json"
         if not config.is_file():
             continue
@@ -105,8 +102,8 @@ def _tags(recipe: dict) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
-def _summary(manifest: dict) -> str:
-    recipe, source = manifest["recipe"], manifest["source"]
+def _summary(manifest: Manifest) -> str:
+    recipe, source = manifest.recipe, manifest.source
     quantize, export = recipe.get("quantize"), recipe.get("export")
     if quantize:
         what = {"bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
@@ -115,22 +112,22 @@ def _summary(manifest: dict) -> str:
     else:
         what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
                 f"quantize {export['quantize']}) for {export['provider']}")
-    passed = (manifest.get("verification") or {}).get("passed")
-    origin = (f"the local folder `{source['model']}` (content digest `{source['revision']}`)"
-              if str(source["revision"]).startswith("sha256:") else
-              f"`{source['model']}` (revision `{source['revision']}`)")
+    passed = manifest.passed
+    origin = (f"the local folder `{source.model}` (content digest `{source.revision}`)"
+              if source.revision.startswith("sha256:") else
+              f"`{source.model}` (revision `{source.revision}`)")
     return (f"{what} build of {origin}, made by "
             f"`builder` from a YAML recipe and "
             f"{'verified against the source model before publishing' if passed else 'NOT verified'}. "
-            f"Build hash `{manifest['build_hash']}`.")
+            f"Build hash `{manifest.build_hash}`.")
 
 
-def _usage(manifest: dict, repo_id: str) -> str:
-    task = manifest["source"].get("task") or "feature-extraction"
-    if manifest.get("library_name") == "onnx":
+def _usage(manifest: Manifest, repo_id: str) -> str:
+    task = manifest.source.task or "feature-extraction"
+    if manifest.library_name == "onnx":
         return _usage_onnx(manifest, repo_id, task)
-    auto = _AUTO_CLASSES.get(task, "AutoModel")
-    extra = " (with `bitsandbytes` installed)" if manifest["recipe"].get("quantize") else ""
+    auto = AUTO_CLASSES.get(task, "AutoModel")
+    extra = " (with `bitsandbytes` installed)" if manifest.recipe.get("quantize") else ""
     if task == "text-generation":
         run = ('inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
                "output = model.generate(**inputs, max_new_tokens=20)\n"
@@ -145,9 +142,9 @@ def _usage(manifest: dict, repo_id: str) -> str:
             f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```')
 
 
-def _usage_onnx(manifest: dict, repo_id: str, task: str) -> str:
-    provider = manifest["recipe"]["export"]["provider"]
-    graphs = sorted(path for path in manifest.get("files", {}) if path.endswith(".onnx"))
+def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
+    provider = manifest.recipe["export"]["provider"]
+    graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
     graph = graphs[0] if graphs else "model.onnx"
     ort_class = _ORT_CLASSES.get(task, "ORTModel")
     return (f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
@@ -162,11 +159,11 @@ def _usage_onnx(manifest: dict, repo_id: str, task: str) -> str:
             f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```')
 
 
-def _settings(manifest: dict) -> str:
-    recipe = manifest["recipe"]
+def _settings(manifest: Manifest) -> str:
+    recipe = manifest.recipe
     block, name = (recipe["quantize"], "quantize") if recipe.get("quantize") else (recipe["export"], "export")
     rows = "\n".join(f"| `{name}.{key}` | `{_plain(value)}` |" for key, value in block.items())
-    return f"| setting | value |\n|---|---|\n{rows}\n\nBuilt on `{manifest.get('device', 'unknown')}`."
+    return f"| setting | value |\n|---|---|\n{rows}\n\nBuilt on `{manifest.device}`."
 
 
 def _verification(report: dict) -> str:
@@ -192,10 +189,10 @@ def _verification(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(manifest: dict) -> str:
-    footprint = manifest.get("footprint") or {}
-    files = manifest.get("files") or {}
-    lines = [f"- files: {len(files)}, {_bytes(sum(f['size'] for f in files.values()))} in total"] if files else []
+def _size(manifest: Manifest) -> str:
+    footprint = manifest.footprint.model_dump() if manifest.footprint else {}
+    files = manifest.files or {}
+    lines = [f"- files: {len(files)}, {_bytes(sum(f.size for f in files.values()))} in total"] if files else []
     if footprint.get("source_bytes"):
         lines.append(f"- source weights: {_bytes(footprint['source_bytes'])}")
     if footprint.get("artifact_bytes"):
@@ -205,17 +202,17 @@ def _size(manifest: dict) -> str:
     for key, value in sorted(footprint.items()):
         if key not in ("source_bytes", "artifact_bytes", "ratio"):
             lines.append(f"- {key}: {_number(value)}")
-    if manifest.get("bits_per_param") is not None:
-        lines.append(f"- bits per parameter: {manifest['bits_per_param']:.2f}")
+    if manifest.bits_per_param is not None:
+        lines.append(f"- bits per parameter: {manifest.bits_per_param:.2f}")
     return "\n".join(lines) or "Not measured."
 
 
-def _reproduce(manifest: dict) -> str:
-    recipe_yaml = yaml.safe_dump(manifest["recipe"], sort_keys=False).rstrip()
-    versions = "\n".join(f"| {name} | {version} |" for name, version in sorted(manifest.get("versions", {}).items()))
+def _reproduce(manifest: Manifest) -> str:
+    recipe_yaml = yaml.safe_dump(manifest.recipe, sort_keys=False).rstrip()
+    versions = "\n".join(f"| {name} | {version} |" for name, version in sorted(manifest.versions.items()))
     return (f"The resolved recipe (also in `recipe.lock.yaml`); `builder build` on it with the versions below "
-            f"reproduces build hash `{manifest['build_hash']}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
-            f"| package | version |\n|---|---|\n{versions}\n\nBuilt at {manifest.get('built_at', 'unknown')}; "
+            f"reproduces build hash `{manifest.build_hash}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
+            f"| package | version |\n|---|---|\n{versions}\n\nBuilt at {manifest.built_at}; "
             "`manifest.json` lists every file with its sha256.")
 
 

@@ -21,6 +21,8 @@ SINGLE_FILE = "model.safetensors"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Bytes per element of the dtypes a recipe's `source.dtype` names (the unquantized model a build is measured against).
+TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Files whose presence means the folder has a tokenizer that the artifact should carry.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit

@@ -148,7 +148,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from builder.steps.verify import format_report, reverify
+    from builder.reverify import reverify  # deferred: the gate imports torch
+    from builder.steps.gate import format_report
 
     report = reverify(Path(args.artifact), write=args.write, device=args.device)
     if args.json:
@@ -190,7 +191,7 @@ def _print_publish(result, artifact: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from builder.hub.demo import run_demo
+    from builder.demo import run_demo
 
     run_demo(args.recipe, out=args.out, root=Path(args.root) if args.root else None,
              say=lambda line: print(line, flush=True))

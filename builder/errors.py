@@ -67,6 +67,10 @@ class VerificationFailed(BuilderError):
     """The artifact missed one or more of the recipe's verification thresholds."""
 
 
+class ArtifactError(BuilderError):
+    """An artifact folder is missing its manifest, or its manifest is not one this builder reads."""
+
+
 class PublishError(BuilderError):
     """Publishing was refused or failed; the message says why and how to proceed."""
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from builder.artifact import MANIFEST_FILE, not_current, read_manifest
 from builder.errors import BuilderError, RecipeError
 from builder.recipe import files_defining, find_recipe_files, load_recipes
 from builder.plan import make_plan
@@ -34,35 +35,6 @@ class ArtifactState:
         return asdict(self)
 
 
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def up_to_date(final: Path, build_hash: str) -> dict | None:
-    """The manifest of the artifact at `final` when it has `build_hash`, passed verification and still has every
-    file it lists at the listed size; else None. `builder build` skips exactly these artifacts."""
-    manifest = read_manifest(final)
-    if manifest is None or _not_current(final, manifest, build_hash):
-        return None
-    return manifest
-
-
-def _not_current(final: Path, manifest: dict, build_hash: str) -> str:
-    """Why the artifact is not up to date for `build_hash` ("" when it is)."""
-    if manifest.get("build_hash") != build_hash:
-        return "another build hash"
-    if not (manifest.get("verification") or {}).get("passed"):
-        return "verification did not pass"
-    for name, entry in (manifest.get("files") or {}).items():
-        path = final / name
-        if not path.is_file() or path.stat().st_size != entry.get("size"):
-            return f"{name} is missing or changed"
-    return ""
-
-
 def published_record(artifacts: Path, name: str) -> dict | None:
     try:
         return json.loads((artifacts / PUBLISHED_DIR / f"{name}.json").read_text())
@@ -88,7 +60,7 @@ def artifact_states(paths: list[str | Path], artifacts: Path, names: list[str] |
             if names and name not in names:
                 continue
             manifest = read_manifest(artifacts / name)
-            found = manifest.get("build_hash") if manifest else None
+            found = manifest.build_hash if manifest else None
             published = published_record(artifacts, name)
             try:
                 expected = make_plan(loaded).build_hash
@@ -100,7 +72,7 @@ def artifact_states(paths: list[str | Path], artifacts: Path, names: list[str] |
                 state = "missing"
             elif found != expected:
                 state = "stale"
-            elif detail := _not_current(artifacts / name, manifest, expected):
+            elif detail := not_current(artifacts / name, manifest, expected):
                 state = "built"
             else:
                 state = "verified"
@@ -122,7 +94,7 @@ def write_stamp(state: ArtifactState, artifacts: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{state.build_hash}\n")
     if state.state == "verified":
-        manifest = artifacts / state.name / "manifest.json"
+        manifest = artifacts / state.name / MANIFEST_FILE
         os.utime(path, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns))
     return path
 

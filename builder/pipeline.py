@@ -9,7 +9,6 @@ concurrent builds of one recipe.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,35 +16,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from builder.artifact import Manifest, load_manifest, up_to_date
 from builder.console import say
+from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.inventory import up_to_date
-from builder.recipe import LoadedRecipe, load_recipes
-from builder.plan import Plan, build_kind, make_plan
-from builder.steps import load, quantize, write
+from builder.plan import Plan, build_kind, build_stages, make_plan
+from builder.recipe import load_recipes
+from builder.steps import bnb, load, write
 
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
-
-
-@dataclass
-class BuildContext:
-    """What the steps of one build share. Steps write only inside `workdir`."""
-
-    loaded: LoadedRecipe
-    plan: Plan
-    source_dir: Path | None
-    """Local folder holding the source files; set by the resolve step (a Hub snapshot, or the local folder)."""
-    workdir: Path
-    """Temporary folder beside the destination; the artifact's files go directly in here."""
-    device: str
-    """"cpu", "cuda" or "cuda:N": where the model is loaded and verified."""
-    record: dict = field(default_factory=dict)
-    """What steps add to manifest.json (task, footprint, bits_per_param, verification, onnx, ...)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per step (filled by the pipeline; steps may add finer stages such as load and save)."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +37,14 @@ class BuildResult:
     name: str
     path: Path
     status: str
-    manifest: dict
+    manifest: Manifest
 
     def as_json(self) -> dict:
+        manifest = self.manifest.to_json()
         return {"name": self.name, "path": str(self.path), "status": self.status,
-                "build_hash": self.manifest.get("build_hash"), "timings": self.manifest.get("timings"),
-                "footprint": self.manifest.get("footprint"), "bits_per_param": self.manifest.get("bits_per_param"),
-                "verification_passed": (self.manifest.get("verification") or {}).get("passed")}
+                "build_hash": manifest["build_hash"], "timings": manifest["timings"],
+                "footprint": manifest["footprint"], "bits_per_param": manifest["bits_per_param"],
+                "verification_passed": self.manifest.passed}
 
 
 Step = Callable[[BuildContext], None]
@@ -90,7 +73,7 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
     # under the lock in case a concurrent build just finished it.
     publish = recipe.publish.model_dump(mode="json") if recipe.publish else None
     if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
-        if manifest["recipe"].get("publish") == publish:
+        if manifest.recipe.get("publish") == publish:
             return _reused(final, manifest)
         with _locked(out, recipe.name):
             if (manifest := up_to_date(final, plan.build_hash)) is not None:
@@ -105,9 +88,8 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
             return _reused(final, manifest)
         _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
-        ctx = BuildContext(plan.loaded, plan, None, workdir, chosen)
-        if build_kind(recipe) == "quantize":
-            ctx.record["device_map"] = device_map
+        ctx = BuildContext(plan.loaded, plan, workdir, chosen,
+                           device_map=device_map if build_kind(recipe) == "quantize" else None)
         try:
             for number, (name, step) in enumerate(steps, 1):
                 say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
@@ -121,40 +103,40 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
         except BaseException:
             _discard(workdir, None, keep_temp)
             raise
-    manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
     say(f"{recipe.name}: built {final}")
-    return BuildResult(recipe.name, final, "built", manifest)
+    return BuildResult(recipe.name, final, "built", load_manifest(final))
 
 
-def _reused(final: Path, manifest: dict, note: str = "") -> BuildResult:
+def _reused(final: Path, manifest: Manifest, note: str = "") -> BuildResult:
     say(f"{final.name}: up to date ({final}){note}")
     return BuildResult(final.name, final, "up to date", manifest)
 
 
 def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
-    """The build's steps in order, by the recipe's kind."""
-    recipe = plan.loaded.recipe
-    match build_kind(recipe):
-        case "export":
-            return (("resolve", load.resolve), ("export", _export), ("verify", _verify), ("write", write.write))
-        case "quantize" if recipe.quantize is not None:
-            return (("resolve", load.resolve), ("quantize", quantize.quantize), ("verify", _verify),
-                    ("write", write.write))
-        case _:
-            raise BuildError(f"recipe {recipe.name} has neither `quantize` nor `export`: there is nothing to build; "
-                             "add one of them")
+    """The build's steps in order, by the recipe's kind: `plan.build_stages`, each with its function."""
+    return tuple((stage, _STEPS[stage]) for stage in build_stages(plan.loaded.recipe))
+
+
+def _quantize(ctx: BuildContext) -> None:
+    from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
+
+    quantize(ctx)
 
 
 def _export(ctx: BuildContext) -> None:
-    from builder.steps.export import export
+    from builder.steps.export import export  # deferred: torch and onnx, only when a build runs
 
     export(ctx)
 
 
 def _verify(ctx: BuildContext) -> None:
-    from builder.steps.verify import verify
+    from builder.steps.verify import verify  # deferred: torch and transformers, only when a build runs
 
-    ctx.record["verification"] = verify(ctx)
+    verify(ctx)
+
+
+_STEPS: dict[str, Step] = {"resolve": load.resolve, "quantize": _quantize, "export": _export, "verify": _verify,
+                           "write": write.write}
 
 
 def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[str, str]]:
@@ -185,8 +167,8 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise BuildError(f"{device} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)")
-    chosen_map = quantize.device_map_for(recipe, device, pinned=requested is not None)
-    quantize.preflight(plan, chosen_map)
+    chosen_map = bnb.device_map_for(recipe, device, pinned=requested is not None)
+    bnb.preflight(plan, chosen_map)
     return device, chosen_map
 
 

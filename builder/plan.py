@@ -15,7 +15,7 @@ from importlib import metadata
 from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.checkpoint import DTYPE_BYTES, TensorInfo
+from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.source import ResolvedSource, resolve
 
 # Packages whose version can change an artifact's bytes, per kind of build.
@@ -24,7 +24,6 @@ _VERSIONED = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
-_TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 
 
@@ -153,7 +152,7 @@ def _tied_heads(config: dict) -> list[str]:
 
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
     dtype = recipe.source.dtype
-    return _TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
+    return TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
 
 
 def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
@@ -183,31 +182,38 @@ def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) ->
     return int(total)
 
 
+def build_stages(recipe: Recipe) -> tuple[str, ...]:
+    """The stages of a build, in order: what `builder plan` lists and `builder build` counts ([1/4] ...)."""
+    return ("resolve", build_kind(recipe), "verify", "write")
+
+
 def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stage]:
-    stages = [Stage("resolve", "pin the source (commit sha or content digest) and read its config")]
+    """`build_stages` with what each does and the peak memory it needs."""
+    described = {"resolve": Stage("resolve", "pin the source (commit sha or content digest) and read its config"),
+                 "write": Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename")}
     if recipe.export is not None:
         export = recipe.export
-        stages += [
-            Stage("load", f"load the source as {recipe.source.dtype}", loaded_bytes),
-            Stage("export", f"export to ONNX (opset {export.opset}, {export.dtype}, exporter {export.exporter})",
-                  loaded_bytes * 2),
-        ]
+        what = [f"load the source as {recipe.source.dtype}, export to ONNX (opset {export.opset}, {export.dtype}, "
+                f"exporter {export.exporter})"]
+        peak = loaded_bytes * 2
         if export.optimize != "none":
-            stages.append(Stage("optimize", f"onnxruntime transformer optimizer {export.optimize}", artifact_bytes * 2))
+            what.append(f"onnxruntime transformer optimizer {export.optimize}")
+            peak = max(peak, artifact_bytes * 2)
         if export.quantize != "none":
-            stages.append(Stage("quantize", "onnxruntime dynamic int8 quantization", artifact_bytes * 5))
+            what.append("onnxruntime dynamic int8 quantization")
+            peak = max(peak, artifact_bytes * 5)
+        described["export"] = Stage("export", "; ".join(what), peak)
         verify_on = export.verify_on or export.provider
-        stages.append(Stage("verify", f"compare with the PyTorch source on {verify_on}", loaded_bytes + artifact_bytes))
+        described["verify"] = Stage("verify", f"compare with the PyTorch source on {verify_on}",
+                                    loaded_bytes + artifact_bytes)
     else:
         method = recipe.quantize.method if recipe.quantize else "none"
-        stages += [
-            Stage("load", f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else loaded and quantized by transformers", loaded_bytes + artifact_bytes),
-            Stage("save", "write safetensors, config, tokenizer, generation config", artifact_bytes),
-        ]
+        what = [f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else "
+                "loaded and quantized by transformers", "write safetensors, config, tokenizer, generation config"]
         if recipe.quantize is not None and recipe.quantize.dequantize:
-            stages.append(Stage("dequantize", "write a dequantized checkpoint", loaded_bytes + artifact_bytes))
-        stages.append(Stage("verify", "reload the artifact in a fresh process and compare with the source",
-                            loaded_bytes + artifact_bytes))
-    stages.append(Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename"))
-    return stages
+            what.append("write a dequantized checkpoint")
+        described["quantize"] = Stage("quantize", "; ".join(what), loaded_bytes + artifact_bytes)
+        described["verify"] = Stage("verify", "reload the artifact in a fresh process and compare with the source",
+                                    loaded_bytes + artifact_bytes)
+    return [described[name] for name in build_stages(recipe)]
 

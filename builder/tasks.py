@@ -4,6 +4,8 @@ It mirrors the transformers tasks of optimum's `TasksManager`; `tests/unit/test_
 whenever optimum is installed.
 """
 
+from builder.errors import BuildError
+
 TASKS: tuple[str, ...] = (
     "audio-classification",
     "audio-frame-classification",
@@ -56,3 +58,27 @@ def infer_task(architectures: list[str] | None) -> str | None:
             if architecture.endswith(suffix):
                 return task
     return None
+
+# Task -> the transformers Auto class that loads a model for it (the head the task needs): the one table the build,
+# the gate's probes, the ONNX exporter and the card's usage snippet read.
+AUTO_CLASSES: dict[str, str] = {
+    "text-generation": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "multiple-choice": "AutoModelForMultipleChoice",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
+def auto_class(task: str):
+    """The transformers Auto class for `task` (AutoModelForCausalLM for text-generation, ...)."""
+    import transformers  # deferred: validate and plan run without torch
+
+    if task not in AUTO_CLASSES:
+        raise BuildError(f"task {task!r} has no transformers model class in builder; use one of "
+                         f"{', '.join(AUTO_CLASSES)}")
+    return getattr(transformers, AUTO_CLASSES[task])

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from builder.errors import PublishError
+from builder.artifact import MANIFEST_FILE, FileEntry, Manifest, load_manifest, parse_manifest
+from builder.errors import ArtifactError, PublishError
 from builder.recipe import COMMIT_PATTERN, REPO_ID_PATTERN, is_local_path
 
-MANIFEST = "manifest.json"
 RETRIES = 4
 _BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0)
 
@@ -39,7 +39,7 @@ class Upload:
     """What one publish pushes: repo-relative path -> local file or bytes, and the manifest that describes it."""
 
     files: dict[str, Path | bytes]
-    manifest: dict
+    manifest: Manifest
 
     def size(self, path: str) -> int:
         content = self.files[path]
@@ -67,68 +67,56 @@ class PublishResult:
                 "attempts": self.attempts}
 
 
-def load_manifest(artifact_dir: Path) -> dict:
-    """The artifact's manifest.json, or a PublishError saying what the folder is missing."""
-    path = Path(artifact_dir) / MANIFEST
-    if not path.is_file():
-        raise PublishError(f"{artifact_dir} has no {MANIFEST}: it is not a builder artifact; build one with "
-                           "`builder build RECIPE` and publish artifacts/<name>/")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise PublishError(f"{path} is not valid JSON ({error}); rebuild the artifact") from None
-
-
-def check_publishable(artifact_dir: Path, manifest: dict) -> None:
+def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
     """Refuse unverified or failed builds, files that are not the ones the manifest hashed, and unpinned sources."""
     from builder.source import file_sha256
 
-    verification = manifest.get("verification") or {}
-    if verification.get("passed") is not True:
+    verification = manifest.verification or {}
+    if not manifest.passed:
         failures = "; ".join(f.get("message", str(f)) for f in verification.get("failures") or ()) or "no report"
         raise PublishError(f"{artifact_dir} did not pass verification ({failures}); only verified builds are "
                            "published: fix the recipe or its thresholds and rebuild")
-    listed = manifest.get("files") or {}
+    listed = manifest.files or {}
     if not listed:
-        raise PublishError(f"{artifact_dir}/{MANIFEST} lists no files; rebuild the artifact")
+        raise PublishError(f"{artifact_dir}/{MANIFEST_FILE} lists no files; rebuild the artifact")
     for name, expected in sorted(listed.items()):
         path = Path(artifact_dir) / name
         if not path.is_file():
             raise PublishError(f"{path} is listed in the manifest but missing; rebuild the artifact")
-        if path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected.size or file_sha256(path) != expected.sha256:
             raise PublishError(f"{path} was changed after the build (its sha256 differs from the manifest's); "
                                "rebuild the artifact instead of editing it")
     present = {p.relative_to(artifact_dir).as_posix() for p in Path(artifact_dir).rglob("*") if p.is_file()}
-    extra = sorted(present - set(listed) - {MANIFEST})
+    extra = sorted(present - set(listed) - {MANIFEST_FILE})
     if extra:
         raise PublishError(f"{artifact_dir} has files the manifest does not list ({', '.join(extra[:5])}); "
                            "remove them or rebuild the artifact")
-    source = manifest.get("recipe", {}).get("source", {})
+    source = manifest.recipe.get("source", {})
     if not is_local_path(source.get("model", "")) and not COMMIT_PATTERN.match(source.get("revision") or ""):
         raise PublishError(f"source.revision {source.get('revision') or 'main'!r} of {source.get('model')} is not a "
                            "40-hex commit: pin it (the build recorded "
-                           f"{manifest.get('source', {}).get('revision')}) so the published card names the exact "
+                           f"{manifest.source.revision}) so the published card names the exact "
                            "source, then rebuild")
 
 
-def prepare_upload(artifact_dir: Path, manifest: dict, repo: str) -> Upload:
+def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str) -> Upload:
     """Every artifact file plus manifest.json. When `repo` is not the recipe's `publish.repo`, the card is
     re-rendered so its usage snippet loads from `repo`, and the uploaded manifest lists that card."""
     import hashlib
 
     from builder.card import render_card
 
-    files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(manifest["files"])}
-    recipe_repo = (manifest.get("recipe", {}).get("publish") or {}).get("repo")
+    listed = manifest.files or {}
+    files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(listed)}
+    recipe_repo = (manifest.recipe.get("publish") or {}).get("repo")
     if repo != recipe_repo and "README.md" in files:
         card = render_card(manifest, repo_id=repo).encode()
         files["README.md"] = card
-        manifest = {**manifest, "files": {**manifest["files"],
-                                          "README.md": {"sha256": hashlib.sha256(card).hexdigest(),
-                                                        "size": len(card)}}}
-        files[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        card_entry = FileEntry(sha256=hashlib.sha256(card).hexdigest(), size=len(card))
+        manifest = manifest.model_copy(update={"files": {**listed, "README.md": card_entry}})
+        files[MANIFEST_FILE] = manifest.to_bytes()
     else:
-        files[MANIFEST] = Path(artifact_dir) / MANIFEST
+        files[MANIFEST_FILE] = Path(artifact_dir) / MANIFEST_FILE
     return Upload(files, manifest)
 
 
@@ -143,11 +131,11 @@ def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
     check_publishable(artifact_dir, manifest)
-    settings = manifest.get("recipe", {}).get("publish") or {}
+    settings = manifest.recipe.get("publish") or {}
     repo = repo or settings.get("repo")
     if not repo:
         raise PublishError(f"no target repo: add `publish: {{repo: org/name}}` to the recipe of "
-                           f"{manifest.get('name')} or pass --repo org/name")
+                           f"{manifest.name} or pass --repo org/name")
     if "/" not in repo or not REPO_ID_PATTERN.match(repo):
         raise PublishError(f"{repo!r} is not a Hub repo id; write it as org/name (letters, digits, '-', '_', '.')")
     revision = revision or settings.get("revision") or "main"
@@ -166,15 +154,15 @@ def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str 
     return result
 
 
-def _record(artifact_dir: Path, manifest: dict, result: PublishResult, progress: Callable[[str], None]) -> None:
+def _record(artifact_dir: Path, manifest: Manifest, result: PublishResult, progress: Callable[[str], None]) -> None:
     """`<artifacts>/.published/<name>.json`: where this artifact was last published (`builder list` shows it)."""
     from datetime import datetime, timezone
 
-    record = {**result.as_json(), "name": manifest["name"], "build_hash": manifest["build_hash"],
+    record = {**result.as_json(), "name": manifest.name, "build_hash": manifest.build_hash,
               "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for key in ("uploaded", "deleted", "attempts"):
         record.pop(key)
-    path = artifact_dir.resolve().parent / ".published" / f"{manifest['name']}.json"
+    path = artifact_dir.resolve().parent / ".published" / f"{manifest.name}.json"
     try:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -199,7 +187,7 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=result.endpoint, token=token)
-    repo, revision, name = result.repo, result.revision, upload.manifest["name"]
+    repo, revision, name = result.repo, result.revision, upload.manifest.name
     _retrying(lambda: api.create_repo(repo, exist_ok=True, private=private), f"create {repo}", progress)
     if revision != "main":
         _retrying(lambda: api.create_branch(repo, branch=revision, exist_ok=True), f"create branch {revision}",
@@ -215,7 +203,7 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
             result.status = "published" if first_head not in (None, head) else "unchanged"
             if result.status == "unchanged":
                 result.uploaded = []
-            progress(f"{repo}@{revision} already holds build {upload.manifest['build_hash'][:12]} "
+            progress(f"{repo}@{revision} already holds build {upload.manifest.build_hash[:12]} "
                      f"(commit {head[:12]}): nothing to push" if result.status == "unchanged"
                      else f"the commit of attempt {attempt - 1} landed ({head[:12]})")
             return result
@@ -229,7 +217,7 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
         try:
             commit = api.create_commit(
                 repo, operations, revision=revision, create_pr=create_pr, parent_commit=head,
-                commit_message=f"Publish {name} (build {upload.manifest['build_hash'][:12]})",
+                commit_message=f"Publish {name} (build {upload.manifest.build_hash[:12]})",
                 commit_description=_description(upload.manifest))
         except Exception as error:  # noqa: BLE001 - classified below; anything not transient is re-raised
             _raise_unless_transient(error, f"commit to {repo}@{revision}")
@@ -254,7 +242,7 @@ class RemoteState:
     """A branch head's file listing (path -> RepoFile) and its manifest (None when it has none)."""
 
     tree: dict
-    manifest: dict | None
+    manifest: Manifest | None
 
 
 def _remote_state(api, repo: str, head: str) -> RemoteState:
@@ -264,21 +252,21 @@ def _remote_state(api, repo: str, head: str) -> RemoteState:
 
     tree = {f.path: f for f in api.list_repo_tree(repo, recursive=True, revision=head) if isinstance(f, RepoFile)}
     manifest = None
-    if MANIFEST in tree:
+    if MANIFEST_FILE in tree:
         with tempfile.TemporaryDirectory() as cache:
-            path = api.hf_hub_download(repo, MANIFEST, revision=head, cache_dir=cache)
+            path = api.hf_hub_download(repo, MANIFEST_FILE, revision=head, cache_dir=cache)
             try:
-                manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                manifest = None
+                manifest = parse_manifest(Path(path).read_bytes(), f"{repo}@{head[:12]}/{MANIFEST_FILE}")
+            except ArtifactError:
+                manifest = None  # not one of ours (or damaged): the publish replaces it
     return RemoteState(tree, manifest)
 
 
 def _matches(upload: Upload, remote: RemoteState) -> bool:
     if remote.manifest is None:
         return False
-    same = (remote.manifest.get("build_hash") == upload.manifest["build_hash"]
-            and remote.manifest.get("files") == upload.manifest["files"])
+    same = (remote.manifest.build_hash == upload.manifest.build_hash
+            and remote.manifest.files == upload.manifest.files)
     return same and not _differences(upload, remote.tree)
 
 
@@ -287,7 +275,7 @@ def _operations(upload: Upload, remote: RemoteState) -> tuple[list, list[str]]:
 
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes)
                                      else str(content)) for path, content in upload.files.items()]
-    previous = set((remote.manifest or {}).get("files") or ())
+    previous = set(remote.manifest.files or ()) if remote.manifest else set()
     stale = sorted(path for path in previous - set(upload.files) if path in remote.tree)
     operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     return operations, stale
@@ -319,7 +307,8 @@ def _differences(upload: Upload, tree: dict) -> list[str]:
         if remote.size != upload.size(path):
             problems.append(f"{path} has {remote.size} bytes, not {upload.size(path)}")
         elif remote.lfs is not None:
-            expected = upload.manifest["files"][path]["sha256"] if path in upload.manifest["files"] else \
+            listed = upload.manifest.files or {}
+            expected = listed[path].sha256 if path in listed else \
                 hashlib.sha256(content if isinstance(content, bytes) else content.read_bytes()).hexdigest()
             if remote.lfs.sha256 != expected:
                 problems.append(f"{path} has sha256 {remote.lfs.sha256}, not {expected}")
@@ -330,12 +319,12 @@ def _differences(upload: Upload, tree: dict) -> list[str]:
     return problems
 
 
-def _description(manifest: dict) -> str:
-    verification = manifest.get("verification") or {}
+def _description(manifest: Manifest) -> str:
+    verification = manifest.verification or {}
     metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in sorted((verification.get("metrics") or {}).items()))
-    return (f"builder artifact {manifest['name']}\n\nbuild hash: {manifest['build_hash']}\n"
-            f"source: {manifest['source']['model']} @ {manifest['source']['revision']}\n"
+    return (f"builder artifact {manifest.name}\n\nbuild hash: {manifest.build_hash}\n"
+            f"source: {manifest.source.model} @ {manifest.source.revision}\n"
             f"verification: {'passed' if verification.get('passed') else 'not passed'} ({metrics})\n")
 
 

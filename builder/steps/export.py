@@ -17,10 +17,12 @@ import shutil
 import time
 from pathlib import Path
 
+from builder.artifact import Footprint
+from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
 from builder.steps import ort
-from builder.tasks import infer_task
+from builder.tasks import auto_class, infer_task
 
 # Tasks the torch exporter handles, with the graph's output name (optimum's names).
 TORCH_TASKS = {
@@ -38,17 +40,17 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "chat_template.json", "preprocessor_config.json")
 
 
-def export(ctx) -> None:
+def export(ctx: BuildContext) -> None:
     """Export `ctx.source_dir` to ONNX in `ctx.workdir` as `ctx.loaded.recipe.export` asks.
 
-    Fills `ctx.record["onnx"]` (exporter, task, opset, dtype, provider and where the graph was verified, input and
+    Fills `ctx.onnx` (exporter, task, opset, dtype, provider and where the graph was verified, input and
     output names, optimizer and quantization details, sub-step timings). Raises `BuildError` when the exporter
     cannot handle the task or architecture, the opset is too low, or the provider cannot run here (see
     `export.verify_on`); the work folder then holds no model."""
     recipe = ctx.loaded.recipe
     spec: OnnxExport = recipe.export
     config = ctx.plan.source.config
-    task = ctx.record.get("task") or recipe.source.task or infer_task(config.get("architectures"))
+    task = ctx.task or recipe.source.task or infer_task(config.get("architectures"))
     if task is None:
         raise BuildError(f"cannot infer the task of {recipe.source.model} from config.json's architectures "
                          f"{config.get('architectures')}; set `source.task`")
@@ -68,10 +70,8 @@ def export(ctx) -> None:
     except BaseException:
         _remove_model(Path(ctx.workdir))
         raise
-    ctx.record["onnx"] = record
-    ctx.record["footprint"] = {"source_bytes": ctx.plan.source_bytes, "artifact_bytes": record["model_bytes"],
-                               "ratio": round(record["model_bytes"] / ctx.plan.source_bytes, 4)
-                               if ctx.plan.source_bytes else None}
+    ctx.onnx = record
+    ctx.footprint = Footprint.of(ctx.plan.source_bytes, record["model_bytes"])
 
 
 def choose_exporter(spec: OnnxExport, task: str) -> str:
@@ -103,23 +103,14 @@ def optimum_onnx_available() -> bool:
         return False
 
 
-def model_class(task: str):
-    """The transformers Auto class for `task`, from optimum's TasksManager."""
-    try:
-        from optimum.exporters.tasks import TasksManager
-    except ImportError:
-        raise MissingDependency("optimum", "onnx") from None
-    return TasksManager.get_model_class_for_task(task, framework="pt")
-
-
 def load_source(source_dir: Path, task: str, dtype, device: str = "cpu", attn_implementation: str | None = None):
     """Load the source model for `task` in `dtype`, in eval mode; `BuildError` when the architecture does not fit."""
-    auto_class = model_class(task)
+    model_class = auto_class(task)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = auto_class.from_pretrained(str(source_dir), **kwargs)
+        model = model_class.from_pretrained(str(source_dir), **kwargs)
     except ValueError as error:  # "Unrecognized configuration class ... for this kind of AutoModel"
         raise BuildError(f"{source_dir.name} cannot be loaded for task {task!r}: {str(error).splitlines()[0]}; set "
                          "`source.task` to a task its architecture supports") from None
@@ -129,7 +120,7 @@ def load_source(source_dir: Path, task: str, dtype, device: str = "cpu", attn_im
 # --- torch exporter ------------------------------------------------------------------------------------------------
 
 
-def _export_torch(ctx, task: str, spec: OnnxExport, model_path: Path) -> None:
+def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Path) -> None:
     import torch
 
     recipe = ctx.loaded.recipe
@@ -254,7 +245,7 @@ def _decoder_graph(model, with_past: bool):
 # --- optimum exporter ----------------------------------------------------------------------------------------------
 
 
-def _export_optimum(ctx, task: str, spec: OnnxExport) -> None:
+def _export_optimum(ctx: BuildContext, task: str, spec: OnnxExport) -> None:
     from optimum.exporters.onnx import main_export
     from optimum.exporters.tasks import TasksManager
 
@@ -280,7 +271,7 @@ def _export_optimum(ctx, task: str, spec: OnnxExport) -> None:
 # --- after either exporter -----------------------------------------------------------------------------------------
 
 
-def _finish(ctx, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict) -> dict:
+def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict) -> dict:
     import onnx
 
     onnx.checker.check_model(str(model_path))  # the path form reads model.onnx_data and graphs past 2 GB

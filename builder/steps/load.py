@@ -8,31 +8,14 @@ tokenizer files only, plus pickle weights with `source.allow_pickle` and Python 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from builder.errors import BuildError, SourceError
+from builder.context import BuildContext
+from builder.errors import SourceError
 from builder.tasks import infer_task
-
-if TYPE_CHECKING:
-    from builder.pipeline import BuildContext
 
 # What a transformers model folder needs besides its weights.
 _HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
-
-# Task -> the transformers Auto class that loads a model for it (the head the task needs).
-AUTO_CLASSES = {
-    "text-generation": "AutoModelForCausalLM",
-    "feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "fill-mask": "AutoModelForMaskedLM",
-    "multiple-choice": "AutoModelForMultipleChoice",
-    "text2text-generation": "AutoModelForSeq2SeqLM",
-    "image-classification": "AutoModelForImageClassification",
-}
-
 
 def resolve(ctx: BuildContext) -> None:
     """Make `ctx.source_dir` a local folder holding the source at `ctx.plan.source.revision`; record the task."""
@@ -42,7 +25,7 @@ def resolve(ctx: BuildContext) -> None:
     else:
         ctx.source_dir = download(source.model, ctx.plan.source.revision, allow_pickle=source.allow_pickle,
                                   remote_code=source.trust_remote_code)
-    ctx.record["task"] = task_of(ctx)
+    ctx.task = task_of(ctx)
 
 
 def download(repo_id: str, commit: str, *, allow_pickle: bool, remote_code: bool) -> Path:
@@ -66,13 +49,3 @@ def task_of(ctx: BuildContext) -> str:
         raise SourceError(f"cannot infer the task of {ctx.loaded.recipe.source.model} from config.json's "
                           "`architectures`; set `source.task` in the recipe (e.g. text-generation)")
     return task
-
-
-def auto_class(task: str):
-    """The transformers Auto class for `task` (AutoModelForCausalLM for text-generation, ...)."""
-    import transformers
-
-    if task not in AUTO_CLASSES:
-        raise BuildError(f"task {task!r} has no transformers model class in builder; use one of "
-                         f"{', '.join(AUTO_CLASSES)}")
-    return getattr(transformers, AUTO_CLASSES[task])

@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+from builder.tasks import auto_class
+
 SEED = 0
 LATENCY_TOKENS = 64
 LATENCY_RUNS = 3
@@ -28,8 +30,6 @@ LATENCY_RUNS = 3
 def load_model(folder: str, task: str, dtype: str, device: str):
     """`folder` loaded with stock transformers as `task` needs it, in `dtype`, on `device`, in eval mode."""
     import torch
-
-    from builder.steps.load import auto_class
 
     model_class = auto_class(task) if task == "text-generation" else auto_class("feature-extraction")
     model = model_class.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device)

@@ -17,125 +17,39 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from builder.checkpoint import FLOAT_DTYPES, has_tokenizer, read_header
+from builder.artifact import Dequantized, Footprint, QuantizedLayers
+from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, has_tokenizer, read_header
 from builder.console import say
+from builder.context import BuildContext
 from builder.errors import BuildError
-from builder.plan import is_quantizable
-from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.recipe import Bnb4Bit, Bnb8Bit
+from builder.steps.bnb import bnb_config, load_kwargs
+from builder.steps.stream import stream_build, streamable
+from builder.tasks import auto_class
 
-if TYPE_CHECKING:
-    from builder.pipeline import BuildContext
-    from builder.plan import Plan
-
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
 # `.weight.nested_*`, `.weight.quant_state.bitsandbytes__nf4` (4-bit); `.weight`, `.SCB`, `.weight_format` (8-bit).
 _QUANTIZED_KEY = re.compile(r"^(?P<module>.+)\.(?:weight(?:\..+|_format)?|SCB)$")
 
 
-def bnb_config(spec: Bnb4Bit | Bnb8Bit):
-    """`transformers.BitsAndBytesConfig` for the recipe's `quantize` block, field for field.
-
-    An empty `skip_modules` passes None, which keeps transformers' default skips (the output head); a non-empty one
-    replaces them."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    skip = list(spec.skip_modules) or None
-    match spec:
-        case Bnb4Bit():
-            return BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=spec.quant_type,
-                bnb_4bit_use_double_quant=spec.double_quant,
-                bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
-                bnb_4bit_quant_storage=getattr(torch, spec.quant_storage),
-                llm_int8_skip_modules=skip,
-            )
-        case Bnb8Bit():
-            return BitsAndBytesConfig(
-                load_in_8bit=True,
-                llm_int8_threshold=spec.threshold,
-                llm_int8_skip_modules=skip,
-                llm_int8_enable_fp32_cpu_offload=spec.fp32_cpu_offload,
-                llm_int8_has_fp16_weight=spec.has_fp16_weight,
-            )
-
-
-def device_map_for(recipe: Recipe, device: str, pinned: bool) -> str | dict[str, str]:
-    """The `device_map` a build loads with: the recipe's per-module map, its `auto` unless `--device` pinned a
-    device, else everything on `device`."""
-    device_map = recipe.load.device_map
-    if isinstance(device_map, dict):
-        return dict(device_map)
-    if device_map == "auto" and not pinned:
-        return "auto"
-    return {"": device}
-
-
-def load_kwargs(recipe: Recipe, device_map: str | dict[str, str]) -> dict:
-    """Keyword arguments of `from_pretrained` besides the quantization config (GPU indices become ints)."""
-    import torch
-
-    if isinstance(device_map, dict):
-        device_map = {module: int(where) if where.isdigit() else where for module, where in device_map.items()}
-    kwargs: dict = {
-        "device_map": device_map,
-        "dtype": "auto" if recipe.source.dtype == "auto" else getattr(torch, recipe.source.dtype),
-        "trust_remote_code": recipe.source.trust_remote_code,
-    }
-    if recipe.load.attn_implementation is not None:
-        kwargs["attn_implementation"] = recipe.load.attn_implementation
-    if recipe.load.max_memory is not None:
-        kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in recipe.load.max_memory.items()}
-    return kwargs
-
-
-def preflight(plan: Plan, device_map: str | dict[str, str]) -> None:
-    """Refuse, before anything is written, bitsandbytes settings that cannot work with `device_map`."""
-    spec = plan.loaded.recipe.quantize
-    if not isinstance(spec, Bnb8Bit) or not spec.fp32_cpu_offload:
-        return
-    if not isinstance(device_map, dict):
-        return
-    patterns = spec.skip_modules or ("lm_head",)
-    on_gpu = [t.name for t in plan.source.tensors if is_quantizable(t, patterns)
-              and _placement(t.name, device_map) not in ("cpu", "disk")]
-    if not on_gpu:
-        raise BuildError(
-            "quantize.fp32_cpu_offload: with this device map every quantizable layer is on cpu, so nothing would be "
-            "quantized; put the transformer layers on a GPU in `load.device_map` (e.g. {model.layers: 0, lm_head: "
-            "cpu}) and build on a CUDA host, or drop fp32_cpu_offload")
-
-
-def _placement(tensor: str, device_map: dict) -> object:
-    """Where accelerate puts `tensor`: the device of the longest device-map key that is a module prefix of it."""
-    best, where = -1, None
-    for module, device in device_map.items():
-        if (module == "" or tensor == module or tensor.startswith(module + ".")) and len(module) > best:
-            best, where = len(module), device
-    return where
-
-
 def quantize(ctx: BuildContext) -> None:
     """Load and quantize the source, save it into `ctx.workdir`, record footprints and bits per parameter;
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
-    from builder.steps.load import auto_class
-    from builder.steps.stream import stream_quantize, streamable
-
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
+    assert spec is not None  # the pipeline runs this step for quantize recipes only
+    model_class = auto_class(ctx.task)
     reason = streamable(recipe, ctx.source_dir)
     if reason is None:
         with _stage(ctx, "stream", "streaming the quantized weights"):
-            stream_quantize(ctx)
+            result = stream_build(recipe, ctx.source_dir, ctx.workdir, ctx.device)
+        ctx.quantize_path = "stream"
+        _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
     say(f"{recipe.name}: quantizing through transformers (not streamed: {reason})")
-    ctx.record["quantize_path"] = f"transformers ({reason})"
-    model_class = auto_class(ctx.record["task"])
-    kwargs = load_kwargs(recipe, ctx.record["device_map"])
+    ctx.quantize_path = f"transformers ({reason})"
+    kwargs = load_kwargs(recipe, ctx.device_map)
     with _stage(ctx, "load", "loading and quantizing"):
         model = model_class.from_pretrained(ctx.source_dir, quantization_config=bnb_config(spec), **kwargs)
     layers = _quantized_layers(model)
@@ -146,19 +60,20 @@ def quantize(ctx: BuildContext) -> None:
     with _stage(ctx, "save", "saving the quantized model"):
         model.save_pretrained(ctx.workdir)  # before any forward pass (CPU 4-bit repack pitfall)
         _save_preprocessor(ctx, ctx.workdir)
-    artifact_bytes = model.get_memory_footprint()
-    source_bytes = source_footprint(ctx, model_class)
-    ctx.record["footprint"] = {"source_bytes": source_bytes, "artifact_bytes": artifact_bytes,
-                               "ratio": round(artifact_bytes / source_bytes, 4)}
-    ctx.record["quantized_layers"] = serialized_layer_sizes(layers, ctx.workdir)
-    ctx.record["bits_per_param"] = ctx.record["quantized_layers"]["bits_per_param"]
+    _record_sizes(ctx, model.get_memory_footprint(), layers, model_class)
     if spec.dequantize:
         dtype = _source_dtype(ctx)
         with _stage(ctx, "dequantize", "dequantizing"):
             model = model.dequantize(dtype=dtype)  # explicit dtype: after a save the default one is unreliable
             model.save_pretrained(ctx.workdir / "dequantized")
             _save_preprocessor(ctx, ctx.workdir / "dequantized")
-        ctx.record["dequantized"] = {"path": "dequantized", "dtype": str(dtype).removeprefix("torch.")}
+        ctx.dequantized = Dequantized(path="dequantized", dtype=str(dtype).removeprefix("torch."))
+
+
+def _record_sizes(ctx: BuildContext, artifact_bytes: int, layers: dict[str, int], model_class) -> None:
+    """The footprints and the quantized layers' serialized size, the same way for both paths."""
+    ctx.footprint = Footprint.of(source_footprint(ctx, model_class), artifact_bytes)
+    ctx.quantized_layers = serialized_layer_sizes(layers, ctx.workdir)
 
 
 def _name_offloaded_layers(model, spec: Bnb4Bit | Bnb8Bit) -> None:
@@ -182,7 +97,7 @@ def _quantized_layers(model) -> dict[str, int]:
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
-def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> dict:
+def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> QuantizedLayers:
     """Bytes the quantized layers' weights take in the safetensors files of `folder` (packed weights and their
     quantization state, not biases), and the bits per parameter that makes."""
     sizes: dict[str, int] = {}
@@ -194,8 +109,8 @@ def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> dict:
         if match and match["module"] in layers:
             total += size
     parameters = sum(layers.values())
-    return {"count": len(layers), "parameters": parameters, "bytes": total,
-            "bits_per_param": round(total * 8 / parameters, 4)}
+    return QuantizedLayers(count=len(layers), parameters=parameters, bytes=total,
+                           bits_per_param=round(total * 8 / parameters, 4))
 
 
 def source_footprint(ctx: BuildContext, model_class) -> int:
@@ -204,7 +119,7 @@ def source_footprint(ctx: BuildContext, model_class) -> int:
     dtype = ctx.loaded.recipe.source.dtype
     tensors = ctx.plan.source.tensors
     if tensors:
-        wanted = _DTYPE_BYTES.get(dtype)
+        wanted = TORCH_DTYPE_BYTES.get(dtype)
         return sum(t.numel * wanted if wanted and t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors)
     from accelerate import init_empty_weights
     from transformers import AutoConfig

@@ -19,14 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from builder.checkpoint import has_tokenizer, local_weight_files
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.steps.load import AUTO_CLASSES
-from builder.steps.quantize import bnb_config
-from builder.tasks import infer_task
+from builder.steps.bnb import bnb_config
+from builder.tasks import AUTO_CLASSES, infer_task
 
 if TYPE_CHECKING:
     import torch
-
-    from builder.pipeline import BuildContext
 
 MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 
@@ -153,22 +150,6 @@ def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
     if found is not None:
         return getattr(torch, found) if isinstance(found, str) else found
     return next((s.dtype for s in sources.values() if s.dtype.is_floating_point), torch.get_default_dtype())
-
-
-def stream_quantize(ctx: BuildContext) -> None:
-    """The quantize step, streamed: writes model.safetensors (or shards and their index), config.json,
-    generation_config.json and the tokenizer into `ctx.workdir`, and records what the transformers path records
-    (footprint, quantized layers, bits per parameter). Call only when `streamable` returned None."""
-    from builder.steps.load import auto_class
-    from builder.steps.quantize import serialized_layer_sizes, source_footprint
-
-    result = stream_build(ctx.loaded.recipe, ctx.source_dir, ctx.workdir, ctx.device)
-    source_bytes = source_footprint(ctx, auto_class(ctx.record["task"]))
-    ctx.record["footprint"] = {"source_bytes": source_bytes, "artifact_bytes": result["memory_footprint"],
-                               "ratio": round(result["memory_footprint"] / source_bytes, 4)}
-    ctx.record["quantized_layers"] = serialized_layer_sizes(result["layers"], ctx.workdir)
-    ctx.record["bits_per_param"] = ctx.record["quantized_layers"]["bits_per_param"]
-    ctx.record["quantize_path"] = "stream"
 
 
 def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *,

@@ -1,9 +1,8 @@
 """What the verification gate compares for an ONNX export: the graph on onnxruntime vs the PyTorch source.
 
 `onnx_metrics` runs both on the same inputs and returns numbers; `onnx_report` turns them into the verification
-report with the gate of `builder.steps.verify` (thresholds: `default_thresholds`, overridden by the recipe's
-`verify.thresholds`). The verification provider is the one the export step placed the graph on
-(`ctx.record["onnx"]["verified_on"]`).
+report with `builder.steps.gate` (thresholds: `default_thresholds`, overridden by the recipe's `verify.thresholds`).
+The verification provider is the one the export step placed the graph on (the export record's `verified_on`).
 """
 
 from __future__ import annotations
@@ -13,12 +12,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ENCODER_SENTENCES = 16  # sentences of the built-in evaluation text embedded besides the recipe's prompts
+from builder.recipe import Recipe
+from builder.steps import ort
+from builder.steps.export import decoder_shape, load_source
+from builder.steps.gate import ENCODER_SENTENCES, default_prompts, eval_sentences, gate, with_overrides
 
 # Defaults from measurements on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has them):
 # above the worst honest build (O3's GELU approximation: 5e-3; per-channel int8: cosine 0.987) and far from a broken
 # one (per-tensor int8 MiniLM: cosine 0.93; a wrong input order: max_abs_diff ~6). Keys
-# are `verify.thresholds` keys (builder.steps.verify.GATES names the metric each bounds) plus `generation_match`,
+# are `verify.thresholds` keys (builder.steps.gate.GATES names the metric each bounds) plus `generation_match`,
 # the share of prompts whose greedy continuation equals PyTorch's (a minimum; float32 graphs only).
 _THRESHOLDS = {
     ("float32", "none"): {"max_abs_diff": 2e-2, "cosine": 0.9999, "top1_agreement": 0.99, "kl_divergence": 1e-4,
@@ -39,24 +41,20 @@ def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none"
     return {name: table[name] for name in _GATED.get(task, _CLASSIFIER_GATED) if name in table}
 
 
-def thresholds_for(recipe, task: str) -> dict[str, float]:
+def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
     """The defaults overridden by `verify.thresholds`; refuses a threshold that has no ONNX metric for `task`."""
-    from builder.steps.verify import with_overrides
-
+    assert recipe.export is not None
     applicable = [k for k in _GATED.get(task, _CLASSIFIER_GATED) if k != "generation_match"]
     return with_overrides(default_thresholds(task, recipe.export.dtype, recipe.export.quantize), recipe, applicable,
                           f"an ONNX export of a {task} model")
 
 
-def onnx_report(ctx) -> dict:
-    """The verification report of the ONNX export in `ctx.workdir` (the shape `builder.steps.verify` writes).
+def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path, device: str) -> dict:
+    """The verification report of the ONNX export in `model_dir` (the shape `builder.steps.verify` writes), whose
+    export record is `placed`.
 
-    Compares on `ctx.record["onnx"]["verified_on"]` with the recipe's prompts (else the built-in ones; encoders
-    also embed `ENCODER_SENTENCES` sentences of the evaluation text)."""
-    from builder.steps.verify import default_prompts, eval_sentences, gate
-
-    recipe = ctx.loaded.recipe
-    placed = ctx.record["onnx"]
+    Compares on `placed["verified_on"]` with the recipe's prompts (else the built-in ones; encoders also embed
+    `ENCODER_SENTENCES` sentences of the evaluation text)."""
     task = placed["task"]
     thresholds = thresholds_for(recipe, task)
     if task == "text-generation":
@@ -64,8 +62,8 @@ def onnx_report(ctx) -> dict:
     else:
         prompts = list(recipe.verify.prompts) + eval_sentences(ENCODER_SENTENCES)
     started = time.perf_counter()
-    result = onnx_metrics(Path(ctx.workdir), Path(ctx.source_dir), task=task, provider=placed["verified_on"],
-                          prompts=prompts, max_new_tokens=recipe.verify.max_new_tokens, device=ctx.device)
+    result = onnx_metrics(model_dir, source_dir, task=task, provider=placed["verified_on"],
+                          prompts=prompts, max_new_tokens=recipe.verify.max_new_tokens, device=device)
     metrics = result["metrics"]
     failures = gate(metrics, {k: v for k, v in thresholds.items() if k != "generation_match"})
     if "generation_match" in thresholds and metrics["generation_match"] < thresholds["generation_match"]:
@@ -74,7 +72,7 @@ def onnx_report(ctx) -> dict:
                          "message": f"generation_match {value:.3f} < {bound:.3f} (missed by {bound - value:.3f}): "
                                     "greedy generation through the graph differs from PyTorch generate"})
     performance = result["performance"] | {"verification_seconds": round(time.perf_counter() - started, 2)}
-    return {"passed": not failures, "task": task, "device": ctx.device, "provider": placed["verified_on"],
+    return {"passed": not failures, "task": task, "device": device, "provider": placed["verified_on"],
             "target_provider": placed["provider"], "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
             "thresholds": thresholds, "failures": failures, "performance": performance,
             "outputs": result["outputs"], "reference": {"model": "source", "dtype": "float32"},
@@ -99,9 +97,6 @@ def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str,
     """
     import torch
     from transformers import AutoTokenizer
-
-    from builder.steps import ort
-    from builder.steps.export import load_source
 
     model_dir, source_dir = Path(model_dir), Path(source_dir)
     session = ort.session(model_dir / ort.MODEL_FILE, provider)
@@ -181,8 +176,6 @@ class _OnnxDecoder:
 
     def __init__(self, session, config):
         import numpy as np
-
-        from builder.steps.export import decoder_shape
 
         self.session = session
         self.names = [i.name for i in session.get_inputs()]

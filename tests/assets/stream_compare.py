@@ -24,7 +24,7 @@ def transformers_build(recipe: Recipe, source: Path, out: Path, device: str = "c
     """The hand-written transformers path: from_pretrained(quantization_config=...) then save_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from builder.steps.quantize import bnb_config
+    from builder.steps.bnb import bnb_config
 
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config(recipe.quantize),
                                                  dtype=recipe.source.dtype, device_map={"": device})

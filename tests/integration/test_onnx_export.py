@@ -35,7 +35,7 @@ def built(shared_dir, minilm, smollm2):
 
     def get(recipe: str) -> dict:
         if recipe not in manifests:
-            manifests[recipe] = build_file(REPO / recipe, out=shared_dir, device="cpu", force=True)[0].manifest
+            manifests[recipe] = build_file(REPO / recipe, out=shared_dir, device="cpu", force=True)[0].manifest.to_json()
         return manifests[recipe]
 
     return get
@@ -70,10 +70,10 @@ def test_minilm_cpu_build(built, shared_dir):
 def test_minilm_dynamic_int8_is_smaller_and_keeps_its_embeddings(built, minilm, tmp_path):
     fp32 = built("recipes/minilm/onnx-cpu.yaml")
     int8 = build_file(_recipe(tmp_path, minilm, "  quantize: dynamic-int8\n"), out=tmp_path / "out", device="cpu")[0]
-    record = int8.manifest["onnx"]
+    record = int8.manifest.onnx
     assert record["quantization"]["method"] == "dynamic-int8"
     assert record["model_bytes"] < fp32["onnx"]["model_bytes"] / 3
-    report = int8.manifest["verification"]
+    report = int8.manifest.verification
     assert report["passed"] and report["metrics"]["cosine_min"] >= report["thresholds"]["cosine"] == 0.97
     ops = {node.op_type for node in onnx.load(str(int8.path / "model.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops

@@ -16,7 +16,7 @@ import pytest
 
 from builder.errors import VerificationFailed
 from builder.recipe import load_recipes
-from builder.pipeline import BuildContext
+from builder.context import BuildContext
 from builder.plan import make_plan
 from builder.steps.verify import verify
 
@@ -72,7 +72,7 @@ def context(model: str, method: str, source: Path, artifact: Path, tmp_path: Pat
                            f"  task: {TASKS[model]}\n  dtype: {dtype}\nquantize:\n{QUANTIZE[method]}"
                            f"verify:\n  prompts: {prompts}\n  max_new_tokens: 16\n")
     loaded = load_recipes(recipe_file)[0]
-    return BuildContext(loaded, make_plan(loaded), source, artifact, "cpu", record={"task": TASKS[model]})
+    return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source, task=TASKS[model])
 
 
 def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:

@@ -92,7 +92,7 @@ def test_optimum_backend_builds_the_same_layout(main_env_build, tmp_path):
                       "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n  exporter: optimum\n"
                       "  opset: 17\n")
     result = build_file(recipe, out=tmp_path / "out", device="cpu")[0]
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["onnx"]["exporter"] == "optimum"
     assert manifest["verification"]["passed"], manifest["verification"]["failures"]
     assert manifest["verification"]["metrics"]["cosine_min"] > 0.9999

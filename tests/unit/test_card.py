@@ -8,7 +8,13 @@ import re
 import pytest
 import yaml
 
-from builder.card import render_card
+from builder.artifact import Manifest
+from builder.card import render_card as render_manifest_card
+
+
+def render_card(manifest: dict, **options) -> str:
+    """The card of a manifest written as JSON (the tests build them as dicts)."""
+    return render_manifest_card(Manifest.model_validate(manifest), **options)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -4,7 +4,7 @@ import os
 import sys
 
 from builder.console import configured, say
-from builder.steps.write import file_table
+from builder.artifact import file_table
 
 
 def _hash_a_file(tmp_path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from builder.errors import BuildError
 from builder.recipe import load_recipes
-from builder.pipeline import BuildContext
+from builder.context import BuildContext
 from builder.plan import make_plan
 from builder.steps import ort
 from builder.steps.export import choose_exporter, export
@@ -27,9 +27,7 @@ def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-
     loaded = load_recipes(recipe)[0]
     workdir = tmp_path / "work"
     workdir.mkdir()
-    ctx = BuildContext(loaded, make_plan(loaded), source, workdir, "cpu")
-    ctx.record["task"] = task
-    return ctx
+    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task=task)
 
 
 @pytest.fixture(scope="session")
@@ -46,14 +44,14 @@ def test_decoder_with_past_has_optimums_layout_and_names(tiny_with_past):
     assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in work.iterdir()}
     assert not (work / "model.onnx_data").exists()  # a few MB: one file, as optimum writes it
     onnx.checker.check_model(str(work / "model.onnx"))
-    record = tiny_with_past.record["onnx"]
+    record = tiny_with_past.onnx
     past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
     assert record["inputs"] == ["input_ids", "attention_mask", "position_ids", *past]
     assert record["outputs"] == ["logits", *[name.replace("past_key_values", "present") for name in past]]
     assert (record["exporter"], record["provider"], record["verified_on"]) == (
         "torch", "CPUExecutionProvider", "CPUExecutionProvider")
     assert record["target_checked"] is True
-    assert tiny_with_past.record["footprint"]["artifact_bytes"] == (work / "model.onnx").stat().st_size
+    assert tiny_with_past.footprint.artifact_bytes == (work / "model.onnx").stat().st_size
 
 
 def test_decoder_with_past_generates_like_pytorch(tiny_with_past, tiny_llama):
@@ -90,8 +88,8 @@ def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
 def test_decoder_without_past_has_no_cache_inputs(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "")
     export(ctx)
-    assert ctx.record["onnx"]["inputs"] == ["input_ids", "attention_mask", "position_ids"]
-    assert ctx.record["onnx"]["outputs"] == ["logits"]
+    assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "position_ids"]
+    assert ctx.onnx["outputs"] == ["logits"]
     metrics = onnx_metrics(ctx.workdir, tiny_llama, task="text-generation", provider="CPUExecutionProvider",
                            prompts=PROMPTS[:1], max_new_tokens=4)["metrics"]
     assert metrics["generation_match"] == 1.0
@@ -115,8 +113,8 @@ def tiny_classifier(minilm, tmp_path_factory) -> Path:
 def test_text_classification(tiny_classifier, tmp_path):
     ctx = _context(tmp_path, tiny_classifier, "  optimize: O2\n", task="text-classification")
     export(ctx)
-    assert ctx.record["onnx"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert ctx.record["onnx"]["outputs"] == ["logits"]
+    assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert ctx.onnx["outputs"] == ["logits"]
     metrics = onnx_metrics(ctx.workdir, tiny_classifier, task="text-classification",
                            provider="CPUExecutionProvider", prompts=["A fine day.", "Terrible, awful weather today."])
     assert metrics["metrics"]["top1_agreement"] == 1.0
@@ -163,7 +161,7 @@ def test_missing_provider_fails_with_the_reason_and_no_artifact(tiny_llama, tmp_
                                          r"\(onnxruntime\) lacks CUDAExecutionProvider; pip install onnxruntime-gpu"):
         export(ctx)
     assert not (Path(ctx.workdir) / "model.onnx").exists()
-    assert "onnx" not in ctx.record
+    assert ctx.onnx is None
 
 
 def test_rocm_needs_onnxruntimes_rocm_build(tiny_with_past):
@@ -192,7 +190,7 @@ def test_float16_for_tensorrt_verified_on_cpu(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  with_past: true\n  dtype: float16\n  provider: TensorrtExecutionProvider\n"
                                          "  verify_on: CPUExecutionProvider\n")
     export(ctx)
-    record = ctx.record["onnx"]
+    record = ctx.onnx
     assert (record["provider"], record["verified_on"], record["target_checked"]) == (
         "TensorrtExecutionProvider", "CPUExecutionProvider", False)
     assert "lacks TensorrtExecutionProvider" in record["fallback_reason"]

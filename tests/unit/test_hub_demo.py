@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from builder.hub.demo import run_demo
+from builder.demo import run_demo
 
 # Random weights: the gate is opened wide, the point here is build -> registry -> publish -> load back.
 RECIPE = """schema_version: 1

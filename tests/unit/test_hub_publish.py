@@ -32,6 +32,7 @@ def make_artifact(folder: Path, *, weights: bytes = b"\x00weights" * 4096, passe
                   extra_files: dict[str, bytes] | None = None, source_revision: str | None = SOURCE_COMMIT,
                   model: str = SOURCE, repo: str | None = REPO, build_hash: str | None = None) -> Path:
     """An artifact folder as the pipeline writes it: weights, config, tokenizer, card, lock, report, manifest."""
+    from builder.artifact import Manifest
     from builder.card import render_card
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def make_artifact(folder: Path, *, weights: bytes = b"\x00weights" * 4096, passe
     files = {"model.safetensors": weights, "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
              "tokenizer.json": b'{"version": "1.0"}', "verify-report.json": json.dumps(report).encode(),
              "recipe.lock.yaml": b"schema_version: 1\nname: tiny-nf4\n", **(extra_files or {})}
-    files["README.md"] = render_card(manifest).encode()
+    files["README.md"] = render_card(Manifest.model_validate(manifest)).encode()
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)

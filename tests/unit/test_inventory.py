@@ -29,10 +29,19 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+def manifest_json(name: str, build_hash: str, passed: bool, files: dict | None = None) -> dict:
+    """A manifest as `builder build` writes it, reduced to what the inventory reads."""
+    return {"manifest_version": 1, "name": name, "build_hash": build_hash, "kind": "quantize", "recipe": {},
+            "recipe_files": [], "source": {"model": "../m", "revision": "sha256:" + "0" * 64, "task": None},
+            "versions": {}, "device": "cpu", "built_at": "2026-01-01T00:00:00+00:00", "timings": {},
+            "footprint": None, "bits_per_param": None, "library_name": "transformers",
+            "verification": {"passed": passed}, "files": files or {}}
+
+
 def _write_manifest(project: Path, name: str, build_hash: str, passed: bool) -> None:
     folder = project / "artifacts" / name
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"build_hash": build_hash, "verification": {"passed": passed}}))
+    (folder / "manifest.json").write_text(json.dumps(manifest_json(name, build_hash, passed)))
 
 
 def test_states_follow_the_build_hash(project):
@@ -84,8 +93,8 @@ def test_stamp_is_dated_like_the_manifest_only_when_the_artifact_is_up_to_date(p
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"12345")
     manifest = folder / "manifest.json"
-    manifest.write_text(json.dumps({"build_hash": state.build_hash, "verification": {"passed": True},
-                                    "files": {"model.safetensors": {"size": 5, "sha256": "x"}}}))
+    files = {"model.safetensors": {"size": 5, "sha256": "x"}}
+    manifest.write_text(json.dumps(manifest_json("a", state.build_hash, True, files)))
     os.utime(manifest, ns=(10**18, 10**18))  # older than any stamp written now
     assert _stamp(project, "a").stat().st_mtime_ns == 10**18  # make: up to date
     (folder / "model.safetensors").write_bytes(b"1234")  # changed after the build: builder would rebuild
@@ -100,7 +109,7 @@ def test_state_names_what_keeps_an_artifact_of_this_hash_from_being_up_to_date(p
     [state] = artifact_states([project / "recipes"], project / "artifacts", names=["b"])
     folder = project / "artifacts" / "b"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"build_hash": state.build_hash, "verification": {"passed": True},
-                                                      "files": {"model.safetensors": {"size": 5}}}))
+    files = {"model.safetensors": {"sha256": "0" * 64, "size": 5}}
+    (folder / "manifest.json").write_text(json.dumps(manifest_json("b", state.build_hash, True, files)))
     [state] = artifact_states([project / "recipes"], project / "artifacts", names=["b"])
     assert (state.state, state.detail) == ("built", "model.safetensors is missing or changed")

@@ -231,7 +231,7 @@ def test_plan_json_shape_on_a_local_folder(capsys):
     assert plan["name"] == "tiny-nf4" and plan["variant"] is None and plan["warnings"] == []
     assert plan["parameter_count"] == 8 * 4 + 4 * 4 + 4 and plan["source_bytes"] == 4 * plan["parameter_count"]
     assert plan["source"]["model"] == "../models/tiny" and plan["source"]["revision"].startswith("sha256:")
-    assert [s["name"] for s in plan["stages"]] == ["resolve", "load", "save", "verify", "write"]
+    assert [s["name"] for s in plan["stages"]] == ["resolve", "quantize", "verify", "write"]
     assert set(plan["stages"][0]) == {"name", "description", "peak_memory_bytes"}
     assert plan["recipe"]["quantize"]["double_quant"] is True and len(plan["build_hash"]) == 64
 

@@ -24,9 +24,9 @@ def build_fails(capsys, recipe, out, *extra: str, code: int = 1) -> str:
 def transformers_path(monkeypatch):
     """Take the transformers path (from_pretrained + save_pretrained) whose calls these tests break on purpose;
     plain recipes are otherwise streamed (test_stream_faults_* below break the streaming path)."""
-    import builder.steps.stream
+    import builder.steps.quantize
 
-    monkeypatch.setattr(builder.steps.stream, "streamable", lambda recipe, source_dir: "forced by the test")
+    monkeypatch.setattr(builder.steps.quantize, "streamable", lambda recipe, source_dir: "forced by the test")
 
 
 def nothing_written(out) -> bool:
@@ -78,7 +78,7 @@ def test_missing_cuda_is_refused(tiny_llama, tmp_path, capsys):
 
 
 def test_fp32_cpu_offload_that_would_quantize_nothing(tiny_llama, tmp_path):
-    from builder.steps.quantize import preflight
+    from builder.steps.bnb import preflight
 
     recipe = write_recipe(tmp_path, tiny_llama, quantize="  method: bnb-8bit\n  fp32_cpu_offload: true\n",
                           extra="load:\n  device_map: {model: cpu, lm_head: '0'}\n")
@@ -155,15 +155,15 @@ def test_keep_temp_keeps_the_failed_build_folder(tiny_llama, tmp_path, capsys, m
 def test_stream_faults_name_the_stage(tiny_llama, tmp_path, capsys, monkeypatch, fault, message):
     import torch
 
-    import builder.steps.stream
+    import builder.steps.quantize
 
-    def broken(ctx):
-        (ctx.workdir / "model.safetensors").write_bytes(b"half written")
+    def broken(recipe, source_dir, workdir, device):
+        (workdir / "model.safetensors").write_bytes(b"half written")
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(builder.steps.stream, "stream_quantize", broken)
+    monkeypatch.setattr(builder.steps.quantize, "stream_build", broken)
     recipe = write_recipe(tmp_path, tiny_llama)
     line = build_fails(capsys, recipe, tmp_path / "out").strip().splitlines()[-1]
     assert line.startswith(message)

@@ -16,16 +16,9 @@ import pytest
 from builder.cli import main
 from builder.errors import BuildError
 from builder.recipe import Recipe
-from builder.steps import verify as gate_module
-from builder.steps.verify import (
-    default_thresholds,
-    eval_sentences,
-    eval_text,
-    gate,
-    reference_dtype,
-    run_checks,
-    thresholds_for,
-)
+from builder.steps import gate as gate_module
+from builder.steps.gate import eval_sentences, eval_text, gate
+from builder.steps.verify import default_thresholds, reference_dtype, run_checks, thresholds_for
 
 DATA = Path(gate_module.__file__).resolve().parents[1] / "data"
 # The tiny model is mostly its 49152x64 embedding table, which stays unquantized: its footprint barely shrinks.

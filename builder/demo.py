@@ -66,18 +66,18 @@ print(f"generated: {prompt!r} -> {answer!r}")
 def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifacts", root: Path | None = None,
              say: Callable[[str], None] = print) -> None:
     """Build, verify, serve, publish and load back (see the module docstring). Raises BuilderError on failure."""
-    from builder.hub.server import start_in_thread
-    from builder.pipeline import build_file
+    from builder.hub.server import start_in_thread  # deferred: `builder --help` need not load the server
+    from builder.pipeline import build_file  # deferred: the build imports torch
 
     started = time.perf_counter()
     say(f"[1/4] build + verify {recipe}")
     result = build_file(recipe, out=out)[0]
-    report = result.manifest.get("verification") or {}
+    report = result.manifest.verification or {}
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted((report.get("metrics") or {}).items())
                         if isinstance(v, float))
     say(f"      {result.name}: {result.status} at {result.path}; verification "
         f"{'passed' if report.get('passed') else 'FAILED'} ({metrics})")
-    repo = ((result.manifest.get("recipe") or {}).get("publish") or {}).get("repo") or f"demo/{result.name}"
+    repo = (result.manifest.recipe.get("publish") or {}).get("repo") or f"demo/{result.name}"
     with tempfile.TemporaryDirectory(prefix="builder-demo-") as scratch:
         hub_root = root or Path(scratch) / "hub"
         token = "hf_demo_" + secrets.token_hex(8)

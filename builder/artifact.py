@@ -1,0 +1,205 @@
+"""The artifact folder format: what `builder build` writes and every other command reads.
+
+An artifact is a folder holding the model files, verify-report.json, recipe.lock.yaml, the README.md card and
+manifest.json, written last. The manifest names the build (hash, resolved recipe, pinned source, versions, device,
+timings), what it measured (footprints, bits per parameter, quantized layers, the ONNX record, the verification
+report) and the sha256 and size of every other file. `Manifest` is its schema; this module is its one reader and
+writer, owns the file table, and decides whether an artifact is up to date for a build hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from builder.errors import ArtifactError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceRecord(_Record):
+    model: str
+    revision: str
+    """A Hub commit, or `sha256:<digest>` of a local folder's files."""
+    task: str | None
+
+
+class Footprint(_Record):
+    """Memory of the source loaded unquantized in the recipe's dtype vs the artifact loaded, and their ratio."""
+
+    source_bytes: int
+    artifact_bytes: int
+    ratio: float | None
+    """None when the source's size is unknown (0 bytes)."""
+
+    @classmethod
+    def of(cls, source_bytes: int, artifact_bytes: int) -> Footprint:
+        return cls(source_bytes=source_bytes, artifact_bytes=artifact_bytes,
+                   ratio=round(artifact_bytes / source_bytes, 4) if source_bytes else None)
+
+
+class QuantizedLayers(_Record):
+    """The bitsandbytes layers: how many, their weight elements, the bytes their packed weights and quantization
+    state take on disk, and the bits per parameter that makes."""
+
+    count: int
+    parameters: int
+    bytes: int
+    bits_per_param: float
+
+
+class Dequantized(_Record):
+    path: str
+    dtype: str
+
+
+class FileEntry(_Record):
+    sha256: str
+    size: int
+
+
+class Manifest(_Record):
+    """manifest.json. Fields a kind of build does not produce are left unset and so absent from the file
+    (`quantize_path`, `quantized_layers` and `device_map` for bitsandbytes builds, `onnx` for exports)."""
+
+    manifest_version: int
+    name: str
+    build_hash: str
+    kind: str
+    """"quantize" or "export"."""
+    recipe: dict[str, Any]
+    """The resolved recipe (after `extends` and variants), as JSON."""
+    recipe_files: list[str]
+    source: SourceRecord
+    versions: dict[str, str]
+    device: str
+    device_uuid: str | None = None
+    """Which physical GPU built it (None on CPU)."""
+    built_at: str
+    timings: dict[str, float]
+    footprint: Footprint | None
+    bits_per_param: float | None
+    library_name: str
+    verification: dict[str, Any] | None
+    """The gate's report (the content of verify-report.json)."""
+    device_map: str | dict[str, Any] | None = None
+    quantize_path: str | None = None
+    quantized_layers: QuantizedLayers | None = None
+    dequantized: Dequantized | None = None
+    onnx: dict[str, Any] | None = None
+    """The export step's record: exporter, task, opset, dtype, target and verification providers, inputs."""
+    files: dict[str, FileEntry] | None = None
+    """Every other file of the folder by relative POSIX path; set last, once the folder is complete."""
+
+    @property
+    def passed(self) -> bool:
+        return bool((self.verification or {}).get("passed"))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+
+
+def parse_manifest(data: bytes | str, where: str) -> Manifest:
+    """A manifest from its bytes; `ArtifactError` naming `where` when they are not one this builder reads."""
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{where} is not valid JSON ({error}); rebuild the artifact") from None
+    if isinstance(raw, dict) and isinstance(raw.get("manifest_version"), int) and raw["manifest_version"] > \
+            MANIFEST_VERSION:
+        raise ArtifactError(f"{where} has manifest_version {raw['manifest_version']}; this builder reads version "
+                            f"{MANIFEST_VERSION}: upgrade builder")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{where} is not a builder manifest ({field}: {first['msg']}); rebuild the "
+                            "artifact") from None
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """The manifest of the artifact in `folder`; `ArtifactError` saying what is wrong when it has none."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder} has no {MANIFEST_FILE}; point at a folder that `builder build` wrote "
+                            "(artifacts/<name>)") from None
+    return parse_manifest(data, str(path))
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of `folder`, or None when it has none or one that cannot be read (an artifact to rebuild)."""
+    try:
+        return load_manifest(folder)
+    except (ArtifactError, OSError):
+        return None
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write manifest.json by an atomic rename: a reader sees the old manifest or the new one."""
+    replace_file(Path(folder) / MANIFEST_FILE, manifest.to_bytes())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file beside it and `os.replace`."""
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def file_table(folder: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path."""
+    from tqdm.auto import tqdm  # deferred: huggingface_hub's dependency, absent from the core install
+
+    from builder.console import show_progress
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
+    table = {}
+    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="Hashing files",
+              leave=False, disable=not show_progress()) as bar:
+        for path in files:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            table[path.relative_to(folder).as_posix()] = FileEntry(sha256=digest.hexdigest(),
+                                                                   size=path.stat().st_size)
+    return table
+
+
+def up_to_date(final: Path, build_hash: str) -> Manifest | None:
+    """The manifest of the artifact at `final` when it has `build_hash`, passed verification and still has every
+    file it lists at the listed size; else None. `builder build` skips exactly these artifacts."""
+    manifest = read_manifest(final)
+    if manifest is None or not_current(final, manifest, build_hash):
+        return None
+    return manifest
+
+
+def not_current(final: Path, manifest: Manifest, build_hash: str) -> str:
+    """Why the artifact is not up to date for `build_hash` ("" when it is)."""
+    if manifest.build_hash != build_hash:
+        return "another build hash"
+    if not manifest.passed:
+        return "verification did not pass"
+    for name, entry in (manifest.files or {}).items():
+        path = final / name
+        if not path.is_file() or path.stat().st_size != entry.size:
+            return f"{name} is missing or changed"
+    return ""

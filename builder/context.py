@@ -1,0 +1,45 @@
+"""What the steps of one build share: the build context, and a typed field for what each step produces.
+
+The pipeline creates the context; `resolve` sets the source folder and task, `quantize` or `export` the footprint
+and what they built, `verify` the report; `write` turns it into the manifest (`builder.artifact`). This module
+imports no step and not the pipeline, so every step can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.artifact import Dequantized, Footprint, QuantizedLayers
+from builder.plan import Plan
+from builder.recipe import LoadedRecipe
+
+
+@dataclass
+class BuildContext:
+    """One build. Steps write only inside `workdir`."""
+
+    loaded: LoadedRecipe
+    plan: Plan
+    workdir: Path
+    """Temporary folder beside the destination; the artifact's files go directly in here."""
+    device: str
+    """"cpu", "cuda" or "cuda:N": where the model is loaded and verified."""
+    device_map: str | dict[str, Any] | None = None
+    """What `from_pretrained` gets as `device_map` (bitsandbytes builds; None for exports)."""
+    source_dir: Path | None = None
+    """Local folder holding the source files: a Hub snapshot, or the local folder (set by `resolve`)."""
+    task: str | None = None
+    """The recipe's `source.task`, or the one config.json implies (set by `resolve`)."""
+    footprint: Footprint | None = None
+    quantized_layers: QuantizedLayers | None = None
+    quantize_path: str | None = None
+    """"stream", or "transformers (<why it could not be streamed>)"."""
+    dequantized: Dequantized | None = None
+    onnx: dict[str, Any] | None = None
+    """The export step's record (exporter, task, opset, dtype, providers, inputs, model bytes)."""
+    verification: dict[str, Any] | None = None
+    """The gate's report (set by `verify`)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per step (filled by the pipeline; steps add finer stages such as load and save)."""

@@ -1,0 +1,80 @@
+"""`builder verify ARTIFACT`: re-run an existing artifact's gate against the source its manifest records.
+
+The checks are the build's (`builder.steps.verify.run_checks`, `builder.steps.verify_onnx.onnx_report`); what is
+this module's is finding that source again and refusing one whose content changed since the build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.artifact import Manifest, file_table, load_manifest, write_manifest
+from builder.errors import BuildError, SourceError
+from builder.recipe import Recipe
+from builder.source import folder_digest
+from builder.steps.gate import write_report
+from builder.steps.load import download
+
+
+def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = None) -> dict:
+    """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
+    report. Refuses (`SourceError`) when that source is gone or its content changed. With `write`, rewrites
+    verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing."""
+    import torch  # deferred: the checks need it, importing builder must not
+
+    from builder.steps.verify import run_checks
+    from builder.steps.verify_onnx import onnx_report
+
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    recipe = Recipe.model_validate(manifest.recipe)
+    source_dir = recorded_source(artifact_dir, manifest, recipe)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    task = manifest.source.task or recipe.source.task
+    if task is None:
+        raise BuildError(f"{artifact_dir}/manifest.json records no task; rebuild the artifact")
+    if recipe.export is not None:
+        if manifest.onnx is None:
+            raise BuildError(f"{artifact_dir}/manifest.json has no `onnx` record of the export; rebuild the artifact")
+        report = onnx_report(recipe, manifest.onnx, artifact_dir, source_dir, device)
+    else:
+        report = run_checks(recipe, task, source_dir, artifact_dir, device)
+    if write:
+        write_report(artifact_dir, report)
+        updated = manifest.model_copy(update={"verification": report, "files": file_table(artifact_dir)})
+        write_manifest(artifact_dir, updated)
+    return report
+
+
+def recorded_source(artifact_dir: Path, manifest: Manifest, recipe: Recipe) -> Path:
+    """The local folder holding the source at the revision the manifest records. A local source must still have
+    the recorded content digest; a Hub source is fetched at the recorded commit."""
+    revision = manifest.source.revision
+    if not revision.startswith("sha256:"):
+        return download(recipe.source.model, revision, allow_pickle=recipe.source.allow_pickle,
+                        remote_code=recipe.source.trust_remote_code)
+    folder = _local_source_folder(artifact_dir, manifest, recipe)
+    digest = f"sha256:{folder_digest(folder)}"
+    if digest != revision:
+        raise SourceError(f"the source folder {folder} changed since {artifact_dir} was built (recorded {revision}, "
+                          f"now {digest}); verifying against other weights would prove nothing. Restore the source, "
+                          "or rebuild the artifact from the current one (builder build RECIPE --force)")
+    return folder
+
+
+def _local_source_folder(artifact_dir: Path, manifest: Manifest, recipe: Recipe) -> Path:
+    """recipe.lock.yaml's absolute `source.model`, else the recipe's path taken from its recorded recipe file."""
+    import yaml
+
+    candidates = []
+    lock = artifact_dir / "recipe.lock.yaml"
+    if lock.is_file():
+        candidates.append(Path(yaml.safe_load(lock.read_text(encoding="utf-8"))["source"]["model"]))
+    for recipe_file in manifest.recipe_files[:1]:
+        candidates.append(Path(recipe_file).parent / Path(recipe.source.model).expanduser())
+    for folder in candidates:
+        if folder.is_dir():
+            return folder.resolve()
+    raise SourceError(f"the source of {artifact_dir} ({recipe.source.model}) is not at "
+                      f"{' nor '.join(map(str, candidates)) or 'a recorded path'}; run `builder verify` from the "
+                      "folder the artifact was built in, or restore the source folder")
