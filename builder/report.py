@@ -176,7 +176,7 @@ def _group(source: str | None, rows: list[dict]) -> dict:
         points = [(r["name"], r["size_bytes"], r["metrics"].get(metric)) for r in rows
                   if r["status"] == "passed" and not r["superseded"]]
         charts.append({"metric": metric, "label": label, "gate": key, "better": "higher" if higher else "lower",
-                       "thresholds": [{"value": v, "bound": "min" if higher else "max", "artifacts": names}
+                       "thresholds": [{"value": v, "bound": "min" if higher else "max", "artifacts": sorted(names)}
                                       for v, names in sorted(lines.items())],
                        "pareto": sorted(pareto_front(points, higher_is_better=higher))})
     # A built artifact's manifest measures the source's weights; a kept failed build only its loaded footprint.
