@@ -113,8 +113,11 @@ def _scatter(group: dict, chart: dict) -> str:
     for threshold, label_y in zip(chart["thresholds"], label_ys):
         ty = y(threshold["value"])
         sign = "≥" if threshold["bound"] == "min" else "≤"
-        applies = "" if len(threshold["artifacts"]) == len(drawn) or len(chart["thresholds"]) == 1 else (
-            " · " + ", ".join(short[n] for n in threshold["artifacts"]))
+        names = threshold["artifacts"]
+        if len(chart["thresholds"]) == 1:
+            applies = ""  # one gate for all
+        else:
+            applies = " · " + (", ".join(short[n] for n in names) if len(names) <= 2 else f"{len(names)} artifacts")
         out.append(f"<line class=\"threshold\" data-value=\"{threshold['value']}\" x1=\"{LEFT}\" y1=\"{ty:.1f}\" "
                    f"x2=\"{WIDTH - RIGHT}\" y2=\"{ty:.1f}\"><title>gate: {chart['gate']} {sign} {threshold['value']} "
                    f"({', '.join(threshold['artifacts'])})</title></line>"

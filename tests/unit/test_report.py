@@ -323,3 +323,22 @@ def test_screenshot_shows_the_front_the_failed_build_and_the_gates_in_colour(mat
     assert counts.get((0x4C, 0x72, 0xB0), 0) > 100
     assert counts.get((0xDD, 0x84, 0x52), 0) > 300
     assert counts.get((0xC4, 0x4E, 0x52), 0) > 300
+
+
+def test_demo_ends_by_writing_the_report_of_its_artifacts(matrix, tmp_path, monkeypatch):
+    """The demo's stages are tested end to end in test_hub_demo; here they are stood in for, to see its last lines."""
+    from builder.hub import demo, server
+    from builder.pipeline import BuildResult
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(matrix, out)
+    manifest = json.loads((out / "tiny-nf4" / "manifest.json").read_text())
+    monkeypatch.setattr("builder.pipeline.build_file",
+                        lambda recipe, out: [BuildResult("tiny-nf4", Path(out) / "tiny-nf4", "built", manifest)])
+    monkeypatch.setattr(server, "start_in_thread", lambda *a, **k: type("Server", (), {
+        "url": "http://127.0.0.1:1", "shutdown": lambda self: None, "server_close": lambda self: None})())
+    monkeypatch.setattr(demo, "_run", lambda *a: None)
+    lines: list[str] = []
+    demo.run_demo("recipe.yaml", out=out, root=tmp_path / "hub", say=lines.append)
+    assert lines[-2] == f"report of {out} (size vs quality, gates): {out / 'report.html'}"
+    assert 'data-artifact="tiny-nf4"' in (out / "report.html").read_text()
