@@ -109,8 +109,12 @@ def find_artifacts(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             kept = path / FAILED_DIR
             if kept.is_dir():
                 failed += sorted(p for p in kept.iterdir() if p.is_dir() and (p / REPORT_FILE).is_file())
-    unique = lambda folders: list(dict.fromkeys(p.resolve() for p in folders))  # noqa: E731
-    return unique(built), unique(failed)
+    return _unique(built), _unique(failed)
+
+
+def _unique(folders: list[Path]) -> list[Path]:
+    """Resolved, without repeats (a folder passed both itself and through its parent), in order."""
+    return list(dict.fromkeys(p.resolve() for p in folders))
 
 
 def _built_row(folder: Path, manifest: dict, link_base: Path) -> dict:

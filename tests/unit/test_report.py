@@ -342,3 +342,15 @@ def test_demo_ends_by_writing_the_report_of_its_artifacts(matrix, tmp_path, monk
     demo.run_demo("recipe.yaml", out=out, root=tmp_path / "hub", say=lines.append)
     assert lines[-2] == f"report of {out} (size vs quality, gates): {out / 'report.html'}"
     assert 'data-artifact="tiny-nf4"' in (out / "report.html").read_text()
+
+
+def test_an_unreadable_manifest_is_left_out_and_named_on_the_page(matrix, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(matrix, root)
+    (root / "tiny-fp4" / "manifest.json").write_text("{not json")
+    out, data = write_report([root, root / "tiny-int8"], root / "report.html")
+    assert [s["path"] for s in data["skipped"]] == [str((root / "tiny-fp4").resolve())]
+    assert "manifest.json cannot be read" in data["skipped"][0]["reason"]
+    names = [a["name"] for g in data["groups"] for a in g["artifacts"]]
+    assert "tiny-fp4" not in names and names.count("tiny-int8") == 1  # passed twice, shown once
+    assert "Left out:" in out.read_text() and "tiny-fp4" in out.read_text()
