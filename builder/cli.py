@@ -237,7 +237,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from builder.report import write_report
 
-    out, data = write_report(args.paths or ["artifacts"], args.out)
+    out, data = write_report(args.paths or ["artifacts"], args.out, x=args.x)
     if args.json:
         _print_json({"html": str(out), **data})
     else:
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their .failed/ builds from `build --keep-failed` are shown as failed)")
     report.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s); card "
                         "links are relative to its folder")
+    report.add_argument("--x", choices=("size", "bits"), default="size", help="across the scatters: the weight "
+                        "footprint (default) or bits per parameter of the weight files")
     report.add_argument("--json", action="store_true", help="also print the data the page is drawn from")
     report.set_defaults(run=cmd_report)
 

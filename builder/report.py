@@ -38,6 +38,11 @@ _GATE_OF = {metric: (key, bound) for key, (metric, bound) in GATES.items()}
 # A failed build's config.json is matched to a built artifact's without what quantizing or exporting changes.
 _BUILD_CONFIG_KEYS = {"quantization_config", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
 _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")
+# `--x`: what the scatters put across, as (row field, axis label). The footprint is what loading costs in memory
+# (every build records it); bits per parameter counts the weight files on disk, so it shows what double
+# quantization saves (ONNX exports do not record it and are left off that axis).
+X_AXES = {"size": ("size_bytes", "artifact weight footprint"),
+          "bits": ("weight_bits_per_param", "bits per parameter (weight files)")}
 
 
 def _manifest(folder: Path) -> dict:
@@ -45,20 +50,24 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
 
 
-def write_report(paths: list[str | Path], out: str | Path = "report.html") -> tuple[Path, dict]:
-    """Write the HTML report of the artifacts under `paths` to `out`; returns its path and the data drawn."""
+def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:
+    """Write the HTML report of the artifacts under `paths` to `out`; returns its path and the data drawn. `x`
+    names what the scatters put across (a key of X_AXES)."""
     from builder.report_svg import render_html
 
     out = Path(out)
-    data = report_data(paths, out.parent)
+    data = report_data(paths, out.parent, x=x)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(data), encoding="utf-8")
     return out, data
 
 
-def report_data(paths: list[str | Path], link_base: str | Path = ".") -> dict:
+def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str = "size") -> dict:
     """Everything the report shows, by source model; card links are relative to `link_base` (the page's folder).
     Raises BuilderError when `paths` hold no artifact."""
+    if x not in X_AXES:
+        raise BuilderError(f"--x {x!r} is not one of {', '.join(X_AXES)}")
+    field, label = X_AXES[x]
     built, failed = find_artifacts([Path(p) for p in paths])
     if not built and not failed:
         shown = ", ".join(str(p) for p in paths)
@@ -72,17 +81,22 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".") -> dict:
             skipped.append(_skip(folder, f"manifest.json cannot be read ({error})"))
             continue
         rows.append(row)
-        signatures.setdefault(_config_signature(folder), set()).add(row["source"])
+        signatures.setdefault(_config_signature(folder), {})[_source_key(row)] = (row["source"], row["revision"])
     by_name = {row["name"]: row for row in rows}
     for folder in failed:
         try:
             rows.append(_failed_row(folder, signatures, Path(link_base), by_name))
         except (OSError, ValueError, KeyError, TypeError) as error:
             skipped.append(_skip(folder, f"{REPORT_FILE} cannot be read ({error})"))
-    sources = sorted({row["source"] for row in rows}, key=lambda s: (s is None, s or ""))
+    # One group per source revision (a local folder's is its content digest): the same weights reached by two
+    # relative paths are one source, two revisions of one Hub repo are two.
+    groups: dict[str | None, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_source_key(row), []).append(row)
     return {"report_version": REPORT_VERSION,
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "groups": [_group(source, [r for r in rows if r["source"] == source]) for source in sources],
+            "x": {"axis": x, "field": field, "label": label},
+            "groups": [_group(members, field) for _, members in sorted(groups.items(), key=_unknown_last)],
             "skipped": skipped}
 
 
@@ -133,11 +147,12 @@ def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dic
     """A kept failed build: only its files and verify-report.json (the manifest is written after the gate). Its
     source is the one whose built artifacts have the same config.json, when exactly one does."""
     report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
-    sources = signatures.get(_config_signature(folder), set())
+    matches = list(signatures.get(_config_signature(folder), {}).values())
+    source, revision = matches[0] if len(matches) == 1 else (None, None)
     performance = report.get("performance") or {}
     size = performance.get("candidate_footprint_bytes") or _weight_bytes(folder) or None
     row = _row(folder, folder.name, "failed", report, origin="kept failed build",
-               source=next(iter(sources)) if len(sources) == 1 else None, revision=None, size=size,
+               source=source, revision=revision, size=size,
                source_bytes=performance.get("reference_footprint_bytes"), bits=None, method=_config_method(folder),
                built_at=_mtime(folder / REPORT_FILE), device=report.get("device"),
                card=_link(folder / REPORT_FILE, link_base))
@@ -165,8 +180,18 @@ def _row(folder: Path, name: str, status: str, verification: dict, *, origin: st
             "device": verification.get("provider") or device, "built_at": built_at, "superseded": False}
 
 
-def _group(source: str | None, rows: list[dict]) -> dict:
-    rows = sorted(rows, key=lambda r: (r["size_bytes"] is None, r["size_bytes"] or 0, r["name"]))
+def _source_key(row: dict) -> str | None:
+    return row["revision"] or row["source"]
+
+
+def _unknown_last(item: tuple[str | None, list[dict]]) -> tuple:
+    key, rows = item
+    return key is None, rows[0]["source"] or "", key or ""
+
+
+def _group(rows: list[dict], x_field: str) -> dict:
+    names = sorted({r["source"] for r in rows if r["source"]}, key=lambda s: (len(s), s)) or [None]
+    rows = sorted(rows, key=lambda r: (r[x_field] is None, r[x_field] or 0, r["name"]))
     charts = []
     for metric, label in QUALITY_LABELS.items():
         key, bound = _GATE_OF[metric]
@@ -177,7 +202,7 @@ def _group(source: str | None, rows: list[dict]) -> dict:
         lines: dict[float, list[str]] = {}
         for r in gated:
             lines.setdefault(r["thresholds"][key], []).append(r["name"])
-        points = [(r["name"], r["size_bytes"], r["metrics"].get(metric)) for r in rows
+        points = [(r["name"], r[x_field], r["metrics"].get(metric)) for r in rows
                   if r["status"] == "passed" and not r["superseded"]]
         charts.append({"metric": metric, "label": label, "gate": key, "better": "higher" if higher else "lower",
                        "thresholds": [{"value": v, "bound": "min" if higher else "max", "artifacts": sorted(names)}
@@ -186,7 +211,7 @@ def _group(source: str | None, rows: list[dict]) -> dict:
     # A built artifact's manifest measures the source's weights; a kept failed build only its loaded footprint.
     source_sizes = ([r["source_bytes"] for r in rows if r["source_bytes"] and r["origin"] == "artifact"]
                     or [r["source_bytes"] for r in rows if r["source_bytes"]])
-    return {"source": source, "task": next((r["task"] for r in rows if r["task"]), None),
+    return {"source": names[0], "source_aliases": names[1:], "revision": rows[0]["revision"], "task": next((r["task"] for r in rows if r["task"]), None),
             "source_bytes": max(source_sizes) if source_sizes else None, "charts": charts, "artifacts": rows}
 
 

@@ -42,13 +42,13 @@ def render_html(data: dict) -> str:
              f"<style>{_CSS}</style></head><body>",
              "<h1>builder report: size vs quality</h1>",
              f"<p class=\"muted\">{count} artifact(s) from {len(data['groups'])} source model(s); generated "
-             f"{escape(data['generated_at'])}. Size is the artifact's weight footprint; quality is each gate metric "
-             "measured against the source model. The Pareto front (no passing artifact is both smaller and better) "
-             "is drawn among the passing builds.</p>", _legend()]
+             f"{escape(data['generated_at'])}. Across: {escape(data['x']['label'])}; up: each gate metric measured "
+             "against the source model. The Pareto front (no passing artifact is both smaller and better) is "
+             "drawn among the passing builds.</p>", _legend()]
     if data["skipped"]:
         parts.append("<p class=\"failures\">Left out: " + "; ".join(
             f"{escape(s['path'])}: {escape(s['reason'])}" for s in data["skipped"]) + "</p>")
-    parts += [_group(group) for group in data["groups"]]
+    parts += [_group(group, data["x"]) for group in data["groups"]]
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -64,16 +64,17 @@ def _legend() -> str:
             + mark('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>') + " source model size</p>")
 
 
-def _group(group: dict) -> str:
+def _group(group: dict, axis: dict) -> str:
     source = group["source"] or "unknown source"
-    about = [group["task"] or "task unknown"]
+    about = [group["task"] or "task unknown"] + [f"also {alias}" for alias in group["source_aliases"]]
+    about += [f"revision {group['revision']}"] if group["revision"] else []
     if group["source_bytes"]:
         about.append(f"source weights {_size(group['source_bytes'])}")
     if group["source"] is None:
         about.append("failed builds whose config.json matches no built artifact's")
     parts = [f"<section class=\"group\" data-source=\"{escape(source)}\">",
              f"<h2>{escape(source)}</h2><p class=\"muted\">{escape('; '.join(about))}</p><div class=\"charts\">"]
-    parts += [_scatter(group, chart) for chart in group["charts"]]
+    parts += [_scatter(group, chart, axis) for chart in group["charts"]]
     rows = [a for a in group["artifacts"] if not a["superseded"]]
     if any(a["latency_ms"] is not None for a in rows):
         parts.append(_bars(rows, "latency_ms", "reference_latency_ms", "latency per forward (ms, lower is better)"))
@@ -89,24 +90,26 @@ def _group(group: dict) -> str:
 # --- scatter ---------------------------------------------------------------------------------------------------
 
 
-def _scatter(group: dict, chart: dict) -> str:
-    metric = chart["metric"]
-    drawn = [a for a in group["artifacts"] if not a["superseded"] and a["size_bytes"] is not None
+def _scatter(group: dict, chart: dict, axis: dict) -> str:
+    metric, field = chart["metric"], axis["field"]
+    drawn = [a for a in group["artifacts"] if not a["superseded"] and a[field] is not None
              and metric in a["metrics"]]
     missing = [a["name"] for a in group["artifacts"] if not a["superseded"] and a not in drawn]
-    sizes = [a["size_bytes"] for a in drawn] + ([group["source_bytes"]] if group["source_bytes"] else [])
+    source_bytes = group["source_bytes"] if field == "size_bytes" else None
+    across = [a[field] for a in drawn] + ([source_bytes] if source_bytes else [])
     values = [a["metrics"][metric] for a in drawn] + [t["value"] for t in chart["thresholds"]]
-    x = _Axis.fitting(sizes or [1], LEFT, WIDTH - RIGHT, log=False)
+    x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
+    x.format = _size if field == "size_bytes" else _number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
     out = [f"<svg class=\"chart scatter\" data-metric=\"{metric}\" width=\"{WIDTH}\" height=\"{HEIGHT}\" "
            f"viewBox=\"0 0 {WIDTH} {HEIGHT}\" xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">",
            f"<title>{escape(chart['label'])} vs size</title>",
            f"<text class=\"title\" x=\"{LEFT}\" y=\"16\">{escape(chart['label'])} "
-           f"({chart['better']} is better) vs size</text>",
-           _x_axis(x), _y_axis(y, chart["label"])]
-    if group["source_bytes"]:
-        sx = x(group["source_bytes"])
+           f"({chart['better']} is better) vs {'size' if field == 'size_bytes' else 'bits'}</text>",
+           _x_axis(x, axis["label"]), _y_axis(y, chart["label"])]
+    if source_bytes:
+        sx = x(source_bytes)
         out.append(f"<line class=\"source-line\" x1=\"{sx:.1f}\" y1=\"{TOP}\" x2=\"{sx:.1f}\" y2=\"{HEIGHT - BOTTOM}\">"
                    f"<title>source model: {_size(group['source_bytes'])}</title></line>")
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
@@ -123,29 +126,32 @@ def _scatter(group: dict, chart: dict) -> str:
                    f"({', '.join(threshold['artifacts'])})</title></line>"
                    f"<text class=\"threshold-label\" x=\"{WIDTH - RIGHT + 4}\" y=\"{label_y + 4:.1f}\">gate {sign} "
                    f"{_number(threshold['value'])}{escape(applies)}</text>")
-    front = sorted((a for a in drawn if a["name"] in chart["pareto"]), key=lambda a: a["size_bytes"])
+    front = sorted((a for a in drawn if a["name"] in chart["pareto"]), key=lambda a: a[field])
     if len(front) > 1:
         steps = []
         for here, after in zip(front, front[1:]):
-            steps += [(x(here["size_bytes"]), y(here["metrics"][metric])),
-                      (x(after["size_bytes"]), y(here["metrics"][metric]))]
-        steps.append((x(front[-1]["size_bytes"]), y(front[-1]["metrics"][metric])))
+            steps += [(x(here[field]), y(here["metrics"][metric])), (x(after[field]), y(here["metrics"][metric]))]
+        steps.append((x(front[-1][field]), y(front[-1]["metrics"][metric])))
         out.append("<polyline class=\"front\" points=\"" + " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
                    + "\"><title>Pareto front</title></polyline>")
+    placed: list[tuple[float, float]] = []
     for a in drawn:
-        out.append(_point(a, metric, x, y, a["name"] in chart["pareto"], short[a["name"]]))
+        out.append(_point(a, metric, field, x, y, a["name"] in chart["pareto"], short[a["name"]], placed))
     if missing:
-        out.append(f"<text x=\"{LEFT}\" y=\"{HEIGHT - 6}\" class=\"muted\">not drawn (no size or no {metric}): "
+        out.append(f"<text x=\"{LEFT}\" y=\"{HEIGHT - 6}\">not drawn (no {escape(axis['label'])} or no {metric}): "
                    f"{escape(', '.join(short[n] for n in missing))}</text>")
     out.append("</svg>")
     return "\n".join(out)
 
 
-def _point(artifact: dict, metric: str, x: _Axis, y: _Axis, pareto: bool, label: str) -> str:
-    px, py = x(artifact["size_bytes"]), y(artifact["metrics"][metric])
+def _point(artifact: dict, metric: str, field: str, x: _Axis, y: _Axis, pareto: bool, label: str,
+           placed: list[tuple[float, float]]) -> str:
+    """The artifact's circle (and cross, when it failed) and its label, moved down past the labels in `placed`
+    that it would overlap (variants of one size and quality sit on one spot); appends its label's place."""
+    px, py = x(artifact[field]), y(artifact["metrics"][metric])
     status = artifact["status"]
     css = "pt-failed" if status == "failed" else ("pt-pareto" if pareto else "pt-passed")
-    tip = (f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {_size(artifact['size_bytes'])}, "
+    tip = (f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {x.format(artifact[field])}, "
            f"{metric} {_number(artifact['metrics'][metric])}")
     mark = (f"<circle class=\"{css}\" data-artifact=\"{escape(artifact['name'])}\" data-status=\"{status}\" "
             f"data-pareto=\"{str(pareto).lower()}\" cx=\"{px:.1f}\" cy=\"{py:.1f}\" r=\"{7 if pareto else 6}\">"
@@ -153,18 +159,22 @@ def _point(artifact: dict, metric: str, x: _Axis, y: _Axis, pareto: bool, label:
     if status == "failed":
         mark += (f"<path class=\"cross\" d=\"M{px - 4:.1f},{py - 4:.1f}L{px + 4:.1f},{py + 4:.1f}"
                  f"M{px - 4:.1f},{py + 4:.1f}L{px + 4:.1f},{py - 4:.1f}\"/>")
-    return mark + f"<text x=\"{px + 9:.1f}\" y=\"{py + 4:.1f}\">{escape(label)}</text>"
+    ly = py + 4
+    while any(abs(lx - px) < 60 and abs(other - ly) < 11 for lx, other in placed):
+        ly += 12
+    placed.append((px, ly))
+    return mark + f"<text x=\"{px + 9:.1f}\" y=\"{ly:.1f}\">{escape(label)}</text>"
 
 
-def _x_axis(x: _Axis) -> str:
+def _x_axis(x: _Axis, label: str) -> str:
     base = HEIGHT - BOTTOM
     parts = [f"<g class=\"axis\"><line x1=\"{LEFT}\" y1=\"{base}\" x2=\"{WIDTH - RIGHT}\" y2=\"{base}\"/>"]
     for tick in x.ticks():
         tx = x(tick)
         parts.append(f"<line class=\"grid\" x1=\"{tx:.1f}\" y1=\"{TOP}\" x2=\"{tx:.1f}\" y2=\"{base}\"/>"
-                     f"<text x=\"{tx:.1f}\" y=\"{base + 16}\" text-anchor=\"middle\">{_size(tick)}</text>")
+                     f"<text x=\"{tx:.1f}\" y=\"{base + 16}\" text-anchor=\"middle\">{x.format(tick)}</text>")
     parts.append(f"<text x=\"{(LEFT + WIDTH - RIGHT) / 2}\" y=\"{base + 36}\" text-anchor=\"middle\">"
-                 "artifact weight footprint</text></g>")
+                 f"{escape(label)}</text></g>")
     return "".join(parts)
 
 
@@ -187,6 +197,7 @@ class _Axis:
         if hi <= lo:
             lo, hi = (lo / 2, lo * 2) if log else (lo - 1, hi + 1)
         self.lo, self.hi, self.start, self.end, self.log = lo, hi, start, end, log
+        self.format = _number  # tick labels
 
     @classmethod
     def fitting(cls, values: list[float], start: float, end: float, *, log: bool) -> _Axis:

@@ -7,7 +7,7 @@ below is that manifest with its name, source, sizes and verification figures rep
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import html.parser
 import json
 import os
@@ -43,7 +43,8 @@ def _artifact(root: Path, name: str, source: str, size: float, metrics: dict, th
               latency: float | None, task: str = "text-generation") -> Path:
     manifest = json.loads((ASSETS / "manifest.json").read_text())
     manifest["name"] = manifest["recipe"]["name"] = name
-    manifest["source"] |= {"model": source, "task": task}
+    digest = hashlib.sha256(source.encode()).hexdigest()  # a local folder's revision is its content digest
+    manifest["source"] |= {"model": source, "revision": f"sha256:{digest}", "task": task}
     manifest["footprint"] = {"source_bytes": 270e6 if source == LLAMA else 90e6, "artifact_bytes": int(size),
                              "ratio": round(size / 270e6, 4)}
     manifest["recipe"]["quantize"] = ({"method": "bnb-8bit"} if "int8" in name else
@@ -354,3 +355,32 @@ def test_an_unreadable_manifest_is_left_out_and_named_on_the_page(matrix, tmp_pa
     names = [a["name"] for g in data["groups"] for a in g["artifacts"]]
     assert "tiny-fp4" not in names and names.count("tiny-int8") == 1  # passed twice, shown once
     assert "Left out:" in out.read_text() and "tiny-fp4" in out.read_text()
+
+
+def test_one_source_reached_by_two_paths_is_one_group(tmp_path):
+    root = tmp_path / "artifacts"
+    nf4 = _artifact(root, "tiny-nf4", LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, None)
+    _artifact(root, "tiny-int8", "../../" + LLAMA, *LM["tiny-int8"][:2], INT8_THRESHOLDS, None)
+    revision = json.loads((nf4 / "manifest.json").read_text())["source"]["revision"]
+    for folder in root.iterdir():  # the same weights: the same content digest, whatever the path
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["source"]["revision"] = revision
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    [group] = report_data([root], root)["groups"]
+    assert group["source"] == LLAMA and group["source_aliases"] == ["../../" + LLAMA]
+    assert group["revision"] == revision and len(group["artifacts"]) == 2
+
+
+def test_bits_axis_draws_bits_per_parameter_and_leaves_out_what_lacks_it(matrix, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(matrix, root)
+    manifest = json.loads((root / "tiny-fp4" / "manifest.json").read_text())
+    del manifest["verification"]["metrics"]["bits_per_param"]  # as an ONNX export's manifest
+    (root / "tiny-fp4" / "manifest.json").write_text(json.dumps(manifest))
+    out, data = write_report([root], root / "report.html", x="bits")
+    assert data["x"] == {"axis": "bits", "field": "weight_bits_per_param",
+                         "label": "bits per parameter (weight files)"}
+    page = out.read_text()
+    assert 'data-artifact="tiny-fp4" data-status="passed" data-pareto=' not in page  # no scatter point
+    assert "not drawn (no bits per parameter (weight files) or no top1_agreement): fp4" in page
+    assert main(["report", str(root), "--x", "gigabytes"]) == 2
