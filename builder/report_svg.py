@@ -134,9 +134,18 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
         steps.append((x(front[-1][field]), y(front[-1]["metrics"][metric])))
         out.append("<polyline class=\"front\" points=\"" + " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
                    + "\"><title>Pareto front</title></polyline>")
-    placed: list[tuple[float, float]] = []
-    for a in drawn:
-        out.append(_point(a, metric, field, x, y, a["name"] in chart["pareto"], short[a["name"]], placed))
+    # Failed rings first, so a passing point on the same spot stays visible inside one; one label per spot.
+    labels: list[tuple[float, float, list[str]]] = []
+    for a in sorted(drawn, key=lambda a: a["status"] != "failed"):
+        px, py = x(a[field]), y(a["metrics"][metric])
+        out.append(_point(a, metric, px, py, a["name"] in chart["pareto"], x.format(a[field])))
+        spot = next((names for lx, ly, names in labels if abs(lx - px) < 8 and abs(ly - py) < 8), None)
+        if spot is None:
+            labels.append((px, py, [short[a["name"]]]))
+        else:
+            spot.append(short[a["name"]])
+    out += [f"<text x=\"{px + 11:.1f}\" y=\"{py + 4:.1f}\">{escape(', '.join(names))}</text>"
+            for px, py, names in labels]
     if missing:
         out.append(f"<text x=\"{LEFT}\" y=\"{HEIGHT - 6}\">not drawn (no {escape(axis['label'])} or no {metric}): "
                    f"{escape(', '.join(short[n] for n in missing))}</text>")
@@ -144,26 +153,19 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
     return "\n".join(out)
 
 
-def _point(artifact: dict, metric: str, field: str, x: _Axis, y: _Axis, pareto: bool, label: str,
-           placed: list[tuple[float, float]]) -> str:
-    """The artifact's circle (and cross, when it failed) and its label, moved down past the labels in `placed`
-    that it would overlap (variants of one size and quality sit on one spot); appends its label's place."""
-    px, py = x(artifact[field]), y(artifact["metrics"][metric])
+def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, across: str) -> str:
+    """The artifact's circle at (px, py); a failed build's is a wider dashed ring with a cross."""
     status = artifact["status"]
     css = "pt-failed" if status == "failed" else ("pt-pareto" if pareto else "pt-passed")
-    tip = (f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {x.format(artifact[field])}, "
+    tip = (f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {across}, "
            f"{metric} {_number(artifact['metrics'][metric])}")
     mark = (f"<circle class=\"{css}\" data-artifact=\"{escape(artifact['name'])}\" data-status=\"{status}\" "
-            f"data-pareto=\"{str(pareto).lower()}\" cx=\"{px:.1f}\" cy=\"{py:.1f}\" r=\"{7 if pareto else 6}\">"
-            f"<title>{escape(tip)}</title></circle>")
+            f"data-pareto=\"{str(pareto).lower()}\" cx=\"{px:.1f}\" cy=\"{py:.1f}\" "
+            f"r=\"{9 if status == 'failed' else 7 if pareto else 6}\"><title>{escape(tip)}</title></circle>")
     if status == "failed":
         mark += (f"<path class=\"cross\" d=\"M{px - 4:.1f},{py - 4:.1f}L{px + 4:.1f},{py + 4:.1f}"
                  f"M{px - 4:.1f},{py + 4:.1f}L{px + 4:.1f},{py - 4:.1f}\"/>")
-    ly = py + 4
-    while any(abs(lx - px) < 60 and abs(other - ly) < 11 for lx, other in placed):
-        ly += 12
-    placed.append((px, ly))
-    return mark + f"<text x=\"{px + 9:.1f}\" y=\"{ly:.1f}\">{escape(label)}</text>"
+    return mark
 
 
 def _x_axis(x: _Axis, label: str) -> str:
