@@ -174,6 +174,8 @@ def _row(folder: Path, name: str, status: str, verification: dict, *, origin: st
             "failures": [f.get("message", str(f)) for f in verification.get("failures") or []],
             "failed_metrics": [f.get("metric") for f in verification.get("failures") or []],
             "latency_ms": performance.get("candidate_latency_ms"),
+            "latency_basis": (f"{performance['latency_tokens']} tokens, batch 1" if performance.get("latency_tokens")
+                              else "the verification inputs"),
             "reference_latency_ms": performance.get("reference_latency_ms"),
             "throughput_tokens_per_s": performance.get("candidate_throughput_tokens_per_s"),
             "reference_throughput_tokens_per_s": performance.get("reference_throughput_tokens_per_s"),

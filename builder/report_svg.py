@@ -144,8 +144,9 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
             labels.append((px, py, [short[a["name"]]]))
         else:
             spot.append(short[a["name"]])
-    out += [f"<text x=\"{px + 11:.1f}\" y=\"{py + 4:.1f}\">{escape(', '.join(names))}</text>"
-            for px, py, names in labels]
+    for px, py, names in labels:  # left of a point near the right edge, clear of the threshold labels
+        side = f"x=\"{px - 11:.1f}\" text-anchor=\"end\"" if px > WIDTH - RIGHT - 70 else f"x=\"{px + 11:.1f}\""
+        out.append(f"<text {side} y=\"{py + 4:.1f}\">{escape(', '.join(names))}</text>")
     if missing:
         out.append(f"<text x=\"{LEFT}\" y=\"{HEIGHT - 6}\">not drawn (no {escape(axis['label'])} or no {metric}): "
                    f"{escape(', '.join(short[n] for n in missing))}</text>")
@@ -248,23 +249,27 @@ def _spans_decades(values: list[float]) -> bool:
 
 def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> str:
     shown = [r for r in rows if r[field] is not None]
+    # Latency is timed on what each verifier feeds (transformers: a fixed number of tokens at batch 1; ONNX Runtime:
+    # the verification inputs); say so on each bar when one chart mixes them.
+    mixed = len({r["latency_basis"] for r in shown}) > 1 and field == "latency_ms"
     short = _short_names([r["name"] for r in rows])
     row_height, left, width = 24, 130, WIDTH
     height = TOP + 20 + row_height * len(shown) + 30
     top = max([r[field] for r in shown] + [r[reference_field] or 0 for r in shown])
-    x = _Axis(0, top * 1.1, left, width - 60, log=False)
+    x = _Axis(0, top * 1.1 or 1, left, width - 60, log=False)
     out = [f"<svg class=\"chart bars\" data-field=\"{field}\" width=\"{width}\" height=\"{height}\" "
            f"viewBox=\"0 0 {width} {height}\" xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">",
            f"<title>{escape(title)}</title><text class=\"title\" x=\"{left}\" y=\"16\">{escape(title)}</text>"]
     for index, r in enumerate(shown):
         by = TOP + 12 + index * row_height
         bar = x(r[field]) - left
+        basis = escape(f" ({r['latency_basis']})") if mixed else ""
         out.append(f"<text x=\"{left - 6}\" y=\"{by + 14}\" text-anchor=\"end\">{escape(short[r['name']])}</text>"
                    f"<rect class=\"bar-{r['status']}\" data-artifact=\"{escape(r['name'])}\" "
                    f"data-status=\"{r['status']}\" data-value=\"{r[field]}\" x=\"{left}\" y=\"{by}\" "
                    f"width=\"{max(bar, 1):.1f}\" height=\"{row_height - 6}\"><title>{escape(r['name'])}: "
                    f"{_number(r[field])} on {escape(str(r['device']))}</title></rect>"
-                   f"<text x=\"{left + bar + 4:.1f}\" y=\"{by + 14}\">{_number(r[field])}</text>")
+                   f"<text x=\"{left + bar + 4:.1f}\" y=\"{by + 14}\">{_number(r[field])}{basis}</text>")
         if r[reference_field] is not None:
             rx = x(r[reference_field])
             out.append(f"<line class=\"reference\" x1=\"{rx:.1f}\" y1=\"{by - 2}\" x2=\"{rx:.1f}\" "
