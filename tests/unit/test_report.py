@@ -2,7 +2,8 @@
 
 The artifact folders are shaped exactly like real ones: tests/assets/report/ holds the manifest.json and config.json
 of a real tiny-Llama nf4 build and the verify-report.json of a real build kept by `--keep-failed`; each artifact
-below is that manifest with its name, source, sizes and verification figures replaced.
+of the matrix is that manifest with its name, source, sizes and verification figures replaced. It also holds two
+real all-MiniLM-L6-v2 manifests, used unchanged: bnb int8 and an ONNX export.
 """
 
 from __future__ import annotations
@@ -384,3 +385,24 @@ def test_bits_axis_draws_bits_per_parameter_and_leaves_out_what_lacks_it(matrix,
     assert 'data-artifact="tiny-fp4" data-status="passed" data-pareto=' not in page  # no scatter point
     assert "not drawn (no bits per parameter (weight files) or no top1_agreement): fp4" in page
     assert main(["report", str(root), "--x", "gigabytes"]) == 2
+
+
+def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_path):
+    """Two real manifests, unchanged: all-minilm-l6-v2 as bnb int8 and as an ONNX export for the CPU provider."""
+    root = tmp_path / "artifacts"
+    for name in ("minilm-int8", "minilm-onnx-cpu"):
+        (root / name).mkdir(parents=True)
+        shutil.copy(ASSETS / f"{name}.manifest.json", root / name / "manifest.json")
+        (root / name / "README.md").write_text(f"# {name}\n")
+    out, data = write_report([root], root / "report.html")
+    [group] = data["groups"]
+    assert group["source"] == "../../models/all-minilm-l6-v2" and group["task"] == "feature-extraction"
+    assert [c["metric"] for c in group["charts"]] == ["cosine_min", "max_abs_diff"]
+    rows = {a["name"]: a for a in group["artifacts"]}
+    onnx, int8 = rows["all-minilm-l6-v2-onnx-cpu"], rows["all-minilm-l6-v2-int8"]
+    assert onnx["method"] == "onnx float32" and onnx["device"] == "CPUExecutionProvider"
+    assert onnx["weight_bits_per_param"] is None and onnx["latency_basis"] == "the verification inputs"
+    assert int8["method"] == "bnb-8bit" and int8["latency_basis"] == "64 tokens, batch 1"
+    page = out.read_text()
+    assert "(the verification inputs)</text>" in page and "(64 tokens, batch 1)</text>" in page
+    assert page.count('data-artifact="all-minilm-l6-v2-onnx-cpu" data-status="passed"') == 3  # 2 charts, 1 bar
