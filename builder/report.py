@@ -192,7 +192,8 @@ def _unknown_last(item: tuple[str | None, list[dict]]) -> tuple:
 
 
 def _group(rows: list[dict], x_field: str) -> dict:
-    names = sorted({r["source"] for r in rows if r["source"]}, key=lambda s: (len(s), s)) or [None]
+    # The shortest of the source paths its manifests record names the group (one folder, two relative paths).
+    sources = sorted({r["source"] for r in rows if r["source"]}, key=lambda s: (len(s), s)) or [None]
     rows = sorted(rows, key=lambda r: (r[x_field] is None, r[x_field] or 0, r["name"]))
     charts = []
     for metric, label in QUALITY_LABELS.items():
@@ -213,7 +214,8 @@ def _group(rows: list[dict], x_field: str) -> dict:
     # A built artifact's manifest measures the source's weights; a kept failed build only its loaded footprint.
     source_sizes = ([r["source_bytes"] for r in rows if r["source_bytes"] and r["origin"] == "artifact"]
                     or [r["source_bytes"] for r in rows if r["source_bytes"]])
-    return {"source": names[0], "source_aliases": names[1:], "revision": rows[0]["revision"], "task": next((r["task"] for r in rows if r["task"]), None),
+    return {"source": sources[0], "source_aliases": sources[1:], "revision": rows[0]["revision"],
+            "task": next((r["task"] for r in rows if r["task"]), None),
             "source_bytes": max(source_sizes) if source_sizes else None, "charts": charts, "artifacts": rows}
 
 

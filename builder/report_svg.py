@@ -29,7 +29,8 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; } svg .title { font-siz
 table { border-collapse: collapse; margin-top: 12px; font-size: 13px; } .table { overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child, td.text { text-align: left; } th { background: #f3f3f3; }
-tr.failed td:first-child { border-left: 4px solid #c44e52; } tr.pareto td:first-child { border-left: 4px solid #dd8452; }
+tr.failed td:first-child { border-left: 4px solid #c44e52; }
+tr.pareto td:first-child { border-left: 4px solid #dd8452; }
 td.miss { color: #c44e52; font-weight: 600; } .failures { color: #c44e52; white-space: normal; font-size: 12px; }
 .legend svg { vertical-align: middle; }
 """
