@@ -99,7 +99,9 @@ def matrix(tmp_path_factory) -> Path:
               {"cosine": 0.99, "footprint_ratio": 0.8}, None, task="feature-extraction")
     _artifact(root, "minilm-nf4", MINILM, 15e6, encoder | {"cosine_min": 0.95, "max_abs_diff": 0.21},
               {"cosine": 0.90, "footprint_ratio": 0.75}, None, task="feature-extraction")
-    (root / ".tmp-tiny-nf4-abcd1234").mkdir()
+    # An interrupted build's folder holds a manifest too; the report must not show it.
+    temporary = _artifact(root, "tiny-unfinished", LLAMA, 50e6, LM["tiny-nf4"][1], LM_THRESHOLDS, None)
+    temporary.rename(root / ".tmp-tiny-unfinished-abcd1234")
     return root
 
 
