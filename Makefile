@@ -7,7 +7,7 @@ R      ?= recipes/smollm2/nf4.yaml
 RECIPES   ?= recipes
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test test-slow test-gpu test-interop test-hub-oldest validate plan build all models schema clean publish bench FORCE
+.PHONY: demo report chromium test test-slow test-gpu test-interop test-hub-oldest validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -27,6 +27,11 @@ models: models/.ready
 # Build + verify SmolLM2 nf4, publish it to the embedded Hub-compatible registry, load it back and generate.
 demo: models/.ready
 	$(BUILDER) demo
+
+# One self-contained HTML page comparing the built artifacts by source model: size vs quality, the Pareto front,
+# the gate thresholds, latency, failed builds kept by --keep-failed. Open $(ARTIFACTS)/report.html in a browser.
+report: $(VENV)/.installed
+	$(BUILDER) report $(ARTIFACTS) --out $(ARTIFACTS)/report.html
 
 # Build one recipe file (R=...), or every recipe; both skip artifacts whose build hash is unchanged ("up to date").
 build: models/.ready
@@ -54,7 +59,14 @@ FORCE:
 publish: models/.ready
 	$(BUILDER) build $(R) --publish
 
-test: models/.ready
+# Headless Chromium renders `builder report`'s page in tests/unit/test_report.py (those tests skip without it).
+# Installed here only when make runs as root (a CI container); otherwise it says how and the tests skip.
+chromium:
+	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	else echo "chromium is missing: the report rendering tests will skip (sudo apt-get install -y chromium)"; fi
+
+test: models/.ready chromium
 	$(PYTEST) -q
 
 test-slow: models/.ready

@@ -21,6 +21,9 @@ from builder.errors import ArtifactError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
+FAILED_DIR = ".failed"
+"""`<out>/.failed/<name>/`: a build that failed verification, kept by `builder build --keep-failed` (no manifest;
+its verify-report.json says why)."""
 
 
 class _Record(BaseModel):

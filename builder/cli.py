@@ -235,6 +235,18 @@ def cmd_stamp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from builder.report import write_report
+
+    out, data = write_report(args.paths or ["artifacts"], args.out, x=args.x)
+    if args.json:
+        _print_json({"html": str(out), **data})
+    else:
+        count = sum(len(group["artifacts"]) for group in data["groups"])
+        print(f"wrote {out}: {count} artifact(s) from {len(data['groups'])} source model(s)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Declarative, verified model builds from YAML recipes.")
     parser.add_argument("--version", action="version", version=f"builder {_own_version()}")
@@ -326,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--name", action="append", metavar="ARTIFACT", help="only this artifact; repeatable")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_list)
+
+    report = commands.add_parser("report", parents=[quiet], help="an HTML page comparing artifacts by source "
+                                 "model: size vs quality, the Pareto front, gate thresholds, latency, failed builds")
+    report.add_argument("paths", nargs="*", help="artifact folders or folders holding them (default artifacts/; "
+                        "their .failed/ builds from `build --keep-failed` are shown as failed)")
+    report.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s); card "
+                        "links are relative to its folder")
+    report.add_argument("--x", choices=("size", "bits"), default="size", help="across the scatters: the weight "
+                        "footprint (default) or bits per parameter of the weight files")
+    report.add_argument("--json", action="store_true", help="also print the data the page is drawn from")
+    report.set_defaults(run=cmd_report)
 
     stamp = commands.add_parser("stamp", parents=[quiet], help="for make: write ARTIFACTS/.stamps/NAME.hash, dated "
                                 "like the artifact's manifest when it is up to date and now otherwise")

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import BuilderError
+from builder.hub.server import start_in_thread
+from builder.pipeline import build_file
+from builder.report import write_report
 
 DEFAULT_RECIPE = "recipes/smollm2/nf4.yaml"
 PROMPT = "What is the capital of France?"
@@ -66,8 +69,6 @@ print(f"generated: {prompt!r} -> {answer!r}")
 def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifacts", root: Path | None = None,
              say: Callable[[str], None] = print) -> None:
     """Build, verify, serve, publish and load back (see the module docstring). Raises BuilderError on failure."""
-    from builder.hub.server import start_in_thread  # deferred: `builder --help` need not load the server
-    from builder.pipeline import build_file  # deferred: the build imports torch
 
     started = time.perf_counter()
     say(f"[1/4] build + verify {recipe}")
@@ -95,6 +96,7 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifact
         finally:
             server.shutdown()
             server.server_close()
+    say(f"report of {out} (size vs quality, gates): {write_report([out], Path(out) / 'report.html')[0]}")
     say(f"demo done in {time.perf_counter() - started:.0f}s")
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.artifact import Manifest, load_manifest, up_to_date
+from builder.artifact import FAILED_DIR, Manifest, load_manifest, up_to_date
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
@@ -98,7 +98,7 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
             _install(workdir, final)
         except VerificationFailed:
-            _discard(workdir, out / ".failed" / recipe.name if keep_failed else None, keep_temp)
+            _discard(workdir, out / FAILED_DIR / recipe.name if keep_failed else None, keep_temp)
             raise
         except BaseException:
             _discard(workdir, None, keep_temp)

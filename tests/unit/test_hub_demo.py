@@ -34,3 +34,6 @@ def test_demo_builds_publishes_to_a_local_registry_and_loads_back(tiny_llama, tm
     assert "bitsandbytes 4-bit nf4" in text and "generated: 'What is the capital of France?' -> '" in text
     assert (tmp_path / "hub" / "repos" / "models" / "demo" / "tiny-llama-nf4" / "refs.json").is_file()
     assert "hf_demo_" not in text  # the registry's token is never printed
+    report = tmp_path / "artifacts" / "report.html"
+    assert lines[-2] == f"report of {tmp_path / 'artifacts'} (size vs quality, gates): {report}"
+    assert 'data-artifact="tiny-llama-nf4"' in report.read_text()

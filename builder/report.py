@@ -1,0 +1,276 @@
+"""`builder report`: one self-contained HTML page comparing built artifacts, grouped by source model.
+
+Per source: a size vs quality scatter for each quality metric the gate checks (KL divergence, top-1 agreement,
+perplexity ratio for causal LMs; lowest cosine and max abs difference for encoders), with the Pareto front among the
+passing artifacts marked and the gate thresholds drawn as lines; latency and throughput bars where the verification
+measured them; and a table of every figure linking each artifact's README.md card. Builds kept by `builder build
+--keep-failed` (`<artifacts>/.failed/<name>/`: the files and verify-report.json, no manifest) are drawn as failed.
+
+`report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_svg` draws it.
+Reads JSON files only: no torch, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+from builder.console import say
+from builder.artifact import FAILED_DIR, load_manifest
+from builder.errors import ArtifactError, BuilderError
+from builder.steps.gate import GATES, REPORT_FILE
+
+REPORT_VERSION = 1
+
+# Quality metrics in the order they are charted, with their axis labels. Better is lower or higher as the gate
+# bounds them (builder.steps.verify.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
+QUALITY_LABELS = {
+    "kl_divergence_mean": "KL divergence, mean (nats)",
+    "top1_agreement": "top-1 agreement",
+    "perplexity_ratio": "perplexity ratio (artifact / source)",
+    "cosine_min": "cosine similarity, lowest",
+    "max_abs_diff": "max abs difference",
+}
+_GATE_OF = {metric: (key, bound) for key, (metric, bound) in GATES.items()}
+# A failed build's config.json is matched to a built artifact's without what quantizing or exporting changes.
+_BUILD_CONFIG_KEYS = {"quantization_config", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
+_WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")
+# `--x`: what the scatters put across, as (row field, axis label). The footprint is what loading costs in memory
+# (every build records it); bits per parameter counts the weight files on disk, so it shows what double
+# quantization saves (ONNX exports do not record it and are left off that axis).
+X_AXES = {"size": ("size_bytes", "artifact weight footprint"),
+          "bits": ("weight_bits_per_param", "bits per parameter (weight files)")}
+
+
+def _manifest(folder: Path) -> dict:
+    """The artifact's manifest as JSON, read by `builder.artifact` (the one place this module reads a manifest)."""
+    return load_manifest(folder).to_json()
+
+
+def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:
+    """Write the HTML report of the artifacts under `paths` to `out`; returns its path and the data drawn. `x`
+    names what the scatters put across (a key of X_AXES)."""
+    from builder.report_svg import render_html
+
+    out = Path(out)
+    data = report_data(paths, out.parent, x=x)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(data), encoding="utf-8")
+    return out, data
+
+
+def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str = "size") -> dict:
+    """Everything the report shows, by source model; card links are relative to `link_base` (the page's folder).
+    Raises BuilderError when `paths` hold no artifact."""
+    if x not in X_AXES:
+        raise BuilderError(f"--x {x!r} is not one of {', '.join(X_AXES)}")
+    field, label = X_AXES[x]
+    built, failed = find_artifacts([Path(p) for p in paths])
+    if not built and not failed:
+        shown = ", ".join(str(p) for p in paths)
+        raise BuilderError(f"no artifacts under {shown}: build some with `builder build` (or pass artifact folders, "
+                           "or folders holding them)")
+    rows, skipped, signatures = [], [], {}
+    for folder in built:
+        try:
+            row = _built_row(folder, _manifest(folder), Path(link_base))
+        except (ArtifactError, OSError, ValueError, KeyError, TypeError) as error:
+            skipped.append(_skip(folder, f"manifest.json cannot be read ({error})"))
+            continue
+        rows.append(row)
+        signatures.setdefault(_config_signature(folder), {})[_source_key(row)] = (row["source"], row["revision"])
+    by_name = {row["name"]: row for row in rows}
+    for folder in failed:
+        try:
+            rows.append(_failed_row(folder, signatures, Path(link_base), by_name))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            skipped.append(_skip(folder, f"{REPORT_FILE} cannot be read ({error})"))
+    # One group per source revision (a local folder's is its content digest): the same weights reached by two
+    # relative paths are one source, two revisions of one Hub repo are two.
+    groups: dict[str | None, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_source_key(row), []).append(row)
+    return {"report_version": REPORT_VERSION,
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "x": {"axis": x, "field": field, "label": label},
+            "groups": [_group(members, field) for _, members in sorted(groups.items(), key=_unknown_last)],
+            "skipped": skipped}
+
+
+def _skip(folder: Path, reason: str) -> dict:
+    say(f"report: leaving out {folder}: {reason}")
+    return {"path": str(folder), "reason": reason}
+
+
+def find_artifacts(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(built artifact folders, failed build folders) under `paths`: each path is an artifact, a kept failed build,
+    or a folder holding them (and its `.failed/`); other dot folders (temporary builds, stamps) are left out."""
+    built, failed = [], []
+    for path in paths:
+        if not path.is_dir():
+            raise BuilderError(f"{path} is not a folder: pass artifact folders or folders holding them "
+                               "(default artifacts/)")
+        if (path / "manifest.json").is_file():
+            built.append(path)
+        elif (path / REPORT_FILE).is_file():
+            failed.append(path)
+        else:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            built += [p for p in children if (p / "manifest.json").is_file()]
+            kept = path / FAILED_DIR
+            if kept.is_dir():
+                failed += sorted(p for p in kept.iterdir() if p.is_dir() and (p / REPORT_FILE).is_file())
+    return _unique(built), _unique(failed)
+
+
+def _unique(folders: list[Path]) -> list[Path]:
+    """Resolved, without repeats (a folder passed both itself and through its parent), in order."""
+    return list(dict.fromkeys(p.resolve() for p in folders))
+
+
+def _built_row(folder: Path, manifest: dict, link_base: Path) -> dict:
+    verification = manifest.get("verification") or {}
+    footprint = manifest.get("footprint") or {}
+    return _row(folder, manifest["name"], "passed" if verification.get("passed") else "failed", verification,
+                origin="artifact", source=(manifest.get("source") or {}).get("model"),
+                revision=(manifest.get("source") or {}).get("revision"),
+                size=footprint.get("artifact_bytes"), source_bytes=footprint.get("source_bytes"),
+                bits=manifest.get("bits_per_param"), method=_method(manifest.get("recipe") or {}),
+                built_at=manifest.get("built_at"), device=manifest.get("device"),
+                card=_link(folder / "README.md", link_base))
+
+
+def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dict) -> dict:
+    """A kept failed build: only its files and verify-report.json (the manifest is written after the gate). Its
+    source is the one whose built artifacts have the same config.json, when exactly one does."""
+    report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+    matches = list(signatures.get(_config_signature(folder), {}).values())
+    source, revision = matches[0] if len(matches) == 1 else (None, None)
+    performance = report.get("performance") or {}
+    size = performance.get("candidate_footprint_bytes") or _weight_bytes(folder) or None
+    row = _row(folder, folder.name, "failed", report, origin="kept failed build",
+               source=source, revision=revision, size=size,
+               source_bytes=performance.get("reference_footprint_bytes"), bits=None, method=_config_method(folder),
+               built_at=_mtime(folder / REPORT_FILE), device=report.get("device"),
+               card=_link(folder / REPORT_FILE, link_base))
+    later = built_rows.get(folder.name)
+    # A failed build stays in .failed/ after a later build of the same name passes; it no longer describes a choice.
+    row["superseded"] = bool(later and later["status"] == "passed" and (later["built_at"] or "") > row["built_at"])
+    return row
+
+
+def _row(folder: Path, name: str, status: str, verification: dict, *, origin: str, source, revision, size,
+         source_bytes, bits, method, built_at, device, card) -> dict:
+    performance = verification.get("performance") or {}
+    metrics = {k: v for k, v in (verification.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    return {"name": name, "status": status, "origin": origin, "path": str(folder), "card": card,
+            "source": source, "revision": revision, "task": verification.get("task"), "method": method,
+            "size_bytes": size, "source_bytes": source_bytes, "bits_per_param": bits,
+            "weight_bits_per_param": metrics.get("bits_per_param"), "metrics": metrics,
+            "thresholds": verification.get("thresholds") or {},
+            "failures": [f.get("message", str(f)) for f in verification.get("failures") or []],
+            "failed_metrics": [f.get("metric") for f in verification.get("failures") or []],
+            "latency_ms": performance.get("candidate_latency_ms"),
+            "latency_basis": (f"{performance['latency_tokens']} tokens, batch 1" if performance.get("latency_tokens")
+                              else "the verification inputs"),
+            "reference_latency_ms": performance.get("reference_latency_ms"),
+            "throughput_tokens_per_s": performance.get("candidate_throughput_tokens_per_s"),
+            "reference_throughput_tokens_per_s": performance.get("reference_throughput_tokens_per_s"),
+            "device": verification.get("provider") or device, "built_at": built_at, "superseded": False}
+
+
+def _source_key(row: dict) -> str | None:
+    return row["revision"] or row["source"]
+
+
+def _unknown_last(item: tuple[str | None, list[dict]]) -> tuple:
+    key, rows = item
+    return key is None, rows[0]["source"] or "", key or ""
+
+
+def _group(rows: list[dict], x_field: str) -> dict:
+    # The shortest of the source paths its manifests record names the group (one folder, two relative paths).
+    sources = sorted({r["source"] for r in rows if r["source"]}, key=lambda s: (len(s), s)) or [None]
+    rows = sorted(rows, key=lambda r: (r[x_field] is None, r[x_field] or 0, r["name"]))
+    charts = []
+    for metric, label in QUALITY_LABELS.items():
+        key, bound = _GATE_OF[metric]
+        gated = [r for r in rows if key in r["thresholds"]]
+        if not gated or not any(metric in r["metrics"] for r in gated):
+            continue
+        higher = bound == "min"
+        lines: dict[float, list[str]] = {}
+        for r in gated:
+            lines.setdefault(r["thresholds"][key], []).append(r["name"])
+        points = [(r["name"], r[x_field], r["metrics"].get(metric)) for r in rows
+                  if r["status"] == "passed" and not r["superseded"]]
+        charts.append({"metric": metric, "label": label, "gate": key, "better": "higher" if higher else "lower",
+                       "thresholds": [{"value": v, "bound": "min" if higher else "max", "artifacts": sorted(names)}
+                                      for v, names in sorted(lines.items())],
+                       "pareto": sorted(pareto_front(points, higher_is_better=higher))})
+    # A built artifact's manifest measures the source's weights; a kept failed build only its loaded footprint.
+    source_sizes = ([r["source_bytes"] for r in rows if r["source_bytes"] and r["origin"] == "artifact"]
+                    or [r["source_bytes"] for r in rows if r["source_bytes"]])
+    return {"source": sources[0], "source_aliases": sources[1:], "revision": rows[0]["revision"],
+            "task": next((r["task"] for r in rows if r["task"]), None),
+            "source_bytes": max(source_sizes) if source_sizes else None, "charts": charts, "artifacts": rows}
+
+
+def pareto_front(points: list[tuple[str, float | None, float | None]], *, higher_is_better: bool) -> set[str]:
+    """Names of the points (name, size, quality) that no other point dominates: none is at most as large and at
+    least as good with one of the two strictly better. Equal points do not dominate each other (both stay);
+    points missing a size or a quality are left out."""
+    known = [(name, size, quality if higher_is_better else -quality) for name, size, quality in points
+             if size is not None and quality is not None]
+    return {name for name, size, quality in known
+            if not any(s <= size and q >= quality and (s < size or q > quality) for _, s, q in known)}
+
+
+def _config_signature(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return json.dumps({k: v for k, v in config.items() if k not in _BUILD_CONFIG_KEYS}, sort_keys=True)
+
+
+def _method(recipe: dict) -> str | None:
+    """What the build did, in a few words: "bnb-4bit nf4 dq", "bnb-8bit", "onnx float32 dynamic-int8"."""
+    if quantize := recipe.get("quantize"):
+        words = [quantize.get("method"), quantize.get("quant_type"), "dq" if quantize.get("double_quant") else None]
+    elif export := recipe.get("export"):
+        words = [export.get("format"), export.get("dtype"), export.get("quantize")]
+        words = [w for w in words if w != "none"]
+    else:
+        return None
+    return " ".join(str(w) for w in words if w)
+
+
+def _config_method(folder: Path) -> str | None:
+    """The failed build's method from its config.json's quantization_config (bitsandbytes), else None."""
+    try:
+        quantization = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    if not quantization:
+        return None
+    if quantization.get("load_in_4bit"):
+        return " ".join(filter(None, ["bnb-4bit", quantization.get("bnb_4bit_quant_type"),
+                                      "dq" if quantization.get("bnb_4bit_use_double_quant") else None]))
+    return "bnb-8bit" if quantization.get("load_in_8bit") else quantization.get("quant_method")
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def _mtime(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+
+
+def _link(target: Path, base: Path) -> str:
+    """`target` as a URL relative to the page's folder `base` (the page may be moved along with the artifacts)."""
+    return quote(Path(os.path.relpath(target.resolve(), base.resolve())).as_posix())

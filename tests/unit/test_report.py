@@ -1,0 +1,392 @@
+"""`builder report` on a synthesized variant matrix, checked as a person sees it: rendered by headless Chromium.
+
+The artifact folders are shaped exactly like real ones: tests/assets/report/ holds the manifest.json and config.json
+of a real tiny-Llama nf4 build and the verify-report.json of a real build kept by `--keep-failed`; each artifact
+of the matrix is that manifest with its name, source, sizes and verification figures replaced. It also holds two
+real all-MiniLM-L6-v2 manifests, used unchanged: bnb int8 and an ONNX export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+from builder.report import pareto_front, report_data, write_report
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "report"
+LLAMA, MINILM = "models/tiny-llama", "models/tiny-minilm"
+LM_METRICS = ("kl_divergence_mean", "top1_agreement", "perplexity_ratio")
+# name -> (source, size in bytes, metrics, thresholds override, latency ms); nf4 is smaller than int8 and worse,
+# nf4-dq smaller still and a little worse, fp4 as large as nf4 and worse on every metric (dominated).
+LM = {"tiny-nf4": (110e6, {"kl_divergence_mean": 0.30, "top1_agreement": 0.70, "perplexity_ratio": 1.20}, 38.0),
+      "tiny-nf4-dq": (104e6, {"kl_divergence_mean": 0.32, "top1_agreement": 0.69, "perplexity_ratio": 1.22}, 41.0),
+      "tiny-fp4": (110e6, {"kl_divergence_mean": 0.45, "top1_agreement": 0.62, "perplexity_ratio": 1.35}, 37.0),
+      "tiny-int8": (160e6, {"kl_divergence_mean": 0.02, "top1_agreement": 0.93, "perplexity_ratio": 1.02}, 90.0)}
+LM_THRESHOLDS = {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5, "footprint_ratio": 0.6}
+INT8_THRESHOLDS = {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10, "footprint_ratio": 0.75}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium to render the page: "
+                                    "`apt-get install -y chromium` (as root, `make chromium` does it)")
+
+
+def _artifact(root: Path, name: str, source: str, size: float, metrics: dict, thresholds: dict,
+              latency: float | None, task: str = "text-generation") -> Path:
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    manifest["name"] = manifest["recipe"]["name"] = name
+    digest = hashlib.sha256(source.encode()).hexdigest()  # a local folder's revision is its content digest
+    manifest["source"] |= {"model": source, "revision": f"sha256:{digest}", "task": task}
+    manifest["footprint"] = {"source_bytes": 270e6 if source == LLAMA else 90e6, "artifact_bytes": int(size),
+                             "ratio": round(size / 270e6, 4)}
+    manifest["recipe"]["quantize"] = ({"method": "bnb-8bit"} if "int8" in name else
+                                      {"method": "bnb-4bit", "quant_type": name.split("-")[1],
+                                       "double_quant": name.endswith("-dq")})
+    verification = manifest["verification"]
+    verification |= {"task": task, "thresholds": thresholds, "failures": [], "passed": True}
+    verification["metrics"] = {**metrics, "artifact_bytes": int(size) + 4096, "bits_per_param": 8 * size / 135e6}
+    if latency is None:
+        verification["performance"] = {}
+    else:
+        verification["performance"] |= {"candidate_latency_ms": latency, "reference_latency_ms": 30.0}
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / "README.md").write_text(f"# {name}\n")
+    config = json.loads((ASSETS / "config.json").read_text())
+    if task != "text-generation":
+        config |= {"architectures": ["BertModel"], "model_type": "bert"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _kept_failed(root: Path, name: str, metrics: dict, thresholds: dict) -> Path:
+    """A build moved to .failed/ by --keep-failed: its files and verify-report.json, no manifest, no card."""
+    report = json.loads((ASSETS / "failed-verify-report.json").read_text())
+    report["metrics"] |= metrics
+    report["thresholds"] = thresholds
+    report["failures"] = [{"metric": "top1_agreement", "value": metrics["top1_agreement"],
+                           "threshold": thresholds["top1_agreement"],
+                           "message": f"top1_agreement {metrics['top1_agreement']:.3f} < "
+                                      f"{thresholds['top1_agreement']:.3f}"}]
+    report["performance"] |= {"candidate_footprint_bytes": 110_000_000, "candidate_latency_ms": 39.0}
+    folder = root / ".failed" / name
+    folder.mkdir(parents=True)
+    (folder / "verify-report.json").write_text(json.dumps(report, indent=2))
+    shutil.copy(ASSETS / "config.json", folder / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> Path:
+    """artifacts/: four LM variants of one source, one kept failed build of it, two encoder variants of another,
+    and what a report must leave out (a temporary build folder)."""
+    root = tmp_path_factory.mktemp("matrix") / "artifacts"
+    for name, (size, metrics, latency) in LM.items():
+        _artifact(root, name, LLAMA, size, metrics, INT8_THRESHOLDS if "int8" in name else LM_THRESHOLDS, latency)
+    _kept_failed(root, "tiny-nf4-strict", LM["tiny-nf4"][1], {**LM_THRESHOLDS, "top1_agreement": 0.9})
+    encoder = {"cosine_min": 0.0, "cosine_mean": 0.0, "max_abs_diff": 0.0, "footprint_ratio": 0.5}
+    _artifact(root, "minilm-int8", MINILM, 23e6, encoder | {"cosine_min": 0.995, "max_abs_diff": 0.05},
+              {"cosine": 0.99, "footprint_ratio": 0.8}, None, task="feature-extraction")
+    _artifact(root, "minilm-nf4", MINILM, 15e6, encoder | {"cosine_min": 0.95, "max_abs_diff": 0.21},
+              {"cosine": 0.90, "footprint_ratio": 0.75}, None, task="feature-extraction")
+    # An interrupted build's folder holds a manifest too; the report must not show it.
+    temporary = _artifact(root, "tiny-unfinished", LLAMA, 50e6, LM["tiny-nf4"][1], LM_THRESHOLDS, None)
+    temporary.rename(root / ".tmp-tiny-unfinished-abcd1234")
+    return root
+
+
+# --- the Pareto front --------------------------------------------------------------------------------------------
+
+
+def test_pareto_keeps_what_nothing_beats_on_both_size_and_quality():
+    points = [("small-bad", 1.0, 0.5), ("mid", 2.0, 0.8), ("big-best", 4.0, 0.95), ("dominated", 3.0, 0.7)]
+    assert pareto_front(points, higher_is_better=True) == {"small-bad", "mid", "big-best"}
+
+
+def test_pareto_lower_is_better_flips_the_quality_direction():
+    points = [("a", 1.0, 0.5), ("b", 2.0, 0.1), ("c", 2.0, 0.6)]  # c: as large as b and worse
+    assert pareto_front(points, higher_is_better=False) == {"a", "b"}
+    assert pareto_front(points, higher_is_better=True) == {"a", "c"}
+
+
+def test_pareto_ties_equal_points_both_stay_but_equal_size_and_worse_does_not():
+    assert pareto_front([("a", 1.0, 0.5), ("b", 1.0, 0.5)], higher_is_better=True) == {"a", "b"}
+    assert pareto_front([("a", 1.0, 0.5), ("b", 1.0, 0.4)], higher_is_better=True) == {"a"}
+    assert pareto_front([("a", 1.0, 0.5), ("b", 2.0, 0.5)], higher_is_better=True) == {"a"}
+
+
+def test_pareto_leaves_out_points_missing_a_figure():
+    points = [("a", None, 0.99), ("b", 2.0, None), ("c", 3.0, 0.1)]
+    assert pareto_front(points, higher_is_better=True) == {"c"}
+    assert pareto_front([], higher_is_better=True) == set()
+
+
+# --- the data -----------------------------------------------------------------------------------------------------
+
+
+def test_report_groups_by_source_and_places_the_failed_build_with_its_siblings(matrix):
+    data = report_data([matrix], matrix)
+    groups = {g["source"]: g for g in data["groups"]}
+    assert set(groups) == {LLAMA, MINILM}
+    lm = groups[LLAMA]
+    assert {a["name"]: a["status"] for a in lm["artifacts"]} == {
+        "tiny-nf4": "passed", "tiny-nf4-dq": "passed", "tiny-fp4": "passed", "tiny-int8": "passed",
+        "tiny-nf4-strict": "failed"}
+    assert [c["metric"] for c in lm["charts"]] == list(LM_METRICS)
+    for chart in lm["charts"]:
+        assert chart["pareto"] == ["tiny-int8", "tiny-nf4", "tiny-nf4-dq"]  # fp4 dominated, failed never on it
+    top1 = lm["charts"][1]
+    assert {t["value"]: t["artifacts"] for t in top1["thresholds"]} == {
+        0.45: ["tiny-fp4", "tiny-nf4", "tiny-nf4-dq"], 0.75: ["tiny-int8"], 0.9: ["tiny-nf4-strict"]}
+    failed = next(a for a in lm["artifacts"] if a["status"] == "failed")
+    assert failed["failed_metrics"] == ["top1_agreement"]
+    assert failed["card"] == ".failed/tiny-nf4-strict/verify-report.json"  # no card: the gate's report
+    assert failed["method"] == "bnb-4bit nf4" and failed["size_bytes"] == 110_000_000
+    encoder = groups[MINILM]
+    assert [c["metric"] for c in encoder["charts"]] == ["cosine_min"]  # max_abs_diff is not gated here
+    assert encoder["charts"][0]["pareto"] == ["minilm-int8", "minilm-nf4"]
+    assert all(a["latency_ms"] is None for a in encoder["artifacts"])
+
+
+def test_a_failed_build_later_rebuilt_and_passing_is_marked_superseded_and_not_drawn(matrix, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(matrix, root)
+    old = _kept_failed(root, "tiny-nf4", LM["tiny-nf4"][1], {**LM_THRESHOLDS, "top1_agreement": 0.9})
+    os.utime(old / "verify-report.json", (0, 0))  # failed in 1970; the passing tiny-nf4 was built after
+    out, data = write_report([root], root / "report.html")
+    rows = [a for g in data["groups"] for a in g["artifacts"] if a["name"] == "tiny-nf4"]
+    assert sorted((a["status"], a["superseded"]) for a in rows) == [("failed", True), ("passed", False)]
+    page = out.read_text()
+    assert 'data-artifact="tiny-nf4" data-status="failed"' not in page
+    assert "superseded by a later passing build" in page
+
+
+def test_cli_writes_the_page_and_json_prints_its_data(matrix, tmp_path, capsys):
+    out = tmp_path / "site" / "report.html"
+    assert main(["report", str(matrix), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["html"] == str(out) and out.is_file()
+    expected = report_data([matrix], out.parent)
+    printed.pop("html"), printed.pop("generated_at"), expected.pop("generated_at")
+    assert printed == expected
+    card = next(a["card"] for g in printed["groups"] for a in g["artifacts"] if a["name"] == "tiny-int8")
+    assert not card.startswith("/") and (out.parent / card).resolve() == (matrix / "tiny-int8" / "README.md").resolve()
+    assert main(["report", str(matrix / "tiny-int8"), "--out", str(tmp_path / "one.html")]) == 0
+    assert "wrote" in capsys.readouterr().out and "tiny-nf4" not in (tmp_path / "one.html").read_text()
+
+
+def test_cli_without_artifacts_says_what_to_do(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert f"no artifacts under {tmp_path}" in err and "builder build" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_page_is_self_contained(matrix, tmp_path):
+    out, _ = write_report([matrix], matrix / "report.html")
+    page = out.read_text()
+    assert "<script" not in page and "url(" not in page and "@import" not in page and " src=" not in page
+    hrefs = [h.split('"')[0] for h in page.split('href="')[1:]]
+    assert hrefs and all(not h.startswith(("http:", "https:", "//", "/")) for h in hrefs)
+    assert all((out.parent / h).is_file() for h in hrefs)  # each card (or a failed build's report) is there
+
+
+def test_importing_report_does_not_import_torch():
+    code = "import sys, builder.report, builder.report_svg; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+# --- what a person sees: the page rendered by headless Chromium --------------------------------------------------
+
+
+class _Marks(html.parser.HTMLParser):
+    """The chart marks in a DOM: scatter circles and threshold lines per chart, bars per measured field."""
+
+    def __init__(self):
+        super().__init__()
+        self.charts: list[dict] = []
+        self.bars: dict[str, list[dict]] = {}
+        self._field = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "svg" and "scatter" in (a.get("class") or ""):
+            self.charts.append({"metric": a["data-metric"], "circles": [], "thresholds": []})
+        elif tag == "svg" and "bars" in (a.get("class") or ""):
+            self._field = a["data-field"]
+        elif tag == "circle" and "data-artifact" in a:
+            self.charts[-1]["circles"].append(a)
+        elif tag == "line" and a.get("class") == "threshold" and "data-value" in a:
+            self.charts[-1]["thresholds"].append(float(a["data-value"]))
+        elif tag == "rect" and "data-artifact" in a:
+            self.bars.setdefault(self._field, []).append(a)
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    # --no-sandbox: Chromium refuses to run as root with its sandbox; the page is our own file.
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--force-color-profile=srgb",
+                           "--enable-logging=stderr", "--v=0", *args], capture_output=True, text=True, timeout=90)
+
+
+def _console_messages(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def _pixels(png: Path) -> dict[tuple[int, int, int], int]:
+    """Colour counts of an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes), decoded with zlib alone."""
+    data = png.read_bytes()
+    pos, idat = 8, b""
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and colour in (2, 6), (depth, colour)
+        idat += body if kind == b"IDAT" else b""
+        pos += 12 + length
+    raw, step = zlib.decompress(idat), 3 if colour == 2 else 4
+    stride, previous, counts = width * step, bytearray(width * step), {}
+    for row in range(height):
+        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1:(row + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - step] if i >= step else 0
+            up, corner = previous[i], previous[i - step] if i >= step else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        for i in range(0, stride, step):
+            colour_key = (line[i], line[i + 1], line[i + 2])
+            counts[colour_key] = counts.get(colour_key, 0) + 1
+        previous = line
+    return counts
+
+
+@needs_chromium
+def test_console_check_catches_a_page_error(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><script>throw new Error('drawn wrong')</script></body></html>")
+    process = _chromium("--dump-dom", page.as_uri())
+    assert any("drawn wrong" in line for line in _console_messages(process.stderr))
+
+
+@needs_chromium
+def test_rendered_page_shows_one_point_per_artifact_the_front_thresholds_and_the_failed_build(matrix):
+    out, _ = write_report([matrix], matrix / "report.html")
+    process = _chromium("--dump-dom", out.as_uri())
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert _console_messages(process.stderr) == []
+    marks = _Marks()
+    marks.feed(process.stdout)
+    assert [c["metric"] for c in marks.charts] == [*LM_METRICS, "cosine_min"]
+    for chart in marks.charts[:3]:
+        names = [c["data-artifact"] for c in chart["circles"]]
+        assert sorted(names) == sorted([*LM, "tiny-nf4-strict"])  # one point per artifact, the failed one too
+        assert {c["data-artifact"] for c in chart["circles"] if c["data-pareto"] == "true"} == {
+            "tiny-nf4", "tiny-nf4-dq", "tiny-int8"}
+        failed = [c for c in chart["circles"] if c["data-status"] == "failed"]
+        assert [c["data-artifact"] for c in failed] == ["tiny-nf4-strict"] and failed[0]["class"] == "pt-failed"
+        assert all(c["class"] != "pt-failed" for c in chart["circles"] if c["data-status"] == "passed")
+        assert len(chart["thresholds"]) == len(set(chart["thresholds"])) >= 2
+        # Every point lies inside the plot area.
+        assert all(72 <= float(c["cx"]) <= 430 and 24 <= float(c["cy"]) <= 308 for c in chart["circles"])
+    assert sorted(marks.charts[1]["thresholds"]) == [0.45, 0.75, 0.9]
+    encoder = marks.charts[3]
+    assert sorted(c["data-artifact"] for c in encoder["circles"]) == ["minilm-int8", "minilm-nf4"]
+    assert sorted(encoder["thresholds"]) == [0.9, 0.99]
+    assert set(marks.bars) == {"latency_ms", "throughput_tokens_per_s"}  # the encoders measured neither
+    latency = {b["data-artifact"]: (b["data-status"], float(b["data-value"])) for b in marks.bars["latency_ms"]}
+    assert latency == {"tiny-nf4": ("passed", 38.0), "tiny-nf4-dq": ("passed", 41.0), "tiny-fp4": ("passed", 37.0),
+                       "tiny-int8": ("passed", 90.0), "tiny-nf4-strict": ("failed", 39.0)}
+
+
+@needs_chromium
+def test_screenshot_shows_the_front_the_failed_build_and_the_gates_in_colour(matrix, tmp_path):
+    out, _ = write_report([matrix], matrix / "report.html")
+    shot = tmp_path / "shot.png"
+    process = _chromium("--hide-scrollbars", "--window-size=1300,800", f"--screenshot={shot}", out.as_uri())
+    assert shot.is_file(), process.stderr[-2000:]
+    assert _console_messages(process.stderr) == []
+    counts = _pixels(shot)
+    # The CSS colours of report_svg: passed points, Pareto points and the front, failed marks and gate lines.
+    assert counts.get((0x4C, 0x72, 0xB0), 0) > 100
+    assert counts.get((0xDD, 0x84, 0x52), 0) > 300
+    assert counts.get((0xC4, 0x4E, 0x52), 0) > 300
+
+
+def test_an_unreadable_manifest_is_left_out_and_named_on_the_page(matrix, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(matrix, root)
+    (root / "tiny-fp4" / "manifest.json").write_text("{not json")
+    out, data = write_report([root, root / "tiny-int8"], root / "report.html")
+    assert [s["path"] for s in data["skipped"]] == [str((root / "tiny-fp4").resolve())]
+    assert "manifest.json cannot be read" in data["skipped"][0]["reason"]
+    names = [a["name"] for g in data["groups"] for a in g["artifacts"]]
+    assert "tiny-fp4" not in names and names.count("tiny-int8") == 1  # passed twice, shown once
+    assert "Left out:" in out.read_text() and "tiny-fp4" in out.read_text()
+
+
+def test_one_source_reached_by_two_paths_is_one_group(tmp_path):
+    root = tmp_path / "artifacts"
+    nf4 = _artifact(root, "tiny-nf4", LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, None)
+    _artifact(root, "tiny-int8", "../../" + LLAMA, *LM["tiny-int8"][:2], INT8_THRESHOLDS, None)
+    revision = json.loads((nf4 / "manifest.json").read_text())["source"]["revision"]
+    for folder in root.iterdir():  # the same weights: the same content digest, whatever the path
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["source"]["revision"] = revision
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    [group] = report_data([root], root)["groups"]
+    assert group["source"] == LLAMA and group["source_aliases"] == ["../../" + LLAMA]
+    assert group["revision"] == revision and len(group["artifacts"]) == 2
+
+
+def test_bits_axis_draws_bits_per_parameter_and_leaves_out_what_lacks_it(matrix, tmp_path):
+    root = tmp_path / "artifacts"
+    shutil.copytree(matrix, root)
+    manifest = json.loads((root / "tiny-fp4" / "manifest.json").read_text())
+    del manifest["verification"]["metrics"]["bits_per_param"]  # as an ONNX export's manifest
+    (root / "tiny-fp4" / "manifest.json").write_text(json.dumps(manifest))
+    out, data = write_report([root], root / "report.html", x="bits")
+    assert data["x"] == {"axis": "bits", "field": "weight_bits_per_param",
+                         "label": "bits per parameter (weight files)"}
+    page = out.read_text()
+    assert 'data-artifact="tiny-fp4" data-status="passed" data-pareto=' not in page  # no scatter point
+    assert "not drawn (no bits per parameter (weight files) or no top1_agreement): fp4" in page
+    assert main(["report", str(root), "--x", "gigabytes"]) == 2
+
+
+def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_path):
+    """Two real manifests, unchanged: all-minilm-l6-v2 as bnb int8 and as an ONNX export for the CPU provider."""
+    root = tmp_path / "artifacts"
+    for name in ("minilm-int8", "minilm-onnx-cpu"):
+        (root / name).mkdir(parents=True)
+        shutil.copy(ASSETS / f"{name}.manifest.json", root / name / "manifest.json")
+        (root / name / "README.md").write_text(f"# {name}\n")
+    out, data = write_report([root], root / "report.html")
+    [group] = data["groups"]
+    assert group["source"] == "../../models/all-minilm-l6-v2" and group["task"] == "feature-extraction"
+    assert [c["metric"] for c in group["charts"]] == ["cosine_min", "max_abs_diff"]
+    rows = {a["name"]: a for a in group["artifacts"]}
+    onnx, int8 = rows["all-minilm-l6-v2-onnx-cpu"], rows["all-minilm-l6-v2-int8"]
+    assert onnx["method"] == "onnx float32" and onnx["device"] == "CPUExecutionProvider"
+    assert onnx["weight_bits_per_param"] is None and onnx["latency_basis"] == "the verification inputs"
+    assert int8["method"] == "bnb-8bit" and int8["latency_basis"] == "64 tokens, batch 1"
+    page = out.read_text()
+    assert "(the verification inputs)</text>" in page and "(64 tokens, batch 1)</text>" in page
+    assert page.count('data-artifact="all-minilm-l6-v2-onnx-cpu" data-status="passed"') == 3  # 2 charts, 1 bar
