@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -419,10 +420,32 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug: keep the traceback, show one line
-        log = Path(tempfile.gettempdir()) / "builder-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"internal error: {type(error).__name__}: {error} (traceback in {log})", file=sys.stderr)
+        where = _crash_log(traceback.format_exc())
+        print(f"internal error: {type(error).__name__}: {str(error)[:500]} ({where})", file=sys.stderr)
         return EXIT_BUG
+
+
+def _crash_log(text: str) -> str:
+    """Write a traceback to a new file of its own under the user's cache folder (the temporary folder when that
+    cannot be written); says where.
+
+    mkstemp creates the file exclusively (O_EXCL): a name planted by someone else, a symlink included, is never
+    followed or overwritten, and two runs never share a file."""
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder" / "crash"
+    prefix = f"builder-crash-{time.strftime('%Y%m%d-%H%M%S')}-"
+    for folder in (cache, None):  # None: tempfile's own folder
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            return f"traceback in {name}"
+        except OSError as error:
+            reason = error.strerror or str(error)
+    return f"the traceback could not be saved: {reason}"
 
 
 def main_entry() -> None:

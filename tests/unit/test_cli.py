@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,36 @@ def test_build_by_an_unknown_name_suggests_the_closest(capsys):
     assert main(["build", REPO_RECIPES, "--name", "smollm2-135m-instruct-nf5"]) == 1
     assert ("no recipe defines an artifact named 'smollm2-135m-instruct-nf5' (did you mean "
             "'smollm2-135m-instruct-nf4'?)") in capsys.readouterr().err
+
+
+def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_planted_symlink(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The traceback used to go to the fixed /tmp/builder-crash.log: anyone could plant a symlink there and have the
+    next crash overwrite the file it names."""
+    import tempfile
+
+    import builder.recipe
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    (shared_tmp / "builder-crash.log").symlink_to(victim)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def broken():
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(builder.recipe, "json_schema", broken)
+    logs = []
+    for _ in range(2):
+        assert main(["schema"]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith("internal error: RuntimeError: simulated bug (traceback in ") and err.count("\n") == 1
+        logs.append(Path(err.rsplit("traceback in ", 1)[1].rstrip(")\n")))
+    assert victim.read_text() == "precious\n"
+    assert logs[0] != logs[1]
+    for log in logs:
+        assert log.parent == tmp_path / "cache" / "builder" / "crash"
+        assert "simulated bug" in log.read_text() and "Traceback" in log.read_text()
