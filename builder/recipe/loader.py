@@ -22,6 +22,7 @@ from builder.recipe.schema import Recipe
 from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_RECIPE_BYTES = 1024 * 1024  # recipes are a few KiB; parsing YAML in Python takes seconds per MiB
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,13 @@ def _subtree(located: Located, path: Path_, data: Any) -> Located:
 def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
     """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)  # never more: the file may be huge or still growing
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError([Problem(Location(display, 1, 1), "", f"the file is over {MAX_RECIPE_BYTES:,} bytes "
+                                       f"(1 MiB), the limit for a recipe; recipes are a few KiB: is this the right "
+                                       "file?")])
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = error.object[: error.start].count(b"\n") + 1
         raise RecipeError([Problem(Location(display, line, 1), "", f"the file is not UTF-8 text (byte "
