@@ -150,7 +150,7 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
         raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove "
                                                               "one of the links")]))
     if not parent_path.is_file():
-        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"parent recipe {extends!r} not "
+        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"parent recipe {show(extends)} not "
                                                               f"found (looked for {_display(parent_path)})")]))
     try:
         parent, parent_files = _read_file(parent_path, _display(parent_path), (*chain, path.resolve()))
@@ -223,7 +223,7 @@ def _source_root(located: Located, path: Path) -> Path:
 def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Problem]) -> bool:
     where = located.where(("variants", suffix), key=True)
     if not _VARIANT_SUFFIX.fullmatch(suffix):
-        problems.append(Problem(where, f"variants.{suffix}", f"{suffix!r} is not a variant suffix: use lowercase "
+        problems.append(Problem(where, f"variants.{suffix}", f"{show(suffix)} is not a variant suffix: use lowercase "
                                 "letters, digits, '.', '_', '-' (at most 64), starting with a letter or digit"))
         return False
     if not isinstance(overrides, dict):

@@ -170,8 +170,10 @@ def _construct(node: yaml.Node, path: Path_, file: str, located: Located) -> Any
         return _scalar(node)
     except (yaml.YAMLError, ValueError, OverflowError, KeyError, TypeError) as error:
         reason = error.problem if isinstance(error, yaml.MarkedYAMLError) else str(error)
-        return _unreadable(located, where, path, f"{node.value!r} cannot be read as {node.tag.removeprefix(_YAML)}: "
-                           f"{' '.join(str(reason).split())}")
+        if "int_max_str_digits" in str(reason):  # Python's advice (a setting of the interpreter) is not the fix
+            reason = f"it has {len(node.value):,} digits; no recipe number is that large"
+        return _unreadable(located, where, path, f"{show(node.value)} cannot be read as "
+                           f"{node.tag.removeprefix(_YAML)}: {' '.join(str(reason).split())}")
 
 
 def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | None:
@@ -190,7 +192,7 @@ def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | Non
             reads_as = show(_scalar(node))
         except (yaml.YAMLError, ValueError, OverflowError, KeyError, TypeError):
             reads_as = node.tag.removeprefix(_YAML)
-        located.problems.append(Problem(where, dotted(path), f"the key {node.value!r} is read as {reads_as}, not a "
+        located.problems.append(Problem(where, dotted(path), f"the key {show(node.value)} is read as {reads_as}, not a "
                                         f"string; quote it: '{node.value}'"))
     elif isinstance(node, yaml.ScalarNode):
         located.problems.append(Problem(where, dotted(path), f"the YAML tag {node.tag!r} is not supported on a key; "
