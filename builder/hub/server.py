@@ -292,8 +292,6 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"url": url, "name": repo, "id": repo})
 
     def _validate_yaml(self) -> None:
-        import yaml
-
         self._require_write()
         content = self._json_body().get("content", "")
         if not isinstance(content, str):

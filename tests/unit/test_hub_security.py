@@ -246,7 +246,7 @@ def test_validate_yaml_needs_the_token(served):
 
 def test_a_body_over_the_limit_is_refused_with_413(serve):
     url, _ = serve("--token", TOKEN, "--max-body-bytes", "1000")
-    status, headers, body = _raw(url, _post("/api/repos/create", b" " * 2000))
+    status, _, body = _raw(url, _post("/api/repos/create", b" " * 2000))
     assert status == 413 and "1000 bytes" in json.loads(body)["error"]
     sig_free = (f"PUT /evil/x.git/info/lfs/objects/upload/{'a' * 64}/5000?sig=x HTTP/1.1\r\nHost: x\r\n"
                 "Content-Length: 5000\r\n\r\n").encode()
