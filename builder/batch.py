@@ -26,6 +26,7 @@ class FileOutcome:
 
 def build_files(files: list[Path], *, jobs: int = 1, **options) -> list[FileOutcome]:
     """Build each recipe file (`options` go to `builder.pipeline.build_file`); `jobs` > 1 builds in parallel."""
+    _check_out(Path(options.get("out") or "artifacts"))
     if jobs <= 1 or len(files) <= 1:
         return [_build_one(str(file), options) for file in files]
     gpus = _gpu_count()
@@ -36,6 +37,17 @@ def build_files(files: list[Path], *, jobs: int = 1, **options) -> list[FileOutc
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_claim_gpu,
                              initargs=(slots,)) as pool:
         return list(pool.map(_build_one, [str(f) for f in files], [options] * len(files)))
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an artifacts folder that is a file, or inside one, before any build starts (each would fail alike)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == out else f"is inside {path}, which is a file"
+                raise BuilderError(f"the artifacts folder {out} {what}; name a folder with --out (created when "
+                                   "missing)")
+            return
 
 
 def _gpu_count() -> int:

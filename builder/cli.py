@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -201,8 +202,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_hub_serve(args: argparse.Namespace) -> int:
     from builder.hub.server import serve
 
-    serve(Path(args.root), host=args.host, port=args.port, token=args.token)
+    serve(Path(args.root), host=args.host, port=args.port, token=_hub_token(args),
+          max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, timeout=args.timeout)
     return EXIT_OK
+
+
+def _hub_token(args: argparse.Namespace) -> str | None:
+    """--token, else the first line of --token-file, else $BUILDER_HUB_TOKEN, else None (no token)."""
+    import os
+
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise BuilderError(f"cannot read --token-file {args.token_file}: {getattr(error, 'strerror', error)}") \
+                from None
+        if not token:
+            raise BuilderError(f"--token-file {args.token_file} is empty; write the token in it")
+        return token
+    return args.token or os.environ.get("BUILDER_HUB_TOKEN") or None
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -276,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "builds this artifact; repeatable")
     build.add_argument("--changed-since", metavar="REF", help="only recipes whose file or `extends` parents changed "
                        "since this git ref (committed or not)")
-    build.add_argument("--jobs", "-j", type=int, default=1, help="builds at once, each in its own process and, when "
+    build.add_argument("--jobs", "-j", type=_positive, default=1, help="builds at once, each in its own process and, when "
                        "there are several GPUs, on its own GPU (default 1)")
     build.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when "
                        "present, else cpu)")
@@ -322,10 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = hub.add_parser("serve", help="serve a Hub-compatible registry from a folder (clients: HF_ENDPOINT=URL "
                            "HF_HUB_DISABLE_XET=1)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8808, help="port (default 8808; 0 = any free port)")
+    serve.add_argument("--port", type=_port, default=8808, help="port (default 8808; 0 = any free port)")
     serve.add_argument("--root", default="artifacts/.hub", help="folder the registry persists to "
                        "(default artifacts/.hub)")
-    serve.add_argument("--token", help="require this bearer token for writes and private repos")
+    secret = serve.add_mutually_exclusive_group()
+    secret.add_argument("--token", help="require this bearer token for writes and private repos; visible to "
+                        "every user in the process list, so prefer --token-file or $BUILDER_HUB_TOKEN")
+    secret.add_argument("--token-file", metavar="FILE", help="read the token from this file (default: "
+                        "$BUILDER_HUB_TOKEN; no token = every request accepted)")
+    serve.add_argument("--max-body-bytes", type=_positive, default=5 * 1024 ** 3, metavar="N",
+                       help="largest upload accepted (default 5 GiB; JSON bodies at most 100 MiB)")
+    serve.add_argument("--max-connections", type=_positive, default=64, metavar="N",
+                       help="connections served at once; more get 503 (default 64)")
+    serve.add_argument("--timeout", type=_positive, default=60, metavar="SECONDS",
+                       help="drop a client that sends or reads nothing for this long (default 60)")
     serve.set_defaults(run=cmd_hub_serve)
 
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
@@ -357,6 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
     stamp.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
     stamp.set_defaults(run=cmd_stamp)
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (1 or more)")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 to 65535 (0 = any free port)")
+    return value
+
+
+def _integer(text: str) -> int:
+    digits = text.strip().lstrip("+-")
+    if not (digits.isascii() and digits.isdigit()) or len(text) > 20:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}{'...' if len(text) > 20 else ''} is not an integer")
+    return int(text)
 
 
 def _add_publish_options(parser: argparse.ArgumentParser) -> None:
@@ -393,10 +444,32 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug: keep the traceback, show one line
-        log = Path(tempfile.gettempdir()) / "builder-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"internal error: {type(error).__name__}: {error} (traceback in {log})", file=sys.stderr)
+        where = _crash_log(traceback.format_exc())
+        print(f"internal error: {type(error).__name__}: {str(error)[:500]} ({where})", file=sys.stderr)
         return EXIT_BUG
+
+
+def _crash_log(text: str) -> str:
+    """Write a traceback to a new file of its own under the user's cache folder (the temporary folder when that
+    cannot be written); says where.
+
+    mkstemp creates the file exclusively (O_EXCL): a name planted by someone else, a symlink included, is never
+    followed or overwritten, and two runs never share a file."""
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder" / "crash"
+    prefix = f"builder-crash-{time.strftime('%Y%m%d-%H%M%S')}-"
+    for folder in (cache, None):  # None: tempfile's own folder
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            return f"traceback in {name}"
+        except OSError as error:
+            reason = error.strerror or str(error)
+    return f"the traceback could not be saved: {reason}"
 
 
 def main_entry() -> None:

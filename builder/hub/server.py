@@ -16,6 +16,11 @@ create repos, upload (preupload + the git-LFS batch API + the NDJSON commit endp
                                                            `parentCommit` checked; `?create_pr=1` -> refs/pr/N
     HEAD/GET /{id}/resolve/{rev}/{path}                    X-Repo-Commit, ETag, X-Linked-Etag/-Size, Range
 
+Every malformed request is answered with a 4xx JSON error (a bug in a handler with a 500), never a dropped
+connection. Limits: request bodies (`max_body_bytes` for LFS uploads; JSON bodies at most `MAX_JSON_BYTES` of it),
+a socket `timeout` for each read and write (a client that stalls mid-request is dropped), `max_connections` at once
+(more get a 503). Credentials are checked before a body is read.
+
 Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the client raises the
 same exceptions as against the Hub. There is no Xet storage: clients must set HF_HUB_DISABLE_XET=1 (huggingface_hub
 2.x uploads through Xet whenever `hf_xet` is importable). With `token` set, writes and private repos need
@@ -29,8 +34,11 @@ import hmac
 import json
 import re
 import secrets
+import socket
 import sys
 import threading
+import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +56,11 @@ _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(
 _LFS = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/objects/"
                   r"(batch|verify|upload/([0-9a-f]{64})/(\d+))$")
 _CHUNK = 1 << 20
+MAX_BODY_BYTES = 5 * 1024 ** 3  # above transformers' default 5 GB shard size, so any default shard uploads
+MAX_JSON_BYTES = 100 * 1024 ** 2  # a commit inlines its regular files (each < 10 MiB) in base64
+MAX_CONNECTIONS = 64
+TIMEOUT_S = 60.0
+_DRAIN_BYTES, _DRAIN_S = 1 << 20, 2.0  # what is read of an unwanted body so the client sees the answer, not a reset
 
 
 class HubServer(ThreadingHTTPServer):
@@ -56,13 +69,55 @@ class HubServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], root: Path, *, token: str | None = None, page_size: int = 1000,
-                 quiet: bool = False):
+                 quiet: bool = False, max_body_bytes: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
+                 timeout: float = TIMEOUT_S):
         self.store = Store(root)
         self.token = token
         self.page_size = page_size
         self.quiet = quiet
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
         self.upload_secret = secrets.token_bytes(32)
         super().__init__(address, Handler)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        # Each connection holds a thread until it closes or times out: past the cap, answer 503 at once.
+        if not self.slots.acquire(blocking=False):
+            request.settimeout(1.0)
+            try:
+                body = json.dumps({"error": "the registry is serving its maximum number of connections; retry"})
+                request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                                 f"{body}").encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        # Closing a socket with unread bytes sends a reset, which can reach the client before the answer it was
+        # sent: say end-of-answer, then read (a bounded amount of) what the client still sends.
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(0.5)
+            deadline, drained = time.monotonic() + _DRAIN_S, 0
+            while drained < _DRAIN_BYTES and time.monotonic() < deadline and (chunk := request.recv(65536)):
+                drained += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
 
     @property
     def url(self) -> str:
@@ -74,9 +129,10 @@ class HubServer(ThreadingHTTPServer):
 
 
 def start_in_thread(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                    page_size: int = 1000, quiet: bool = True) -> HubServer:
-    """Start a registry on a background thread (port 0 = a free port); stop it with `server.shutdown()`."""
-    server = HubServer((host, port), root, token=token, page_size=page_size, quiet=quiet)
+                    page_size: int = 1000, quiet: bool = True, **limits) -> HubServer:
+    """Start a registry on a background thread (port 0 = a free port); stop it with `server.shutdown()`.
+    `limits`: max_body_bytes, max_connections, timeout (see `HubServer`)."""
+    server = HubServer((host, port), root, token=token, page_size=page_size, quiet=quiet, **limits)
     threading.Thread(target=server.serve_forever, name="builder-hub", daemon=True).start()
     return server
 
@@ -87,6 +143,10 @@ class Handler(BaseHTTPRequestHandler):
     server: HubServer
     protocol_version = "HTTP/1.1"
     server_version = "builder-hub/1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s  # StreamRequestHandler puts it on the socket: every read and write
+        super().setup()
 
     # --- dispatch ---------------------------------------------------------------------------------------------
 
@@ -103,21 +163,44 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("PUT")
 
     def _dispatch(self, method: str) -> None:
-        split = urlsplit(self.path)
-        self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
-        self.body_read = int(self.headers.get("Content-Length") or 0) == 0 and "Transfer-Encoding" not in self.headers
+        self.body_read, self.answered = False, False
         try:
+            split = urlsplit(self.path)
+            self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+            self.body_size = self._content_length()
+            self.body_read = self.body_size == 0
             self._route(method, split.path)
         except StoreError as error:
-            self._error(error.code, str(error), error.error_code, error.headers)
-        except (ValueError, KeyError, json.JSONDecodeError) as error:
-            self._error(400, f"bad request: {error}")
+            self._fail(error.code, str(error), error.error_code, error.headers)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            self._fail(400, f"bad request: {type(error).__name__}: {error}"[:500])
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except OSError as error:  # the store's disk: full, read-only, ...
-            self._error(507 if error.errno == 28 else 500, f"storage error: {error}")
+            self._fail(507 if error.errno == 28 else 500, f"storage error: {error}")
+        except Exception as error:  # a bug: answer it, keep serving, leave the traceback in the log
+            sys.stderr.write(traceback.format_exc())
+            self._fail(500, f"internal error: {type(error).__name__}; the registry's log has the traceback")
         if not self.body_read:  # an unread body would be parsed as the next request on this connection
             self.close_connection = True
+
+    def _content_length(self) -> int | None:
+        """The body's declared size; None for a chunked body. A malformed size is a 400 (the body's end is then
+        unknown, so the connection closes after the answer)."""
+        if "Transfer-Encoding" in self.headers:
+            if self.headers["Transfer-Encoding"].strip().lower() != "chunked":
+                raise StoreError(501, f"Transfer-Encoding {self.headers['Transfer-Encoding']!r} is not supported")
+            return None
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not raw.isdigit() or not raw.isascii():
+            raise StoreError(400, f"Content-Length {raw[:40]!r} is not a number of bytes")
+        return int(raw)
+
+    def _fail(self, status: int, message: str, error_code: str | None = None, extra: dict | None = None) -> None:
+        if self.answered:  # the status line is out (a download broke off): all that is left is to hang up
+            self.close_connection = True
+            return
+        self._error(status, message, error_code, extra)
 
     def _route(self, method: str, path: str) -> None:
         if (match := _API.match(path)) is not None:
@@ -194,8 +277,8 @@ class Handler(BaseHTTPRequestHandler):
     # --- repos ------------------------------------------------------------------------------------------------
 
     def _create_repo(self) -> None:
-        payload = self._json_body()
         self._require_write()
+        payload = self._json_body()
         repo_type = payload.get("type") or "model"
         name, organization = payload.get("name"), payload.get("organization")
         if not organization:
@@ -209,16 +292,17 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"url": url, "name": repo, "id": repo})
 
     def _validate_yaml(self) -> None:
-        import yaml
-
+        self._require_write()
         content = self._json_body().get("content", "")
+        if not isinstance(content, str):
+            raise StoreError(400, "`content` is the card's text (a string)")
         errors = []
         if content.startswith("---"):
             try:
-                front = yaml.safe_load(content.split("---", 2)[1]) or {}
+                front = views.card_yaml(content.split("---", 2)[1]) or {}
                 if not isinstance(front, dict):
                     errors.append({"message": "the metadata block is not a mapping"})
-            except (yaml.YAMLError, IndexError) as error:
+            except (ValueError, IndexError) as error:
                 errors.append({"message": f"invalid YAML metadata: {error}"})
         self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
@@ -267,8 +351,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, views.commits(store.history(repo_type, repo, store.resolve(repo_type, repo, revision))))
 
     def _create_branch(self, repo_type: str, repo: str, branch: str) -> None:
-        payload = self._json_body()
         self._require_write()
+        payload = self._json_body()
         self.server.store.create_branch(repo_type, repo, branch, payload.get("startingPoint"))
         self._json(200, {})
 
@@ -277,8 +361,8 @@ class Handler(BaseHTTPRequestHandler):
     def _preupload(self, repo_type: str, repo: str, revision: str) -> None:
         import base64
 
-        payload = self._json_body()
         self._require_write()
+        payload = self._json_body()
         store = self.server.store
         store.repo_meta(repo_type, repo)
         try:
@@ -298,8 +382,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"files": answers, "commitOid": None})
 
     def _lfs_batch(self, repo_type: str, repo: str) -> None:
-        payload = self._json_body()
         self._require_write()
+        payload = self._json_body()
         self.server.store.repo_meta(repo_type, repo)
         if payload.get("operation") != "upload":
             raise StoreError(400, "only the upload operation is supported; download files through /resolve/")
@@ -323,19 +407,24 @@ class Handler(BaseHTTPRequestHandler):
     def _lfs_upload(self, repo: str, oid: str, size: int) -> None:
         if not hmac.compare_digest(self.query.get("sig", ""), self.server.sign(repo, oid, size)):
             raise StoreError(403, "upload URL signature is invalid or expired; ask the batch API again")
-        self.server.store.put_object(self._body_chunks(), oid, size)
+        if size > self.server.max_body_bytes:
+            raise StoreError(413, f"an object of {size} bytes is over this registry's limit of "
+                                  f"{self.server.max_body_bytes} bytes (hub serve --max-body-bytes)")
+        self.server.store.put_object(self._body_chunks(self.server.max_body_bytes), oid, size)
         self._json(200, {})
 
     def _lfs_verify(self, repo_type: str, repo: str) -> None:
-        payload = self._json_body()
         self._require_write()
+        payload = self._json_body()
         if not self.server.store.has_object(str(payload["oid"]), int(payload["size"])):
             raise StoreError(404, f"object {payload['oid']} was not uploaded")
         self._json(200, {})
 
     def _commit(self, repo_type: str, repo: str, revision: str) -> None:
-        lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
         self._require_write()
+        lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
+        if not all(isinstance(line, dict) and isinstance(line.get("value"), dict) for line in lines):
+            raise StoreError(400, 'each line of the commit payload is an object {"key": ..., "value": {...}}')
         if not lines or lines[0].get("key") != "header":
             raise StoreError(400, "the commit payload must start with a header line")
         create_pr = self.query.get("create_pr", "") in ("1", "true")
@@ -396,19 +485,31 @@ class Handler(BaseHTTPRequestHandler):
     def _repo_url(self, repo_type: str, repo: str) -> str:
         return f"{self._base_url()}/{'' if repo_type == 'model' else repo_type + 's/'}{repo}"
 
-    def _body_chunks(self) -> Iterator[bytes]:
-        """The request body as it arrives (Content-Length or chunked); marks it read once fully consumed."""
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    def _body_chunks(self, limit: int) -> Iterator[bytes]:
+        """The request body as it arrives (Content-Length or chunked), at most `limit` bytes (else a 413 before
+        reading on); marks it read once fully consumed."""
+        too_big = StoreError(413, f"the request body is over this registry's limit of {limit} bytes for this "
+                                  "endpoint (hub serve --max-body-bytes)")
+        if self.body_size is None:
+            total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024).split(b";")[0].strip()
+                if not re.fullmatch(rb"[0-9a-fA-F]{1,16}", line):
+                    raise StoreError(400, f"malformed chunk size {line[:40]!r} in a chunked body")
+                size = int(line, 16)
                 if size == 0:
-                    while self.rfile.readline().strip():  # trailers
+                    while self.rfile.readline(65537).strip():  # trailers
                         pass
                     break
+                total += size
+                if total > limit:
+                    raise too_big
                 yield from self._exactly(size)
-                self.rfile.readline()
+                self.rfile.readline(1024)
         else:
-            yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+            if self.body_size > limit:
+                raise too_big
+            yield from self._exactly(self.body_size)
         self.body_read = True
 
     def _exactly(self, remaining: int) -> Iterator[bytes]:
@@ -421,15 +522,23 @@ class Handler(BaseHTTPRequestHandler):
             yield chunk
 
     def _read_body(self) -> bytes:
-        return b"".join(self._body_chunks())
+        return b"".join(self._body_chunks(min(self.server.max_body_bytes, MAX_JSON_BYTES)))
 
     def _json_body(self) -> dict:
         body = self._read_body()
-        return json.loads(body) if body.strip() else {}
+        payload = json.loads(body) if body.strip() else {}
+        if not isinstance(payload, dict):
+            raise StoreError(400, f"the request body is a JSON {type(payload).__name__}; this endpoint takes an "
+                                  "object {...}")
+        return payload
 
     def _no_body(self) -> None:
         if not self.body_read:
             self._read_body()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.answered = True
+        super().send_response(code, message)
 
     def end_headers(self) -> None:
         # A response sent before the request's body was read ends the connection (the body would be parsed as
@@ -440,7 +549,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, payload: object, headers: dict | None = None,
               content_type: str = "application/json") -> None:
-        data = json.dumps(payload).encode()
+        data = json.dumps(payload, default=str).encode()  # default: a card's `date: 2024-01-01` is a date
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -451,7 +560,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _error(self, status: int, message: str, error_code: str | None = None, extra: dict | None = None) -> None:
-        headers = {"X-Error-Message": message.replace("\n", " "), **(extra or {})}
+        # Header values go out as latin-1: a path like `€.txt` is shown escaped there (the JSON body has it as is).
+        shown = " ".join(message.split()).encode("ascii", "backslashreplace").decode("ascii")
+        headers = {"X-Error-Message": shown, **(extra or {})}
         if error_code:
             headers["X-Error-Code"] = error_code
         self._json(status, {"error": message}, headers)
@@ -461,12 +572,12 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
 
-def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str | None = None) -> None:
-    """Run the registry in the foreground until interrupted."""
+def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str | None = None, **limits) -> None:
+    """Run the registry in the foreground until interrupted. `limits`: max_body_bytes, max_connections, timeout."""
     from builder.errors import BuilderError
 
     try:
-        server = HubServer((host, port), root, token=token)
+        server = HubServer((host, port), root, token=token, **limits)
     except OSError as error:
         raise BuilderError(f"cannot serve on {host}:{port} ({error.strerror or error}); choose another --port "
                            "(0 picks a free one)") from None

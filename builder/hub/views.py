@@ -7,6 +7,8 @@ import hashlib
 
 from builder.hub.store import Entry, lfs_pointer
 
+MAX_CARD_VALUES = 10_000  # a card's metadata is tags and a few fields; aliases could expand 300 bytes to gigabytes
+
 
 def repo_info(repo: str, oid: str, meta: dict, commit: dict, files: dict[str, Entry], *, blobs: bool,
               readme: str | None) -> dict:
@@ -31,15 +33,42 @@ def _sibling(path: str, entry: Entry, blobs: bool) -> dict:
     return sibling
 
 
-def card_metadata(readme: str | None) -> dict:
-    """tags, pipeline_tag, library_name and cardData from a README's YAML block, as the Hub reports them."""
+def card_yaml(text: str) -> object:
+    """A card's YAML metadata as plain data. Raises ValueError for YAML that does not parse, or that (counting
+    every value an alias repeats) holds more than `MAX_CARD_VALUES` values, or nests too deeply."""
     import yaml
 
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ValueError(" ".join(str(error).split())) from None
+    except RecursionError:
+        raise ValueError("the metadata is nested too deeply") from None
+    seen, pending = 0, [(node, 0)] if node is not None else []
+    while pending:  # the size after alias expansion, without expanding anything
+        current, depth = pending.pop()
+        seen += 1
+        if seen > MAX_CARD_VALUES or depth > 100:
+            raise ValueError(f"the metadata expands to more than {MAX_CARD_VALUES:,} values or 100 levels (YAML "
+                             "aliases repeat what they name); a card's metadata is far smaller")
+        if isinstance(current, yaml.SequenceNode):
+            pending += [(child, depth + 1) for child in current.value]
+        elif isinstance(current, yaml.MappingNode):
+            pending += [(child, depth + 1) for pair in current.value for child in pair]
+    try:
+        return yaml.SafeLoader("").construct_document(node) if node is not None else None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
+        raise ValueError(" ".join(str(error).split())) from None
+
+
+def card_metadata(readme: str | None) -> dict:
+    """tags, pipeline_tag, library_name and cardData from a README's YAML block, as the Hub reports them; nothing
+    when the block does not parse or is too large (see `card_yaml`)."""
     if not readme or not readme.startswith("---"):
         return {}
     try:
-        front = yaml.safe_load(readme.split("---", 2)[1])
-    except (yaml.YAMLError, IndexError):
+        front = card_yaml(readme.split("---", 2)[1])
+    except (ValueError, IndexError):
         return {}
     if not isinstance(front, dict):
         return {}

@@ -22,6 +22,7 @@ from builder.recipe.schema import Recipe
 from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_RECIPE_BYTES = 1024 * 1024  # recipes are a few KiB; parsing YAML in Python takes seconds per MiB
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,13 @@ def _subtree(located: Located, path: Path_, data: Any) -> Located:
 def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
     """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)  # never more: the file may be huge or still growing
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError([Problem(Location(display, 1, 1), "", f"the file is over {MAX_RECIPE_BYTES:,} bytes "
+                                       f"(1 MiB), the limit for a recipe; recipes are a few KiB: is this the right "
+                                       "file?")])
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = error.object[: error.start].count(b"\n") + 1
         raise RecipeError([Problem(Location(display, line, 1), "", f"the file is not UTF-8 text (byte "
@@ -143,7 +150,7 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
         raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove "
                                                               "one of the links")]))
     if not parent_path.is_file():
-        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"parent recipe {extends!r} not "
+        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"parent recipe {show(extends)} not "
                                                               f"found (looked for {_display(parent_path)})")]))
     try:
         parent, parent_files = _read_file(parent_path, _display(parent_path), (*chain, path.resolve()))
@@ -216,7 +223,7 @@ def _source_root(located: Located, path: Path) -> Path:
 def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Problem]) -> bool:
     where = located.where(("variants", suffix), key=True)
     if not _VARIANT_SUFFIX.fullmatch(suffix):
-        problems.append(Problem(where, f"variants.{suffix}", f"{suffix!r} is not a variant suffix: use lowercase "
+        problems.append(Problem(where, f"variants.{suffix}", f"{show(suffix)} is not a variant suffix: use lowercase "
                                 "letters, digits, '.', '_', '-' (at most 64), starting with a letter or digit"))
         return False
     if not isinstance(overrides, dict):

@@ -16,6 +16,7 @@ from builder.errors import Location, Problem, RecipeError
 from builder.recipe.wording import Path_, dotted, show
 
 MAX_DEPTH = 32
+MAX_NODES = 20_000  # values, keys and list items as written; a recipe has a few hundred
 MAX_VALUES = 100_000  # aliases can make a small file expand exponentially ("billion laughs")
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = tuple(_YAML + t for t in ("str", "int", "float", "bool", "null"))
@@ -48,6 +49,33 @@ class Located:
 
 
 
+class _TooManyNodes(Exception):
+    def __init__(self, mark: yaml.Mark):
+        self.mark = mark
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """Composes like SafeLoader, but stops at the `MAX_NODES`+1-th node instead of building a huge tree first."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.nodes = 0
+
+    def compose_node(self, parent, index):
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooManyNodes(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _CountingLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
 def _mark(file: str, node: yaml.Node) -> Location:
     return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
@@ -56,7 +84,11 @@ def parse_yaml(text: str, file: str) -> Located:
     """Parse one YAML document keeping marks. Raises `RecipeError` when the text is not YAML or is empty;
     duplicate keys, non-string keys and unreadable values are collected in `Located.problems`."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
+    except _TooManyNodes as error:
+        raise RecipeError([Problem(Location(file, error.mark.line + 1, error.mark.column + 1), "", f"the YAML has "
+                                   f"more than {MAX_NODES:,} values, keys and list items (the limit was hit here); "
+                                   "a recipe has a few hundred: remove the generated data")]) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         location = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
@@ -138,8 +170,10 @@ def _construct(node: yaml.Node, path: Path_, file: str, located: Located) -> Any
         return _scalar(node)
     except (yaml.YAMLError, ValueError, OverflowError, KeyError, TypeError) as error:
         reason = error.problem if isinstance(error, yaml.MarkedYAMLError) else str(error)
-        return _unreadable(located, where, path, f"{node.value!r} cannot be read as {node.tag.removeprefix(_YAML)}: "
-                           f"{' '.join(str(reason).split())}")
+        if "int_max_str_digits" in str(reason):  # Python's advice (a setting of the interpreter) is not the fix
+            reason = f"it has {len(node.value):,} digits; no recipe number is that large"
+        return _unreadable(located, where, path, f"{show(node.value)} cannot be read as "
+                           f"{node.tag.removeprefix(_YAML)}: {' '.join(str(reason).split())}")
 
 
 def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | None:
@@ -158,7 +192,7 @@ def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | Non
             reads_as = show(_scalar(node))
         except (yaml.YAMLError, ValueError, OverflowError, KeyError, TypeError):
             reads_as = node.tag.removeprefix(_YAML)
-        located.problems.append(Problem(where, dotted(path), f"the key {node.value!r} is read as {reads_as}, not a "
+        located.problems.append(Problem(where, dotted(path), f"the key {show(node.value)} is read as {reads_as}, not a "
                                         f"string; quote it: '{node.value}'"))
     elif isinstance(node, yaml.ScalarNode):
         located.problems.append(Problem(where, dotted(path), f"the YAML tag {node.tag!r} is not supported on a key; "

@@ -61,7 +61,7 @@ def problem_from_error(error: dict, located: Located) -> Problem:
         return Problem(where, f"{shown_path}.{discriminator}", f"required key is missing; it picks the kind of {shown_path} "
                        f"({_tags(path)})")
     if kind == "string_pattern_mismatch" and path == ("name",):
-        return Problem(where, shown_path, f"{value!r} is not a valid artifact name: use lowercase letters, digits, '.', "
+        return Problem(where, shown_path, f"{show(value)} is not a valid artifact name: use lowercase letters, digits, '.', "
                        f"'_' and '-', starting with a letter or digit, at most 96 characters ({NAME_PATTERN})")
     if kind == "value_error":
         return Problem(where, shown_path, str(ctx.get("error", error["msg"])))
@@ -88,9 +88,9 @@ def _unknown_key(path: Path_, holders: list[Any]) -> str:
         here = next(tag for tag, member in members.items() if member is holder)
         elsewhere = [tag for tag, member in members.items() if member is not holder and key in _fields(member)]
         if elsewhere:
-            return f"unknown key {key!r} for {tag_field} {here}; it is a setting of {' and '.join(elsewhere)}"
+            return f"unknown key {show(key)} for {tag_field} {here}; it is a setting of {' and '.join(elsewhere)}"
     hint = f" (did you mean {close!r}?)" if close else f"; allowed: {', '.join(choices)}"
-    return f"unknown key {key!r}{hint}"
+    return f"unknown key {show(key)}{hint}"
 
 
 # --- walking the schema by error location ------------------------------------------------------------------------

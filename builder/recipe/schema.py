@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from builder.recipe.wording import not_one_of
+from builder.recipe.wording import not_one_of, show
 from builder.tasks import TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
@@ -90,14 +90,14 @@ class Source(Block):
             raise ValueError(f"'{model}' contains a backslash; write local paths with '/' (./models/x), on Windows too")
         if is_local_path(model):
             if any(ord(c) < 32 for c in model):
-                raise ValueError(f"{model!r} contains a control character; write the folder's path as plain text")
+                raise ValueError(f"{show(model)} contains a control character; write the folder's path as plain text")
         elif not REPO_ID_PATTERN.fullmatch(model):
             raise ValueError(
-                f"{model!r} is neither a Hub repo id (org/name) nor a local path; "
+                f"{show(model)} is neither a Hub repo id (org/name) nor a local path; "
                 "start local folders with './', '../', '/' or '~'"
             )
         elif reason := _hub_forbids(model):
-            raise ValueError(f"{model!r} is not a valid Hub repo id: {reason}")
+            raise ValueError(f"{show(model)} is not a valid Hub repo id: {reason}")
         return model
 
     @field_validator("revision")
@@ -159,7 +159,7 @@ class Load(Block):
             return None
         if isinstance(device_map, str):
             if device_map not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device_map):
-                raise ValueError(f"{device_map!r} is not auto, cpu, cuda or cuda:N")
+                raise ValueError(f"{show(device_map)} is not auto, cpu, cuda or cuda:N")
             return device_map
         if not isinstance(device_map, dict):
             raise ValueError("expected auto, cpu, cuda, cuda:N or a mapping {module: device}")
@@ -180,9 +180,9 @@ class Load(Block):
     def _max_memory(cls, max_memory: dict[str, str] | None) -> dict[str, str] | None:
         for device, amount in (max_memory or {}).items():
             if not re.fullmatch(r"\d+|cpu|disk", device):
-                raise RuleViolation((device,), f"{device!r} is not a device key: use a GPU index (\"0\"), cpu or disk")
+                raise RuleViolation((device,), f"{show(device)} is not a device key: use a GPU index (\"0\"), cpu or disk")
             if not _MEMORY.fullmatch(amount):
-                raise RuleViolation((device,), f"{amount!r} is not a memory size like 20GiB or 500MB")
+                raise RuleViolation((device,), f"{show(amount)} is not a memory size like 20GiB or 500MB")
         return max_memory
 
 
@@ -325,9 +325,9 @@ class Publish(Block):
     @classmethod
     def _repo_id(cls, repo: str) -> str:
         if "/" not in repo or not REPO_ID_PATTERN.fullmatch(repo):
-            raise ValueError(f"{repo!r} is not a Hub repo id; write it as org/name")
+            raise ValueError(f"{show(repo)} is not a Hub repo id; write it as org/name")
         if reason := _hub_forbids(repo):
-            raise ValueError(f"{repo!r} is not a valid Hub repo id: {reason}")
+            raise ValueError(f"{show(repo)} is not a valid Hub repo id: {reason}")
         return repo
 
 
@@ -386,7 +386,7 @@ _BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|^/|/$|\.lock$")
 def _check_ref(revision: str) -> str:
     """`revision` if git could name a branch, tag or commit so; raises ValueError with the rule otherwise."""
     if _BAD_REF.search(revision):
-        raise ValueError(f"{revision!r} is not a branch, tag or commit name: git refs have no spaces, none of "
+        raise ValueError(f"{show(revision)} is not a branch, tag or commit name: git refs have no spaces, none of "
                          "~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do not end with '.lock'")
     return revision
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,74 @@ def test_build_by_an_unknown_name_suggests_the_closest(capsys):
     assert main(["build", REPO_RECIPES, "--name", "smollm2-135m-instruct-nf5"]) == 1
     assert ("no recipe defines an artifact named 'smollm2-135m-instruct-nf5' (did you mean "
             "'smollm2-135m-instruct-nf4'?)") in capsys.readouterr().err
+
+
+def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_planted_symlink(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The traceback used to go to the fixed /tmp/builder-crash.log: anyone could plant a symlink there and have the
+    next crash overwrite the file it names."""
+    import tempfile
+
+    import builder.recipe
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    (shared_tmp / "builder-crash.log").symlink_to(victim)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def broken():
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(builder.recipe, "json_schema", broken)
+    logs = []
+    for _ in range(2):
+        assert main(["schema"]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith("internal error: RuntimeError: simulated bug (traceback in ") and err.count("\n") == 1
+        logs.append(Path(err.rsplit("traceback in ", 1)[1].rstrip(")\n")))
+    assert victim.read_text() == "precious\n"
+    assert logs[0] != logs[1]
+    for log in logs:
+        assert log.parent == tmp_path / "cache" / "builder" / "crash"
+        assert "simulated bug" in log.read_text() and "Traceback" in log.read_text()
+
+
+@pytest.mark.parametrize("jobs", ["0", "-3", "two", "99999999999999999999999"])
+def test_build_jobs_must_be_a_positive_integer(jobs, capsys):
+    assert main(["build", "--jobs", jobs, "recipes/smollm2/nf4.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--jobs" in err and ("positive integer" in err or "not an integer" in err)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_build_out_naming_a_file_exits_1_with_a_message(smollm2, tmp_path, capsys, inside):
+    """It used to reach `mkdir` in the pipeline, after planning, and exit 3 with FileExistsError."""
+    taken = tmp_path / "artifacts"
+    taken.write_text("not a folder\n")
+    out = taken / "sub" if inside else taken
+    assert main(["build", "--out", str(out), "recipes/smollm2/nf4.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: the artifacts folder {out} " in err and "is a file" in err and "--out" in err
+    assert taken.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("digits", [4_000, 100_000])
+def test_a_huge_number_is_not_echoed_in_full(tmp_path, capsys, digits):
+    recipe = tmp_path / "huge.yaml"
+    recipe.write_text(f"schema_version: 1\nname: huge\nsource: {{model: org/model}}\n"
+                      f"verify: {{max_new_tokens: {'7' * digits}}}\n")
+    assert main(["validate", str(recipe)]) == 1
+    out = capsys.readouterr().out
+    assert f"{recipe}:4:26: verify.max_new_tokens: " in out and f"({digits:,} " in out
+    assert len(out) < 400 and "7" * 61 not in out and "set_int_max_str_digits" not in out
+
+
+def test_a_huge_string_is_not_echoed_in_full(tmp_path, capsys):
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(f"schema_version: 1\nname: {'x' * 500_000}\nsource: {{model: org/model}}\n")
+    assert main(["validate", str(recipe)]) == 1
+    out = capsys.readouterr().out
+    assert "is not a valid artifact name" in out and "(500,000 characters)" in out and len(out) < 400
