@@ -23,13 +23,15 @@ def dotted(path: Path_) -> str:
     return ".".join(path)
 
 
-MAX_SHOWN = 60
-"""Characters of a value a message shows; a longer value (a pasted blob, a 100,000-digit number) shows its start."""
+MAX_SHOWN = 120
+"""Characters of a value a message shows whole; a longer value (a pasted blob, a 100,000-digit number) shows its
+first `SHOWN_START` characters and its length."""
+SHOWN_START = 60
 
 
 def show(value: Any) -> str:
     """A value as the YAML author wrote it: 'text', 3, true, nothing (null), a mapping, a list; long text and
-    numbers cut to their first `MAX_SHOWN` characters, with their length."""
+    numbers longer than `MAX_SHOWN` cut to their start, with their length."""
     if isinstance(value, (dict, list, tuple)):
         return "a mapping" if isinstance(value, dict) else "a list"
     if value is None:
@@ -37,13 +39,13 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str) and len(value) > MAX_SHOWN:
-        return f"{value[:MAX_SHOWN]!r}... ({len(value):,} characters)"
+        return f"{value[:SHOWN_START]!r}... ({len(value):,} characters)"
     if isinstance(value, int):
         try:
             digits = str(value)
         except ValueError:  # past Python's int_max_str_digits (4,300)
             return "an integer of more than 4,300 digits"
-        return digits if len(digits) <= MAX_SHOWN else f"{digits[:MAX_SHOWN]}... ({len(digits):,} digits)"
+        return digits if len(digits) <= MAX_SHOWN else f"{digits[:SHOWN_START]}... ({len(digits):,} digits)"
     return repr(value)
 
 
