@@ -352,6 +352,12 @@ class Recipe(Block):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
+        if self.quantize is None and self.export is None:
+            raise RuleViolation(
+                ("name",),
+                f"recipe {self.name} has neither `quantize` nor `export`: there is nothing to build; add a `quantize` "
+                "block (bitsandbytes) or an `export` block (ONNX)",
+            )
         if self.quantize is not None and self.export is not None:
             raise RuleViolation(
                 ("export",),

@@ -88,7 +88,7 @@ def test_three_file_cycle_names_every_link(tmp_path, monkeypatch):
     assert problems("a.yaml") == ["c.yaml:2:10: extends: extends cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; remove "
                                   "one of the links"]
     # A diamond is not a cycle: two files may extend the same base.
-    write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m}\n")
+    write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m}\nquantize: {method: bnb-4bit}\n")
     write(tmp_path, "x.yaml", "extends: _base.yaml\nname: x\n")
     assert load_recipes("x.yaml")[0].recipe.name == "x"
 
@@ -178,7 +178,8 @@ def test_validate_without_arguments_checks_the_recipes_folder(tmp_path, monkeypa
     assert [f["file"] for f in default["files"]] == shipped and len(shipped) >= 6
     assert all(f["file"].startswith("recipes/") for f in default["files"])
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "recipes/good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\n")
+    write(tmp_path, "recipes/good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\n"
+          "quantize: {method: bnb-4bit}\n")
     write(tmp_path, "recipes/sub/bad.yaml", "schema_version: 1\nname: Bad\nsource: {model: org/m}\n")
     write(tmp_path, "elsewhere.yaml", "not: [valid\n")  # outside recipes/: not looked at
     assert main(["validate"]) == 1
@@ -196,8 +197,10 @@ def test_validate_with_no_recipe_files_fails(tmp_path, monkeypatch, capsys):
 
 def test_validate_json_shape(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\nvariants: {a: {}, b: {}}\n")
-    write(tmp_path, "bad.yaml", "schema_version: 1\nname: bad\nsource: {model: org/m, dtype: fp8}\n")
+    write(tmp_path, "good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\nvariants: {a: {}, b: {}}\n"
+          "quantize: {method: bnb-4bit}\n")
+    write(tmp_path, "bad.yaml", "schema_version: 1\nname: bad\nsource: {model: org/m, dtype: fp8}\n"
+          "quantize: {method: bnb-4bit}\n")
     assert main(["validate", "--json", "good.yaml", "bad.yaml"]) == 1
     assert json.loads(capsys.readouterr().out) == {
         "ok": False,
@@ -246,7 +249,7 @@ def test_plan_of_a_bad_recipe_prints_located_problems_and_exits_1(tmp_path, monk
 
 def test_relative_source_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "shared/_base.yaml", "schema_version: 1\nsource: {model: ./weights}\n")
+    write(tmp_path, "shared/_base.yaml", "schema_version: 1\nsource: {model: ./weights}\nquantize: {method: bnb-4bit}\n")
     write(tmp_path, "family/child.yaml", "extends: ../shared/_base.yaml\nname: c\n")
     write(tmp_path, "family/own.yaml", "extends: ../shared/_base.yaml\nname: o\nsource: {model: ./mine}\n")
     write(tmp_path, "family/matrix.yaml", "extends: ../shared/_base.yaml\nname: m\n"

@@ -18,7 +18,7 @@ from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, 
 HEX = "0123456789abcdef0123456789abcdef01234567"
 REF_RULE = ("git refs have no spaces, none of ~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do "
             "not end with '.lock'")
-BASE = {"schema_version": 1, "name": "x", "source": {"model": "org/model"}}
+BASE = {"schema_version": 1, "name": "x", "source": {"model": "org/model"}, "quantize": {"method": "bnb-4bit"}}
 # Where a model's fields live in a recipe, and the keys its block needs to be valid.
 BLOCKS: dict[type, tuple[tuple[str, ...], dict]] = {
     Recipe: ((), {}),
@@ -53,8 +53,10 @@ CASES = [
           (7, "name: expected a string, got 7 (quote it to make it a string)")]),
     Case(Recipe, "source", [{"model": "org/model"}], [("org/model", "source: expected a mapping, got 'org/model'")]),
     Case(Recipe, "load", [{}, {"device_map": "cpu"}], [([], "load: expected a mapping, got a list")]),
-    Case(Recipe, "quantize", [None, {"method": "bnb-8bit"}],
-         [("bnb-4bit", "quantize: expected a mapping, got 'bnb-4bit'")]),
+    Case(Recipe, "quantize", [{"method": "bnb-8bit"}],
+         [("bnb-4bit", "quantize: expected a mapping, got 'bnb-4bit'"),
+          (None, "name: recipe x has neither `quantize` nor `export`: there is nothing to build; add a `quantize` "
+           "block (bitsandbytes) or an `export` block (ONNX)")]),
     Case(Recipe, "export", [None, {"format": "onnx"}], [(3, "export: expected a mapping, got 3")]),
     Case(Recipe, "verify", [{}], [("strict", "verify: expected a mapping, got 'strict'")]),
     Case(Recipe, "publish", [None, {"repo": "org/x"}], [(True, "publish: expected a mapping, got true")]),
@@ -193,6 +195,8 @@ def recipe_with(case: Case, value: Any) -> dict:
         block = block.setdefault(key, {})
     block.update(needs)
     block[case.name] = value
+    if case.model is OnnxExport or (case.model is Recipe and case.name == "export" and value is not None):
+        del data["quantize"]  # a recipe builds one thing: the export replaces the base's quantize block
     return data
 
 

@@ -92,12 +92,12 @@ def test_not_streamable_recipes_say_why(method, quantize, load, reason, tiny_lla
     assert reason in streamable(Recipe.model_validate(data), tiny_llama)
 
 
-def test_a_recipe_without_quantize_is_not_streamable(tiny_llama):
+def test_an_export_recipe_is_not_streamable(tiny_llama):
     from builder.recipe import Recipe
     from builder.steps.stream import streamable
 
     data = recipe_for(tiny_llama, "nf4").model_dump(mode="json")
-    data["quantize"] = None
+    data["quantize"], data["export"] = None, {"format": "onnx"}
     assert "no bitsandbytes" in streamable(Recipe.model_validate(data), tiny_llama)
 
 
