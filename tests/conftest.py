@@ -21,17 +21,17 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _cuda_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU host)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """`gpu` tests skip without CUDA; `slow` tests skip unless a marker expression is given (`make test-slow`,
+    `make test-gpu`), on every host, so `make test` is the same lean tier on a GPU machine."""
+    skips = []
+    if not _cuda_available():
+        skips.append(("gpu", pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on a GPU host)")))
     if not config.getoption("-m"):
-        slow = pytest.mark.skip(reason="slow: run with `make test-slow`")
-        for item in items:
-            if "slow" in item.keywords:
-                item.add_marker(slow)
+        skips.append(("slow", pytest.mark.skip(reason="slow: run with `make test-slow`")))
+    for item in items:
+        for marker, skip in skips:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

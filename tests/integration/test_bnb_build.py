@@ -216,3 +216,13 @@ def test_two_builds_give_identical_weight_files(artifacts, tmp_path, name):
     assert second["build_hash"] == first["build_hash"]
     assert second["files"]["model.safetensors"] == first["files"]["model.safetensors"]
     assert second["files"]["config.json"] == first["files"]["config.json"]
+
+
+@pytest.mark.parametrize(("name", "golden"), [("smollm2-nf4-dq", "smollm2-135m-instruct-nf4"),
+                                              ("minilm-nf4", "all-minilm-l6-v2-nf4"),
+                                              ("minilm-int8", "all-minilm-l6-v2-int8")])
+def test_manifest_is_the_one_built_before_the_module_refactor(artifacts, name, golden, monkeypatch):
+    from golden import differences
+
+    monkeypatch.chdir(REPO)  # recipe_files are recorded relative to the working folder
+    assert differences(manifest_of(artifacts(name)), golden) == []

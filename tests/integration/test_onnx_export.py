@@ -115,3 +115,9 @@ def test_smollm2_with_past_build(built, shared_dir):
     assert report["metrics"]["generation_match"] == 1.0
     assert report["metrics"]["top1_agreement"] >= 0.99
     assert json.loads((folder / "verify-report.json").read_text())["metrics"] == report["metrics"]
+
+
+def test_manifest_is_the_one_built_before_the_module_refactor(built):
+    from golden import differences
+
+    assert differences(built("recipes/minilm/onnx-cpu.yaml"), "all-minilm-l6-v2-onnx-cpu") == []

@@ -1,0 +1,82 @@
+"""Manifests built before the module refactor ("One owner per contract", issue 12) by the code at 149aa9e+security fix,
+kept in tests/assets/golden/, and the comparison that says a build today describes the same artifact.
+
+What may differ: when and where it was built and with which versions (build hash, versions, device, dates, timings,
+latencies), the three files that carry those (README.md, recipe.lock.yaml, verify-report.json), and float metrics
+in their last digits. The ONNX gate embeds 32 sentences instead of 16 since the two gates share ENCODER_SENTENCES,
+so its metric values and prompts are compared by name only. Everything else must be equal: the recipe, the source,
+the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every weight file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+_BUILD_CONDITIONS = ("build_hash", "versions", "device", "device_uuid", "built_at", "timings")
+_DESCRIBE_THE_BUILD = ("README.md", "recipe.lock.yaml", "verify-report.json")
+
+
+def differences(built: dict, name: str) -> list[str]:
+    """How the manifest `built` differs from the golden one of artifact `name` (empty: the same artifact)."""
+    golden = json.loads((GOLDEN / f"{name}.json").read_text())
+    found = []
+    if set(built) != set(golden):
+        found.append(f"keys: {sorted(set(built) ^ set(golden))}")
+    for key in sorted(set(built) & set(golden)):
+        if key in _BUILD_CONDITIONS:
+            continue
+        new, old = built[key], golden[key]
+        if key == "recipe_files":
+            if len(new) != len(old) or not all(n.endswith(o) for n, o in zip(new, old)):
+                found.append(f"recipe_files: {new} != {old}")
+        elif key == "files":
+            if set(new) != set(old):
+                found.append(f"files: {sorted(set(new) ^ set(old))}")
+            found += [f"files.{f}: sha256 differs" for f in sorted(set(new) & set(old))
+                      if f not in _DESCRIBE_THE_BUILD and new[f] != old[f]]
+        elif key == "verification":
+            found += _report_differences(new, old, onnx=built.get("kind") == "export")
+        elif key == "onnx":
+            strip = lambda record: {k: v for k, v in record.items() if k != "timings"}  # noqa: E731
+            if strip(new) != strip(old):
+                found.append("onnx record differs")
+        elif new != old:
+            found.append(f"{key}: {new!r} != {old!r}")
+    return found
+
+
+def _report_differences(new: dict, old: dict, *, onnx: bool) -> list[str]:
+    found = []
+    if set(new) != set(old):
+        found.append(f"verification keys: {sorted(set(new) ^ set(old))}")
+    for key in sorted(set(new) & set(old)):
+        a, b = new[key], old[key]
+        if key in ("performance", "outputs"):
+            if set(a) != set(b):
+                found.append(f"verification.{key} keys differ")
+        elif key == "metrics":
+            if set(a) != set(b):
+                found.append(f"verification.metrics keys: {sorted(set(a) ^ set(b))}")
+            elif not onnx:
+                found += [f"verification.metrics.{m}: {a[m]} != {b[m]}" for m in a
+                          if not _close(a[m], b[m])]
+        elif key == "inputs" and onnx:
+            if set(a) != set(b):
+                found.append("verification.inputs keys differ")
+        elif key == "inputs":
+            found += [f"verification.inputs.{k} differs" for k in set(a) | set(b)
+                      if not _close(a.get(k), b.get(k))]
+        elif a != b:
+            found.append(f"verification.{key}: {a!r} != {b!r}")
+    return found
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
