@@ -4,7 +4,7 @@ Importing this package imports neither torch nor any other heavy library; the bu
 """
 
 from builder.errors import BuilderError, RecipeError
-from builder.recipe import LoadedRecipe, Recipe, load_recipes
 from builder.plan import Plan, make_plan
+from builder.recipe import LoadedRecipe, Recipe, load_recipes
 
 __all__ = ["BuilderError", "LoadedRecipe", "Plan", "Recipe", "RecipeError", "load_recipes", "make_plan"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from builder.console import show_progress
 from builder.errors import ArtifactError
 
 MANIFEST_FILE = "manifest.json"
@@ -167,9 +168,10 @@ def replace_file(path: Path, data: bytes) -> None:
 
 def file_table(folder: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path."""
-    from tqdm.auto import tqdm  # deferred: huggingface_hub's dependency, absent from the core install
+    from tqdm.auto import (
+        tqdm,  # deferred: huggingface_hub's dependency, absent from the core install
+    )
 
-    from builder.console import show_progress
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
     table = {}

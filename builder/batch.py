@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
+from builder.pipeline import build_file
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,6 @@ def _claim_gpu(slots) -> None:
 
 
 def _build_one(recipe_file: str, options: dict) -> FileOutcome:
-    from builder.pipeline import build_file
 
     try:
         return FileOutcome(recipe_file, [r.as_json() for r in build_file(recipe_file, **options)])

@@ -14,8 +14,26 @@ import time
 import traceback
 from pathlib import Path
 
+from builder.batch import build_files
+from builder.changes import recipes_changed_since
 from builder.console import configured, say
+from builder.demo import run_demo
 from builder.errors import BuilderError, RecipeError
+from builder.hub.publish import publish, use_network_timeouts
+from builder.hub.server import serve
+from builder.inventory import artifact_states, format_table, write_stamp
+from builder.plan import make_plan
+from builder.recipe import (
+    files_defining,
+    find_recipe_files,
+    json_schema,
+    load_recipes,
+    name_clashes,
+    require_unique_names,
+)
+from builder.report import write_report
+from builder.reverify import reverify  # deferred: the gate imports torch
+from builder.steps.gate import format_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -25,7 +43,6 @@ def _print_json(payload: object) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from builder.recipe import find_recipe_files, load_recipes, name_clashes
 
     files = find_recipe_files(args.paths or ["recipes"])
     results, failed = {}, False
@@ -59,8 +76,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from builder.recipe import load_recipes
-    from builder.plan import make_plan
 
     plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
     if args.json:
@@ -103,9 +118,6 @@ def _size(n: int | None) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.batch import build_files
-    from builder.changes import recipes_changed_since
-    from builder.recipe import files_defining, find_recipe_files, require_unique_names
 
     paths = args.paths or ["recipes"]
     every = find_recipe_files(paths)
@@ -149,8 +161,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from builder.reverify import reverify  # deferred: the gate imports torch
-    from builder.steps.gate import format_report
 
     report = reverify(Path(args.artifact), write=args.write, device=args.device)
     if args.json:
@@ -171,7 +181,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _publish(artifact: Path, args: argparse.Namespace):
-    from builder.hub.publish import publish, use_network_timeouts
 
     use_network_timeouts()
     return publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
@@ -192,7 +201,6 @@ def _print_publish(result, artifact: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from builder.demo import run_demo
 
     run_demo(args.recipe, out=args.out, root=Path(args.root) if args.root else None,
              say=lambda line: print(line, flush=True))
@@ -200,7 +208,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_serve(args: argparse.Namespace) -> int:
-    from builder.hub.server import serve
 
     serve(Path(args.root), host=args.host, port=args.port, token=_hub_token(args),
           max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, timeout=args.timeout)
@@ -224,14 +231,12 @@ def _hub_token(args: argparse.Namespace) -> str | None:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from builder.recipe import json_schema
 
     _print_json(json_schema())
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from builder.inventory import artifact_states, format_table
 
     states = artifact_states(args.paths or ["recipes"], Path(args.artifacts), names=args.name)
     if args.json:
@@ -242,8 +247,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_stamp(args: argparse.Namespace) -> int:
-    from builder.inventory import artifact_states, write_stamp
-    from builder.recipe import find_recipe_files, require_unique_names
 
     files = find_recipe_files(args.paths or ["recipes"])
     require_unique_names(files)
@@ -254,7 +257,6 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from builder.report import write_report
 
     out, data = write_report(args.paths or ["artifacts"], args.out, x=args.x)
     if args.json:

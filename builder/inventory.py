@@ -9,8 +9,8 @@ from pathlib import Path
 
 from builder.artifact import MANIFEST_FILE, not_current, read_manifest
 from builder.errors import BuilderError, RecipeError
-from builder.recipe import files_defining, find_recipe_files, load_recipes
 from builder.plan import make_plan
+from builder.recipe import files_defining, find_recipe_files, load_recipes
 
 PUBLISHED_DIR = ".published"
 """`artifacts/.published/<name>.json`: the last publish of an artifact (repo, revision, commit, build hash)."""

@@ -118,19 +118,25 @@ def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
 
 
 def _quantize(ctx: BuildContext) -> None:
-    from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
+    from builder.steps.quantize import (
+        quantize,  # deferred: torch and transformers, only when a build runs
+    )
 
     quantize(ctx)
 
 
 def _export(ctx: BuildContext) -> None:
-    from builder.steps.export import export  # deferred: torch and onnx, only when a build runs
+    from builder.steps.export import (
+        export,  # deferred: torch and onnx, only when a build runs
+    )
 
     export(ctx)
 
 
 def _verify(ctx: BuildContext) -> None:
-    from builder.steps.verify import verify  # deferred: torch and transformers, only when a build runs
+    from builder.steps.verify import (
+        verify,  # deferred: torch and transformers, only when a build runs
+    )
 
     verify(ctx)
 

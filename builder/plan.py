@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from builder.errors import SourceError
-from builder.recipe import LoadedRecipe
-from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo
+from builder.errors import SourceError
+from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
 
 # Packages whose version can change an artifact's bytes, per kind of build.

@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from builder.console import say
 from builder.artifact import FAILED_DIR, load_manifest
+from builder.console import say
 from builder.errors import ArtifactError, BuilderError
+from builder.report_svg import render_html
 from builder.steps.gate import GATES, REPORT_FILE
 
 REPORT_VERSION = 1
@@ -53,7 +54,6 @@ def _manifest(folder: Path) -> dict:
 def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:
     """Write the HTML report of the artifacts under `paths` to `out`; returns its path and the data drawn. `x`
     names what the scatters put across (a key of X_AXES)."""
-    from builder.report_svg import render_html
 
     out = Path(out)
     data = report_data(paths, out.parent, x=x)

@@ -14,6 +14,8 @@ from builder.recipe import Recipe
 from builder.source import folder_digest
 from builder.steps.gate import write_report
 from builder.steps.load import download
+from builder.steps.verify import run_checks
+from builder.steps.verify_onnx import onnx_report
 
 
 def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = None) -> dict:
@@ -22,8 +24,6 @@ def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = No
     verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing."""
     import torch  # deferred: the checks need it, importing builder must not
 
-    from builder.steps.verify import run_checks
-    from builder.steps.verify_onnx import onnx_report
 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)

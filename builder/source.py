@@ -12,7 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.checkpoint import INDEX_FILE, TensorInfo, read_header, safetensors_files, weight_map
+from builder.checkpoint import (
+    INDEX_FILE,
+    TensorInfo,
+    read_header,
+    safetensors_files,
+    weight_map,
+)
 from builder.errors import SourceError
 from builder.recipe import Source
 

@@ -26,9 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from builder.artifact import MANIFEST_FILE, FileEntry, Manifest, load_manifest, parse_manifest
+from builder.artifact import (
+    MANIFEST_FILE,
+    FileEntry,
+    Manifest,
+    load_manifest,
+    parse_manifest,
+)
+from builder.card import render_card
 from builder.errors import ArtifactError, PublishError
+from builder.hub.store import git_blob_oid
 from builder.recipe import COMMIT_PATTERN, REPO_ID_PATTERN, is_local_path
+from builder.source import file_sha256
 
 RETRIES = 4
 _BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0)
@@ -69,7 +78,6 @@ class PublishResult:
 
 def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
     """Refuse unverified or failed builds, files that are not the ones the manifest hashed, and unpinned sources."""
-    from builder.source import file_sha256
 
     verification = manifest.verification or {}
     if not manifest.passed:
@@ -104,7 +112,6 @@ def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str) -> Upload:
     re-rendered so its usage snippet loads from `repo`, and the uploaded manifest lists that card."""
     import hashlib
 
-    from builder.card import render_card
 
     listed = manifest.files or {}
     files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(listed)}
@@ -296,7 +303,6 @@ def check_remote(api, repo: str, commit: str, upload: Upload, deleted: list[str]
 def _differences(upload: Upload, tree: dict) -> list[str]:
     import hashlib
 
-    from builder.hub.store import git_blob_oid
 
     problems = []
     for path, content in upload.files.items():
@@ -367,7 +373,11 @@ def _retrying(call: Callable, what: str, progress: Callable[[str], None]):
 
 def _raise_unless_transient(error: Exception, what: str) -> None:
     """Return when `error` (or its cause) is worth retrying; otherwise raise the PublishError that explains it."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(error, PublishError):
         raise error

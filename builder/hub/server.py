@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from builder.errors import BuilderError
 from builder.hub import views
 from builder.hub.store import REPO_TYPES, Store, StoreError, check_path, is_lfs
 
@@ -574,7 +575,6 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str | None = None, **limits) -> None:
     """Run the registry in the foreground until interrupted. `limits`: max_body_bytes, max_connections, timeout."""
-    from builder.errors import BuilderError
 
     try:
         server = HubServer((host, port), root, token=token, **limits)

@@ -17,7 +17,12 @@ from pydantic import ValidationError
 
 from builder.errors import BuilderError, Location, Problem, RecipeError
 from builder.recipe.marks import Located, parse_yaml
-from builder.recipe.messages import META_KEYS, discriminator_at, problem_from_error, unique_sorted
+from builder.recipe.messages import (
+    META_KEYS,
+    discriminator_at,
+    problem_from_error,
+    unique_sorted,
+)
 from builder.recipe.schema import Recipe
 from builder.recipe.wording import Path_, did_you_mean, show
 

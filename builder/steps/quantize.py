@@ -19,7 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from builder.artifact import Dequantized, Footprint, QuantizedLayers
-from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, has_tokenizer, read_header
+from builder.checkpoint import (
+    FLOAT_DTYPES,
+    TORCH_DTYPE_BYTES,
+    has_tokenizer,
+    read_header,
+)
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.checkpoint import has_tokenizer, local_weight_files
+from builder.errors import BuildError
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps.bnb import bnb_config
 from builder.tasks import AUTO_CLASSES, infer_task
@@ -85,10 +86,10 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
         return reason
     import torch
     import transformers
-    from transformers.quantizers import AutoHfQuantizer
     from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers import AutoHfQuantizer
 
-    from builder.steps.stream_io import read_source_tensors
+    from builder.steps.stream_io import read_source_tensors  # deferred: stream_io imports torch
 
     sources = read_source_tensors(local_weight_files(source_dir))
     config = transformers.AutoConfig.from_pretrained(source_dir)
@@ -158,8 +159,7 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     Raises `BuildError` when the build cannot be streamed (see `streamable`)."""
     import torch
 
-    from builder.errors import BuildError
-    from builder.steps.stream_io import Engine, ShardWriter
+    from builder.steps.stream_io import Engine, ShardWriter  # deferred: stream_io imports torch
 
     source_dir, workdir = Path(source_dir), Path(workdir)
     started = time.perf_counter()
@@ -218,7 +218,7 @@ def _outputs(plan: _Plan, key: str) -> list:
     """The tensors save_pretrained writes for one state_dict key (several for a quantized weight)."""
     import torch
 
-    from builder.steps.stream_io import OutTensor
+    from builder.steps.stream_io import OutTensor  # deferred: stream_io imports torch
 
     param = plan.params[key]
     module = plan.quantized.get(key)
@@ -299,7 +299,7 @@ def _split(keys: list[str], outputs: dict, max_shard_size: int) -> list[tuple[st
 def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> None:
     import json
 
-    from builder.steps.stream_io import read_source_tensors
+    from builder.steps.stream_io import read_source_tensors  # deferred: stream_io imports torch
 
     written = read_source_tensors(workdir / filename for filename, _ in shards)
     weight_map = {name: tensor.file.name for name, tensor in written.items()}

@@ -24,8 +24,17 @@ from pathlib import Path
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.steps.gate import (ENCODER_SENTENCES, default_prompts, eval_sentences, eval_text, failure_message, gate,
-                                with_overrides, write_report)
+from builder.steps import metrics as probes
+from builder.steps.gate import (
+    ENCODER_SENTENCES,
+    default_prompts,
+    eval_sentences,
+    eval_text,
+    failure_message,
+    gate,
+    with_overrides,
+    write_report,
+)
 from builder.steps.metrics import LATENCY_TOKENS
 from builder.steps.verify_onnx import onnx_report
 
@@ -96,7 +105,6 @@ def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, 
     """Reference (source, in this process) vs candidate (artifact, fresh process): the verification report."""
     from transformers import AutoConfig
 
-    from builder.steps import metrics as probes
 
     started = time.perf_counter()
     thresholds = thresholds_for(recipe, task)
@@ -165,7 +173,6 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
     prompts (LMs), or the prompts and ENCODER_SENTENCES sentences of the text, padded (encoders)."""
     from transformers import AutoTokenizer
 
-    from builder.steps import metrics as probes
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_dir)

@@ -15,7 +15,13 @@ from pathlib import Path
 from builder.recipe import Recipe
 from builder.steps import ort
 from builder.steps.export import decoder_shape, load_source
-from builder.steps.gate import ENCODER_SENTENCES, default_prompts, eval_sentences, gate, with_overrides
+from builder.steps.gate import (
+    ENCODER_SENTENCES,
+    default_prompts,
+    eval_sentences,
+    gate,
+    with_overrides,
+)
 
 # Defaults from measurements on all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (docs/recipes.md, "export", has them):
 # above the worst honest build (O3's GELU approximation: 5e-3; per-channel int8: cosine 0.987) and far from a broken

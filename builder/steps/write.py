@@ -12,8 +12,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from builder.artifact import (MANIFEST_VERSION, FileEntry, Manifest, SourceRecord, file_table, replace_file,
-                              write_manifest)
+from builder.artifact import (
+    MANIFEST_VERSION,
+    FileEntry,
+    Manifest,
+    SourceRecord,
+    file_table,
+    replace_file,
+    write_manifest,
+)
 from builder.card import render_card
 from builder.context import BuildContext
 from builder.plan import Plan, build_kind

@@ -105,7 +105,7 @@ def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_plante
     next crash overwrite the file it names."""
     import tempfile
 
-    import builder.recipe
+    import builder.cli
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -118,7 +118,7 @@ def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_plante
     def broken():
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(builder.recipe, "json_schema", broken)
+    monkeypatch.setattr(builder.cli, "json_schema", broken)
     logs = []
     for _ in range(2):
         assert main(["schema"]) == 3
