@@ -257,7 +257,8 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | failed: {row['error']} | | | | | | |")
             continue
         hf, floor = by.get((row["method"], "transformers")), by.get((row["method"], "floor"))
-        ratio = lambda base: f"{row['wall_s'] / base['wall_s']:.2f}" if base and not base.get("error") else ""
+        def ratio(base, row=row):
+            return f"{row['wall_s'] / base['wall_s']:.2f}" if base and not base.get("error") else ""
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
         gpu = f"{row['gpu_peak_bytes'] / 2**30:.2f}" if row.get("gpu_peak_bytes") is not None else "-"
         lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "

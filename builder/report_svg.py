@@ -114,7 +114,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
         out.append(f"<line class=\"source-line\" x1=\"{sx:.1f}\" y1=\"{TOP}\" x2=\"{sx:.1f}\" y2=\"{HEIGHT - BOTTOM}\">"
                    f"<title>source model: {_size(group['source_bytes'])}</title></line>")
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
-    for threshold, label_y in zip(chart["thresholds"], label_ys):
+    for threshold, label_y in zip(chart["thresholds"], label_ys, strict=True):
         ty = y(threshold["value"])
         sign = "≥" if threshold["bound"] == "min" else "≤"
         names = threshold["artifacts"]
@@ -130,7 +130,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
     front = sorted((a for a in drawn if a["name"] in chart["pareto"]), key=lambda a: a[field])
     if len(front) > 1:
         steps = []
-        for here, after in zip(front, front[1:]):
+        for here, after in zip(front, front[1:], strict=False):
             steps += [(x(here[field]), y(here["metrics"][metric])), (x(after[field]), y(here["metrics"][metric]))]
         steps.append((x(front[-1][field]), y(front[-1]["metrics"][metric])))
         out.append("<polyline class=\"front\" points=\"" + " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
@@ -235,7 +235,7 @@ def _spread(positions: list[float], gap: float) -> list[float]:
     """`positions` moved apart until neighbours are `gap` pixels apart or more (labels that would overlap)."""
     order = sorted(range(len(positions)), key=lambda i: positions[i])
     placed = list(positions)
-    for before, after in zip(order, order[1:]):
+    for before, after in zip(order, order[1:], strict=False):
         placed[after] = max(placed[after], placed[before] + gap)
     return placed
 

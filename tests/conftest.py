@@ -56,9 +56,8 @@ def minilm(real_models) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors: fast unit builds."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from make_models import SMOLLM2, ensure_models
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     smol = ensure_models(REPO / "models")[SMOLLM2]
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from builder.artifact import (
     MANIFEST_FILE,
@@ -203,7 +203,7 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
     for attempt in range(1, RETRIES + 2):
         result.attempts = attempt
         head = _retrying(lambda: api.repo_info(repo, revision=revision).sha, f"read {repo}@{revision}", progress)
-        remote = _retrying(lambda: _remote_state(api, repo, head), f"list {repo}@{head[:12]}", progress)
+        remote = _retrying(lambda head=head: _remote_state(api, repo, head), f"list {repo}@{head[:12]}", progress)
         if _matches(upload, remote):
             result.commit = head
             # A match on a retry means the commit landed but its response was lost.
@@ -236,7 +236,8 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
             time.sleep(delay)
             continue
         result.status, result.commit, result.pr_url, result.deleted = "published", commit.oid, commit.pr_url, deleted
-        _retrying(lambda: check_remote(api, repo, commit.oid, upload, deleted), f"check {repo}@{commit.oid[:12]}",
+        _retrying(lambda oid=commit.oid, deleted=deleted: check_remote(api, repo, oid, upload, deleted),
+                  f"check {repo}@{commit.oid[:12]}",
                   progress)
         progress(f"published {repo}@{commit.oid[:12]}" + (f" as {commit.pr_url}" if commit.pr_url else "")
                  + ": remote files match the manifest")

@@ -39,9 +39,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from builder.errors import BuilderError
@@ -481,7 +481,7 @@ class Handler(BaseHTTPRequestHandler):
     # --- plumbing ---------------------------------------------------------------------------------------------
 
     def _base_url(self) -> str:
-        return f"http://{self.headers.get('Host') or '%s:%d' % self.server.server_address[:2]}"
+        return f"http://{self.headers.get('Host') or '{}:{}'.format(*self.server.server_address[:2])}"
 
     def _repo_url(self, repo_type: str, repo: str) -> str:
         return f"{self._base_url()}/{'' if repo_type == 'model' else repo_type + 's/'}{repo}"

@@ -24,10 +24,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 # What huggingface_hub's default .gitattributes on the Hub stores in LFS, plus anything large or binary.
 LFS_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",

@@ -181,7 +181,7 @@ def _perplexity(logits: list, targets: list) -> float:
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two greedy continuations share (the tokens until the first divergence)."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # the shorter one ends the shared prefix
         if x != y:
             break
         n += 1

@@ -34,11 +34,11 @@ class _Plan:
     """What the streaming build writes: per output key, where it comes from and how."""
 
     model: Any                      # the meta model, after transformers' quantizer swapped its modules
-    dtype: "torch.dtype"            # the load dtype (what from_pretrained casts the checkpoint to)
+    dtype: torch.dtype            # the load dtype (what from_pretrained casts the checkpoint to)
     sources: dict                   # checkpoint key -> stream_io.SourceTensor
     keys: list[str]                 # the keys save_pretrained writes, in state_dict order
     quantized: dict[str, Any]       # weight key -> its bitsandbytes module (Linear4bit / Linear8bitLt)
-    params: dict[str, "torch.Tensor"]  # key -> the meta tensor (its dtype is the saved dtype)
+    params: dict[str, torch.Tensor]  # key -> the meta tensor (its dtype is the saved dtype)
 
 
 def streamable(recipe: Recipe, source_dir: Path) -> str | None:
@@ -140,7 +140,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     return _Plan(model, dtype, sources, keys, quantized, params)
 
 
-def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
+def _load_dtype(dtype: str, config: Any, sources: dict) -> torch.dtype:
     """from_pretrained's `dtype` rule: a named dtype, or for `auto` the config's, else the first floating
     checkpoint tensor's."""
     import torch

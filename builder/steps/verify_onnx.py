@@ -134,7 +134,7 @@ def _encoder_metrics(session, reference, tokenizer, prompts: Sequence[str], task
     torch_out = reference(**kwargs)
     mask = batch["attention_mask"].numpy().astype(bool)
     outputs, metrics = {}, {}
-    for meta, value in zip(session.get_outputs(), onnx_out):
+    for meta, value in zip(session.get_outputs(), onnx_out, strict=True):
         expected = getattr(torch_out, meta.name).float().cpu().numpy()
         actual = value.astype(np.float32)
         if actual.ndim >= 2 and actual.shape[:2] == mask.shape:  # per-token outputs: padding is not compared
@@ -205,7 +205,7 @@ class _OnnxDecoder:
         return feed
 
     def run(self, ids, past: dict | None = None) -> dict:
-        return dict(zip(self.output_names, self.session.run(None, self.feed(ids, past))))
+        return dict(zip(self.output_names, self.session.run(None, self.feed(ids, past)), strict=True))
 
     def generate(self, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
         """Greedy tokens after `ids`: through the KV cache when the graph has one, else re-running the sequence."""

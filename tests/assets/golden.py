@@ -30,7 +30,7 @@ def differences(built: dict, name: str) -> list[str]:
             continue
         new, old = built[key], golden[key]
         if key == "recipe_files":
-            if len(new) != len(old) or not all(n.endswith(o) for n, o in zip(new, old)):
+            if len(new) != len(old) or not all(n.endswith(o) for n, o in zip(new, old, strict=True)):
                 found.append(f"recipe_files: {new} != {old}")
         elif key == "files":
             if set(new) != set(old):
@@ -40,8 +40,7 @@ def differences(built: dict, name: str) -> list[str]:
         elif key == "verification":
             found += _report_differences(new, old, onnx=built.get("kind") == "export")
         elif key == "onnx":
-            strip = lambda record: {k: v for k, v in record.items() if k != "timings"}  # noqa: E731
-            if strip(new) != strip(old):
+            if {k: v for k, v in new.items() if k != "timings"} != {k: v for k, v in old.items() if k != "timings"}:
                 found.append("onnx record differs")
         elif new != old:
             found.append(f"{key}: {new!r} != {old!r}")
@@ -78,5 +77,5 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     return a == b

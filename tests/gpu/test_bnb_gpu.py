@@ -15,9 +15,9 @@ import pytest
 from safetensors import safe_open
 
 from builder.cli import main
-from builder.recipe import load_recipes
 from builder.pipeline import build
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stream_compare import differences, recipe_for, transformers_build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -36,11 +35,11 @@ def test_streamed_on_cuda_equals_transformers_on_cuda(method, smol_shape, tmp_pa
 
 
 def test_streaming_peak_gpu_memory_stays_small(smol_shape, tmp_path):
+    import gc
+
     import torch
 
     from builder.steps.stream import stream_build
-
-    import gc
 
     gc.collect()
     before = torch.cuda.memory_allocated()  # what earlier tests' models still hold

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from builder.recipe import load_recipes
 from builder.pipeline import build
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_LAYERS = 30 * 7  # 30 decoder layers x (q, k, v, o, gate, up, down); the tied lm_head is never quantized

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from builder.hub.server import start_in_thread
-from builder.recipe import load_recipes
 from builder.pipeline import build
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hf_integration_token"

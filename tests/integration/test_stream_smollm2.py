@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from stream_compare import differences, recipe_for, transformers_build
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import VerificationFailed
-from builder.recipe import load_recipes
 from builder.context import BuildContext
+from builder.errors import VerificationFailed
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 from builder.steps.verify import verify
 
 TASKS = {"smollm2": "text-generation", "minilm": "feature-extraction"}

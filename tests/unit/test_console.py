@@ -3,8 +3,8 @@
 import os
 import sys
 
-from builder.console import configured, say
 from builder.artifact import file_table
+from builder.console import configured, say
 
 
 def _hash_a_file(tmp_path) -> None:

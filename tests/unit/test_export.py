@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.errors import BuildError
-from builder.recipe import load_recipes
 from builder.context import BuildContext
+from builder.errors import BuildError
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 from builder.steps import ort
 from builder.steps.export import choose_exporter, export
 from builder.steps.verify_onnx import default_thresholds, onnx_metrics
@@ -77,7 +77,7 @@ def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
         feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, offset + len(ids)), np.int64),
                 "position_ids": np.arange(offset, offset + len(ids))[None]}
         feed.update(past or {n: np.zeros(shape, np.float32) for n in past_names})
-        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
 
     whole = run([5, 6, 7, 8], None, 0)
     first = run([5, 6, 7], None, 0)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from builder.cli import main
-from builder.recipe import load_recipes
 from builder.plan import make_plan
+from builder.recipe import load_recipes
 
 # The tiny model is mostly its 49152x64 embedding table, which stays unquantized: its footprint barely shrinks.
 TINY_VERIFY = "verify:\n  thresholds: {footprint_ratio: 1.0}\n"

@@ -6,12 +6,12 @@ import errno
 import shutil
 
 import pytest
+from test_pipeline import write_recipe
 
 from builder.cli import main
 from builder.errors import BuildError
-from builder.recipe import load_recipes
 from builder.plan import make_plan
-from test_pipeline import write_recipe
+from builder.recipe import load_recipes
 
 
 def build_fails(capsys, recipe, out, *extra: str, code: int = 1) -> str:

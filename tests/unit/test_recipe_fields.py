@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from builder.errors import RecipeError
-from builder.recipe import load_recipes
-from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, Source, Thresholds, Verify
+from builder.recipe import Bnb4Bit, Bnb8Bit, Load, OnnxExport, Publish, Recipe, Source, Thresholds, Verify, load_recipes
 
 HEX = "0123456789abcdef0123456789abcdef01234567"
 REF_RULE = ("git refs have no spaces, none of ~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do "

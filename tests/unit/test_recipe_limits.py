@@ -50,7 +50,7 @@ def test_a_yaml_with_too_many_nodes_stops_at_the_limit(tmp_path, body):
 
 def test_an_alias_bomb_still_names_the_aliases(tmp_path):
     levels = ["a: &a [x,x,x,x,x,x,x,x,x]"] + [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]"
-                                                 for a, b in zip("abcdefgh", "bcdefghi")]
+                                                 for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(HEAD + "\n".join(levels) + "\n")
     assert "through aliases" in _refused(recipe)

@@ -10,9 +10,9 @@ import shutil
 import struct
 
 import pytest
+from test_pipeline import write_recipe
 
 from builder.cli import main
-from test_pipeline import write_recipe
 
 
 def _header(entries: dict) -> bytes:

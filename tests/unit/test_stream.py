@@ -7,7 +7,6 @@ import shutil
 import struct
 
 import pytest
-
 from stream_compare import differences, recipe_for, tensors, transformers_build
 
 
