@@ -9,9 +9,12 @@ writer, owns the file table, and decides whether an artifact is up to date for a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +167,47 @@ def replace_file(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.new")
     temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Make the complete folder `new` the artifact at `final` so that at every instant `final` is a complete
+    artifact, the old one or the new one: an atomic exchange of the two folders (Linux renameat2
+    RENAME_EXCHANGE), after which `new` holds the old artifact and is deleted. Where the OS has no exchange the old
+    artifact is renamed aside first (a crash between the two renames leaves no artifact at `final`: the old one is
+    in `.old-<name>-*`, which the next build of it deletes)."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+    os.rename(final, aside / final.name)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(aside / final.name, final)  # put the old artifact back
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the OS or filesystem has no such
+    call (the caller falls back to two renames)."""
+    import ctypes  # deferred: only a replacing build needs it
+
+    rename_exchange, at_fdcwd = 2, -100
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
 
 
 def file_table(folder: Path) -> dict[str, FileEntry]:

@@ -21,6 +21,7 @@ from builder.demo import run_demo
 from builder.errors import BuilderError, RecipeError
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
+from builder.interrupts import Interrupted, handling_signals
 from builder.inventory import artifact_states, format_table, write_stamp
 from builder.plan import make_plan
 from builder.recipe import (
@@ -437,11 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code else EXIT_OK
     try:
-        with configured(quiet=getattr(args, "quiet", False)):
+        with configured(quiet=getattr(args, "quiet", False)), handling_signals():
             return args.run(args)
     except BuilderError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except Interrupted as interrupt:
+        print(f"interrupted ({interrupt})", file=sys.stderr)
+        return interrupt.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.artifact import FAILED_DIR, Manifest, load_manifest, up_to_date
+from builder import interrupts
+from builder.artifact import FAILED_DIR, Manifest, load_manifest, replace_folder, up_to_date
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
@@ -92,10 +93,12 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
                            device_map=device_map if build_kind(recipe) == "quantize" else None)
         try:
             for number, (name, step) in enumerate(steps, 1):
+                interrupts.check()
                 say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
                 start = time.perf_counter()
                 step(ctx)
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
+            interrupts.check()  # a request whose exception was swallowed on the way stops the build here
             _install(workdir, final)
         except VerificationFailed:
             _discard(workdir, out / FAILED_DIR / recipe.name if keep_failed else None, keep_temp)
@@ -214,22 +217,11 @@ def _remove_leftovers(out: Path, name: str) -> None:
 
 
 def _install(workdir: Path, final: Path) -> None:
-    """Rename `workdir` to `final`; an existing artifact is renamed aside first and deleted after."""
+    """Make `workdir` the artifact at `final` (`builder.artifact.replace_folder`: old or new at every instant)."""
     umask = os.umask(0)
     os.umask(umask)
     workdir.chmod(0o777 & ~umask)  # mkdtemp made it private
-    if not final.exists():
-        os.rename(workdir, final)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-    os.rename(final, aside / final.name)
-    try:
-        os.rename(workdir, final)
-    except BaseException:
-        os.rename(aside / final.name, final)  # put the old artifact back
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    replace_folder(workdir, final)
 
 
 def _discard(workdir: Path, failed: Path | None, keep_temp: bool) -> None:

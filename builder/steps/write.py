@@ -7,20 +7,17 @@ footprints, bits per parameter, the verification report, and the sha256 and size
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from builder.artifact import (
-    MANIFEST_VERSION,
-    FileEntry,
-    Manifest,
-    SourceRecord,
-    file_table,
-    replace_file,
-    write_manifest,
-)
+from builder import interrupts
+from builder.artifact import (MANIFEST_FILE, MANIFEST_VERSION, FileEntry, Manifest, SourceRecord, file_table,
+                              replace_folder, write_manifest)
 from builder.card import render_card
 from builder.context import BuildContext
 from builder.plan import Plan, build_kind
@@ -87,17 +84,40 @@ def lock_text(loaded: LoadedRecipe, plan: Plan) -> str:
 
 def refresh_publish(final: Path, loaded: LoadedRecipe, plan: Plan, manifest: Manifest) -> Manifest:
     """Give the up-to-date artifact at `final` its recipe's current `publish` block, which is not part of the build
-    hash (changing where or how an artifact is published rebuilds nothing): recipe.lock.yaml and the README.md card
-    are rewritten in place, then the manifest, each by an atomic rename. Returns the new manifest."""
+    hash (changing where or how an artifact is published rebuilds nothing). A copy of the folder (hard links to the
+    unchanged files) gets the new recipe.lock.yaml, README.md card and manifest, then replaces `final` the way a
+    build does, so a crash leaves the old artifact or the new one, never a mix. Returns the new manifest."""
     manifest = manifest.model_copy(update={"recipe": loaded.recipe.model_dump(mode="json")})
-    files = dict(manifest.files or {})
-    for name, text in (("recipe.lock.yaml", lock_text(loaded, plan)), ("README.md", render_card(manifest))):
-        data = text.encode()
-        replace_file(final / name, data)
-        files[name] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    manifest = manifest.model_copy(update={"files": files})
-    write_manifest(final, manifest)
+    rewritten = {"recipe.lock.yaml": lock_text(loaded, plan).encode(), "README.md": render_card(manifest).encode()}
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        for path in sorted(final.rglob("*")):
+            relative = path.relative_to(final).as_posix()
+            if not path.is_file() or relative in rewritten or relative == MANIFEST_FILE:
+                continue
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(path, staging / relative)
+        files = dict(manifest.files or {})
+        for name, data in rewritten.items():
+            (staging / name).write_bytes(data)
+            files[name] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        manifest = manifest.model_copy(update={"files": files})
+        write_manifest(staging, manifest)
+        interrupts.check()
+        staging.chmod(final.stat().st_mode & 0o777)
+        replace_folder(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no bytes copied; the file is never written in place), or a copy where links are refused."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def device_uuid(device: str) -> str | None:
