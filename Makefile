@@ -7,7 +7,7 @@ R      ?= recipes/smollm2/nf4.yaml
 RECIPES   ?= recipes
 ARTIFACTS ?= artifacts
 
-.PHONY: demo report chromium test test-slow test-gpu test-interop test-hub-oldest validate plan build all models schema clean publish bench FORCE
+.PHONY: demo report chromium test test-slow test-gpu test-core test-interop test-hub-oldest quality validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -15,7 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[quantize,onnx,test]'
+	$(PY) -m pip install -q -e '.[quantize,onnx,test,quality]'
+	touch $@
+
+# The core install alone (pydantic, pyyaml, huggingface_hub; no torch): what `validate`, `plan` and `schema` need,
+# so they work on a laptop and in a recipe repository's CI in seconds.
+VENV_CORE ?= .venv-core
+$(VENV_CORE)/.installed: pyproject.toml
+	test -x $(VENV_CORE)/bin/python || python3 -m venv $(VENV_CORE)
+	$(VENV_CORE)/bin/python -m pip install -q --upgrade pip
+	$(VENV_CORE)/bin/python -m pip install -q -e . 'pytest>=8' 'hypothesis>=6.100'
 	touch $@
 
 models/.ready: $(VENV)/.installed tests/assets/make_models.py
@@ -109,18 +118,32 @@ $(VENV_HUB_OLDEST)/.installed: pyproject.toml
 	$(VENV_HUB_OLDEST)/bin/python -m pip install -q -e .
 	touch $@
 
-test-hub-oldest: models/.ready $(VENV_HUB_OLDEST)/.installed
+test-hub-oldest: $(VENV_HUB_OLDEST)/.installed
 	$(VENV_HUB_OLDEST)/bin/python -m pytest -q tests/unit/test_core_install.py tests/unit/test_hub_publish.py \
 		tests/unit/test_hub_server.py -k "not transformers_loads"
 
-validate: $(VENV)/.installed
-	$(BUILDER) validate recipes/
+validate: $(VENV_CORE)/.installed
+	$(VENV_CORE)/bin/builder validate recipes/
 
-plan: models/.ready
-	$(BUILDER) plan $(R)
+plan: models/.ready $(VENV_CORE)/.installed
+	$(VENV_CORE)/bin/builder plan $(R)
 
-schema: $(VENV)/.installed
-	$(BUILDER) schema > docs/recipe.schema.json
+schema: $(VENV_CORE)/.installed
+	$(VENV_CORE)/bin/builder schema > docs/recipe.schema.json
+
+# The tests of what the core install does (recipe language, validate/plan/schema, the registry, the package's
+# import graph), run where torch is not installed at all.
+test-core: $(VENV_CORE)/.installed
+	$(VENV_CORE)/bin/python -m pytest -q tests/unit/test_core_install.py tests/unit/test_loader.py \
+		tests/unit/test_loader_corpus.py tests/unit/test_recipe_fields.py tests/unit/test_recipe_rules.py \
+		tests/unit/test_recipe_limits.py tests/unit/test_architecture.py tests/unit/test_hub_server.py \
+		tests/unit/test_hub_security.py -k "not transformers_loads"
+
+# Lint, format and types (config in pyproject.toml; .pre-commit-config.yaml runs the same on commit).
+quality: $(VENV)/.installed
+	$(VENV)/bin/ruff check builder tests bench
+	$(VENV)/bin/ruff format --check builder tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf artifacts .pytest_cache .hypothesis
