@@ -110,6 +110,7 @@ def _summary(manifest: Manifest) -> str:
                             f"{', double quantization' if quantize.get('double_quant') else ''})",
                 "bnb-8bit": "bitsandbytes LLM.int8()"}[quantize["method"]]
     else:
+        assert export is not None  # a manifest's recipe has one of the two blocks
         what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
                 f"quantize {export['quantize']}) for {export['provider']}")
     passed = manifest.passed

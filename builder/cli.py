@@ -46,7 +46,8 @@ def _print_json(payload: object) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
 
     files = find_recipe_files(args.paths or ["recipes"])
-    results, failed = {}, False
+    results: dict[Path, dict] = {}
+    failed = False
     for file in files:
         try:
             loaded = load_recipes(file)
@@ -64,11 +65,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         results[file]["problems"].append(problem.as_json())
         if not args.json:
             print(problem)
-    results = list(results.values())
     if args.json:
-        _print_json({"ok": not failed, "files": results})
+        _print_json({"ok": not failed, "files": list(results.values())})
     elif not failed:
-        count = sum(len(r["recipes"]) for r in results)
+        count = sum(len(r["recipes"]) for r in results.values())
         print(f"{len(files)} file(s), {count} recipe(s): ok")
     if not files:
         print("no recipe files found", file=sys.stderr)
@@ -251,7 +251,7 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 
     files = find_recipe_files(args.paths or ["recipes"])
     require_unique_names(files)
-    [state] = artifact_states(files, Path(args.artifacts), names=[args.name])
+    [state] = artifact_states(list(files), Path(args.artifacts), names=[args.name])
     path = write_stamp(state, Path(args.artifacts))
     say(f"{state.name}: {'up to date' if state.state == 'verified' else state.state + ', to build'} ({path})")
     return EXIT_OK

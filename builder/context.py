@@ -43,3 +43,8 @@ class BuildContext:
     """The gate's report (set by `verify`)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step (filled by the pipeline; steps add finer stages such as load and save)."""
+
+    def source_folder(self) -> Path:
+        """`source_dir`, which the resolve step sets before any other step runs."""
+        assert self.source_dir is not None, "the resolve step sets source_dir first"
+        return self.source_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def published_record(artifacts: Path, name: str) -> dict | None:
         return None
 
 
-def artifact_states(paths: list[str | Path], artifacts: Path, names: list[str] | None = None) -> list[ArtifactState]:
+def artifact_states(paths: Sequence[str | Path], artifacts: Path, names: list[str] | None = None) -> list[ArtifactState]:
     """One state per recipe (variants expanded) under `paths`, comparing build hashes with artifacts/<name>/; only
     the artifacts in `names` when given (a name no recipe defines is an error)."""
     files = find_recipe_files(paths)

@@ -148,7 +148,7 @@ _STEPS: dict[str, Step] = {"resolve": load.resolve, "quantize": _quantize, "expo
                            "write": write.write}
 
 
-def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[str, str]]:
+def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[str, str | int]]:
     """The build's device ("cpu", "cuda", "cuda:N") and device map: `--device`, else the recipe's
     `load.device_map`, else CUDA when present and CPU otherwise. Refuses what this host cannot run."""
     import torch
@@ -163,7 +163,7 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
                              "the map from the recipe")
         device = requested
     elif isinstance(device_map, dict):
-        gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        gpus = [str(d) for d in device_map.values() if d not in ("cpu", "disk")]
         device = "cpu" if not gpus else (f"cuda:{gpus[0]}" if gpus[0].isdigit() else gpus[0])
     elif device_map in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"

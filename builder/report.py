@@ -73,7 +73,9 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str 
         shown = ", ".join(str(p) for p in paths)
         raise BuilderError(f"no artifacts under {shown}: build some with `builder build` (or pass artifact folders, "
                            "or folders holding them)")
-    rows, skipped, signatures = [], [], {}
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    signatures: dict[str | None, dict] = {}
     for folder in built:
         try:
             row = _built_row(folder, _manifest(folder), Path(link_base))

@@ -8,6 +8,7 @@ Every mark a test (or a person's browser tools) may look for carries data attrib
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
 
 WIDTH, HEIGHT = 600, 360
@@ -201,7 +202,7 @@ class _Axis:
         if hi <= lo:
             lo, hi = (lo / 2, lo * 2) if log else (lo - 1, hi + 1)
         self.lo, self.hi, self.start, self.end, self.log = lo, hi, start, end, log
-        self.format = _number  # tick labels
+        self.format: Callable[..., str] = _number  # tick labels
 
     @classmethod
     def fitting(cls, values: list[float], start: float, end: float, *, log: bool) -> _Axis:

@@ -181,6 +181,9 @@ def _resolve_hub(source: Source) -> ResolvedSource:
     except OSError as error:
         raise SourceError(f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision}: {error}") \
             from None
+    if info.sha is None:
+        raise SourceError(f"the Hub did not say which commit {source.model}@{revision} is; try again, or pin "
+                          "`source.revision` to a 40-hex commit")
     return ResolvedSource(source.model, info.sha, None, config, tensors, weight_files)
 
 

@@ -281,10 +281,11 @@ def _matches(upload: Upload, remote: RemoteState) -> bool:
 def _operations(upload: Upload, remote: RemoteState) -> tuple[list, list[str]]:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes)
-                                     else str(content)) for path, content in upload.files.items()]
+    additions = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes)
+                                    else str(content)) for path, content in upload.files.items()]
     previous = set(remote.manifest.files or ()) if remote.manifest else set()
     stale = sorted(path for path in previous - set(upload.files) if path in remote.tree)
+    operations: list[CommitOperationAdd | CommitOperationDelete] = [*additions]
     operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     return operations, stale
 
@@ -406,10 +407,11 @@ def _raise_unless_transient(error: Exception, what: str) -> None:
 
 def _causes(error: BaseException) -> list[BaseException]:
     chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        chain.append(error)
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        chain.append(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return chain
 
 

@@ -82,7 +82,7 @@ class HubServer(ThreadingHTTPServer):
         self.upload_secret = secrets.token_bytes(32)
         super().__init__(address, Handler)
 
-    def process_request(self, request: socket.socket, client_address) -> None:
+    def process_request(self, request, client_address) -> None:
         # Each connection holds a thread until it closes or times out: past the cap, answer 503 at once.
         if not self.slots.acquire(blocking=False):
             request.settimeout(1.0)
@@ -101,13 +101,13 @@ class HubServer(ThreadingHTTPServer):
             self.slots.release()
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address) -> None:
+    def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(self, request) -> None:
         # Closing a socket with unread bytes sends a reset, which can reach the client before the answer it was
         # sent: say end-of-answer, then read (a bounded amount of) what the client still sends.
         try:
@@ -123,7 +123,7 @@ class HubServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def sign(self, repo: str, oid: str, size: int) -> str:
         return hmac.new(self.upload_secret, f"{repo}\0{oid}\0{size}".encode(), hashlib.sha256).hexdigest()
@@ -146,8 +146,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "builder-hub/1"
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s  # StreamRequestHandler puts it on the socket: every read and write
         super().setup()
+        self.connection.settimeout(self.server.timeout_s)  # every read and write of this connection
 
     # --- dispatch ---------------------------------------------------------------------------------------------
 

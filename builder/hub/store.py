@@ -246,6 +246,7 @@ class Store:
             files = {path: Entry(**entry) for path, entry in self.commit(repo_type, repo_id, base)["files"].items()}
             for kind, path, entry in staged:
                 if kind == "add":
+                    assert entry is not None  # an add always carries its entry
                     files[path] = entry
                 elif kind == "deleteFile":
                     if path not in files:

@@ -9,6 +9,7 @@ collected and raised together as one `RecipeError`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,9 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(unique_sorted([*located.problems, Problem(located.where(("variants",)), "variants", "variants is "
                                    "a mapping of suffix: {overrides}, with at least one suffix")]))
-    problems, results, roots = list(located.problems), [], {}
+    problems = list(located.problems)
+    results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
+    roots: dict[str, Path] = {}
     for suffix, overrides in variants.items():
         overrides = {} if overrides is None else overrides
         if not _variant_ok(located, suffix, overrides, problems):
@@ -213,7 +216,8 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     if problems:
         raise RecipeError(unique_sorted(problems))
     name_at = located.where(("name",))
-    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at) for suffix, _, recipe, _ in results]
+    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at) for suffix, _, recipe, _ in results
+            if recipe is not None]  # every variant validated: a failed one raised above
 
 
 def _source_root(located: Located, path: Path) -> Path:
@@ -266,7 +270,7 @@ def _validate(located: Located) -> Recipe:
     try:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as error:
-        found = (problem_from_error(e, located) for e in error.errors())
+        found = (problem_from_error(dict(e), located) for e in error.errors())
         problems += [p for p in found if p.location not in located.broken]
     if problems or recipe is None:
         raise RecipeError(unique_sorted(problems))
@@ -276,7 +280,7 @@ def _validate(located: Located) -> Recipe:
 # --- finding recipe files ----------------------------------------------------------------------------------------
 
 
-def find_recipe_files(paths: list[str | Path]) -> list[Path]:
+def find_recipe_files(paths: Sequence[str | Path]) -> list[Path]:
     """Expand folders into their `*.yaml`/`*.yml` files, sorted; files whose name starts with `_` are partials
     (shared bases for `extends`) and are only checked through the recipes that extend them."""
     found: list[Path] = []

@@ -371,7 +371,7 @@ class Recipe(Block):
                 "sdpa",
             )
         if isinstance(self.quantize, Bnb8Bit) and self.quantize.fp32_cpu_offload:
-            devices = set(self.load.device_map.values()) if isinstance(self.load.device_map, dict) else set()
+            devices = {str(d) for d in self.load.device_map.values()} if isinstance(self.load.device_map, dict) else set()
             on_gpu = any(d == "cuda" or d.startswith("cuda:") or d.isdigit() for d in devices)
             if "cpu" not in devices or not on_gpu:
                 raise RuleViolation(

@@ -7,7 +7,7 @@ transformers does with the same config.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
 from builder.plan import is_quantizable
@@ -46,7 +46,7 @@ def bnb_config(spec: Bnb4Bit | Bnb8Bit):
             )
 
 
-def device_map_for(recipe: Recipe, device: str, pinned: bool) -> str | dict[str, str]:
+def device_map_for(recipe: Recipe, device: str, pinned: bool) -> str | dict[str, str | int]:
     """The `device_map` a build loads with: the recipe's per-module map, its `auto` unless `--device` pinned a
     device, else everything on `device`."""
     device_map = recipe.load.device_map
@@ -57,12 +57,12 @@ def device_map_for(recipe: Recipe, device: str, pinned: bool) -> str | dict[str,
     return {"": device}
 
 
-def load_kwargs(recipe: Recipe, device_map: str | dict[str, str]) -> dict:
+def load_kwargs(recipe: Recipe, device_map: str | dict[str, Any] | None) -> dict:
     """Keyword arguments of `from_pretrained` besides the quantization config (GPU indices become ints)."""
     import torch
 
     if isinstance(device_map, dict):
-        device_map = {module: int(where) if where.isdigit() else where for module, where in device_map.items()}
+        device_map = {module: int(where) if str(where).isdigit() else where for module, where in device_map.items()}
     kwargs: dict = {
         "device_map": device_map,
         "dtype": "auto" if recipe.source.dtype == "auto" else getattr(torch, recipe.source.dtype),
@@ -75,7 +75,7 @@ def load_kwargs(recipe: Recipe, device_map: str | dict[str, str]) -> dict:
     return kwargs
 
 
-def preflight(plan: Plan, device_map: str | dict[str, str]) -> None:
+def preflight(plan: Plan, device_map: str | dict[str, str | int]) -> None:
     """Refuse, before anything is written, bitsandbytes settings that cannot work with `device_map`."""
     spec = plan.loaded.recipe.quantize
     if not isinstance(spec, Bnb8Bit) or not spec.fp32_cpu_offload:

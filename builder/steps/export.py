@@ -41,14 +41,15 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 def export(ctx: BuildContext) -> None:
-    """Export `ctx.source_dir` to ONNX in `ctx.workdir` as `ctx.loaded.recipe.export` asks.
+    """Export `ctx.source_folder()` to ONNX in `ctx.workdir` as `ctx.loaded.recipe.export` asks.
 
     Fills `ctx.onnx` (exporter, task, opset, dtype, provider and where the graph was verified, input and
     output names, optimizer and quantization details, sub-step timings). Raises `BuildError` when the exporter
     cannot handle the task or architecture, the opset is too low, or the provider cannot run here (see
     `export.verify_on`); the work folder then holds no model."""
     recipe = ctx.loaded.recipe
-    spec: OnnxExport = recipe.export
+    spec = recipe.export
+    assert spec is not None  # the pipeline runs this step for export recipes only
     config = ctx.plan.source.config
     task = ctx.task or recipe.source.task or infer_task(config.get("architectures"))
     if task is None:
@@ -128,11 +129,11 @@ def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Pa
         import onnxscript  # noqa: F401  (torch's dynamo exporter translates through it)
     except ImportError:
         raise MissingDependency("onnxscript", "onnx") from None
-    model = load_source(Path(ctx.source_dir), task, torch.float32, "cpu", recipe.load.attn_implementation)
+    model = load_source(ctx.source_folder(), task, torch.float32, "cpu", recipe.load.attn_implementation)
     if task == "text-generation":
         module, args, dynamic, inputs, outputs = _decoder_graph(model, spec.with_past)
     else:
-        module, args, dynamic, inputs, outputs = _encoder_graph(model, Path(ctx.source_dir), TORCH_TASKS[task])
+        module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
     try:
         with torch.no_grad():
             program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=inputs,
@@ -143,6 +144,8 @@ def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Pa
         raise BuildError(f"torch.onnx.export cannot export {type(model).__name__} ({model.config.model_type}) for "
                          f"{task}: {first}. Try `exporter: optimum` (optimum-onnx) or "
                          "`load.attn_implementation: eager`") from None
+    if program is None:
+        raise BuildError(f"torch.onnx.export returned no program for {type(model).__name__}; try `exporter: optimum`")
     ort.save(program.model_proto, model_path)
 
 
@@ -261,7 +264,7 @@ def _export_optimum(ctx: BuildContext, task: str, spec: OnnxExport) -> None:
         raise BuildError(f"optimum-onnx exports {model_type} for {', '.join(sorted(supported))}, not "
                          f"{optimum_task}; change `source.task` or `export.with_past`, or use `exporter: torch`")
     try:
-        main_export(str(ctx.source_dir), output=str(ctx.workdir), task=optimum_task, opset=spec.opset,
+        main_export(str(ctx.source_folder()), output=str(ctx.workdir), task=optimum_task, opset=spec.opset,
                     device="cpu", dtype="fp32", no_post_process=True, do_validation=False, local_files_only=True)
     except Exception as error:  # noqa: BLE001 (main_export raises whatever the model's tracing raises)
         raise BuildError(f"optimum-onnx main_export failed for {model_type} ({optimum_task}): "
@@ -292,7 +295,7 @@ def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model
         quantization = None
     onnx.checker.check_model(str(model_path))
     placement = ort.place(spec.provider, spec.verify_on, model_path)
-    _copy_side_files(Path(ctx.source_dir), Path(ctx.workdir))
+    _copy_side_files(ctx.source_folder(), Path(ctx.workdir))
     graph = onnx.load(str(model_path), load_external_data=False).graph
     files = sorted(p.name for p in Path(ctx.workdir).iterdir() if p.name.startswith("model.onnx"))
     return {

@@ -43,12 +43,12 @@ def quantize(ctx: BuildContext) -> None:
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
-    assert spec is not None  # the pipeline runs this step for quantize recipes only
+    assert spec is not None and ctx.task is not None  # a quantize recipe, resolved
     model_class = auto_class(ctx.task)
-    reason = streamable(recipe, ctx.source_dir)
+    reason = streamable(recipe, ctx.source_folder())
     if reason is None:
         with _stage(ctx, "stream", "streaming the quantized weights"):
-            result = stream_build(recipe, ctx.source_dir, ctx.workdir, ctx.device)
+            result = stream_build(recipe, ctx.source_folder(), ctx.workdir, ctx.device)
         ctx.quantize_path = "stream"
         _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
@@ -56,7 +56,7 @@ def quantize(ctx: BuildContext) -> None:
     ctx.quantize_path = f"transformers ({reason})"
     kwargs = load_kwargs(recipe, ctx.device_map)
     with _stage(ctx, "load", "loading and quantizing"):
-        model = model_class.from_pretrained(ctx.source_dir, quantization_config=bnb_config(spec), **kwargs)
+        model = model_class.from_pretrained(ctx.source_folder(), quantization_config=bnb_config(spec), **kwargs)
     layers = _quantized_layers(model)
     if not layers:
         raise BuildError(f"{recipe.source.model} has no Linear layer that bitsandbytes quantized with these "
@@ -129,7 +129,7 @@ def source_footprint(ctx: BuildContext, model_class) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ctx.source_dir, trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    config = AutoConfig.from_pretrained(ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
     with init_empty_weights():
         empty = model_class.from_config(config, dtype=_source_dtype(ctx),
                                         trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
@@ -148,11 +148,11 @@ def _source_dtype(ctx: BuildContext):
 
 
 def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
-    if not has_tokenizer(ctx.source_dir):
+    if not has_tokenizer(ctx.source_folder()):
         return
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source_dir, trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
     tokenizer.save_pretrained(folder)
 
 

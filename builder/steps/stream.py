@@ -93,10 +93,12 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
 
     sources = read_source_tensors(local_weight_files(source_dir))
     config = transformers.AutoConfig.from_pretrained(source_dir)
+    assert recipe.quantize is not None  # _recipe_reason refused a recipe without one
     quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
     dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
     config.quantization_config = quantizer.quantization_config
     task = recipe.source.task or infer_task(config.architectures)
+    assert task is not None  # _recipe_reason refused an unknown task
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         cls = transformers.models.auto.auto_factory._get_model_class(config, auto._model_mapping)

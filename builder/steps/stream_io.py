@@ -92,7 +92,7 @@ class ShardWriter:
         cursor = 0
         for tensor in fixed:
             self._offsets[tensor.name] = cursor
-            self._entries[tensor.name] = {"dtype": ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+            self._entries[tensor.name] = {"dtype": ST_NAMES[tensor.dtype], "shape": list(tensor.shape or ()),
                                           "data_offsets": [cursor, cursor + tensor.nbytes]}
             cursor += tensor.nbytes
         self._late = [t for t in tensors if t.shape is None]
@@ -128,7 +128,7 @@ class ShardWriter:
             with self._lock:
                 self._late_data[name] = data.tobytes()
             return
-        _pwrite_all(self.fd, memoryview(data), self.place(name, data.nbytes))
+        _pwrite_all(self.fd, data.data, self.place(name, data.nbytes))
 
     def copy_from(self, name: str, source: SourceTensor) -> None:
         """Copy a source tensor's bytes unchanged, inside the kernel."""
@@ -177,7 +177,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def read_into(source: SourceTensor, buffer: torch.Tensor) -> torch.Tensor:
     """Read a source tensor's bytes into the front of a uint8 host buffer; returns the typed, shaped view."""
     view = buffer[: source.nbytes]
-    target = memoryview(view.numpy())
+    target = view.numpy().data
     with open(source.file, "rb", buffering=0) as handle:
         done = 0
         while done < source.nbytes:

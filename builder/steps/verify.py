@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
@@ -62,7 +63,7 @@ def default_thresholds(recipe: Recipe, task: str) -> dict[str, float]:
     """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task."""
     match recipe.quantize:
         case Bnb4Bit(quant_type=quant_type):
-            scheme = quant_type
+            scheme: str = quant_type
         case Bnb8Bit():
             scheme = "int8"
         case _:
@@ -114,7 +115,7 @@ def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, 
     reference = probes.probe(model, inputs, task, recipe.verify.max_new_tokens, device)
     del model
     reference_seconds = time.perf_counter() - started
-    report = {"passed": False, "task": task, "device": device, "provider": None, "metrics": {},
+    report: dict[str, Any] = {"passed": False, "task": task, "device": device, "provider": None, "metrics": {},
               "thresholds": thresholds, "failures": [], "performance": {}}
     try:
         candidate = run_candidate(artifact_dir, task, dtype, device, inputs, recipe.verify.max_new_tokens)

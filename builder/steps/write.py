@@ -14,10 +14,19 @@ import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from builder import interrupts
-from builder.artifact import (MANIFEST_FILE, MANIFEST_VERSION, FileEntry, Manifest, SourceRecord, file_table,
-                              replace_folder, write_manifest)
+from builder.artifact import (
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    FileEntry,
+    Manifest,
+    SourceRecord,
+    file_table,
+    replace_folder,
+    write_manifest,
+)
 from builder.card import render_card
 from builder.context import BuildContext
 from builder.plan import Plan, build_kind
@@ -30,7 +39,7 @@ _EXTRA_VERSIONS = ("huggingface_hub", "safetensors")
 def write(ctx: BuildContext) -> None:
     """Write the artifact's descriptive files into `ctx.workdir`, manifest.json last."""
     manifest = manifest_for(ctx)
-    write_report(ctx.workdir, manifest.verification)
+    write_report(ctx.workdir, manifest.verification or {})
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
     manifest.files = file_table(ctx.workdir)
@@ -41,7 +50,7 @@ def manifest_for(ctx: BuildContext) -> Manifest:
     """The manifest without its `files` table (the card is rendered from this)."""
     recipe = ctx.loaded.recipe
     kind = build_kind(recipe)
-    produced = {"device_map": ctx.device_map} if kind == "quantize" else {}
+    produced: dict[str, Any] = {"device_map": ctx.device_map} if kind == "quantize" else {}
     for field in ("quantize_path", "quantized_layers", "dequantized", "onnx"):
         if getattr(ctx, field) is not None:
             produced[field] = getattr(ctx, field)

@@ -7,10 +7,10 @@ import signal
 import threading
 
 import pytest
+from test_pipeline import write_recipe
 
 from builder import artifact
 from builder.cli import main
-from test_pipeline import write_recipe
 
 
 def _folder(path, files: dict[str, str]):
