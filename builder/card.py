@@ -98,6 +98,8 @@ def _tags(recipe: dict) -> list[str]:
         tags += ["onnx", export["provider"]]
         if export.get("quantize") == "dynamic-int8":
             tags.append("int8")
+        elif export.get("quantize") in ("int4", "nf4", "fp4"):
+            tags += ["4-bit", export["quantize"]]
     tags += list((recipe.get("publish") or {}).get("tags") or ())
     return list(dict.fromkeys(tags))
 

@@ -166,6 +166,13 @@ def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
 def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:
     quantize = recipe.quantize
     if recipe.export is not None:
+        if recipe.export.quantize in ("int4", "nf4", "fp4"):
+            # 4 bits and one float scale (plus a 4-bit zero point for int4) per block of each MatMul weight;
+            # embeddings and 1-D tensors stay float32
+            block = recipe.export.block_size or (32 if recipe.export.quantize == "int4" else 64)
+            per_weight = 0.5 + (4.5 if recipe.export.quantize == "int4" else 4) / block
+            return int(sum(t.numel * (per_weight if len(t.shape) == 2 and not _EMBEDDING_NAMES.search(t.name)
+                                      else 4) for t in tensors))
         per_element = 1 if recipe.export.quantize == "dynamic-int8" else (2 if recipe.export.dtype == "float16" else 4)
         return sum(t.numel for t in tensors) * per_element
     total = 0.0

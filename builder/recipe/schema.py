@@ -34,9 +34,15 @@ LOCAL_PREFIXES = ("./", "../", "/", "~")
 Dtype = Literal["float32", "float16", "bfloat16", "auto"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 Provider = Literal[
-    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider",
+    "ROCMExecutionProvider",
 ]
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider",
+                 "ROCMExecutionProvider")
+# onnxruntime's weight-only 4-bit operators (MatMulNBits for int4, MatMulBnb4 for nf4/fp4) have CPU and CUDA
+# kernels; TensorRT and MIGraphX do not take these contrib ops.
+WEIGHT_ONLY = ("int4", "nf4", "fp4")
+WEIGHT_ONLY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
 class RuleViolation(ValueError):
@@ -250,8 +256,22 @@ class OnnxExport(Block):
     with_past: StrictBool = Field(
         default=False, description="text-generation only: export with the KV cache (past_key_values inputs)."
     )
-    quantize: Literal["none", "dynamic-int8"] = Field(
-        default="none", description="onnxruntime dynamic int8 quantization (CPUExecutionProvider only)."
+    quantize: Literal["none", "dynamic-int8", "int4", "nf4", "fp4"] = Field(
+        default="none",
+        description="dynamic-int8: onnxruntime dynamic int8 (CPUExecutionProvider only); int4: block-wise 4-bit "
+        "weight-only MatMulNBits; nf4/fp4: MatMulBnb4 with bitsandbytes' 4-bit types (weight-only, CPU and CUDA).",
+    )
+    block_size: StrictInt | None = Field(
+        default=None, ge=16, le=256,
+        description="Weights per quantization block of int4/nf4/fp4 (a power of two, 16-256; default 32 for int4, "
+        "64 for nf4/fp4).",
+    )
+    quant_algorithm: Literal["rtn", "hqq", "k_quant"] = Field(
+        default="rtn", description="int4 only: round-to-nearest, HQQ or k-quant block quantization."
+    )
+    accuracy_level: StrictInt | None = Field(
+        default=None, ge=0, le=4,
+        description="int4 only: MatMulNBits' minimum compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
     )
     verify_on: Provider | None = Field(
         default=None,
@@ -261,6 +281,33 @@ class OnnxExport(Block):
 
     @model_validator(mode="after")
     def _provider_rules(self) -> OnnxExport:
+        for key in ("provider", "verify_on"):
+            if getattr(self, key) == "ROCMExecutionProvider":
+                raise RuleViolation(
+                    (key,), "ROCMExecutionProvider is not in onnxruntime 1.32 and later; AMD GPUs run ONNX through "
+                    "MIGraphXExecutionProvider: set it instead",
+                )
+        if self.quantize in WEIGHT_ONLY:
+            if self.provider not in WEIGHT_ONLY_PROVIDERS:
+                raise RuleViolation(
+                    ("quantize",), f"{self.quantize} graphs use onnxruntime's MatMulNBits/MatMulBnb4 operators, which "
+                    f"{self.provider} does not run; target CPUExecutionProvider or CUDAExecutionProvider, or use "
+                    "`dtype: float16` without quantize",
+                )
+            if self.dtype != "float32":
+                raise RuleViolation(("quantize",), f"{self.quantize} quantizes a float32 graph; set `dtype: float32`")
+            if self.optimize in ("O3", "O4"):
+                raise RuleViolation(("optimize",), f"{self.quantize} is applied to an O1/O2 graph (O3/O4 fuse the "
+                                    "MatMuls it quantizes); use optimize: O2 or none")
+        if self.block_size is not None:
+            if self.quantize not in WEIGHT_ONLY:
+                raise RuleViolation(("block_size",), "block_size is for quantize: int4, nf4 or fp4")
+            if self.block_size & (self.block_size - 1):
+                raise RuleViolation(("block_size",), f"{self.block_size} is not a power of two (16, 32, 64, 128, 256)")
+        if self.quantize != "int4":
+            for key, default in (("quant_algorithm", "rtn"), ("accuracy_level", None)):
+                if getattr(self, key) != default:
+                    raise RuleViolation((key,), f"{key} is for quantize: int4")
         if self.quantize == "dynamic-int8" and self.provider in GPU_PROVIDERS:
             raise RuleViolation(
                 ("quantize",),

@@ -13,10 +13,14 @@ Path_ = tuple[str, ...]
 """A key path in a recipe: ("quantize", "quant_type")."""
 
 # Spellings people reach for, mapped to the value the schema uses (offered as "did you mean").
-ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
-           "4bit": "bnb-4bit", "bnb4": "bnb-4bit", "8bit": "bnb-8bit", "bnb8": "bnb-8bit", "int8": "bnb-8bit",
-           "sdpa_attention": "sdpa", "flash_attention": "flash_attention_2", "cpu": "CPUExecutionProvider",
-           "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider"}
+# Words people write for a choice: the first of a word's meanings that the key takes is suggested.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "fp16": ("float16",), "half": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",), "float": ("float32",),
+    "4bit": ("bnb-4bit",), "bnb4": ("bnb-4bit",), "8bit": ("bnb-8bit",), "bnb8": ("bnb-8bit",),
+    "int8": ("bnb-8bit", "dynamic-int8"), "sdpa_attention": ("sdpa",), "flash_attention": ("flash_attention_2",),
+    "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",), "tensorrt": ("TensorrtExecutionProvider",),
+    "rocm": ("MIGraphXExecutionProvider",), "amd": ("MIGraphXExecutionProvider",), "migraphx": ("MIGraphXExecutionProvider",),
+}
 
 
 def dotted(path: Path_) -> str:
@@ -54,9 +58,9 @@ def closest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
     that contains it or shares its start (`opset_version` ~ `opset`, for words of three or more characters)."""
     if not isinstance(word, str) or not word:
         return None
-    alias = ALIASES.get(word.lower())
-    if alias in choices:
-        return alias
+    for alias in ALIASES.get(word.lower(), ()):
+        if alias in choices:
+            return alias
     close = get_close_matches(word, list(choices), n=1)
     if close:
         return close[0]

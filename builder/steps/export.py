@@ -287,12 +287,15 @@ def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model
         started = time.perf_counter()
         ort.to_float16(model_path)
         timings["float16"] = time.perf_counter() - started
-    if spec.quantize == "dynamic-int8":
+    quantization = None
+    if spec.quantize != "none":
         started = time.perf_counter()
-        quantization = ort.quantize_dynamic_int8(model_path)
+        if spec.quantize == "dynamic-int8":
+            quantization = ort.quantize_dynamic_int8(model_path)
+        else:
+            quantization = ort.quantize_weight_only(model_path, spec.quantize, spec.block_size,
+                                                    spec.quant_algorithm, spec.accuracy_level)
         timings["quantize"] = time.perf_counter() - started
-    else:
-        quantization = None
     onnx.checker.check_model(str(model_path))
     placement = ort.place(spec.provider, spec.verify_on, model_path)
     _copy_side_files(ctx.source_folder(), Path(ctx.workdir))

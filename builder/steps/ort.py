@@ -217,6 +217,40 @@ def to_float16(path: Path) -> None:
     save(model.model, path)
 
 
+def quantize_weight_only(path: Path, method: str, block_size: int | None, algorithm: str = "rtn",
+                         accuracy_level: int | None = None) -> dict:
+    """4-bit weight-only quantization of every MatMul with a constant weight: `int4` through onnxruntime's
+    MatMulNBitsQuantizer (block-wise, asymmetric, RTN / HQQ / k-quant), `nf4` / `fp4` through MatMulBnb4Quantizer
+    (bitsandbytes' 4-bit types, one absmax per block). Activations stay float32."""
+    if method == "int4":
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        block = block_size or 32
+        configs = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+                   "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+                   "k_quant": lambda: nbits.KQuantWeightOnlyQuantConfig()}
+        quantizer = nbits.MatMulNBitsQuantizer(load(path), bits=4, block_size=block, is_symmetric=False,
+                                               accuracy_level=accuracy_level, algo_config=configs[algorithm]())
+        record = {"method": "int4", "operator": "MatMulNBits", "block_size": block, "algorithm": algorithm,
+                  "accuracy_level": accuracy_level}
+    else:
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        block = block_size or 64
+        quantizer = MatMulBnb4Quantizer(load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else
+                                        MatMulBnb4Quantizer.FP4, block)
+        record = {"method": method, "operator": "MatMulBnb4", "block_size": block}
+    quantizer.process()
+    model = quantizer.model.model
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        import onnx  # deferred: with the quantizer
+
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # where MatMulNBits/Bnb4 live
+    record["quantized_nodes"] = sum(node.op_type == record["operator"] for node in model.graph.node)
+    save(model, path)
+    return record
+
+
 def quantize_dynamic_int8(path: Path) -> dict:
     """onnxruntime dynamic quantization: int8 weights with one scale per output channel, activations quantized per
     batch at run time (CPU). Per-channel scales matter: on all-MiniLM-L6-v2 the embedding cosine is 0.987 with them

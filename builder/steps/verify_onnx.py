@@ -33,6 +33,9 @@ _THRESHOLDS = {
                           "generation_match": 1.0},
     ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
     ("float32", "dynamic-int8"): {"cosine": 0.97, "top1_agreement": 0.8, "kl_divergence": 0.2},
+    ("float32", "int4"): {"cosine": 0.97, "top1_agreement": 0.5, "kl_divergence": 1.0},
+    ("float32", "nf4"): {"cosine": 0.97, "top1_agreement": 0.5, "kl_divergence": 1.0},
+    ("float32", "fp4"): {"cosine": 0.95, "top1_agreement": 0.45, "kl_divergence": 1.5},
 }
 _GATED = {
     "feature-extraction": ("max_abs_diff", "cosine"),

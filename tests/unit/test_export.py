@@ -228,3 +228,20 @@ def test_graph_past_the_protobuf_limit_goes_to_model_onnx_data(tiny_with_past, t
     onnx.checker.check_model(str(target))
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     assert session.get_providers()[0] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(("method", "operator"), [("int4", "MatMulNBits"), ("nf4", "MatMulBnb4"), ("fp4", "MatMulBnb4")])
+def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path, method, operator):
+    """int4 (MatMulNBits) and nf4/fp4 (MatMulBnb4) replace every linear layer's MatMul; the graph with its KV cache
+    runs in a plain onnxruntime session and stays close to the float32 source."""
+    import onnx
+
+    ctx = _context(tmp_path, tiny_llama, f"  with_past: true\n  quantize: {method}\n")
+    export(ctx)
+    record = ctx.onnx["quantization"]
+    ops = [node.op_type for node in onnx.load(str(ctx.workdir / "model.onnx")).graph.node]
+    assert record["method"] == method and record["quantized_nodes"] == ops.count(operator) >= 2 * 7
+    assert "MatMul" not in ops or ops.count("MatMul") < ops.count(operator)  # attention's MatMuls stay float
+    metrics = onnx_metrics(ctx.workdir, tiny_llama, task="text-generation", provider="CPUExecutionProvider",
+                           prompts=PROMPTS[:1], max_new_tokens=4)["metrics"]
+    assert metrics["top1_agreement"] > 0.5 and metrics["kl_divergence_mean"] < 1.0

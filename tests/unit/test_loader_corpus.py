@@ -53,7 +53,7 @@ BAD_INPUT_CLASSES = {
 # Every cross-field rule of builder/recipe.py has a case.
 RULE_CASES = [
     "rule-bnb-with-onnx-export", "rule-flash-attention-float32", "rule-dynamic-int8-cuda", "rule-dynamic-int8-tensorrt",
-    "rule-dynamic-int8-rocm", "rule-dynamic-int8-float16", "rule-o4-on-cpu", "rule-with-past-not-generation",
+    "rule-dynamic-int8-migraphx", "rule-dynamic-int8-float16", "rule-o4-on-cpu", "rule-with-past-not-generation",
     "rule-fp32-offload-without-device-map", "rule-fp32-offload-all-cpu", "rule-fp32-offload-string-device-map",
     "rule-trust-remote-code-branch", "rule-trust-remote-code-short-sha", "path-local-with-revision",
 ]
@@ -151,7 +151,8 @@ def test_every_onnx_field_is_read_as_written():
     export = loaded.recipe.export
     assert export.model_dump() == {"format": "onnx", "exporter": "torch", "opset": 20, "dtype": "float32",
                                    "provider": "CPUExecutionProvider", "optimize": "O2", "with_past": False,
-                                   "quantize": "dynamic-int8", "verify_on": "CPUExecutionProvider"}
+                                   "quantize": "dynamic-int8", "block_size": None, "quant_algorithm": "rtn",
+                                   "accuracy_level": None, "verify_on": "CPUExecutionProvider"}
     assert loaded.recipe.load.device_map == "cpu" and loaded.recipe.load.attn_implementation == "eager"
     assert loaded.source_path == (Path.home() / "models" / "all-minilm-l6-v2").resolve()  # `~` is expanded
 

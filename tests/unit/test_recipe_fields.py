@@ -136,18 +136,29 @@ CASES = [
     Case(OnnxExport, "dtype", ["float32", "float16"],
          [("bf16", "dtype: 'bf16' is not one of float32, float16")]),
     Case(OnnxExport, "provider", ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
-                                  "ROCMExecutionProvider"],
+                                  "MIGraphXExecutionProvider"],
          [("CPU", "provider: 'CPU' is not one of CPUExecutionProvider, CUDAExecutionProvider, "
-           "TensorrtExecutionProvider, ROCMExecutionProvider (did you mean 'CPUExecutionProvider'?)")]),
+           "TensorrtExecutionProvider, MIGraphXExecutionProvider, ROCMExecutionProvider (did you mean "
+           "'CPUExecutionProvider'?)"),
+          ("ROCMExecutionProvider", "provider: ROCMExecutionProvider is not in onnxruntime 1.32 and later; AMD GPUs "
+           "run ONNX through MIGraphXExecutionProvider: set it instead")]),
     Case(OnnxExport, "optimize", ["none", "O1", "O2", "O3"],
          [("O5", "optimize: 'O5' is not one of none, O1, O2, O3, O4")]),
     Case(OnnxExport, "with_past", [True, False], [("on", "with_past: expected true or false, got 'on' (write it "
                                                          "without quotes)")]),
-    Case(OnnxExport, "quantize", ["none", "dynamic-int8"],
-         [("int8", "quantize: 'int8' is not one of none, dynamic-int8 (did you mean 'dynamic-int8'?)")]),
+    Case(OnnxExport, "quantize", ["none", "dynamic-int8", "int4", "nf4", "fp4"],
+         [("int8", "quantize: 'int8' is not one of none, dynamic-int8, int4, nf4, fp4 (did you mean "
+           "'dynamic-int8'?)")]),
+    Case(OnnxExport, "block_size", [None],
+         [(8, "block_size: input should be greater than or equal to 16 (got 8)")]),
+    Case(OnnxExport, "quant_algorithm", ["rtn"],
+         [("gptq", "quant_algorithm: 'gptq' is not one of rtn, hqq, k_quant")]),
+    Case(OnnxExport, "accuracy_level", [None],
+         [(5, "accuracy_level: input should be less than or equal to 4 (got 5)")]),
     Case(OnnxExport, "verify_on", [None, "CPUExecutionProvider", "CUDAExecutionProvider"],
          [("cpu", "verify_on: 'cpu' is not one of CPUExecutionProvider, CUDAExecutionProvider, "
-           "TensorrtExecutionProvider, ROCMExecutionProvider (did you mean 'CPUExecutionProvider'?)")]),
+           "TensorrtExecutionProvider, MIGraphXExecutionProvider, ROCMExecutionProvider (did you mean "
+           "'CPUExecutionProvider'?)")]),
     # verify
     Case(Verify, "prompts", [[], ["The capital of France is", "2 + 2 ="]],
          [("hello", "prompts: expected a list, got 'hello'"),

@@ -42,7 +42,7 @@ REFUSED = [
      "or use sdpa"),
     *[(f"source: {{model: org/m}}\nexport: {{format: onnx, provider: {p}, dtype: float16, quantize: dynamic-int8}}\n",
        f"4:{62 + len(p)}: {dynamic_int8_on(p)}")
-      for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider")],
+      for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider")],
     ("source: {model: org/m}\nquantize: {method: bnb-8bit, fp32_cpu_offload: true}\n", f"4:48: {OFFLOAD}"),
     ("source: {model: org/m}\nload: {device_map: cpu}\nquantize: {method: bnb-8bit, fp32_cpu_offload: true}\n",
      f"5:48: {OFFLOAD}"),
@@ -168,3 +168,29 @@ def test_plan_does_not_warn_for_a_pinned_or_unpublished_hub_source(hub_with_mode
     assert plan_warnings(env, tmp_path, f"source: {{model: org/tiny, revision: {commit}}}\n"
                                         "quantize: {method: bnb-4bit}\npublish: {repo: org/tiny-nf4}\n") == []
     assert plan_warnings(env, tmp_path, "source: {model: org/tiny}\nquantize: {method: bnb-4bit}\n") == []
+
+
+@pytest.mark.parametrize(("export", "expected"), [
+    ("provider: ROCMExecutionProvider", "6:13: export.provider: ROCMExecutionProvider is not in onnxruntime 1.32 and "
+     "later; AMD GPUs run ONNX through MIGraphXExecutionProvider: set it instead"),
+    ("quantize: int4\n  provider: MIGraphXExecutionProvider", "6:13: export.quantize: int4 graphs use onnxruntime's "
+     "MatMulNBits/MatMulBnb4 operators, which MIGraphXExecutionProvider does not run; target CPUExecutionProvider or "
+     "CUDAExecutionProvider, or use `dtype: float16` without quantize"),
+    ("quantize: nf4\n  dtype: float16\n  provider: CUDAExecutionProvider",
+     "6:13: export.quantize: nf4 quantizes a float32 graph; set `dtype: float32`"),
+    ("quantize: int4\n  block_size: 48", "7:15: export.block_size: 48 is not a power of two (16, 32, 64, 128, 256)"),
+    ("quantize: fp4\n  quant_algorithm: hqq", "7:20: export.quant_algorithm: quant_algorithm is for quantize: int4"),
+    ("block_size: 64", "6:15: export.block_size: block_size is for quantize: int4, nf4 or fp4"),
+])
+def test_onnx_quantization_and_provider_rules(export, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, f"source: {{model: org/m}}\nexport:\n  format: onnx\n  {export}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipes("r.yaml")
+    assert [str(p) for p in error.value.problems] == [f"r.yaml:{expected}"]
+
+
+def test_int4_on_cuda_with_its_options_is_allowed(tmp_path):
+    body = ("source: {model: org/m}\nexport:\n  format: onnx\n  provider: CUDAExecutionProvider\n  quantize: int4\n"
+            "  block_size: 64\n  quant_algorithm: k_quant\n  accuracy_level: 4\n")
+    assert load_recipes(write(tmp_path, body))[0].recipe.export.block_size == 64
