@@ -83,13 +83,19 @@ def _tensors(value) -> list:
     return [value]
 
 
+def _identity(holder, name, value) -> int:
+    """Which object a slot holds: `param.data` is a new tensor at every access, so a parameter is its own identity
+    (a tied weight is one parameter in two modules)."""
+    return id(holder) if name == "data" else id(value)
+
+
 def _nbytes(module, recurse: bool = True) -> int:
-    seen, total = set(), 0
+    seen, total = {}, 0
     for holder, name in _slots(module, recurse):
-        for tensor in _tensors(_get(holder, name)):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
+        value = _get(holder, name)
+        if _identity(holder, name, value) not in seen:
+            seen[_identity(holder, name, value)] = (holder, value)  # kept alive: ids stay unique
+            total += sum(t.numel() * t.element_size() for t in _tensors(value))
     return total
 
 
@@ -107,14 +113,15 @@ def _copy_to(value, device, pin: bool):
 
 def _move(module, device, pin: bool, recurse: bool = True) -> None:
     """Move every slot of `module` to `device`; a tensor shared by two slots stays shared."""
-    moved: dict[int, object] = {}
+    moved: dict[int, tuple] = {}
     for holder, name in _slots(module, recurse):
         value = _get(holder, name)
         if value is None:
             continue
-        if id(value) not in moved:
-            moved[id(value)] = _copy_to(value, device, pin)
-        _set(holder, name, moved[id(value)])
+        identity = _identity(holder, name, value)
+        if identity not in moved:
+            moved[identity] = (holder, value, _copy_to(value, device, pin))  # kept alive: ids stay unique
+        _set(holder, name, moved[identity][2])
 
 
 def offload_blocks(model, device: str) -> Offload:
