@@ -185,3 +185,21 @@ def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp
     assert offload["blocks"] == 2 and offload["onloads"] > 2 * 4  # every forward of every block onloads it
     assert offload["peak_onloaded_bytes"] == offload["largest_block_bytes"]  # one block at a time
     assert_same_metrics(blocks, whole)
+
+
+@pytest.mark.slow
+def test_block_by_block_gives_the_whole_models_metrics_on_smollm2(smollm2, tmp_path, cache):
+    """Real weights, 30 blocks: the same agreement, KL and perplexity whole and one block at a time."""
+    recipe_file = tmp_path / "smol.yaml"
+    recipe_file.write_text(f"schema_version: 1\nname: smol\nsource:\n  model: {smollm2}\n  dtype: bfloat16\n"
+                           "quantize:\n  method: bnb-4bit\n  quant_type: nf4\nverify:\n  max_new_tokens: 4\n")
+    assert main(["build", str(recipe_file), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
+    recipe = Recipe.model_validate({"schema_version": 1, "name": "smol", "source": {"model": str(smollm2),
+                                    "dtype": "bfloat16"}, "quantize": {"method": "bnb-4bit", "quant_type": "nf4"},
+                                    "verify": {"max_new_tokens": 4}})
+    artifact = tmp_path / "out" / "smol"
+    whole = run_checks(recipe, "text-generation", smollm2, artifact, "cpu", use_cache=False)
+    blocks = run_checks(recipe, "text-generation", smollm2, artifact, "cpu", use_cache=False,
+                        max_device_memory=64 << 20)
+    assert blocks["candidate"]["offload"]["blocks"] == 30 and blocks["reference"]["forward"] == "blocks"
+    assert_same_metrics(blocks, whole)
