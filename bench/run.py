@@ -238,7 +238,7 @@ def _warm(source: Path) -> None:
 
 def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], hf_cap: float | None,
           verify: bool, save, *, contenders: tuple[str, ...] = CONTENDERS, layers: int | None = None,
-          max_gpu_memory: str | None = None) -> dict:
+          max_gpu_memory: str | None = None, clean: bool = False) -> dict:
     """Run the contenders for every method (then the capped runs), calling `save(result)` after each step."""
     from checkpoints import generate
 
@@ -281,6 +281,9 @@ def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[fl
         result["rows"].append(_child("transformers", source, outputs["transformers"], methods[0], device, hf_cap))
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
+    if clean:
+        for folder in [source, *(root / f"cache-{method}" for method in methods)]:
+            shutil.rmtree(folder, ignore_errors=True)
     save(result)
     return result
 
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all of %(default)s)")
     parser.add_argument("--layers", default="", help="decoder layers to cut the shape to (comma-separated: one run "
                         "each, e.g. 2,4,8)")
+    parser.add_argument("--clean", action="store_true", help="delete each generated checkpoint after its run (disk)")
     parser.add_argument("--max-gpu-memory", default=None, help="passed to the builds (e.g. 16GiB): the gate runs "
                         "block by block past it")
     parser.add_argument("--json", default=None, help="write the results here (default: DIR/results-<device>.json)")
@@ -375,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shape or ["smollm2"]:
         for layers in [int(n) for n in args.layers.split(",") if n] or [None]:
             results.append(bench(shape, root, args.device, methods, caps, args.hf_cap_gb, not args.no_verify, save,
-                                 contenders=contenders, layers=layers, max_gpu_memory=args.max_gpu_memory))
+                                 contenders=contenders, layers=layers, max_gpu_memory=args.max_gpu_memory,
+                                 clean=args.clean))
     for result in results:
         print(f"\n## {result['shape']} on {result['device']} ({result['machine']}, {result['versions']})\n")
         print(_table(result["rows"]))
