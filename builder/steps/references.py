@@ -117,8 +117,21 @@ def store(key: str, outputs: dict) -> None:
         except BaseException:
             _discard(Path(temporary))
             raise
+        _sweep(folder)
     except OSError:
         pass
+
+
+def _sweep(folder: Path, age_s: float = 86400) -> None:
+    """Delete temporary files a killed writer left (a day old: no live writer takes that long)."""
+    import time
+
+    for path in folder.glob(".*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime > age_s:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _discard(path: Path) -> None:

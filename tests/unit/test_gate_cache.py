@@ -124,6 +124,19 @@ def test_an_interrupted_cache_write_leaves_no_entry(cache, monkeypatch):
     assert list(cache.iterdir()) == [] and references.load("k" * 64) is None
 
 
+def test_a_killed_writers_temporary_file_is_swept_once_a_day_old(cache):
+    import torch
+
+    cache.mkdir(parents=True)
+    old, fresh = cache / ".0123456789abcdef-old.tmp", cache / ".0123456789abcdef-new.tmp"
+    old.write_bytes(b"half an entry")
+    fresh.write_bytes(b"a live writer's")
+    os.utime(old, (0, 0))
+    references.store("k" * 64, {"x": torch.ones(3)})
+    assert sorted(p.name for p in cache.iterdir()) == [fresh.name, "k" * 64 + ".ref"]
+    assert torch.equal(references.load("k" * 64)["x"], torch.ones(3))
+
+
 def test_the_key_changes_with_every_input_of_the_reference():
     import torch
 
