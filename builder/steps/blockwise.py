@@ -154,14 +154,12 @@ def _hook(block, device: str, record: Offload) -> None:
         record.onloads += 1
         record._onloaded += size
         record.peak_onloaded_bytes = max(record.peak_onloaded_bytes, record._onloaded)
-        return None
 
     def offload(module, args, kwargs, output):
         size, slots = saved.pop()
         record._onloaded -= size
         for holder, name, tensor in slots:
             _set(holder, name, tensor)
-        return None
 
     block.register_forward_pre_hook(onload, with_kwargs=True)
     block.register_forward_hook(offload, with_kwargs=True)

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 from builder.console import say, show_progress
-
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.steps import metrics as probes
 from builder.steps.gate import (ENCODER_SENTENCES, default_prompts, eval_sentences, eval_text, failure_message, gate,
                                 with_overrides, write_report)
-from builder.steps import metrics as probes
 from builder.steps.metrics import LATENCY_TOKENS
 from builder.steps.verify_onnx import onnx_report
 
