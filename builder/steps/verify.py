@@ -94,7 +94,7 @@ def verify(ctx: BuildContext) -> None:
         report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
     else:
         report = run_checks(recipe, ctx.task, ctx.source_dir, ctx.workdir, ctx.device,
-                            reference=ctx.reference or start_reference(ctx))
+                            reference=ctx.reference or start_reference(ctx), max_device_memory=ctx.max_gpu_memory)
     write_report(ctx.workdir, report)
     ctx.verification = report
     if not report["passed"]:

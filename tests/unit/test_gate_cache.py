@@ -149,6 +149,16 @@ def test_the_key_changes_with_every_input_of_the_reference():
     assert len(keys) == 7 and references.reference_key(**base) == references.reference_key(**dict(base))
 
 
+def test_build_under_max_gpu_memory_verifies_both_models_block_by_block(tiny_llama, tmp_path, cache):
+    recipe = tmp_path / "tiny.yaml"
+    text = TINY.format(model=tiny_llama).split("variants:")[0]
+    recipe.write_text(text.replace("bnb-4bit", "bnb-4bit\n  quant_type: nf4"))
+    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
+                 "--max-gpu-memory", "1MiB"]) == 0
+    report = report_of(tmp_path / "out" / "tiny")
+    assert report["passed"] and (report["reference"]["forward"], report["candidate"]["forward"]) == ("blocks", "blocks")
+
+
 def test_plan_shows_the_thresholds_the_gate_will_apply(tiny_llama, tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY.format(model=tiny_llama))
