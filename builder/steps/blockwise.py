@@ -5,8 +5,9 @@ on `device` and hooks every block: before its forward, its tensors are copied to
 tensors are put back (nothing is copied back). The model's own forward and `generate` run unchanged, so the outputs
 are the whole-model path's up to the order of floating-point operations. The tensors moved are the parameters and
 buffers, and bitsandbytes' extra ones: a 4-bit weight's quant state (copied whole, as a CPU forward repacks it in
-place) and an 8-bit weight's CB/SCB, also where `Linear8bitLt` keeps them in its matmul state after a first forward. Restoring exactly
-what was there before the forward makes that first-forward conversion happen again each time, on the device.
+place) and an 8-bit weight's CB/SCB, also where `Linear8bitLt` keeps them in its matmul state after a first
+forward. Restoring exactly what was there before the forward makes that first-forward conversion happen again each
+time, on the device.
 """
 
 from __future__ import annotations

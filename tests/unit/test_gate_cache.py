@@ -140,8 +140,8 @@ def test_a_killed_writers_temporary_file_is_swept_once_a_day_old(cache):
 def test_the_key_changes_with_every_input_of_the_reference():
     import torch
 
-    base = {"revision": "sha256:1", "dtype": "bfloat16", "device_kind": "cpu", "inputs": {"a": [torch.tensor([[1, 2]])]},
-            "task": "text-generation", "max_new_tokens": 4}
+    base = {"revision": "sha256:1", "dtype": "bfloat16", "device_kind": "cpu",
+            "inputs": {"a": [torch.tensor([[1, 2]])]}, "task": "text-generation", "max_new_tokens": 4}
     changed = [base | {"revision": "sha256:2"}, base | {"dtype": "float32"}, base | {"device_kind": "cuda:H200"},
                base | {"inputs": {"a": [torch.tensor([[1, 3]])]}}, base | {"max_new_tokens": 5},
                base | {"task": "feature-extraction"}]
