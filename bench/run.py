@@ -5,11 +5,16 @@ peak GPU memory are the contender's own:
 - transformers: `from_pretrained(quantization_config=BitsAndBytesConfig(...), dtype=bfloat16)` then
   `save_pretrained` (the seeds' script);
 - stream: `builder.steps.stream.stream_build` on the equivalent recipe;
-- floor: reading every checkpoint byte, then writing as many bytes as the streamed artifact, with plain file I/O.
+- floor: reading every checkpoint byte, then writing as many bytes as the streamed artifact, with plain file I/O;
+- build: `builder build` end to end (resolve, stream, the verification gate, write) with an empty reference cache;
+- build-warm: the same build again (--force) with the cache the first one filled, as a rebuild or a second variant
+  of the source gets it.
 Then it checks that both artifacts hold the same tensors byte for byte. It prints a Markdown table and writes JSON.
+The builds' recipe relaxes the gate's thresholds (random weights) and `--max-gpu-memory` passes a cap to them.
 
 Usage:
   python bench/run.py --shape llama3-8b --dir /tmp/bench --device cuda [--methods nf4-dq,int8] [--cap-gb 4,1]
+  python bench/run.py --shape llama3-70b --layers 8 --device cuda --methods nf4-dq --max-gpu-memory 16GiB
   python bench/run.py --shape smollm2 --shape llama-1b --device cpu          (what `make bench` runs)
 """
 
@@ -36,6 +41,10 @@ METHODS = {
     "int8": {"method": "bnb-8bit"},
 }
 _CHUNK = 64 << 20
+CONTENDERS = ("transformers", "stream", "floor", "build", "build-warm")
+# Random weights agree with their quantized selves far less than a trained model does: the bench times the gate, it
+# does not judge these weights.
+_BENCH_THRESHOLDS = {"top1_agreement": 0.0, "kl_divergence": 100.0, "perplexity_ratio": 100.0, "footprint_ratio": 1.0}
 
 
 def _recipe(source: Path, method: str):
@@ -50,7 +59,7 @@ def _recipe(source: Path, method: str):
 
 
 def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_gb: float | None,
-              artifact_bytes: int) -> dict:
+              artifact_bytes: int, max_gpu_memory: str | None = None) -> dict:
     import bitsandbytes  # noqa: F401  (imports are not what is timed: both contenders get them done first)
     import torch
     import transformers.modeling_utils  # noqa: F401
@@ -76,6 +85,8 @@ def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_
                 _stream(source, out, method, device, stages)
             case "floor":
                 _floor(source, out, artifact_bytes, stages)
+            case "build" | "build-warm":
+                error = _build(source, out, method, device, stages, max_gpu_memory)
     except torch.OutOfMemoryError as oom:
         error = f"out of GPU memory: {str(oom).splitlines()[0][:160]}"
     wall = time.perf_counter() - start
@@ -121,6 +132,32 @@ def _stream(source: Path, out: Path, method: str, device: str, stages: dict) -> 
     stages.update(stream_build(_recipe(source, method), source, out, device)["timings"])
 
 
+def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_gpu_memory: str | None) -> str | None:
+    """`builder build` in this process (imports done, like the others'); its gate workers are its own processes."""
+    import yaml
+
+    from builder.cli import main
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recipe = out.parent / f"recipe-{method}.yaml"
+    spec = {"schema_version": 1, "name": out.name, "source": {"model": str(source), "dtype": "bfloat16"},
+            "quantize": METHODS[method], "verify": {"thresholds": _BENCH_THRESHOLDS}}
+    recipe.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    argv = ["build", str(recipe), "--out", str(out.parent), "--device", device, "--force", "--quiet"]
+    code = main(argv + (["--max-gpu-memory", max_gpu_memory] if max_gpu_memory else []))
+    if code != 0:
+        return f"builder build exited {code}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages.update(manifest["timings"])
+    report = manifest["verification"]
+    stages["reference_cached"] = report["reference"]["cached"]
+    stages["forward"] = f"{report['reference']['forward']}/{report['candidate']['forward']}"
+    for who in ("reference", "candidate"):
+        if "device_peak_bytes" in report[who]:
+            stages[f"{who}_gpu_peak_gib"] = round(report[who]["device_peak_bytes"] / 2**30, 2)
+    return None
+
+
 def _floor(source: Path, out: Path, artifact_bytes: int, stages: dict) -> None:
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
@@ -146,13 +183,16 @@ def _size(folder: Path) -> int:
 
 
 def _child(kind: str, source: Path, out: Path, method: str, device: str, cap: float | None = None,
-           artifact_bytes: int = 0) -> dict:
+           artifact_bytes: int = 0, max_gpu_memory: str | None = None, cache: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # dropped before it is flushed: no writeback left for the next one
     command = [sys.executable, __file__, "--contender", kind, "--source", str(source), "--out", str(out),
                "--methods", method, "--device", device, "--artifact-bytes", str(artifact_bytes)]
     if cap:
         command += ["--cap-gb", str(cap)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if max_gpu_memory:
+        command += ["--max-gpu-memory", max_gpu_memory]
+    env = {**os.environ, "TQDM_DISABLE": "1"} | ({"BUILDER_CACHE_DIR": str(cache)} if cache else {})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -197,28 +237,41 @@ def _warm(source: Path) -> None:
 
 
 def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], hf_cap: float | None,
-          verify: bool, save) -> dict:
-    """Run every contender for every method (then the capped runs), calling `save(result)` after each step."""
+          verify: bool, save, *, contenders: tuple[str, ...] = CONTENDERS, layers: int | None = None,
+          max_gpu_memory: str | None = None, clean: bool = False) -> dict:
+    """Run the contenders for every method (then the capped runs), calling `save(result)` after each step."""
     from checkpoints import generate
 
     start = time.perf_counter()
-    source = generate(shape, root / shape)
-    result = {"shape": shape, "device": device, "machine": _machine(device), "versions": _versions(),
+    name = f"{shape}-{layers}l" if layers else shape
+    source = generate(shape, root / name, layers=layers)
+    result = {"shape": name, "device": device, "machine": _machine(device), "versions": _versions(),
               "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
               "generate_s": round(time.perf_counter() - start, 1), "rows": [], "equal": {}}
     _warm(source)
     outputs = {kind: root / f"out-{kind}" for kind in ("transformers", "stream", "floor")}
+    outputs["build"] = outputs["build-warm"] = root / "out-build" / "bench"
     for method in methods:
-        hf = _child("transformers", source, outputs["transformers"], method, device)
-        stream = _child("stream", source, outputs["stream"], method, device)
-        if verify and not hf.get("error") and not stream.get("error"):
+        rows = {}
+        for kind in ("transformers", "stream"):
+            if kind in contenders:
+                rows[kind] = _child(kind, source, outputs[kind], method, device)
+        if verify and {"transformers", "stream"} <= set(rows) and not any(r.get("error") for r in rows.values()):
             result["equal"][method] = _same_tensors(outputs["stream"], outputs["transformers"])
         for folder in outputs.values():
             shutil.rmtree(folder, ignore_errors=True)
-        floor = _child("floor", source, outputs["floor"], method, device,
-                       artifact_bytes=stream.get("artifact_bytes", 0))
-        result["rows"] += [hf, stream, floor]
-        print(_table([hf, stream, floor]), flush=True)
+        if "floor" in contenders:
+            written = rows.get("stream", {}).get("artifact_bytes") or source_bytes_estimate(source, method)
+            rows["floor"] = _child("floor", source, outputs["floor"], method, device, artifact_bytes=written)
+        cache = root / f"cache-{method}"
+        shutil.rmtree(cache, ignore_errors=True)  # `build` starts cold; `build-warm` finds what it left
+        for kind in ("build", "build-warm"):
+            if kind in contenders:
+                rows[kind] = _child(kind, source, outputs[kind], method, device, max_gpu_memory=max_gpu_memory,
+                                    cache=cache)
+        shutil.rmtree(root / "out-build", ignore_errors=True)
+        result["rows"] += list(rows.values())
+        print(_table(list(rows.values())), flush=True)
         save(result)
     for cap in caps:
         for method in methods:
@@ -228,8 +281,17 @@ def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[fl
         result["rows"].append(_child("transformers", source, outputs["transformers"], methods[0], device, hf_cap))
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
+    if clean:
+        for folder in [source, *(root / f"cache-{method}" for method in methods)]:
+            shutil.rmtree(folder, ignore_errors=True)
     save(result)
     return result
+
+
+def source_bytes_estimate(source: Path, method: str) -> int:
+    """What the floor writes when the stream did not run: the checkpoint's bytes at the method's bits."""
+    ratio = 0.56 if method == "int8" else 0.36
+    return int(sum(p.stat().st_size for p in source.glob("*.safetensors")) * ratio)
 
 
 def _machine(device: str) -> dict:
@@ -260,6 +322,8 @@ def _table(rows: list[dict]) -> str:
         def ratio(base, row=row):
             return f"{row['wall_s'] / base['wall_s']:.2f}" if base and not base.get("error") else ""
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
+        if row["kind"].startswith("build") and row.get("rss_peak_bytes") is not None:
+            stages += " (RSS: the build's own process, not its gate workers)"
         gpu = f"{row['gpu_peak_bytes'] / 2**30:.2f}" if row.get("gpu_peak_bytes") is not None else "-"
         lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "
                      f"{row['rss_peak_bytes'] / 2**30:.2f} | {row['artifact_bytes'] / 1e9:.3f} | "
@@ -274,7 +338,8 @@ def _cap(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", action="append", help="llama3-8b, llama-1b, smollm2 (repeatable)")
+    parser.add_argument("--shape", action="append", help="llama3-8b, llama3-70b, llama-1b, llama-0.3b, smollm2 "
+                        "(repeatable)")
     parser.add_argument("--dir", default="/tmp/builder-bench", help="where checkpoints and outputs go")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -282,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-cap-gb", type=float, default=None, help="GPU cap (GiB) to try the transformers "
                         "script under, with the first method")
     parser.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte comparison")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, comma-separated "
+                        "(default: all of %(default)s)")
+    parser.add_argument("--layers", default="", help="decoder layers to cut the shape to (comma-separated: one run "
+                        "each, e.g. 2,4,8)")
+    parser.add_argument("--clean", action="store_true", help="delete each generated checkpoint after its run (disk)")
+    parser.add_argument("--max-gpu-memory", default=None, help="passed to the builds (e.g. 16GiB): the gate runs "
+                        "block by block past it")
     parser.add_argument("--json", default=None, help="write the results here (default: DIR/results-<device>.json)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -292,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = [float(c) for c in args.cap_gb.split(",") if c]
     if args.contender:
         print(json.dumps(contender(args.contender, Path(args.source), Path(args.out), methods[0], args.device,
-                                   caps[0] if caps else None, args.artifact_bytes)))
+                                   caps[0] if caps else None, args.artifact_bytes, args.max_gpu_memory)))
         return 0
     root = Path(args.dir)
     out = Path(args.json or root / f"results-{args.device.replace(':', '')}.json")
@@ -301,8 +373,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict) -> None:
         out.write_text(json.dumps([*results, result], indent=2), encoding="utf-8")
+    contenders = tuple(args.contenders.split(","))
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
     for shape in args.shape or ["smollm2"]:
-        results.append(bench(shape, root, args.device, methods, caps, args.hf_cap_gb, not args.no_verify, save))
+        for layers in [int(n) for n in args.layers.split(",") if n] or [None]:
+            results.append(bench(shape, root, args.device, methods, caps, args.hf_cap_gb, not args.no_verify, save,
+                                 contenders=contenders, layers=layers, max_gpu_memory=args.max_gpu_memory,
+                                 clean=args.clean))
     for result in results:
         print(f"\n## {result['shape']} on {result['device']} ({result['machine']}, {result['versions']})\n")
         print(_table(result["rows"]))

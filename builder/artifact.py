@@ -211,25 +211,26 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def file_table(folder: Path) -> dict[str, FileEntry]:
-    """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path."""
-    from tqdm.auto import (
-        tqdm,  # deferred: huggingface_hub's dependency, absent from the core install
-    )
+    """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path; each file read
+    once, several at a time (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm  # deferred: huggingface_hub's dependency, absent from the core install
 
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
-    table = {}
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="Hashing files",
               leave=False, disable=not show_progress()) as bar:
-        for path in files:
+        def entry(path: Path) -> FileEntry:
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
                 while chunk := handle.read(1 << 22):
                     digest.update(chunk)
                     bar.update(len(chunk))
-            table[path.relative_to(folder).as_posix()] = FileEntry(sha256=digest.hexdigest(),
-                                                                   size=path.stat().st_size)
-    return table
+            return FileEntry(sha256=digest.hexdigest(), size=path.stat().st_size)
+        with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
+            entries = list(pool.map(entry, files))
+    return {path.relative_to(folder).as_posix(): found for path, found in zip(files, entries)}
 
 
 def up_to_date(final: Path, build_hash: str) -> Manifest | None:

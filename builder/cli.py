@@ -14,6 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
+from builder.artifact import load_manifest
 from builder.batch import build_files
 from builder.changes import recipes_changed_since
 from builder.console import configured, say
@@ -34,7 +35,9 @@ from builder.recipe import (
 )
 from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
-from builder.steps.gate import format_report
+from builder.steps import verify, verify_onnx
+from builder.steps.gate import format_report, format_summary
+from builder.tasks import infer_task
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -80,7 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
     if args.json:
-        _print_json([p.as_json() for p in plans])
+        _print_json([p.as_json() | {"thresholds": _thresholds(p)} for p in plans])
         return EXIT_OK
     for plan in plans:
         print(_format_plan(plan))
@@ -104,9 +107,24 @@ def _format_plan(plan) -> str:
     for stage in plan.stages:
         peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
         lines.append(f"  {stage.name:<11} {stage.description}{peak}")
+    thresholds = _thresholds(plan)
+    lines.append("gate:        " + ", ".join(f"{key} {_GATE_SIGNS[key]} {value:g}" for key, value in thresholds.items()))
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
     return "\n".join(lines) + "\n"
+
+
+_GATE_SIGNS = {"top1_agreement": ">=", "kl_divergence": "<=", "perplexity_ratio": "<=", "max_abs_diff": "<=",
+               "cosine": ">=", "footprint_ratio": "<="}
+
+
+def _thresholds(plan) -> dict[str, float]:
+    """The gate's thresholds for the plan's recipe: the defaults for its method and task, with its overrides."""
+
+    recipe = plan.loaded.recipe
+    task = recipe.source.task or infer_task(plan.source.config.get("architectures"))
+    gate = verify_onnx if recipe.export is not None else verify
+    return gate.thresholds_for(recipe, task)
 
 
 def _size(n: int | None) -> str:
@@ -134,12 +152,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             _print_json([])
         return EXIT_OK if args.changed_since else EXIT_FAILED
     outcomes = build_files(files, jobs=args.jobs, names=args.name, out=args.out, device=args.device,
-                           force=args.force, keep_temp=args.keep_temp, keep_failed=args.keep_failed)
+                           force=args.force, keep_temp=args.keep_temp, keep_failed=args.keep_failed,
+                           use_cache=not args.no_cache, max_gpu_memory=args.max_gpu_memory)
     rows = [{"recipe_file": o.recipe_file, **row} for o in outcomes for row in o.results]
     failed = [{"recipe_file": o.recipe_file, "status": "failed", "error": o.error} for o in outcomes if o.error]
     if not args.json:
         for row in rows:
             print(f"{row['name']}: {row['status']} -> {row['path']}")
+            if row["status"] == "built":
+                print(_gate_summary(Path(row["path"])))
     for failure in failed:
         where = f"{failure['recipe_file']}: " if len(files) > 1 else ""
         print(f"error: {where}{failure['error']}", file=sys.stderr)
@@ -161,9 +182,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed or publish_failed else EXIT_OK
 
 
+def _gate_summary(artifact: Path) -> str:
+
+    return format_summary(load_manifest(artifact).verification or {})
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
 
-    report = reverify(Path(args.artifact), write=args.write, device=args.device)
+    report = reverify(Path(args.artifact), write=args.write, device=args.device, use_cache=not args.no_cache,
+                      max_gpu_memory=args.max_gpu_memory)
     if args.json:
         _print_json(report)
     else:
@@ -308,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(until the recipe's next build)")
     build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
                        "OUT/.failed/<name>/")
+    _add_gate_options(build)
     build.add_argument("--json", action="store_true", help="machine-readable output")
     build.add_argument("--publish", action="store_true", help="publish each artifact after it builds (see publish)")
     _add_publish_options(build)
@@ -319,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--write", action="store_true", help="rewrite verify-report.json and the manifest's "
                         "verification and file hashes (default: change nothing)")
     verify.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else cpu)")
+    _add_gate_options(verify)
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(run=cmd_verify)
 
@@ -411,6 +440,26 @@ def _integer(text: str) -> int:
     if not (digits.isascii() and digits.isdigit()) or len(text) > 20:
         raise argparse.ArgumentTypeError(f"{text[:20]!r}{'...' if len(text) > 20 else ''} is not an integer")
     return int(text)
+
+
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cache", action="store_true", help="recompute the gate's reference outputs instead of "
+                        "reusing cached ones (cache: $BUILDER_CACHE_DIR/references, default ~/.cache/builder)")
+    parser.add_argument("--max-gpu-memory", type=_byte_size, metavar="SIZE", help="GPU memory a build may use "
+                        "(e.g. 16GiB); a model larger than it is verified one decoder block at a time")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match[2].upper() not in _UNITS or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 16GiB, 12GB or 8000MiB")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
 
 
 def _add_publish_options(parser: argparse.ArgumentParser) -> None:

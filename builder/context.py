@@ -1,7 +1,7 @@
 """What the steps of one build share: the build context, and a typed field for what each step produces.
 
 The pipeline creates the context; `resolve` sets the source folder and task, `quantize` or `export` the footprint
-and what they built, `verify` the report; `write` turns it into the manifest (`builder.artifact`). This module
+and what they built (and the pipeline starts the gate's reference run beside `quantize`), `verify` the report; `write` turns it into the manifest (`builder.artifact`). This module
 imports no step and not the pipeline, so every step can import it.
 """
 
@@ -41,6 +41,13 @@ class BuildContext:
     """The export step's record (exporter, task, opset, dtype, providers, inputs, model bytes)."""
     verification: dict[str, Any] | None = None
     """The gate's report (set by `verify`)."""
+    use_cache: bool = True
+    """Whether the gate may reuse cached reference outputs (`builder build --no-cache`: recompute them)."""
+    max_gpu_memory: int | None = None
+    """Bytes of GPU memory the build may use (`--max-gpu-memory`); a model past it is verified block by block."""
+    reference: Any = None
+    """The gate's reference run (`builder.steps.verify.ReferenceRun`), started with the quantize step so the two
+    overlap; `verify` waits for it."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step (filled by the pipeline; steps add finer stages such as load and save)."""
 

@@ -51,22 +51,23 @@ class BuildResult:
 Step = Callable[[BuildContext], None]
 
 
-def build_file(recipe_file: str | Path, *, names: list[str] | None = None, out: str | Path = "artifacts",
-               device: str | None = None, force: bool = False, keep_temp: bool = False,
-               keep_failed: bool = False) -> list[BuildResult]:
+def build_file(recipe_file: str | Path, *, names: list[str] | None = None, **options) -> list[BuildResult]:
     """Build every artifact a recipe file defines (one, or one per variant), in order; only those in `names` when
-    given.
+    given. `options` are `build`'s.
 
     All of them are planned first, so a bad recipe or source fails before anything is written."""
     plans = [make_plan(loaded) for loaded in load_recipes(recipe_file) if not names or loaded.recipe.name in names]
-    return [build(plan, out=out, device=device, force=force, keep_temp=keep_temp, keep_failed=keep_failed)
-            for plan in plans]
+    return [build(plan, **options) for plan in plans]
 
 
 def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = None, force: bool = False,
-          keep_temp: bool = False, keep_failed: bool = False) -> BuildResult:
+          keep_temp: bool = False, keep_failed: bool = False, use_cache: bool = True,
+          max_gpu_memory: int | None = None) -> BuildResult:
     """Build one planned artifact into `<out>/<name>/`. Raises `BuilderError` (nothing at the final path),
-    `VerificationFailed` when the gate fails, and lets KeyboardInterrupt through after cleaning up."""
+    `VerificationFailed` when the gate fails, and lets KeyboardInterrupt through after cleaning up.
+
+    `use_cache: False` recomputes the gate's reference outputs; `max_gpu_memory` (bytes) caps this process's GPU
+    memory and the gate's, which then runs a model larger than the cap one decoder block at a time."""
     recipe = plan.loaded.recipe
     out = Path(out)
     final = out / recipe.name
@@ -82,6 +83,8 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
                                "; its card and manifest now carry the recipe's `publish`")
     steps = steps_for(plan)
     chosen, device_map = choose_device(plan, device)
+    if max_gpu_memory and chosen.startswith("cuda"):
+        _cap_gpu(chosen, max_gpu_memory)
     _check_destination(final)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out, recipe.name):
@@ -90,7 +93,8 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
         _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
         ctx = BuildContext(plan.loaded, plan, workdir, chosen,
-                           device_map=device_map if build_kind(recipe) == "quantize" else None)
+                           device_map=device_map if build_kind(recipe) == "quantize" else None,
+                           use_cache=use_cache, max_gpu_memory=max_gpu_memory)
         try:
             for number, (name, step) in enumerate(steps, 1):
                 interrupts.check()
@@ -106,6 +110,9 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
         except BaseException:
             _discard(workdir, None, keep_temp)
             raise
+        finally:
+            if ctx.reference is not None:
+                ctx.reference.cancel()  # a build that failed before `verify` leaves no reference worker behind
     say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", load_manifest(final))
 
@@ -121,10 +128,10 @@ def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
 
 
 def _quantize(ctx: BuildContext) -> None:
-    from builder.steps.quantize import (
-        quantize,  # deferred: torch and transformers, only when a build runs
-    )
+    from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
+    from builder.steps.verify import start_reference
 
+    ctx.reference = start_reference(ctx)  # the gate's reference runs in its own process while this step quantizes
     quantize(ctx)
 
 
@@ -179,6 +186,14 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
     chosen_map = bnb.device_map_for(recipe, device, pinned=requested is not None)
     bnb.preflight(plan, chosen_map)
     return device, chosen_map
+
+
+def _cap_gpu(device: str, max_bytes: int) -> None:
+    """Hold this process (the quantizer) to `max_bytes` of the GPU; the gate's processes get the same cap."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_bytes / total), torch.device(device))
 
 
 def _check_destination(final: Path) -> None:

@@ -18,10 +18,12 @@ from builder.steps.verify import run_checks
 from builder.steps.verify_onnx import onnx_report
 
 
-def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = None) -> dict:
+def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = None, use_cache: bool = True,
+             max_gpu_memory: int | None = None) -> dict:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
     report. Refuses (`SourceError`) when that source is gone or its content changed. With `write`, rewrites
-    verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing."""
+    verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing.
+    `use_cache: False` recomputes the reference outputs; `max_gpu_memory` caps the gate's GPU memory."""
     import torch  # deferred: the checks need it, importing builder must not
 
 
@@ -38,7 +40,8 @@ def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = No
             raise BuildError(f"{artifact_dir}/manifest.json has no `onnx` record of the export; rebuild the artifact")
         report = onnx_report(recipe, manifest.onnx, artifact_dir, source_dir, device)
     else:
-        report = run_checks(recipe, task, source_dir, artifact_dir, device)
+        report = run_checks(recipe, task, source_dir, artifact_dir, device, revision=manifest.source.revision,
+                            use_cache=use_cache, max_device_memory=max_gpu_memory)
     if write:
         write_report(artifact_dir, report)
         updated = manifest.model_copy(update={"verification": report, "files": file_table(artifact_dir)})

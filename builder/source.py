@@ -104,10 +104,13 @@ def _read_json(file: Path) -> dict:
 
 
 def folder_digest(path: Path) -> str:
-    """sha256 over every file's relative name and sha256 (cached by size and mtime, so re-planning is fast)."""
+    """sha256 over every file's relative name and sha256. File hashes are cached by size and mtime (re-planning is
+    fast) and the missing ones computed in parallel threads (hashlib releases the GIL), each file once."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
+    digests = file_sha256s(files)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file_sha256(file).encode() + b"\n")
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + digests[file].encode() + b"\n")
     return digest.hexdigest()
 
 
@@ -119,28 +122,44 @@ def _cache_file() -> Path:
 
 def file_sha256(file: Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) in the user's cache folder."""
-    stat = file.stat()
-    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return file_sha256s([file])[file]
+
+
+def file_sha256s(files: list[Path]) -> dict[Path, str]:
+    """sha256 of each file: from the cache where its (path, size, mtime) is there, else read in parallel threads;
+    the cache is read and written once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cache_path = _cache_file()
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, json.JSONDecodeError):
         cache = {}
-    if key in cache:
-        return cache[key]
+    keys = {}
+    for file in files:
+        stat = file.stat()
+        keys[file] = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    missing = [file for file in files if keys[file] not in cache]
+    if missing:
+        with ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1, 8))) as pool:
+            for file, digest in zip(missing, pool.map(_sha256, missing)):
+                cache[keys[file]] = digest
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_path)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return {file: cache[keys[file]] for file in files}
+
+
+def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         while chunk := handle.read(1 << 24):
             digest.update(chunk)
-    cache[key] = digest.hexdigest()
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_path)
-    except OSError:
-        pass  # a read-only cache only costs speed
-    return cache[key]
+    return digest.hexdigest()
 
 
 def _resolve_hub(source: Source) -> ResolvedSource:

@@ -106,3 +106,15 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:<34} {value}")
     lines += [f"missed: {failure['message']}" for failure in report["failures"]]
     return "\n".join(lines)
+
+
+def format_summary(report: dict) -> str:
+    """The gated metrics against their thresholds, one line each (what `builder build` prints after a build)."""
+    lines = [f"  gate {'passed' if report.get('passed') else 'failed'} on {report.get('device')}"
+             + (" (reference from the cache)" if (report.get("reference") or {}).get("cached") else "")]
+    for key, bound in (report.get("thresholds") or {}).items():
+        metric, kind = GATES[key]
+        value = (report.get("metrics") or {}).get(metric)
+        if value is not None:
+            lines.append(f"    {metric:<20} {_number(value):>8}  {'>=' if kind == 'min' else '<='} {_number(bound)}")
+    return "\n".join(lines)

@@ -5,8 +5,10 @@ artifact as a user loads it, with stock transformers) in a fresh one:
 
     python -m builder.steps.metrics SPEC.pt OUT.pt
 
-SPEC.pt holds the model folder, task, dtype, device and the token ids (tokenized once, by the parent, so both
-runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then calls `compare`.
+SPEC.pt holds the model folder, task, dtype, device, an optional cap on device memory and the token ids (tokenized
+once, by the parent, so both runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then
+calls `compare`. A model whose weights pass the cap runs block by block (`builder.steps.blockwise`). The worker
+reports its stages on stderr as `PROGRESS` lines (JSON) that the parent turns into status lines and bars.
 
 Causal LMs are probed on the evaluation text in chunks (next-token logits, for top-1 agreement, KL divergence and
 perplexity) and on the prompts (greedy continuations); encoders on sentences (hidden states, mean-pooled
@@ -15,16 +17,45 @@ embeddings). Every run also reports its memory footprint, latency and throughput
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
+from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, local_weight_files, read_header
+from builder.steps.blockwise import offload_blocks
 from builder.tasks import auto_class
 
 SEED = 0
 LATENCY_TOKENS = 64
 LATENCY_RUNS = 3
+PROGRESS = "builder-progress "
+"""Prefix of the worker's stage lines on stderr: `{"stage": ..., "total": n}`, `{"stage": ..., "done": k}`,
+`{"stage": ..., "seconds": s}` (the stage ended)."""
+
+
+class _Stage:
+    """Report one stage on stderr (its count where it has one) and its duration."""
+
+    def __init__(self, name: str, total: int | None = None):
+        self.name, self.total = name, total
+
+    def __enter__(self) -> _Stage:
+        self.started = time.perf_counter()
+        _emit({"stage": self.name, "total": self.total})
+        return self
+
+    def step(self, done: int) -> None:
+        _emit({"stage": self.name, "done": done})
+
+    def __exit__(self, *exc) -> None:
+        _emit({"stage": self.name, "seconds": round(time.perf_counter() - self.started, 3)})
+
+
+def _emit(event: dict) -> None:
+    print(PROGRESS + json.dumps(event), file=sys.stderr, flush=True)
 
 
 def load_model(folder: str, task: str, dtype: str, device: str):
@@ -34,6 +65,25 @@ def load_model(folder: str, task: str, dtype: str, device: str):
     model_class = auto_class(task) if task == "text-generation" else auto_class("feature-extraction")
     model = model_class.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device)
     return model.eval()
+
+
+def weight_bytes(folder: str, dtype: str) -> int:
+    """Bytes the weights of `folder` take loaded in `dtype` (float tensors cast to it; the rest, such as packed
+    4-bit weights, as stored), from the safetensors headers."""
+
+    size = TORCH_DTYPE_BYTES.get(dtype, 4)
+    return sum(t.numel * size if t.dtype in FLOAT_DTYPES else t.nbytes
+               for file in local_weight_files(Path(folder)) for t in read_header(file))
+
+
+def load_for_probe(folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None):
+    """(model, offload record or None): `load_model` on `device` when its weights fit `max_device_memory` (or no
+    cap is given); otherwise loaded on the CPU and run block by block on `device`."""
+    if max_device_memory is None or weight_bytes(folder, dtype) <= max_device_memory:
+        return load_model(folder, task, dtype, device), None
+
+    model = load_model(folder, task, dtype, "cpu")
+    return model, offload_blocks(model, device)
 
 
 def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str) -> dict:
@@ -70,18 +120,22 @@ def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str) -> dict:
     eval_logits, tokens = [], 0
     _synchronize(device)
     started = time.perf_counter()
-    for chunk in inputs["eval_chunks"]:
-        eval_logits.append(_forward(model, chunk, device).logits[0].float().cpu())
-        tokens += chunk.shape[1]
-    _synchronize(device)
+    with _Stage("evaluation", len(inputs["eval_chunks"])) as stage:
+        for done, chunk in enumerate(inputs["eval_chunks"], 1):
+            eval_logits.append(_forward(model, chunk, device).logits[0].float().cpu())
+            tokens += chunk.shape[1]
+            stage.step(done)
+        _synchronize(device)
     elapsed = time.perf_counter() - started
     prompt_logits, continuations = [], []
-    for ids in inputs["prompts"]:
-        prompt_logits.append(_forward(model, ids, device).logits[0].float().cpu())
-        generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   pad_token_id=_pad_id(model))
-        continuations.append(generated[0, ids.shape[1]:].cpu().tolist())
+    with _Stage("generation", len(inputs["prompts"])) as stage:
+        for done, ids in enumerate(inputs["prompts"], 1):
+            prompt_logits.append(_forward(model, ids, device).logits[0].float().cpu())
+            generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       pad_token_id=_pad_id(model))
+            continuations.append(generated[0, ids.shape[1]:].cpu().tolist())
+            stage.step(done)
     return {"eval_logits": eval_logits, "prompt_logits": prompt_logits, "continuations": continuations,
             "throughput_tokens_per_s": tokens / elapsed}
 
@@ -96,9 +150,10 @@ def _probe_encoder(model, inputs: dict, device: str) -> dict:
     batch = inputs["sentences"]
     _synchronize(device)
     started = time.perf_counter()
-    hidden = _forward(model, batch["input_ids"], device,
-                      **{k: v for k, v in batch.items() if k != "input_ids"}).last_hidden_state
-    _synchronize(device)
+    with _Stage("evaluation"):
+        hidden = _forward(model, batch["input_ids"], device,
+                          **{k: v for k, v in batch.items() if k != "input_ids"}).last_hidden_state
+        _synchronize(device)
     elapsed = time.perf_counter() - started
     tokens = int(batch["attention_mask"].sum())
     return {"hidden": hidden.float().cpu(), "throughput_tokens_per_s": tokens / elapsed}
@@ -106,12 +161,14 @@ def _probe_encoder(model, inputs: dict, device: str) -> dict:
 
 def _latency_ms(model, ids, device: str) -> float:
     times = []
-    for _ in range(LATENCY_RUNS):
-        _synchronize(device)
-        started = time.perf_counter()
-        _forward(model, ids, device)
-        _synchronize(device)
-        times.append((time.perf_counter() - started) * 1000)
+    with _Stage("latency", LATENCY_RUNS) as stage:
+        for done in range(1, LATENCY_RUNS + 1):
+            _synchronize(device)
+            started = time.perf_counter()
+            _forward(model, ids, device)
+            _synchronize(device)
+            times.append((time.perf_counter() - started) * 1000)
+            stage.step(done)
     return statistics.median(times)
 
 
@@ -207,8 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     spec_file, out_file = argv if argv is not None else sys.argv[1:]
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast warning per matmul
     spec = torch.load(spec_file, weights_only=True)
-    model = load_model(spec["folder"], spec["task"], spec["dtype"], spec["device"])
-    torch.save(probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], spec["device"]), out_file)
+    device, cap = spec["device"], spec.get("max_device_memory")
+    on_cuda = device.startswith("cuda")
+    if on_cuda and cap:  # the cap holds for this process whatever the model does
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
+    with _Stage("load"):
+        model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
+    outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device)
+    outputs["forward"] = "blocks" if offload else "whole"
+    if offload:
+        outputs["offload"] = offload.as_json()
+    if on_cuda:
+        outputs["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    torch.save(outputs, out_file)
     return 0
 
 

@@ -1,10 +1,13 @@
 """The verification gate: an artifact proves, before anyone can publish it, that it still computes what its source
 computes.
 
-The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU); the candidate is the
-artifact as a user loads it: the folder reloaded by stock transformers in a fresh process (`builder.steps.metrics`)
-or, for an ONNX export, the onnxruntime session on the verification provider (`builder.steps.verify_onnx`). Both
-see the same token ids: the recipe's prompts and the built-in evaluation text (builder/data/).
+The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU), probed by a worker
+process (`builder.steps.metrics`) that the pipeline starts with the quantize step, so the two overlap; its outputs
+are kept in the reference cache (`builder.steps.references`), so other variants of the source and rebuilds reuse
+them. The candidate is the artifact as a user loads it: the folder reloaded by stock transformers in a fresh
+process, or, for an ONNX export, the onnxruntime session on the verification provider (`builder.steps.verify_onnx`).
+Both see the same token ids: the recipe's prompts and the built-in evaluation text (builder/data/). Under a device
+memory cap, a model whose weights pass it runs one decoder block at a time (`builder.steps.blockwise`).
 
 The metrics are compared with thresholds (the per-method defaults below, overridden by `verify.thresholds`); the
 report goes to verify-report.json and the manifest. A miss raises `VerificationFailed` naming each metric and by how
@@ -13,19 +16,25 @@ much it missed. The thresholds, the report and the evaluation data are `builder.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from builder.console import say, show_progress
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.source import folder_digest
 from builder.steps import metrics as probes
+from builder.steps import references
 from builder.steps.gate import (
     ENCODER_SENTENCES,
     default_prompts,
@@ -95,45 +104,112 @@ def verify(ctx: BuildContext) -> None:
         assert ctx.onnx is not None  # set by export
         report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
     else:
-        report = run_checks(recipe, ctx.task, ctx.source_dir, ctx.workdir, ctx.device)
+        report = run_checks(recipe, ctx.task, ctx.source_dir, ctx.workdir, ctx.device,
+                            reference=ctx.reference or start_reference(ctx), max_device_memory=ctx.max_gpu_memory)
     write_report(ctx.workdir, report)
     ctx.verification = report
     if not report["passed"]:
         raise VerificationFailed(failure_message(recipe.name, report))
 
 
-def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, device: str) -> dict:
-    """Reference (source, in this process) vs candidate (artifact, fresh process): the verification report."""
-    from transformers import AutoConfig
+def start_reference(ctx: BuildContext) -> ReferenceRun:
+    """The build's reference run, started now (the pipeline starts it with the quantize step, so it overlaps it)."""
+    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
+    return ReferenceRun(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device, revision=ctx.plan.source.revision,
+                        use_cache=ctx.use_cache, max_device_memory=ctx.max_gpu_memory)
 
 
+class ReferenceRun:
+    """The source model's outputs on the evaluation inputs: from the reference cache (`builder.steps.references`)
+    when it holds them and `use_cache`, else computed by a worker process started here and stored when it ends."""
+
+    def __init__(self, recipe: Recipe, task: str, source_dir: Path, device: str, *, revision: str | None = None,
+                 use_cache: bool = True, max_device_memory: int | None = None):
+        from transformers import AutoConfig
+
+
+        self.started = time.perf_counter()
+        self.label = f"{recipe.name}: verify: reference"
+        self.dtype = reference_dtype(recipe.source.dtype, AutoConfig.from_pretrained(source_dir), device)
+        self.inputs = tokenize_inputs(source_dir, task, recipe.verify.prompts)
+        revision = revision or f"sha256:{folder_digest(Path(source_dir))}"
+        self.key = references.reference_key(revision=revision, dtype=self.dtype, device_kind=references.device_kind(
+            device), inputs=self.inputs, task=task, max_new_tokens=recipe.verify.max_new_tokens)
+        self.outputs = references.load(self.key) if use_cache else None
+        self.cached = self.outputs is not None
+        self.worker = None
+        if self.cached:
+            say(f"{self.label}: reused from the cache ({references.cache_dir()})")
+        else:
+            self.worker = _Worker(source_dir, task, self.dtype, device, self.inputs, recipe.verify.max_new_tokens,
+                                  max_device_memory, self.label)
+
+    def result(self) -> dict:
+        """The outputs (waiting for the worker); raises `BuildError` when the source does not run."""
+
+        if self.outputs is None:
+            assert self.worker is not None
+            try:
+                self.outputs = self.worker.result()
+            except _WorkerFailed as error:
+                raise BuildError(f"the source model does not load and run to compute the reference outputs "
+                                 f"(exit {error.returncode}): {error.tail}") from None
+            references.store(self.key, self.outputs)
+        self.seconds = time.perf_counter() - self.started
+        return self.outputs
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+
+def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, device: str, *,
+               reference: ReferenceRun | None = None, revision: str | None = None, use_cache: bool = True,
+               max_device_memory: int | None = None) -> dict:
+    """Reference (source; cached, or in a worker process) vs candidate (artifact, fresh process): the verification
+    report. `reference` is a run already started for this check; `max_device_memory` caps each run's device
+    memory, and a model whose weights pass it runs block by block."""
     started = time.perf_counter()
     thresholds = thresholds_for(recipe, task)
-    dtype = reference_dtype(recipe.source.dtype, AutoConfig.from_pretrained(source_dir), device)
-    inputs = tokenize_inputs(source_dir, task, recipe.verify.prompts)
-    model = probes.load_model(str(source_dir), task, dtype, device)
-    reference = probes.probe(model, inputs, task, recipe.verify.max_new_tokens, device)
-    del model
-    reference_seconds = time.perf_counter() - started
+    if reference is None:
+        reference = ReferenceRun(recipe, task, source_dir, device, revision=revision, use_cache=use_cache,
+                                 max_device_memory=max_device_memory)
+    try:
+        outputs = reference.result()
+    finally:
+        reference.cancel()
+    dtype, inputs = reference.dtype, reference.inputs
     report: dict[str, Any] = {"passed": False, "task": task, "device": device, "provider": None, "metrics": {},
               "thresholds": thresholds, "failures": [], "performance": {}}
     try:
-        candidate = run_candidate(artifact_dir, task, dtype, device, inputs, recipe.verify.max_new_tokens)
+        candidate = run_candidate(artifact_dir, task, dtype, device, inputs, recipe.verify.max_new_tokens,
+                                  max_device_memory=max_device_memory, label=f"{recipe.name}: verify: candidate")
     except VerificationFailed as error:
         report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": str(error)}]
         return report
-    measured, details = probes.compare(task, inputs, reference, candidate)
+    measured, details = probes.compare(task, inputs, outputs, candidate)
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
-    measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / reference["parameters"]}
+    measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
     report["failures"] = gate(measured, thresholds)
     report["passed"] = not report["failures"]
-    report["performance"] = _performance(reference, candidate)
+    report["performance"] = _performance(outputs, candidate)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)
-    report["performance"]["reference_seconds"] = round(reference_seconds, 2)
-    report["reference"] = {"model": "source", "dtype": dtype}
+    report["performance"]["reference_seconds"] = round(reference.seconds, 2)
+    report["reference"] = {"model": "source", "dtype": dtype, "cached": reference.cached, "key": reference.key,
+                           **_execution(outputs)}
+    report["candidate"] = _execution(candidate)
     report["inputs"] = _describe_inputs(inputs, task, recipe, details)
     return report
+
+
+def _execution(outputs: dict) -> dict:
+    """How a run executed: whole or block by block (with the offload record), and its device memory peak."""
+    described = {"forward": outputs.get("forward", "whole")}
+    for key in ("offload", "device_peak_bytes"):
+        if key in outputs:
+            described[key] = outputs[key]
+    return described
 
 
 def reference_dtype(dtype: str, config, device: str) -> str:
@@ -148,32 +224,92 @@ def reference_dtype(dtype: str, config, device: str) -> str:
     return dtype
 
 
-def run_candidate(artifact_dir: Path, task: str, dtype: str, device: str, inputs: dict,
-                  max_new_tokens: int) -> dict:
+def run_candidate(artifact_dir: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int, *,
+                  max_device_memory: int | None = None, label: str = "verify: candidate") -> dict:
     """Probe the artifact with stock transformers in a fresh Python process; raises `VerificationFailed` when it
     does not load or run there."""
-    import torch
+    worker = _Worker(artifact_dir, task, dtype, device, inputs, max_new_tokens, max_device_memory, label,
+                     foreground=True)
+    try:
+        return worker.result()
+    except _WorkerFailed as error:
+        raise VerificationFailed(f"the artifact does not load and run with stock transformers in a fresh process "
+                                 f"(exit {error.returncode}): {error.tail}") from None
+    finally:
+        worker.cancel()
 
-    with tempfile.TemporaryDirectory(prefix="builder-verify-") as tmp:
-        spec, out = Path(tmp) / "spec.pt", Path(tmp) / "candidate.pt"
-        torch.save({"folder": str(artifact_dir), "task": task, "dtype": dtype, "device": device, "inputs": inputs,
-                    "max_new_tokens": max_new_tokens}, spec)
+
+class _WorkerFailed(Exception):
+    def __init__(self, returncode: int, tail: str):
+        super().__init__(tail)
+        self.returncode, self.tail = returncode, tail
+
+
+class _Worker:
+    """One `python -m builder.steps.metrics` process on a model folder. Its stage lines become status lines with
+    their duration (and, in the `foreground`, progress bars on a terminal); `result` waits for its outputs."""
+
+    def __init__(self, folder: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int,
+                 max_device_memory: int | None, label: str, foreground: bool = False):
+        import torch
+
+        self.label, self.foreground = label, foreground
+        self._tmp = tempfile.TemporaryDirectory(prefix="builder-verify-")
+        spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
+        torch.save({"folder": str(folder), "task": task, "dtype": dtype, "device": device, "inputs": inputs,
+                    "max_new_tokens": max_new_tokens, "max_device_memory": max_device_memory}, spec)
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        process = subprocess.run([sys.executable, "-m", "builder.steps.metrics", str(spec), str(out)],
-                                 check=False, capture_output=True, text=True, env=env)
-        if process.returncode != 0:
-            tail = " | ".join(process.stderr.strip().splitlines()[-3:])
-            raise VerificationFailed(f"the artifact does not load and run with stock transformers in a fresh process "
-                                     f"(exit {process.returncode}): {tail}")
-        return torch.load(out, weights_only=True)
+        self._process = subprocess.Popen([sys.executable, "-m", "builder.steps.metrics", str(spec), str(self._out)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True, env=env)
+        self._tail: collections.deque[str] = collections.deque(maxlen=3)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        bars: dict = {}
+        assert self._process.stderr is not None
+        for line in self._process.stderr:
+            if not line.startswith(probes.PROGRESS):
+                if line.strip():
+                    self._tail.append(line.strip())
+                continue
+            event = json.loads(line[len(probes.PROGRESS):])
+            stage = event["stage"]
+            if "seconds" in event:
+                if stage in bars:
+                    bars.pop(stage).close()
+                say(f"{self.label}: {stage} {event['seconds']:.1f} s")
+            elif "done" in event and stage in bars:
+                bars[stage].update(event["done"] - bars[stage].n)
+            elif event.get("total") and self.foreground and show_progress():
+                from tqdm.auto import tqdm
+
+                bars[stage] = tqdm(total=event["total"], desc=f"{self.label}: {stage}", leave=False)
+
+    def result(self) -> dict:
+        import torch
+
+        returncode = self._process.wait()
+        self._reader.join()
+        if returncode != 0:
+            raise _WorkerFailed(returncode, " | ".join(self._tail))
+        return torch.load(self._out, weights_only=True)
+
+    def cancel(self) -> None:
+        """Stop the process if it still runs, and delete its files."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._reader.join()
+        self._tmp.cleanup()
 
 
 def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> dict:
     """Token ids for both runs, from the source's tokenizer: the evaluation text in CHUNK_TOKENS chunks and the
     prompts (LMs), or the prompts and ENCODER_SENTENCES sentences of the text, padded (encoders)."""
     from transformers import AutoTokenizer
-
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
