@@ -73,6 +73,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _format_plan(plan) -> str:
     import yaml
 
+    from builder.plan import footprint_threshold
+
     recipe = plan.loaded.recipe
     lines = [
         f"# {recipe.name}" + (f"  (variant {plan.loaded.variant} of {plan.loaded.path})" if plan.loaded.variant else ""),
@@ -81,6 +83,8 @@ def _format_plan(plan) -> str:
         f"parameters:  {plan.parameter_count:,}",
         f"source size: {_size(plan.source_bytes)}",
         f"artifact:    ~{_size(plan.expected_artifact_bytes)} (estimate)",
+        *([f"footprint:   ~{plan.expected_footprint_ratio:.4f}x the source, loaded (gate default footprint_ratio "
+           f"<= {footprint_threshold(plan.expected_footprint_ratio)})"] if plan.expected_footprint_ratio else []),
         "versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
         "steps:",
     ]

@@ -15,7 +15,7 @@ from importlib import metadata
 from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo
+from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.source import ResolvedSource, resolve
 
 # Packages whose version can change an artifact's bytes, per kind of build.
@@ -92,6 +92,8 @@ class Plan:
     parameter_count: int
     source_bytes: int
     expected_artifact_bytes: int
+    expected_footprint_ratio: float | None = None
+    """The loaded artifact's memory over the source's that the quantization should give (None for exports)."""
     warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -107,6 +109,7 @@ class Plan:
             "parameter_count": self.parameter_count,
             "source_bytes": self.source_bytes,
             "expected_artifact_bytes": self.expected_artifact_bytes,
+            "expected_footprint_ratio": self.expected_footprint_ratio,
             "stages": [{"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
                        for s in self.stages],
             "warnings": self.warnings,
@@ -126,9 +129,12 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     if recipe.publish is not None and not recipe.source.pinned:
         warnings.append(f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
                         "records the commit it resolved, but `builder publish` will refuse until you pin it")
+    if (mismatch := compute_dtype_warning(recipe, source.config, source.tensors)) is not None:
+        warnings.append(mismatch)
     stages = _stages(recipe, loaded_bytes, artifact)
     return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
-                source.parameter_count, source_bytes, artifact, warnings)
+                source.parameter_count, source_bytes, artifact, expected_footprint_ratio(recipe, source.tensors,
+                                                                                         source.config), warnings)
 
 
 def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
@@ -148,6 +154,63 @@ def _tied_heads(config: dict) -> list[str]:
     heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
     tied = config.get("tie_word_embeddings", True) is not False
     return ["lm_head"] if tied and any(a.endswith(heads) for a in config.get("architectures") or ()) else []
+
+
+def load_dtype(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
+    """The dtype from_pretrained loads the source in: `source.dtype`, or for `auto` config.json's, else the first
+    floating checkpoint tensor's (None when none is known)."""
+    if recipe.source.dtype != "auto":
+        return recipe.source.dtype
+    found = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(found, str):
+        return found.removeprefix("torch.")
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    return next((names[t.dtype] for t in tensors if t.dtype in names), None)
+
+
+def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
+    """A warning when a 4-bit recipe's `compute_dtype` is not the dtype the model loads in: the matmuls then cast
+    every activation (float32 compute on a bfloat16 model is slower and no more accurate than its weights)."""
+    quantize = recipe.quantize
+    loaded = load_dtype(recipe, config, tensors)
+    if not isinstance(quantize, Bnb4Bit) or loaded is None or quantize.compute_dtype == loaded:
+        return None
+    return (f"quantize.compute_dtype is {quantize.compute_dtype} but the model loads in {loaded} "
+            f"({'source.dtype' if recipe.source.dtype != 'auto' else 'config.json'}): the 4-bit matmuls cast "
+            f"every activation; set `quantize.compute_dtype: {loaded}` unless you want {quantize.compute_dtype} "
+            "matmuls")
+
+
+def expected_footprint_ratio(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> float | None:
+    """The memory of the quantized model over the source's, both loaded (what the gate's `footprint_ratio`
+    measures with get_memory_footprint): quantizable Linear weights at 4 or 8 bits, everything else in the load
+    dtype. None for an export or a source without safetensors headers."""
+    quantize = recipe.quantize
+    if quantize is None or not tensors:
+        return None
+    loaded = TORCH_DTYPE_BYTES.get(load_dtype(recipe, config, tensors) or "")
+    source = artifact = 0.0
+    for tensor in tensors:
+        size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
+        source += size
+        if not is_quantizable(tensor, quantize.skip_modules):
+            artifact += size
+        else:
+            artifact += tensor.numel / 2 if isinstance(quantize, Bnb4Bit) else tensor.numel
+    return round(artifact / source, 4) if source else None
+
+
+FOOTPRINT_MARGIN = 0.05
+UNKNOWN_FOOTPRINT_BOUND = 0.99
+"""The footprint bound when the expected ratio is unknown (no safetensors headers): the artifact must have shrunk."""
+
+
+def footprint_threshold(expected: float | None) -> float:
+    """The gate's default `footprint_ratio`: the expected ratio plus FOOTPRINT_MARGIN, but never past halfway to
+    1.0, the ratio of a build that quantized nothing (a model that is mostly embeddings expects ~0.98)."""
+    if expected is None:
+        return UNKNOWN_FOOTPRINT_BOUND
+    return round(min(expected + FOOTPRINT_MARGIN, (expected + 1) / 2), 4)
 
 
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:

@@ -40,6 +40,8 @@ def quantize(ctx: BuildContext) -> None:
     spec = recipe.quantize
     assert spec is not None  # the pipeline runs this step for quantize recipes only
     model_class = auto_class(ctx.task)
+    for warning in ctx.plan.warnings:
+        say(f"{recipe.name}: warning: {warning}")
     reason = streamable(recipe, ctx.source_dir)
     if reason is None:
         with _stage(ctx, "stream", "streaming the quantized weights"):
@@ -72,7 +74,7 @@ def quantize(ctx: BuildContext) -> None:
 
 def _record_sizes(ctx: BuildContext, artifact_bytes: int, layers: dict[str, int], model_class) -> None:
     """The footprints and the quantized layers' serialized size, the same way for both paths."""
-    ctx.footprint = Footprint.of(source_footprint(ctx, model_class), artifact_bytes)
+    ctx.footprint = Footprint.of(source_footprint(ctx, model_class), artifact_bytes, ctx.plan.expected_footprint_ratio)
     ctx.quantized_layers = serialized_layer_sizes(layers, ctx.workdir)
 
 
