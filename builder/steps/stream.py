@@ -90,7 +90,14 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
 
     from builder.steps.stream_io import read_source_tensors
 
-    sources = read_source_tensors(local_weight_files(source_dir))
+    from builder.checkpoint import read_header
+    from builder.steps.stream_io import ST_DTYPES
+
+    files = local_weight_files(source_dir)
+    for info in (t for file in files for t in read_header(file)):
+        if info.dtype not in ST_DTYPES:
+            return f"tensor {info.name} has dtype {info.dtype}, which the streaming quantizer cannot read"
+    sources = read_source_tensors(files)
     config = transformers.AutoConfig.from_pretrained(source_dir)
     quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
     dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
@@ -128,7 +135,12 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     for key in keys:
         params[key] = state[key]
     missing = [key for key in keys if key not in sources]
-    unexpected = [key for key in sources if key not in params]
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    for key in (k for k in tied if k in sources and tied[k] in sources):
+        if not _same_bytes(sources[key], sources[tied[key]]):
+            return f"the checkpoint's {key} differs from {tied[key]}, which it is tied to"
+    dropped = _dropped_on_load(model, state, ignored)
+    unexpected = [key for key in sources if key not in params and not dropped(key)]
     if missing or unexpected:
         shown = ", ".join((missing or unexpected)[:3])
         what = "lacks" if missing else "has keys the model does not (renamed or dropped on load)"
@@ -137,6 +149,34 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
         if sources[key].shape != tuple(params[key].shape):
             return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
     return _Plan(model, dtype, sources, keys, quantized, params)
+
+
+def _same_bytes(a: Any, b: Any) -> bool:
+    """Whether two source tensors hold the same bytes (a tied head saved as a copy of the embeddings)."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    with open(a.file, "rb") as first, open(b.file, "rb") as second:
+        first.seek(a.offset)
+        second.seek(b.offset)
+        done = 0
+        while done < a.nbytes:
+            size = min(1 << 24, a.nbytes - done)
+            if first.read(size) != second.read(size):
+                return False
+            done += size
+    return True
+
+
+def _dropped_on_load(model: Any, state: dict, ignored: set[str]):
+    """from_pretrained's rule for checkpoint keys the model does not load, which save_pretrained then does not
+    write: non-persistent buffers (BERT's `embeddings.position_ids`), a tied head's copy of the embeddings (checked
+    equal by the caller), and
+    the model's `_keys_to_ignore_on_load_unexpected` patterns."""
+    import re
+
+    buffers = {name for name, _ in model.named_buffers()} - set(state)
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return lambda key: key in buffers or key in ignored or any(p.search(key) for p in patterns)
 
 
 def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
