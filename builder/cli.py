@@ -24,6 +24,7 @@ def _print_json(payload: object) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from builder.modules import source_problems
     from builder.recipe import find_recipe_files, load_recipes, name_clashes
 
     files = find_recipe_files(args.paths or ["recipes"])
@@ -31,8 +32,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for file in files:
         try:
             loaded = load_recipes(file)
-            results[file] = {"file": str(file), "ok": True, "recipes": [r.recipe.name for r in loaded],
-                             "problems": []}
+            # Variants share their source: one problem of it is reported once.
+            problems = [] if args.schema_only else list(dict.fromkeys(p for item in loaded
+                                                                      for p in source_problems(item)))
+            results[file] = {"file": str(file), "ok": not problems, "recipes": [r.recipe.name for r in loaded],
+                             "problems": [p.as_json() for p in problems]}
+            failed = failed or bool(problems)
+            if problems and not args.json:
+                print("\n".join(map(str, problems)))
         except RecipeError as error:
             failed = True
             results[file] = {"file": str(file), "ok": False, "recipes": [],
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="check recipes (files or folders; default recipes/)")
     validate.add_argument("paths", nargs="*", help="recipe files or folders")
     validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.add_argument("--schema-only", action="store_true", help="check the recipe language only, not the local "
+                          "source folders (that they exist, and that skip_modules name modules of their checkpoint)")
     validate.set_defaults(run=cmd_validate)
 
     plan = commands.add_parser("plan", parents=[quiet],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -16,6 +15,7 @@ from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
+from builder.modules import is_quantizable, unmatched_skip_modules
 from builder.source import ResolvedSource, resolve
 
 # Packages whose version can change an artifact's bytes, per kind of build.
@@ -24,7 +24,6 @@ _VERSIONED = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
-_EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 
 
 def package_versions(kind: str) -> dict[str, str]:
@@ -54,25 +53,6 @@ def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -
     canonical = json.dumps({"recipe": content, "source": source_revision, "versions": versions},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def skip_module_matches(module: str, pattern: str) -> bool:
-    """transformers' rule (quantizers_utils.should_convert_module): a prefix up to a module boundary, a regex
-    with the same boundary, or a suffix of the module's full name."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    try:
-        return bool(re.match(rf"(?:{pattern}){boundary}", module)) or module.endswith(pattern)
-    except re.error:
-        return module.endswith(pattern)
-
-
-def module_names(tensors: tuple[TensorInfo, ...]) -> list[str]:
-    """Every module path implied by the tensor names (`a.b.weight` -> `a`, `a.b`)."""
-    names: set[str] = set()
-    for tensor in tensors:
-        parts = tensor.name.split(".")[:-1]
-        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return sorted(names)
 
 
 @dataclass
@@ -138,22 +118,9 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
 
 
 def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
-    if not isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit)) or not source.tensors:
-        return
-    modules = module_names(source.tensors) + _tied_heads(source.config)
-    unmatched = [p for p in recipe.quantize.skip_modules if not any(skip_module_matches(m, p) for m in modules)]
+    unmatched = unmatched_skip_modules(recipe, source.tensors, source.config)
     if unmatched:
-        example = ", ".join(m for m in modules if m.count(".") <= 1)[:200]
-        raise SourceError(f"quantize.skip_modules: {', '.join(map(repr, unmatched))} match no module of "
-                          f"{recipe.source.model} (modules include: {example}, ...); use a module name or suffix "
-                          "such as lm_head or mlp.down_proj")
-
-
-def _tied_heads(config: dict) -> list[str]:
-    """An output head tied to the input embeddings is a module of the model but has no tensor in the checkpoint."""
-    heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
-    tied = config.get("tie_word_embeddings", True) is not False
-    return ["lm_head"] if tied and any(a.endswith(heads) for a in config.get("architectures") or ()) else []
+        raise SourceError("; ".join(f"quantize.skip_modules: {message}" for _, message in unmatched))
 
 
 def load_dtype(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
@@ -216,15 +183,6 @@ def footprint_threshold(expected: float | None) -> float:
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
     dtype = recipe.source.dtype
     return TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
-
-
-def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
-    """Estimate of what bnb replaces: 2-D `.weight`s of linear layers, not embeddings, lm_head or skipped modules."""
-    if len(tensor.shape) != 2 or not tensor.name.endswith(".weight") or _EMBEDDING_NAMES.search(tensor.name):
-        return False
-    module = tensor.name[: -len(".weight")]
-    patterns = skip_modules or ("lm_head",)
-    return not any(skip_module_matches(module, p) for p in patterns)
 
 
 def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:
