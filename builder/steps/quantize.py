@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from builder.artifact import Dequantized, Footprint, QuantizedLayers
-from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, has_tokenizer, read_header
+from builder.checkpoint import (FLOAT_DTYPES, TORCH_DTYPE_BYTES, copy_sentence_transformers, has_tokenizer,
+                                read_header)
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError
@@ -145,6 +146,7 @@ def _source_dtype(ctx: BuildContext):
 
 
 def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
+    copy_sentence_transformers(ctx.source_dir, folder)
     if not has_tokenizer(ctx.source_dir):
         return
     from transformers import AutoTokenizer

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder.checkpoint import has_tokenizer, local_weight_files
+from builder.checkpoint import copy_sentence_transformers, has_tokenizer, local_weight_files
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps.bnb import bnb_config
 from builder.tasks import AUTO_CLASSES, infer_task
@@ -351,7 +351,8 @@ def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> Non
 
 
 def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
-    """config.json and generation_config.json as save_pretrained writes them, and the tokenizer files."""
+    """config.json and generation_config.json as save_pretrained writes them, the tokenizer files and a
+    sentence-transformers source's module files."""
     from transformers import GenerationConfig
 
     model = plan.model
@@ -370,3 +371,4 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(source_dir).save_pretrained(workdir)
+    copy_sentence_transformers(source_dir, workdir)
