@@ -17,6 +17,7 @@ from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.modules import is_quantizable, unmatched_skip_modules
 from builder.source import ResolvedSource, resolve
+from builder.tasks import infer_task, unverifiable
 
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
@@ -100,6 +101,9 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     """Resolve the source (metadata only), check skip_modules against it and estimate sizes and memory."""
     recipe = loaded.recipe
     source = resolve(recipe.source, loaded.source_path)
+    task = recipe.source.task or infer_task(source.config.get("architectures"))
+    if task is not None and (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
+        raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
     versions = package_versions(build_kind(recipe))
     source_bytes = sum(t.nbytes for t in source.tensors)
