@@ -13,7 +13,7 @@ from importlib import metadata
 
 from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
-from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
+from builder.recipe import Bnb4Bit, Recipe
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.modules import is_quantizable, unmatched_skip_modules
 from builder.source import ResolvedSource, resolve

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "assets"), str(Path(__file__).parent)]
 
-from families import FAMILIES, Family, make_family, slug  # noqa: E402
+from families import FAMILIES, Family, make_family, slug
 
 METHODS = ("nf4-dq", "fp4", "int8", "onnx-fp32")
 SUPPORT_TABLE = REPO / "docs" / "support.md"

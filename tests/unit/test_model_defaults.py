@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from builder.cli import main
-from builder.plan import expected_footprint_ratio, footprint_threshold, make_plan
+from builder.plan import footprint_threshold, make_plan
 from builder.recipe import Recipe, load_recipes
 
 
