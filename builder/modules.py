@@ -45,6 +45,20 @@ def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
     return not any(skip_module_matches(module, p) for p in patterns)
 
 
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def left_alone_by_bnb(tensor: TensorInfo, config: dict) -> bool:
+    """A mixture-of-experts tensor that bitsandbytes leaves in the load dtype although it is a 2-D `.weight`:
+    transformers 5 fuses the per-expert Linear weights of the checkpoint into 3-D parameters on load, and keeps
+    the router (`gate`, one row per expert) unquantized."""
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if not experts:
+        return False
+    return bool(_EXPERT.search(tensor.name)) or (tensor.name.endswith(".gate.weight") and tensor.shape[:1] ==
+                                                 (experts,))
+
+
 def tied_heads(config: dict) -> list[str]:
     """An output head tied to the input embeddings is a module of the model but has no tensor in the checkpoint."""
     heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")

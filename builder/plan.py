@@ -15,7 +15,7 @@ from builder.errors import SourceError
 from builder.recipe import LoadedRecipe
 from builder.recipe import Bnb4Bit, Recipe
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
-from builder.modules import is_quantizable, unmatched_skip_modules
+from builder.modules import is_quantizable, left_alone_by_bnb, unmatched_skip_modules
 from builder.source import ResolvedSource, resolve
 from builder.tasks import infer_task, unverifiable
 
@@ -164,7 +164,7 @@ def expected_footprint_ratio(recipe: Recipe, tensors: tuple[TensorInfo, ...], co
     for tensor in tensors:
         size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
         source += size
-        if not is_quantizable(tensor, quantize.skip_modules):
+        if not is_quantizable(tensor, quantize.skip_modules) or left_alone_by_bnb(tensor, config):
             artifact += size
         else:
             artifact += tensor.numel / 2 if isinstance(quantize, Bnb4Bit) else tensor.numel

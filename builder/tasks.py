@@ -56,7 +56,7 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
 TEXT_TASKS: tuple[str, ...] = ("text-generation", "feature-extraction", "fill-mask", "text-classification",
                                "token-classification", "question-answering", "multiple-choice",
                                "text2text-generation")
-_INPUTS = {"image": "images", "audio": "audio", "depth": "images", "object": "images", "mask": "images",
+_INPUTS = {"image": "images", "audio": "audio", "automatic-speech": "audio", "text-to-audio": "text (it outputs audio)", "depth": "images", "object": "images", "mask": "images",
            "semantic": "images", "visual": "images and text", "zero-shot-image": "images", "masked-im": "images",
            "reinforcement": "environment observations"}
 

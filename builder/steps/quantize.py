@@ -26,7 +26,7 @@ from builder.context import BuildContext
 from builder.errors import BuildError
 from builder.recipe import Bnb4Bit, Bnb8Bit
 from builder.steps.bnb import bnb_config, load_kwargs
-from builder.steps.stream import stream_build, streamable
+from builder.steps.stream import NOTHING_QUANTIZED, stream_build, streamable
 from builder.tasks import auto_class
 
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
@@ -50,6 +50,8 @@ def quantize(ctx: BuildContext) -> None:
         ctx.quantize_path = "stream"
         _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
+    if reason.startswith(NOTHING_QUANTIZED):  # the transformers path swaps the same modules: it would fail too
+        raise BuildError(f"{recipe.name}: cannot quantize {recipe.source.model} with bitsandbytes: {reason}")
     say(f"{recipe.name}: quantizing through transformers (not streamed: {reason})")
     ctx.quantize_path = f"transformers ({reason})"
     kwargs = load_kwargs(recipe, ctx.device_map)

@@ -128,7 +128,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
                 return f"{name} is a Conv1D (transposed on quantization)"
             quantized[f"{name}.weight" if name else "weight"] = module
     if not quantized:
-        return "no Linear layer would be quantized with these settings"
+        return nothing_quantized(model)
     state = model.state_dict(keep_vars=True)
     ignored = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(model._keys_to_ignore_on_save or ())
     keys = [key for key in state if key not in ignored]
@@ -165,6 +165,22 @@ def _same_bytes(a: Any, b: Any) -> bool:
                 return False
             done += size
     return True
+
+
+NOTHING_QUANTIZED = "no Linear layer would be quantized"
+
+
+def nothing_quantized(model: Any) -> str:
+    """Why transformers' module swap quantized nothing: settings that skip every layer, or linear layers of a
+    torch.nn.Linear subclass, which its bitsandbytes integration does not convert (`type(module) is nn.Linear`)."""
+    import torch
+
+    subclasses = sorted({type(m).__name__ for m in model.modules()
+                         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear})
+    if subclasses:
+        return (f"{NOTHING_QUANTIZED}: {type(model).__name__}'s linear layers are {', '.join(subclasses)}, a "
+                "subclass of torch.nn.Linear that transformers' bitsandbytes integration does not convert")
+    return f"{NOTHING_QUANTIZED} with these settings (all skipped); check `quantize.skip_modules`"
 
 
 def _dropped_on_load(model: Any, state: dict, ignored: set[str]):

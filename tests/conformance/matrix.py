@@ -34,6 +34,11 @@ _THRESHOLDS = {
     "encoder": "{cosine: 0.5}",
 }
 _ONNX_THRESHOLDS = {"text-generation": "{top1_agreement: 0.9}", "encoder": "{}"}
+# Cells that only a build can refuse (the exporter fails inside torch.export), as the build's message says.
+BUILD_REFUSALS = {
+    ("Mixtral (MoE)", "onnx-fp32"): "torch.onnx.export cannot export MixtralForCausalLM (mixtral) for "
+                                    "text-generation: Failed to convert the exported program to an ONNX model",
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ def predict(family: Family, method: str, recipe: Path) -> Cell:
     from builder.recipe import load_recipes
 
     [loaded] = load_recipes(recipe)
+    if (family.name, method) in BUILD_REFUSALS:
+        return Cell(family.name, method, "refused", BUILD_REFUSALS[(family.name, method)])
     try:
         plan = make_plan(loaded)
     except BuilderError as error:
@@ -99,15 +106,17 @@ def predict(family: Family, method: str, recipe: Path) -> Cell:
     if method == "onnx-fp32":
         from builder.steps.export import choose_exporter
 
-        task = loaded.recipe.source.task or plan.source.config["architectures"] and _task(plan)
+        task = loaded.recipe.source.task or _task(plan)
         try:
             choose_exporter(loaded.recipe.export, task)
         except BuilderError as error:
             return Cell(family.name, method, "refused", str(error))
         return Cell(family.name, method, "exported")
-    from builder.steps.stream import streamable
+    from builder.steps.stream import NOTHING_QUANTIZED, streamable
 
     reason = streamable(loaded.recipe, loaded.source_path)
+    if reason is not None and reason.startswith(NOTHING_QUANTIZED):
+        return Cell(family.name, method, "refused", reason)
     return Cell(family.name, method, "streamed") if reason is None else Cell(family.name, method, "transformers",
                                                                             reason)
 
