@@ -14,7 +14,8 @@ from families import BY_NAME, FAMILIES, slug
 from matrix import METHODS, SUPPORT_TABLE, build_cell, predict, predictions, recipe_file, render
 
 DEFAULT_TIER = {("Llama", "nf4-dq"), ("GPT-2", "int8"), ("BERT", "nf4-dq"), ("Mixtral (MoE)", "fp4"),
-                ("BERT", "onnx-fp32"), ("T5", "nf4-dq"), ("ViT", "int8"), ("Whisper", "onnx-fp32")}
+                ("BERT", "onnx-fp32"), ("Falcon", "int8"), ("T5", "nf4-dq"), ("ViT", "int8"),
+                ("Whisper", "onnx-fp32")}
 CELLS = [pytest.param(f.name, m, id=f"{slug(f)}-{m}",
                       marks=() if (f.name, m) in DEFAULT_TIER else pytest.mark.slow)
          for f in FAMILIES for m in METHODS]
