@@ -7,7 +7,7 @@ R      ?= recipes/smollm2/nf4.yaml
 RECIPES   ?= recipes
 ARTIFACTS ?= artifacts
 
-.PHONY: demo report chromium test test-slow test-gpu test-core test-interop test-hub-oldest quality validate plan build all models schema clean publish bench FORCE
+.PHONY: demo report chromium test test-slow test-conformance test-gpu test-core test-interop test-hub-oldest quality validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
 # package with its quantize, onnx and test extras.
@@ -81,6 +81,12 @@ test: models/.ready chromium
 test-slow: models/.ready
 	$(PYTEST) -q -m slow
 
+# The whole architecture conformance matrix (tests/conformance/: 18 families x nf4+dq, fp4, int8, ONNX fp32; about
+# 20 minutes on a 2-core CPU). `make test` runs its fast cells. docs/support.md is its table: after a change that
+# moves a cell, rewrite it with `$(PY) tests/conformance/matrix.py --build`.
+test-conformance: models/.ready
+	$(PYTEST) -q tests/conformance -m "slow or not slow"
+
 # Needs a CUDA host; on a CPU-only machine every test here is skipped.
 test-gpu: models/.ready
 	$(PYTEST) -q -m gpu
@@ -122,7 +128,8 @@ test-hub-oldest: $(VENV_HUB_OLDEST)/.installed
 	$(VENV_HUB_OLDEST)/bin/python -m pytest -q tests/unit/test_core_install.py tests/unit/test_hub_publish.py \
 		tests/unit/test_hub_server.py -k "not transformers_loads"
 
-validate: $(VENV_CORE)/.installed
+# Also checks the local source folders the recipes name (models/), so it needs them; no torch.
+validate: models/.ready $(VENV_CORE)/.installed
 	$(VENV_CORE)/bin/builder validate recipes/
 
 plan: models/.ready $(VENV_CORE)/.installed

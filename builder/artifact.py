@@ -48,11 +48,16 @@ class Footprint(_Record):
     artifact_bytes: int
     ratio: float | None
     """None when the source's size is unknown (0 bytes)."""
+    expected_ratio: float | None = None
+    """What the plan expected the ratio to be (bitsandbytes builds; the gate's default bound derives from it)."""
 
     @classmethod
-    def of(cls, source_bytes: int, artifact_bytes: int) -> Footprint:
-        return cls(source_bytes=source_bytes, artifact_bytes=artifact_bytes,
-                   ratio=round(artifact_bytes / source_bytes, 4) if source_bytes else None)
+    def of(cls, source_bytes: int, artifact_bytes: int, expected_ratio: float | None = None) -> Footprint:
+        footprint = cls(source_bytes=source_bytes, artifact_bytes=artifact_bytes,
+                        ratio=round(artifact_bytes / source_bytes, 4) if source_bytes else None)
+        if expected_ratio is not None:
+            footprint.expected_ratio = expected_ratio
+        return footprint
 
 
 class QuantizedLayers(_Record):
@@ -103,6 +108,8 @@ class Manifest(_Record):
     quantize_path: str | None = None
     quantized_layers: QuantizedLayers | None = None
     dequantized: Dequantized | None = None
+    warnings: list[str] | None = None
+    """What `builder plan` warned about (e.g. a compute dtype other than the load dtype); absent when none."""
     onnx: dict[str, Any] | None = None
     """The export step's record: exporter, task, opset, dtype, target and verification providers, inputs."""
     files: dict[str, FileEntry] | None = None

@@ -35,6 +35,7 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
     sections = [
         f"# {manifest.name}",
         _summary(manifest),
+        *(["## Warnings\n\n" + "\n".join(f"- {w}" for w in manifest.warnings)] if manifest.warnings else []),
         "## Usage\n\n" + _usage(manifest, repo_id),
         "## Build settings\n\n" + _settings(manifest),
         "## Verification\n\n" + _verification(manifest.verification or {}),
@@ -199,11 +200,13 @@ def _size(manifest: Manifest) -> str:
     if footprint.get("source_bytes"):
         lines.append(f"- source weights: {_bytes(footprint['source_bytes'])}")
     if footprint.get("artifact_bytes"):
-        ratio = footprint.get("ratio")
+        ratio, expected = footprint.get("ratio"), footprint.get("expected_ratio")
         lines.append(f"- artifact weights: {_bytes(footprint['artifact_bytes'])}"
                      + (f" ({ratio:.2f}x the source)" if isinstance(ratio, (int, float)) else ""))
+        if isinstance(expected, (int, float)):
+            lines.append(f"- expected footprint ratio (from the plan): {expected:.4f}")
     for key, value in sorted(footprint.items()):
-        if key not in ("source_bytes", "artifact_bytes", "ratio"):
+        if key not in ("source_bytes", "artifact_bytes", "ratio", "expected_ratio"):
             lines.append(f"- {key}: {_number(value)}")
     if manifest.bits_per_param is not None:
         lines.append(f"- bits per parameter: {manifest.bits_per_param:.2f}")

@@ -26,6 +26,8 @@ TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Files whose presence means the folder has a tokenizer that the artifact should carry.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# A sentence-transformers model folder: the module list, its settings, and each module's folder (1_Pooling/, ...).
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 
 
 @dataclass(frozen=True)
@@ -135,3 +137,33 @@ def local_weight_files(folder: Path) -> list[Path]:
 
 def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def copy_sentence_transformers(source: Path, target: Path) -> list[str]:
+    """Copy a sentence-transformers source's files into the artifact `target`: modules.json, its settings and the
+    folder of every module after the first (the Transformer, which is the artifact itself). Without them
+    `SentenceTransformer(artifact)` loads mean pooling without normalization: other embeddings. Returns what was
+    copied (relative paths); nothing for a plain transformers folder."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if not (source / "modules.json").is_file():
+        return []
+    try:
+        modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
+        folders = [m["path"] for m in modules if isinstance(m, dict) and m.get("path")]
+    except (ValueError, TypeError) as error:
+        raise SourceError(f"{source / 'modules.json'} is not a sentence-transformers module list ({error}); fix or "
+                          "remove it") from None
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    for folder in folders:
+        # Normalize has no settings, so its folder may be missing from the source; sentence-transformers does not
+        # need it then either.
+        if (source / folder).is_dir() and Path(folder).name == folder:
+            shutil.copytree(source / folder, target / folder, dirs_exist_ok=True, copy_function=shutil.copyfile)
+            copied.append(f"{folder}/")
+    return copied

@@ -24,7 +24,8 @@ from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, handling_signals
 from builder.inventory import artifact_states, format_table, write_stamp
-from builder.plan import make_plan
+from builder.modules import source_problems
+from builder.plan import footprint_threshold, make_plan
 from builder.recipe import (
     files_defining,
     find_recipe_files,
@@ -54,8 +55,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for file in files:
         try:
             loaded = load_recipes(file)
-            results[file] = {"file": str(file), "ok": True, "recipes": [r.recipe.name for r in loaded],
-                             "problems": []}
+            # Variants share their source: one problem of it is reported once.
+            problems = [] if args.schema_only else list(dict.fromkeys(p for item in loaded
+                                                                      for p in source_problems(item)))
+            results[file] = {"file": str(file), "ok": not problems, "recipes": [r.recipe.name for r in loaded],
+                             "problems": [p.as_json() for p in problems]}
+            failed = failed or bool(problems)
+            if problems and not args.json:
+                print("\n".join(map(str, problems)))
         except RecipeError as error:
             failed = True
             results[file] = {"file": str(file), "ok": False, "recipes": [],
@@ -93,6 +100,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _format_plan(plan) -> str:
     import yaml
 
+
     recipe = plan.loaded.recipe
     lines = [
         f"# {recipe.name}" + (f"  (variant {plan.loaded.variant} of {plan.loaded.path})" if plan.loaded.variant else ""),
@@ -101,6 +109,8 @@ def _format_plan(plan) -> str:
         f"parameters:  {plan.parameter_count:,}",
         f"source size: {_size(plan.source_bytes)}",
         f"artifact:    ~{_size(plan.expected_artifact_bytes)} (estimate)",
+        *([f"footprint:   ~{plan.expected_footprint_ratio:.4f}x the source, loaded (gate default footprint_ratio "
+           f"<= {footprint_threshold(plan.expected_footprint_ratio)})"] if plan.expected_footprint_ratio else []),
         "versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
         "steps:",
     ]
@@ -308,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="check recipes (files or folders; default recipes/)")
     validate.add_argument("paths", nargs="*", help="recipe files or folders")
     validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.add_argument("--schema-only", action="store_true", help="check the recipe language only, not the local "
+                          "source folders (that they exist, and that skip_modules name modules of their checkpoint)")
     validate.set_defaults(run=cmd_validate)
 
     plan = commands.add_parser("plan", parents=[quiet],

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo
+from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.errors import SourceError
-from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
+from builder.modules import EMBEDDING_NAMES, is_quantizable, left_alone_by_bnb, unmatched_skip_modules
+from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
+from builder.tasks import infer_task, unverifiable
 
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
@@ -23,7 +24,6 @@ _VERSIONED = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
-_EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 
 
 def package_versions(kind: str) -> dict[str, str]:
@@ -55,25 +55,6 @@ def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def skip_module_matches(module: str, pattern: str) -> bool:
-    """transformers' rule (quantizers_utils.should_convert_module): a prefix up to a module boundary, a regex
-    with the same boundary, or a suffix of the module's full name."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    try:
-        return bool(re.match(rf"(?:{pattern}){boundary}", module)) or module.endswith(pattern)
-    except re.error:
-        return module.endswith(pattern)
-
-
-def module_names(tensors: tuple[TensorInfo, ...]) -> list[str]:
-    """Every module path implied by the tensor names (`a.b.weight` -> `a`, `a.b`)."""
-    names: set[str] = set()
-    for tensor in tensors:
-        parts = tensor.name.split(".")[:-1]
-        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return sorted(names)
-
-
 @dataclass
 class Stage:
     name: str
@@ -91,6 +72,8 @@ class Plan:
     parameter_count: int
     source_bytes: int
     expected_artifact_bytes: int
+    expected_footprint_ratio: float | None = None
+    """The loaded artifact's memory over the source's that the quantization should give (None for exports)."""
     warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -106,6 +89,7 @@ class Plan:
             "parameter_count": self.parameter_count,
             "source_bytes": self.source_bytes,
             "expected_artifact_bytes": self.expected_artifact_bytes,
+            "expected_footprint_ratio": self.expected_footprint_ratio,
             "stages": [{"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
                        for s in self.stages],
             "warnings": self.warnings,
@@ -116,6 +100,9 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     """Resolve the source (metadata only), check skip_modules against it and estimate sizes and memory."""
     recipe = loaded.recipe
     source = resolve(recipe.source, loaded.source_path)
+    task = recipe.source.task or infer_task(source.config.get("architectures"))
+    if task is not None and (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
+        raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
     versions = package_versions(build_kind(recipe))
     source_bytes = sum(t.nbytes for t in source.tensors)
@@ -125,42 +112,80 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     if recipe.publish is not None and not recipe.source.pinned:
         warnings.append(f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
                         "records the commit it resolved, but `builder publish` will refuse until you pin it")
+    if (mismatch := compute_dtype_warning(recipe, source.config, source.tensors)) is not None:
+        warnings.append(mismatch)
     stages = _stages(recipe, loaded_bytes, artifact)
     return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
-                source.parameter_count, source_bytes, artifact, warnings)
+                source.parameter_count, source_bytes, artifact, expected_footprint_ratio(recipe, source.tensors,
+                                                                                         source.config), warnings)
 
 
 def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
-    if not isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit)) or not source.tensors:
-        return
-    modules = module_names(source.tensors) + _tied_heads(source.config)
-    unmatched = [p for p in recipe.quantize.skip_modules if not any(skip_module_matches(m, p) for m in modules)]
+    unmatched = unmatched_skip_modules(recipe, source.tensors, source.config)
     if unmatched:
-        example = ", ".join(m for m in modules if m.count(".") <= 1)[:200]
-        raise SourceError(f"quantize.skip_modules: {', '.join(map(repr, unmatched))} match no module of "
-                          f"{recipe.source.model} (modules include: {example}, ...); use a module name or suffix "
-                          "such as lm_head or mlp.down_proj")
+        raise SourceError("; ".join(f"quantize.skip_modules: {message}" for _, message in unmatched))
 
 
-def _tied_heads(config: dict) -> list[str]:
-    """An output head tied to the input embeddings is a module of the model but has no tensor in the checkpoint."""
-    heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
-    tied = config.get("tie_word_embeddings", True) is not False
-    return ["lm_head"] if tied and any(a.endswith(heads) for a in config.get("architectures") or ()) else []
+def load_dtype(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
+    """The dtype from_pretrained loads the source in: `source.dtype`, or for `auto` config.json's, else the first
+    floating checkpoint tensor's (None when none is known)."""
+    if recipe.source.dtype != "auto":
+        return recipe.source.dtype
+    found = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(found, str):
+        return found.removeprefix("torch.")
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    return next((names[t.dtype] for t in tensors if t.dtype in names), None)
+
+
+def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
+    """A warning when a 4-bit recipe's `compute_dtype` is not the dtype the model loads in: the matmuls then cast
+    every activation (float32 compute on a bfloat16 model is slower and no more accurate than its weights)."""
+    quantize = recipe.quantize
+    loaded = load_dtype(recipe, config, tensors)
+    if not isinstance(quantize, Bnb4Bit) or loaded is None or quantize.compute_dtype == loaded:
+        return None
+    return (f"quantize.compute_dtype is {quantize.compute_dtype} but the model loads in {loaded} "
+            f"({'source.dtype' if recipe.source.dtype != 'auto' else 'config.json'}): the 4-bit matmuls cast "
+            f"every activation; set `quantize.compute_dtype: {loaded}` unless you want {quantize.compute_dtype} "
+            "matmuls")
+
+
+def expected_footprint_ratio(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> float | None:
+    """The memory of the quantized model over the source's, both loaded (what the gate's `footprint_ratio`
+    measures with get_memory_footprint): quantizable Linear weights at 4 or 8 bits, everything else in the load
+    dtype. None for an export or a source without safetensors headers."""
+    quantize = recipe.quantize
+    if quantize is None or not tensors:
+        return None
+    loaded = TORCH_DTYPE_BYTES.get(load_dtype(recipe, config, tensors) or "")
+    source = artifact = 0.0
+    for tensor in tensors:
+        size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
+        source += size
+        if not is_quantizable(tensor, quantize.skip_modules) or left_alone_by_bnb(tensor, config):
+            artifact += size
+        else:
+            artifact += tensor.numel / 2 if isinstance(quantize, Bnb4Bit) else tensor.numel
+    return round(artifact / source, 4) if source else None
+
+
+FOOTPRINT_MARGIN = 0.05
+UNKNOWN_FOOTPRINT_BOUND = 0.99
+"""The footprint bound when the expected ratio is unknown (no safetensors headers): the artifact must have shrunk."""
+
+
+def footprint_threshold(expected: float | None) -> float:
+    """The gate's default `footprint_ratio`: the expected ratio plus FOOTPRINT_MARGIN, but never past halfway to
+    1.0, the ratio of a build that quantized nothing (a model that is mostly embeddings expects ~0.98)."""
+    if expected is None:
+        return UNKNOWN_FOOTPRINT_BOUND
+    return round(min(expected + FOOTPRINT_MARGIN, (expected + 1) / 2), 4)
 
 
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
     dtype = recipe.source.dtype
     return TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
-
-
-def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
-    """Estimate of what bnb replaces: 2-D `.weight`s of linear layers, not embeddings, lm_head or skipped modules."""
-    if len(tensor.shape) != 2 or not tensor.name.endswith(".weight") or _EMBEDDING_NAMES.search(tensor.name):
-        return False
-    module = tensor.name[: -len(".weight")]
-    patterns = skip_modules or ("lm_head",)
-    return not any(skip_module_matches(module, p) for p in patterns)
 
 
 def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:
@@ -171,7 +196,7 @@ def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) ->
             # embeddings and 1-D tensors stay float32
             block = recipe.export.block_size or (32 if recipe.export.quantize == "int4" else 64)
             per_weight = 0.5 + (4.5 if recipe.export.quantize == "int4" else 4) / block
-            return int(sum(t.numel * (per_weight if len(t.shape) == 2 and not _EMBEDDING_NAMES.search(t.name)
+            return int(sum(t.numel * (per_weight if len(t.shape) == 2 and not EMBEDDING_NAMES.search(t.name)
                                       else 4) for t in tensors))
         per_element = 1 if recipe.export.quantize == "dynamic-int8" else (2 if recipe.export.dtype == "float16" else 4)
         return sum(t.numel for t in tensors) * per_element

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ class LoadedRecipe:
     """Folder that a relative `source.model` is resolved against: that of the file that wrote it."""
     name_at: Location | None = None
     """Where `name` was written."""
+    marks: Located | None = field(default=None, compare=False, repr=False)
+    """Where every value was written (after `extends` and the variant), for problems found past the schema."""
+
+    def where(self, path: Path_) -> Location:
+        """The location of the value at `path` (or its nearest written ancestor)."""
+        return self.marks.where(path) if self.marks is not None else Location(str(self.path), 1, 1)
 
     @property
     def source_path(self) -> Path | None:
@@ -190,13 +196,15 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     variants = located.data.pop("variants", None)
     if variants is None:
         recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)))]
+        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)),
+                             located)]
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(unique_sorted([*located.problems, Problem(located.where(("variants",)), "variants", "variants is "
                                    "a mapping of suffix: {overrides}, with at least one suffix")]))
     problems = list(located.problems)
     results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
     roots: dict[str, Path] = {}
+    marks: dict = {}
     for suffix, overrides in variants.items():
         overrides = {} if overrides is None else overrides
         if not _variant_ok(located, suffix, overrides, problems):
@@ -208,6 +216,7 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
         roots[suffix] = _source_root(variant, path)
+        marks[suffix] = variant
         try:
             results.append((suffix, written, _validate(variant), []))
         except RecipeError as error:
@@ -216,8 +225,8 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     if problems:
         raise RecipeError(unique_sorted(problems))
     name_at = located.where(("name",))
-    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at) for suffix, _, recipe, _ in results
-            if recipe is not None]  # every variant validated: a failed one raised above
+    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at, marks[suffix])
+            for suffix, _, recipe, _ in results if recipe is not None]  # a failed variant raised above
 
 
 def _source_root(located: Located, path: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from builder.errors import BuildError
-from builder.plan import is_quantizable
+from builder.modules import is_quantizable
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from builder.artifact import Footprint
+from builder.checkpoint import copy_sentence_transformers
 from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
@@ -322,6 +323,7 @@ def _copy_side_files(source_dir: Path, workdir: Path) -> None:
     for name in SIDE_FILES:
         if (source_dir / name).is_file() and not (workdir / name).exists():
             shutil.copy2(source_dir / name, workdir / name)
+    copy_sentence_transformers(source_dir, workdir)
 
 
 def _remove_model(workdir: Path) -> None:

@@ -19,18 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from builder.artifact import Dequantized, Footprint, QuantizedLayers
-from builder.checkpoint import (
-    FLOAT_DTYPES,
-    TORCH_DTYPE_BYTES,
-    has_tokenizer,
-    read_header,
-)
+from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, copy_sentence_transformers, has_tokenizer, read_header
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError
 from builder.recipe import Bnb4Bit, Bnb8Bit
 from builder.steps.bnb import bnb_config, load_kwargs
-from builder.steps.stream import stream_build, streamable
+from builder.steps.stream import NOTHING_QUANTIZED, stream_build, streamable
 from builder.tasks import auto_class
 
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
@@ -45,6 +40,8 @@ def quantize(ctx: BuildContext) -> None:
     spec = recipe.quantize
     assert spec is not None and ctx.task is not None  # a quantize recipe, resolved
     model_class = auto_class(ctx.task)
+    for warning in ctx.plan.warnings:
+        say(f"{recipe.name}: warning: {warning}")
     reason = streamable(recipe, ctx.source_folder())
     if reason is None:
         with _stage(ctx, "stream", "streaming the quantized weights"):
@@ -52,6 +49,8 @@ def quantize(ctx: BuildContext) -> None:
         ctx.quantize_path = "stream"
         _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
+    if reason.startswith(NOTHING_QUANTIZED):  # the transformers path swaps the same modules: it would fail too
+        raise BuildError(f"{recipe.name}: cannot quantize {recipe.source.model} with bitsandbytes: {reason}")
     say(f"{recipe.name}: quantizing through transformers (not streamed: {reason})")
     ctx.quantize_path = f"transformers ({reason})"
     kwargs = load_kwargs(recipe, ctx.device_map)
@@ -77,7 +76,7 @@ def quantize(ctx: BuildContext) -> None:
 
 def _record_sizes(ctx: BuildContext, artifact_bytes: int, layers: dict[str, int], model_class) -> None:
     """The footprints and the quantized layers' serialized size, the same way for both paths."""
-    ctx.footprint = Footprint.of(source_footprint(ctx, model_class), artifact_bytes)
+    ctx.footprint = Footprint.of(source_footprint(ctx, model_class), artifact_bytes, ctx.plan.expected_footprint_ratio)
     ctx.quantized_layers = serialized_layer_sizes(layers, ctx.workdir)
 
 
@@ -148,6 +147,7 @@ def _source_dtype(ctx: BuildContext):
 
 
 def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
+    copy_sentence_transformers(ctx.source_folder(), folder)
     if not has_tokenizer(ctx.source_folder()):
         return
     from transformers import AutoTokenizer

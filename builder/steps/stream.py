@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder.checkpoint import has_tokenizer, local_weight_files
+from builder.checkpoint import copy_sentence_transformers, has_tokenizer, local_weight_files, read_header
 from builder.errors import BuildError
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps.bnb import bnb_config
@@ -89,9 +89,16 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers import AutoHfQuantizer
 
-    from builder.steps.stream_io import read_source_tensors  # deferred: stream_io imports torch
+    from builder.steps.stream_io import (
+        ST_DTYPES,
+        read_source_tensors,  # deferred: stream_io imports torch
+    )
 
-    sources = read_source_tensors(local_weight_files(source_dir))
+    files = local_weight_files(source_dir)
+    for info in (t for file in files for t in read_header(file)):
+        if info.dtype not in ST_DTYPES:
+            return f"tensor {info.name} has dtype {info.dtype}, which the streaming quantizer cannot read"
+    sources = read_source_tensors(files)
     config = transformers.AutoConfig.from_pretrained(source_dir)
     assert recipe.quantize is not None  # _recipe_reason refused a recipe without one
     quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
@@ -124,14 +131,19 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
                 return f"{name} is a Conv1D (transposed on quantization)"
             quantized[f"{name}.weight" if name else "weight"] = module
     if not quantized:
-        return "no Linear layer would be quantized with these settings"
+        return nothing_quantized(model)
     state = model.state_dict(keep_vars=True)
     ignored = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(model._keys_to_ignore_on_save or ())
     keys = [key for key in state if key not in ignored]
     for key in keys:
         params[key] = state[key]
     missing = [key for key in keys if key not in sources]
-    unexpected = [key for key in sources if key not in params]
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    for key in (k for k in tied if k in sources and tied[k] in sources):
+        if not _same_bytes(sources[key], sources[tied[key]]):
+            return f"the checkpoint's {key} differs from {tied[key]}, which it is tied to"
+    dropped = _dropped_on_load(model, state, ignored)
+    unexpected = [key for key in sources if key not in params and not dropped(key)]
     if missing or unexpected:
         shown = ", ".join((missing or unexpected)[:3])
         what = "lacks" if missing else "has keys the model does not (renamed or dropped on load)"
@@ -142,7 +154,51 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     return _Plan(model, dtype, sources, keys, quantized, params)
 
 
-def _load_dtype(dtype: str, config: Any, sources: dict) -> torch.dtype:
+def _same_bytes(a: Any, b: Any) -> bool:
+    """Whether two source tensors hold the same bytes (a tied head saved as a copy of the embeddings)."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape):
+        return False
+    with open(a.file, "rb") as first, open(b.file, "rb") as second:
+        first.seek(a.offset)
+        second.seek(b.offset)
+        done = 0
+        while done < a.nbytes:
+            size = min(1 << 24, a.nbytes - done)
+            if first.read(size) != second.read(size):
+                return False
+            done += size
+    return True
+
+
+NOTHING_QUANTIZED = "no Linear layer would be quantized"
+
+
+def nothing_quantized(model: Any) -> str:
+    """Why transformers' module swap quantized nothing: settings that skip every layer, or linear layers of a
+    torch.nn.Linear subclass, which its bitsandbytes integration does not convert (`type(module) is nn.Linear`)."""
+    import torch
+
+    subclasses = sorted({type(m).__name__ for m in model.modules()
+                         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear})
+    if subclasses:
+        return (f"{NOTHING_QUANTIZED}: {type(model).__name__}'s linear layers are {', '.join(subclasses)}, a "
+                "subclass of torch.nn.Linear that transformers' bitsandbytes integration does not convert")
+    return f"{NOTHING_QUANTIZED} with these settings (all skipped); check `quantize.skip_modules`"
+
+
+def _dropped_on_load(model: Any, state: dict, ignored: set[str]):
+    """from_pretrained's rule for checkpoint keys the model does not load, which save_pretrained then does not
+    write: non-persistent buffers (BERT's `embeddings.position_ids`), a tied head's copy of the embeddings (checked
+    equal by the caller), and
+    the model's `_keys_to_ignore_on_load_unexpected` patterns."""
+    import re
+
+    buffers = {name for name, _ in model.named_buffers()} - set(state)
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return lambda key: key in buffers or key in ignored or any(p.search(key) for p in patterns)
+
+
+def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
     """from_pretrained's `dtype` rule: a named dtype, or for `auto` the config's, else the first floating
     checkpoint tensor's."""
     import torch
@@ -313,7 +369,8 @@ def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> Non
 
 
 def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
-    """config.json and generation_config.json as save_pretrained writes them, and the tokenizer files."""
+    """config.json and generation_config.json as save_pretrained writes them, the tokenizer files and a
+    sentence-transformers source's module files."""
     from transformers import GenerationConfig
 
     model = plan.model
@@ -332,3 +389,4 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(source_dir).save_pretrained(workdir)
+    copy_sentence_transformers(source_dir, workdir)

@@ -28,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from builder.checkpoint import local_weight_files, read_header
 from builder.console import say, show_progress
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
+from builder.plan import expected_footprint_ratio, footprint_threshold
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
@@ -55,21 +57,22 @@ ENCODER_MAX_TOKENS = 128
 # Defaults, from measurements on SmolLM2-135M-Instruct and all-MiniLM-L6-v2 on CPU (docs/recipes.md, "verify", has
 # the table): each allows about twice an honest build's distance from the reference (a 135M model loses a lot to
 # 4-bit: nf4 agrees on 63% of next tokens), and sits far from a build with shuffled 4-bit blocks (top-1 0.016,
-# KL 9.95 nats, perplexity x16,000). The footprint bound catches a build that quantized nothing (ratio 1.0).
+# KL 9.95 nats, perplexity x16,000). The footprint bound comes from the model (`footprint_default`).
 _LM_DEFAULTS = {
-    "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5, "footprint_ratio": 0.60},
-    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 2.2, "footprint_ratio": 0.60},
-    "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10, "footprint_ratio": 0.75},
+    "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5},
+    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 2.2},
+    "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10},
 }
 _ENCODER_DEFAULTS = {
-    "nf4": {"cosine": 0.90, "footprint_ratio": 0.75},
-    "fp4": {"cosine": 0.85, "footprint_ratio": 0.75},
-    "int8": {"cosine": 0.99, "footprint_ratio": 0.80},
+    "nf4": {"cosine": 0.90},
+    "fp4": {"cosine": 0.85},
+    "int8": {"cosine": 0.99},
 }
 
 
-def default_thresholds(recipe: Recipe, task: str) -> dict[str, float]:
-    """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task."""
+def default_thresholds(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
+    """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task; the
+    footprint bound from what the plan expects of `source_dir`'s tensors."""
     match recipe.quantize:
         case Bnb4Bit(quant_type=quant_type):
             scheme: str = quant_type
@@ -79,13 +82,27 @@ def default_thresholds(recipe: Recipe, task: str) -> dict[str, float]:
             raise BuildError(f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
                              "by builder.steps.verify_onnx")
     table = _LM_DEFAULTS if task == "text-generation" else _ENCODER_DEFAULTS
-    return dict(table[scheme])
+    return dict(table[scheme]) | {"footprint_ratio": footprint_default(recipe, source_dir)}
 
 
-def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
+def footprint_default(recipe: Recipe, source_dir: Path | None) -> float:
+    """`plan.footprint_threshold` of the ratio the plan expects: which tensors get quantized at which bits and
+    which stay in the load dtype (a model that is mostly embeddings barely shrinks, and passes)."""
+    import json
+
+
+    expected = None
+    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
+        config = json.loads((Path(source_dir) / "config.json").read_text(encoding="utf-8"))
+        tensors = tuple(t for file in local_weight_files(Path(source_dir)) for t in read_header(file))
+        expected = expected_footprint_ratio(recipe, tensors, config)
+    return footprint_threshold(expected)
+
+
+def thresholds_for(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
     """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
     applicable = _LM_GATES if task == "text-generation" else _ENCODER_GATES
-    return with_overrides(default_thresholds(recipe, task), recipe, applicable, f"a {task} model")
+    return with_overrides(default_thresholds(recipe, task, source_dir), recipe, applicable, f"a {task} model")
 
 
 _LM_GATES = ("top1_agreement", "kl_divergence", "perplexity_ratio", "footprint_ratio")
@@ -170,7 +187,7 @@ def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, 
     report. `reference` is a run already started for this check; `max_device_memory` caps each run's device
     memory, and a model whose weights pass it runs block by block."""
     started = time.perf_counter()
-    thresholds = thresholds_for(recipe, task)
+    thresholds = thresholds_for(recipe, task, source_dir)
     if reference is None:
         reference = ReferenceRun(recipe, task, source_dir, device, revision=revision, use_cache=use_cache,
                                  max_device_memory=max_device_memory)

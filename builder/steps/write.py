@@ -42,6 +42,7 @@ def write(ctx: BuildContext) -> None:
     write_report(ctx.workdir, manifest.verification or {})
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
+    _readable_by_all(ctx.workdir)
     manifest.files = file_table(ctx.workdir)
     write_manifest(ctx.workdir, manifest)
 
@@ -54,6 +55,8 @@ def manifest_for(ctx: BuildContext) -> Manifest:
     for field in ("quantize_path", "quantized_layers", "dequantized", "onnx"):
         if getattr(ctx, field) is not None:
             produced[field] = getattr(ctx, field)
+    if ctx.plan.warnings:
+        produced["warnings"] = list(ctx.plan.warnings)
     return Manifest(
         manifest_version=MANIFEST_VERSION,
         name=recipe.name,
@@ -73,6 +76,15 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         verification=ctx.verification,
         **produced,
     )
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give every file the mode a plain `open` would (0644 under umask 022): safetensors' save_file, which the
+    transformers path's save_pretrained calls, creates its files 0600, unreadable to the group serving them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def lock_text(loaded: LoadedRecipe, plan: Plan) -> str:

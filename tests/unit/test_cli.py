@@ -64,7 +64,7 @@ def test_plan_rejects_skip_module_that_matches_nothing(smollm2, tmp_path, capsys
     recipe.write_text(f"schema_version: 1\nname: x\nsource:\n  model: {smollm2}\nquantize:\n  method: bnb-8bit\n"
                       "  skip_modules: [lm_haed]\n")
     assert main(["plan", str(recipe)]) == 1
-    assert "'lm_haed' match no module" in capsys.readouterr().err
+    assert "'lm_haed' matches no module" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["validate", "--help"], ["--version"]])

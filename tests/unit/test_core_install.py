@@ -47,7 +47,9 @@ def test_the_blocker_blocks():
 
 
 def test_validate_needs_only_the_core_install():
-    done = core_builder("validate", "--json", "recipes", "tests/recipes/valid")
+    done = core_builder("validate", "--json", "recipes")
+    assert done.returncode == 0, done.stderr + done.stdout
+    done = core_builder("validate", "--json", "--schema-only", "recipes", "tests/recipes/valid")
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert payload["ok"] and len(payload["files"]) >= 10

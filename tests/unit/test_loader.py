@@ -229,8 +229,9 @@ def test_validate_prints_one_located_line_per_problem(tmp_path, monkeypatch, cap
 def test_plan_json_shape_on_a_local_folder(capsys):
     assert main(["plan", "--json", str(VALID / "local-tiny.yaml")]) == 0
     (plan,) = json.loads(capsys.readouterr().out)
-    assert sorted(plan) == ["build_hash", "expected_artifact_bytes", "name", "parameter_count", "recipe",
-                            "recipe_file", "source", "source_bytes", "stages", "variant", "versions", "warnings"]
+    assert sorted(plan) == ["build_hash", "expected_artifact_bytes", "expected_footprint_ratio", "name",
+                            "parameter_count", "recipe", "recipe_file", "source", "source_bytes", "stages", "variant",
+                            "versions", "warnings"]
     assert plan["name"] == "tiny-nf4" and plan["variant"] is None and plan["warnings"] == []
     assert plan["parameter_count"] == 8 * 4 + 4 * 4 + 4 and plan["source_bytes"] == 4 * plan["parameter_count"]
     assert plan["source"]["model"] == "../models/tiny" and plan["source"]["revision"].startswith("sha256:")

@@ -62,7 +62,7 @@ def test_pickle_only_weights_need_allow_pickle(tiny_llama, tmp_path, capsys):
 def test_skip_module_matching_nothing(tiny_llama, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_llama, quantize="  method: bnb-8bit\n  skip_modules: [lm_haed]\n")
     err = build_fails(capsys, recipe, tmp_path / "out")
-    assert "quantize.skip_modules: 'lm_haed' match no module" in err
+    assert "quantize.skip_modules: 'lm_haed' matches no module" in err
     assert not (tmp_path / "out").exists()
 
 

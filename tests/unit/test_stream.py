@@ -100,8 +100,9 @@ def test_an_export_recipe_is_not_streamable(tiny_llama):
     assert "no bitsandbytes" in streamable(Recipe.model_validate(data), tiny_llama)
 
 
-def test_checkpoint_keys_transformers_would_drop_are_not_streamed(tiny_llama, tmp_path):
-    """A tied lm_head stored anyway: transformers decides which copy wins, so streaming refuses."""
+def test_a_tied_head_stored_with_other_values_is_not_streamed(tiny_llama, tmp_path):
+    """A tied lm_head stored anyway but unlike the embeddings: which copy wins is transformers' business, so
+    streaming refuses (an equal copy streams: tests/unit/test_stream_wider.py)."""
     from safetensors.torch import load_file, save_file
 
     from builder.steps.stream import streamable
@@ -109,9 +110,10 @@ def test_checkpoint_keys_transformers_would_drop_are_not_streamed(tiny_llama, tm
     source = tmp_path / "src"
     shutil.copytree(tiny_llama, source)
     weights = load_file(source / "model.safetensors")
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] * 2
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
-    assert "lm_head.weight" in streamable(recipe_for(source, "nf4"), source)
+    assert streamable(recipe_for(source, "nf4"), source) == (
+        "the checkpoint's lm_head.weight differs from model.embed_tokens.weight, which it is tied to")
 
 
 def test_already_quantized_source_is_not_streamed(tiny_llama, tiny_references):
