@@ -52,9 +52,12 @@ def _card_data(manifest: Manifest):
     from huggingface_hub import ModelCardData
 
     recipe, task = manifest.recipe, manifest.source.task
+    inherited = source_card(manifest)
     fields: dict = {"library_name": manifest.library_name,
-                    "pipeline_tag": _PIPELINE_TAGS.get(task, task) if task else None,
-                    "license": (recipe.get("publish") or {}).get("license"),
+                    "pipeline_tag": inherited.get("pipeline_tag") or (_PIPELINE_TAGS.get(task, task) if task else None),
+                    "license": (recipe.get("publish") or {}).get("license") or inherited.get("license"),
+                    "language": inherited.get("language"),
+                    "datasets": inherited.get("datasets"),
                     "tags": _tags(recipe)}
     base_model = base_model_of(manifest)
     if base_model:
@@ -65,19 +68,43 @@ def _card_data(manifest: Manifest):
 
 
 def base_model_of(manifest: Manifest) -> str | None:
-    """The Hub repo the artifact derives from: the source repo id, or for a local folder its config's
-    `_name_or_path` when that is a repo id (None when unknown)."""
+    """The Hub repo the artifact derives from: the recipe's `source.base_model`, else the Hub source's id, else the
+    `base_model` of a local source folder's README.md front matter; None when none says (never a guess from
+    config.json, whose `_name_or_path` may name a grandparent or nothing)."""
+    declared = (manifest.recipe.get("source") or {}).get("base_model")
+    if declared:
+        return declared
+    if not is_local_path(manifest.source.model):
+        return manifest.source.model
+    found = source_card(manifest).get("base_model")
+    if isinstance(found, list) and len(found) == 1:
+        found = found[0]
+    return found if isinstance(found, str) and "/" in found and REPO_ID_PATTERN.match(found) else None
+
+
+_INHERITED = ("base_model", "license", "language", "datasets", "pipeline_tag")
+
+
+def source_card(manifest: Manifest) -> dict:
+    """The fields of `_INHERITED` in the front matter of a local source folder's README.md ({} when the source is
+    a Hub repo, or the folder has no card or none that parses)."""
     model = manifest.source.model
     if not is_local_path(model):
-        return model
+        return {}
     for recipe_file in manifest.recipe_files:
-        config = (Path(recipe_file).parent / Path(model).expanduser()) / "config.json"
-        if not config.is_file():
+        readme = (Path(recipe_file).parent / Path(model).expanduser()) / "README.md"
+        try:
+            text = readme.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
-        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path") or ""
-        if "/" in name and REPO_ID_PATTERN.match(name) and not is_local_path(name):
-            return name
-    return None
+        if not text.startswith("---"):
+            return {}
+        try:
+            front = yaml.safe_load(text.split("---", 2)[1])
+        except (yaml.YAMLError, IndexError):
+            return {}
+        return {key: front[key] for key in _INHERITED if isinstance(front, dict) and front.get(key)}
+    return {}
 
 
 def _is_quantized(recipe: dict) -> bool:

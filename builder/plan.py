@@ -48,8 +48,9 @@ def build_kind(recipe: Recipe) -> str:
 
 def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -> str:
     """sha256 of the canonical resolved recipe, the pinned source revision and the versions that change bytes.
-    `publish` is left out: where an artifact goes does not change what it is."""
-    content = recipe.model_dump(mode="json", exclude={"publish"})
+    `publish` and `source.base_model` are left out: where an artifact goes and which model its card names do not
+    change what it is."""
+    content = recipe.model_dump(mode="json", exclude={"publish": True, "source": {"base_model"}})
     canonical = json.dumps({"recipe": content, "source": source_revision, "versions": versions},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

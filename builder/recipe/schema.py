@@ -82,6 +82,11 @@ class Source(Block):
     allow_pickle: StrictBool = Field(
         default=False, description="Also read pickle (`.bin`) weights; by default only safetensors are read."
     )
+    base_model: str | None = Field(
+        default=None,
+        description="The Hub repo id (`org/name`) the model card links as base_model; absent = the Hub source's "
+        "id, or for a local folder the `base_model` of its README.md front matter (else none).",
+    )
 
     @field_validator("model")
     @classmethod
@@ -99,6 +104,15 @@ class Source(Block):
         elif reason := _hub_forbids(model):
             raise ValueError(f"{show(model)} is not a valid Hub repo id: {reason}")
         return model
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_a_repo(cls, base_model: str | None) -> str | None:
+        if base_model is not None and ("/" not in base_model or not REPO_ID_PATTERN.fullmatch(base_model)
+                                       or _hub_forbids(base_model)):
+            raise ValueError(f"{show(base_model)} is not a Hub repo id; write the model the source derives from as "
+                             "org/name")
+        return base_model
 
     @field_validator("revision")
     @classmethod

@@ -104,21 +104,68 @@ def test_failed_verification_is_shown_as_failed():
     assert "**FAILED**" in card and "| fail |" in card and "NOT verified" in card
 
 
-def test_local_source_uses_the_config_name_when_it_is_a_repo_id(tmp_path, monkeypatch):
+def local_manifest(tmp_path, monkeypatch, readme: str | None, config: dict | None = None, **source) -> dict:
+    """A manifest built from the local folder models/m (its README.md and config.json as given)."""
+    (tmp_path / "recipes").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    config = tmp_path / "models" / "m" / "config.json"
+    folder = tmp_path / "models" / "m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or {}))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
     manifest = bnb_manifest(recipe_files=["recipes/r.yaml"],
                             source={"model": "../models/m", "revision": "sha256:" + "1" * 64,
                                     "task": "text-generation"})
-    config.write_text(json.dumps({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"}))
+    manifest["recipe"]["source"] = {**manifest["recipe"]["source"], "model": "../models/m", "revision": None,
+                                    **source}
+    return manifest
+
+
+def test_the_recipes_base_model_wins_over_the_source(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nbase_model: other/from-card\n---\n",
+                              base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    data = card_data(render_card(manifest))
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["base_model_relation"] == "quantized"
+    hub = bnb_manifest()
+    hub["recipe"]["source"]["base_model"] = "HuggingFaceTB/SmolLM2-135M"
+    assert card_data(render_card(hub))["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_a_local_folder_links_the_base_model_of_its_readme_front_matter(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: mit\nbase_model: org/parent\n---\n# card\n")
     card = render_card(manifest)
-    assert card_data(card)["base_model"] == "nreimers/MiniLM-L6-H384-uncased"
+    assert card_data(card)["base_model"] == "org/parent"
     assert "build of the local folder `../models/m` (content digest `sha256:111" in card
-    config.write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/run-3"}))
+
+
+def test_a_local_folder_never_links_configs_name_or_path(tmp_path, monkeypatch):
+    # all-MiniLM-L6-v2's config names its grandparent; a card must not link it.
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: apache-2.0\n---\n",
+                              config={"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})
     data = card_data(render_card(manifest))
     assert "base_model" not in data and "base_model_relation" not in data
+    assert "base_model" not in card_data(render_card(local_manifest(tmp_path / "b", monkeypatch, None)))
+
+
+def test_base_model_must_be_a_hub_repo_id():
+    from pydantic import ValidationError
+
+    from builder.recipe import Source
+
+    assert Source(model="./m", base_model="org/name").base_model == "org/name"
+    with pytest.raises(ValidationError, match="not a Hub repo id"):
+        Source(model="./m", base_model="../models/m")
+
+
+def test_base_model_does_not_change_the_build_hash():
+    from builder.plan import build_hash
+    from builder.recipe import Recipe
+
+    recipe = bnb_manifest()["recipe"]
+    with_base = {**recipe, "source": {**recipe["source"], "base_model": "org/parent"}}
+    assert build_hash(Recipe.model_validate(recipe), COMMIT, {}) == \
+        build_hash(Recipe.model_validate(with_base), COMMIT, {})
 
 
 @pytest.mark.parametrize(("export", "relation"), [({}, None), ({"quantize": "dynamic-int8"}, "quantized"),

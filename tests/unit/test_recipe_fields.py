@@ -86,6 +86,9 @@ CASES = [
     Case(Source, "trust_remote_code", [False],
          [("no", "trust_remote_code: expected true or false, got 'no' (write it without quotes)")]),
     Case(Source, "allow_pickle", [True, False], [(1, "allow_pickle: expected true or false, got 1")]),
+    Case(Source, "base_model", [None, "HuggingFaceTB/SmolLM2-135M-Instruct"],
+         [("../models/m", "base_model: '../models/m' is not a Hub repo id; write the model the source derives from "
+           "as org/name")]),
     # load
     Case(Load, "attn_implementation", [None, "eager", "sdpa", "flex_attention"],
          [("flash", "attn_implementation: 'flash' is not one of eager, sdpa, flex_attention, flash_attention_2, "
