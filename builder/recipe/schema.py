@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from builder.recipe.licenses import license_problem
 from builder.recipe.wording import not_one_of, show
 from builder.tasks import TASKS
 
@@ -326,7 +327,10 @@ class Publish(Block):
     revision: str = Field(default="main", min_length=1, description="Branch to push to; created when missing.")
     private: StrictBool = Field(default=False, description="Create the repo as private.")
     create_pr: StrictBool = Field(default=False, description="Open a pull request instead of pushing to the branch.")
-    license: str | None = Field(default=None, description="License id for the model card (e.g. apache-2.0).")
+    license: str | None = Field(
+        default=None, description="The Hub's license identifier for the model card (apache-2.0, mit, llama3.2, "
+        "other, ...); absent = the local source folder card's license."
+    )
     tags: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), description="Extra model-card tags.")
     card: str | None = Field(default=None, description="Markdown appended to the generated model card.")
 
@@ -334,6 +338,13 @@ class Publish(Block):
     @classmethod
     def _revision_is_a_ref(cls, revision: str) -> str:
         return _check_ref(revision)
+
+    @field_validator("license")
+    @classmethod
+    def _license_is_the_hubs(cls, license: str | None) -> str | None:  # noqa: A002 - the card's field name
+        if license is not None and (problem := license_problem(license)):
+            raise ValueError(problem)
+        return license
 
     @field_validator("repo")
     @classmethod

@@ -148,6 +148,19 @@ def test_a_local_folder_never_links_configs_name_or_path(tmp_path, monkeypatch):
     assert "base_model" not in card_data(render_card(local_manifest(tmp_path / "b", monkeypatch, None)))
 
 
+def test_the_card_inherits_license_language_datasets_and_pipeline_tag_from_the_source_card(tmp_path, monkeypatch):
+    readme = ("---\nlanguage: en\nlicense: mit\ndatasets:\n- s2orc\n- ms_marco\npipeline_tag: sentence-similarity\n"
+              "library_name: sentence-transformers\n---\n# all-MiniLM-L6-v2\n")
+    manifest = local_manifest(tmp_path, monkeypatch, readme)
+    manifest["recipe"]["publish"]["license"] = None
+    data = card_data(render_card(manifest))
+    assert data["license"] == "mit" and data["language"] == "en" and data["datasets"] == ["s2orc", "ms_marco"]
+    assert data["pipeline_tag"] == "sentence-similarity"
+    assert data["library_name"] == "transformers"  # what loads the artifact, not the source
+    manifest["recipe"]["publish"]["license"] = "apache-2.0"  # the recipe's license wins
+    assert card_data(render_card(manifest))["license"] == "apache-2.0"
+
+
 def test_base_model_must_be_a_hub_repo_id():
     from pydantic import ValidationError
 

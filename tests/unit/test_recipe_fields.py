@@ -181,8 +181,14 @@ CASES = [
     Case(Publish, "private", [True, False], [("false", "private: expected true or false, got 'false' (write it "
                                                        "without quotes)")]),
     Case(Publish, "create_pr", [True, False], [(2, "create_pr: expected true or false, got 2")]),
-    Case(Publish, "license", [None, "apache-2.0", "mit"], [(3, "license: expected a string, got 3 (quote it to make "
-                                                               "it a string)")]),
+    Case(Publish, "license", [None, "apache-2.0", "mit", "llama3.2", "other"],
+         [(3, "license: expected a string, got 3 (quote it to make it a string)"),
+          ("Apache 2.0", "license: 'Apache 2.0' is not a Hub license identifier (did you mean 'apache-2.0'?); write "
+           "one of those listed at https://huggingface.co/docs/hub/repositories-licenses, or `other` and name the "
+           "license in the card's text"),
+          ("MIT License", "license: 'MIT License' is not a Hub license identifier (did you mean 'mit'?); write one of "
+           "those listed at https://huggingface.co/docs/hub/repositories-licenses, or `other` and name the license in "
+           "the card's text")]),
     Case(Publish, "tags", [[], ["nf4", "smollm2"]], [([""], "tags.0: string should have at least 1 character "
                                                             "(got '')")]),
     Case(Publish, "card", [None, "# Notes\n\nBuilt on CPU."], [(["a"], "card: expected a string, got a list")]),
