@@ -77,11 +77,11 @@ def test_bnb_card_metadata_links_the_source_as_quantized():
 def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extra_text():
     card = render_card(bnb_manifest())
     assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
-    assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `True` |" in card
+    assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `true` |" in card
     assert re.search(r"\| top1_agreement \| 0\.953 \| 0\.9 \| pass \|", card)
     assert re.search(r"\| kl_divergence_mean \| 0\.0412 \| 0\.15 \| pass \|", card)  # gated as kl_divergence
     assert "**passed**" in card and "reference_latency_ms" in card
-    assert "bits per parameter: 4.13" in card and "(0.44x the source)" in card
+    assert "bits per quantized-layer weight (quantized layers only): 4.13" in card and "(0.44x the source)" in card
     recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(recipe_block) == bnb_manifest()["recipe"]
     assert "| bitsandbytes | 0.50.2 |" in card
@@ -136,7 +136,7 @@ def test_a_local_folder_links_the_base_model_of_its_readme_front_matter(tmp_path
     manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: mit\nbase_model: org/parent\n---\n# card\n")
     card = render_card(manifest)
     assert card_data(card)["base_model"] == "org/parent"
-    assert "build of the local folder `../models/m` (content digest `sha256:111" in card
+    assert "build of a local copy of `org/parent` (content digest `sha256:111" in card
 
 
 def test_a_local_folder_never_links_configs_name_or_path(tmp_path, monkeypatch):
@@ -194,3 +194,39 @@ def test_onnx_card(export, relation):
     assert f'ort.InferenceSession(f"{{folder}}/onnx/model.onnx", providers=["{provider}"])' in card
     assert "ORTModelForFeatureExtraction.from_pretrained" in card
     assert "| `export.optimize` |" in card
+
+
+def test_the_gates_results_are_the_cards_model_index():
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(render_card(bnb_manifest())).data
+    results = {r.metric_type: r for r in data.eval_results}
+    assert data.model_name == "smol-nf4"
+    assert results["top1_agreement"].metric_value == 0.953
+    assert results["kl_divergence_mean"].metric_value == 0.0412
+    assert {r.dataset_type for r in results.values()} == {"builder/eval_text"}
+    assert {r.task_type for r in results.values()} == {"text-generation"}
+
+
+def test_one_name_per_size_figure():
+    manifest = bnb_manifest()
+    manifest["verification"]["metrics"]["bits_per_param"] = 6.65  # every weight file, embeddings included
+    card = render_card(manifest)
+    assert "| weight_file_bits_per_param | 6.65 |" in card
+    assert "bits per quantized-layer weight (quantized layers only): 4.13" in card
+    assert not re.search(r"\bbits_per_param\b|bits per parameter", card.split("## Reproduce")[0])
+
+
+def test_settings_are_written_as_yaml_values():
+    card = render_card(bnb_manifest())
+    settings = card.split("## Build settings")[1].split("##")[0]
+    assert "| `quantize.double_quant` | `true` |" in settings and "| `quantize.dequantize` | `false` |" in settings
+    assert "True" not in settings and "False" not in settings
+
+
+def test_a_published_card_names_no_local_path(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, None, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    manifest["recipe"]["source"]["model"] = manifest["source"]["model"] = "../../models/smollm2-135m-instruct"
+    card = render_card(manifest)
+    assert "../" not in card and "models/smollm2" not in card
+    assert "a local copy of `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
