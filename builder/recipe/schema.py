@@ -440,13 +440,39 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
+SCHEMA_ID = "urn:builder:recipe:schema_version:1"  # no public URL hosts it; editors find it by the modeline
+# The keys a block must have in a file that stands alone; a child (`extends`) may leave any of them to its parent.
+_REQUIRED = {"Source": ["model"], "Bnb4Bit": ["method"], "Bnb8Bit": ["method"], "OnnxExport": ["format"],
+             "Publish": ["repo"]}
+
+
 def json_schema() -> dict:
     """JSON Schema of a recipe file, for editors: the `Recipe` fields plus `extends` and `variants`.
 
-    Only `schema_version` is required, since a file that `extends` a parent may leave the rest to it.
+    Unknown keys and bad values are errors in every file. What is required depends on `extends`: a file without it
+    needs `schema_version` and each block it writes needs its key fields (`source.model`, `quantize.method`,
+    `export.format`, `publish.repo`); a child may write any part of any block. Cross-field rules (quantize or
+    export, not both) are for `builder validate`, which also resolves the parents.
     """
     schema = Recipe.model_json_schema()
+    definitions = schema["$defs"]
+    for model in definitions.values():
+        model.pop("required", None)
+    # A partial quantize block ({skip_modules: [...]}) fits both methods; `method`, when written, still picks one.
+    quantize = schema["properties"]["quantize"]["anyOf"][0]
+    quantize.pop("discriminator")
+    quantize["anyOf"] = quantize.pop("oneOf")
+    for name in ("Bnb4Bit", "Bnb8Bit"):
+        definitions[name]["properties"]["method"].pop("default", None)
+    standalone = {"required": ["schema_version"], "properties": {
+        block: {"anyOf": [{"type": "null"}, *({"$ref": f"#/$defs/{d}", "required": _REQUIRED[d]} for d in defs)]}
+        for block, defs in (("source", ["Source"]), ("quantize", ["Bnb4Bit", "Bnb8Bit"]), ("export", ["OnnxExport"]),
+                            ("publish", ["Publish"]))}}
+    schema.pop("required", None)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    schema["then"] = standalone
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = SCHEMA_ID
     schema["title"] = "builder recipe (schema_version 1)"
     schema["properties"]["extends"] = {
         "type": "string",
@@ -458,5 +484,4 @@ def json_schema() -> dict:
         "propertyNames": {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
         "additionalProperties": {"type": ["object", "null"]},
     }
-    schema["required"] = ["schema_version"]
     return schema
