@@ -23,6 +23,8 @@ _VERSIONED = {
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
+# The packages a build cannot run without (the others in `_VERSIONED` are alternatives: onnxruntime or -gpu).
+_BUILDS_WITH = {"quantize": ("torch", "transformers", "bitsandbytes"), "export": ("torch", "transformers", "onnx")}
 _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
 
 
@@ -33,6 +35,12 @@ def package_versions(kind: str) -> dict[str, str]:
         if (found := _version(name)) != "not installed":
             versions[name] = found
     return versions
+
+
+def recorded_versions(kind: str, versions: dict[str, str]) -> dict[str, str]:
+    """The part of a manifest's `versions` that went into its build hash (builder's and `kind`'s byte-relevant
+    packages; the manifest also records others for information)."""
+    return {name: version for name, version in versions.items() if name == "builder" or name in _VERSIONED[kind]}
 
 
 def _version(name: str) -> str:
@@ -126,6 +134,10 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     if recipe.publish is not None and not recipe.source.pinned:
         warnings.append(f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
                         "records the commit it resolved, but `builder publish` will refuse until you pin it")
+    if missing := [name for name in _BUILDS_WITH[build_kind(recipe)] if name not in versions]:
+        warnings.append(f"{', '.join(missing)} not installed here: this environment cannot build the recipe, and its "
+                        "build hash differs from one made where they are; `builder list` compares artifacts by the "
+                        "versions their manifests record")
     stages = _stages(recipe, loaded_bytes, artifact)
     return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
                 source.parameter_count, source_bytes, artifact, warnings)
