@@ -17,6 +17,9 @@ from builder.errors import SourceError
 from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
 
+DISTRIBUTION = "recipe-builder"
+"""This package's distribution name (pyproject's `name`); it is recorded as `builder` in manifests."""
+
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
     "quantize": ("torch", "transformers", "accelerate", "bitsandbytes"),
@@ -30,7 +33,7 @@ _EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddin
 
 def package_versions(kind: str) -> dict[str, str]:
     """Installed versions of the packages that matter for `kind` (quantize/export), plus builder's own."""
-    versions = {"builder": _version("builder")}
+    versions = {"builder": _version(DISTRIBUTION)}
     for name in _VERSIONED[kind]:
         if (found := _version(name)) != "not installed":
             versions[name] = found
