@@ -66,17 +66,18 @@ TIMEOUT_S = 60.0
 _DRAIN_BYTES, _DRAIN_S = 1 << 20, 2.0  # what is read of an unwanted body so the client sees the answer, not a reset
 
 
-def card_problems(card: str) -> list[str]:
+def card_problems(card: str, *, refuse_unreadable: bool = True) -> list[str]:
     """What the Hub would refuse in a model card's YAML metadata: YAML that does not parse, a block that is not a
-    mapping, a `license` that is not one of the Hub's identifiers."""
+    mapping, a `license` that is not one of the Hub's identifiers. With `refuse_unreadable` False only the last: a
+    commit stores an unreadable card (repo info then leaves its metadata out), as clients ask validate-yaml first."""
     if not card.startswith("---"):
         return []
     try:
         front = views.card_yaml(card.split("---", 2)[1]) or {}
     except (ValueError, IndexError) as error:
-        return [f"invalid YAML metadata: {error}"]
+        return [f"invalid YAML metadata: {error}"] if refuse_unreadable else []
     if not isinstance(front, dict):
-        return ["the metadata block is not a mapping"]
+        return ["the metadata block is not a mapping"] if refuse_unreadable else []
     licenses = front.get("license")
     return [f'"license": {problem}' for item in (licenses if isinstance(licenses, list) else [licenses])
             if licenses is not None and (problem := license_problem(item))]
@@ -446,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
                     card = base64.b64decode(value.get("content", "")).decode("utf-8")
                 except (ValueError, UnicodeDecodeError):
                     raise StoreError(400, "README.md is not UTF-8 text") from None
-                if problems := card_problems(card):
+                if problems := card_problems(card, refuse_unreadable=False):
                     raise StoreError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {p}" for p in problems))
         create_pr = self.query.get("create_pr", "") in ("1", "true")
         oid, number = self.server.store.apply_commit(repo_type, repo, revision, lines[0]["value"], lines[1:],
