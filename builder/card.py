@@ -234,7 +234,8 @@ def _verification(report: dict) -> str:
     for metric, value in sorted(metrics.items()):
         key, limit = gated.get(metric, (None, None))
         verdict = "" if limit is None else ("fail" if {metric, key} & failed else "pass")
-        rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {'' if limit is None else _number(limit)} | {verdict} |")
+        shown_limit = "" if limit is None else _number(limit)
+        rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
     where = report.get("provider") or report.get("device") or "cpu"
     lines = [f"Task `{report.get('task')}`, compared with the source on `{where}`: "
              f"**{'passed' if report.get('passed') else 'FAILED'}**.", "",

@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
                        "OUT/.failed/<name>/")
     build.add_argument("--json", action="store_true", help="machine-readable output")
-    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds (HF_TOKEN, HF_ENDPOINT, HF_HUB_DISABLE_XET: see publish --help)")
+    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds "
+                       "(HF_TOKEN, HF_ENDPOINT, HF_HUB_DISABLE_XET: see publish --help)")
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
 

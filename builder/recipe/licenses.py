@@ -1,5 +1,5 @@
-"""The Hub's license identifiers (builder/data/hub_licenses.txt, from https://huggingface.co/docs/hub/repositories-licenses):
-the only values the Hub accepts as a card's `license`. The recipe schema checks `publish.license` against them and
+"""The Hub's license identifiers (builder/data/hub_licenses.txt, from the Hub's documentation, `LICENSES_URL`): the
+only values the Hub accepts as a card's `license`. The recipe schema checks `publish.license` against them and
 the local registry refuses a card that names another, as the Hub does."""
 
 from __future__ import annotations
