@@ -53,32 +53,87 @@ def _card_data(manifest: Manifest):
     from huggingface_hub import ModelCardData
 
     recipe, task = manifest.recipe, manifest.source.task
+    inherited = source_card(manifest)
     fields: dict = {"library_name": manifest.library_name,
-                    "pipeline_tag": _PIPELINE_TAGS.get(task, task) if task else None,
-                    "license": (recipe.get("publish") or {}).get("license"),
+                    "pipeline_tag": inherited.get("pipeline_tag") or (_PIPELINE_TAGS.get(task, task) if task else None),
+                    "license": (recipe.get("publish") or {}).get("license") or inherited.get("license"),
+                    "language": inherited.get("language"),
+                    "datasets": inherited.get("datasets"),
                     "tags": _tags(recipe)}
     base_model = base_model_of(manifest)
     if base_model:
         fields["base_model"] = base_model
         if _is_quantized(recipe):
             fields["base_model_relation"] = "quantized"
+    if results := _eval_results(manifest, fields["pipeline_tag"] or task or "feature-extraction"):
+        fields |= {"model_name": manifest.name, "eval_results": results}
     return ModelCardData(**{key: value for key, value in fields.items() if value is not None})
 
 
 def base_model_of(manifest: Manifest) -> str | None:
-    """The Hub repo the artifact derives from: the source repo id, or for a local folder its config's
-    `_name_or_path` when that is a repo id (None when unknown)."""
+    """The Hub repo the artifact derives from: the recipe's `source.base_model`, else the Hub source's id, else the
+    `base_model` of a local source folder's README.md front matter; None when none says (never a guess from
+    config.json, whose `_name_or_path` may name a grandparent or nothing)."""
+    declared = (manifest.recipe.get("source") or {}).get("base_model")
+    if declared:
+        return declared
+    if not is_local_path(manifest.source.model):
+        return manifest.source.model
+    found = source_card(manifest).get("base_model")
+    if isinstance(found, list) and len(found) == 1:
+        found = found[0]
+    return found if isinstance(found, str) and "/" in found and REPO_ID_PATTERN.match(found) else None
+
+
+EVAL_DATASET = "builder/eval_text"
+"""The evaluation data the gate compares on: builder/data/eval_text.txt (three public-domain texts) and the
+recipe's prompts; the card names it with the sha256 the report recorded."""
+
+
+def _eval_results(manifest: Manifest, task: str) -> list:
+    """The gate's metrics as model-index results: each metric it computed, against the evaluation data it used,
+    marked verified only when the gate passed."""
+    from huggingface_hub import EvalResult
+
+    report = manifest.verification or {}
+    digest = (report.get("inputs") or {}).get("eval_text_sha256")
+    return [EvalResult(task_type=task, dataset_type=EVAL_DATASET, dataset_name="builder evaluation text and prompts",
+                       dataset_revision=digest, metric_type=_METRIC_NAMES.get(metric, metric),
+                       metric_value=value, verified=False,
+                       metric_config="compared with the source model" + ("" if report.get("passed") else
+                                                                         " (gate FAILED)"))
+            for metric, value in sorted((report.get("metrics") or {}).items())
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
+# One name per figure: the gate's `bits_per_param` counts every weight file, the manifest's only the quantized
+# layers; a card that calls both "bits per parameter" shows two different numbers for one thing.
+_METRIC_NAMES = {"bits_per_param": "weight_file_bits_per_param"}
+
+
+_INHERITED = ("base_model", "license", "language", "datasets", "pipeline_tag")
+
+
+def source_card(manifest: Manifest) -> dict:
+    """The fields of `_INHERITED` in the front matter of a local source folder's README.md ({} when the source is
+    a Hub repo, or the folder has no card or none that parses)."""
     model = manifest.source.model
     if not is_local_path(model):
-        return model
+        return {}
     for recipe_file in manifest.recipe_files:
-        config = (Path(recipe_file).parent / Path(model).expanduser()) / "config.json"
-        if not config.is_file():
+        readme = (Path(recipe_file).parent / Path(model).expanduser()) / "README.md"
+        try:
+            text = readme.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
-        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path") or ""
-        if "/" in name and REPO_ID_PATTERN.match(name) and not is_local_path(name):
-            return name
-    return None
+        if not text.startswith("---"):
+            return {}
+        try:
+            front = yaml.safe_load(text.split("---", 2)[1])
+        except (yaml.YAMLError, IndexError):
+            return {}
+        return {key: front[key] for key in _INHERITED if isinstance(front, dict) and front.get(key)}
+    return {}
 
 
 def _is_quantized(recipe: dict) -> bool:
@@ -117,7 +172,8 @@ def _summary(manifest: Manifest) -> str:
         what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
                 f"quantize {export['quantize']}) for {export['provider']}")
     passed = manifest.passed
-    origin = (f"the local folder `{source.model}` (content digest `{source.revision}`)"
+    origin = (f"a local copy{f' of `{base}`' if (base := base_model_of(manifest)) else ''} (content digest "
+              f"`{source.revision}`)"
               if source.revision.startswith("sha256:") else
               f"`{source.model}` (revision `{source.revision}`)")
     return (f"{what} build of {origin}, made by "
@@ -181,7 +237,8 @@ def _verification(report: dict) -> str:
     for metric, value in sorted(metrics.items()):
         key, limit = gated.get(metric, (None, None))
         verdict = "" if limit is None else ("fail" if {metric, key} & failed else "pass")
-        rows.append(f"| {metric} | {_number(value)} | {'' if limit is None else _number(limit)} | {verdict} |")
+        shown_limit = "" if limit is None else _number(limit)
+        rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
     where = report.get("provider") or report.get("device") or "cpu"
     lines = [f"Task `{report.get('task')}`, compared with the source on `{where}`: "
              f"**{'passed' if report.get('passed') else 'FAILED'}**.", "",
@@ -209,12 +266,15 @@ def _size(manifest: Manifest) -> str:
         if key not in ("source_bytes", "artifact_bytes", "ratio", "expected_ratio"):
             lines.append(f"- {key}: {_number(value)}")
     if manifest.bits_per_param is not None:
-        lines.append(f"- bits per parameter: {manifest.bits_per_param:.2f}")
+        lines.append(f"- bits per quantized-layer weight (quantized layers only): {manifest.bits_per_param:.2f}")
     return "\n".join(lines) or "Not measured."
 
 
 def _reproduce(manifest: Manifest) -> str:
-    recipe_yaml = yaml.safe_dump(manifest.recipe, sort_keys=False).rstrip()
+    recipe = manifest.recipe
+    if is_local_path(manifest.source.model):  # a path on the build host means nothing to a reader of the card
+        recipe = {**recipe, "source": {**recipe["source"], "model": LOCAL_SOURCE}}
+    recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).rstrip()
     versions = "\n".join(f"| {name} | {version} |" for name, version in sorted(manifest.versions.items()))
     return (f"The resolved recipe (also in `recipe.lock.yaml`); `builder build` on it with the versions below "
             f"reproduces build hash `{manifest.build_hash}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
@@ -222,8 +282,12 @@ def _reproduce(manifest: Manifest) -> str:
             "`manifest.json` lists every file with its sha256.")
 
 
+LOCAL_SOURCE = "./<local folder with the content digest above>"
+
+
 def _plain(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """A setting as YAML writes it: true/false/null, lists and mappings in flow style."""
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
 def _number(value) -> str:

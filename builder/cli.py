@@ -25,7 +25,7 @@ from builder.hub.server import serve
 from builder.interrupts import Interrupted, handling_signals
 from builder.inventory import artifact_states, format_table, write_stamp
 from builder.modules import source_problems
-from builder.plan import footprint_threshold, make_plan
+from builder.plan import DISTRIBUTION, footprint_threshold, make_plan
 from builder.recipe import (
     files_defining,
     find_recipe_files,
@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT/.failed/<name>/")
     _add_gate_options(build)
     build.add_argument("--json", action="store_true", help="machine-readable output")
-    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds (see publish)")
+    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds "
+                       "(HF_TOKEN, HF_ENDPOINT, HF_HUB_DISABLE_XET: see publish --help)")
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
 
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=cmd_verify)
 
     publish = commands.add_parser("publish", parents=[quiet], help="push a verified artifact to the Hugging Face "
-                                  "Hub (HF_ENDPOINT) in one commit")
+                                  "Hub (HF_ENDPOINT) in one commit", epilog=PUBLISH_ENVIRONMENT)
     publish.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
     _add_publish_options(publish)
     publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; "
@@ -482,11 +483,18 @@ def _add_publish_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
 
 
+PUBLISH_ENVIRONMENT = (
+    "environment: HF_TOKEN (a write token; else the one `hf auth login` saved), HF_ENDPOINT (the Hub to push to; "
+    "default https://huggingface.co, or a `builder hub serve` URL), HF_HUB_DISABLE_XET=1 (upload through git-LFS; "
+    "needed for `builder hub serve`, which has no Xet storage), BUILDER_HTTP_TIMEOUT (seconds without progress "
+    "before a request is retried; default 60).")
+
+
 def _own_version() -> str:
     from importlib import metadata
 
     try:
-        return metadata.version("builder")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return "unknown"
 

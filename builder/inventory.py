@@ -10,7 +10,7 @@ from pathlib import Path
 
 from builder.artifact import MANIFEST_FILE, not_current, read_manifest
 from builder.errors import BuilderError, RecipeError
-from builder.plan import make_plan
+from builder.plan import build_hash, build_kind, make_plan, recorded_versions
 from builder.recipe import files_defining, find_recipe_files, load_recipes
 
 PUBLISHED_DIR = ".published"
@@ -64,17 +64,25 @@ def artifact_states(paths: Sequence[str | Path], artifacts: Path, names: list[st
             found = manifest.build_hash if manifest else None
             published = published_record(artifacts, name)
             try:
-                expected = make_plan(loaded).build_hash
+                plan = make_plan(loaded)
             except BuilderError as error:
                 states.append(ArtifactState(str(file), name, "invalid", None, found, published, str(error)))
                 continue
-            detail = ""
+            expected, detail = plan.build_hash, ""
+            if manifest is not None and found != expected:
+                # Packages the build had and this environment lacks (a core install has no torch) change the hash
+                # made here; with the versions the build recorded, an unchanged recipe and source hash the same.
+                recorded = recorded_versions(build_kind(loaded.recipe), manifest.versions)
+                if missing := sorted(set(recorded) - set(plan.versions)):
+                    expected = build_hash(loaded.recipe, plan.source.revision, recorded)
+                    detail = (f"compared with the versions the build recorded ({', '.join(missing)} not installed "
+                              "here)")
             if manifest is None:
                 state = "missing"
             elif found != expected:
                 state = "stale"
-            elif detail := not_current(artifacts / name, manifest, expected):
-                state = "built"
+            elif problem := not_current(artifacts / name, manifest, expected):
+                state, detail = "built", problem
             else:
                 state = "verified"
             if published and published.get("build_hash") != found:

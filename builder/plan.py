@@ -18,21 +18,32 @@ from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
 from builder.tasks import infer_task, unverifiable
 
+DISTRIBUTION = "recipe-builder"
+"""This package's distribution name (pyproject's `name`); it is recorded as `builder` in manifests."""
+
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
     "quantize": ("torch", "transformers", "accelerate", "bitsandbytes"),
     "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
                "optimum-onnx"),
 }
+# The packages a build cannot run without (the others in `_VERSIONED` are alternatives: onnxruntime or -gpu).
+_BUILDS_WITH = {"quantize": ("torch", "transformers", "bitsandbytes"), "export": ("torch", "transformers", "onnx")}
 
 
 def package_versions(kind: str) -> dict[str, str]:
     """Installed versions of the packages that matter for `kind` (quantize/export), plus builder's own."""
-    versions = {"builder": _version("builder")}
+    versions = {"builder": _version(DISTRIBUTION)}
     for name in _VERSIONED[kind]:
         if (found := _version(name)) != "not installed":
             versions[name] = found
     return versions
+
+
+def recorded_versions(kind: str, versions: dict[str, str]) -> dict[str, str]:
+    """The part of a manifest's `versions` that went into its build hash (builder's and `kind`'s byte-relevant
+    packages; the manifest also records others for information)."""
+    return {name: version for name, version in versions.items() if name == "builder" or name in _VERSIONED[kind]}
 
 
 def _version(name: str) -> str:
@@ -48,8 +59,9 @@ def build_kind(recipe: Recipe) -> str:
 
 def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -> str:
     """sha256 of the canonical resolved recipe, the pinned source revision and the versions that change bytes.
-    `publish` is left out: where an artifact goes does not change what it is."""
-    content = recipe.model_dump(mode="json", exclude={"publish"})
+    `publish` and `source.base_model` are left out: where an artifact goes and which model its card names do not
+    change what it is."""
+    content = recipe.model_dump(mode="json", exclude={"publish": True, "source": {"base_model"}})
     canonical = json.dumps({"recipe": content, "source": source_revision, "versions": versions},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -114,6 +126,10 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
                         "records the commit it resolved, but `builder publish` will refuse until you pin it")
     if (mismatch := compute_dtype_warning(recipe, source.config, source.tensors)) is not None:
         warnings.append(mismatch)
+    if missing := [name for name in _BUILDS_WITH[build_kind(recipe)] if name not in versions]:
+        warnings.append(f"{', '.join(missing)} not installed here: this environment cannot build the recipe, and its "
+                        "build hash differs from one made where they are; `builder list` compares artifacts by the "
+                        "versions their manifests record")
     stages = _stages(recipe, loaded_bytes, artifact)
     return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
                 source.parameter_count, source_bytes, artifact, expected_footprint_ratio(recipe, source.tensors,

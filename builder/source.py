@@ -197,13 +197,26 @@ def _resolve_hub(source: Source) -> ResolvedSource:
     except RepositoryNotFoundError:
         raise SourceError(f"Hub repo {source.model} not found (or private: log in with hf auth login or set "
                           f"HF_TOKEN); endpoint {api.endpoint}") from None
-    except OSError as error:
-        raise SourceError(f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision}: {error}") \
-            from None
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise SourceError(f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision} "
+                          f"({type(error).__name__}: {error}); check the network connection, DNS and proxy "
+                          "(HTTPS_PROXY), and HF_ENDPOINT when it is set, or point `source.model` at a local "
+                          "folder") from None
     if info.sha is None:
         raise SourceError(f"the Hub did not say which commit {source.model}@{revision} is; try again, or pin "
                           "`source.revision` to a 40-hex commit")
     return ResolvedSource(source.model, info.sha, None, config, tensors, weight_files)
+
+
+# huggingface_hub's HTTP client raises its own transport errors (httpx's, or requests' in older releases), not
+# OSError; matched by name so that no HTTP library is imported here.
+_NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutException"}
+
+
+def _is_network_error(error: Exception) -> bool:
+    return isinstance(error, OSError) or any(cls.__name__ in _NETWORK_ERRORS for cls in type(error).__mro__)
 
 
 def _tensors_from_metadata(file_meta) -> list[TensorInfo]:

@@ -29,6 +29,7 @@ same exceptions as against the Hub. There is no Xet storage: clients must set HF
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -47,6 +48,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from builder.errors import BuilderError
 from builder.hub import views
 from builder.hub.store import REPO_TYPES, Store, StoreError, check_path, is_lfs
+from builder.recipe.licenses import license_problem
 
 XET_MESSAGE = ("this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
                "huggingface_hub uploads through the git-LFS API")
@@ -62,6 +64,23 @@ MAX_JSON_BYTES = 100 * 1024 ** 2  # a commit inlines its regular files (each < 1
 MAX_CONNECTIONS = 64
 TIMEOUT_S = 60.0
 _DRAIN_BYTES, _DRAIN_S = 1 << 20, 2.0  # what is read of an unwanted body so the client sees the answer, not a reset
+
+
+def card_problems(card: str, *, refuse_unreadable: bool = True) -> list[str]:
+    """What the Hub would refuse in a model card's YAML metadata: YAML that does not parse, a block that is not a
+    mapping, a `license` that is not one of the Hub's identifiers. With `refuse_unreadable` False only the last: a
+    commit stores an unreadable card (repo info then leaves its metadata out), as clients ask validate-yaml first."""
+    if not card.startswith("---"):
+        return []
+    try:
+        front = views.card_yaml(card.split("---", 2)[1]) or {}
+    except (ValueError, IndexError) as error:
+        return [f"invalid YAML metadata: {error}"] if refuse_unreadable else []
+    if not isinstance(front, dict):
+        return ["the metadata block is not a mapping"] if refuse_unreadable else []
+    licenses = front.get("license")
+    return [f'"license": {problem}' for item in (licenses if isinstance(licenses, list) else [licenses])
+            if licenses is not None and (problem := license_problem(item))]
 
 
 class HubServer(ThreadingHTTPServer):
@@ -297,14 +316,7 @@ class Handler(BaseHTTPRequestHandler):
         content = self._json_body().get("content", "")
         if not isinstance(content, str):
             raise StoreError(400, "`content` is the card's text (a string)")
-        errors = []
-        if content.startswith("---"):
-            try:
-                front = views.card_yaml(content.split("---", 2)[1]) or {}
-                if not isinstance(front, dict):
-                    errors.append({"message": "the metadata block is not a mapping"})
-            except (ValueError, IndexError) as error:
-                errors.append({"message": f"invalid YAML metadata: {error}"})
+        errors = [{"message": problem} for problem in card_problems(content)]
         self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def _whoami(self) -> None:
@@ -428,6 +440,15 @@ class Handler(BaseHTTPRequestHandler):
             raise StoreError(400, 'each line of the commit payload is an object {"key": ..., "value": {...}}')
         if not lines or lines[0].get("key") != "header":
             raise StoreError(400, "the commit payload must start with a header line")
+        for line in lines[1:]:  # the Hub refuses a commit whose README.md has invalid metadata
+            value = line["value"]
+            if line.get("key") == "file" and str(value.get("path", "")).strip("/") == "README.md":
+                try:
+                    card = base64.b64decode(value.get("content", "")).decode("utf-8")
+                except (ValueError, UnicodeDecodeError):
+                    raise StoreError(400, "README.md is not UTF-8 text") from None
+                if problems := card_problems(card, refuse_unreadable=False):
+                    raise StoreError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {p}" for p in problems))
         create_pr = self.query.get("create_pr", "") in ("1", "true")
         oid, number = self.server.store.apply_commit(repo_type, repo, revision, lines[0]["value"], lines[1:],
                                                      create_pr)

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from builder.recipe.licenses import license_problem
 from builder.recipe.wording import not_one_of, show
 from builder.tasks import TASKS
 
@@ -88,6 +89,11 @@ class Source(Block):
     allow_pickle: StrictBool = Field(
         default=False, description="Also read pickle (`.bin`) weights; by default only safetensors are read."
     )
+    base_model: str | None = Field(
+        default=None,
+        description="The Hub repo id (`org/name`) the model card links as base_model; absent = the Hub source's "
+        "id, or for a local folder the `base_model` of its README.md front matter (else none).",
+    )
 
     @field_validator("model")
     @classmethod
@@ -105,6 +111,15 @@ class Source(Block):
         elif reason := _hub_forbids(model):
             raise ValueError(f"{show(model)} is not a valid Hub repo id: {reason}")
         return model
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_a_repo(cls, base_model: str | None) -> str | None:
+        if base_model is not None and ("/" not in base_model or not REPO_ID_PATTERN.fullmatch(base_model)
+                                       or _hub_forbids(base_model)):
+            raise ValueError(f"{show(base_model)} is not a Hub repo id; write the model the source derives from as "
+                             "org/name")
+        return base_model
 
     @field_validator("revision")
     @classmethod
@@ -359,7 +374,10 @@ class Publish(Block):
     revision: str = Field(default="main", min_length=1, description="Branch to push to; created when missing.")
     private: StrictBool = Field(default=False, description="Create the repo as private.")
     create_pr: StrictBool = Field(default=False, description="Open a pull request instead of pushing to the branch.")
-    license: str | None = Field(default=None, description="License id for the model card (e.g. apache-2.0).")
+    license: str | None = Field(
+        default=None, description="The Hub's license identifier for the model card (apache-2.0, mit, llama3.2, "
+        "other, ...); absent = the local source folder card's license."
+    )
     tags: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), description="Extra model-card tags.")
     card: str | None = Field(default=None, description="Markdown appended to the generated model card.")
 
@@ -367,6 +385,13 @@ class Publish(Block):
     @classmethod
     def _revision_is_a_ref(cls, revision: str) -> str:
         return _check_ref(revision)
+
+    @field_validator("license")
+    @classmethod
+    def _license_is_the_hubs(cls, license: str | None) -> str | None:  # noqa: A002 - the card's field name
+        if license is not None and (problem := license_problem(license)):
+            raise ValueError(problem)
+        return license
 
     @field_validator("repo")
     @classmethod
@@ -462,13 +487,39 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
+SCHEMA_ID = "urn:builder:recipe:schema_version:1"  # no public URL hosts it; editors find it by the modeline
+# The keys a block must have in a file that stands alone; a child (`extends`) may leave any of them to its parent.
+_REQUIRED = {"Source": ["model"], "Bnb4Bit": ["method"], "Bnb8Bit": ["method"], "OnnxExport": ["format"],
+             "Publish": ["repo"]}
+
+
 def json_schema() -> dict:
     """JSON Schema of a recipe file, for editors: the `Recipe` fields plus `extends` and `variants`.
 
-    Only `schema_version` is required, since a file that `extends` a parent may leave the rest to it.
+    Unknown keys and bad values are errors in every file. What is required depends on `extends`: a file without it
+    needs `schema_version` and each block it writes needs its key fields (`source.model`, `quantize.method`,
+    `export.format`, `publish.repo`); a child may write any part of any block. Cross-field rules (quantize or
+    export, not both) are for `builder validate`, which also resolves the parents.
     """
     schema = Recipe.model_json_schema()
+    definitions = schema["$defs"]
+    for model in definitions.values():
+        model.pop("required", None)
+    # A partial quantize block ({skip_modules: [...]}) fits both methods; `method`, when written, still picks one.
+    quantize = schema["properties"]["quantize"]["anyOf"][0]
+    quantize.pop("discriminator")
+    quantize["anyOf"] = quantize.pop("oneOf")
+    for name in ("Bnb4Bit", "Bnb8Bit"):
+        definitions[name]["properties"]["method"].pop("default", None)
+    standalone = {"required": ["schema_version"], "properties": {
+        block: {"anyOf": [{"type": "null"}, *({"$ref": f"#/$defs/{d}", "required": _REQUIRED[d]} for d in defs)]}
+        for block, defs in (("source", ["Source"]), ("quantize", ["Bnb4Bit", "Bnb8Bit"]), ("export", ["OnnxExport"]),
+                            ("publish", ["Publish"]))}}
+    schema.pop("required", None)
+    schema["if"] = {"not": {"required": ["extends"]}}
+    schema["then"] = standalone
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = SCHEMA_ID
     schema["title"] = "builder recipe (schema_version 1)"
     schema["properties"]["extends"] = {
         "type": "string",
@@ -480,5 +531,4 @@ def json_schema() -> dict:
         "propertyNames": {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
         "additionalProperties": {"type": ["object", "null"]},
     }
-    schema["required"] = ["schema_version"]
     return schema

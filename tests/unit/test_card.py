@@ -77,11 +77,11 @@ def test_bnb_card_metadata_links_the_source_as_quantized():
 def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extra_text():
     card = render_card(bnb_manifest())
     assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
-    assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `True` |" in card
+    assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `true` |" in card
     assert re.search(r"\| top1_agreement \| 0\.953 \| 0\.9 \| pass \|", card)
     assert re.search(r"\| kl_divergence_mean \| 0\.0412 \| 0\.15 \| pass \|", card)  # gated as kl_divergence
     assert "**passed**" in card and "reference_latency_ms" in card
-    assert "bits per parameter: 4.13" in card and "(0.44x the source)" in card
+    assert "bits per quantized-layer weight (quantized layers only): 4.13" in card and "(0.44x the source)" in card
     recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(recipe_block) == bnb_manifest()["recipe"]
     assert "| bitsandbytes | 0.50.2 |" in card
@@ -104,21 +104,81 @@ def test_failed_verification_is_shown_as_failed():
     assert "**FAILED**" in card and "| fail |" in card and "NOT verified" in card
 
 
-def test_local_source_uses_the_config_name_when_it_is_a_repo_id(tmp_path, monkeypatch):
+def local_manifest(tmp_path, monkeypatch, readme: str | None, config: dict | None = None, **source) -> dict:
+    """A manifest built from the local folder models/m (its README.md and config.json as given)."""
+    (tmp_path / "recipes").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "models" / "m").mkdir(parents=True)
-    config = tmp_path / "models" / "m" / "config.json"
+    folder = tmp_path / "models" / "m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or {}))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
     manifest = bnb_manifest(recipe_files=["recipes/r.yaml"],
                             source={"model": "../models/m", "revision": "sha256:" + "1" * 64,
                                     "task": "text-generation"})
-    config.write_text(json.dumps({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"}))
+    manifest["recipe"]["source"] = {**manifest["recipe"]["source"], "model": "../models/m", "revision": None,
+                                    **source}
+    return manifest
+
+
+def test_the_recipes_base_model_wins_over_the_source(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nbase_model: other/from-card\n---\n",
+                              base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    data = card_data(render_card(manifest))
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["base_model_relation"] == "quantized"
+    hub = bnb_manifest()
+    hub["recipe"]["source"]["base_model"] = "HuggingFaceTB/SmolLM2-135M"
+    assert card_data(render_card(hub))["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_a_local_folder_links_the_base_model_of_its_readme_front_matter(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: mit\nbase_model: org/parent\n---\n# card\n")
     card = render_card(manifest)
-    assert card_data(card)["base_model"] == "nreimers/MiniLM-L6-H384-uncased"
-    assert "build of the local folder `../models/m` (content digest `sha256:111" in card
-    config.write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/run-3"}))
+    assert card_data(card)["base_model"] == "org/parent"
+    assert "build of a local copy of `org/parent` (content digest `sha256:111" in card
+
+
+def test_a_local_folder_never_links_configs_name_or_path(tmp_path, monkeypatch):
+    # all-MiniLM-L6-v2's config names its grandparent; a card must not link it.
+    manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: apache-2.0\n---\n",
+                              config={"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})
     data = card_data(render_card(manifest))
     assert "base_model" not in data and "base_model_relation" not in data
+    assert "base_model" not in card_data(render_card(local_manifest(tmp_path / "b", monkeypatch, None)))
+
+
+def test_the_card_inherits_license_language_datasets_and_pipeline_tag_from_the_source_card(tmp_path, monkeypatch):
+    readme = ("---\nlanguage: en\nlicense: mit\ndatasets:\n- s2orc\n- ms_marco\npipeline_tag: sentence-similarity\n"
+              "library_name: sentence-transformers\n---\n# all-MiniLM-L6-v2\n")
+    manifest = local_manifest(tmp_path, monkeypatch, readme)
+    manifest["recipe"]["publish"]["license"] = None
+    data = card_data(render_card(manifest))
+    assert data["license"] == "mit" and data["language"] == "en" and data["datasets"] == ["s2orc", "ms_marco"]
+    assert data["pipeline_tag"] == "sentence-similarity"
+    assert data["library_name"] == "transformers"  # what loads the artifact, not the source
+    manifest["recipe"]["publish"]["license"] = "apache-2.0"  # the recipe's license wins
+    assert card_data(render_card(manifest))["license"] == "apache-2.0"
+
+
+def test_base_model_must_be_a_hub_repo_id():
+    from pydantic import ValidationError
+
+    from builder.recipe import Source
+
+    assert Source(model="./m", base_model="org/name").base_model == "org/name"
+    with pytest.raises(ValidationError, match="not a Hub repo id"):
+        Source(model="./m", base_model="../models/m")
+
+
+def test_base_model_does_not_change_the_build_hash():
+    from builder.plan import build_hash
+    from builder.recipe import Recipe
+
+    recipe = bnb_manifest()["recipe"]
+    with_base = {**recipe, "source": {**recipe["source"], "base_model": "org/parent"}}
+    assert build_hash(Recipe.model_validate(recipe), COMMIT, {}) == \
+        build_hash(Recipe.model_validate(with_base), COMMIT, {})
 
 
 @pytest.mark.parametrize(("export", "relation"), [({}, None), ({"quantize": "dynamic-int8"}, "quantized"),
@@ -134,3 +194,39 @@ def test_onnx_card(export, relation):
     assert f'ort.InferenceSession(f"{{folder}}/onnx/model.onnx", providers=["{provider}"])' in card
     assert "ORTModelForFeatureExtraction.from_pretrained" in card
     assert "| `export.optimize` |" in card
+
+
+def test_the_gates_results_are_the_cards_model_index():
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(render_card(bnb_manifest())).data
+    results = {r.metric_type: r for r in data.eval_results}
+    assert data.model_name == "smol-nf4"
+    assert results["top1_agreement"].metric_value == 0.953
+    assert results["kl_divergence_mean"].metric_value == 0.0412
+    assert {r.dataset_type for r in results.values()} == {"builder/eval_text"}
+    assert {r.task_type for r in results.values()} == {"text-generation"}
+
+
+def test_one_name_per_size_figure():
+    manifest = bnb_manifest()
+    manifest["verification"]["metrics"]["bits_per_param"] = 6.65  # every weight file, embeddings included
+    card = render_card(manifest)
+    assert "| weight_file_bits_per_param | 6.65 |" in card
+    assert "bits per quantized-layer weight (quantized layers only): 4.13" in card
+    assert not re.search(r"\bbits_per_param\b|bits per parameter", card.split("## Reproduce")[0])
+
+
+def test_settings_are_written_as_yaml_values():
+    card = render_card(bnb_manifest())
+    settings = card.split("## Build settings")[1].split("##")[0]
+    assert "| `quantize.double_quant` | `true` |" in settings and "| `quantize.dequantize` | `false` |" in settings
+    assert "True" not in settings and "False" not in settings
+
+
+def test_a_published_card_names_no_local_path(tmp_path, monkeypatch):
+    manifest = local_manifest(tmp_path, monkeypatch, None, base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    manifest["recipe"]["source"]["model"] = manifest["source"]["model"] = "../../models/smollm2-135m-instruct"
+    card = render_card(manifest)
+    assert "../" not in card and "models/smollm2" not in card
+    assert "a local copy of `HuggingFaceTB/SmolLM2-135M-Instruct`" in card

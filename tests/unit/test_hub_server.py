@@ -262,3 +262,24 @@ def test_a_connection_stays_usable_after_an_error_and_closes_only_when_it_says_s
     refused.read()
     assert refused.status == 404 and refused.getheader("Connection") == "close"
     connection.close()
+
+
+def test_a_card_with_a_license_the_hub_does_not_know_is_refused_like_the_hub_does(api):
+    api.create_repo("demo/licensed")
+    bad = b"---\nlicense: Apache 2.0\n---\n# card\n"
+    # huggingface_hub asks the validate-yaml endpoint first and raises what it answers ...
+    with pytest.raises(ValueError, match=r"Invalid metadata in README.md.\n- \"license\": 'Apache 2.0' is not a Hub "
+                                         r"license identifier \(did you mean 'apache-2.0'\?\)"):
+        api.upload_file(repo_id="demo/licensed", path_in_repo="README.md", path_or_fileobj=bad)
+    # ... and a client that commits directly is refused by the commit endpoint.
+    payload = "\n".join(json.dumps(line) for line in (
+        {"key": "header", "value": {"summary": "card"}},
+        {"key": "file", "value": {"path": "README.md", "encoding": "base64",
+                                  "content": base64.b64encode(bad).decode()}}))
+    status, _, body = _request(f"{api.endpoint}/api/models/demo/licensed/commit/main", "POST", payload.encode(),
+                               {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"})
+    assert status == 400 and b"apache-2.0" in body
+    assert "README.md" not in api.list_repo_files("demo/licensed")
+    api.upload_file(repo_id="demo/licensed", path_in_repo="README.md",
+                    path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# card\n")
+    assert api.model_info("demo/licensed").card_data["license"] == "apache-2.0"

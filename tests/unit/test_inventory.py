@@ -113,3 +113,44 @@ def test_state_names_what_keeps_an_artifact_of_this_hash_from_being_up_to_date(p
     (folder / "manifest.json").write_text(json.dumps(manifest_json("b", state.build_hash, True, files)))
     [state] = artifact_states([project / "recipes"], project / "artifacts", names=["b"])
     assert (state.state, state.detail) == ("built", "model.safetensors is missing or changed")
+
+
+def test_a_core_install_does_not_call_an_artifact_built_with_the_extras_stale(project, monkeypatch):
+    import builder.plan
+    import builder.source
+    from builder.plan import build_hash
+    from builder.recipe import load_recipes
+
+    [loaded] = load_recipes(project / "recipes" / "a.yaml")
+    [state] = [s for s in artifact_states([project / "recipes"], project / "artifacts") if s.name == "a"]
+    revision = "sha256:" + builder.source.folder_digest(project / "m")
+    built_with = {"builder": builder.plan._version("builder"), "torch": "2.13.0", "transformers": "5.1.0",
+                  "accelerate": "1.12.0", "bitsandbytes": "0.50.2"}
+    manifest = manifest_json("a", build_hash(loaded.recipe, revision, built_with), passed=True)
+    manifest["versions"] = {**built_with, "numpy": "2.3.0"}  # recorded for information, not hashed
+    (project / "artifacts" / "a").mkdir()
+    (project / "artifacts" / "a" / "manifest.json").write_text(json.dumps(manifest))
+    core_only = {"builder": built_with["builder"]}
+    monkeypatch.setattr(builder.plan, "_version", lambda name: core_only.get(name, "not installed"))
+    [state] = [s for s in artifact_states([project / "recipes"], project / "artifacts") if s.name == "a"]
+    assert state.state == "verified"
+    assert "accelerate, bitsandbytes, torch, transformers not installed here" in state.detail
+    # Where the packages are installed, other versions than the build's do make it stale.
+    monkeypatch.setattr(builder.plan, "_version", lambda name: {**built_with, "torch": "2.14.0"}.get(name, "x"))
+    [state] = [s for s in artifact_states([project / "recipes"], project / "artifacts") if s.name == "a"]
+    assert state.state == "stale"
+    # And a changed recipe is stale under the core install too.
+    monkeypatch.setattr(builder.plan, "_version", lambda name: core_only.get(name, "not installed"))
+    (project / "recipes" / "a.yaml").write_text((project / "recipes" / "a.yaml").read_text() + "  quant_type: fp4\n")
+    [state] = [s for s in artifact_states([project / "recipes"], project / "artifacts") if s.name == "a"]
+    assert state.state == "stale"
+
+
+def test_plan_warns_when_the_packages_a_build_needs_are_not_installed(project, monkeypatch):
+    import builder.plan
+    from builder.recipe import load_recipes
+
+    monkeypatch.setattr(builder.plan, "_version", lambda name: "1.0" if name == "builder" else "not installed")
+    [loaded] = load_recipes(project / "recipes" / "a.yaml")
+    [warning] = [w for w in builder.plan.make_plan(loaded).warnings if "not installed" in w]
+    assert warning.startswith("torch, transformers, bitsandbytes not installed here")

@@ -101,7 +101,8 @@ def test_minimal_recipe_takes_every_default():
     assert recipe.model_dump(mode="json") == {
         "schema_version": 1, "name": "minimal",
         "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None, "task": None, "dtype": "auto",
-                   "trust_remote_code": False, "allow_pickle": False},
+                   "trust_remote_code": False, "allow_pickle": False,
+                   "base_model": None},
         "load": {"attn_implementation": None, "device_map": None, "max_memory": None},
         "quantize": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "float32",
                      "quant_storage": "uint8", "skip_modules": [], "dequantize": False},

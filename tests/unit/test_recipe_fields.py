@@ -86,6 +86,9 @@ CASES = [
     Case(Source, "trust_remote_code", [False],
          [("no", "trust_remote_code: expected true or false, got 'no' (write it without quotes)")]),
     Case(Source, "allow_pickle", [True, False], [(1, "allow_pickle: expected true or false, got 1")]),
+    Case(Source, "base_model", [None, "HuggingFaceTB/SmolLM2-135M-Instruct"],
+         [("../models/m", "base_model: '../models/m' is not a Hub repo id; write the model the source derives from "
+           "as org/name")]),
     # load
     Case(Load, "attn_implementation", [None, "eager", "sdpa", "flex_attention"],
          [("flash", "attn_implementation: 'flash' is not one of eager, sdpa, flex_attention, flash_attention_2, "
@@ -189,8 +192,14 @@ CASES = [
     Case(Publish, "private", [True, False], [("false", "private: expected true or false, got 'false' (write it "
                                                        "without quotes)")]),
     Case(Publish, "create_pr", [True, False], [(2, "create_pr: expected true or false, got 2")]),
-    Case(Publish, "license", [None, "apache-2.0", "mit"], [(3, "license: expected a string, got 3 (quote it to make "
-                                                               "it a string)")]),
+    Case(Publish, "license", [None, "apache-2.0", "mit", "llama3.2", "other"],
+         [(3, "license: expected a string, got 3 (quote it to make it a string)"),
+          ("Apache 2.0", "license: 'Apache 2.0' is not a Hub license identifier (did you mean 'apache-2.0'?); write "
+           "one of those listed at https://huggingface.co/docs/hub/repositories-licenses, or `other` and name the "
+           "license in the card's text"),
+          ("MIT License", "license: 'MIT License' is not a Hub license identifier (did you mean 'mit'?); write one of "
+           "those listed at https://huggingface.co/docs/hub/repositories-licenses, or `other` and name the license in "
+           "the card's text")]),
     Case(Publish, "tags", [[], ["nf4", "smollm2"]], [([""], "tags.0: string should have at least 1 character "
                                                             "(got '')")]),
     Case(Publish, "card", [None, "# Notes\n\nBuilt on CPU."], [(["a"], "card: expected a string, got a list")]),
