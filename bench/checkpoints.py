@@ -14,29 +14,81 @@ from pathlib import Path
 
 SHAPES = {
     # meta-llama/Meta-Llama-3-8B: 8.03 B parameters, 4 shards.
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
-                      eos_token_id=128001),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # meta-llama/Llama-3.2-1B: 1.24 B parameters, tied embeddings.
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000,
-                     eos_token_id=128001, head_dim=64),
+    "llama-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        head_dim=64,
+    ),
     # meta-llama/Meta-Llama-3-70B: 70.6 B parameters; benchmarked cut to a few decoder layers (`layers`).
-    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
-                       eos_token_id=128001),
+    "llama3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # A 0.3B Llama (SmolLM2-360M's widths on 24 layers, untied head): 0.36 B parameters, for CPU whole-build runs.
-    "llama-0.3b": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=24,
-                       num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192,
-                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-                       eos_token_id=2),
+    "llama-0.3b": dict(
+        vocab_size=49152,
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=24,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # HuggingFaceTB/SmolLM2-135M-Instruct: 135 M parameters, tied embeddings.
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 SHARD_BYTES = 5 * 10**9  # like the Hub's Llama-3 checkpoints (~5 GB shards)
 
@@ -71,8 +123,7 @@ def generate(shape: str, folder: Path, device: str | None = None, layers: int | 
     generator = torch.Generator(device).manual_seed(0)
     weight_map = {}
     for number, names in enumerate(shards, 1):
-        filename = (f"model-{number:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
-                    else "model.safetensors")
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         tensors = {}
         for name, dims in names.items():
             if name.endswith("norm.weight"):
@@ -103,8 +154,11 @@ def _tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(4096, vocab_size), special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(4096, vocab_size),
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(text.splitlines(), trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
 

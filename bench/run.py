@@ -50,16 +50,29 @@ _BENCH_THRESHOLDS = {"top1_agreement": 0.0, "kl_divergence": 100.0, "perplexity_
 def _recipe(source: Path, method: str):
     from builder.recipe import Recipe
 
-    return Recipe.model_validate({"schema_version": 1, "name": f"bench-{method}",
-                                  "source": {"model": str(source), "dtype": "bfloat16"},
-                                  "quantize": METHODS[method]})
+    return Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": f"bench-{method}",
+            "source": {"model": str(source), "dtype": "bfloat16"},
+            "quantize": METHODS[method],
+        }
+    )
 
 
 # --- contenders (each runs in a child process) -------------------------------------------------------------------
 
 
-def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_gb: float | None,
-              artifact_bytes: int, max_gpu_memory: str | None = None) -> dict:
+def contender(
+    kind: str,
+    source: Path,
+    out: Path,
+    method: str,
+    device: str,
+    cap_gb: float | None,
+    artifact_bytes: int,
+    max_gpu_memory: str | None = None,
+) -> dict:
     import bitsandbytes  # noqa: F401  (imports are not what is timed: both contenders get them done first)
     import torch
     import transformers.modeling_utils  # noqa: F401
@@ -91,9 +104,17 @@ def contender(kind: str, source: Path, out: Path, method: str, device: str, cap_
         error = f"out of GPU memory: {str(oom).splitlines()[0][:160]}"
     wall = time.perf_counter() - start
     gpu = torch.cuda.max_memory_reserved(device) if device.startswith("cuda") else None
-    return {"kind": kind, "method": method, "wall_s": round(wall, 3), "stages": stages, "error": error,
-            "gpu_peak_bytes": gpu, "rss_peak_bytes": _peak_rss(),
-            "artifact_bytes": _size(out) if out.exists() else 0, "cap_gb": cap_gb}
+    return {
+        "kind": kind,
+        "method": method,
+        "wall_s": round(wall, 3),
+        "stages": stages,
+        "error": error,
+        "gpu_peak_bytes": gpu,
+        "rss_peak_bytes": _peak_rss(),
+        "artifact_bytes": _size(out) if out.exists() else 0,
+        "cap_gb": cap_gb,
+    }
 
 
 def _peak_rss() -> int:
@@ -117,8 +138,12 @@ def _transformers(source: Path, out: Path, method: str, device: str, stages: dic
     from builder.steps.bnb import bnb_config
 
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config(_recipe(source, method).quantize),
-                                                 dtype=torch.bfloat16, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        quantization_config=bnb_config(_recipe(source, method).quantize),
+        dtype=torch.bfloat16,
+        device_map={"": device},
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = _timed(stages, "load+quantize", start)
@@ -140,8 +165,13 @@ def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_
 
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / f"recipe-{method}.yaml"
-    spec = {"schema_version": 1, "name": out.name, "source": {"model": str(source), "dtype": "bfloat16"},
-            "quantize": METHODS[method], "verify": {"thresholds": _BENCH_THRESHOLDS}}
+    spec = {
+        "schema_version": 1,
+        "name": out.name,
+        "source": {"model": str(source), "dtype": "bfloat16"},
+        "quantize": METHODS[method],
+        "verify": {"thresholds": _BENCH_THRESHOLDS},
+    }
     recipe.write_text(yaml.safe_dump(spec), encoding="utf-8")
     argv = ["build", str(recipe), "--out", str(out.parent), "--device", device, "--force", "--quiet"]
     code = main(argv + (["--max-gpu-memory", max_gpu_memory] if max_gpu_memory else []))
@@ -182,11 +212,34 @@ def _size(folder: Path) -> int:
 # --- the orchestrator --------------------------------------------------------------------------------------------
 
 
-def _child(kind: str, source: Path, out: Path, method: str, device: str, cap: float | None = None,
-           artifact_bytes: int = 0, max_gpu_memory: str | None = None, cache: Path | None = None) -> dict:
+def _child(
+    kind: str,
+    source: Path,
+    out: Path,
+    method: str,
+    device: str,
+    cap: float | None = None,
+    artifact_bytes: int = 0,
+    max_gpu_memory: str | None = None,
+    cache: Path | None = None,
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # dropped before it is flushed: no writeback left for the next one
-    command = [sys.executable, __file__, "--contender", kind, "--source", str(source), "--out", str(out),
-               "--methods", method, "--device", device, "--artifact-bytes", str(artifact_bytes)]
+    command = [
+        sys.executable,
+        __file__,
+        "--contender",
+        kind,
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        "--methods",
+        method,
+        "--device",
+        device,
+        "--artifact-bytes",
+        str(artifact_bytes),
+    ]
     if cap:
         command += ["--cap-gb", str(cap)]
     if max_gpu_memory:
@@ -208,19 +261,24 @@ def _same_tensors(a: Path, b: Path) -> str:
     from safetensors import safe_open
 
     with ExitStack() as stack:
+
         def index(folder: Path) -> dict:
             found = {}
             for file in sorted(folder.glob("*.safetensors")):
                 handle = stack.enter_context(safe_open(file, "pt"))
                 found.update(dict.fromkeys(handle.keys(), handle))
             return found
+
         ours, theirs = index(a), index(b)
         if set(ours) != set(theirs):
             return f"different keys: {sorted(set(ours) ^ set(theirs))[:3]}"
         for key in sorted(ours):
             s, t = ours[key].get_tensor(key), theirs[key].get_tensor(key)
-            if s.dtype != t.dtype or s.shape != t.shape or not torch.equal(
-                    s.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
+            if (
+                s.dtype != t.dtype
+                or s.shape != t.shape
+                or not torch.equal(s.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+            ):
                 return f"{key} differs"
     for name in ("config.json", "generation_config.json"):
         if (a / name).read_bytes() != (b / name).read_bytes():
@@ -236,18 +294,37 @@ def _warm(source: Path) -> None:
                 pass
 
 
-def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[float], hf_cap: float | None,
-          verify: bool, save, *, contenders: tuple[str, ...] = CONTENDERS, layers: int | None = None,
-          max_gpu_memory: str | None = None, clean: bool = False) -> dict:
+def bench(
+    shape: str,
+    root: Path,
+    device: str,
+    methods: list[str],
+    caps: list[float],
+    hf_cap: float | None,
+    verify: bool,
+    save,
+    *,
+    contenders: tuple[str, ...] = CONTENDERS,
+    layers: int | None = None,
+    max_gpu_memory: str | None = None,
+    clean: bool = False,
+) -> dict:
     """Run the contenders for every method (then the capped runs), calling `save(result)` after each step."""
     from checkpoints import generate
 
     start = time.perf_counter()
     name = f"{shape}-{layers}l" if layers else shape
     source = generate(shape, root / name, layers=layers)
-    result = {"shape": name, "device": device, "machine": _machine(device), "versions": _versions(),
-              "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
-              "generate_s": round(time.perf_counter() - start, 1), "rows": [], "equal": {}}
+    result = {
+        "shape": name,
+        "device": device,
+        "machine": _machine(device),
+        "versions": _versions(),
+        "source_bytes": sum(p.stat().st_size for p in source.glob("*.safetensors")),
+        "generate_s": round(time.perf_counter() - start, 1),
+        "rows": [],
+        "equal": {},
+    }
     _warm(source)
     outputs = {kind: root / f"out-{kind}" for kind in ("transformers", "stream", "floor")}
     outputs["build"] = outputs["build-warm"] = root / "out-build" / "bench"
@@ -267,8 +344,9 @@ def bench(shape: str, root: Path, device: str, methods: list[str], caps: list[fl
         shutil.rmtree(cache, ignore_errors=True)  # `build` starts cold; `build-warm` finds what it left
         for kind in ("build", "build-warm"):
             if kind in contenders:
-                rows[kind] = _child(kind, source, outputs[kind], method, device, max_gpu_memory=max_gpu_memory,
-                                    cache=cache)
+                rows[kind] = _child(
+                    kind, source, outputs[kind], method, device, max_gpu_memory=max_gpu_memory, cache=cache
+                )
         shutil.rmtree(root / "out-build", ignore_errors=True)
         result["rows"] += list(rows.values())
         print(_table(list(rows.values())), flush=True)
@@ -312,23 +390,29 @@ def _versions() -> dict:
 def _table(rows: list[dict]) -> str:
     """Markdown: one line per contender, with ratios against the transformers script and the I/O floor."""
     by = {(r["method"], r["kind"]): r for r in rows if not r.get("cap_gb")}
-    lines = ["| method | contender | wall s | stages s | GPU peak GiB | RSS peak GiB | artifact GB | x HF | x floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | contender | wall s | stages s | GPU peak GiB | RSS peak GiB | artifact GB | x HF | x floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row.get("error"):
             lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | failed: {row['error']} | | | | | | |")
             continue
         hf, floor = by.get((row["method"], "transformers")), by.get((row["method"], "floor"))
+
         def ratio(base, row=row):
             return f"{row['wall_s'] / base['wall_s']:.2f}" if base and not base.get("error") else ""
+
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
         if row["kind"].startswith("build") and row.get("rss_peak_bytes") is not None:
             stages += " (RSS: the build's own process, not its gate workers)"
         gpu = f"{row['gpu_peak_bytes'] / 2**30:.2f}" if row.get("gpu_peak_bytes") is not None else "-"
-        lines.append(f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "
-                     f"{row['rss_peak_bytes'] / 2**30:.2f} | {row['artifact_bytes'] / 1e9:.3f} | "
-                     f"{ratio(hf) if row['kind'] != 'transformers' else ''} | "
-                     f"{ratio(floor) if row['kind'] != 'floor' else ''} |")
+        lines.append(
+            f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "
+            f"{row['rss_peak_bytes'] / 2**30:.2f} | {row['artifact_bytes'] / 1e9:.3f} | "
+            f"{ratio(hf) if row['kind'] != 'transformers' else ''} | "
+            f"{ratio(floor) if row['kind'] != 'floor' else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -338,22 +422,30 @@ def _cap(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", action="append", help="llama3-8b, llama3-70b, llama-1b, llama-0.3b, smollm2 "
-                        "(repeatable)")
+    parser.add_argument(
+        "--shape", action="append", help="llama3-8b, llama3-70b, llama-1b, llama-0.3b, smollm2 (repeatable)"
+    )
     parser.add_argument("--dir", default="/tmp/builder-bench", help="where checkpoints and outputs go")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--cap-gb", default="", help="GPU memory caps (GiB, comma-separated) to stream under")
-    parser.add_argument("--hf-cap-gb", type=float, default=None, help="GPU cap (GiB) to try the transformers "
-                        "script under, with the first method")
+    parser.add_argument(
+        "--hf-cap-gb",
+        type=float,
+        default=None,
+        help="GPU cap (GiB) to try the transformers script under, with the first method",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte comparison")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="which to run, comma-separated "
-                        "(default: all of %(default)s)")
-    parser.add_argument("--layers", default="", help="decoder layers to cut the shape to (comma-separated: one run "
-                        "each, e.g. 2,4,8)")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help="which to run, comma-separated (default: all of %(default)s)"
+    )
+    parser.add_argument(
+        "--layers", default="", help="decoder layers to cut the shape to (comma-separated: one run each, e.g. 2,4,8)"
+    )
     parser.add_argument("--clean", action="store_true", help="delete each generated checkpoint after its run (disk)")
-    parser.add_argument("--max-gpu-memory", default=None, help="passed to the builds (e.g. 16GiB): the gate runs "
-                        "block by block past it")
+    parser.add_argument(
+        "--max-gpu-memory", default=None, help="passed to the builds (e.g. 16GiB): the gate runs block by block past it"
+    )
     parser.add_argument("--json", default=None, help="write the results here (default: DIR/results-<device>.json)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -363,8 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     caps = [float(c) for c in args.cap_gb.split(",") if c]
     if args.contender:
-        print(json.dumps(contender(args.contender, Path(args.source), Path(args.out), methods[0], args.device,
-                                   caps[0] if caps else None, args.artifact_bytes, args.max_gpu_memory)))
+        print(
+            json.dumps(
+                contender(
+                    args.contender,
+                    Path(args.source),
+                    Path(args.out),
+                    methods[0],
+                    args.device,
+                    caps[0] if caps else None,
+                    args.artifact_bytes,
+                    args.max_gpu_memory,
+                )
+            )
+        )
         return 0
     root = Path(args.dir)
     out = Path(args.json or root / f"results-{args.device.replace(':', '')}.json")
@@ -373,15 +477,29 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict) -> None:
         out.write_text(json.dumps([*results, result], indent=2), encoding="utf-8")
+
     contenders = tuple(args.contenders.split(","))
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contender(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
     for shape in args.shape or ["smollm2"]:
         for layers in [int(n) for n in args.layers.split(",") if n] or [None]:
-            results.append(bench(shape, root, args.device, methods, caps, args.hf_cap_gb, not args.no_verify, save,
-                                 contenders=contenders, layers=layers, max_gpu_memory=args.max_gpu_memory,
-                                 clean=args.clean))
+            results.append(
+                bench(
+                    shape,
+                    root,
+                    args.device,
+                    methods,
+                    caps,
+                    args.hf_cap_gb,
+                    not args.no_verify,
+                    save,
+                    contenders=contenders,
+                    layers=layers,
+                    max_gpu_memory=args.max_gpu_memory,
+                    clean=args.clean,
+                )
+            )
     for result in results:
         print(f"\n## {result['shape']} on {result['device']} ({result['machine']}, {result['versions']})\n")
         print(_table(result["rows"]))

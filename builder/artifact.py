@@ -53,8 +53,11 @@ class Footprint(_Record):
 
     @classmethod
     def of(cls, source_bytes: int, artifact_bytes: int, expected_ratio: float | None = None) -> Footprint:
-        footprint = cls(source_bytes=source_bytes, artifact_bytes=artifact_bytes,
-                        ratio=round(artifact_bytes / source_bytes, 4) if source_bytes else None)
+        footprint = cls(
+            source_bytes=source_bytes,
+            artifact_bytes=artifact_bytes,
+            ratio=round(artifact_bytes / source_bytes, 4) if source_bytes else None,
+        )
         if expected_ratio is not None:
             footprint.expected_ratio = expected_ratio
         return footprint
@@ -132,17 +135,23 @@ def parse_manifest(data: bytes | str, where: str) -> Manifest:
         raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{where} is not valid JSON ({error}); rebuild the artifact") from None
-    if isinstance(raw, dict) and isinstance(raw.get("manifest_version"), int) and raw["manifest_version"] > \
-            MANIFEST_VERSION:
-        raise ArtifactError(f"{where} has manifest_version {raw['manifest_version']}; this builder reads version "
-                            f"{MANIFEST_VERSION}: upgrade builder")
+    if (
+        isinstance(raw, dict)
+        and isinstance(raw.get("manifest_version"), int)
+        and raw["manifest_version"] > MANIFEST_VERSION
+    ):
+        raise ArtifactError(
+            f"{where} has manifest_version {raw['manifest_version']}; this builder reads version "
+            f"{MANIFEST_VERSION}: upgrade builder"
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{where} is not a builder manifest ({field}: {first['msg']}); rebuild the "
-                            "artifact") from None
+        raise ArtifactError(
+            f"{where} is not a builder manifest ({field}: {first['msg']}); rebuild the artifact"
+        ) from None
 
 
 def load_manifest(folder: Path) -> Manifest:
@@ -151,8 +160,9 @@ def load_manifest(folder: Path) -> Manifest:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ArtifactError(f"{folder} has no {MANIFEST_FILE}; point at a folder that `builder build` wrote "
-                            "(artifacts/<name>)") from None
+        raise ArtifactError(
+            f"{folder} has no {MANIFEST_FILE}; point at a folder that `builder build` wrote (artifacts/<name>)"
+        ) from None
     return parse_manifest(data, str(path))
 
 
@@ -224,10 +234,16 @@ def file_table(folder: Path) -> dict[str, FileEntry]:
 
     from tqdm.auto import tqdm  # deferred: huggingface_hub's dependency, absent from the core install
 
-
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
-    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="Hashing files",
-              leave=False, disable=not show_progress()) as bar:
+    with tqdm(
+        total=sum(p.stat().st_size for p in files),
+        unit="B",
+        unit_scale=True,
+        desc="Hashing files",
+        leave=False,
+        disable=not show_progress(),
+    ) as bar:
+
         def entry(path: Path) -> FileEntry:
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
@@ -235,9 +251,10 @@ def file_table(folder: Path) -> dict[str, FileEntry]:
                     digest.update(chunk)
                     bar.update(len(chunk))
             return FileEntry(sha256=digest.hexdigest(), size=path.stat().st_size)
+
         with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
             entries = list(pool.map(entry, files))
-    return {path.relative_to(folder).as_posix(): found for path, found in zip(files, entries)}
+    return {path.relative_to(folder).as_posix(): found for path, found in zip(files, entries, strict=True)}
 
 
 def up_to_date(final: Path, build_hash: str) -> Manifest | None:

@@ -35,8 +35,7 @@ def build_files(files: list[Path], *, jobs: int = 1, **options) -> list[FileOutc
     slots = context.Queue()
     for k in range(jobs):
         slots.put(str(k % gpus) if gpus else "")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_claim_gpu,
-                             initargs=(slots,)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_claim_gpu, initargs=(slots,)) as pool:
         return list(pool.map(_build_one, [str(f) for f in files], [options] * len(files)))
 
 
@@ -46,8 +45,9 @@ def _check_out(out: Path) -> None:
         if path.exists():
             if not path.is_dir():
                 what = "is a file" if path == out else f"is inside {path}, which is a file"
-                raise BuilderError(f"the artifacts folder {out} {what}; name a folder with --out (created when "
-                                   "missing)")
+                raise BuilderError(
+                    f"the artifacts folder {out} {what}; name a folder with --out (created when missing)"
+                )
             return
 
 

@@ -17,12 +17,22 @@ from builder.recipe import REPO_ID_PATTERN, is_local_path
 from builder.tasks import AUTO_CLASSES
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
-_PIPELINE_TAGS = {"semantic-segmentation": "image-segmentation", "audio-frame-classification": "audio-classification",
-                  "audio-xvector": None, "masked-im": None, "multiple-choice": None, "image-to-image": "image-to-image"}
-_ORT_CLASSES = {"text-generation": "ORTModelForCausalLM", "feature-extraction": "ORTModelForFeatureExtraction",
-                "text-classification": "ORTModelForSequenceClassification",
-                "token-classification": "ORTModelForTokenClassification",
-                "question-answering": "ORTModelForQuestionAnswering", "fill-mask": "ORTModelForMaskedLM"}
+_PIPELINE_TAGS = {
+    "semantic-segmentation": "image-segmentation",
+    "audio-frame-classification": "audio-classification",
+    "audio-xvector": None,
+    "masked-im": None,
+    "multiple-choice": None,
+    "image-to-image": "image-to-image",
+}
+_ORT_CLASSES = {
+    "text-generation": "ORTModelForCausalLM",
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "text-classification": "ORTModelForSequenceClassification",
+    "token-classification": "ORTModelForTokenClassification",
+    "question-answering": "ORTModelForQuestionAnswering",
+    "fill-mask": "ORTModelForMaskedLM",
+}
 
 
 def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
@@ -54,12 +64,14 @@ def _card_data(manifest: Manifest):
 
     recipe, task = manifest.recipe, manifest.source.task
     inherited = source_card(manifest)
-    fields: dict = {"library_name": manifest.library_name,
-                    "pipeline_tag": inherited.get("pipeline_tag") or (_PIPELINE_TAGS.get(task, task) if task else None),
-                    "license": (recipe.get("publish") or {}).get("license") or inherited.get("license"),
-                    "language": inherited.get("language"),
-                    "datasets": inherited.get("datasets"),
-                    "tags": _tags(recipe)}
+    fields: dict = {
+        "library_name": manifest.library_name,
+        "pipeline_tag": inherited.get("pipeline_tag") or (_PIPELINE_TAGS.get(task, task) if task else None),
+        "license": (recipe.get("publish") or {}).get("license") or inherited.get("license"),
+        "language": inherited.get("language"),
+        "datasets": inherited.get("datasets"),
+        "tags": _tags(recipe),
+    }
     base_model = base_model_of(manifest)
     if base_model:
         fields["base_model"] = base_model
@@ -97,13 +109,20 @@ def _eval_results(manifest: Manifest, task: str) -> list:
 
     report = manifest.verification or {}
     digest = (report.get("inputs") or {}).get("eval_text_sha256")
-    return [EvalResult(task_type=task, dataset_type=EVAL_DATASET, dataset_name="builder evaluation text and prompts",
-                       dataset_revision=digest, metric_type=_METRIC_NAMES.get(metric, metric),
-                       metric_value=value, verified=False,
-                       metric_config="compared with the source model" + ("" if report.get("passed") else
-                                                                         " (gate FAILED)"))
-            for metric, value in sorted((report.get("metrics") or {}).items())
-            if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=EVAL_DATASET,
+            dataset_name="builder evaluation text and prompts",
+            dataset_revision=digest,
+            metric_type=_METRIC_NAMES.get(metric, metric),
+            metric_value=value,
+            verified=False,
+            metric_config="compared with the source model" + ("" if report.get("passed") else " (gate FAILED)"),
+        )
+        for metric, value in sorted((report.get("metrics") or {}).items())
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
 
 
 # One name per figure: the gate's `bits_per_param` counts every weight file, the manifest's only the quantized
@@ -139,8 +158,9 @@ def source_card(manifest: Manifest) -> dict:
 def _is_quantized(recipe: dict) -> bool:
     export = recipe.get("export")
     # A float32 ONNX export holds the source's weights unchanged: a conversion, not a quantization.
-    return recipe.get("quantize") is not None or bool(export and (export.get("quantize") not in (None, "none")
-                                                                   or export.get("dtype") == "float16"))
+    return recipe.get("quantize") is not None or bool(
+        export and (export.get("quantize") not in (None, "none") or export.get("dtype") == "float16")
+    )
 
 
 def _tags(recipe: dict) -> list[str]:
@@ -164,22 +184,30 @@ def _summary(manifest: Manifest) -> str:
     recipe, source = manifest.recipe, manifest.source
     quantize, export = recipe.get("quantize"), recipe.get("export")
     if quantize:
-        what = {"bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
-                            f"{', double quantization' if quantize.get('double_quant') else ''})",
-                "bnb-8bit": "bitsandbytes LLM.int8()"}[quantize["method"]]
+        what = {
+            "bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
+            f"{', double quantization' if quantize.get('double_quant') else ''})",
+            "bnb-8bit": "bitsandbytes LLM.int8()",
+        }[quantize["method"]]
     else:
         assert export is not None  # a manifest's recipe has one of the two blocks
-        what = (f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
-                f"quantize {export['quantize']}) for {export['provider']}")
+        what = (
+            f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
+            f"quantize {export['quantize']}) for {export['provider']}"
+        )
     passed = manifest.passed
-    origin = (f"a local copy{f' of `{base}`' if (base := base_model_of(manifest)) else ''} (content digest "
-              f"`{source.revision}`)"
-              if source.revision.startswith("sha256:") else
-              f"`{source.model}` (revision `{source.revision}`)")
-    return (f"{what} build of {origin}, made by "
-            f"`builder` from a YAML recipe and "
-            f"{'verified against the source model before publishing' if passed else 'NOT verified'}. "
-            f"Build hash `{manifest.build_hash}`.")
+    origin = (
+        f"a local copy{f' of `{base}`' if (base := base_model_of(manifest)) else ''} (content digest "
+        f"`{source.revision}`)"
+        if source.revision.startswith("sha256:")
+        else f"`{source.model}` (revision `{source.revision}`)"
+    )
+    return (
+        f"{what} build of {origin}, made by "
+        f"`builder` from a YAML recipe and "
+        f"{'verified against the source model before publishing' if passed else 'NOT verified'}. "
+        f"Build hash `{manifest.build_hash}`."
+    )
 
 
 def _usage(manifest: Manifest, repo_id: str) -> str:
@@ -189,17 +217,23 @@ def _usage(manifest: Manifest, repo_id: str) -> str:
     auto = AUTO_CLASSES.get(task, "AutoModel")
     extra = " (with `bitsandbytes` installed)" if manifest.recipe.get("quantize") else ""
     if task == "text-generation":
-        run = ('inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
-               "output = model.generate(**inputs, max_new_tokens=20)\n"
-               "print(tokenizer.decode(output[0], skip_special_tokens=True))")
+        run = (
+            'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
+            "output = model.generate(**inputs, max_new_tokens=20)\n"
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))"
+        )
     else:
-        run = ('inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
-               "outputs = model(**inputs)")
+        run = (
+            'inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
+            "outputs = model(**inputs)"
+        )
     settings = "; the quantization settings are in `config.json`" if extra else ""
-    return (f"Stock `transformers`{extra} loads it{settings}.\n\n"
-            f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
-            f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```')
+    return (
+        f"Stock `transformers`{extra} loads it{settings}.\n\n"
+        f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+        f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```'
+    )
 
 
 def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
@@ -207,16 +241,18 @@ def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
     graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
     graph = graphs[0] if graphs else "model.onnx"
     ort_class = _ORT_CLASSES.get(task, "ORTModel")
-    return (f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
-            "import onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"
-            "from transformers import AutoTokenizer\n\n"
-            f'folder = snapshot_download("{repo_id}")\n'
-            "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
-            f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
-            'inputs = tokenizer(["A man is eating food."], return_tensors="np")\n'
-            "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
-            f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
-            f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```')
+    return (
+        f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
+        "import onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"
+        "from transformers import AutoTokenizer\n\n"
+        f'folder = snapshot_download("{repo_id}")\n'
+        "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
+        f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
+        'inputs = tokenizer(["A man is eating food."], return_tensors="np")\n'
+        "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
+        f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
+        f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
+    )
 
 
 def _settings(manifest: Manifest) -> str:
@@ -240,9 +276,14 @@ def _verification(report: dict) -> str:
         shown_limit = "" if limit is None else _number(limit)
         rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
     where = report.get("provider") or report.get("device") or "cpu"
-    lines = [f"Task `{report.get('task')}`, compared with the source on `{where}`: "
-             f"**{'passed' if report.get('passed') else 'FAILED'}**.", "",
-             "| metric | value | threshold | |", "|---|---|---|---|", *rows]
+    lines = [
+        f"Task `{report.get('task')}`, compared with the source on `{where}`: "
+        f"**{'passed' if report.get('passed') else 'FAILED'}**.",
+        "",
+        "| metric | value | threshold | |",
+        "|---|---|---|---|",
+        *rows,
+    ]
     performance = report.get("performance") or {}
     if performance:
         lines += ["", "| performance | value |", "|---|---|"]
@@ -258,8 +299,10 @@ def _size(manifest: Manifest) -> str:
         lines.append(f"- source weights: {_bytes(footprint['source_bytes'])}")
     if footprint.get("artifact_bytes"):
         ratio, expected = footprint.get("ratio"), footprint.get("expected_ratio")
-        lines.append(f"- artifact weights: {_bytes(footprint['artifact_bytes'])}"
-                     + (f" ({ratio:.2f}x the source)" if isinstance(ratio, (int, float)) else ""))
+        lines.append(
+            f"- artifact weights: {_bytes(footprint['artifact_bytes'])}"
+            + (f" ({ratio:.2f}x the source)" if isinstance(ratio, (int, float)) else "")
+        )
         if isinstance(expected, (int, float)):
             lines.append(f"- expected footprint ratio (from the plan): {expected:.4f}")
     for key, value in sorted(footprint.items()):
@@ -276,10 +319,12 @@ def _reproduce(manifest: Manifest) -> str:
         recipe = {**recipe, "source": {**recipe["source"], "model": LOCAL_SOURCE}}
     recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).rstrip()
     versions = "\n".join(f"| {name} | {version} |" for name, version in sorted(manifest.versions.items()))
-    return (f"The resolved recipe (also in `recipe.lock.yaml`); `builder build` on it with the versions below "
-            f"reproduces build hash `{manifest.build_hash}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
-            f"| package | version |\n|---|---|\n{versions}\n\nBuilt at {manifest.built_at}; "
-            "`manifest.json` lists every file with its sha256.")
+    return (
+        f"The resolved recipe (also in `recipe.lock.yaml`); `builder build` on it with the versions below "
+        f"reproduces build hash `{manifest.build_hash}`.\n\n```yaml\n{recipe_yaml}\n```\n\n"
+        f"| package | version |\n|---|---|\n{versions}\n\nBuilt at {manifest.built_at}; "
+        "`manifest.json` lists every file with its sha256."
+    )
 
 
 LOCAL_SOURCE = "./<local folder with the content digest above>"

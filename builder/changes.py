@@ -15,8 +15,10 @@ def _git(args: list[str], cwd: Path) -> str:
     except FileNotFoundError:
         raise BuilderError("--changed-since needs git on PATH") from None
     if done.returncode != 0:
-        raise BuilderError(f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}; is the ref "
-                           "right and are you inside the recipes' git repository?")
+        raise BuilderError(
+            f"git {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}; is the ref "
+            "right and are you inside the recipes' git repository?"
+        )
     return done.stdout
 
 

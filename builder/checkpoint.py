@@ -18,8 +18,24 @@ from builder.errors import SourceError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Bytes per element of each safetensors dtype. A dtype missing here is read as opaque bytes: sized by its offsets.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Bytes per element of the dtypes a recipe's `source.dtype` names (the unquantized model a build is measured against).
 TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -60,9 +76,12 @@ def read_header(file: Path) -> list[TensorInfo]:
             raise _broken(file, f"it has {len(prefix)} bytes, fewer than the 8 of a safetensors header length")
         (length,) = struct.unpack("<Q", prefix)
         if length > min(MAX_HEADER_BYTES, size - 8):
-            raise _broken(file, f"its header length ({length:,} bytes) is larger than the file ({size:,} bytes)"
-                          if length > size - 8 else f"its header length ({length:,} bytes) passes safetensors' "
-                          f"{MAX_HEADER_BYTES:,}-byte limit")
+            raise _broken(
+                file,
+                f"its header length ({length:,} bytes) is larger than the file ({size:,} bytes)"
+                if length > size - 8
+                else f"its header length ({length:,} bytes) passes safetensors' {MAX_HEADER_BYTES:,}-byte limit",
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw)
@@ -71,8 +90,9 @@ def read_header(file: Path) -> list[TensorInfo]:
     if not isinstance(header, dict):
         raise _broken(file, f"its header is a JSON {type(header).__name__}, not a mapping of tensor names")
     data_start, data_bytes = 8 + length, size - 8 - length
-    tensors = [_tensor(file, name, meta, data_start, data_bytes) for name, meta in header.items()
-               if name != "__metadata__"]
+    tensors = [
+        _tensor(file, name, meta, data_start, data_bytes) for name, meta in header.items() if name != "__metadata__"
+    ]
     return tensors
 
 
@@ -84,14 +104,24 @@ def _tensor(file: Path, name: str, meta: object, data_start: int, data_bytes: in
         raise _broken(file, f"tensor {name!r} has no dtype")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _broken(file, f"tensor {name!r} has no valid shape (got {shape!r:.80})")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-        raise _broken(file, f"tensor {name!r} has data_offsets {offsets!r:.80} outside the file's "
-                      f"{data_bytes:,} data bytes (a truncated or corrupted file)")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        raise _broken(
+            file,
+            f"tensor {name!r} has data_offsets {offsets!r:.80} outside the file's "
+            f"{data_bytes:,} data bytes (a truncated or corrupted file)",
+        )
     info = TensorInfo(name, dtype, tuple(shape), offsets[1] - offsets[0], file, data_start + offsets[0])
     if dtype in DTYPE_BYTES and info.numel * DTYPE_BYTES[dtype] != info.nbytes:
-        raise _broken(file, f"tensor {name!r} ({dtype}, shape {list(shape)}) needs {info.numel * DTYPE_BYTES[dtype]:,} "
-                      f"bytes but its data_offsets span {info.nbytes:,}")
+        raise _broken(
+            file,
+            f"tensor {name!r} ({dtype}, shape {list(shape)}) needs {info.numel * DTYPE_BYTES[dtype]:,} "
+            f"bytes but its data_offsets span {info.nbytes:,}",
+        )
     return info
 
 
@@ -107,11 +137,13 @@ def weight_map(folder: Path) -> dict[str, str] | None:
     try:
         mapping = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SourceError(f"{index} is not a safetensors index ({type(error).__name__}: {error}); re-save the "
-                          "checkpoint") from None
+        raise SourceError(
+            f"{index} is not a safetensors index ({type(error).__name__}: {error}); re-save the checkpoint"
+        ) from None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-        raise SourceError(f"{index}: `weight_map` is not a mapping of tensor names to shard files; re-save the "
-                          "checkpoint")
+        raise SourceError(
+            f"{index}: `weight_map` is not a mapping of tensor names to shard files; re-save the checkpoint"
+        )
     return mapping
 
 
@@ -130,8 +162,10 @@ def local_weight_files(folder: Path) -> list[Path]:
     files = safetensors_files(names, weight_map(folder))
     missing = [name for name in files if name not in names]
     if missing:
-        raise SourceError(f"{folder / INDEX_FILE} names shard(s) the folder does not have: {', '.join(missing[:3])}; "
-                          "copy the missing files or re-save the checkpoint")
+        raise SourceError(
+            f"{folder / INDEX_FILE} names shard(s) the folder does not have: {', '.join(missing[:3])}; "
+            "copy the missing files or re-save the checkpoint"
+        )
     return [folder / name for name in files]
 
 
@@ -153,8 +187,9 @@ def copy_sentence_transformers(source: Path, target: Path) -> list[str]:
         modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
         folders = [m["path"] for m in modules if isinstance(m, dict) and m.get("path")]
     except (ValueError, TypeError) as error:
-        raise SourceError(f"{source / 'modules.json'} is not a sentence-transformers module list ({error}); fix or "
-                          "remove it") from None
+        raise SourceError(
+            f"{source / 'modules.json'} is not a sentence-transformers module list ({error}); fix or remove it"
+        ) from None
     copied = []
     for name in SENTENCE_TRANSFORMERS_FILES:
         if (source / name).is_file():

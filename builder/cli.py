@@ -56,17 +56,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             loaded = load_recipes(file)
             # Variants share their source: one problem of it is reported once.
-            problems = [] if args.schema_only else list(dict.fromkeys(p for item in loaded
-                                                                      for p in source_problems(item)))
-            results[file] = {"file": str(file), "ok": not problems, "recipes": [r.recipe.name for r in loaded],
-                             "problems": [p.as_json() for p in problems]}
+            problems = (
+                [] if args.schema_only else list(dict.fromkeys(p for item in loaded for p in source_problems(item)))
+            )
+            results[file] = {
+                "file": str(file),
+                "ok": not problems,
+                "recipes": [r.recipe.name for r in loaded],
+                "problems": [p.as_json() for p in problems],
+            }
             failed = failed or bool(problems)
             if problems and not args.json:
                 print("\n".join(map(str, problems)))
         except RecipeError as error:
             failed = True
-            results[file] = {"file": str(file), "ok": False, "recipes": [],
-                             "problems": [p.as_json() for p in error.problems]}
+            results[file] = {
+                "file": str(file),
+                "ok": False,
+                "recipes": [],
+                "problems": [p.as_json() for p in error.problems],
+            }
             if not args.json:
                 print(error)
     for file, problem in name_clashes(files):
@@ -100,17 +109,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _format_plan(plan) -> str:
     import yaml
 
-
     recipe = plan.loaded.recipe
     lines = [
-        f"# {recipe.name}" + (f"  (variant {plan.loaded.variant} of {plan.loaded.path})" if plan.loaded.variant else ""),
+        f"# {recipe.name}"
+        + (f"  (variant {plan.loaded.variant} of {plan.loaded.path})" if plan.loaded.variant else ""),
         f"build hash:  {plan.build_hash}",
         f"source:      {recipe.source.model} @ {plan.source.revision}",
         f"parameters:  {plan.parameter_count:,}",
         f"source size: {_size(plan.source_bytes)}",
         f"artifact:    ~{_size(plan.expected_artifact_bytes)} (estimate)",
-        *([f"footprint:   ~{plan.expected_footprint_ratio:.4f}x the source, loaded (gate default footprint_ratio "
-           f"<= {footprint_threshold(plan.expected_footprint_ratio)})"] if plan.expected_footprint_ratio else []),
+        *(
+            [
+                f"footprint:   ~{plan.expected_footprint_ratio:.4f}x the source, loaded (gate default footprint_ratio "
+                f"<= {footprint_threshold(plan.expected_footprint_ratio)})"
+            ]
+            if plan.expected_footprint_ratio
+            else []
+        ),
         "versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
         "steps:",
     ]
@@ -118,14 +133,22 @@ def _format_plan(plan) -> str:
         peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
         lines.append(f"  {stage.name:<11} {stage.description}{peak}")
     thresholds = _thresholds(plan)
-    lines.append("gate:        " + ", ".join(f"{key} {_GATE_SIGNS[key]} {value:g}" for key, value in thresholds.items()))
+    lines.append(
+        "gate:        " + ", ".join(f"{key} {_GATE_SIGNS[key]} {value:g}" for key, value in thresholds.items())
+    )
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
     return "\n".join(lines) + "\n"
 
 
-_GATE_SIGNS = {"top1_agreement": ">=", "kl_divergence": "<=", "perplexity_ratio": "<=", "max_abs_diff": "<=",
-               "cosine": ">=", "footprint_ratio": "<="}
+_GATE_SIGNS = {
+    "top1_agreement": ">=",
+    "kl_divergence": "<=",
+    "perplexity_ratio": "<=",
+    "max_abs_diff": "<=",
+    "cosine": ">=",
+    "footprint_ratio": "<=",
+}
 
 
 def _thresholds(plan) -> dict[str, float]:
@@ -156,14 +179,25 @@ def cmd_build(args: argparse.Namespace) -> int:
         named = files_defining(args.name, every)
         files = [file for file in files if file in named]
     if not files:
-        print(f"no recipe changed since {args.changed_since}" if args.changed_since else "no recipe files found",
-              file=sys.stderr)
+        print(
+            f"no recipe changed since {args.changed_since}" if args.changed_since else "no recipe files found",
+            file=sys.stderr,
+        )
         if args.json:
             _print_json([])
         return EXIT_OK if args.changed_since else EXIT_FAILED
-    outcomes = build_files(files, jobs=args.jobs, names=args.name, out=args.out, device=args.device,
-                           force=args.force, keep_temp=args.keep_temp, keep_failed=args.keep_failed,
-                           use_cache=not args.no_cache, max_gpu_memory=args.max_gpu_memory)
+    outcomes = build_files(
+        files,
+        jobs=args.jobs,
+        names=args.name,
+        out=args.out,
+        device=args.device,
+        force=args.force,
+        keep_temp=args.keep_temp,
+        keep_failed=args.keep_failed,
+        use_cache=not args.no_cache,
+        max_gpu_memory=args.max_gpu_memory,
+    )
     rows = [{"recipe_file": o.recipe_file, **row} for o in outcomes for row in o.results]
     failed = [{"recipe_file": o.recipe_file, "status": "failed", "error": o.error} for o in outcomes if o.error]
     if not args.json:
@@ -199,8 +233,13 @@ def _gate_summary(artifact: Path) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
 
-    report = reverify(Path(args.artifact), write=args.write, device=args.device, use_cache=not args.no_cache,
-                      max_gpu_memory=args.max_gpu_memory)
+    report = reverify(
+        Path(args.artifact),
+        write=args.write,
+        device=args.device,
+        use_cache=not args.no_cache,
+        max_gpu_memory=args.max_gpu_memory,
+    )
     if args.json:
         _print_json(report)
     else:
@@ -221,34 +260,53 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def _publish(artifact: Path, args: argparse.Namespace):
 
     use_network_timeouts()
-    return publish(artifact, repo=args.repo, revision=args.revision, private=args.private or None,
-                   create_pr=args.create_pr or None, dry_run=getattr(args, "dry_run", False), progress=say)
+    return publish(
+        artifact,
+        repo=args.repo,
+        revision=args.revision,
+        private=args.private or None,
+        create_pr=args.create_pr or None,
+        dry_run=getattr(args, "dry_run", False),
+        progress=say,
+    )
 
 
 def _print_publish(result, artifact: Path) -> None:
     if result.status == "dry-run":
-        print(f"would publish {len(result.uploaded)} files of {artifact} to {result.repo}@{result.revision} "
-              f"({result.endpoint}):")
+        print(
+            f"would publish {len(result.uploaded)} files of {artifact} to {result.repo}@{result.revision} "
+            f"({result.endpoint}):"
+        )
         print("\n".join(f"  {path}" for path in result.uploaded))
         print(f"--- README.md (model card) ---\n{result.card or '(none)'}")
     elif result.status == "unchanged":
         print(f"{result.repo}@{result.revision} is up to date (commit {result.commit}); nothing pushed")
     else:
-        print(f"published {artifact} to {result.endpoint}/{result.repo} @ {result.commit}"
-              + (f" ({result.pr_url})" if result.pr_url else ""))
+        print(
+            f"published {artifact} to {result.endpoint}/{result.repo} @ {result.commit}"
+            + (f" ({result.pr_url})" if result.pr_url else "")
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
 
-    run_demo(args.recipe, out=args.out, root=Path(args.root) if args.root else None,
-             say=lambda line: print(line, flush=True))
+    run_demo(
+        args.recipe, out=args.out, root=Path(args.root) if args.root else None, say=lambda line: print(line, flush=True)
+    )
     return EXIT_OK
 
 
 def cmd_hub_serve(args: argparse.Namespace) -> int:
 
-    serve(Path(args.root), host=args.host, port=args.port, token=_hub_token(args),
-          max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, timeout=args.timeout)
+    serve(
+        Path(args.root),
+        host=args.host,
+        port=args.port,
+        token=_hub_token(args),
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        timeout=args.timeout,
+    )
     return EXIT_OK
 
 
@@ -260,8 +318,9 @@ def _hub_token(args: argparse.Namespace) -> str | None:
         try:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            raise BuilderError(f"cannot read --token-file {args.token_file}: {getattr(error, 'strerror', error)}") \
-                from None
+            raise BuilderError(
+                f"cannot read --token-file {args.token_file}: {getattr(error, 'strerror', error)}"
+            ) from None
         if not token:
             raise BuilderError(f"--token-file {args.token_file} is empty; write the token in it")
         return token
@@ -306,125 +365,219 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="builder", description="Declarative, verified model builds from YAML recipes.")
+    parser = argparse.ArgumentParser(
+        prog="builder", description="Declarative, verified model builds from YAML recipes."
+    )
     parser.add_argument("--version", action="version", version=f"builder {_own_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The commands that report progress take --quiet; bars also switch off by themselves when stderr is no terminal.
     quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("--quiet", "-q", action="store_true", help="no status lines or progress bars on stderr "
-                       "(errors and results still print)")
+    quiet.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no status lines or progress bars on stderr (errors and results still print)",
+    )
 
-    validate = commands.add_parser("validate", parents=[quiet],
-                                   help="check recipes (files or folders; default recipes/)")
+    validate = commands.add_parser(
+        "validate", parents=[quiet], help="check recipes (files or folders; default recipes/)"
+    )
     validate.add_argument("paths", nargs="*", help="recipe files or folders")
     validate.add_argument("--json", action="store_true", help="machine-readable output")
-    validate.add_argument("--schema-only", action="store_true", help="check the recipe language only, not the local "
-                          "source folders (that they exist, and that skip_modules name modules of their checkpoint)")
+    validate.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check the recipe language only, not the local "
+        "source folders (that they exist, and that skip_modules name modules of their checkpoint)",
+    )
     validate.set_defaults(run=cmd_validate)
 
-    plan = commands.add_parser("plan", parents=[quiet],
-                               help="show the resolved recipe, build hash, steps and a preflight")
+    plan = commands.add_parser(
+        "plan", parents=[quiet], help="show the resolved recipe, build hash, steps and a preflight"
+    )
     plan.add_argument("recipe", help="a recipe file")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=cmd_plan)
 
-    build = commands.add_parser("build", parents=[quiet],
-                                help="build, verify and write the artifacts of recipe files")
-    build.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/); a file with variants "
-                       "builds each; up-to-date artifacts are skipped")
-    build.add_argument("--name", action="append", metavar="ARTIFACT", help="only the recipe (or variant) that "
-                       "builds this artifact; repeatable")
-    build.add_argument("--changed-since", metavar="REF", help="only recipes whose file or `extends` parents changed "
-                       "since this git ref (committed or not)")
-    build.add_argument("--jobs", "-j", type=_positive, default=1, help="builds at once, each in its own process and, when "
-                       "there are several GPUs, on its own GPU (default 1)")
-    build.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when "
-                       "present, else cpu)")
-    build.add_argument("--out", default="artifacts", help="artifacts folder; each artifact goes to OUT/<name>/ "
-                       "(default artifacts/)")
+    build = commands.add_parser("build", parents=[quiet], help="build, verify and write the artifacts of recipe files")
+    build.add_argument(
+        "paths",
+        nargs="*",
+        help="recipe files or folders (default recipes/); a file with variants "
+        "builds each; up-to-date artifacts are skipped",
+    )
+    build.add_argument(
+        "--name",
+        action="append",
+        metavar="ARTIFACT",
+        help="only the recipe (or variant) that builds this artifact; repeatable",
+    )
+    build.add_argument(
+        "--changed-since",
+        metavar="REF",
+        help="only recipes whose file or `extends` parents changed since this git ref (committed or not)",
+    )
+    build.add_argument(
+        "--jobs",
+        "-j",
+        type=_positive,
+        default=1,
+        help="builds at once, each in its own process and, when there are several GPUs, on its own GPU (default 1)",
+    )
+    build.add_argument(
+        "--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when present, else cpu)"
+    )
+    build.add_argument(
+        "--out", default="artifacts", help="artifacts folder; each artifact goes to OUT/<name>/ (default artifacts/)"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even when the artifact is up to date")
-    build.add_argument("--keep-temp", action="store_true", help="keep the temporary build folder after a failure "
-                       "(until the recipe's next build)")
-    build.add_argument("--keep-failed", action="store_true", help="keep a build that failed verification under "
-                       "OUT/.failed/<name>/")
+    build.add_argument(
+        "--keep-temp",
+        action="store_true",
+        help="keep the temporary build folder after a failure (until the recipe's next build)",
+    )
+    build.add_argument(
+        "--keep-failed", action="store_true", help="keep a build that failed verification under OUT/.failed/<name>/"
+    )
     _add_gate_options(build)
     build.add_argument("--json", action="store_true", help="machine-readable output")
-    build.add_argument("--publish", action="store_true", help="publish each artifact after it builds "
-                       "(HF_TOKEN, HF_ENDPOINT, HF_HUB_DISABLE_XET: see publish --help)")
+    build.add_argument(
+        "--publish",
+        action="store_true",
+        help="publish each artifact after it builds (HF_TOKEN, HF_ENDPOINT, HF_HUB_DISABLE_XET: see publish --help)",
+    )
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
 
-    verify = commands.add_parser("verify", parents=[quiet],
-                                 help="re-run the verification of an artifact against its recorded source")
+    verify = commands.add_parser(
+        "verify", parents=[quiet], help="re-run the verification of an artifact against its recorded source"
+    )
     verify.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
-    verify.add_argument("--write", action="store_true", help="rewrite verify-report.json and the manifest's "
-                        "verification and file hashes (default: change nothing)")
+    verify.add_argument(
+        "--write",
+        action="store_true",
+        help="rewrite verify-report.json and the manifest's verification and file hashes (default: change nothing)",
+    )
     verify.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present, else cpu)")
     _add_gate_options(verify)
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(run=cmd_verify)
 
-    publish = commands.add_parser("publish", parents=[quiet], help="push a verified artifact to the Hugging Face "
-                                  "Hub (HF_ENDPOINT) in one commit", epilog=PUBLISH_ENVIRONMENT)
+    publish = commands.add_parser(
+        "publish",
+        parents=[quiet],
+        help="push a verified artifact to the Hugging Face Hub (HF_ENDPOINT) in one commit",
+        epilog=PUBLISH_ENVIRONMENT,
+    )
     publish.add_argument("artifact", help="an artifact folder (artifacts/<name>/)")
     _add_publish_options(publish)
-    publish.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; "
-                         "touch nothing")
+    publish.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded and print the card; touch nothing"
+    )
     publish.add_argument("--json", action="store_true", help="machine-readable output")
     publish.set_defaults(run=cmd_publish)
 
-    demo = commands.add_parser("demo", parents=[quiet], help="build + verify SmolLM2 nf4, publish it to a local "
-                               "registry, load it back with transformers and generate")
+    demo = commands.add_parser(
+        "demo",
+        parents=[quiet],
+        help="build + verify SmolLM2 nf4, publish it to a local registry, load it back with transformers and generate",
+    )
     demo.add_argument("--recipe", default="recipes/smollm2/nf4.yaml", help="recipe to build (default: %(default)s)")
     demo.add_argument("--out", default="artifacts", help="artifacts folder (default artifacts/)")
     demo.add_argument("--root", help="registry folder to keep (default: a temporary folder)")
     demo.set_defaults(run=cmd_demo)
 
     hub = commands.add_parser("hub", help="the local Hub-compatible registry").add_subparsers(
-        dest="hub_command", required=True, metavar="COMMAND")
-    serve = hub.add_parser("serve", help="serve a Hub-compatible registry from a folder (clients: HF_ENDPOINT=URL "
-                           "HF_HUB_DISABLE_XET=1)")
+        dest="hub_command", required=True, metavar="COMMAND"
+    )
+    serve = hub.add_parser(
+        "serve", help="serve a Hub-compatible registry from a folder (clients: HF_ENDPOINT=URL HF_HUB_DISABLE_XET=1)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8808, help="port (default 8808; 0 = any free port)")
-    serve.add_argument("--root", default="artifacts/.hub", help="folder the registry persists to "
-                       "(default artifacts/.hub)")
+    serve.add_argument(
+        "--root", default="artifacts/.hub", help="folder the registry persists to (default artifacts/.hub)"
+    )
     secret = serve.add_mutually_exclusive_group()
-    secret.add_argument("--token", help="require this bearer token for writes and private repos; visible to "
-                        "every user in the process list, so prefer --token-file or $BUILDER_HUB_TOKEN")
-    secret.add_argument("--token-file", metavar="FILE", help="read the token from this file (default: "
-                        "$BUILDER_HUB_TOKEN; no token = every request accepted)")
-    serve.add_argument("--max-body-bytes", type=_positive, default=5 * 1024 ** 3, metavar="N",
-                       help="largest upload accepted (default 5 GiB; JSON bodies at most 100 MiB)")
-    serve.add_argument("--max-connections", type=_positive, default=64, metavar="N",
-                       help="connections served at once; more get 503 (default 64)")
-    serve.add_argument("--timeout", type=_positive, default=60, metavar="SECONDS",
-                       help="drop a client that sends or reads nothing for this long (default 60)")
+    secret.add_argument(
+        "--token",
+        help="require this bearer token for writes and private repos; visible to "
+        "every user in the process list, so prefer --token-file or $BUILDER_HUB_TOKEN",
+    )
+    secret.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the token from this file (default: $BUILDER_HUB_TOKEN; no token = every request accepted)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        default=5 * 1024**3,
+        metavar="N",
+        help="largest upload accepted (default 5 GiB; JSON bodies at most 100 MiB)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=64,
+        metavar="N",
+        help="connections served at once; more get 503 (default 64)",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=_positive,
+        default=60,
+        metavar="SECONDS",
+        help="drop a client that sends or reads nothing for this long (default 60)",
+    )
     serve.set_defaults(run=cmd_hub_serve)
 
     schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.set_defaults(run=cmd_schema)
 
-    listing = commands.add_parser("list", parents=[quiet], help="recipes and the state of their artifacts "
-                                  "(missing/stale/built/verified/published)")
+    listing = commands.add_parser(
+        "list",
+        parents=[quiet],
+        help="recipes and the state of their artifacts (missing/stale/built/verified/published)",
+    )
     listing.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/)")
     listing.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
     listing.add_argument("--name", action="append", metavar="ARTIFACT", help="only this artifact; repeatable")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_list)
 
-    report = commands.add_parser("report", parents=[quiet], help="an HTML page comparing artifacts by source "
-                                 "model: size vs quality, the Pareto front, gate thresholds, latency, failed builds")
-    report.add_argument("paths", nargs="*", help="artifact folders or folders holding them (default artifacts/; "
-                        "their .failed/ builds from `build --keep-failed` are shown as failed)")
-    report.add_argument("--out", default="report.html", help="the HTML file to write (default %(default)s); card "
-                        "links are relative to its folder")
-    report.add_argument("--x", choices=("size", "bits"), default="size", help="across the scatters: the weight "
-                        "footprint (default) or bits per parameter of the weight files")
+    report = commands.add_parser(
+        "report",
+        parents=[quiet],
+        help="an HTML page comparing artifacts by source "
+        "model: size vs quality, the Pareto front, gate thresholds, latency, failed builds",
+    )
+    report.add_argument(
+        "paths",
+        nargs="*",
+        help="artifact folders or folders holding them (default artifacts/; "
+        "their .failed/ builds from `build --keep-failed` are shown as failed)",
+    )
+    report.add_argument(
+        "--out",
+        default="report.html",
+        help="the HTML file to write (default %(default)s); card links are relative to its folder",
+    )
+    report.add_argument(
+        "--x",
+        choices=("size", "bits"),
+        default="size",
+        help="across the scatters: the weight footprint (default) or bits per parameter of the weight files",
+    )
     report.add_argument("--json", action="store_true", help="also print the data the page is drawn from")
     report.set_defaults(run=cmd_report)
 
-    stamp = commands.add_parser("stamp", parents=[quiet], help="for make: write ARTIFACTS/.stamps/NAME.hash, dated "
-                                "like the artifact's manifest when it is up to date and now otherwise")
+    stamp = commands.add_parser(
+        "stamp",
+        parents=[quiet],
+        help="for make: write ARTIFACTS/.stamps/NAME.hash, dated "
+        "like the artifact's manifest when it is up to date and now otherwise",
+    )
     stamp.add_argument("name", help="the artifact's name (the recipe's `name`, with a variant's suffix)")
     stamp.add_argument("paths", nargs="*", help="recipe files or folders to find it in (default recipes/)")
     stamp.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
@@ -456,14 +609,32 @@ def _integer(text: str) -> int:
 
 
 def _add_gate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-cache", action="store_true", help="recompute the gate's reference outputs instead of "
-                        "reusing cached ones (cache: $BUILDER_CACHE_DIR/references, default ~/.cache/builder)")
-    parser.add_argument("--max-gpu-memory", type=_byte_size, metavar="SIZE", help="GPU memory a build may use "
-                        "(e.g. 16GiB); a model larger than it is verified one decoder block at a time")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the gate's reference outputs instead of "
+        "reusing cached ones (cache: $BUILDER_CACHE_DIR/references, default ~/.cache/builder)",
+    )
+    parser.add_argument(
+        "--max-gpu-memory",
+        type=_byte_size,
+        metavar="SIZE",
+        help="GPU memory a build may use (e.g. 16GiB); a model larger than it is verified one decoder block at a time",
+    )
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def _byte_size(text: str) -> int:
@@ -477,8 +648,9 @@ def _byte_size(text: str) -> int:
 
 def _add_publish_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", help="target repo org/name (default: the recipe's publish.repo)")
-    parser.add_argument("--revision", help="branch to push to, created when missing (default: publish.revision, "
-                        "else main)")
+    parser.add_argument(
+        "--revision", help="branch to push to, created when missing (default: publish.revision, else main)"
+    )
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
 
@@ -487,7 +659,8 @@ PUBLISH_ENVIRONMENT = (
     "environment: HF_TOKEN (a write token; else the one `hf auth login` saved), HF_ENDPOINT (the Hub to push to; "
     "default https://huggingface.co, or a `builder hub serve` URL), HF_HUB_DISABLE_XET=1 (upload through git-LFS; "
     "needed for `builder hub serve`, which has no Xet storage), BUILDER_HTTP_TIMEOUT (seconds without progress "
-    "before a request is retried; default 60).")
+    "before a request is retried; default 60)."
+)
 
 
 def _own_version() -> str:

@@ -1,8 +1,9 @@
 """What the steps of one build share: the build context, and a typed field for what each step produces.
 
 The pipeline creates the context; `resolve` sets the source folder and task, `quantize` or `export` the footprint
-and what they built (and the pipeline starts the gate's reference run beside `quantize`), `verify` the report; `write` turns it into the manifest (`builder.artifact`). This module
-imports no step and not the pipeline, so every step can import it.
+and what they built (and the pipeline starts the gate's reference run beside `quantize`), `verify` the report;
+`write` turns it into the manifest (`builder.artifact`). This module imports no step and not the pipeline, so every
+step can import it.
 """
 
 from __future__ import annotations

@@ -66,31 +66,46 @@ print(f"generated: {prompt!r} -> {answer!r}")
 """
 
 
-def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifacts", root: Path | None = None,
-             say: Callable[[str], None] = print) -> None:
+def run_demo(
+    recipe: str | Path = DEFAULT_RECIPE,
+    *,
+    out: str | Path = "artifacts",
+    root: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
     """Build, verify, serve, publish and load back (see the module docstring). Raises BuilderError on failure."""
 
     started = time.perf_counter()
     say(f"[1/4] build + verify {recipe}")
     result = build_file(recipe, out=out)[0]
     report = result.manifest.verification or {}
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted((report.get("metrics") or {}).items())
-                        if isinstance(v, float))
-    say(f"      {result.name}: {result.status} at {result.path}; verification "
-        f"{'passed' if report.get('passed') else 'FAILED'} ({metrics})")
+    metrics = ", ".join(
+        f"{k} {v:.3f}" for k, v in sorted((report.get("metrics") or {}).items()) if isinstance(v, float)
+    )
+    say(
+        f"      {result.name}: {result.status} at {result.path}; verification "
+        f"{'passed' if report.get('passed') else 'FAILED'} ({metrics})"
+    )
     repo = (result.manifest.recipe.get("publish") or {}).get("repo") or f"demo/{result.name}"
     with tempfile.TemporaryDirectory(prefix="builder-demo-") as scratch:
         hub_root = root or Path(scratch) / "hub"
         token = "hf_demo_" + secrets.token_hex(8)
         server = start_in_thread(hub_root, host="127.0.0.1", port=0, token=token)
         try:
-            say(f"[2/4] local registry at {server.url} (root {hub_root}); clients use "
-                f"HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1")
-            env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
-                   "HF_HOME": str(Path(scratch) / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+            say(
+                f"[2/4] local registry at {server.url} (root {hub_root}); clients use "
+                f"HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1"
+            )
+            env = {
+                **os.environ,
+                "HF_ENDPOINT": server.url,
+                "HF_HUB_DISABLE_XET": "1",
+                "HF_TOKEN": token,
+                "HF_HOME": str(Path(scratch) / "hf-home"),
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            }
             say(f"[3/4] builder publish {result.path} --repo {repo}")
-            _run([sys.executable, "-m", "builder", "publish", str(result.path), "--repo", repo], env, say,
-                 "publish")
+            _run([sys.executable, "-m", "builder", "publish", str(result.path), "--repo", repo], env, say, "publish")
             say(f"[4/4] load {repo} back in a fresh process with stock transformers")
             _run([sys.executable, "-c", _LOAD_BACK, repo, PROMPT], env, say, "load back")
         finally:
@@ -101,8 +116,7 @@ def run_demo(recipe: str | Path = DEFAULT_RECIPE, *, out: str | Path = "artifact
 
 
 def _run(command: list[str], env: dict, say: Callable[[str], None], stage: str) -> None:
-    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             timeout=900)
+    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     for line in process.stdout.splitlines():
         if line.strip() and not line.startswith(("Loading weights", "Fetching")) and "\r" not in line:
             say(f"      {line}")

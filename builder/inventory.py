@@ -43,7 +43,9 @@ def published_record(artifacts: Path, name: str) -> dict | None:
         return None
 
 
-def artifact_states(paths: Sequence[str | Path], artifacts: Path, names: list[str] | None = None) -> list[ArtifactState]:
+def artifact_states(
+    paths: Sequence[str | Path], artifacts: Path, names: list[str] | None = None
+) -> list[ArtifactState]:
     """One state per recipe (variants expanded) under `paths`, comparing build hashes with artifacts/<name>/; only
     the artifacts in `names` when given (a name no recipe defines is an error)."""
     files = find_recipe_files(paths)
@@ -75,8 +77,7 @@ def artifact_states(paths: Sequence[str | Path], artifacts: Path, names: list[st
                 recorded = recorded_versions(build_kind(loaded.recipe), manifest.versions)
                 if missing := sorted(set(recorded) - set(plan.versions)):
                     expected = build_hash(loaded.recipe, plan.source.revision, recorded)
-                    detail = (f"compared with the versions the build recorded ({', '.join(missing)} not installed "
-                              "here)")
+                    detail = f"compared with the versions the build recorded ({', '.join(missing)} not installed here)"
             if manifest is None:
                 state = "missing"
             elif found != expected:

@@ -55,8 +55,9 @@ def left_alone_by_bnb(tensor: TensorInfo, config: dict) -> bool:
     experts = config.get("num_local_experts") or config.get("num_experts")
     if not experts:
         return False
-    return bool(_EXPERT.search(tensor.name)) or (tensor.name.endswith(".gate.weight") and tensor.shape[:1] ==
-                                                 (experts,))
+    return bool(_EXPERT.search(tensor.name)) or (
+        tensor.name.endswith(".gate.weight") and tensor.shape[:1] == (experts,)
+    )
 
 
 def tied_heads(config: dict) -> list[str]:
@@ -76,17 +77,32 @@ def unmatched_skip_modules(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
     linears = [t.name.removesuffix(".weight") for t in tensors if is_quantizable(t, ("lm_head",))]
     # A Linear can be named by any dotted suffix of its path (`mlp.down_proj`), as skip_modules matches them.
     # Suffixes starting at a layer index (`0.mlp.down_proj`) name one layer's copy: not offered.
-    suffixes = sorted({".".join(parts[i:]) for parts in (name.split(".") for name in linears)
-                       for i in range(len(parts)) if not parts[i].isdigit()})
+    suffixes = sorted(
+        {
+            ".".join(parts[i:])
+            for parts in (name.split(".") for name in linears)
+            for i in range(len(parts))
+            if not parts[i].isdigit()
+        }
+    )
     found = []
     for index, pattern in enumerate(quantize.skip_modules):
         if any(skip_module_matches(m, pattern) for m in modules):
             continue
-        nearest = get_close_matches(pattern, suffixes, n=3, cutoff=0.5) or sorted({n.split(".")[-1] for n in linears})[:5]
-        listed = f"the nearest quantizable Linear modules are {', '.join(nearest)}" if nearest else \
-            "the checkpoint has no quantizable Linear module"
-        found.append((index, f"{pattern!r} matches no module of {recipe.source.model}: {listed}"
-                             f"{did_you_mean(pattern, suffixes)}"))
+        nearest = (
+            get_close_matches(pattern, suffixes, n=3, cutoff=0.5) or sorted({n.split(".")[-1] for n in linears})[:5]
+        )
+        listed = (
+            f"the nearest quantizable Linear modules are {', '.join(nearest)}"
+            if nearest
+            else "the checkpoint has no quantizable Linear module"
+        )
+        found.append(
+            (
+                index,
+                f"{pattern!r} matches no module of {recipe.source.model}: {listed}{did_you_mean(pattern, suffixes)}",
+            )
+        )
     return found
 
 
@@ -95,22 +111,34 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
     is a model folder, its safetensors headers read, and every `quantize.skip_modules` entry names a module."""
     import json
 
-
     folder = loaded.source_path
     if folder is None:
         return []  # a Hub source: checked by `plan`, which may reach the network
     where = loaded.where(("source", "model"))
     if not folder.is_dir():
-        return [Problem(where, "source.model", f"source folder {folder} does not exist; check `source.model` "
-                        "(relative paths are relative to the recipe file)")]
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} does not exist; check `source.model` "
+                "(relative paths are relative to the recipe file)",
+            )
+        ]
     if not (folder / "config.json").is_file():
-        return [Problem(where, "source.model", f"source folder {folder} has no config.json; point `source.model` at "
-                        "a Hugging Face model folder (the one save_pretrained writes)")]
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} has no config.json; point `source.model` at "
+                "a Hugging Face model folder (the one save_pretrained writes)",
+            )
+        ]
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
     except (SourceError, ValueError, OSError) as error:
         return [Problem(where, "source.model", str(error))]
-    return [Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
-            for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict)
-                                                         else {})]
+    return [
+        Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
+        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
+    ]

@@ -42,10 +42,16 @@ class BuildResult:
 
     def as_json(self) -> dict:
         manifest = self.manifest.to_json()
-        return {"name": self.name, "path": str(self.path), "status": self.status,
-                "build_hash": manifest["build_hash"], "timings": manifest["timings"],
-                "footprint": manifest["footprint"], "bits_per_param": manifest["bits_per_param"],
-                "verification_passed": self.manifest.passed}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "status": self.status,
+            "build_hash": manifest["build_hash"],
+            "timings": manifest["timings"],
+            "footprint": manifest["footprint"],
+            "bits_per_param": manifest["bits_per_param"],
+            "verification_passed": self.manifest.passed,
+        }
 
 
 Step = Callable[[BuildContext], None]
@@ -60,9 +66,17 @@ def build_file(recipe_file: str | Path, *, names: list[str] | None = None, **opt
     return [build(plan, **options) for plan in plans]
 
 
-def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = None, force: bool = False,
-          keep_temp: bool = False, keep_failed: bool = False, use_cache: bool = True,
-          max_gpu_memory: int | None = None) -> BuildResult:
+def build(
+    plan: Plan,
+    *,
+    out: str | Path = "artifacts",
+    device: str | None = None,
+    force: bool = False,
+    keep_temp: bool = False,
+    keep_failed: bool = False,
+    use_cache: bool = True,
+    max_gpu_memory: int | None = None,
+) -> BuildResult:
     """Build one planned artifact into `<out>/<name>/`. Raises `BuilderError` (nothing at the final path),
     `VerificationFailed` when the gate fails, and lets KeyboardInterrupt through after cleaning up.
 
@@ -79,8 +93,11 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
             return _reused(final, manifest)
         with _locked(out, recipe.name):
             if (manifest := up_to_date(final, plan.build_hash)) is not None:
-                return _reused(final, write.refresh_publish(final, plan.loaded, plan, manifest),
-                               "; its card and manifest now carry the recipe's `publish`")
+                return _reused(
+                    final,
+                    write.refresh_publish(final, plan.loaded, plan, manifest),
+                    "; its card and manifest now carry the recipe's `publish`",
+                )
     steps = steps_for(plan)
     chosen, device_map = choose_device(plan, device)
     if max_gpu_memory and chosen.startswith("cuda"):
@@ -92,9 +109,15 @@ def build(plan: Plan, *, out: str | Path = "artifacts", device: str | None = Non
             return _reused(final, manifest)
         _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
-        ctx = BuildContext(plan.loaded, plan, workdir, chosen,
-                           device_map=device_map if build_kind(recipe) == "quantize" else None,
-                           use_cache=use_cache, max_gpu_memory=max_gpu_memory)
+        ctx = BuildContext(
+            plan.loaded,
+            plan,
+            workdir,
+            chosen,
+            device_map=device_map if build_kind(recipe) == "quantize" else None,
+            use_cache=use_cache,
+            max_gpu_memory=max_gpu_memory,
+        )
         try:
             for number, (name, step) in enumerate(steps, 1):
                 interrupts.check()
@@ -151,8 +174,13 @@ def _verify(ctx: BuildContext) -> None:
     verify(ctx)
 
 
-_STEPS: dict[str, Step] = {"resolve": load.resolve, "quantize": _quantize, "export": _export, "verify": _verify,
-                           "write": write.write}
+_STEPS: dict[str, Step] = {
+    "resolve": load.resolve,
+    "quantize": _quantize,
+    "export": _export,
+    "verify": _verify,
+    "write": write.write,
+}
 
 
 def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[str, str | int]]:
@@ -166,8 +194,10 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
         if not _DEVICE.match(requested):
             raise BuildError(f"--device {requested!r} is not cpu, cuda or cuda:N")
         if isinstance(device_map, dict):
-            raise BuildError(f"recipe {recipe.name} places modules with `load.device_map`; drop --device, or remove "
-                             "the map from the recipe")
+            raise BuildError(
+                f"recipe {recipe.name} places modules with `load.device_map`; drop --device, or remove "
+                "the map from the recipe"
+            )
         device = requested
     elif isinstance(device_map, dict):
         gpus = [str(d) for d in device_map.values() if d not in ("cpu", "disk")]
@@ -178,8 +208,10 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
         device = device_map
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BuildError(f"{recipe.name} asks for {device} but this host has no CUDA device; build with "
-                             "--device cpu (bitsandbytes quantizes on CPU too) or on a GPU host")
+            raise BuildError(
+                f"{recipe.name} asks for {device} but this host has no CUDA device; build with "
+                "--device cpu (bitsandbytes quantizes on CPU too) or on a GPU host"
+            )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise BuildError(f"{device} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)")
@@ -198,8 +230,9 @@ def _cap_gpu(device: str, max_bytes: int) -> None:
 
 def _check_destination(final: Path) -> None:
     if final.exists() and not (final / "manifest.json").is_file():
-        raise BuildError(f"{final} exists and is not a builder artifact (no manifest.json); move it away or build "
-                         "with another --out")
+        raise BuildError(
+            f"{final} exists and is not a builder artifact (no manifest.json); move it away or build with another --out"
+        )
 
 
 @contextmanager

@@ -24,8 +24,16 @@ DISTRIBUTION = "recipe-builder"
 # Packages whose version can change an artifact's bytes, per kind of build.
 _VERSIONED = {
     "quantize": ("torch", "transformers", "accelerate", "bitsandbytes"),
-    "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "optimum",
-               "optimum-onnx"),
+    "export": (
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "optimum",
+        "optimum-onnx",
+    ),
 }
 # The packages a build cannot run without (the others in `_VERSIONED` are alternatives: onnxruntime or -gpu).
 _BUILDS_WITH = {"quantize": ("torch", "transformers", "bitsandbytes"), "export": ("torch", "transformers", "onnx")}
@@ -62,8 +70,9 @@ def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -
     `publish` and `source.base_model` are left out: where an artifact goes and which model its card names do not
     change what it is."""
     content = recipe.model_dump(mode="json", exclude={"publish": True, "source": {"base_model"}})
-    canonical = json.dumps({"recipe": content, "source": source_revision, "versions": versions},
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"recipe": content, "source": source_revision, "versions": versions}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -102,8 +111,10 @@ class Plan:
             "source_bytes": self.source_bytes,
             "expected_artifact_bytes": self.expected_artifact_bytes,
             "expected_footprint_ratio": self.expected_footprint_ratio,
-            "stages": [{"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
-                       for s in self.stages],
+            "stages": [
+                {"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
+                for s in self.stages
+            ],
             "warnings": self.warnings,
         }
 
@@ -122,18 +133,31 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     artifact = _expected_artifact_bytes(recipe, source.tensors)
     warnings = []
     if recipe.publish is not None and not recipe.source.pinned:
-        warnings.append(f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
-                        "records the commit it resolved, but `builder publish` will refuse until you pin it")
+        warnings.append(
+            f"source.revision {recipe.source.revision or 'main'!r} is not a 40-hex commit: the build "
+            "records the commit it resolved, but `builder publish` will refuse until you pin it"
+        )
     if (mismatch := compute_dtype_warning(recipe, source.config, source.tensors)) is not None:
         warnings.append(mismatch)
     if missing := [name for name in _BUILDS_WITH[build_kind(recipe)] if name not in versions]:
-        warnings.append(f"{', '.join(missing)} not installed here: this environment cannot build the recipe, and its "
-                        "build hash differs from one made where they are; `builder list` compares artifacts by the "
-                        "versions their manifests record")
+        warnings.append(
+            f"{', '.join(missing)} not installed here: this environment cannot build the recipe, and its "
+            "build hash differs from one made where they are; `builder list` compares artifacts by the "
+            "versions their manifests record"
+        )
     stages = _stages(recipe, loaded_bytes, artifact)
-    return Plan(loaded, source, build_hash(recipe, source.revision, versions), versions, stages,
-                source.parameter_count, source_bytes, artifact, expected_footprint_ratio(recipe, source.tensors,
-                                                                                         source.config), warnings)
+    return Plan(
+        loaded,
+        source,
+        build_hash(recipe, source.revision, versions),
+        versions,
+        stages,
+        source.parameter_count,
+        source_bytes,
+        artifact,
+        expected_footprint_ratio(recipe, source.tensors, source.config),
+        warnings,
+    )
 
 
 def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
@@ -161,10 +185,12 @@ def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInf
     loaded = load_dtype(recipe, config, tensors)
     if not isinstance(quantize, Bnb4Bit) or loaded is None or quantize.compute_dtype == loaded:
         return None
-    return (f"quantize.compute_dtype is {quantize.compute_dtype} but the model loads in {loaded} "
-            f"({'source.dtype' if recipe.source.dtype != 'auto' else 'config.json'}): the 4-bit matmuls cast "
-            f"every activation; set `quantize.compute_dtype: {loaded}` unless you want {quantize.compute_dtype} "
-            "matmuls")
+    return (
+        f"quantize.compute_dtype is {quantize.compute_dtype} but the model loads in {loaded} "
+        f"({'source.dtype' if recipe.source.dtype != 'auto' else 'config.json'}): the 4-bit matmuls cast "
+        f"every activation; set `quantize.compute_dtype: {loaded}` unless you want {quantize.compute_dtype} "
+        "matmuls"
+    )
 
 
 def expected_footprint_ratio(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> float | None:
@@ -212,8 +238,12 @@ def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) ->
             # embeddings and 1-D tensors stay float32
             block = recipe.export.block_size or (32 if recipe.export.quantize == "int4" else 64)
             per_weight = 0.5 + (4.5 if recipe.export.quantize == "int4" else 4) / block
-            return int(sum(t.numel * (per_weight if len(t.shape) == 2 and not EMBEDDING_NAMES.search(t.name)
-                                      else 4) for t in tensors))
+            return int(
+                sum(
+                    t.numel * (per_weight if len(t.shape) == 2 and not EMBEDDING_NAMES.search(t.name) else 4)
+                    for t in tensors
+                )
+            )
         per_element = 1 if recipe.export.quantize == "dynamic-int8" else (2 if recipe.export.dtype == "float16" else 4)
         return sum(t.numel for t in tensors) * per_element
     total = 0.0
@@ -236,12 +266,16 @@ def build_stages(recipe: Recipe) -> tuple[str, ...]:
 
 def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stage]:
     """`build_stages` with what each does and the peak memory it needs."""
-    described = {"resolve": Stage("resolve", "pin the source (commit sha or content digest) and read its config"),
-                 "write": Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename")}
+    described = {
+        "resolve": Stage("resolve", "pin the source (commit sha or content digest) and read its config"),
+        "write": Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename"),
+    }
     if recipe.export is not None:
         export = recipe.export
-        what = [f"load the source as {recipe.source.dtype}, export to ONNX (opset {export.opset}, {export.dtype}, "
-                f"exporter {export.exporter})"]
+        what = [
+            f"load the source as {recipe.source.dtype}, export to ONNX (opset {export.opset}, {export.dtype}, "
+            f"exporter {export.exporter})"
+        ]
         peak = loaded_bytes * 2
         if export.optimize != "none":
             what.append(f"onnxruntime transformer optimizer {export.optimize}")
@@ -251,16 +285,22 @@ def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stag
             peak = max(peak, artifact_bytes * 5)
         described["export"] = Stage("export", "; ".join(what), peak)
         verify_on = export.verify_on or export.provider
-        described["verify"] = Stage("verify", f"compare with the PyTorch source on {verify_on}",
-                                    loaded_bytes + artifact_bytes)
+        described["verify"] = Stage(
+            "verify", f"compare with the PyTorch source on {verify_on}", loaded_bytes + artifact_bytes
+        )
     else:
         method = recipe.quantize.method if recipe.quantize else "none"
-        what = [f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else "
-                "loaded and quantized by transformers", "write safetensors, config, tokenizer, generation config"]
+        what = [
+            f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else "
+            "loaded and quantized by transformers",
+            "write safetensors, config, tokenizer, generation config",
+        ]
         if recipe.quantize is not None and recipe.quantize.dequantize:
             what.append("write a dequantized checkpoint")
         described["quantize"] = Stage("quantize", "; ".join(what), loaded_bytes + artifact_bytes)
-        described["verify"] = Stage("verify", "reload the artifact in a fresh process and compare with the source",
-                                    loaded_bytes + artifact_bytes)
+        described["verify"] = Stage(
+            "verify",
+            "reload the artifact in a fresh process and compare with the source",
+            loaded_bytes + artifact_bytes,
+        )
     return [described[name] for name in build_stages(recipe)]
-

@@ -42,8 +42,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")
 # `--x`: what the scatters put across, as (row field, axis label). The footprint is what loading costs in memory
 # (every build records it); bits per parameter counts the weight files on disk, so it shows what double
 # quantization saves (ONNX exports do not record it and are left off that axis).
-X_AXES = {"size": ("size_bytes", "artifact weight footprint"),
-          "bits": ("weight_bits_per_param", "bits per parameter (weight files)")}
+X_AXES = {
+    "size": ("size_bytes", "artifact weight footprint"),
+    "bits": ("weight_bits_per_param", "bits per parameter (weight files)"),
+}
 
 
 def _manifest(folder: Path) -> dict:
@@ -71,8 +73,10 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str 
     built, failed = find_artifacts([Path(p) for p in paths])
     if not built and not failed:
         shown = ", ".join(str(p) for p in paths)
-        raise BuilderError(f"no artifacts under {shown}: build some with `builder build` (or pass artifact folders, "
-                           "or folders holding them)")
+        raise BuilderError(
+            f"no artifacts under {shown}: build some with `builder build` (or pass artifact folders, "
+            "or folders holding them)"
+        )
     rows: list[dict] = []
     skipped: list[dict] = []
     signatures: dict[str | None, dict] = {}
@@ -95,11 +99,13 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str 
     groups: dict[str | None, list[dict]] = {}
     for row in rows:
         groups.setdefault(_source_key(row), []).append(row)
-    return {"report_version": REPORT_VERSION,
-            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "x": {"axis": x, "field": field, "label": label},
-            "groups": [_group(members, field) for _, members in sorted(groups.items(), key=_unknown_last)],
-            "skipped": skipped}
+    return {
+        "report_version": REPORT_VERSION,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "x": {"axis": x, "field": field, "label": label},
+        "groups": [_group(members, field) for _, members in sorted(groups.items(), key=_unknown_last)],
+        "skipped": skipped,
+    }
 
 
 def _skip(folder: Path, reason: str) -> dict:
@@ -113,8 +119,9 @@ def find_artifacts(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     built, failed = [], []
     for path in paths:
         if not path.is_dir():
-            raise BuilderError(f"{path} is not a folder: pass artifact folders or folders holding them "
-                               "(default artifacts/)")
+            raise BuilderError(
+                f"{path} is not a folder: pass artifact folders or folders holding them (default artifacts/)"
+            )
         if (path / "manifest.json").is_file():
             built.append(path)
         elif (path / REPORT_FILE).is_file():
@@ -136,13 +143,22 @@ def _unique(folders: list[Path]) -> list[Path]:
 def _built_row(folder: Path, manifest: dict, link_base: Path) -> dict:
     verification = manifest.get("verification") or {}
     footprint = manifest.get("footprint") or {}
-    return _row(folder, manifest["name"], "passed" if verification.get("passed") else "failed", verification,
-                origin="artifact", source=(manifest.get("source") or {}).get("model"),
-                revision=(manifest.get("source") or {}).get("revision"),
-                size=footprint.get("artifact_bytes"), source_bytes=footprint.get("source_bytes"),
-                bits=manifest.get("bits_per_param"), method=_method(manifest.get("recipe") or {}),
-                built_at=manifest.get("built_at"), device=manifest.get("device"),
-                card=_link(folder / "README.md", link_base))
+    return _row(
+        folder,
+        manifest["name"],
+        "passed" if verification.get("passed") else "failed",
+        verification,
+        origin="artifact",
+        source=(manifest.get("source") or {}).get("model"),
+        revision=(manifest.get("source") or {}).get("revision"),
+        size=footprint.get("artifact_bytes"),
+        source_bytes=footprint.get("source_bytes"),
+        bits=manifest.get("bits_per_param"),
+        method=_method(manifest.get("recipe") or {}),
+        built_at=manifest.get("built_at"),
+        device=manifest.get("device"),
+        card=_link(folder / "README.md", link_base),
+    )
 
 
 def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dict) -> dict:
@@ -153,35 +169,78 @@ def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dic
     source, revision = matches[0] if len(matches) == 1 else (None, None)
     performance = report.get("performance") or {}
     size = performance.get("candidate_footprint_bytes") or _weight_bytes(folder) or None
-    row = _row(folder, folder.name, "failed", report, origin="kept failed build",
-               source=source, revision=revision, size=size,
-               source_bytes=performance.get("reference_footprint_bytes"), bits=None, method=_config_method(folder),
-               built_at=_mtime(folder / REPORT_FILE), device=report.get("device"),
-               card=_link(folder / REPORT_FILE, link_base))
+    row = _row(
+        folder,
+        folder.name,
+        "failed",
+        report,
+        origin="kept failed build",
+        source=source,
+        revision=revision,
+        size=size,
+        source_bytes=performance.get("reference_footprint_bytes"),
+        bits=None,
+        method=_config_method(folder),
+        built_at=_mtime(folder / REPORT_FILE),
+        device=report.get("device"),
+        card=_link(folder / REPORT_FILE, link_base),
+    )
     later = built_rows.get(folder.name)
     # A failed build stays in .failed/ after a later build of the same name passes; it no longer describes a choice.
     row["superseded"] = bool(later and later["status"] == "passed" and (later["built_at"] or "") > row["built_at"])
     return row
 
 
-def _row(folder: Path, name: str, status: str, verification: dict, *, origin: str, source, revision, size,
-         source_bytes, bits, method, built_at, device, card) -> dict:
+def _row(
+    folder: Path,
+    name: str,
+    status: str,
+    verification: dict,
+    *,
+    origin: str,
+    source,
+    revision,
+    size,
+    source_bytes,
+    bits,
+    method,
+    built_at,
+    device,
+    card,
+) -> dict:
     performance = verification.get("performance") or {}
     metrics = {k: v for k, v in (verification.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return {"name": name, "status": status, "origin": origin, "path": str(folder), "card": card,
-            "source": source, "revision": revision, "task": verification.get("task"), "method": method,
-            "size_bytes": size, "source_bytes": source_bytes, "bits_per_param": bits,
-            "weight_bits_per_param": metrics.get("bits_per_param"), "metrics": metrics,
-            "thresholds": verification.get("thresholds") or {},
-            "failures": [f.get("message", str(f)) for f in verification.get("failures") or []],
-            "failed_metrics": [f.get("metric") for f in verification.get("failures") or []],
-            "latency_ms": performance.get("candidate_latency_ms"),
-            "latency_basis": (f"{performance['latency_tokens']} tokens, batch 1" if performance.get("latency_tokens")
-                              else "the verification inputs"),
-            "reference_latency_ms": performance.get("reference_latency_ms"),
-            "throughput_tokens_per_s": performance.get("candidate_throughput_tokens_per_s"),
-            "reference_throughput_tokens_per_s": performance.get("reference_throughput_tokens_per_s"),
-            "device": verification.get("provider") or device, "built_at": built_at, "superseded": False}
+    return {
+        "name": name,
+        "status": status,
+        "origin": origin,
+        "path": str(folder),
+        "card": card,
+        "source": source,
+        "revision": revision,
+        "task": verification.get("task"),
+        "method": method,
+        "size_bytes": size,
+        "source_bytes": source_bytes,
+        "bits_per_param": bits,
+        "weight_bits_per_param": metrics.get("bits_per_param"),
+        "metrics": metrics,
+        "thresholds": verification.get("thresholds") or {},
+        "failures": [f.get("message", str(f)) for f in verification.get("failures") or []],
+        "failed_metrics": [f.get("metric") for f in verification.get("failures") or []],
+        "latency_ms": performance.get("candidate_latency_ms"),
+        "latency_basis": (
+            f"{performance['latency_tokens']} tokens, batch 1"
+            if performance.get("latency_tokens")
+            else "the verification inputs"
+        ),
+        "reference_latency_ms": performance.get("reference_latency_ms"),
+        "throughput_tokens_per_s": performance.get("candidate_throughput_tokens_per_s"),
+        "reference_throughput_tokens_per_s": performance.get("reference_throughput_tokens_per_s"),
+        "device": verification.get("provider") or device,
+        "built_at": built_at,
+        "superseded": False,
+    }
 
 
 def _source_key(row: dict) -> str | None:
@@ -207,28 +266,53 @@ def _group(rows: list[dict], x_field: str) -> dict:
         lines: dict[float, list[str]] = {}
         for r in gated:
             lines.setdefault(r["thresholds"][key], []).append(r["name"])
-        points = [(r["name"], r[x_field], r["metrics"].get(metric)) for r in rows
-                  if r["status"] == "passed" and not r["superseded"]]
-        charts.append({"metric": metric, "label": label, "gate": key, "better": "higher" if higher else "lower",
-                       "thresholds": [{"value": v, "bound": "min" if higher else "max", "artifacts": sorted(names)}
-                                      for v, names in sorted(lines.items())],
-                       "pareto": sorted(pareto_front(points, higher_is_better=higher))})
+        points = [
+            (r["name"], r[x_field], r["metrics"].get(metric))
+            for r in rows
+            if r["status"] == "passed" and not r["superseded"]
+        ]
+        charts.append(
+            {
+                "metric": metric,
+                "label": label,
+                "gate": key,
+                "better": "higher" if higher else "lower",
+                "thresholds": [
+                    {"value": v, "bound": "min" if higher else "max", "artifacts": sorted(names)}
+                    for v, names in sorted(lines.items())
+                ],
+                "pareto": sorted(pareto_front(points, higher_is_better=higher)),
+            }
+        )
     # A built artifact's manifest measures the source's weights; a kept failed build only its loaded footprint.
-    source_sizes = ([r["source_bytes"] for r in rows if r["source_bytes"] and r["origin"] == "artifact"]
-                    or [r["source_bytes"] for r in rows if r["source_bytes"]])
-    return {"source": sources[0], "source_aliases": sources[1:], "revision": rows[0]["revision"],
-            "task": next((r["task"] for r in rows if r["task"]), None),
-            "source_bytes": max(source_sizes) if source_sizes else None, "charts": charts, "artifacts": rows}
+    source_sizes = [r["source_bytes"] for r in rows if r["source_bytes"] and r["origin"] == "artifact"] or [
+        r["source_bytes"] for r in rows if r["source_bytes"]
+    ]
+    return {
+        "source": sources[0],
+        "source_aliases": sources[1:],
+        "revision": rows[0]["revision"],
+        "task": next((r["task"] for r in rows if r["task"]), None),
+        "source_bytes": max(source_sizes) if source_sizes else None,
+        "charts": charts,
+        "artifacts": rows,
+    }
 
 
 def pareto_front(points: list[tuple[str, float | None, float | None]], *, higher_is_better: bool) -> set[str]:
     """Names of the points (name, size, quality) that no other point dominates: none is at most as large and at
     least as good with one of the two strictly better. Equal points do not dominate each other (both stay);
     points missing a size or a quality are left out."""
-    known = [(name, size, quality if higher_is_better else -quality) for name, size, quality in points
-             if size is not None and quality is not None]
-    return {name for name, size, quality in known
-            if not any(s <= size and q >= quality and (s < size or q > quality) for _, s, q in known)}
+    known = [
+        (name, size, quality if higher_is_better else -quality)
+        for name, size, quality in points
+        if size is not None and quality is not None
+    ]
+    return {
+        name
+        for name, size, quality in known
+        if not any(s <= size and q >= quality and (s < size or q > quality) for _, s, q in known)
+    }
 
 
 def _config_signature(folder: Path) -> str | None:
@@ -260,8 +344,16 @@ def _config_method(folder: Path) -> str | None:
     if not quantization:
         return None
     if quantization.get("load_in_4bit"):
-        return " ".join(filter(None, ["bnb-4bit", quantization.get("bnb_4bit_quant_type"),
-                                      "dq" if quantization.get("bnb_4bit_use_double_quant") else None]))
+        return " ".join(
+            filter(
+                None,
+                [
+                    "bnb-4bit",
+                    quantization.get("bnb_4bit_quant_type"),
+                    "dq" if quantization.get("bnb_4bit_use_double_quant") else None,
+                ],
+            )
+        )
     return "bnb-8bit" if quantization.get("load_in_8bit") else quantization.get("quant_method")
 
 

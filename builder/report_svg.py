@@ -40,16 +40,22 @@ td.miss { color: #c44e52; font-weight: 600; } .failures { color: #c44e52; white-
 def render_html(data: dict) -> str:
     """The whole page."""
     count = sum(len(g["artifacts"]) for g in data["groups"])
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>builder report</title>"
-             f"<style>{_CSS}</style></head><body>",
-             "<h1>builder report: size vs quality</h1>",
-             f"<p class=\"muted\">{count} artifact(s) from {len(data['groups'])} source model(s); generated "
-             f"{escape(data['generated_at'])}. Across: {escape(data['x']['label'])}; up: each gate metric measured "
-             "against the source model. The Pareto front (no passing artifact is both smaller and better) is "
-             "drawn among the passing builds.</p>", _legend()]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>builder report</title>'
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>builder report: size vs quality</h1>",
+        f'<p class="muted">{count} artifact(s) from {len(data["groups"])} source model(s); generated '
+        f"{escape(data['generated_at'])}. Across: {escape(data['x']['label'])}; up: each gate metric measured "
+        "against the source model. The Pareto front (no passing artifact is both smaller and better) is "
+        "drawn among the passing builds.</p>",
+        _legend(),
+    ]
     if data["skipped"]:
-        parts.append("<p class=\"failures\">Left out: " + "; ".join(
-            f"{escape(s['path'])}: {escape(s['reason'])}" for s in data["skipped"]) + "</p>")
+        parts.append(
+            '<p class="failures">Left out: '
+            + "; ".join(f"{escape(s['path'])}: {escape(s['reason'])}" for s in data["skipped"])
+            + "</p>"
+        )
     parts += [_group(group, data["x"]) for group in data["groups"]]
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -57,13 +63,21 @@ def render_html(data: dict) -> str:
 
 def _legend() -> str:
     def mark(inner: str) -> str:
-        return f"<svg width=\"18\" height=\"14\" aria-hidden=\"true\">{inner}</svg>"
+        return f'<svg width="18" height="14" aria-hidden="true">{inner}</svg>'
 
-    return ("<p class=\"legend\">" + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-passed"/>') + " passed "
-            + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-pareto"/>') + " on the Pareto front "
-            + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-failed"/>') + " failed verification "
-            + mark('<line x1="0" y1="7" x2="18" y2="7" class="threshold"/>') + " gate threshold "
-            + mark('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>') + " source model size</p>")
+    return (
+        '<p class="legend">'
+        + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-passed"/>')
+        + " passed "
+        + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-pareto"/>')
+        + " on the Pareto front "
+        + mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-failed"/>')
+        + " failed verification "
+        + mark('<line x1="0" y1="7" x2="18" y2="7" class="threshold"/>')
+        + " gate threshold "
+        + mark('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>')
+        + " source model size</p>"
+    )
 
 
 def _group(group: dict, axis: dict) -> str:
@@ -74,15 +88,23 @@ def _group(group: dict, axis: dict) -> str:
         about.append(f"source weights {_size(group['source_bytes'])}")
     if group["source"] is None:
         about.append("failed builds whose config.json matches no built artifact's")
-    parts = [f"<section class=\"group\" data-source=\"{escape(source)}\">",
-             f"<h2>{escape(source)}</h2><p class=\"muted\">{escape('; '.join(about))}</p><div class=\"charts\">"]
+    parts = [
+        f'<section class="group" data-source="{escape(source)}">',
+        f'<h2>{escape(source)}</h2><p class="muted">{escape("; ".join(about))}</p><div class="charts">',
+    ]
     parts += [_scatter(group, chart, axis) for chart in group["charts"]]
     rows = [a for a in group["artifacts"] if not a["superseded"]]
     if any(a["latency_ms"] is not None for a in rows):
         parts.append(_bars(rows, "latency_ms", "reference_latency_ms", "latency per forward (ms, lower is better)"))
     if any(a["throughput_tokens_per_s"] is not None for a in rows):
-        parts.append(_bars(rows, "throughput_tokens_per_s", "reference_throughput_tokens_per_s",
-                           "throughput (tokens/s, higher is better)"))
+        parts.append(
+            _bars(
+                rows,
+                "throughput_tokens_per_s",
+                "reference_throughput_tokens_per_s",
+                "throughput (tokens/s, higher is better)",
+            )
+        )
     parts.append("</div>")
     parts.append(_table(group))
     parts.append("</section>")
@@ -94,8 +116,7 @@ def _group(group: dict, axis: dict) -> str:
 
 def _scatter(group: dict, chart: dict, axis: dict) -> str:
     metric, field = chart["metric"], axis["field"]
-    drawn = [a for a in group["artifacts"] if not a["superseded"] and a[field] is not None
-             and metric in a["metrics"]]
+    drawn = [a for a in group["artifacts"] if not a["superseded"] and a[field] is not None and metric in a["metrics"]]
     missing = [a["name"] for a in group["artifacts"] if not a["superseded"] and a not in drawn]
     source_bytes = group["source_bytes"] if field == "size_bytes" else None
     across = [a[field] for a in drawn] + ([source_bytes] if source_bytes else [])
@@ -104,16 +125,21 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
     x.format = _size if field == "size_bytes" else _number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
-    out = [f"<svg class=\"chart scatter\" data-metric=\"{metric}\" width=\"{WIDTH}\" height=\"{HEIGHT}\" "
-           f"viewBox=\"0 0 {WIDTH} {HEIGHT}\" xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">",
-           f"<title>{escape(chart['label'])} vs size</title>",
-           f"<text class=\"title\" x=\"{LEFT}\" y=\"16\">{escape(chart['label'])} "
-           f"({chart['better']} is better) vs {'size' if field == 'size_bytes' else 'bits'}</text>",
-           _x_axis(x, axis["label"]), _y_axis(y, chart["label"])]
+    out = [
+        f'<svg class="chart scatter" data-metric="{metric}" width="{WIDTH}" height="{HEIGHT}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" xmlns="http://www.w3.org/2000/svg" role="img">',
+        f"<title>{escape(chart['label'])} vs size</title>",
+        f'<text class="title" x="{LEFT}" y="16">{escape(chart["label"])} '
+        f"({chart['better']} is better) vs {'size' if field == 'size_bytes' else 'bits'}</text>",
+        _x_axis(x, axis["label"]),
+        _y_axis(y, chart["label"]),
+    ]
     if source_bytes:
         sx = x(source_bytes)
-        out.append(f"<line class=\"source-line\" x1=\"{sx:.1f}\" y1=\"{TOP}\" x2=\"{sx:.1f}\" y2=\"{HEIGHT - BOTTOM}\">"
-                   f"<title>source model: {_size(group['source_bytes'])}</title></line>")
+        out.append(
+            f'<line class="source-line" x1="{sx:.1f}" y1="{TOP}" x2="{sx:.1f}" y2="{HEIGHT - BOTTOM}">'
+            f"<title>source model: {_size(group['source_bytes'])}</title></line>"
+        )
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
     for threshold, label_y in zip(chart["thresholds"], label_ys, strict=True):
         ty = y(threshold["value"])
@@ -123,19 +149,24 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
             applies = ""  # one gate for all
         else:
             applies = " · " + (", ".join(short[n] for n in names) if len(names) <= 2 else f"{len(names)} artifacts")
-        out.append(f"<line class=\"threshold\" data-value=\"{threshold['value']}\" x1=\"{LEFT}\" y1=\"{ty:.1f}\" "
-                   f"x2=\"{WIDTH - RIGHT}\" y2=\"{ty:.1f}\"><title>gate: {chart['gate']} {sign} {threshold['value']} "
-                   f"({', '.join(threshold['artifacts'])})</title></line>"
-                   f"<text class=\"threshold-label\" x=\"{WIDTH - RIGHT + 4}\" y=\"{label_y + 4:.1f}\">gate {sign} "
-                   f"{_number(threshold['value'])}{escape(applies)}</text>")
+        out.append(
+            f'<line class="threshold" data-value="{threshold["value"]}" x1="{LEFT}" y1="{ty:.1f}" '
+            f'x2="{WIDTH - RIGHT}" y2="{ty:.1f}"><title>gate: {chart["gate"]} {sign} {threshold["value"]} '
+            f"({', '.join(threshold['artifacts'])})</title></line>"
+            f'<text class="threshold-label" x="{WIDTH - RIGHT + 4}" y="{label_y + 4:.1f}">gate {sign} '
+            f"{_number(threshold['value'])}{escape(applies)}</text>"
+        )
     front = sorted((a for a in drawn if a["name"] in chart["pareto"]), key=lambda a: a[field])
     if len(front) > 1:
         steps = []
         for here, after in zip(front, front[1:], strict=False):
             steps += [(x(here[field]), y(here["metrics"][metric])), (x(after[field]), y(here["metrics"][metric]))]
         steps.append((x(front[-1][field]), y(front[-1]["metrics"][metric])))
-        out.append("<polyline class=\"front\" points=\"" + " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
-                   + "\"><title>Pareto front</title></polyline>")
+        out.append(
+            '<polyline class="front" points="'
+            + " ".join(f"{px:.1f},{py:.1f}" for px, py in steps)
+            + '"><title>Pareto front</title></polyline>'
+        )
     # Failed rings first, so a passing point on the same spot stays visible inside one; one label per spot.
     labels: list[tuple[float, float, list[str]]] = []
     for a in sorted(drawn, key=lambda a: a["status"] != "failed"):
@@ -147,11 +178,13 @@ def _scatter(group: dict, chart: dict, axis: dict) -> str:
         else:
             spot.append(short[a["name"]])
     for px, py, names in labels:  # left of a point near the right edge, clear of the threshold labels
-        side = f"x=\"{px - 11:.1f}\" text-anchor=\"end\"" if px > WIDTH - RIGHT - 70 else f"x=\"{px + 11:.1f}\""
-        out.append(f"<text {side} y=\"{py + 4:.1f}\">{escape(', '.join(names))}</text>")
+        side = f'x="{px - 11:.1f}" text-anchor="end"' if px > WIDTH - RIGHT - 70 else f'x="{px + 11:.1f}"'
+        out.append(f'<text {side} y="{py + 4:.1f}">{escape(", ".join(names))}</text>')
     if missing:
-        out.append(f"<text x=\"{LEFT}\" y=\"{HEIGHT - 6}\">not drawn (no {escape(axis['label'])} or no {metric}): "
-                   f"{escape(', '.join(short[n] for n in missing))}</text>")
+        out.append(
+            f'<text x="{LEFT}" y="{HEIGHT - 6}">not drawn (no {escape(axis["label"])} or no {metric}): '
+            f"{escape(', '.join(short[n] for n in missing))}</text>"
+        )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -160,38 +193,51 @@ def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, acro
     """The artifact's circle at (px, py); a failed build's is a wider dashed ring with a cross."""
     status = artifact["status"]
     css = "pt-failed" if status == "failed" else ("pt-pareto" if pareto else "pt-passed")
-    tip = (f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {across}, "
-           f"{metric} {_number(artifact['metrics'][metric])}")
-    mark = (f"<circle class=\"{css}\" data-artifact=\"{escape(artifact['name'])}\" data-status=\"{status}\" "
-            f"data-pareto=\"{str(pareto).lower()}\" cx=\"{px:.1f}\" cy=\"{py:.1f}\" "
-            f"r=\"{9 if status == 'failed' else 7 if pareto else 6}\"><title>{escape(tip)}</title></circle>")
+    tip = (
+        f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {across}, "
+        f"{metric} {_number(artifact['metrics'][metric])}"
+    )
+    mark = (
+        f'<circle class="{css}" data-artifact="{escape(artifact["name"])}" data-status="{status}" '
+        f'data-pareto="{str(pareto).lower()}" cx="{px:.1f}" cy="{py:.1f}" '
+        f'r="{9 if status == "failed" else 7 if pareto else 6}"><title>{escape(tip)}</title></circle>'
+    )
     if status == "failed":
-        mark += (f"<path class=\"cross\" d=\"M{px - 4:.1f},{py - 4:.1f}L{px + 4:.1f},{py + 4:.1f}"
-                 f"M{px - 4:.1f},{py + 4:.1f}L{px + 4:.1f},{py - 4:.1f}\"/>")
+        mark += (
+            f'<path class="cross" d="M{px - 4:.1f},{py - 4:.1f}L{px + 4:.1f},{py + 4:.1f}'
+            f'M{px - 4:.1f},{py + 4:.1f}L{px + 4:.1f},{py - 4:.1f}"/>'
+        )
     return mark
 
 
 def _x_axis(x: _Axis, label: str) -> str:
     base = HEIGHT - BOTTOM
-    parts = [f"<g class=\"axis\"><line x1=\"{LEFT}\" y1=\"{base}\" x2=\"{WIDTH - RIGHT}\" y2=\"{base}\"/>"]
+    parts = [f'<g class="axis"><line x1="{LEFT}" y1="{base}" x2="{WIDTH - RIGHT}" y2="{base}"/>']
     for tick in x.ticks():
         tx = x(tick)
-        parts.append(f"<line class=\"grid\" x1=\"{tx:.1f}\" y1=\"{TOP}\" x2=\"{tx:.1f}\" y2=\"{base}\"/>"
-                     f"<text x=\"{tx:.1f}\" y=\"{base + 16}\" text-anchor=\"middle\">{x.format(tick)}</text>")
-    parts.append(f"<text x=\"{(LEFT + WIDTH - RIGHT) / 2}\" y=\"{base + 36}\" text-anchor=\"middle\">"
-                 f"{escape(label)}</text></g>")
+        parts.append(
+            f'<line class="grid" x1="{tx:.1f}" y1="{TOP}" x2="{tx:.1f}" y2="{base}"/>'
+            f'<text x="{tx:.1f}" y="{base + 16}" text-anchor="middle">{x.format(tick)}</text>'
+        )
+    parts.append(
+        f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{base + 36}" text-anchor="middle">{escape(label)}</text></g>'
+    )
     return "".join(parts)
 
 
 def _y_axis(y: _Axis, label: str) -> str:
-    parts = [f"<g class=\"axis\"><line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{HEIGHT - BOTTOM}\"/>"]
+    parts = [f'<g class="axis"><line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{HEIGHT - BOTTOM}"/>']
     for tick in y.ticks():
         ty = y(tick)
-        parts.append(f"<line class=\"grid\" x1=\"{LEFT}\" y1=\"{ty:.1f}\" x2=\"{WIDTH - RIGHT}\" y2=\"{ty:.1f}\"/>"
-                     f"<text x=\"{LEFT - 6}\" y=\"{ty + 4:.1f}\" text-anchor=\"end\">{_number(tick)}</text>")
+        parts.append(
+            f'<line class="grid" x1="{LEFT}" y1="{ty:.1f}" x2="{WIDTH - RIGHT}" y2="{ty:.1f}"/>'
+            f'<text x="{LEFT - 6}" y="{ty + 4:.1f}" text-anchor="end">{_number(tick)}</text>'
+        )
     middle = (TOP + HEIGHT - BOTTOM) / 2
-    parts.append(f"<text transform=\"translate(14 {middle}) rotate(-90)\" text-anchor=\"middle\">"
-                 f"{escape(label)}{' (log)' if y.log else ''}</text></g>")
+    parts.append(
+        f'<text transform="translate(14 {middle}) rotate(-90)" text-anchor="middle">'
+        f"{escape(label)}{' (log)' if y.log else ''}</text></g>"
+    )
     return "".join(parts)
 
 
@@ -224,7 +270,7 @@ class _Axis:
 
     def ticks(self) -> list[float]:
         if self.log:
-            return [10.0 ** e for e in range(math.ceil(math.log10(self.lo)), math.floor(math.log10(self.hi)) + 1)]
+            return [10.0**e for e in range(math.ceil(math.log10(self.lo)), math.floor(math.log10(self.hi)) + 1)]
         raw = (self.hi - self.lo) / 5
         magnitude = 10 ** math.floor(math.log10(raw))
         step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
@@ -259,26 +305,33 @@ def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> str
     height = TOP + 20 + row_height * len(shown) + 30
     top = max([r[field] for r in shown] + [r[reference_field] or 0 for r in shown])
     x = _Axis(0, top * 1.1 or 1, left, width - 60, log=False)
-    out = [f"<svg class=\"chart bars\" data-field=\"{field}\" width=\"{width}\" height=\"{height}\" "
-           f"viewBox=\"0 0 {width} {height}\" xmlns=\"http://www.w3.org/2000/svg\" role=\"img\">",
-           f"<title>{escape(title)}</title><text class=\"title\" x=\"{left}\" y=\"16\">{escape(title)}</text>"]
+    out = [
+        f'<svg class="chart bars" data-field="{field}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
+        f'<title>{escape(title)}</title><text class="title" x="{left}" y="16">{escape(title)}</text>',
+    ]
     for index, r in enumerate(shown):
         by = TOP + 12 + index * row_height
         bar = x(r[field]) - left
         basis = escape(f" ({r['latency_basis']})") if mixed else ""
-        out.append(f"<text x=\"{left - 6}\" y=\"{by + 14}\" text-anchor=\"end\">{escape(short[r['name']])}</text>"
-                   f"<rect class=\"bar-{r['status']}\" data-artifact=\"{escape(r['name'])}\" "
-                   f"data-status=\"{r['status']}\" data-value=\"{r[field]}\" x=\"{left}\" y=\"{by}\" "
-                   f"width=\"{max(bar, 1):.1f}\" height=\"{row_height - 6}\"><title>{escape(r['name'])}: "
-                   f"{_number(r[field])} on {escape(str(r['device']))}</title></rect>"
-                   f"<text x=\"{left + bar + 4:.1f}\" y=\"{by + 14}\">{_number(r[field])}{basis}</text>")
+        out.append(
+            f'<text x="{left - 6}" y="{by + 14}" text-anchor="end">{escape(short[r["name"]])}</text>'
+            f'<rect class="bar-{r["status"]}" data-artifact="{escape(r["name"])}" '
+            f'data-status="{r["status"]}" data-value="{r[field]}" x="{left}" y="{by}" '
+            f'width="{max(bar, 1):.1f}" height="{row_height - 6}"><title>{escape(r["name"])}: '
+            f"{_number(r[field])} on {escape(str(r['device']))}</title></rect>"
+            f'<text x="{left + bar + 4:.1f}" y="{by + 14}">{_number(r[field])}{basis}</text>'
+        )
         if r[reference_field] is not None:
             rx = x(r[reference_field])
-            out.append(f"<line class=\"reference\" x1=\"{rx:.1f}\" y1=\"{by - 2}\" x2=\"{rx:.1f}\" "
-                       f"y2=\"{by + row_height - 4}\"><title>source model, same run: {_number(r[reference_field])}"
-                       "</title></line>")
-    out.append(f"<text x=\"{left}\" y=\"{height - 8}\">black tick: the source model in the same verification "
-               "run</text></svg>")
+            out.append(
+                f'<line class="reference" x1="{rx:.1f}" y1="{by - 2}" x2="{rx:.1f}" '
+                f'y2="{by + row_height - 4}"><title>source model, same run: {_number(r[reference_field])}'
+                "</title></line>"
+            )
+    out.append(
+        f'<text x="{left}" y="{height - 8}">black tick: the source model in the same verification run</text></svg>'
+    )
     return "\n".join(out)
 
 
@@ -287,30 +340,45 @@ def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> str
 
 def _table(group: dict) -> str:
     quality = [c["metric"] for c in group["charts"]]
-    others = sorted({k for a in group["artifacts"] for k in a["metrics"]} - set(quality)
-                    - {"artifact_bytes", "bits_per_param"})
+    others = sorted(
+        {k for a in group["artifacts"] for k in a["metrics"]} - set(quality) - {"artifact_bytes", "bits_per_param"}
+    )
     front = {name for chart in group["charts"] for name in chart["pareto"]}
-    head = (["artifact (card)", "status", "method", "size", "bits/param (quantized layers)", "bits/param (weights)"]
-            + quality + others + ["latency ms", "source latency ms", "tokens/s", "device", "built"])
-    lines = ["<div class=\"table\"><table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
-             + "</tr></thead><tbody>"]
+    head = (
+        ["artifact (card)", "status", "method", "size", "bits/param (quantized layers)", "bits/param (weights)"]
+        + quality
+        + others
+        + ["latency ms", "source latency ms", "tokens/s", "device", "built"]
+    )
+    lines = [
+        '<div class="table"><table><thead><tr>'
+        + "".join(f"<th>{escape(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+    ]
     for a in group["artifacts"]:
         status = a["status"] + (" (superseded by a later passing build)" if a["superseded"] else "")
         css = "failed" if a["status"] == "failed" else ("pareto" if a["name"] in front else "passed")
-        cells = [f"<td><a href=\"{escape(a['card'])}\">{escape(a['name'])}</a></td>",
-                 f"<td class=\"text\">{escape(status)}" + "".join(
-                     f"<div class=\"failures\">{escape(m)}</div>" for m in a["failures"]) + "</td>",
-                 f"<td class=\"text\">{escape(a['method'] or '-')}</td>",
-                 f"<td>{_size(a['size_bytes'])}</td>", f"<td>{_number(a['bits_per_param'])}</td>",
-                 f"<td>{_number(a['weight_bits_per_param'])}</td>"]
+        cells = [
+            f'<td><a href="{escape(a["card"])}">{escape(a["name"])}</a></td>',
+            f'<td class="text">{escape(status)}'
+            + "".join(f'<div class="failures">{escape(m)}</div>' for m in a["failures"])
+            + "</td>",
+            f'<td class="text">{escape(a["method"] or "-")}</td>',
+            f"<td>{_size(a['size_bytes'])}</td>",
+            f"<td>{_number(a['bits_per_param'])}</td>",
+            f"<td>{_number(a['weight_bits_per_param'])}</td>",
+        ]
         for metric in quality + others:
-            miss = " class=\"miss\"" if metric in a["failed_metrics"] else ""
+            miss = ' class="miss"' if metric in a["failed_metrics"] else ""
             cells.append(f"<td{miss}>{_number(a['metrics'].get(metric))}</td>")
-        cells += [f"<td>{_number(a[k])}</td>" for k in ("latency_ms", "reference_latency_ms",
-                                                          "throughput_tokens_per_s")]
-        cells += [f"<td class=\"text\">{escape(str(a['device'] or '-'))}</td>",
-                  f"<td class=\"text\">{escape(str(a['built_at'] or '-'))}</td>"]
-        lines.append(f"<tr class=\"{css}\" data-artifact=\"{escape(a['name'])}\">" + "".join(cells) + "</tr>")
+        cells += [
+            f"<td>{_number(a[k])}</td>" for k in ("latency_ms", "reference_latency_ms", "throughput_tokens_per_s")
+        ]
+        cells += [
+            f'<td class="text">{escape(str(a["device"] or "-"))}</td>',
+            f'<td class="text">{escape(str(a["built_at"] or "-"))}</td>',
+        ]
+        lines.append(f'<tr class="{css}" data-artifact="{escape(a["name"])}">' + "".join(cells) + "</tr>")
     lines.append("</tbody></table></div>")
     return "\n".join(lines)
 

@@ -18,14 +18,19 @@ from builder.steps.verify import run_checks
 from builder.steps.verify_onnx import onnx_report
 
 
-def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = None, use_cache: bool = True,
-             max_gpu_memory: int | None = None) -> dict:
+def reverify(
+    artifact_dir: Path,
+    *,
+    write: bool = False,
+    device: str | None = None,
+    use_cache: bool = True,
+    max_gpu_memory: int | None = None,
+) -> dict:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
     report. Refuses (`SourceError`) when that source is gone or its content changed. With `write`, rewrites
     verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing.
     `use_cache: False` recomputes the reference outputs; `max_gpu_memory` caps the gate's GPU memory."""
     import torch  # deferred: the checks need it, importing builder must not
-
 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
@@ -40,8 +45,16 @@ def reverify(artifact_dir: Path, *, write: bool = False, device: str | None = No
             raise BuildError(f"{artifact_dir}/manifest.json has no `onnx` record of the export; rebuild the artifact")
         report = onnx_report(recipe, manifest.onnx, artifact_dir, source_dir, device)
     else:
-        report = run_checks(recipe, task, source_dir, artifact_dir, device, revision=manifest.source.revision,
-                            use_cache=use_cache, max_device_memory=max_gpu_memory)
+        report = run_checks(
+            recipe,
+            task,
+            source_dir,
+            artifact_dir,
+            device,
+            revision=manifest.source.revision,
+            use_cache=use_cache,
+            max_device_memory=max_gpu_memory,
+        )
     if write:
         write_report(artifact_dir, report)
         updated = manifest.model_copy(update={"verification": report, "files": file_table(artifact_dir)})
@@ -54,14 +67,20 @@ def recorded_source(artifact_dir: Path, manifest: Manifest, recipe: Recipe) -> P
     the recorded content digest; a Hub source is fetched at the recorded commit."""
     revision = manifest.source.revision
     if not revision.startswith("sha256:"):
-        return download(recipe.source.model, revision, allow_pickle=recipe.source.allow_pickle,
-                        remote_code=recipe.source.trust_remote_code)
+        return download(
+            recipe.source.model,
+            revision,
+            allow_pickle=recipe.source.allow_pickle,
+            remote_code=recipe.source.trust_remote_code,
+        )
     folder = _local_source_folder(artifact_dir, manifest, recipe)
     digest = f"sha256:{folder_digest(folder)}"
     if digest != revision:
-        raise SourceError(f"the source folder {folder} changed since {artifact_dir} was built (recorded {revision}, "
-                          f"now {digest}); verifying against other weights would prove nothing. Restore the source, "
-                          "or rebuild the artifact from the current one (builder build RECIPE --force)")
+        raise SourceError(
+            f"the source folder {folder} changed since {artifact_dir} was built (recorded {revision}, "
+            f"now {digest}); verifying against other weights would prove nothing. Restore the source, "
+            "or rebuild the artifact from the current one (builder build RECIPE --force)"
+        )
     return folder
 
 
@@ -78,6 +97,8 @@ def _local_source_folder(artifact_dir: Path, manifest: Manifest, recipe: Recipe)
     for folder in candidates:
         if folder.is_dir():
             return folder.resolve()
-    raise SourceError(f"the source of {artifact_dir} ({recipe.source.model}) is not at "
-                      f"{' nor '.join(map(str, candidates)) or 'a recorded path'}; run `builder verify` from the "
-                      "folder the artifact was built in, or restore the source folder")
+    raise SourceError(
+        f"the source of {artifact_dir} ({recipe.source.model}) is not at "
+        f"{' nor '.join(map(str, candidates)) or 'a recorded path'}; run `builder verify` from the "
+        "folder the artifact was built in, or restore the source folder"
+    )

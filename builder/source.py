@@ -55,21 +55,28 @@ def resolve(source: Source, local_path: Path | None) -> ResolvedSource:
 
 def _resolve_local(source: Source, path: Path) -> ResolvedSource:
     if not path.is_dir():
-        raise SourceError(f"source folder {path} does not exist; check `source.model` (relative paths are relative "
-                          "to the recipe file)")
+        raise SourceError(
+            f"source folder {path} does not exist; check `source.model` (relative paths are relative "
+            "to the recipe file)"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise SourceError(f"source folder {path} has no config.json; point `source.model` at a Hugging Face model "
-                          "folder (the one save_pretrained writes)")
+        raise SourceError(
+            f"source folder {path} has no config.json; point `source.model` at a Hugging Face model "
+            "folder (the one save_pretrained writes)"
+        )
     names = sorted(p.name for p in path.iterdir() if p.is_file())
     weight_files = _weight_files(names, weight_map(path), source.allow_pickle, str(path))
     missing = [name for name in weight_files if name not in names]
     if missing:
-        raise SourceError(f"{path / INDEX_FILE} names shard(s) the folder does not have: {', '.join(missing[:3])}; "
-                          "copy the missing files or re-save the checkpoint")
+        raise SourceError(
+            f"{path / INDEX_FILE} names shard(s) the folder does not have: {', '.join(missing[:3])}; "
+            "copy the missing files or re-save the checkpoint"
+        )
     tensors = tuple(t for name in weight_files if name.endswith(".safetensors") for t in read_header(path / name))
-    return ResolvedSource(source.model, f"sha256:{folder_digest(path)}", path, _read_json(config_file), tensors,
-                          weight_files)
+    return ResolvedSource(
+        source.model, f"sha256:{folder_digest(path)}", path, _read_json(config_file), tensors, weight_files
+    )
 
 
 def _weight_files(names: list[str], index: dict[str, str] | None, allow_pickle: bool, where: str) -> tuple[str, ...]:
@@ -80,15 +87,25 @@ def _weight_files(names: list[str], index: dict[str, str] | None, allow_pickle: 
         return tuple(safetensors)
     pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
     if pickles and not allow_pickle:
-        raise SourceError(f"{where} has only pickle weights ({', '.join(pickles)}); pickle can run arbitrary code "
-                          "when loaded. Convert them to safetensors, or set `source.allow_pickle: true` if you trust "
-                          "the source")
+        raise SourceError(
+            f"{where} has only pickle weights ({', '.join(pickles)}); pickle can run arbitrary code "
+            "when loaded. Convert them to safetensors, or set `source.allow_pickle: true` if you trust "
+            "the source"
+        )
     if not pickles:
         others = [n for n in names if n.endswith(".safetensors")]
-        hint = (f" ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not {INDEX_FILE}'s shards nor "
-                "model.safetensors, the files from_pretrained reads)") if others else ""
-        raise SourceError(f"{where} has no weights (model.safetensors, a {INDEX_FILE} with its shards or, with "
-                          f"allow_pickle, *.bin){hint}")
+        hint = (
+            (
+                f" ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not {INDEX_FILE}'s shards nor "
+                "model.safetensors, the files from_pretrained reads)"
+            )
+            if others
+            else ""
+        )
+        raise SourceError(
+            f"{where} has no weights (model.safetensors, a {INDEX_FILE} with its shards or, with "
+            f"allow_pickle, *.bin){hint}"
+        )
     return tuple(pickles)
 
 
@@ -116,7 +133,8 @@ def folder_digest(path: Path) -> str:
 
 def _cache_file() -> Path:
     root = os.environ.get("BUILDER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "builder")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "builder"
+    )
     return Path(root) / "sha256.json"
 
 
@@ -142,7 +160,7 @@ def file_sha256s(files: list[Path]) -> dict[Path, str]:
     missing = [file for file in files if keys[file] not in cache]
     if missing:
         with ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1, 8))) as pool:
-            for file, digest in zip(missing, pool.map(_sha256, missing)):
+            for file, digest in zip(missing, pool.map(_sha256, missing), strict=True):
                 cache[keys[file]] = digest
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,27 +204,36 @@ def _resolve_hub(source: Source) -> ResolvedSource:
         tensors: tuple[TensorInfo, ...] = ()
         if weight_files[0].endswith(".safetensors"):
             metadata = api.get_safetensors_metadata(source.model, revision=info.sha)
-            tensors = tuple(t for file_meta in metadata.files_metadata.values()
-                            for t in _tensors_from_metadata(file_meta))
+            tensors = tuple(
+                t for file_meta in metadata.files_metadata.values() for t in _tensors_from_metadata(file_meta)
+            )
     except GatedRepoError:
-        raise SourceError(f"Hub repo {source.model} is gated; accept its terms on the Hub and log in "
-                          "(hf auth login, or set HF_TOKEN)") from None
+        raise SourceError(
+            f"Hub repo {source.model} is gated; accept its terms on the Hub and log in (hf auth login, or set HF_TOKEN)"
+        ) from None
     except RevisionNotFoundError:
-        raise SourceError(f"revision {revision!r} not found in Hub repo {source.model}; check `source.revision`") \
-            from None
+        raise SourceError(
+            f"revision {revision!r} not found in Hub repo {source.model}; check `source.revision`"
+        ) from None
     except RepositoryNotFoundError:
-        raise SourceError(f"Hub repo {source.model} not found (or private: log in with hf auth login or set "
-                          f"HF_TOKEN); endpoint {api.endpoint}") from None
+        raise SourceError(
+            f"Hub repo {source.model} not found (or private: log in with hf auth login or set "
+            f"HF_TOKEN); endpoint {api.endpoint}"
+        ) from None
     except Exception as error:
         if not _is_network_error(error):
             raise
-        raise SourceError(f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision} "
-                          f"({type(error).__name__}: {error}); check the network connection, DNS and proxy "
-                          "(HTTPS_PROXY), and HF_ENDPOINT when it is set, or point `source.model` at a local "
-                          "folder") from None
+        raise SourceError(
+            f"cannot reach the Hub at {api.endpoint} to resolve {source.model}@{revision} "
+            f"({type(error).__name__}: {error}); check the network connection, DNS and proxy "
+            "(HTTPS_PROXY), and HF_ENDPOINT when it is set, or point `source.model` at a local "
+            "folder"
+        ) from None
     if info.sha is None:
-        raise SourceError(f"the Hub did not say which commit {source.model}@{revision} is; try again, or pin "
-                          "`source.revision` to a 40-hex commit")
+        raise SourceError(
+            f"the Hub did not say which commit {source.model}@{revision} is; try again, or pin "
+            "`source.revision` to a 40-hex commit"
+        )
     return ResolvedSource(source.model, info.sha, None, config, tensors, weight_files)
 
 
@@ -220,5 +247,7 @@ def _is_network_error(error: Exception) -> bool:
 
 
 def _tensors_from_metadata(file_meta) -> list[TensorInfo]:
-    return [TensorInfo(name, info.dtype, tuple(info.shape), info.data_offsets[1] - info.data_offsets[0])
-            for name, info in file_meta.tensors.items()]
+    return [
+        TensorInfo(name, info.dtype, tuple(info.shape), info.data_offsets[1] - info.data_offsets[0])
+        for name, info in file_meta.tensors.items()
+    ]

@@ -53,12 +53,30 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
 
 # What the verification gate can feed a model: token ids (builder.steps.verify.tokenize_inputs). Other tasks need
 # pixels or waveforms, which the gate does not make, so their builds are refused before anything runs.
-TEXT_TASKS: tuple[str, ...] = ("text-generation", "feature-extraction", "fill-mask", "text-classification",
-                               "token-classification", "question-answering", "multiple-choice",
-                               "text2text-generation")
-_INPUTS = {"image": "images", "audio": "audio", "automatic-speech": "audio", "text-to-audio": "text (it outputs audio)", "depth": "images", "object": "images", "mask": "images",
-           "semantic": "images", "visual": "images and text", "zero-shot-image": "images", "masked-im": "images",
-           "reinforcement": "environment observations"}
+TEXT_TASKS: tuple[str, ...] = (
+    "text-generation",
+    "feature-extraction",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "multiple-choice",
+    "text2text-generation",
+)
+_INPUTS = {
+    "image": "images",
+    "audio": "audio",
+    "automatic-speech": "audio",
+    "text-to-audio": "text (it outputs audio)",
+    "depth": "images",
+    "object": "images",
+    "mask": "images",
+    "semantic": "images",
+    "visual": "images and text",
+    "zero-shot-image": "images",
+    "masked-im": "images",
+    "reinforcement": "environment observations",
+}
 
 
 def unverifiable(task: str, config: dict, kind: str) -> str | None:
@@ -67,12 +85,16 @@ def unverifiable(task: str, config: dict, kind: str) -> str | None:
     gate does not make."""
     if task not in TEXT_TASKS:
         needs = next((inputs for prefix, inputs in _INPUTS.items() if task.startswith(prefix)), "non-text")
-        return (f"task {task!r} takes {needs} as input, but the verification gate feeds token ids only (it "
-                "verifies text models: decoder LMs and encoders), so this build cannot be verified")
+        return (
+            f"task {task!r} takes {needs} as input, but the verification gate feeds token ids only (it "
+            "verifies text models: decoder LMs and encoders), so this build cannot be verified"
+        )
     if kind == "quantize" and config.get("is_encoder_decoder"):
-        return (f"{config.get('model_type', 'this model')} is an encoder-decoder model: the bitsandbytes gate probes "
-                "decoder-only LMs (text-generation) and encoders (their last hidden state), and its forward needs "
-                "decoder inputs, so this build cannot be verified")
+        return (
+            f"{config.get('model_type', 'this model')} is an encoder-decoder model: the bitsandbytes gate probes "
+            "decoder-only LMs (text-generation) and encoders (their last hidden state), and its forward needs "
+            "decoder inputs, so this build cannot be verified"
+        )
     return None
 
 
@@ -83,6 +105,7 @@ def infer_task(architectures: list[str] | None) -> str | None:
             if architecture.endswith(suffix):
                 return task
     return None
+
 
 # Task -> the transformers Auto class that loads a model for it (the head the task needs): the one table the build,
 # the gate's probes, the ONNX exporter and the card's usage snippet read.
@@ -104,6 +127,7 @@ def auto_class(task: str):
     import transformers  # deferred: validate and plan run without torch
 
     if task not in AUTO_CLASSES:
-        raise BuildError(f"task {task!r} has no transformers model class in builder; use one of "
-                         f"{', '.join(AUTO_CLASSES)}")
+        raise BuildError(
+            f"task {task!r} has no transformers model class in builder; use one of {', '.join(AUTO_CLASSES)}"
+        )
     return getattr(transformers, AUTO_CLASSES[task])

@@ -71,9 +71,17 @@ class PublishResult:
     card: str | None = None
 
     def as_json(self) -> dict:
-        return {"status": self.status, "repo": self.repo, "revision": self.revision, "endpoint": self.endpoint,
-                "commit": self.commit, "pr_url": self.pr_url, "uploaded": self.uploaded, "deleted": self.deleted,
-                "attempts": self.attempts}
+        return {
+            "status": self.status,
+            "repo": self.repo,
+            "revision": self.revision,
+            "endpoint": self.endpoint,
+            "commit": self.commit,
+            "pr_url": self.pr_url,
+            "uploaded": self.uploaded,
+            "deleted": self.deleted,
+            "attempts": self.attempts,
+        }
 
 
 def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
@@ -82,8 +90,10 @@ def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
     verification = manifest.verification or {}
     if not manifest.passed:
         failures = "; ".join(f.get("message", str(f)) for f in verification.get("failures") or ()) or "no report"
-        raise PublishError(f"{artifact_dir} did not pass verification ({failures}); only verified builds are "
-                           "published: fix the recipe or its thresholds and rebuild")
+        raise PublishError(
+            f"{artifact_dir} did not pass verification ({failures}); only verified builds are "
+            "published: fix the recipe or its thresholds and rebuild"
+        )
     listed = manifest.files or {}
     if not listed:
         raise PublishError(f"{artifact_dir}/{MANIFEST_FILE} lists no files; rebuild the artifact")
@@ -92,26 +102,31 @@ def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
         if not path.is_file():
             raise PublishError(f"{path} is listed in the manifest but missing; rebuild the artifact")
         if path.stat().st_size != expected.size or file_sha256(path) != expected.sha256:
-            raise PublishError(f"{path} was changed after the build (its sha256 differs from the manifest's); "
-                               "rebuild the artifact instead of editing it")
+            raise PublishError(
+                f"{path} was changed after the build (its sha256 differs from the manifest's); "
+                "rebuild the artifact instead of editing it"
+            )
     present = {p.relative_to(artifact_dir).as_posix() for p in Path(artifact_dir).rglob("*") if p.is_file()}
     extra = sorted(present - set(listed) - {MANIFEST_FILE})
     if extra:
-        raise PublishError(f"{artifact_dir} has files the manifest does not list ({', '.join(extra[:5])}); "
-                           "remove them or rebuild the artifact")
+        raise PublishError(
+            f"{artifact_dir} has files the manifest does not list ({', '.join(extra[:5])}); "
+            "remove them or rebuild the artifact"
+        )
     source = manifest.recipe.get("source", {})
     if not is_local_path(source.get("model", "")) and not COMMIT_PATTERN.match(source.get("revision") or ""):
-        raise PublishError(f"source.revision {source.get('revision') or 'main'!r} of {source.get('model')} is not a "
-                           "40-hex commit: pin it (the build recorded "
-                           f"{manifest.source.revision}) so the published card names the exact "
-                           "source, then rebuild")
+        raise PublishError(
+            f"source.revision {source.get('revision') or 'main'!r} of {source.get('model')} is not a "
+            "40-hex commit: pin it (the build recorded "
+            f"{manifest.source.revision}) so the published card names the exact "
+            "source, then rebuild"
+        )
 
 
 def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str) -> Upload:
     """Every artifact file plus manifest.json. When `repo` is not the recipe's `publish.repo`, the card is
     re-rendered so its usage snippet loads from `repo`, and the uploaded manifest lists that card."""
     import hashlib
-
 
     listed = manifest.files or {}
     files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(listed)}
@@ -127,10 +142,18 @@ def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str) -> Upload:
     return Upload(files, manifest)
 
 
-def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str | None = None,
-            private: bool | None = None, create_pr: bool | None = None, dry_run: bool = False,
-            endpoint: str | None = None, token: str | None = None,
-            progress: Callable[[str], None] = lambda message: None) -> PublishResult:
+def publish(
+    artifact_dir: str | Path,
+    *,
+    repo: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    create_pr: bool | None = None,
+    dry_run: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> PublishResult:
     """Publish the artifact in `artifact_dir` (see the module docstring). Arguments left None come from the
     recipe's `publish` block. Raises `PublishError` when refused or when it finally fails."""
     from huggingface_hub import constants
@@ -141,8 +164,10 @@ def publish(artifact_dir: str | Path, *, repo: str | None = None, revision: str 
     settings = manifest.recipe.get("publish") or {}
     repo = repo or settings.get("repo")
     if not repo:
-        raise PublishError(f"no target repo: add `publish: {{repo: org/name}}` to the recipe of "
-                           f"{manifest.name} or pass --repo org/name")
+        raise PublishError(
+            f"no target repo: add `publish: {{repo: org/name}}` to the recipe of "
+            f"{manifest.name} or pass --repo org/name"
+        )
     if "/" not in repo or not REPO_ID_PATTERN.match(repo):
         raise PublishError(f"{repo!r} is not a Hub repo id; write it as org/name (letters, digits, '-', '_', '.')")
     revision = revision or settings.get("revision") or "main"
@@ -165,8 +190,12 @@ def _record(artifact_dir: Path, manifest: Manifest, result: PublishResult, progr
     """`<artifacts>/.published/<name>.json`: where this artifact was last published (`builder list` shows it)."""
     from datetime import datetime, timezone
 
-    record = {**result.as_json(), "name": manifest.name, "build_hash": manifest.build_hash,
-              "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        **result.as_json(),
+        "name": manifest.name,
+        "build_hash": manifest.build_hash,
+        "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     for key in ("uploaded", "deleted", "attempts"):
         record.pop(key)
     path = artifact_dir.resolve().parent / ".published" / f"{manifest.name}.json"
@@ -184,21 +213,31 @@ def _token() -> str:
 
     token = get_token()
     if not token:
-        raise PublishError("no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set "
-                           "HF_TOKEN to a token with write access")
+        raise PublishError(
+            "no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set "
+            "HF_TOKEN to a token with write access"
+        )
     return token
 
 
-def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, create_pr: bool,
-          progress: Callable[[str], None]) -> PublishResult:
+def _push(
+    upload: Upload,
+    result: PublishResult,
+    *,
+    token: str,
+    private: bool,
+    create_pr: bool,
+    progress: Callable[[str], None],
+) -> PublishResult:
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=result.endpoint, token=token)
     repo, revision, name = result.repo, result.revision, upload.manifest.name
     _retrying(lambda: api.create_repo(repo, exist_ok=True, private=private), f"create {repo}", progress)
     if revision != "main":
-        _retrying(lambda: api.create_branch(repo, branch=revision, exist_ok=True), f"create branch {revision}",
-                  progress)
+        _retrying(
+            lambda: api.create_branch(repo, branch=revision, exist_ok=True), f"create branch {revision}", progress
+        )
     first_head = None
     for attempt in range(1, RETRIES + 2):
         result.attempts = attempt
@@ -210,37 +249,53 @@ def _push(upload: Upload, result: PublishResult, *, token: str, private: bool, c
             result.status = "published" if first_head not in (None, head) else "unchanged"
             if result.status == "unchanged":
                 result.uploaded = []
-            progress(f"{repo}@{revision} already holds build {upload.manifest.build_hash[:12]} "
-                     f"(commit {head[:12]}): nothing to push" if result.status == "unchanged"
-                     else f"the commit of attempt {attempt - 1} landed ({head[:12]})")
+            progress(
+                f"{repo}@{revision} already holds build {upload.manifest.build_hash[:12]} "
+                f"(commit {head[:12]}): nothing to push"
+                if result.status == "unchanged"
+                else f"the commit of attempt {attempt - 1} landed ({head[:12]})"
+            )
             return result
         if first_head is not None and head != first_head:
-            raise PublishError(f"{repo}@{revision} moved from {first_head[:12]} to {head[:12]} while publishing "
-                               "(another push?); nothing was overwritten: check the repo and run publish again")
+            raise PublishError(
+                f"{repo}@{revision} moved from {first_head[:12]} to {head[:12]} while publishing "
+                "(another push?); nothing was overwritten: check the repo and run publish again"
+            )
         first_head = head
         operations, deleted = _operations(upload, remote)
-        progress(f"committing {len(upload.files)} files to {repo}@{revision} on top of {head[:12]}"
-                 + (f", deleting {', '.join(deleted)}" if deleted else ""))
+        progress(
+            f"committing {len(upload.files)} files to {repo}@{revision} on top of {head[:12]}"
+            + (f", deleting {', '.join(deleted)}" if deleted else "")
+        )
         try:
             commit = api.create_commit(
-                repo, operations, revision=revision, create_pr=create_pr, parent_commit=head,
+                repo,
+                operations,
+                revision=revision,
+                create_pr=create_pr,
+                parent_commit=head,
                 commit_message=f"Publish {name} (build {upload.manifest.build_hash[:12]})",
-                commit_description=_description(upload.manifest))
+                commit_description=_description(upload.manifest),
+            )
         except Exception as error:  # noqa: BLE001 - classified below; anything not transient is re-raised
             _raise_unless_transient(error, f"commit to {repo}@{revision}")
             if attempt > RETRIES:
-                raise PublishError(f"publishing to {repo} failed after {attempt} attempts: {_reason(error)}") \
-                    from None
+                raise PublishError(f"publishing to {repo} failed after {attempt} attempts: {_reason(error)}") from None
             delay = _BACKOFF_SECONDS[min(attempt - 1, len(_BACKOFF_SECONDS) - 1)]
             progress(f"attempt {attempt} failed ({_reason(error)}); retrying in {delay:.0f}s")
             time.sleep(delay)
             continue
         result.status, result.commit, result.pr_url, result.deleted = "published", commit.oid, commit.pr_url, deleted
-        _retrying(lambda oid=commit.oid, deleted=deleted: check_remote(api, repo, oid, upload, deleted),
-                  f"check {repo}@{commit.oid[:12]}",
-                  progress)
-        progress(f"published {repo}@{commit.oid[:12]}" + (f" as {commit.pr_url}" if commit.pr_url else "")
-                 + ": remote files match the manifest")
+        _retrying(
+            lambda oid=commit.oid, deleted=deleted: check_remote(api, repo, oid, upload, deleted),
+            f"check {repo}@{commit.oid[:12]}",
+            progress,
+        )
+        progress(
+            f"published {repo}@{commit.oid[:12]}"
+            + (f" as {commit.pr_url}" if commit.pr_url else "")
+            + ": remote files match the manifest"
+        )
         return result
     raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -273,16 +328,17 @@ def _remote_state(api, repo: str, head: str) -> RemoteState:
 def _matches(upload: Upload, remote: RemoteState) -> bool:
     if remote.manifest is None:
         return False
-    same = (remote.manifest.build_hash == upload.manifest.build_hash
-            and remote.manifest.files == upload.manifest.files)
+    same = remote.manifest.build_hash == upload.manifest.build_hash and remote.manifest.files == upload.manifest.files
     return same and not _differences(upload, remote.tree)
 
 
 def _operations(upload: Upload, remote: RemoteState) -> tuple[list, list[str]]:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    additions = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes)
-                                    else str(content)) for path, content in upload.files.items()]
+    additions = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes) else str(content))
+        for path, content in upload.files.items()
+    ]
     previous = set(remote.manifest.files or ()) if remote.manifest else set()
     stale = sorted(path for path in previous - set(upload.files) if path in remote.tree)
     operations: list[CommitOperationAdd | CommitOperationDelete] = [*additions]
@@ -298,13 +354,13 @@ def check_remote(api, repo: str, commit: str, upload: Upload, deleted: list[str]
     tree = {f.path: f for f in api.list_repo_tree(repo, recursive=True, revision=commit) if isinstance(f, RepoFile)}
     problems = _differences(upload, tree) + [f"{path} was not deleted" for path in deleted if path in tree]
     if problems:
-        raise PublishError(f"{repo}@{commit[:12]} does not hold what was published: {'; '.join(problems[:5])}; "
-                           "run publish again")
+        raise PublishError(
+            f"{repo}@{commit[:12]} does not hold what was published: {'; '.join(problems[:5])}; run publish again"
+        )
 
 
 def _differences(upload: Upload, tree: dict) -> list[str]:
     import hashlib
-
 
     problems = []
     for path, content in upload.files.items():
@@ -316,8 +372,11 @@ def _differences(upload: Upload, tree: dict) -> list[str]:
             problems.append(f"{path} has {remote.size} bytes, not {upload.size(path)}")
         elif remote.lfs is not None:
             listed = upload.manifest.files or {}
-            expected = listed[path].sha256 if path in listed else \
-                hashlib.sha256(content if isinstance(content, bytes) else content.read_bytes()).hexdigest()
+            expected = (
+                listed[path].sha256
+                if path in listed
+                else hashlib.sha256(content if isinstance(content, bytes) else content.read_bytes()).hexdigest()
+            )
             if remote.lfs.sha256 != expected:
                 problems.append(f"{path} has sha256 {remote.lfs.sha256}, not {expected}")
         else:
@@ -329,11 +388,15 @@ def _differences(upload: Upload, tree: dict) -> list[str]:
 
 def _description(manifest: Manifest) -> str:
     verification = manifest.verification or {}
-    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in sorted((verification.get("metrics") or {}).items()))
-    return (f"builder artifact {manifest.name}\n\nbuild hash: {manifest.build_hash}\n"
-            f"source: {manifest.source.model} @ {manifest.source.revision}\n"
-            f"verification: {'passed' if verification.get('passed') else 'not passed'} ({metrics})\n")
+    metrics = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in sorted((verification.get("metrics") or {}).items())
+    )
+    return (
+        f"builder artifact {manifest.name}\n\nbuild hash: {manifest.build_hash}\n"
+        f"source: {manifest.source.model} @ {manifest.source.revision}\n"
+        f"verification: {'passed' if verification.get('passed') else 'not passed'} ({metrics})\n"
+    )
 
 
 # --- retries ------------------------------------------------------------------------------------------------
@@ -356,7 +419,6 @@ def use_network_timeouts(seconds: float | None = None) -> None:
         return client
 
     set_client_factory(client_with_timeouts)
-
 
 
 def _retrying(call: Callable, what: str, progress: Callable[[str], None]):
@@ -385,19 +447,25 @@ def _raise_unless_transient(error: Exception, what: str) -> None:
         raise error
     reason = _reason(error)
     if "HF_HUB_DISABLE_XET" in reason or "xet-write-token" in reason:
-        raise PublishError(f"{what}: the endpoint has no Xet storage; set HF_HUB_DISABLE_XET=1 (huggingface_hub "
-                           "then uploads through git-LFS) and run publish again") from None
+        raise PublishError(
+            f"{what}: the endpoint has no Xet storage; set HF_HUB_DISABLE_XET=1 (huggingface_hub "
+            "then uploads through git-LFS) and run publish again"
+        ) from None
     chain = _causes(error)
     if any(_is_transient(e) for e in chain):
         return
     http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
     status = http.response.status_code if http is not None and http.response is not None else None
     if status == 412:
-        raise PublishError(f"{what}: the branch moved since it was read (a concurrent push); nothing was "
-                           "overwritten: check the repo and run publish again") from None
+        raise PublishError(
+            f"{what}: the branch moved since it was read (a concurrent push); nothing was "
+            "overwritten: check the repo and run publish again"
+        ) from None
     if status in (401, 403):
-        raise PublishError(f"{what}: the token was refused ({status}); log in again with `hf auth login` or set "
-                           "HF_TOKEN to a token with write access to the repo") from None
+        raise PublishError(
+            f"{what}: the token was refused ({status}); log in again with `hf auth login` or set "
+            "HF_TOKEN to a token with write access to the repo"
+        ) from None
     if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
         raise PublishError(f"{what}: {reason}") from None
     if isinstance(error, (HfHubHTTPError, ValueError, OSError)):
@@ -427,9 +495,21 @@ def _is_transient(error: BaseException) -> bool:
 
 
 # httpx's (huggingface_hub 1.x) and httpx2's (2.x) transport failures: the request may not have reached the server.
-_TRANSPORT_ERRORS = {"TransportError", "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout",
-                     "PoolTimeout", "NetworkError", "ConnectError", "ReadError", "WriteError", "CloseError",
-                     "RemoteProtocolError", "ProtocolError"}
+_TRANSPORT_ERRORS = {
+    "TransportError",
+    "TimeoutException",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "NetworkError",
+    "ConnectError",
+    "ReadError",
+    "WriteError",
+    "CloseError",
+    "RemoteProtocolError",
+    "ProtocolError",
+}
 
 
 def _reason(error: BaseException) -> str:

@@ -50,17 +50,23 @@ from builder.hub import views
 from builder.hub.store import REPO_TYPES, Store, StoreError, check_path, is_lfs
 from builder.recipe.licenses import license_problem
 
-XET_MESSAGE = ("this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
-               "huggingface_hub uploads through the git-LFS API")
+XET_MESSAGE = (
+    "this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
+    "huggingface_hub uploads through the git-LFS API"
+)
 _TYPES = "|".join(f"{t}s" for t in REPO_TYPES)
-_API = re.compile(rf"^/api/({_TYPES})/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit|commits|refs|branch|"
-                  r"xet-write-token|xet-read-token)(?:/([^/]+)(/.*)?)?)?$")
+_API = re.compile(
+    rf"^/api/({_TYPES})/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit|commits|refs|branch|"
+    r"xet-write-token|xet-read-token)(?:/([^/]+)(/.*)?)?)?$"
+)
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
-_LFS = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/objects/"
-                  r"(batch|verify|upload/([0-9a-f]{64})/(\d+))$")
+_LFS = re.compile(
+    r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/objects/"
+    r"(batch|verify|upload/([0-9a-f]{64})/(\d+))$"
+)
 _CHUNK = 1 << 20
-MAX_BODY_BYTES = 5 * 1024 ** 3  # above transformers' default 5 GB shard size, so any default shard uploads
-MAX_JSON_BYTES = 100 * 1024 ** 2  # a commit inlines its regular files (each < 10 MiB) in base64
+MAX_BODY_BYTES = 5 * 1024**3  # above transformers' default 5 GB shard size, so any default shard uploads
+MAX_JSON_BYTES = 100 * 1024**2  # a commit inlines its regular files (each < 10 MiB) in base64
 MAX_CONNECTIONS = 64
 TIMEOUT_S = 60.0
 _DRAIN_BYTES, _DRAIN_S = 1 << 20, 2.0  # what is read of an unwanted body so the client sees the answer, not a reset
@@ -79,8 +85,11 @@ def card_problems(card: str, *, refuse_unreadable: bool = True) -> list[str]:
     if not isinstance(front, dict):
         return ["the metadata block is not a mapping"] if refuse_unreadable else []
     licenses = front.get("license")
-    return [f'"license": {problem}' for item in (licenses if isinstance(licenses, list) else [licenses])
-            if licenses is not None and (problem := license_problem(item))]
+    return [
+        f'"license": {problem}'
+        for item in (licenses if isinstance(licenses, list) else [licenses])
+        if licenses is not None and (problem := license_problem(item))
+    ]
 
 
 class HubServer(ThreadingHTTPServer):
@@ -88,9 +97,18 @@ class HubServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], root: Path, *, token: str | None = None, page_size: int = 1000,
-                 quiet: bool = False, max_body_bytes: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
-                 timeout: float = TIMEOUT_S):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        root: Path,
+        *,
+        token: str | None = None,
+        page_size: int = 1000,
+        quiet: bool = False,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = TIMEOUT_S,
+    ):
         self.store = Store(root)
         self.token = token
         self.page_size = page_size
@@ -107,9 +125,13 @@ class HubServer(ThreadingHTTPServer):
             request.settimeout(1.0)
             try:
                 body = json.dumps({"error": "the registry is serving its maximum number of connections; retry"})
-                request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                                 f"{body}").encode())
+                request.sendall(
+                    (
+                        f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                        f"{body}"
+                    ).encode()
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -148,8 +170,16 @@ class HubServer(ThreadingHTTPServer):
         return hmac.new(self.upload_secret, f"{repo}\0{oid}\0{size}".encode(), hashlib.sha256).hexdigest()
 
 
-def start_in_thread(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                    page_size: int = 1000, quiet: bool = True, **limits) -> HubServer:
+def start_in_thread(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    page_size: int = 1000,
+    quiet: bool = True,
+    **limits,
+) -> HubServer:
     """Start a registry on a background thread (port 0 = a free port); stop it with `server.shutdown()`.
     `limits`: max_body_bytes, max_connections, timeout (see `HubServer`)."""
     server = HubServer((host, port), root, token=token, page_size=page_size, quiet=quiet, **limits)
@@ -247,8 +277,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._whoami()
         raise StoreError(404, f"no route for {method} {path}")
 
-    def _api(self, method: str, repo_type: str, repo: str, action: str | None, revision: str | None,
-             rest: str) -> None:
+    def _api(self, method: str, repo_type: str, repo: str, action: str | None, revision: str | None, rest: str) -> None:
         match (method, action):
             case ("GET", None):
                 return self._info(repo_type, repo, "main")
@@ -284,8 +313,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _require_write(self) -> None:
         if not self._authorized():
-            raise StoreError(401, "Invalid credentials in Authorization header: pass the registry's token "
-                                  "(HF_TOKEN or `hf auth login`)")
+            raise StoreError(
+                401,
+                "Invalid credentials in Authorization header: pass the registry's token (HF_TOKEN or `hf auth login`)",
+            )
 
     def _require_read(self, repo_type: str, repo: str) -> dict:
         meta = self.server.store.repo_meta(repo_type, repo)
@@ -323,8 +354,16 @@ class Handler(BaseHTTPRequestHandler):
         self._no_body()
         if self._bearer() is None or not self._authorized():
             raise StoreError(401, "Invalid credentials in Authorization header")
-        self._json(200, {"type": "user", "name": "builder-hub", "fullname": "builder local registry", "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
+        self._json(
+            200,
+            {
+                "type": "user",
+                "name": "builder-hub",
+                "fullname": "builder local registry",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+            },
+        )
 
     def _info(self, repo_type: str, repo: str, revision: str) -> None:
         self._no_body()
@@ -334,8 +373,18 @@ class Handler(BaseHTTPRequestHandler):
         files = store.files(repo_type, repo, oid)
         readme = files.get("README.md")
         text = store.object_path(readme.sha256).read_text(encoding="utf-8", errors="replace") if readme else None
-        self._json(200, views.repo_info(repo, oid, meta, store.commit(repo_type, repo, oid), files, readme=text,
-                                        blobs=self.query.get("blobs", "").lower() in ("1", "true")))
+        self._json(
+            200,
+            views.repo_info(
+                repo,
+                oid,
+                meta,
+                store.commit(repo_type, repo, oid),
+                files,
+                readme=text,
+                blobs=self.query.get("blobs", "").lower() in ("1", "true"),
+            ),
+        )
 
     def _tree(self, repo_type: str, repo: str, revision: str, folder: str) -> None:
         self._no_body()
@@ -350,7 +399,7 @@ class Handler(BaseHTTPRequestHandler):
         if start + size < len(listing):
             query = "&".join(f"{k}={quote(v, safe='')}" for k, v in {**self.query, "cursor": str(start + size)}.items())
             headers["Link"] = f'<{self._base_url()}{urlsplit(self.path).path}?{query}>; rel="next"'
-        self._json(200, listing[start:start + size], headers)
+        self._json(200, listing[start : start + size], headers)
 
     def _refs(self, repo_type: str, repo: str) -> None:
         self._no_body()
@@ -390,8 +439,7 @@ class Handler(BaseHTTPRequestHandler):
             oid = None
             if existing is not None and existing.lfs == lfs:
                 oid = existing.sha256 if lfs else existing.git_oid
-            answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": oid})
+            answers.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         self._json(200, {"files": answers, "commitOid": None})
 
     def _lfs_batch(self, repo_type: str, repo: str) -> None:
@@ -411,18 +459,26 @@ class Handler(BaseHTTPRequestHandler):
             if not self.server.store.has_object(oid, size):
                 base = f"{self._base_url()}/{prefix}{repo}.git/info/lfs/objects"
                 sig = self.server.sign(repo, oid, size)
-                answer["actions"] = {"upload": {"href": f"{base}/upload/{oid}/{size}?sig={sig}"},
-                                     "verify": {"href": f"{base}/verify"}}
+                answer["actions"] = {
+                    "upload": {"href": f"{base}/upload/{oid}/{size}?sig={sig}"},
+                    "verify": {"href": f"{base}/verify"},
+                }
             objects.append(answer)
-        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                   content_type="application/vnd.git-lfs+json")
+        self._json(
+            200,
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def _lfs_upload(self, repo: str, oid: str, size: int) -> None:
         if not hmac.compare_digest(self.query.get("sig", ""), self.server.sign(repo, oid, size)):
             raise StoreError(403, "upload URL signature is invalid or expired; ask the batch API again")
         if size > self.server.max_body_bytes:
-            raise StoreError(413, f"an object of {size} bytes is over this registry's limit of "
-                                  f"{self.server.max_body_bytes} bytes (hub serve --max-body-bytes)")
+            raise StoreError(
+                413,
+                f"an object of {size} bytes is over this registry's limit of "
+                f"{self.server.max_body_bytes} bytes (hub serve --max-body-bytes)",
+            )
         self.server.store.put_object(self._body_chunks(self.server.max_body_bytes), oid, size)
         self._json(200, {})
 
@@ -450,11 +506,14 @@ class Handler(BaseHTTPRequestHandler):
                 if problems := card_problems(card, refuse_unreadable=False):
                     raise StoreError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {p}" for p in problems))
         create_pr = self.query.get("create_pr", "") in ("1", "true")
-        oid, number = self.server.store.apply_commit(repo_type, repo, revision, lines[0]["value"], lines[1:],
-                                                     create_pr)
+        oid, number = self.server.store.apply_commit(repo_type, repo, revision, lines[0]["value"], lines[1:], create_pr)
         url = self._repo_url(repo_type, repo)
-        answer = {"success": True, "commitOid": oid, "commitUrl": f"{url}/commit/{oid}",
-                  "commitMessage": lines[0]["value"].get("summary", "")}
+        answer = {
+            "success": True,
+            "commitOid": oid,
+            "commitUrl": f"{url}/commit/{oid}",
+            "commitMessage": lines[0]["value"].get("summary", ""),
+        }
         if number is not None:
             answer["pullRequestUrl"] = f"{url}/discussions/{number}"
         self._json(200, answer)
@@ -469,11 +528,15 @@ class Handler(BaseHTTPRequestHandler):
         entry = store.files(repo_type, repo, oid).get(path)
         if entry is None:
             # X-Repo-Commit lets the client remember the absence for this commit instead of asking again
-            raise StoreError(404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound",
-                             {"X-Repo-Commit": oid})
+            raise StoreError(
+                404, f"{path} does not exist at {revision} in {repo}", "EntryNotFound", {"X-Repo-Commit": oid}
+            )
         blob = store.object_path(entry.sha256)  # checked before the status line goes out
-        headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
-                   "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": oid,
+            "ETag": f'"{entry.sha256 if entry.lfs else entry.git_oid}"',
+            "Accept-Ranges": "bytes",
+        }
         if entry.lfs:
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
         start, end, status = 0, entry.size - 1, 200
@@ -510,8 +573,11 @@ class Handler(BaseHTTPRequestHandler):
     def _body_chunks(self, limit: int) -> Iterator[bytes]:
         """The request body as it arrives (Content-Length or chunked), at most `limit` bytes (else a 413 before
         reading on); marks it read once fully consumed."""
-        too_big = StoreError(413, f"the request body is over this registry's limit of {limit} bytes for this "
-                                  "endpoint (hub serve --max-body-bytes)")
+        too_big = StoreError(
+            413,
+            f"the request body is over this registry's limit of {limit} bytes for this "
+            "endpoint (hub serve --max-body-bytes)",
+        )
         if self.body_size is None:
             total = 0
             while True:
@@ -550,8 +616,9 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         payload = json.loads(body) if body.strip() else {}
         if not isinstance(payload, dict):
-            raise StoreError(400, f"the request body is a JSON {type(payload).__name__}; this endpoint takes an "
-                                  "object {...}")
+            raise StoreError(
+                400, f"the request body is a JSON {type(payload).__name__}; this endpoint takes an object {{...}}"
+            )
         return payload
 
     def _no_body(self) -> None:
@@ -569,8 +636,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         super().end_headers()
 
-    def _json(self, status: int, payload: object, headers: dict | None = None,
-              content_type: str = "application/json") -> None:
+    def _json(
+        self, status: int, payload: object, headers: dict | None = None, content_type: str = "application/json"
+    ) -> None:
         data = json.dumps(payload, default=str).encode()  # default: a card's `date: 2024-01-01` is a date
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -600,10 +668,13 @@ def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8808, token: str |
     try:
         server = HubServer((host, port), root, token=token, **limits)
     except OSError as error:
-        raise BuilderError(f"cannot serve on {host}:{port} ({error.strerror or error}); choose another --port "
-                           "(0 picks a free one)") from None
-    print(f"builder hub: serving {Path(root).resolve()} at {server.url}"
-          f"{' (token required for writes and private repos)' if token else ' (no token: every request accepted)'}")
+        raise BuilderError(
+            f"cannot serve on {host}:{port} ({error.strerror or error}); choose another --port (0 picks a free one)"
+        ) from None
+    print(
+        f"builder hub: serving {Path(root).resolve()} at {server.url}"
+        f"{' (token required for writes and private repos)' if token else ' (no token: every request accepted)'}"
+    )
     print(f"clients: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
     try:
         server.serve_forever()

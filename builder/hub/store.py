@@ -30,8 +30,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What huggingface_hub's default .gitattributes on the Hub stores in LFS, plus anything large or binary.
-LFS_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
-                ".npz", ".npy", ".pkl", ".zip", ".tar", ".gz", ".model", ".tflite", ".ot", ".arrow", ".parquet")
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".onnx",
+    ".onnx_data",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".npz",
+    ".npy",
+    ".pkl",
+    ".zip",
+    ".tar",
+    ".gz",
+    ".model",
+    ".tflite",
+    ".ot",
+    ".arrow",
+    ".parquet",
+)
 LFS_MIN_SIZE = 10 * 1024 * 1024
 REPO_TYPES = ("model", "dataset", "space")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -121,8 +142,9 @@ class Store:
         path = self.object_path(sha256)
         return path.is_file() and (size is None or path.stat().st_size == size)
 
-    def put_object(self, chunks: Iterable[bytes], expected_sha256: str | None = None,
-                   expected_size: int | None = None) -> tuple[str, int]:
+    def put_object(
+        self, chunks: Iterable[bytes], expected_sha256: str | None = None, expected_size: int | None = None
+    ) -> tuple[str, int]:
         """Stream `chunks` into the object store. A stream that breaks off, or bytes whose sha256 or size differ
         from the expected ones, leave nothing behind."""
         digest, size = hashlib.sha256(), 0
@@ -218,8 +240,9 @@ class Store:
             refs["heads"][branch] = self.resolve(repo_type, repo_id, starting_point or "main")
             _write_json(folder / "refs.json", refs)
 
-    def apply_commit(self, repo_type: str, repo_id: str, revision: str, header: dict, operations: list[dict],
-                     create_pr: bool) -> tuple[str, int | None]:
+    def apply_commit(
+        self, repo_type: str, repo_id: str, revision: str, header: dict, operations: list[dict], create_pr: bool
+    ) -> tuple[str, int | None]:
         """Apply NDJSON commit operations on top of `revision`: returns (new commit oid, PR number or None).
 
         Blobs are stored first; the commit file next; the ref switches last, under the repo lock, and only when the
@@ -240,8 +263,11 @@ class Store:
                     raise StoreError(404, f"parentCommit {parent} not found in {repo_id}", "RevisionNotFound")
                 parent = matches[0]
                 if not create_pr and parent != head:
-                    raise StoreError(412, f"A commit has happened since {parent[:12]}: {branch} is at {head[:12]}. "
-                                          "Fetch the branch again and retry.")
+                    raise StoreError(
+                        412,
+                        f"A commit has happened since {parent[:12]}: {branch} is at {head[:12]}. "
+                        "Fetch the branch again and retry.",
+                    )
             base = parent or head
             files = {path: Entry(**entry) for path, entry in self.commit(repo_type, repo_id, base)["files"].items()}
             for kind, path, entry in staged:
@@ -259,8 +285,9 @@ class Store:
                         raise StoreError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
                     for name in doomed:
                         del files[name]
-            oid = self._write_commit(folder, [base], files, header.get("summary") or "update",
-                                     header.get("description") or "")
+            oid = self._write_commit(
+                folder, [base], files, header.get("summary") or "update", header.get("description") or ""
+            )
             number = None
             if create_pr:
                 number = max((int(n) for n in refs["pulls"]), default=0) + 1
@@ -302,10 +329,16 @@ class Store:
             return "deleteFolder", path, None
         raise StoreError(400, f"unknown commit operation {key!r}")
 
-    def _write_commit(self, folder: Path, parents: list[str], files: dict[str, Entry], title: str,
-                      description: str) -> str:
-        body = {"parents": parents, "title": title, "description": description, "date": _now(),
-                "files": {path: files[path].as_json() for path in sorted(files)}}
+    def _write_commit(
+        self, folder: Path, parents: list[str], files: dict[str, Entry], title: str, description: str
+    ) -> str:
+        body = {
+            "parents": parents,
+            "title": title,
+            "description": description,
+            "date": _now(),
+            "files": {path: files[path].as_json() for path in sorted(files)},
+        }
         oid = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
         _write_json(folder / "commits" / f"{oid}.json", {"oid": oid, **body})
         return oid
@@ -325,8 +358,13 @@ class Store:
 
 
 def _check_branch(branch: str) -> None:
-    if not branch or branch.startswith(("refs/", "/")) or ".." in branch or _COMMIT.match(branch) \
-            or any(c in branch for c in " ~^:?*[\\"):
+    if (
+        not branch
+        or branch.startswith(("refs/", "/"))
+        or ".." in branch
+        or _COMMIT.match(branch)
+        or any(c in branch for c in " ~^:?*[\\")
+    ):
         raise StoreError(400, f"invalid branch name {branch!r}")
 
 

@@ -10,15 +10,28 @@ from builder.hub.store import Entry, lfs_pointer
 MAX_CARD_VALUES = 10_000  # a card's metadata is tags and a few fields; aliases could expand 300 bytes to gigabytes
 
 
-def repo_info(repo: str, oid: str, meta: dict, commit: dict, files: dict[str, Entry], *, blobs: bool,
-              readme: str | None) -> dict:
+def repo_info(
+    repo: str, oid: str, meta: dict, commit: dict, files: dict[str, Entry], *, blobs: bool, readme: str | None
+) -> dict:
     """GET /api/{type}s/{id}[/revision/{rev}]: `siblings` (with sizes and LFS info when `blobs`), and the card's
     tags, pipeline_tag, library_name and cardData when there is a README.md."""
-    info = {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": oid,
-            "private": bool(meta.get("private")), "disabled": False, "gated": False, "downloads": 0, "likes": 0,
-            "lastModified": commit["date"], "createdAt": meta["created_at"], "tags": [],
-            "siblings": [_sibling(path, entry, blobs) for path, entry in files.items()],
-            "usedStorage": sum(entry.size for entry in files.values())}
+    info = {
+        "_id": repo,
+        "id": repo,
+        "modelId": repo,
+        "author": repo.split("/")[0],
+        "sha": oid,
+        "private": bool(meta.get("private")),
+        "disabled": False,
+        "gated": False,
+        "downloads": 0,
+        "likes": 0,
+        "lastModified": commit["date"],
+        "createdAt": meta["created_at"],
+        "tags": [],
+        "siblings": [_sibling(path, entry, blobs) for path, entry in files.items()],
+        "usedStorage": sum(entry.size for entry in files.values()),
+    }
     info.update(card_metadata(readme))
     return info
 
@@ -28,8 +41,11 @@ def _sibling(path: str, entry: Entry, blobs: bool) -> dict:
         return {"rfilename": path}
     sibling = {"rfilename": path, "size": entry.size, "blobId": entry.git_oid}
     if entry.lfs:
-        sibling["lfs"] = {"sha256": entry.sha256, "size": entry.size,
-                          "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+        sibling["lfs"] = {
+            "sha256": entry.sha256,
+            "size": entry.size,
+            "pointerSize": len(lfs_pointer(entry.sha256, entry.size)),
+        }
     return sibling
 
 
@@ -49,8 +65,10 @@ def card_yaml(text: str) -> object:
         current, depth = pending.pop()
         seen += 1
         if seen > MAX_CARD_VALUES or depth > 100:
-            raise ValueError(f"the metadata expands to more than {MAX_CARD_VALUES:,} values or 100 levels (YAML "
-                             "aliases repeat what they name); a card's metadata is far smaller")
+            raise ValueError(
+                f"the metadata expands to more than {MAX_CARD_VALUES:,} values or 100 levels (YAML "
+                "aliases repeat what they name); a card's metadata is far smaller"
+            )
         if isinstance(current, yaml.SequenceNode):
             pending += [(child, depth + 1) for child in current.value]
         elif isinstance(current, yaml.MappingNode):
@@ -72,8 +90,12 @@ def card_metadata(readme: str | None) -> dict:
         return {}
     if not isinstance(front, dict):
         return {}
-    return {"cardData": front, "tags": list(front.get("tags") or []), "pipeline_tag": front.get("pipeline_tag"),
-            "library_name": front.get("library_name")}
+    return {
+        "cardData": front,
+        "tags": list(front.get("tags") or []),
+        "pipeline_tag": front.get("pipeline_tag"),
+        "library_name": front.get("library_name"),
+    }
 
 
 def tree(files: dict[str, Entry], folder: str, *, recursive: bool) -> list[dict]:
@@ -84,11 +106,12 @@ def tree(files: dict[str, Entry], folder: str, *, recursive: bool) -> list[dict]
     for path, entry in files.items():
         if not path.startswith(prefix):
             continue
-        parts = path[len(prefix):].split("/")
+        parts = path[len(prefix) :].split("/")
         for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
             directory = prefix + "/".join(parts[:depth])
-            entries.setdefault(directory, {"type": "directory", "path": directory,
-                                           "oid": hashlib.sha1(directory.encode()).hexdigest()})
+            entries.setdefault(
+                directory, {"type": "directory", "path": directory, "oid": hashlib.sha1(directory.encode()).hexdigest()}
+            )
         if len(parts) == 1 or recursive:
             entries[path] = _tree_file(path, entry)
     return [entries[path] for path in sorted(entries)]
@@ -97,21 +120,39 @@ def tree(files: dict[str, Entry], folder: str, *, recursive: bool) -> list[dict]
 def _tree_file(path: str, entry: Entry) -> dict:
     item = {"type": "file", "path": path, "size": entry.size, "oid": entry.git_oid}
     if entry.lfs:
-        item["lfs"] = {"oid": entry.sha256, "size": entry.size,
-                       "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+        item["lfs"] = {
+            "oid": entry.sha256,
+            "size": entry.size,
+            "pointerSize": len(lfs_pointer(entry.sha256, entry.size)),
+        }
     return item
 
 
 def refs(refs: dict) -> dict:
     """GET /api/{type}s/{id}/refs (pull requests included; the client drops them unless asked)."""
-    return {"branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-                         for name, oid in sorted(refs["heads"].items())],
-            "tags": [], "converts": [],
-            "pullRequests": [{"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": oid}
-                             for n, oid in sorted(refs["pulls"].items(), key=lambda item: int(item[0]))]}
+    return {
+        "branches": [
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+            for name, oid in sorted(refs["heads"].items())
+        ],
+        "tags": [],
+        "converts": [],
+        "pullRequests": [
+            {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": oid}
+            for n, oid in sorted(refs["pulls"].items(), key=lambda item: int(item[0]))
+        ],
+    }
 
 
 def commits(history: list[dict]) -> list[dict]:
     """GET /api/{type}s/{id}/commits/{rev}: newest first."""
-    return [{"id": c["oid"], "title": c["title"], "message": c["description"], "date": c["date"],
-             "authors": [{"user": "builder-hub"}]} for c in history]
+    return [
+        {
+            "id": c["oid"],
+            "title": c["title"],
+            "message": c["description"],
+            "date": c["date"],
+            "authors": [{"user": "builder-hub"}],
+        }
+        for c in history
+    ]

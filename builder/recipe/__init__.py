@@ -26,6 +26,25 @@ from builder.recipe.schema import (
     json_schema,
 )
 
-__all__ = ["COMMIT_PATTERN", "GPU_PROVIDERS", "REPO_ID_PATTERN", "Bnb4Bit", "Bnb8Bit", "LoadedRecipe", "Load",
-           "OnnxExport", "Publish", "Recipe", "Source", "Thresholds", "Verify", "files_defining", "find_recipe_files",
-           "is_local_path", "json_schema", "load_recipes", "name_clashes", "require_unique_names"]
+__all__ = [
+    "COMMIT_PATTERN",
+    "GPU_PROVIDERS",
+    "REPO_ID_PATTERN",
+    "Bnb4Bit",
+    "Bnb8Bit",
+    "LoadedRecipe",
+    "Load",
+    "OnnxExport",
+    "Publish",
+    "Recipe",
+    "Source",
+    "Thresholds",
+    "Verify",
+    "files_defining",
+    "find_recipe_files",
+    "is_local_path",
+    "json_schema",
+    "load_recipes",
+    "name_clashes",
+    "require_unique_names",
+]

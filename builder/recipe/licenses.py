@@ -27,5 +27,7 @@ def license_problem(value: object) -> str | None:
     normalized = "-".join(value.lower().replace("license", "").split()) if isinstance(value, str) else ""
     found = normalized if normalized in choices else closest(normalized, choices) if normalized else None
     hint = f" (did you mean {found!r}?)" if found else ""
-    return (f"{show(value)} is not a Hub license identifier{hint}; write one of those listed at {LICENSES_URL}, "
-            "or `other` and name the license in the card's text")
+    return (
+        f"{show(value)} is not a Hub license identifier{hint}; write one of those listed at {LICENSES_URL}, "
+        "or `other` and name the license in the card's text"
+    )

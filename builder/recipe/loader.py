@@ -71,8 +71,11 @@ def _merge(parent: Located, child: Located, path: Path_ = ()) -> Located:
 
 def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> Any:
     parent_value, child_value = _get(parent.data, path), _get(child.data, path)
-    if isinstance(parent_value, dict) and isinstance(child_value, dict) and not _kind_changes(path, parent_value,
-                                                                                              child_value):
+    if (
+        isinstance(parent_value, dict)
+        and isinstance(child_value, dict)
+        and not _kind_changes(path, parent_value, child_value)
+    ):
         out.values[path] = child.values.get(path) or parent.values[path]
         result = {}
         for key in {**parent_value, **child_value}:
@@ -135,35 +138,82 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
         with open(path, "rb") as handle:
             raw = handle.read(MAX_RECIPE_BYTES + 1)  # never more: the file may be huge or still growing
         if len(raw) > MAX_RECIPE_BYTES:
-            raise RecipeError([Problem(Location(display, 1, 1), "", f"the file is over {MAX_RECIPE_BYTES:,} bytes "
-                                       f"(1 MiB), the limit for a recipe; recipes are a few KiB: is this the right "
-                                       "file?")])
+            raise RecipeError(
+                [
+                    Problem(
+                        Location(display, 1, 1),
+                        "",
+                        f"the file is over {MAX_RECIPE_BYTES:,} bytes "
+                        f"(1 MiB), the limit for a recipe; recipes are a few KiB: is this the right "
+                        "file?",
+                    )
+                ]
+            )
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = error.object[: error.start].count(b"\n") + 1
-        raise RecipeError([Problem(Location(display, line, 1), "", f"the file is not UTF-8 text (byte "
-                                   f"{error.object[error.start]:#04x} on line {line}); save it as UTF-8")]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    Location(display, line, 1),
+                    "",
+                    f"the file is not UTF-8 text (byte "
+                    f"{error.object[error.start]:#04x} on line {line}); save it as UTF-8",
+                )
+            ]
+        ) from None
     except OSError as error:
         raise RecipeError([Problem(Location(display, 1, 1), "", f"cannot read the file: {error.strerror}")]) from None
     located = parse_yaml(text, display)
     if not isinstance(located.data, dict):
-        raise RecipeError([Problem(located.where(()), "", "a recipe is a mapping of keys (schema_version: 1, "
-                                   "name: ..., source: ...), not a list or a single value")])
+        raise RecipeError(
+            [
+                Problem(
+                    located.where(()),
+                    "",
+                    "a recipe is a mapping of keys (schema_version: 1, "
+                    "name: ..., source: ...), not a list or a single value",
+                )
+            ]
+        )
     extends = located.data.pop("extends", None)
     if extends is None:
         return located, (path,)
     where = located.where(("extends",))
     if not isinstance(extends, str) or not extends:
-        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", "extends is the relative path of a "
-                                                              "parent recipe file, e.g. extends: _base.yaml")]))
+        raise RecipeError(
+            unique_sorted(
+                [
+                    *located.problems,
+                    Problem(
+                        where,
+                        "extends",
+                        "extends is the relative path of a parent recipe file, e.g. extends: _base.yaml",
+                    ),
+                ]
+            )
+        )
     parent_path = (path.parent / extends).resolve()
     if parent_path in chain or parent_path == path.resolve():
         cycle = " -> ".join(_display(p) for p in (*chain, path.resolve(), parent_path))
-        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove "
-                                                              "one of the links")]))
+        raise RecipeError(
+            unique_sorted(
+                [*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove one of the links")]
+            )
+        )
     if not parent_path.is_file():
-        raise RecipeError(unique_sorted([*located.problems, Problem(where, "extends", f"parent recipe {show(extends)} not "
-                                                              f"found (looked for {_display(parent_path)})")]))
+        raise RecipeError(
+            unique_sorted(
+                [
+                    *located.problems,
+                    Problem(
+                        where,
+                        "extends",
+                        f"parent recipe {show(extends)} not found (looked for {_display(parent_path)})",
+                    ),
+                ]
+            )
+        )
     try:
         parent, parent_files = _read_file(parent_path, _display(parent_path), (*chain, path.resolve()))
     except RecipeError as error:
@@ -188,19 +238,35 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     path = Path(path)
     display = _display(path) if path.is_absolute() else str(path)
     if path.is_dir():
-        raise RecipeError([Problem(Location(display, 1, 1), "", "is a folder; name a recipe file (`builder "
-                                   "validate` also takes folders)")])
+        raise RecipeError(
+            [
+                Problem(
+                    Location(display, 1, 1),
+                    "",
+                    "is a folder; name a recipe file (`builder validate` also takes folders)",
+                )
+            ]
+        )
     if not path.is_file():
         raise RecipeError([Problem(Location(display, 1, 1), "", "no such recipe file")])
     located, files = _read_file(path, display, ())
     variants = located.data.pop("variants", None)
     if variants is None:
         recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)),
-                             located)]
+        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)), located)]
     if not isinstance(variants, dict) or not variants:
-        raise RecipeError(unique_sorted([*located.problems, Problem(located.where(("variants",)), "variants", "variants is "
-                                   "a mapping of suffix: {overrides}, with at least one suffix")]))
+        raise RecipeError(
+            unique_sorted(
+                [
+                    *located.problems,
+                    Problem(
+                        located.where(("variants",)),
+                        "variants",
+                        "variants is a mapping of suffix: {overrides}, with at least one suffix",
+                    ),
+                ]
+            )
+        )
     problems = list(located.problems)
     results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
     roots: dict[str, Path] = {}
@@ -225,8 +291,11 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     if problems:
         raise RecipeError(unique_sorted(problems))
     name_at = located.where(("name",))
-    return [LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at, marks[suffix])
-            for suffix, _, recipe, _ in results if recipe is not None]  # a failed variant raised above
+    return [
+        LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at, marks[suffix])
+        for suffix, _, recipe, _ in results
+        if recipe is not None
+    ]  # a failed variant raised above
 
 
 def _source_root(located: Located, path: Path) -> Path:
@@ -241,18 +310,34 @@ def _source_root(located: Located, path: Path) -> Path:
 def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Problem]) -> bool:
     where = located.where(("variants", suffix), key=True)
     if not _VARIANT_SUFFIX.fullmatch(suffix):
-        problems.append(Problem(where, f"variants.{suffix}", f"{show(suffix)} is not a variant suffix: use lowercase "
-                                "letters, digits, '.', '_', '-' (at most 64), starting with a letter or digit"))
+        problems.append(
+            Problem(
+                where,
+                f"variants.{suffix}",
+                f"{show(suffix)} is not a variant suffix: use lowercase "
+                "letters, digits, '.', '_', '-' (at most 64), starting with a letter or digit",
+            )
+        )
         return False
     if not isinstance(overrides, dict):
-        problems.append(Problem(located.where(("variants", suffix)), f"variants.{suffix}", f"expected a mapping of "
-                                f"overrides (or nothing), got {show(overrides)}"))
+        problems.append(
+            Problem(
+                located.where(("variants", suffix)),
+                f"variants.{suffix}",
+                f"expected a mapping of overrides (or nothing), got {show(overrides)}",
+            )
+        )
         return False
     reserved = [key for key in ("name", *META_KEYS) if key in overrides]
     for key in reserved:
         why = f" (its artifact is named <name>-{suffix})" if key == "name" else ""
-        problems.append(Problem(located.where(("variants", suffix, key), key=True), f"variants.{suffix}.{key}",
-                                f"a variant cannot set {key}{why}; move it to the top level of the file"))
+        problems.append(
+            Problem(
+                located.where(("variants", suffix, key), key=True),
+                f"variants.{suffix}.{key}",
+                f"a variant cannot set {key}{why}; move it to the top level of the file",
+            )
+        )
     return not reserved
 
 
@@ -297,7 +382,8 @@ def find_recipe_files(paths: Sequence[str | Path]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             found.extend(
-                p for p in sorted(path.rglob("*"))
+                p
+                for p in sorted(path.rglob("*"))
                 if p.suffix in (".yaml", ".yml") and p.is_file() and not p.name.startswith("_")
             )
         else:
@@ -330,9 +416,17 @@ def name_clashes(files: list[Path]) -> list[tuple[Path, Problem]]:
             continue
         other = first[name]
         where = f"{other.path}" + (f" (variant {other.variant})" if other.variant else "")
-        problems.append((item.path, Problem(item.name_at or Location(str(item.path), 1, 1), "name",
-                                            f"artifact {name!r} is also built by {where}; artifact names must be "
-                                            "unique (each builds <out>/<name>/)")))
+        problems.append(
+            (
+                item.path,
+                Problem(
+                    item.name_at or Location(str(item.path), 1, 1),
+                    "name",
+                    f"artifact {name!r} is also built by {where}; artifact names must be "
+                    "unique (each builds <out>/<name>/)",
+                ),
+            )
+        )
     return problems
 
 

@@ -46,9 +46,6 @@ class Located:
         return next(iter(self.values.values()))
 
 
-
-
-
 class _TooManyNodes(Exception):
     def __init__(self, mark: yaml.Mark):
         self.mark = mark
@@ -86,9 +83,17 @@ def parse_yaml(text: str, file: str) -> Located:
     try:
         node = _compose(text)
     except _TooManyNodes as error:
-        raise RecipeError([Problem(Location(file, error.mark.line + 1, error.mark.column + 1), "", f"the YAML has "
-                                   f"more than {MAX_NODES:,} values, keys and list items (the limit was hit here); "
-                                   "a recipe has a few hundred: remove the generated data")]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    Location(file, error.mark.line + 1, error.mark.column + 1),
+                    "",
+                    f"the YAML has "
+                    f"more than {MAX_NODES:,} values, keys and list items (the limit was hit here); "
+                    "a recipe has a few hundred: remove the generated data",
+                )
+            ]
+        ) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         location = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
@@ -97,22 +102,44 @@ def parse_yaml(text: str, file: str) -> Located:
         line = text.count("\n", 0, error.position) + 1
         column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
         code = error.character if isinstance(error.character, int) else ord(error.character)
-        raise RecipeError([Problem(Location(file, line, column), "", f"invalid YAML: the control character "
-                                   f"U+{code:04X} is not allowed in YAML text; remove it")]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    Location(file, line, column),
+                    "",
+                    f"invalid YAML: the control character U+{code:04X} is not allowed in YAML text; remove it",
+                )
+            ]
+        ) from None
     except yaml.YAMLError as error:
         message = " ".join(str(error).split())
         raise RecipeError([Problem(Location(file, 1, 1), "", f"invalid YAML: {message}")]) from None
     except RecursionError:
-        raise RecipeError([Problem(Location(file, 1, 1), "", f"the YAML is nested too deeply; a recipe needs at most "
-                                   f"{MAX_DEPTH} levels")]) from None
+        raise RecipeError(
+            [
+                Problem(
+                    Location(file, 1, 1),
+                    "",
+                    f"the YAML is nested too deeply; a recipe needs at most {MAX_DEPTH} levels",
+                )
+            ]
+        ) from None
     if node is None:
-        raise RecipeError([Problem(Location(file, 1, 1), "", "the file is empty; a recipe starts with "
-                                   "schema_version: 1")])
+        raise RecipeError(
+            [Problem(Location(file, 1, 1), "", "the file is empty; a recipe starts with schema_version: 1")]
+        )
     located = Located(None, {(): _mark(file, node)})
     located.data = _construct(node, (), file, located)
     if len(located.values) > MAX_VALUES:
-        raise RecipeError([Problem(Location(file, 1, 1), "", f"the YAML expands to more than {MAX_VALUES:,} values "
-                                   "(through aliases); a recipe is far smaller")])
+        raise RecipeError(
+            [
+                Problem(
+                    Location(file, 1, 1),
+                    "",
+                    f"the YAML expands to more than {MAX_VALUES:,} values (through aliases); a recipe is far smaller",
+                )
+            ]
+        )
     return located
 
 
@@ -145,17 +172,26 @@ def _construct(node: yaml.Node, path: Path_, file: str, located: Located) -> Any
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _YAML + "merge":
-                located.problems.append(Problem(_mark(file, key_node), dotted(path), "YAML merge keys (<<) are not "
-                                                "supported; use `extends` to share settings"))
+                located.problems.append(
+                    Problem(
+                        _mark(file, key_node),
+                        dotted(path),
+                        "YAML merge keys (<<) are not supported; use `extends` to share settings",
+                    )
+                )
                 continue
             key = _key(key_node, path, file, located)
             if key is None:
                 continue
             if key in result:
                 first = located.keys[path + (key,)]
-                located.problems.append(Problem(_mark(file, key_node), dotted(path + (key,)),
-                                                f"duplicate key {key!r} (first written at line {first.line}); "
-                                                "keep one of them"))
+                located.problems.append(
+                    Problem(
+                        _mark(file, key_node),
+                        dotted(path + (key,)),
+                        f"duplicate key {key!r} (first written at line {first.line}); keep one of them",
+                    )
+                )
                 continue
             located.keys[path + (key,)] = _mark(file, key_node)
             result[key] = _construct(value_node, path + (key,), file, located)
@@ -172,8 +208,12 @@ def _construct(node: yaml.Node, path: Path_, file: str, located: Located) -> Any
         reason = error.problem if isinstance(error, yaml.MarkedYAMLError) else str(error)
         if "int_max_str_digits" in str(reason):  # Python's advice (a setting of the interpreter) is not the fix
             reason = f"it has {len(node.value):,} digits; no recipe number is that large"
-        return _unreadable(located, where, path, f"{show(node.value)} cannot be read as "
-                           f"{node.tag.removeprefix(_YAML)}: {' '.join(str(reason).split())}")
+        return _unreadable(
+            located,
+            where,
+            path,
+            f"{show(node.value)} cannot be read as {node.tag.removeprefix(_YAML)}: {' '.join(str(reason).split())}",
+        )
 
 
 def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | None:
@@ -192,11 +232,17 @@ def _key(node: yaml.Node, path: Path_, file: str, located: Located) -> str | Non
             reads_as = show(_scalar(node))
         except (yaml.YAMLError, ValueError, OverflowError, KeyError, TypeError):
             reads_as = node.tag.removeprefix(_YAML)
-        located.problems.append(Problem(where, dotted(path), f"the key {show(node.value)} is read as {reads_as}, not a "
-                                        f"string; quote it: '{node.value}'"))
+        located.problems.append(
+            Problem(
+                where,
+                dotted(path),
+                f"the key {show(node.value)} is read as {reads_as}, not a string; quote it: '{node.value}'",
+            )
+        )
     elif isinstance(node, yaml.ScalarNode):
-        located.problems.append(Problem(where, dotted(path), f"the YAML tag {node.tag!r} is not supported on a key; "
-                                        "remove it"))
+        located.problems.append(
+            Problem(where, dotted(path), f"the YAML tag {node.tag!r} is not supported on a key; remove it")
+        )
     else:
         located.problems.append(Problem(where, dotted(path), "keys must be plain strings, not lists or mappings"))
     return None

@@ -30,11 +30,22 @@ def unique_sorted(problems: list[Problem]) -> list[Problem]:
     return sorted(result, key=lambda p: (p.location.file, p.location.line, p.location.column))
 
 
-_EXPECTED = {"string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
-             "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
-             "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
-             "tuple_type": "a list", "list_type": "a list"}
+_EXPECTED = {
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
 
 
 def problem_from_error(error: dict, located: Located) -> Problem:
@@ -55,14 +66,23 @@ def problem_from_error(error: dict, located: Located) -> Problem:
         choices = tuple(re.findall(r"'([^']*)'", ctx.get("expected_tags", "")))
         discriminator = ctx.get("discriminator", "").strip("'")
         tag = value.get(discriminator) if isinstance(value, dict) else ctx.get("tag")
-        return Problem(located.where(path + (discriminator,)), f"{shown_path}.{discriminator}", not_one_of(tag, choices))
+        return Problem(
+            located.where(path + (discriminator,)), f"{shown_path}.{discriminator}", not_one_of(tag, choices)
+        )
     if kind == "union_tag_not_found":
         discriminator = ctx.get("discriminator", "").strip("'")
-        return Problem(where, f"{shown_path}.{discriminator}", f"required key is missing; it picks the kind of {shown_path} "
-                       f"({_tags(path)})")
+        return Problem(
+            where,
+            f"{shown_path}.{discriminator}",
+            f"required key is missing; it picks the kind of {shown_path} ({_tags(path)})",
+        )
     if kind == "string_pattern_mismatch" and path == ("name",):
-        return Problem(where, shown_path, f"{show(value)} is not a valid artifact name: use lowercase letters, digits, '.', "
-                       f"'_' and '-', starting with a letter or digit, at most 96 characters ({NAME_PATTERN})")
+        return Problem(
+            where,
+            shown_path,
+            f"{show(value)} is not a valid artifact name: use lowercase letters, digits, '.', "
+            f"'_' and '-', starting with a letter or digit, at most 96 characters ({NAME_PATTERN})",
+        )
     if kind == "value_error":
         return Problem(where, shown_path, str(ctx.get("error", error["msg"])))
     if kind in _EXPECTED:

@@ -35,11 +35,18 @@ LOCAL_PREFIXES = ("./", "../", "/", "~")
 Dtype = Literal["float32", "float16", "bfloat16", "auto"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 Provider = Literal[
-    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider",
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "MIGraphXExecutionProvider",
     "ROCMExecutionProvider",
 ]
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider",
-                 "ROCMExecutionProvider")
+GPU_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "ROCMExecutionProvider",
+)
 # onnxruntime's weight-only 4-bit operators (MatMulNBits for int4, MatMulBnb4 for nf4/fp4) have CPU and CUDA
 # kernels; TensorRT and MIGraphX do not take these contrib ops.
 WEIGHT_ONLY = ("int4", "nf4", "fp4")
@@ -81,7 +88,9 @@ class Source(Block):
         description="An optimum task name (text-generation, feature-extraction, text-classification, ...); "
         "inferred from config.json's `architectures` when absent.",
     )
-    dtype: Dtype = Field(default="auto", description="Weights dtype to load the source in; `auto` keeps the checkpoint's.")
+    dtype: Dtype = Field(
+        default="auto", description="Weights dtype to load the source in; `auto` keeps the checkpoint's."
+    )
     trust_remote_code: StrictBool = Field(
         default=False,
         description="Run the model repo's own Python code. A Hub source needs a 40-hex `revision` with it.",
@@ -115,10 +124,12 @@ class Source(Block):
     @field_validator("base_model")
     @classmethod
     def _base_model_is_a_repo(cls, base_model: str | None) -> str | None:
-        if base_model is not None and ("/" not in base_model or not REPO_ID_PATTERN.fullmatch(base_model)
-                                       or _hub_forbids(base_model)):
-            raise ValueError(f"{show(base_model)} is not a Hub repo id; write the model the source derives from as "
-                             "org/name")
+        if base_model is not None and (
+            "/" not in base_model or not REPO_ID_PATTERN.fullmatch(base_model) or _hub_forbids(base_model)
+        ):
+            raise ValueError(
+                f"{show(base_model)} is not a Hub repo id; write the model the source derives from as org/name"
+            )
         return base_model
 
     @field_validator("revision")
@@ -191,8 +202,9 @@ class Load(Block):
             if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
                 device = str(device)
             if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-                raise RuleViolation((str(module),), f"{_shown(device)} is not a device: use cpu, disk, cuda, cuda:N "
-                                    "or N")
+                raise RuleViolation(
+                    (str(module),), f"{_shown(device)} is not a device: use cpu, disk, cuda, cuda:N or N"
+                )
             normalized[module] = device
         return normalized
 
@@ -201,7 +213,9 @@ class Load(Block):
     def _max_memory(cls, max_memory: dict[str, str] | None) -> dict[str, str] | None:
         for device, amount in (max_memory or {}).items():
             if not re.fullmatch(r"\d+|cpu|disk", device):
-                raise RuleViolation((device,), f"{show(device)} is not a device key: use a GPU index (\"0\"), cpu or disk")
+                raise RuleViolation(
+                    (device,), f'{show(device)} is not a device key: use a GPU index ("0"), cpu or disk'
+                )
             if not _MEMORY.fullmatch(amount):
                 raise RuleViolation((device,), f"{show(amount)} is not a memory size like 20GiB or 500MB")
         return max_memory
@@ -277,7 +291,9 @@ class OnnxExport(Block):
         "weight-only MatMulNBits; nf4/fp4: MatMulBnb4 with bitsandbytes' 4-bit types (weight-only, CPU and CUDA).",
     )
     block_size: StrictInt | None = Field(
-        default=None, ge=16, le=256,
+        default=None,
+        ge=16,
+        le=256,
         description="Weights per quantization block of int4/nf4/fp4 (a power of two, 16-256; default 32 for int4, "
         "64 for nf4/fp4).",
     )
@@ -285,7 +301,9 @@ class OnnxExport(Block):
         default="rtn", description="int4 only: round-to-nearest, HQQ or k-quant block quantization."
     )
     accuracy_level: StrictInt | None = Field(
-        default=None, ge=0, le=4,
+        default=None,
+        ge=0,
+        le=4,
         description="int4 only: MatMulNBits' minimum compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
     )
     verify_on: Provider | None = Field(
@@ -299,21 +317,26 @@ class OnnxExport(Block):
         for key in ("provider", "verify_on"):
             if getattr(self, key) == "ROCMExecutionProvider":
                 raise RuleViolation(
-                    (key,), "ROCMExecutionProvider is not in onnxruntime 1.32 and later; AMD GPUs run ONNX through "
+                    (key,),
+                    "ROCMExecutionProvider is not in onnxruntime 1.32 and later; AMD GPUs run ONNX through "
                     "MIGraphXExecutionProvider: set it instead",
                 )
         if self.quantize in WEIGHT_ONLY:
             if self.provider not in WEIGHT_ONLY_PROVIDERS:
                 raise RuleViolation(
-                    ("quantize",), f"{self.quantize} graphs use onnxruntime's MatMulNBits/MatMulBnb4 operators, which "
+                    ("quantize",),
+                    f"{self.quantize} graphs use onnxruntime's MatMulNBits/MatMulBnb4 operators, which "
                     f"{self.provider} does not run; target CPUExecutionProvider or CUDAExecutionProvider, or use "
                     "`dtype: float16` without quantize",
                 )
             if self.dtype != "float32":
                 raise RuleViolation(("quantize",), f"{self.quantize} quantizes a float32 graph; set `dtype: float32`")
             if self.optimize in ("O3", "O4"):
-                raise RuleViolation(("optimize",), f"{self.quantize} is applied to an O1/O2 graph (O3/O4 fuse the "
-                                    "MatMuls it quantizes); use optimize: O2 or none")
+                raise RuleViolation(
+                    ("optimize",),
+                    f"{self.quantize} is applied to an O1/O2 graph (O3/O4 fuse the "
+                    "MatMuls it quantizes); use optimize: O2 or none",
+                )
         if self.block_size is not None:
             if self.quantize not in WEIGHT_ONLY:
                 raise RuleViolation(("block_size",), "block_size is for quantize: int4, nf4 or fp4")
@@ -375,8 +398,9 @@ class Publish(Block):
     private: StrictBool = Field(default=False, description="Create the repo as private.")
     create_pr: StrictBool = Field(default=False, description="Open a pull request instead of pushing to the branch.")
     license: str | None = Field(
-        default=None, description="The Hub's license identifier for the model card (apache-2.0, mit, llama3.2, "
-        "other, ...); absent = the local source folder card's license."
+        default=None,
+        description="The Hub's license identifier for the model card (apache-2.0, mit, llama3.2, "
+        "other, ...); absent = the local source folder card's license.",
     )
     tags: tuple[Annotated[str, Field(min_length=1)], ...] = Field(default=(), description="Extra model-card tags.")
     card: str | None = Field(default=None, description="Markdown appended to the generated model card.")
@@ -443,7 +467,9 @@ class Recipe(Block):
                 "sdpa",
             )
         if isinstance(self.quantize, Bnb8Bit) and self.quantize.fp32_cpu_offload:
-            devices = {str(d) for d in self.load.device_map.values()} if isinstance(self.load.device_map, dict) else set()
+            devices = (
+                {str(d) for d in self.load.device_map.values()} if isinstance(self.load.device_map, dict) else set()
+            )
             on_gpu = any(d == "cuda" or d.startswith("cuda:") or d.isdigit() for d in devices)
             if "cpu" not in devices or not on_gpu:
                 raise RuleViolation(
@@ -452,9 +478,7 @@ class Recipe(Block):
                     "(with everything on one device it quantizes nothing or offloads nothing)",
                 )
         if self.export is not None and self.export.with_past and self.source.task not in (None, "text-generation"):
-            raise RuleViolation(
-                ("export", "with_past"), f"with_past is for text-generation, not {self.source.task}"
-            )
+            raise RuleViolation(("export", "with_past"), f"with_past is for text-generation, not {self.source.task}")
         return self
 
 
@@ -464,8 +488,10 @@ _BAD_REF = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|^/|/$|\.lock$")
 def _check_ref(revision: str) -> str:
     """`revision` if git could name a branch, tag or commit so; raises ValueError with the rule otherwise."""
     if _BAD_REF.search(revision):
-        raise ValueError(f"{show(revision)} is not a branch, tag or commit name: git refs have no spaces, none of "
-                         "~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do not end with '.lock'")
+        raise ValueError(
+            f"{show(revision)} is not a branch, tag or commit name: git refs have no spaces, none of "
+            "~ ^ : ? * [ \\, no '..' or '@{', do not start or end with '/' and do not end with '.lock'"
+        )
     return revision
 
 
@@ -489,8 +515,13 @@ def _shown(value: object) -> str:
 
 SCHEMA_ID = "urn:builder:recipe:schema_version:1"  # no public URL hosts it; editors find it by the modeline
 # The keys a block must have in a file that stands alone; a child (`extends`) may leave any of them to its parent.
-_REQUIRED = {"Source": ["model"], "Bnb4Bit": ["method"], "Bnb8Bit": ["method"], "OnnxExport": ["format"],
-             "Publish": ["repo"]}
+_REQUIRED = {
+    "Source": ["model"],
+    "Bnb4Bit": ["method"],
+    "Bnb8Bit": ["method"],
+    "OnnxExport": ["format"],
+    "Publish": ["repo"],
+}
 
 
 def json_schema() -> dict:
@@ -511,10 +542,18 @@ def json_schema() -> dict:
     quantize["anyOf"] = quantize.pop("oneOf")
     for name in ("Bnb4Bit", "Bnb8Bit"):
         definitions[name]["properties"]["method"].pop("default", None)
-    standalone = {"required": ["schema_version"], "properties": {
-        block: {"anyOf": [{"type": "null"}, *({"$ref": f"#/$defs/{d}", "required": _REQUIRED[d]} for d in defs)]}
-        for block, defs in (("source", ["Source"]), ("quantize", ["Bnb4Bit", "Bnb8Bit"]), ("export", ["OnnxExport"]),
-                            ("publish", ["Publish"]))}}
+    standalone = {
+        "required": ["schema_version"],
+        "properties": {
+            block: {"anyOf": [{"type": "null"}, *({"$ref": f"#/$defs/{d}", "required": _REQUIRED[d]} for d in defs)]}
+            for block, defs in (
+                ("source", ["Source"]),
+                ("quantize", ["Bnb4Bit", "Bnb8Bit"]),
+                ("export", ["OnnxExport"]),
+                ("publish", ["Publish"]),
+            )
+        },
+    }
     schema.pop("required", None)
     schema["if"] = {"not": {"required": ["extends"]}}
     schema["then"] = standalone

@@ -15,11 +15,24 @@ Path_ = tuple[str, ...]
 # Spellings people reach for, mapped to the value the schema uses (offered as "did you mean").
 # Words people write for a choice: the first of a word's meanings that the key takes is suggested.
 ALIASES: dict[str, tuple[str, ...]] = {
-    "fp16": ("float16",), "half": ("float16",), "bf16": ("bfloat16",), "fp32": ("float32",), "float": ("float32",),
-    "4bit": ("bnb-4bit",), "bnb4": ("bnb-4bit",), "8bit": ("bnb-8bit",), "bnb8": ("bnb-8bit",),
-    "int8": ("bnb-8bit", "dynamic-int8"), "sdpa_attention": ("sdpa",), "flash_attention": ("flash_attention_2",),
-    "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",), "tensorrt": ("TensorrtExecutionProvider",),
-    "rocm": ("MIGraphXExecutionProvider",), "amd": ("MIGraphXExecutionProvider",), "migraphx": ("MIGraphXExecutionProvider",),
+    "fp16": ("float16",),
+    "half": ("float16",),
+    "bf16": ("bfloat16",),
+    "fp32": ("float32",),
+    "float": ("float32",),
+    "4bit": ("bnb-4bit",),
+    "bnb4": ("bnb-4bit",),
+    "8bit": ("bnb-8bit",),
+    "bnb8": ("bnb-8bit",),
+    "int8": ("bnb-8bit", "dynamic-int8"),
+    "sdpa_attention": ("sdpa",),
+    "flash_attention": ("flash_attention_2",),
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    "tensorrt": ("TensorrtExecutionProvider",),
+    "rocm": ("MIGraphXExecutionProvider",),
+    "amd": ("MIGraphXExecutionProvider",),
+    "migraphx": ("MIGraphXExecutionProvider",),
 }
 
 

@@ -28,9 +28,13 @@ class Offload:
     _onloaded: int = field(default=0, repr=False)
 
     def as_json(self) -> dict:
-        return {"blocks": self.blocks, "resident_bytes": self.resident_bytes,
-                "largest_block_bytes": self.largest_block_bytes, "onloads": self.onloads,
-                "peak_onloaded_bytes": self.peak_onloaded_bytes}
+        return {
+            "blocks": self.blocks,
+            "resident_bytes": self.resident_bytes,
+            "largest_block_bytes": self.largest_block_bytes,
+            "onloads": self.onloads,
+            "peak_onloaded_bytes": self.peak_onloaded_bytes,
+        }
 
 
 def decoder_blocks(model):
@@ -48,7 +52,7 @@ def _slots(module, recurse: bool = True) -> list[tuple[object, str]]:
     included."""
     slots: list[tuple[object, str]] = []
     for sub in module.modules() if recurse else (module,):
-        for name, param in sub.named_parameters(recurse=False):
+        for _name, param in sub.named_parameters(recurse=False):
             slots.append((param, "data"))
             if getattr(param, "quant_state", None) is not None:
                 slots.append((param, "quant_state"))
@@ -79,8 +83,17 @@ def _tensors(value) -> list:
         return []
     if hasattr(value, "absmax"):
         nested = getattr(value, "state2", None)
-        return [t for t in (value.absmax, value.code, getattr(value, "offset", None),
-                            getattr(nested, "absmax", None), getattr(nested, "code", None)) if t is not None]
+        return [
+            t
+            for t in (
+                value.absmax,
+                value.code,
+                getattr(value, "offset", None),
+                getattr(nested, "absmax", None),
+                getattr(nested, "code", None),
+            )
+            if t is not None
+        ]
     return [value]
 
 
@@ -138,8 +151,11 @@ def offload_blocks(model, device: str) -> Offload:
         _move(module, device, pin=False, recurse=False)
     for block in blocks:
         _move(block, "cpu", pin=on_cuda)  # pinned host memory: the copies to the GPU run at full speed
-    record = Offload(blocks=len(blocks), resident_bytes=sum(_nbytes(m, recurse=False) for m in resident),
-                     largest_block_bytes=max(_nbytes(b) for b in blocks))
+    record = Offload(
+        blocks=len(blocks),
+        resident_bytes=sum(_nbytes(m, recurse=False) for m in resident),
+        largest_block_bytes=max(_nbytes(b) for b in blocks),
+    )
     for block in blocks:
         _hook(block, device, record)
     return record

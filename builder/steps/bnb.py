@@ -83,13 +83,17 @@ def preflight(plan: Plan, device_map: str | dict[str, str | int]) -> None:
     if not isinstance(device_map, dict):
         return
     patterns = spec.skip_modules or ("lm_head",)
-    on_gpu = [t.name for t in plan.source.tensors if is_quantizable(t, patterns)
-              and _placement(t.name, device_map) not in ("cpu", "disk")]
+    on_gpu = [
+        t.name
+        for t in plan.source.tensors
+        if is_quantizable(t, patterns) and _placement(t.name, device_map) not in ("cpu", "disk")
+    ]
     if not on_gpu:
         raise BuildError(
             "quantize.fp32_cpu_offload: with this device map every quantizable layer is on cpu, so nothing would be "
             "quantized; put the transformer layers on a GPU in `load.device_map` (e.g. {model.layers: 0, lm_head: "
-            "cpu}) and build on a CUDA host, or drop fp32_cpu_offload")
+            "cpu}) and build on a CUDA host, or drop fp32_cpu_offload"
+        )
 
 
 def _placement(tensor: str, device_map: dict) -> object:

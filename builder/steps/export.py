@@ -35,10 +35,23 @@ TORCH_TASKS = {
 }
 MIN_TORCH_OPSET = 18
 # Files copied from the source folder as they are (optimum writes the same ones).
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
-              "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-              "chat_template.json", "preprocessor_config.json")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
 
 
 def export(ctx: BuildContext) -> None:
@@ -54,8 +67,10 @@ def export(ctx: BuildContext) -> None:
     config = ctx.plan.source.config
     task = ctx.task or recipe.source.task or infer_task(config.get("architectures"))
     if task is None:
-        raise BuildError(f"cannot infer the task of {recipe.source.model} from config.json's architectures "
-                         f"{config.get('architectures')}; set `source.task`")
+        raise BuildError(
+            f"cannot infer the task of {recipe.source.model} from config.json's architectures "
+            f"{config.get('architectures')}; set `source.task`"
+        )
     exporter = choose_exporter(spec, task)
     ort.preflight(spec.provider, spec.verify_on)
     timings: dict[str, float] = {}
@@ -83,17 +98,23 @@ def choose_exporter(spec: OnnxExport, task: str) -> str:
     if exporter == "auto":
         exporter = "optimum" if has_optimum else "torch"
     if exporter == "optimum" and not has_optimum:
-        raise BuildError("export.exporter optimum needs optimum-onnx, which is not importable here (it needs "
-                         "transformers < 4.58): pip install optimum-onnx in an environment with transformers 4.57, "
-                         "or use `exporter: torch`")
+        raise BuildError(
+            "export.exporter optimum needs optimum-onnx, which is not importable here (it needs "
+            "transformers < 4.58): pip install optimum-onnx in an environment with transformers 4.57, "
+            "or use `exporter: torch`"
+        )
     if exporter == "torch":
         if spec.opset < MIN_TORCH_OPSET:
-            raise BuildError(f"export.opset {spec.opset} is too low for the torch exporter "
-                             f"(torch.onnx.export(dynamo=True) needs opset {MIN_TORCH_OPSET} or newer); set "
-                             f"`export.opset: {MIN_TORCH_OPSET}`, or use `exporter: optimum` for older opsets")
+            raise BuildError(
+                f"export.opset {spec.opset} is too low for the torch exporter "
+                f"(torch.onnx.export(dynamo=True) needs opset {MIN_TORCH_OPSET} or newer); set "
+                f"`export.opset: {MIN_TORCH_OPSET}`, or use `exporter: optimum` for older opsets"
+            )
         if task not in TORCH_TASKS:
-            raise BuildError(f"the torch exporter does not export task {task!r} (it exports "
-                             f"{', '.join(TORCH_TASKS)}); use `exporter: optimum` (optimum-onnx) for it")
+            raise BuildError(
+                f"the torch exporter does not export task {task!r} (it exports "
+                f"{', '.join(TORCH_TASKS)}); use `exporter: optimum` (optimum-onnx) for it"
+            )
     return exporter
 
 
@@ -114,8 +135,10 @@ def load_source(source_dir: Path, task: str, dtype, device: str = "cpu", attn_im
     try:
         model = model_class.from_pretrained(str(source_dir), **kwargs)
     except ValueError as error:  # "Unrecognized configuration class ... for this kind of AutoModel"
-        raise BuildError(f"{source_dir.name} cannot be loaded for task {task!r}: {str(error).splitlines()[0]}; set "
-                         "`source.task` to a task its architecture supports") from None
+        raise BuildError(
+            f"{source_dir.name} cannot be loaded for task {task!r}: {str(error).splitlines()[0]}; set "
+            "`source.task` to a task its architecture supports"
+        ) from None
     return model.to(device).eval()
 
 
@@ -137,14 +160,23 @@ def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Pa
         module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
     try:
         with torch.no_grad():
-            program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=inputs,
-                                        output_names=outputs, opset_version=spec.opset, dynamo=True,
-                                        verbose=False)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamic_shapes=dynamic,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=spec.opset,
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as error:  # noqa: BLE001 (torch.export and onnxscript raise many unrelated types)
         first = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
-        raise BuildError(f"torch.onnx.export cannot export {type(model).__name__} ({model.config.model_type}) for "
-                         f"{task}: {first}. Try `exporter: optimum` (optimum-onnx) or "
-                         "`load.attn_implementation: eager`") from None
+        raise BuildError(
+            f"torch.onnx.export cannot export {type(model).__name__} ({model.config.model_type}) for "
+            f"{task}: {first}. Try `exporter: optimum` (optimum-onnx) or "
+            "`load.attn_implementation: eager`"
+        ) from None
     if program is None:
         raise BuildError(f"torch.onnx.export returned no program for {type(model).__name__}; try `exporter: optimum`")
     ort.save(program.model_proto, model_path)
@@ -178,8 +210,9 @@ def _encoder_graph(model, source_dir: Path, output: str):
     if "token_type_ids" not in tokenizer.model_input_names:
         names = [n for n in names if n != "token_type_ids"]
     # Two rows of different lengths, so the traced graph handles padding; batch and sequence stay dynamic.
-    example = tokenizer(["An example sentence to trace the graph with.", "Short one."], padding=True,
-                        return_tensors="pt")
+    example = tokenizer(
+        ["An example sentence to trace the graph with.", "Short one."], padding=True, return_tensors="pt"
+    )
     args = tuple(example[n] if n in example else torch.zeros_like(example["input_ids"]) for n in names)
     batch, sequence = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
     dynamic = {n: {0: batch, 1: sequence} for n in names}
@@ -198,14 +231,20 @@ def _decoder_module(model, with_past: bool):
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
             if not with_past:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False)
+                out = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                )
                 return out.logits
             cache = DynamicCache(config=self.model.config)
             for layer in range(len(past) // 2):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
@@ -256,20 +295,33 @@ def _export_optimum(ctx: BuildContext, task: str, spec: OnnxExport) -> None:
     config = ctx.plan.source.config
     model_type = config.get("model_type", "")
     try:
-        supported = TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx",
-                                                                    library_name="transformers")
+        supported = TasksManager.get_supported_tasks_for_model_type(
+            model_type, exporter="onnx", library_name="transformers"
+        )
     except (KeyError, ValueError):
         raise BuildError(f"optimum-onnx cannot export model type {model_type!r}; use `exporter: torch`") from None
     optimum_task = f"{task}-with-past" if spec.with_past else task
     if optimum_task not in supported:
-        raise BuildError(f"optimum-onnx exports {model_type} for {', '.join(sorted(supported))}, not "
-                         f"{optimum_task}; change `source.task` or `export.with_past`, or use `exporter: torch`")
+        raise BuildError(
+            f"optimum-onnx exports {model_type} for {', '.join(sorted(supported))}, not "
+            f"{optimum_task}; change `source.task` or `export.with_past`, or use `exporter: torch`"
+        )
     try:
-        main_export(str(ctx.source_folder()), output=str(ctx.workdir), task=optimum_task, opset=spec.opset,
-                    device="cpu", dtype="fp32", no_post_process=True, do_validation=False, local_files_only=True)
+        main_export(
+            str(ctx.source_folder()),
+            output=str(ctx.workdir),
+            task=optimum_task,
+            opset=spec.opset,
+            device="cpu",
+            dtype="fp32",
+            no_post_process=True,
+            do_validation=False,
+            local_files_only=True,
+        )
     except Exception as error:  # noqa: BLE001 (main_export raises whatever the model's tracing raises)
-        raise BuildError(f"optimum-onnx main_export failed for {model_type} ({optimum_task}): "
-                         f"{str(error).splitlines()[0][:400]}") from None
+        raise BuildError(
+            f"optimum-onnx main_export failed for {model_type} ({optimum_task}): {str(error).splitlines()[0][:400]}"
+        ) from None
 
 
 # --- after either exporter -----------------------------------------------------------------------------------------
@@ -294,8 +346,9 @@ def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model
         if spec.quantize == "dynamic-int8":
             quantization = ort.quantize_dynamic_int8(model_path)
         else:
-            quantization = ort.quantize_weight_only(model_path, spec.quantize, spec.block_size,
-                                                    spec.quant_algorithm, spec.accuracy_level)
+            quantization = ort.quantize_weight_only(
+                model_path, spec.quantize, spec.block_size, spec.quant_algorithm, spec.accuracy_level
+            )
         timings["quantize"] = time.perf_counter() - started
     onnx.checker.check_model(str(model_path))
     placement = ort.place(spec.provider, spec.verify_on, model_path)

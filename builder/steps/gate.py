@@ -28,14 +28,17 @@ GATES: dict[str, tuple[str, str]] = {
     "footprint_ratio": ("footprint_ratio", "max"),
 }
 
+
 def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
     """`defaults` with the recipe's `verify.thresholds` written over them; a threshold outside `applicable` (the
     gates of `what` is being verified) is refused."""
     thresholds = dict(defaults)
     for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
         if key not in applicable:
-            raise BuildError(f"verify.thresholds.{key} does not apply to {what} (its gates: "
-                             f"{', '.join(applicable)}); remove it from the recipe")
+            raise BuildError(
+                f"verify.thresholds.{key} does not apply to {what} (its gates: "
+                f"{', '.join(applicable)}); remove it from the recipe"
+            )
         thresholds[key] = value
     return thresholds
 
@@ -49,9 +52,14 @@ def gate(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
         missed = bound - value if kind == "min" else value - bound
         if missed > 0:
             sign = "<" if kind == "min" else ">"
-            failures.append({"metric": metric, "value": value, "threshold": bound,
-                             "message": f"{metric} {_number(value)} {sign} {_number(bound)} "
-                                        f"(missed by {_number(missed)})"})
+            failures.append(
+                {
+                    "metric": metric,
+                    "value": value,
+                    "threshold": bound,
+                    "message": f"{metric} {_number(value)} {sign} {_number(bound)} (missed by {_number(missed)})",
+                }
+            )
     return failures
 
 
@@ -64,9 +72,11 @@ def failure_message(name: str, report: dict) -> str:
     """One line per missed metric, then what to do."""
     lines = [f"{name}: verification failed on {report['device']}:"]
     lines += [f"  {failure['message']}" for failure in report["failures"]]
-    lines.append("The artifact was not installed (build with --keep-failed to keep it and its verify-report.json). "
-                 "Check the quantization settings (e.g. skip_modules for sensitive layers, quant_type, double_quant), "
-                 "or, if this loss is acceptable, relax the named thresholds under `verify.thresholds`.")
+    lines.append(
+        "The artifact was not installed (build with --keep-failed to keep it and its verify-report.json). "
+        "Check the quantization settings (e.g. skip_modules for sensitive layers, quant_type, double_quant), "
+        "or, if this loss is acceptable, relax the named thresholds under `verify.thresholds`."
+    )
     return "\n".join(lines)
 
 
@@ -98,8 +108,9 @@ def format_report(report: dict) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"verification {verdict} ({report['task']} on {report['device']})"]
     for name, value in report["metrics"].items():
-        gated = next((key for key, (metric, _) in GATES.items() if metric == name and key in report["thresholds"]),
-                     None)
+        gated = next(
+            (key for key, (metric, _) in GATES.items() if metric == name and key in report["thresholds"]), None
+        )
         bound = f"  (threshold {report['thresholds'][gated]})" if gated else ""
         lines.append(f"  {name:<28} {value:.6g}{bound}" if isinstance(value, float) else f"  {name:<28} {value}")
     for name, value in report["performance"].items():
@@ -110,8 +121,10 @@ def format_report(report: dict) -> str:
 
 def format_summary(report: dict) -> str:
     """The gated metrics against their thresholds, one line each (what `builder build` prints after a build)."""
-    lines = [f"  gate {'passed' if report.get('passed') else 'failed'} on {report.get('device')}"
-             + (" (reference from the cache)" if (report.get("reference") or {}).get("cached") else "")]
+    lines = [
+        f"  gate {'passed' if report.get('passed') else 'failed'} on {report.get('device')}"
+        + (" (reference from the cache)" if (report.get("reference") or {}).get("cached") else "")
+    ]
     for key, bound in (report.get("thresholds") or {}).items():
         metric, kind = GATES[key]
         value = (report.get("metrics") or {}).get(metric)

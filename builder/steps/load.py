@@ -17,14 +17,19 @@ from builder.tasks import infer_task
 _HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
 
+
 def resolve(ctx: BuildContext) -> None:
     """Make `ctx.source_dir` a local folder holding the source at `ctx.plan.source.revision`; record the task."""
     source = ctx.loaded.recipe.source
     if ctx.plan.source.path is not None:
         ctx.source_dir = ctx.plan.source.path
     else:
-        ctx.source_dir = download(source.model, ctx.plan.source.revision, allow_pickle=source.allow_pickle,
-                                  remote_code=source.trust_remote_code)
+        ctx.source_dir = download(
+            source.model,
+            ctx.plan.source.revision,
+            allow_pickle=source.allow_pickle,
+            remote_code=source.trust_remote_code,
+        )
     ctx.task = task_of(ctx)
 
 
@@ -33,19 +38,24 @@ def download(repo_id: str, commit: str, *, allow_pickle: bool, remote_code: bool
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = list(_HUB_PATTERNS) + (list(_PICKLE_PATTERNS) if allow_pickle else []) + (["*.py"] if remote_code
-                                                                                         else [])
+    patterns = (
+        list(_HUB_PATTERNS) + (list(_PICKLE_PATTERNS) if allow_pickle else []) + (["*.py"] if remote_code else [])
+    )
     try:
         return Path(snapshot_download(repo_id, revision=commit, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        raise SourceError(f"cannot download {repo_id}@{commit[:12]} from the Hub: {error}; check the network, "
-                          "HF_ENDPOINT and HF_TOKEN, or pre-fill the Hub cache (HF_HUB_CACHE)") from None
+        raise SourceError(
+            f"cannot download {repo_id}@{commit[:12]} from the Hub: {error}; check the network, "
+            "HF_ENDPOINT and HF_TOKEN, or pre-fill the Hub cache (HF_HUB_CACHE)"
+        ) from None
 
 
 def task_of(ctx: BuildContext) -> str:
     """The recipe's `source.task`, or the one config.json's `architectures` implies."""
     task = ctx.loaded.recipe.source.task or infer_task(ctx.plan.source.config.get("architectures"))
     if task is None:
-        raise SourceError(f"cannot infer the task of {ctx.loaded.recipe.source.model} from config.json's "
-                          "`architectures`; set `source.task` in the recipe (e.g. text-generation)")
+        raise SourceError(
+            f"cannot infer the task of {ctx.loaded.recipe.source.model} from config.json's "
+            "`architectures`; set `source.task` in the recipe (e.g. text-generation)"
+        )
     return task

@@ -72,8 +72,11 @@ def weight_bytes(folder: str, dtype: str) -> int:
     4-bit weights, as stored), from the safetensors headers."""
 
     size = TORCH_DTYPE_BYTES.get(dtype, 4)
-    return sum(t.numel * size if t.dtype in FLOAT_DTYPES else t.nbytes
-               for file in local_weight_files(Path(folder)) for t in read_header(file))
+    return sum(
+        t.numel * size if t.dtype in FLOAT_DTYPES else t.nbytes
+        for file in local_weight_files(Path(folder))
+        for t in read_header(file)
+    )
 
 
 def load_for_probe(folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None):
@@ -95,8 +98,11 @@ def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str) -> d
     torch.manual_seed(SEED)
     with torch.inference_mode():
         _forward(model, inputs["latency_ids"][:, :8], device)  # warm-up: 4-bit CPU kernels repack on first use
-        outputs = _probe_lm(model, inputs, max_new_tokens, device) if task == "text-generation" \
+        outputs = (
+            _probe_lm(model, inputs, max_new_tokens, device)
+            if task == "text-generation"
             else _probe_encoder(model, inputs, device)
+        )
         outputs["latency_ms"] = _latency_ms(model, inputs["latency_ids"], device)
     outputs["footprint_bytes"] = int(model.get_memory_footprint())
     outputs["parameters"] = _parameter_count(model)
@@ -131,13 +137,22 @@ def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str) -> dict:
     with _Stage("generation", len(inputs["prompts"])) as stage:
         for done, ids in enumerate(inputs["prompts"], 1):
             prompt_logits.append(_forward(model, ids, device).logits[0].float().cpu())
-            generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                       pad_token_id=_pad_id(model))
-            continuations.append(generated[0, ids.shape[1]:].cpu().tolist())
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=torch.ones_like(ids).to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=_pad_id(model),
+            )
+            continuations.append(generated[0, ids.shape[1] :].cpu().tolist())
             stage.step(done)
-    return {"eval_logits": eval_logits, "prompt_logits": prompt_logits, "continuations": continuations,
-            "throughput_tokens_per_s": tokens / elapsed}
+    return {
+        "eval_logits": eval_logits,
+        "prompt_logits": prompt_logits,
+        "continuations": continuations,
+        "throughput_tokens_per_s": tokens / elapsed,
+    }
 
 
 def _pad_id(model) -> int | None:
@@ -151,8 +166,9 @@ def _probe_encoder(model, inputs: dict, device: str) -> dict:
     _synchronize(device)
     started = time.perf_counter()
     with _Stage("evaluation"):
-        hidden = _forward(model, batch["input_ids"], device,
-                          **{k: v for k, v in batch.items() if k != "input_ids"}).last_hidden_state
+        hidden = _forward(
+            model, batch["input_ids"], device, **{k: v for k, v in batch.items() if k != "input_ids"}
+        ).last_hidden_state
         _synchronize(device)
     elapsed = time.perf_counter() - started
     tokens = int(batch["attention_mask"].sum())
@@ -196,8 +212,11 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, d
     import torch
 
     agree, kl_sum, kl_max, positions = 0, 0.0, 0.0, 0
-    for ref, cand in zip(reference["eval_logits"] + reference["prompt_logits"],
-                         candidate["eval_logits"] + candidate["prompt_logits"], strict=True):
+    for ref, cand in zip(
+        reference["eval_logits"] + reference["prompt_logits"],
+        candidate["eval_logits"] + candidate["prompt_logits"],
+        strict=True,
+    ):
         ref_log, cand_log = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
         kl = (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0)
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
@@ -206,8 +225,9 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, d
         positions += ref.shape[0]
     targets = [chunk[0] for chunk in inputs["eval_chunks"]]
     ref_ppl, cand_ppl = _perplexity(reference["eval_logits"], targets), _perplexity(candidate["eval_logits"], targets)
-    matches = [_common_prefix(r, c) for r, c in zip(reference["continuations"], candidate["continuations"],
-                                                     strict=True)]
+    matches = [
+        _common_prefix(r, c) for r, c in zip(reference["continuations"], candidate["continuations"], strict=True)
+    ]
     lengths = [len(r) for r in reference["continuations"]]
     metrics = {
         "top1_agreement": agree / positions,

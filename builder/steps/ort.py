@@ -35,8 +35,12 @@ class Placement:
     reason: str | None = None
 
     def as_json(self) -> dict:
-        return {"provider": self.target, "verified_on": self.verified_on,
-                "target_checked": self.target == self.verified_on, "fallback_reason": self.reason}
+        return {
+            "provider": self.target,
+            "verified_on": self.verified_on,
+            "target_checked": self.target == self.verified_on,
+            "fallback_reason": self.reason,
+        }
 
 
 def provider_problem(provider: str, model: Path) -> str | None:
@@ -58,8 +62,10 @@ def provider_problem(provider: str, model: Path) -> str | None:
     if ran_on == provider:
         return None
     if provider == "TensorrtExecutionProvider" and _cuda_visible():
-        return ("the TensorRT libraries (libnvinfer) are missing, so onnxruntime fell back to "
-                f"{ran_on}; install TensorRT matching onnxruntime-gpu")
+        return (
+            "the TensorRT libraries (libnvinfer) are missing, so onnxruntime fell back to "
+            f"{ran_on}; install TensorRT matching onnxruntime-gpu"
+        )
     if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         return f"no CUDA GPU is visible, so onnxruntime fell back to {ran_on}"
     if provider == "ROCMExecutionProvider":
@@ -72,9 +78,11 @@ def preflight(target: str, verify_on: str | None) -> None:
     import onnxruntime as ort
 
     if verify_on is None and target not in ort.get_available_providers():
-        raise BuildError(f"cannot verify on {target}: this onnxruntime build ({_ort_package()}) lacks {target}; "
-                         f"{_GPU_HINT.get(target, '')}. Build on a host that has it, or set "
-                         "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)")
+        raise BuildError(
+            f"cannot verify on {target}: this onnxruntime build ({_ort_package()}) lacks {target}; "
+            f"{_GPU_HINT.get(target, '')}. Build on a host that has it, or set "
+            "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)"
+        )
 
 
 def place(target: str, verify_on: str | None, model: Path) -> Placement:
@@ -85,8 +93,10 @@ def place(target: str, verify_on: str | None, model: Path) -> Placement:
     if problem is None:
         return Placement(target, target)
     if verify_on is None or verify_on == target:
-        raise BuildError(f"cannot verify on {target}: {problem}. Build on a host that has it, or set "
-                         "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)")
+        raise BuildError(
+            f"cannot verify on {target}: {problem}. Build on a host that has it, or set "
+            "`export.verify_on: CPUExecutionProvider` to verify there (the manifest records it)"
+        )
     fallback = provider_problem(verify_on, model)
     if fallback is not None:
         raise BuildError(f"cannot verify on {target} ({problem}) nor on export.verify_on {verify_on} ({fallback})")
@@ -100,8 +110,10 @@ def session(model: Path, provider: str):
     _load_cuda_libraries(ort, provider)
     created = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
     if created.get_providers()[0] != provider:
-        raise BuildError(f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
-                         f"{provider_problem(provider, model) or 'check the onnxruntime install'}")
+        raise BuildError(
+            f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
+            f"{provider_problem(provider, model) or 'check the onnxruntime install'}"
+        )
     return created
 
 
@@ -152,8 +164,14 @@ def save(model, path: Path) -> None:
     for stale in (path, path.with_name(EXTERNAL_DATA_FILE)):
         stale.unlink(missing_ok=True)
     large = model.ByteSize() > PROTOBUF_LIMIT if _fits_protobuf(model) else True
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
 
 
 def _fits_protobuf(model) -> bool:
@@ -195,16 +213,22 @@ def optimize(path: Path, level: str, config: dict) -> dict:
     options.enable_gelu_approximation = level in ("O3", "O4")
     num_heads = int(config.get("num_attention_heads") or 0)
     hidden_size = int(config.get("hidden_size") or 0)
-    optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                               optimization_options=options, opt_level=1, use_gpu=False,
-                               only_onnxruntime=level == "O1")
+    optimized = optimize_model(
+        str(path),
+        model_type=model_type,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        optimization_options=options,
+        opt_level=1,
+        use_gpu=False,
+        only_onnxruntime=level == "O1",
+    )
     if level == "O4":
         optimized.convert_float_to_float16(keep_io_types=True)
         optimized.topological_sort()  # the boundary casts are appended at the end of the node list
     fused = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
     save(optimized.model, path)
-    return {"level": level, "fusion_model_type": model_type, "fused_operators": fused,
-            "float16": level == "O4"}
+    return {"level": level, "fusion_model_type": model_type, "fused_operators": fused, "float16": level == "O4"}
 
 
 def to_float16(path: Path) -> None:
@@ -217,8 +241,9 @@ def to_float16(path: Path) -> None:
     save(model.model, path)
 
 
-def quantize_weight_only(path: Path, method: str, block_size: int | None, algorithm: str = "rtn",
-                         accuracy_level: int | None = None) -> dict:
+def quantize_weight_only(
+    path: Path, method: str, block_size: int | None, algorithm: str = "rtn", accuracy_level: int | None = None
+) -> dict:
     """4-bit weight-only quantization of every MatMul with a constant weight: `int4` through onnxruntime's
     MatMulNBitsQuantizer (block-wise, asymmetric, RTN / HQQ / k-quant), `nf4` / `fp4` through MatMulBnb4Quantizer
     (bitsandbytes' 4-bit types, one absmax per block). Activations stay float32."""
@@ -226,19 +251,33 @@ def quantize_weight_only(path: Path, method: str, block_size: int | None, algori
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
         block = block_size or 32
-        configs = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
-                   "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
-                   "k_quant": lambda: nbits.KQuantWeightOnlyQuantConfig()}
-        quantizer = nbits.MatMulNBitsQuantizer(load(path), bits=4, block_size=block, is_symmetric=False,
-                                               accuracy_level=accuracy_level, algo_config=configs[algorithm]())
-        record = {"method": "int4", "operator": "MatMulNBits", "block_size": block, "algorithm": algorithm,
-                  "accuracy_level": accuracy_level}
+        configs = {
+            "rtn": lambda: nbits.RTNWeightOnlyQuantConfig(),
+            "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+            "k_quant": lambda: nbits.KQuantWeightOnlyQuantConfig(),
+        }
+        quantizer = nbits.MatMulNBitsQuantizer(
+            load(path),
+            bits=4,
+            block_size=block,
+            is_symmetric=False,
+            accuracy_level=accuracy_level,
+            algo_config=configs[algorithm](),
+        )
+        record = {
+            "method": "int4",
+            "operator": "MatMulNBits",
+            "block_size": block,
+            "algorithm": algorithm,
+            "accuracy_level": accuracy_level,
+        }
     else:
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
         block = block_size or 64
-        quantizer = MatMulBnb4Quantizer(load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else
-                                        MatMulBnb4Quantizer.FP4, block)
+        quantizer = MatMulBnb4Quantizer(
+            load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else MatMulBnb4Quantizer.FP4, block
+        )
         record = {"method": method, "operator": "MatMulBnb4", "block_size": block}
     quantizer.process()
     model = quantizer.model.model
@@ -262,8 +301,9 @@ def quantize_dynamic_int8(path: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize.") as tmp:
         output = Path(tmp) / MODEL_FILE
         large = path.with_name(EXTERNAL_DATA_FILE).exists()
-        quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=large)
+        quantize_dynamic(
+            str(path), str(output), weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=large
+        )
         model = load(output)
     save(model, path)
     return {"method": "dynamic-int8", "weight_type": "QInt8", "per_channel": True}

@@ -58,8 +58,10 @@ def quantize(ctx: BuildContext) -> None:
         model = model_class.from_pretrained(ctx.source_folder(), quantization_config=bnb_config(spec), **kwargs)
     layers = _quantized_layers(model)
     if not layers:
-        raise BuildError(f"{recipe.source.model} has no Linear layer that bitsandbytes quantized with these "
-                         "settings (all skipped or offloaded); check `quantize.skip_modules` and `load.device_map`")
+        raise BuildError(
+            f"{recipe.source.model} has no Linear layer that bitsandbytes quantized with these "
+            "settings (all skipped or offloaded); check `quantize.skip_modules` and `load.device_map`"
+        )
     _name_offloaded_layers(model, spec)
     with _stage(ctx, "save", "saving the quantized model"):
         model.save_pretrained(ctx.workdir)  # before any forward pass (CPU 4-bit repack pitfall)
@@ -97,8 +99,11 @@ def _quantized_layers(model) -> dict[str, int]:
     """Module name -> weight element count of each bitsandbytes Linear in `model`."""
     import bitsandbytes as bnb
 
-    return {name: module.in_features * module.out_features for name, module in model.named_modules()
-            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    return {
+        name: module.in_features * module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    }
 
 
 def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> QuantizedLayers:
@@ -113,8 +118,9 @@ def serialized_layer_sizes(layers: dict[str, int], folder: Path) -> QuantizedLay
         if match and match["module"] in layers:
             total += size
     parameters = sum(layers.values())
-    return QuantizedLayers(count=len(layers), parameters=parameters, bytes=total,
-                           bits_per_param=round(total * 8 / parameters, 4))
+    return QuantizedLayers(
+        count=len(layers), parameters=parameters, bytes=total, bits_per_param=round(total * 8 / parameters, 4)
+    )
 
 
 def source_footprint(ctx: BuildContext, model_class) -> int:
@@ -128,10 +134,13 @@ def source_footprint(ctx: BuildContext, model_class) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code
+    )
     with init_empty_weights():
-        empty = model_class.from_config(config, dtype=_source_dtype(ctx),
-                                        trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+        empty = model_class.from_config(
+            config, dtype=_source_dtype(ctx), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code
+        )
     return empty.get_memory_footprint()
 
 
@@ -152,7 +161,9 @@ def _save_preprocessor(ctx: BuildContext, folder: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        ctx.source_folder(), trust_remote_code=ctx.loaded.recipe.source.trust_remote_code
+    )
     tokenizer.save_pretrained(folder)
 
 
@@ -173,7 +184,8 @@ def _stage(ctx: BuildContext, name: str, doing: str) -> Iterator[None]:
         raise BuildError(
             f"disk full while {doing} into {ctx.workdir}: this build needs about "
             f"{_mib(ctx.plan.expected_artifact_bytes)} there and {_mib(free)} is free; free some space or pass "
-            "--out with a folder on a disk with room") from None
+            "--out with a folder on a disk with room"
+        ) from None
     finally:
         ctx.timings[name] = round(time.perf_counter() - start, 3)
 
@@ -182,11 +194,15 @@ def _out_of_memory(ctx: BuildContext, doing: str, error: BaseException) -> str:
     """Which stage ran out of memory where, and what to change in the recipe."""
     first = (str(error).splitlines() or [type(error).__name__])[0]
     if ctx.device.startswith("cuda"):
-        fix = ('offload part of the model: set `load.device_map: auto` with `load.max_memory` (e.g. {"0": "20GiB", '
-               '"cpu": "64GiB"}), or build with --device cpu')
+        fix = (
+            'offload part of the model: set `load.device_map: auto` with `load.max_memory` (e.g. {"0": "20GiB", '
+            '"cpu": "64GiB"}), or build with --device cpu'
+        )
     else:
-        fix = ("free host memory or build on a host with more; `load.device_map: auto` with `load.max_memory` (e.g. "
-               '{"cpu": "8GiB", "disk": "64GiB"}) offloads the rest to disk')
+        fix = (
+            "free host memory or build on a host with more; `load.device_map: auto` with `load.max_memory` (e.g. "
+            '{"cpu": "8GiB", "disk": "64GiB"}) offloads the rest to disk'
+        )
     return f"out of memory while {doing} {ctx.loaded.recipe.source.model} on {ctx.device} ({first}); {fix}"
 
 

@@ -31,20 +31,25 @@ _DIGEST_BYTES = 64  # hex sha256
 def cache_dir() -> Path:
     """Where reference entries go: $BUILDER_CACHE_DIR/references, else the XDG cache folder's builder/references."""
     root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "builder")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "builder"
+    )
     return Path(root) / "references"
 
 
-def reference_key(*, revision: str, dtype: str, device_kind: str, inputs: dict, task: str,
-                  max_new_tokens: int) -> str:
+def reference_key(*, revision: str, dtype: str, device_kind: str, inputs: dict, task: str, max_new_tokens: int) -> str:
     """sha256 of everything a reference run's outputs depend on."""
     from importlib import metadata
 
-
-    fields = {"source": revision, "dtype": dtype, "device": device_kind, "inputs": inputs_sha256(inputs),
-              "code": hashlib.sha256(Path(metrics.__file__).read_bytes()).hexdigest(), "task": task,
-              "max_new_tokens": max_new_tokens,
-              "versions": {name: metadata.version(name) for name in ("torch", "transformers")}}
+    fields = {
+        "source": revision,
+        "dtype": dtype,
+        "device": device_kind,
+        "inputs": inputs_sha256(inputs),
+        "code": hashlib.sha256(Path(metrics.__file__).read_bytes()).hexdigest(),
+        "task": task,
+        "max_new_tokens": max_new_tokens,
+        "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -64,12 +69,13 @@ def inputs_sha256(inputs) -> str:
         else:
             digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
             digest.update(value.contiguous().numpy().tobytes())
+
     feed(inputs)
     return digest.hexdigest()
 
 
 def device_kind(device: str) -> str:
-    """"cpu", or the GPU's model name: outputs differ between kinds of device, not between two GPUs of a kind."""
+    """ "cpu", or the GPU's model name: outputs differ between kinds of device, not between two GPUs of a kind."""
     if not device.startswith("cuda"):
         return "cpu"
     import torch
@@ -88,8 +94,10 @@ def load(key: str) -> dict | None:
         return None
     head = len(_MAGIC) + _DIGEST_BYTES + 1
     payload = memoryview(data)[head:]
-    if data[:len(_MAGIC)] != _MAGIC or data[len(_MAGIC):head - 1].decode("ascii", "replace") != \
-            hashlib.sha256(payload).hexdigest():
+    if (
+        data[: len(_MAGIC)] != _MAGIC
+        or data[len(_MAGIC) : head - 1].decode("ascii", "replace") != hashlib.sha256(payload).hexdigest()
+    ):
         _discard(path)
         return None
     try:

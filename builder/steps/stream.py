@@ -33,11 +33,11 @@ MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 class _Plan:
     """What the streaming build writes: per output key, where it comes from and how."""
 
-    model: Any                      # the meta model, after transformers' quantizer swapped its modules
-    dtype: torch.dtype            # the load dtype (what from_pretrained casts the checkpoint to)
-    sources: dict                   # checkpoint key -> stream_io.SourceTensor
-    keys: list[str]                 # the keys save_pretrained writes, in state_dict order
-    quantized: dict[str, Any]       # weight key -> its bitsandbytes module (Linear4bit / Linear8bitLt)
+    model: Any  # the meta model, after transformers' quantizer swapped its modules
+    dtype: torch.dtype  # the load dtype (what from_pretrained casts the checkpoint to)
+    sources: dict  # checkpoint key -> stream_io.SourceTensor
+    keys: list[str]  # the keys save_pretrained writes, in state_dict order
+    quantized: dict[str, Any]  # weight key -> its bitsandbytes module (Linear4bit / Linear8bitLt)
     params: dict[str, torch.Tensor]  # key -> the meta tensor (its dtype is the saved dtype)
 
 
@@ -116,8 +116,9 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     try:
         with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
             model = cls(config)
-            quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
-                                       use_kernels=False)
+            quantizer.preprocess_model(
+                model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
+            )
     finally:
         torch.set_default_dtype(previous)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
@@ -178,11 +179,14 @@ def nothing_quantized(model: Any) -> str:
     torch.nn.Linear subclass, which its bitsandbytes integration does not convert (`type(module) is nn.Linear`)."""
     import torch
 
-    subclasses = sorted({type(m).__name__ for m in model.modules()
-                         if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear})
+    subclasses = sorted(
+        {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear}
+    )
     if subclasses:
-        return (f"{NOTHING_QUANTIZED}: {type(model).__name__}'s linear layers are {', '.join(subclasses)}, a "
-                "subclass of torch.nn.Linear that transformers' bitsandbytes integration does not convert")
+        return (
+            f"{NOTHING_QUANTIZED}: {type(model).__name__}'s linear layers are {', '.join(subclasses)}, a "
+            "subclass of torch.nn.Linear that transformers' bitsandbytes integration does not convert"
+        )
     return f"{NOTHING_QUANTIZED} with these settings (all skipped); check `quantize.skip_modules`"
 
 
@@ -198,7 +202,7 @@ def _dropped_on_load(model: Any, state: dict, ignored: set[str]):
     return lambda key: key in buffers or key in ignored or any(p.search(key) for p in patterns)
 
 
-def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
+def _load_dtype(dtype: str, config: Any, sources: dict) -> torch.dtype:
     """from_pretrained's `dtype` rule: a named dtype, or for `auto` the config's, else the first floating
     checkpoint tensor's."""
     import torch
@@ -211,8 +215,9 @@ def _load_dtype(dtype: str, config: Any, sources: dict) -> "torch.dtype":
     return next((s.dtype for s in sources.values() if s.dtype.is_floating_point), torch.get_default_dtype())
 
 
-def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *,
-                 max_shard_size: int = MAX_SHARD_SIZE) -> dict:
+def stream_build(
+    recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *, max_shard_size: int = MAX_SHARD_SIZE
+) -> dict:
     """Quantize `source_dir` per `recipe` into `workdir` on `device`, tensor by tensor; returns counts and sizes.
     Raises `BuildError` when the build cannot be streamed (see `streamable`)."""
     import torch
@@ -237,12 +242,17 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
         torch_device = torch.device("cuda", torch.cuda.current_device())
     largest = max((plan.sources[k].nbytes for k in plan.quantized), default=1)
     on_cuda = torch_device.type == "cuda"
-    engine = Engine(torch_device, largest, buffers=6 if on_cuda else 3, readers=4 if on_cuda else 2,
-                    workers=2, writers=4 if on_cuda else 2)
+    engine = Engine(
+        torch_device,
+        largest,
+        buffers=6 if on_cuda else 3,
+        readers=4 if on_cuda else 2,
+        workers=2,
+        writers=4 if on_cuda else 2,
+    )
     try:
         try:
-            order = sorted(plan.keys, key=lambda k: (k in plan.quantized, plan.sources[k].file,
-                                                     plan.sources[k].offset))
+            order = sorted(plan.keys, key=lambda k: (k in plan.quantized, plan.sources[k].file, plan.sources[k].offset))
             for key in order:
                 source, writer = plan.sources[key], shard_of[key]
                 if key in plan.quantized:
@@ -265,11 +275,16 @@ def stream_build(recipe: Recipe, source_dir: Path, workdir: Path, device: str = 
     timings = {"plan": planned - started, "tensors": streamed - planned, "configs": time.perf_counter() - streamed}
     state = set(plan.model.state_dict(keep_vars=True))
     footprint = sum(outputs[key][0].nbytes for key in plan.keys) + sum(
-        b.numel() * b.element_size() for name, b in plan.model.named_buffers() if name not in state)
-    return {"tensors": sum(len(o) for o in outputs.values()), "shards": len(shards), "weights_bytes": sum(sizes),
-            "timings": {name: round(seconds, 3) for name, seconds in timings.items()},
-            "memory_footprint": footprint,  # what get_memory_footprint() says of the loaded quantized model
-            "layers": {key.removesuffix(".weight"): plan.params[key].numel() for key in plan.quantized}}
+        b.numel() * b.element_size() for name, b in plan.model.named_buffers() if name not in state
+    )
+    return {
+        "tensors": sum(len(o) for o in outputs.values()),
+        "shards": len(shards),
+        "weights_bytes": sum(sizes),
+        "timings": {name: round(seconds, 3) for name, seconds in timings.items()},
+        "memory_footprint": footprint,  # what get_memory_footprint() says of the loaded quantized model
+        "layers": {key.removesuffix(".weight"): plan.params[key].numel() for key in plan.quantized},
+    }
 
 
 def _outputs(plan: _Plan, key: str) -> list:
@@ -290,17 +305,24 @@ def _outputs(plan: _Plan, key: str) -> list:
         storage = weight.quant_storage
         result = [OutTensor(key, storage, ((n + 1) // (storage.itemsize * 2), 1))]
         if weight.compress_statistics:
-            result += [OutTensor(f"{key}.absmax", torch.uint8, (blocks,)),
-                       OutTensor(f"{key}.quant_map", torch.float32, (16,)),
-                       OutTensor(f"{key}.nested_absmax", torch.float32, (-(blocks // -256),)),
-                       OutTensor(f"{key}.nested_quant_map", torch.float32, (256,))]
+            result += [
+                OutTensor(f"{key}.absmax", torch.uint8, (blocks,)),
+                OutTensor(f"{key}.quant_map", torch.float32, (16,)),
+                OutTensor(f"{key}.nested_absmax", torch.float32, (-(blocks // -256),)),
+                OutTensor(f"{key}.nested_quant_map", torch.float32, (256,)),
+            ]
         else:
-            result += [OutTensor(f"{key}.absmax", torch.float32, (blocks,)),
-                       OutTensor(f"{key}.quant_map", torch.float32, (16,))]
+            result += [
+                OutTensor(f"{key}.absmax", torch.float32, (blocks,)),
+                OutTensor(f"{key}.quant_map", torch.float32, (16,)),
+            ]
         return result + [OutTensor(f"{key}.quant_state.bitsandbytes__{weight.quant_type}", torch.uint8, None)]
     rows = param.shape[0]
-    return [OutTensor(key, torch.int8, tuple(param.shape)), OutTensor(f"{prefix}SCB", torch.float32, (rows,)),
-            OutTensor(f"{prefix}weight_format", torch.uint8, ())]
+    return [
+        OutTensor(key, torch.int8, tuple(param.shape)),
+        OutTensor(f"{prefix}SCB", torch.float32, (rows,)),
+        OutTensor(f"{prefix}weight_format", torch.uint8, ()),
+    ]
 
 
 def _quantize_fn(plan: _Plan, key: str):
@@ -316,17 +338,22 @@ def _quantize_fn(plan: _Plan, key: str):
 
         def quantize_4bit(tensor: torch.Tensor) -> dict:
             packed, state = bnb.functional.quantize_4bit(
-                tensor.to(dtype).contiguous(), blocksize=weight.blocksize,
-                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-                quant_storage=weight.quant_storage)
+                tensor.to(dtype).contiguous(),
+                blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics,
+                quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage,
+            )
             result = {key: packed}
             result.update({f"{key}.{name}": value for name, value in state.as_dict(packed=True).items()})
             return result
+
         return quantize_4bit
 
     def quantize_8bit(tensor: torch.Tensor) -> dict:
         scaled, scales, _ = bnb.functional.int8_vectorwise_quant(tensor.to(dtype).contiguous().to(torch.float16))
         return {key: scaled, f"{prefix}SCB": scales, f"{prefix}weight_format": torch.tensor(0, dtype=torch.uint8)}
+
     return quantize_8bit
 
 
@@ -334,6 +361,7 @@ def _write_all(writer):
     def write(tensors: dict) -> None:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
+
     return write
 
 
@@ -362,10 +390,13 @@ def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> Non
     written = read_source_tensors(workdir / filename for filename, _ in shards)
     weight_map = {name: tensor.file.name for name, tensor in written.items()}
     parameters = sum(o.nbytes // o.dtype.itemsize for k in plan.keys for o in outputs[k][:1])
-    index = {"metadata": {"total_parameters": parameters, "total_size": sum(t.nbytes for t in written.values())},
-             "weight_map": weight_map}
-    (workdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
-                                                           encoding="utf-8")
+    index = {
+        "metadata": {"total_parameters": parameters, "total_size": sum(t.nbytes for t in written.values())},
+        "weight_map": weight_map,
+    }
+    (workdir / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
@@ -382,8 +413,9 @@ def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
         if (source_dir / "generation_config.json").is_file():
             generation = GenerationConfig.from_pretrained(source_dir)
         else:
-            generation = GenerationConfig.from_pretrained(source_dir, config_file_name="config.json",
-                                                          _from_model_config=True)
+            generation = GenerationConfig.from_pretrained(
+                source_dir, config_file_name="config.json", _from_model_config=True
+            )
         generation.save_pretrained(workdir)
     if has_tokenizer(source_dir):  # saved beside the weights, as the transformers path does
         from transformers import AutoTokenizer

@@ -30,10 +30,21 @@ from builder.checkpoint import read_header
 from builder.errors import BuildError
 
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 ST_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in ST_DTYPES.items()}
 _MAX_NUMBER = 10**15  # wider than any offset or length written; reserves header room for unknown sizes
@@ -57,8 +68,10 @@ def read_source_tensors(files: Iterable[Path]) -> dict[str, SourceTensor]:
     for file in files:
         for info in read_header(file):
             if info.dtype not in ST_DTYPES:
-                raise BuildError(f"{file.name}: tensor {info.name} has dtype {info.dtype}, which the streaming "
-                                 f"quantizer cannot read (it reads {', '.join(ST_DTYPES)})")
+                raise BuildError(
+                    f"{file.name}: tensor {info.name} has dtype {info.dtype}, which the streaming "
+                    f"quantizer cannot read (it reads {', '.join(ST_DTYPES)})"
+                )
             assert info.offset is not None  # local files always have one
             tensors[info.name] = SourceTensor(file, info.offset, info.nbytes, ST_DTYPES[info.dtype], info.shape)
     return tensors
@@ -92,8 +105,11 @@ class ShardWriter:
         cursor = 0
         for tensor in fixed:
             self._offsets[tensor.name] = cursor
-            self._entries[tensor.name] = {"dtype": ST_NAMES[tensor.dtype], "shape": list(tensor.shape or ()),
-                                          "data_offsets": [cursor, cursor + tensor.nbytes]}
+            self._entries[tensor.name] = {
+                "dtype": ST_NAMES[tensor.dtype],
+                "shape": list(tensor.shape or ()),
+                "data_offsets": [cursor, cursor + tensor.nbytes],
+            }
             cursor += tensor.nbytes
         self._late = [t for t in tensors if t.shape is None]
         if any(t.dtype.itemsize != 1 for t in self._late):
@@ -103,8 +119,11 @@ class ShardWriter:
         self._lock = threading.Lock()
         placeholder = dict(self._entries)
         for tensor in self._late:
-            placeholder[tensor.name] = {"dtype": ST_NAMES[tensor.dtype], "shape": [_MAX_NUMBER],
-                                        "data_offsets": [_MAX_NUMBER, _MAX_NUMBER]}
+            placeholder[tensor.name] = {
+                "dtype": ST_NAMES[tensor.dtype],
+                "shape": [_MAX_NUMBER],
+                "data_offsets": [_MAX_NUMBER, _MAX_NUMBER],
+            }
         reserved = len(self._header_bytes(placeholder))
         self._data_start = 8 + reserved + (-reserved % 8)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -136,8 +155,9 @@ class ShardWriter:
         with open(source.file, "rb") as handle:
             done = 0
             while done < source.nbytes:
-                moved = os.copy_file_range(handle.fileno(), self.fd, source.nbytes - done, source.offset + done,
-                                           offset + done)
+                moved = os.copy_file_range(
+                    handle.fileno(), self.fd, source.nbytes - done, source.offset + done, offset + done
+                )
                 if moved == 0:
                     raise OSError(f"{source.file}: unexpected end of file")
                 done += moved
@@ -149,8 +169,11 @@ class ShardWriter:
             raise ValueError(f"{self.path.name}: never written: {', '.join(missing[:5])}")
         for name in sorted(self._late_data):
             data = self._late_data[name]
-            self._entries[name] = {"dtype": "U8", "shape": [len(data)],
-                                   "data_offsets": [self._cursor, self._cursor + len(data)]}
+            self._entries[name] = {
+                "dtype": "U8",
+                "shape": [len(data)],
+                "data_offsets": [self._cursor, self._cursor + len(data)],
+            }
             _pwrite_all(self.fd, memoryview(data), self._data_start + self._cursor)
             self._cursor += len(data)
         header = self._header_bytes(self._entries)
@@ -226,8 +249,7 @@ class Engine:
         for _ in range(self.buffers):
             self._pool.put(torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=pin))
         self._read = ThreadPoolExecutor(self.readers, thread_name_prefix="stream-read")
-        self._work = ThreadPoolExecutor(self.workers, thread_name_prefix="stream-work",
-                                        initializer=self._init_worker)
+        self._work = ThreadPoolExecutor(self.workers, thread_name_prefix="stream-work", initializer=self._init_worker)
         self._write = ThreadPoolExecutor(self.writers, thread_name_prefix="stream-write")
         self._budget = ByteBudget(self.write_budget)
         self._futures: list[Future] = []
@@ -244,13 +266,19 @@ class Engine:
 
     def convert(self, writer: ShardWriter, name: str, source: SourceTensor, dtype: torch.dtype) -> None:
         """Queue a copy cast to `dtype` on the host."""
+
         def task() -> None:
             host = torch.empty(source.nbytes, dtype=torch.uint8)
             writer.write(name, read_into(source, host).to(dtype))
+
         self._futures.append(self._write.submit(task))
 
-    def quantize(self, source: SourceTensor, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-                 outputs: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    def quantize(
+        self,
+        source: SourceTensor,
+        fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        outputs: Callable[[dict[str, torch.Tensor]], None],
+    ) -> None:
         """Queue: read into a pooled buffer, `fn(tensor on device) -> {name: tensor}`, hand the host copies to
         `outputs` (on a writer thread). Blocks while every buffer is in use."""
         buffer = self._pool.get()
@@ -271,7 +299,9 @@ class Engine:
                     outputs(on_host)
                 finally:
                     self._budget.release(size)
+
             self._futures.append(self._write.submit(write))
+
         self._futures.append(self._work.submit(work))
 
     def wait(self) -> None:

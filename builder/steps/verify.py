@@ -79,8 +79,10 @@ def default_thresholds(recipe: Recipe, task: str, source_dir: Path | None = None
         case Bnb8Bit():
             scheme = "int8"
         case _:
-            raise BuildError(f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
-                             "by builder.steps.verify_onnx")
+            raise BuildError(
+                f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
+                "by builder.steps.verify_onnx"
+            )
     table = _LM_DEFAULTS if task == "text-generation" else _ENCODER_DEFAULTS
     return dict(table[scheme]) | {"footprint_ratio": footprint_default(recipe, source_dir)}
 
@@ -89,7 +91,6 @@ def footprint_default(recipe: Recipe, source_dir: Path | None) -> float:
     """`plan.footprint_threshold` of the ratio the plan expects: which tensors get quantized at which bits and
     which stay in the load dtype (a model that is mostly embeddings barely shrinks, and passes)."""
     import json
-
 
     expected = None
     if source_dir is not None and (Path(source_dir) / "config.json").is_file():
@@ -121,8 +122,15 @@ def verify(ctx: BuildContext) -> None:
         assert ctx.onnx is not None  # set by export
         report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
     else:
-        report = run_checks(recipe, ctx.task, ctx.source_dir, ctx.workdir, ctx.device,
-                            reference=ctx.reference or start_reference(ctx), max_device_memory=ctx.max_gpu_memory)
+        report = run_checks(
+            recipe,
+            ctx.task,
+            ctx.source_dir,
+            ctx.workdir,
+            ctx.device,
+            reference=ctx.reference or start_reference(ctx),
+            max_device_memory=ctx.max_gpu_memory,
+        )
     write_report(ctx.workdir, report)
     ctx.verification = report
     if not report["passed"]:
@@ -132,34 +140,63 @@ def verify(ctx: BuildContext) -> None:
 def start_reference(ctx: BuildContext) -> ReferenceRun:
     """The build's reference run, started now (the pipeline starts it with the quantize step, so it overlaps it)."""
     assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
-    return ReferenceRun(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device, revision=ctx.plan.source.revision,
-                        use_cache=ctx.use_cache, max_device_memory=ctx.max_gpu_memory)
+    return ReferenceRun(
+        ctx.loaded.recipe,
+        ctx.task,
+        ctx.source_dir,
+        ctx.device,
+        revision=ctx.plan.source.revision,
+        use_cache=ctx.use_cache,
+        max_device_memory=ctx.max_gpu_memory,
+    )
 
 
 class ReferenceRun:
     """The source model's outputs on the evaluation inputs: from the reference cache (`builder.steps.references`)
     when it holds them and `use_cache`, else computed by a worker process started here and stored when it ends."""
 
-    def __init__(self, recipe: Recipe, task: str, source_dir: Path, device: str, *, revision: str | None = None,
-                 use_cache: bool = True, max_device_memory: int | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        task: str,
+        source_dir: Path,
+        device: str,
+        *,
+        revision: str | None = None,
+        use_cache: bool = True,
+        max_device_memory: int | None = None,
+    ):
         from transformers import AutoConfig
-
 
         self.started = time.perf_counter()
         self.label = f"{recipe.name}: verify: reference"
         self.dtype = reference_dtype(recipe.source.dtype, AutoConfig.from_pretrained(source_dir), device)
         self.inputs = tokenize_inputs(source_dir, task, recipe.verify.prompts)
         revision = revision or f"sha256:{folder_digest(Path(source_dir))}"
-        self.key = references.reference_key(revision=revision, dtype=self.dtype, device_kind=references.device_kind(
-            device), inputs=self.inputs, task=task, max_new_tokens=recipe.verify.max_new_tokens)
+        self.key = references.reference_key(
+            revision=revision,
+            dtype=self.dtype,
+            device_kind=references.device_kind(device),
+            inputs=self.inputs,
+            task=task,
+            max_new_tokens=recipe.verify.max_new_tokens,
+        )
         self.outputs = references.load(self.key) if use_cache else None
         self.cached = self.outputs is not None
         self.worker = None
         if self.cached:
             say(f"{self.label}: reused from the cache ({references.cache_dir()})")
         else:
-            self.worker = _Worker(source_dir, task, self.dtype, device, self.inputs, recipe.verify.max_new_tokens,
-                                  max_device_memory, self.label)
+            self.worker = _Worker(
+                source_dir,
+                task,
+                self.dtype,
+                device,
+                self.inputs,
+                recipe.verify.max_new_tokens,
+                max_device_memory,
+                self.label,
+            )
 
     def result(self) -> dict:
         """The outputs (waiting for the worker); raises `BuildError` when the source does not run."""
@@ -169,8 +206,10 @@ class ReferenceRun:
             try:
                 self.outputs = self.worker.result()
             except _WorkerFailed as error:
-                raise BuildError(f"the source model does not load and run to compute the reference outputs "
-                                 f"(exit {error.returncode}): {error.tail}") from None
+                raise BuildError(
+                    f"the source model does not load and run to compute the reference outputs "
+                    f"(exit {error.returncode}): {error.tail}"
+                ) from None
             references.store(self.key, self.outputs)
         self.seconds = time.perf_counter() - self.started
         return self.outputs
@@ -180,27 +219,59 @@ class ReferenceRun:
             self.worker.cancel()
 
 
-def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, device: str, *,
-               reference: ReferenceRun | None = None, revision: str | None = None, use_cache: bool = True,
-               max_device_memory: int | None = None) -> dict:
+def run_checks(
+    recipe: Recipe,
+    task: str,
+    source_dir: Path,
+    artifact_dir: Path,
+    device: str,
+    *,
+    reference: ReferenceRun | None = None,
+    revision: str | None = None,
+    use_cache: bool = True,
+    max_device_memory: int | None = None,
+) -> dict:
     """Reference (source; cached, or in a worker process) vs candidate (artifact, fresh process): the verification
     report. `reference` is a run already started for this check; `max_device_memory` caps each run's device
     memory, and a model whose weights pass it runs block by block."""
     started = time.perf_counter()
     thresholds = thresholds_for(recipe, task, source_dir)
     if reference is None:
-        reference = ReferenceRun(recipe, task, source_dir, device, revision=revision, use_cache=use_cache,
-                                 max_device_memory=max_device_memory)
+        reference = ReferenceRun(
+            recipe,
+            task,
+            source_dir,
+            device,
+            revision=revision,
+            use_cache=use_cache,
+            max_device_memory=max_device_memory,
+        )
     try:
         outputs = reference.result()
     finally:
         reference.cancel()
     dtype, inputs = reference.dtype, reference.inputs
-    report: dict[str, Any] = {"passed": False, "task": task, "device": device, "provider": None, "metrics": {},
-              "thresholds": thresholds, "failures": [], "performance": {}}
+    report: dict[str, Any] = {
+        "passed": False,
+        "task": task,
+        "device": device,
+        "provider": None,
+        "metrics": {},
+        "thresholds": thresholds,
+        "failures": [],
+        "performance": {},
+    }
     try:
-        candidate = run_candidate(artifact_dir, task, dtype, device, inputs, recipe.verify.max_new_tokens,
-                                  max_device_memory=max_device_memory, label=f"{recipe.name}: verify: candidate")
+        candidate = run_candidate(
+            artifact_dir,
+            task,
+            dtype,
+            device,
+            inputs,
+            recipe.verify.max_new_tokens,
+            max_device_memory=max_device_memory,
+            label=f"{recipe.name}: verify: candidate",
+        )
     except VerificationFailed as error:
         report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": str(error)}]
         return report
@@ -213,8 +284,13 @@ def run_checks(recipe: Recipe, task: str, source_dir: Path, artifact_dir: Path, 
     report["performance"] = _performance(outputs, candidate)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)
     report["performance"]["reference_seconds"] = round(reference.seconds, 2)
-    report["reference"] = {"model": "source", "dtype": dtype, "cached": reference.cached, "key": reference.key,
-                           **_execution(outputs)}
+    report["reference"] = {
+        "model": "source",
+        "dtype": dtype,
+        "cached": reference.cached,
+        "key": reference.key,
+        **_execution(outputs),
+    }
     report["candidate"] = _execution(candidate)
     report["inputs"] = _describe_inputs(inputs, task, recipe, details)
     return report
@@ -241,17 +317,29 @@ def reference_dtype(dtype: str, config, device: str) -> str:
     return dtype
 
 
-def run_candidate(artifact_dir: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int, *,
-                  max_device_memory: int | None = None, label: str = "verify: candidate") -> dict:
+def run_candidate(
+    artifact_dir: Path,
+    task: str,
+    dtype: str,
+    device: str,
+    inputs: dict,
+    max_new_tokens: int,
+    *,
+    max_device_memory: int | None = None,
+    label: str = "verify: candidate",
+) -> dict:
     """Probe the artifact with stock transformers in a fresh Python process; raises `VerificationFailed` when it
     does not load or run there."""
-    worker = _Worker(artifact_dir, task, dtype, device, inputs, max_new_tokens, max_device_memory, label,
-                     foreground=True)
+    worker = _Worker(
+        artifact_dir, task, dtype, device, inputs, max_new_tokens, max_device_memory, label, foreground=True
+    )
     try:
         return worker.result()
     except _WorkerFailed as error:
-        raise VerificationFailed(f"the artifact does not load and run with stock transformers in a fresh process "
-                                 f"(exit {error.returncode}): {error.tail}") from None
+        raise VerificationFailed(
+            f"the artifact does not load and run with stock transformers in a fresh process "
+            f"(exit {error.returncode}): {error.tail}"
+        ) from None
     finally:
         worker.cancel()
 
@@ -266,20 +354,45 @@ class _Worker:
     """One `python -m builder.steps.metrics` process on a model folder. Its stage lines become status lines with
     their duration (and, in the `foreground`, progress bars on a terminal); `result` waits for its outputs."""
 
-    def __init__(self, folder: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int,
-                 max_device_memory: int | None, label: str, foreground: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        task: str,
+        dtype: str,
+        device: str,
+        inputs: dict,
+        max_new_tokens: int,
+        max_device_memory: int | None,
+        label: str,
+        foreground: bool = False,
+    ):
         import torch
 
         self.label, self.foreground = label, foreground
         self._tmp = tempfile.TemporaryDirectory(prefix="builder-verify-")
         spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
-        torch.save({"folder": str(folder), "task": task, "dtype": dtype, "device": device, "inputs": inputs,
-                    "max_new_tokens": max_new_tokens, "max_device_memory": max_device_memory}, spec)
+        torch.save(
+            {
+                "folder": str(folder),
+                "task": task,
+                "dtype": dtype,
+                "device": device,
+                "inputs": inputs,
+                "max_new_tokens": max_new_tokens,
+                "max_device_memory": max_device_memory,
+            },
+            spec,
+        )
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        self._process = subprocess.Popen([sys.executable, "-m", "builder.steps.metrics", str(spec), str(self._out)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         text=True, env=env)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "builder.steps.metrics", str(spec), str(self._out)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self._tail: collections.deque[str] = collections.deque(maxlen=3)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -292,7 +405,7 @@ class _Worker:
                 if line.strip():
                     self._tail.append(line.strip())
                 continue
-            event = json.loads(line[len(probes.PROGRESS):])
+            event = json.loads(line[len(probes.PROGRESS) :])
             stage = event["stage"]
             if "seconds" in event:
                 if stage in bars:
@@ -331,14 +444,16 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
     try:
         tokenizer = AutoTokenizer.from_pretrained(source_dir)
     except (OSError, ValueError) as error:
-        raise BuildError(f"cannot load the tokenizer of {source_dir} to verify the artifact ({error}); the source "
-                         "folder needs its tokenizer files") from None
+        raise BuildError(
+            f"cannot load the tokenizer of {source_dir} to verify the artifact ({error}); the source "
+            "folder needs its tokenizer files"
+        ) from None
     text = eval_text()
     if task == "text-generation":
         ids = tokenizer(text, return_tensors="pt").input_ids
-        latency_ids = ids[:, :probes.LATENCY_TOKENS]
+        latency_ids = ids[:, : probes.LATENCY_TOKENS]
         ids = ids[:, :EVAL_TOKENS]
-        chunks = [ids[:, i:i + CHUNK_TOKENS] for i in range(0, ids.shape[1], CHUNK_TOKENS)]
+        chunks = [ids[:, i : i + CHUNK_TOKENS] for i in range(0, ids.shape[1], CHUNK_TOKENS)]
         chunks = [chunk for chunk in chunks if chunk.shape[1] > 1]
         prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts or default_prompts()]
         return {"eval_chunks": chunks, "prompts": prompt_ids, "latency_ids": latency_ids}
@@ -363,16 +478,19 @@ def _performance(reference: dict, candidate: dict) -> dict:
 def _describe_inputs(inputs: dict, task: str, recipe: Recipe, details: dict) -> dict:
     described = {"eval_text_sha256": hashlib.sha256(eval_text().encode("utf-8")).hexdigest(), **details}
     if task == "text-generation":
-        described |= {"eval_tokens": sum(c.shape[1] for c in inputs["eval_chunks"]), "chunk_tokens": CHUNK_TOKENS,
-                      "prompts": list(recipe.verify.prompts) or default_prompts(),
-                      "max_new_tokens": recipe.verify.max_new_tokens}
+        described |= {
+            "eval_tokens": sum(c.shape[1] for c in inputs["eval_chunks"]),
+            "chunk_tokens": CHUNK_TOKENS,
+            "prompts": list(recipe.verify.prompts) or default_prompts(),
+            "max_new_tokens": recipe.verify.max_new_tokens,
+        }
     else:
-        described |= {"sentences": int(inputs["sentences"]["input_ids"].shape[0]),
-                      "prompts": list(recipe.verify.prompts)}
+        described |= {
+            "sentences": int(inputs["sentences"]["input_ids"].shape[0]),
+            "prompts": list(recipe.verify.prompts),
+        }
     return described
 
 
 def _rounded(value):
     return round(value, 6) if isinstance(value, float) else value
-
-

@@ -29,8 +29,13 @@ from builder.steps.gate import (
 # are `verify.thresholds` keys (builder.steps.gate.GATES names the metric each bounds) plus `generation_match`,
 # the share of prompts whose greedy continuation equals PyTorch's (a minimum; float32 graphs only).
 _THRESHOLDS = {
-    ("float32", "none"): {"max_abs_diff": 2e-2, "cosine": 0.9999, "top1_agreement": 0.99, "kl_divergence": 1e-4,
-                          "generation_match": 1.0},
+    ("float32", "none"): {
+        "max_abs_diff": 2e-2,
+        "cosine": 0.9999,
+        "top1_agreement": 0.99,
+        "kl_divergence": 1e-4,
+        "generation_match": 1.0,
+    },
     ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
     ("float32", "dynamic-int8"): {"cosine": 0.97, "top1_agreement": 0.8, "kl_divergence": 0.2},
     ("float32", "int4"): {"cosine": 0.97, "top1_agreement": 0.5, "kl_divergence": 1.0},
@@ -54,8 +59,12 @@ def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
     """The defaults overridden by `verify.thresholds`; refuses a threshold that has no ONNX metric for `task`."""
     assert recipe.export is not None
     applicable = [k for k in _GATED.get(task, _CLASSIFIER_GATED) if k != "generation_match"]
-    return with_overrides(default_thresholds(task, recipe.export.dtype, recipe.export.quantize), recipe, applicable,
-                          f"an ONNX export of a {task} model")
+    return with_overrides(
+        default_thresholds(task, recipe.export.dtype, recipe.export.quantize),
+        recipe,
+        applicable,
+        f"an ONNX export of a {task} model",
+    )
 
 
 def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path, device: str) -> dict:
@@ -71,25 +80,55 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
     else:
         prompts = list(recipe.verify.prompts) + eval_sentences(ENCODER_SENTENCES)
     started = time.perf_counter()
-    result = onnx_metrics(model_dir, source_dir, task=task, provider=placed["verified_on"],
-                          prompts=prompts, max_new_tokens=recipe.verify.max_new_tokens, device=device)
+    result = onnx_metrics(
+        model_dir,
+        source_dir,
+        task=task,
+        provider=placed["verified_on"],
+        prompts=prompts,
+        max_new_tokens=recipe.verify.max_new_tokens,
+        device=device,
+    )
     metrics = result["metrics"]
     failures = gate(metrics, {k: v for k, v in thresholds.items() if k != "generation_match"})
     if "generation_match" in thresholds and metrics["generation_match"] < thresholds["generation_match"]:
         value, bound = metrics["generation_match"], thresholds["generation_match"]
-        failures.append({"metric": "generation_match", "value": value, "threshold": bound,
-                         "message": f"generation_match {value:.3f} < {bound:.3f} (missed by {bound - value:.3f}): "
-                                    "greedy generation through the graph differs from PyTorch generate"})
+        failures.append(
+            {
+                "metric": "generation_match",
+                "value": value,
+                "threshold": bound,
+                "message": f"generation_match {value:.3f} < {bound:.3f} (missed by {bound - value:.3f}): "
+                "greedy generation through the graph differs from PyTorch generate",
+            }
+        )
     performance = result["performance"] | {"verification_seconds": round(time.perf_counter() - started, 2)}
-    return {"passed": not failures, "task": task, "device": device, "provider": placed["verified_on"],
-            "target_provider": placed["provider"], "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
-            "thresholds": thresholds, "failures": failures, "performance": performance,
-            "outputs": result["outputs"], "reference": {"model": "source", "dtype": "float32"},
-            "inputs": {"prompts": prompts, "max_new_tokens": recipe.verify.max_new_tokens}}
+    return {
+        "passed": not failures,
+        "task": task,
+        "device": device,
+        "provider": placed["verified_on"],
+        "target_provider": placed["provider"],
+        "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
+        "thresholds": thresholds,
+        "failures": failures,
+        "performance": performance,
+        "outputs": result["outputs"],
+        "reference": {"model": "source", "dtype": "float32"},
+        "inputs": {"prompts": prompts, "max_new_tokens": recipe.verify.max_new_tokens},
+    }
 
 
-def onnx_metrics(model_dir: Path, source_dir: Path, *, task: str, provider: str, prompts: Sequence[str] = (),
-                 max_new_tokens: int = 16, device: str = "cpu") -> dict:
+def onnx_metrics(
+    model_dir: Path,
+    source_dir: Path,
+    *,
+    task: str,
+    provider: str,
+    prompts: Sequence[str] = (),
+    max_new_tokens: int = 16,
+    device: str = "cpu",
+) -> dict:
     """Compare the ONNX graph in `model_dir` (run on `provider`) with the PyTorch source in `source_dir`.
 
     Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "provider": provider}`:
@@ -132,8 +171,9 @@ def _encoder_metrics(session, reference, tokenizer, prompts: Sequence[str], task
     batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
     feed = _encoder_feed(session, batch)
     onnx_out = session.run(None, feed)
-    kwargs = {k: v.to(reference.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                            "token_type_ids")}
+    kwargs = {
+        k: v.to(reference.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
     torch_out = reference(**kwargs)
     mask = batch["attention_mask"].numpy().astype(bool)
     outputs, metrics = {}, {}
@@ -222,7 +262,7 @@ class _OnnxDecoder:
             if self.past_names:
                 past = {name: out[name.replace("past_key_values.", "present.")] for name in self.past_names}
                 step_input = [token]
-        return tokens[len(ids):]
+        return tokens[len(ids) :]
 
 
 def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> dict:
@@ -237,9 +277,14 @@ def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_
     matches, agree, total, kls = 0, 0, 0, []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        generated = reference.generate(ids.to(reference.device), attention_mask=torch.ones_like(ids).to(
-            reference.device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
-        torch_tokens = generated[0, ids.shape[1]:].tolist()
+        generated = reference.generate(
+            ids.to(reference.device),
+            attention_mask=torch.ones_like(ids).to(reference.device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+        )
+        torch_tokens = generated[0, ids.shape[1] :].tolist()
         matches += decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens
         sequence = generated[0].cpu()
         torch_out = reference(sequence[None].to(reference.device), use_cache=bool(decoder.past_names))
@@ -257,8 +302,13 @@ def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_
         torch_logits = torch_out.logits[0].float().cpu()
         agree += int((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).sum())
         total += onnx_logits.shape[0]
-        kls.append(float(torch.nn.functional.kl_div(onnx_logits.log_softmax(-1), torch_logits.log_softmax(-1),
-                                                    log_target=True, reduction="batchmean")))
+        kls.append(
+            float(
+                torch.nn.functional.kl_div(
+                    onnx_logits.log_softmax(-1), torch_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+                )
+            )
+        )
     metrics = {
         "max_abs_diff": max(o["max_abs_diff"] for o in outputs.values()),
         "relative_error": max(o["relative_error"] for o in outputs.values()),
@@ -280,8 +330,10 @@ def _difference(actual, expected) -> dict:
 
     delta = np.abs(actual - expected)
     scale = float(np.linalg.norm(expected)) or 1.0
-    return {"max_abs_diff": float(delta.max()) if delta.size else 0.0,
-            "relative_error": float(np.linalg.norm(actual - expected)) / scale}
+    return {
+        "max_abs_diff": float(delta.max()) if delta.size else 0.0,
+        "relative_error": float(np.linalg.norm(actual - expected)) / scale,
+    }
 
 
 def _latency(candidate, reference, repeats: int = 5) -> dict:
@@ -297,5 +349,8 @@ def _latency(candidate, reference, repeats: int = 5) -> dict:
     # PyTorch first: onnxruntime's worker threads keep spinning for a while after a run and would slow it down.
     reference_ms = median_ms(reference)
     candidate_ms = median_ms(candidate)
-    return {"reference_latency_ms": round(reference_ms, 3), "candidate_latency_ms": round(candidate_ms, 3),
-            "speedup": round(reference_ms / candidate_ms, 3) if candidate_ms else None}
+    return {
+        "reference_latency_ms": round(reference_ms, 3),
+        "candidate_latency_ms": round(candidate_ms, 3),
+        "speedup": round(reference_ms / candidate_ms, 3) if candidate_ms else None,
+    }

@@ -97,9 +97,11 @@ def lock_text(loaded: LoadedRecipe, plan: Plan) -> str:
         recipe["source"]["model"] = str(loaded.source_path)  # absolute: the lock lives in another folder
     else:
         recipe["source"]["revision"] = revision
-    header = (f"# Resolved recipe of {loaded.recipe.name} (build {plan.build_hash[:16]}), from "
-              f"{_display(loaded.path)}{' variant ' + loaded.variant if loaded.variant else ''}.\n"
-              f"# source {loaded.recipe.source.model} @ {revision}\n")
+    header = (
+        f"# Resolved recipe of {loaded.recipe.name} (build {plan.build_hash[:16]}), from "
+        f"{_display(loaded.path)}{' variant ' + loaded.variant if loaded.variant else ''}.\n"
+        f"# source {loaded.recipe.source.model} @ {revision}\n"
+    )
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 

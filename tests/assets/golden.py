@@ -35,8 +35,11 @@ def differences(built: dict, name: str) -> list[str]:
         elif key == "files":
             if set(new) != set(old):
                 found.append(f"files: {sorted(set(new) ^ set(old))}")
-            found += [f"files.{f}: sha256 differs" for f in sorted(set(new) & set(old))
-                      if f not in _DESCRIBE_THE_BUILD and new[f] != old[f]]
+            found += [
+                f"files.{f}: sha256 differs"
+                for f in sorted(set(new) & set(old))
+                if f not in _DESCRIBE_THE_BUILD and new[f] != old[f]
+            ]
         elif key == "verification":
             found += _report_differences(new, old, onnx=built.get("kind") == "export")
         elif key == "onnx":
@@ -60,14 +63,12 @@ def _report_differences(new: dict, old: dict, *, onnx: bool) -> list[str]:
             if set(a) != set(b):
                 found.append(f"verification.metrics keys: {sorted(set(a) ^ set(b))}")
             elif not onnx:
-                found += [f"verification.metrics.{m}: {a[m]} != {b[m]}" for m in a
-                          if not _close(a[m], b[m])]
+                found += [f"verification.metrics.{m}: {a[m]} != {b[m]}" for m in a if not _close(a[m], b[m])]
         elif key == "inputs" and onnx:
             if set(a) != set(b):
                 found.append("verification.inputs keys differ")
         elif key == "inputs":
-            found += [f"verification.inputs.{k} differs" for k in set(a) | set(b)
-                      if not _close(a.get(k), b.get(k))]
+            found += [f"verification.inputs.{k} differs" for k in set(a) | set(b) if not _close(a.get(k), b.get(k))]
         elif a != b:
             found.append(f"verification.{key}: {a!r} != {b!r}")
     return found

@@ -15,19 +15,26 @@ METHODS = {
 
 
 def recipe_for(source: Path, method: str, **quantize) -> Recipe:
-    return Recipe.model_validate({"schema_version": 1, "name": f"stream-{method}",
-                                  "source": {"model": str(source), "dtype": "auto"},
-                                  "quantize": {**METHODS[method], **quantize}})
+    return Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": f"stream-{method}",
+            "source": {"model": str(source), "dtype": "auto"},
+            "quantize": {**METHODS[method], **quantize},
+        }
+    )
 
 
-def transformers_build(recipe: Recipe, source: Path, out: Path, device: str = "cpu",
-                       task: str = "text-generation") -> Path:
+def transformers_build(
+    recipe: Recipe, source: Path, out: Path, device: str = "cpu", task: str = "text-generation"
+) -> Path:
     """The hand-written transformers path: from_pretrained(quantization_config=...) then save_pretrained."""
     from builder.steps.bnb import bnb_config
     from builder.tasks import auto_class
 
-    model = auto_class(task).from_pretrained(source, quantization_config=bnb_config(recipe.quantize),
-                                             dtype=recipe.source.dtype, device_map={"": device})
+    model = auto_class(task).from_pretrained(
+        source, quantization_config=bnb_config(recipe.quantize), dtype=recipe.source.dtype, device_map={"": device}
+    )
     model.save_pretrained(out)
     return out
 

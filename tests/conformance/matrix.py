@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "assets"), str(Path(__file__).parent)]
 
-from families import FAMILIES, Family, make_family, slug
+from families import FAMILIES, Family, make_family, slug  # noqa: E402 (after the sys.path entries above)
 
 METHODS = ("nf4-dq", "fp4", "int8", "onnx-fp32")
 SUPPORT_TABLE = REPO / "docs" / "support.md"
@@ -37,7 +37,7 @@ _ONNX_THRESHOLDS = {"text-generation": "{top1_agreement: 0.9}", "encoder": "{}"}
 # Cells that only a build can refuse (the exporter fails inside torch.export), as the build's message says.
 BUILD_REFUSALS = {
     ("Mixtral (MoE)", "onnx-fp32"): "torch.onnx.export cannot export MixtralForCausalLM (mixtral) for "
-                                    "text-generation: Failed to convert the exported program to an ONNX model",
+    "text-generation: Failed to convert the exported program to an ONNX model",
 }
 
 
@@ -80,9 +80,11 @@ def recipe_file(family: Family, method: str, source: Path, folder: Path) -> Path
     kind = "text-generation" if lm else "encoder"
     thresholds = (_ONNX_THRESHOLDS if method == "onnx-fp32" else _THRESHOLDS)[kind]
     task = f"  task: {family.task}\n" if family.task else ""
-    text = (f"schema_version: 1\nname: {slug(family)}-{method}\nsource:\n  model: {source}\n{task}  dtype: auto\n"
-            + _BLOCKS[method].format(dtype="bfloat16" if lm else "float32")
-            + f"verify:\n  max_new_tokens: 4\n  thresholds: {thresholds}\n")
+    text = (
+        f"schema_version: 1\nname: {slug(family)}-{method}\nsource:\n  model: {source}\n{task}  dtype: auto\n"
+        + _BLOCKS[method].format(dtype="bfloat16" if lm else "float32")
+        + f"verify:\n  max_new_tokens: 4\n  thresholds: {thresholds}\n"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{slug(family)}-{method}.yaml"
     path.write_text(text, encoding="utf-8")
@@ -117,8 +119,9 @@ def predict(family: Family, method: str, recipe: Path) -> Cell:
     reason = streamable(loaded.recipe, loaded.source_path)
     if reason is not None and reason.startswith(NOTHING_QUANTIZED):
         return Cell(family.name, method, "refused", reason)
-    return Cell(family.name, method, "streamed") if reason is None else Cell(family.name, method, "transformers",
-                                                                            reason)
+    return (
+        Cell(family.name, method, "streamed") if reason is None else Cell(family.name, method, "transformers", reason)
+    )
 
 
 def _task(plan) -> str:
@@ -167,17 +170,25 @@ def render(cells: list[Cell]) -> str:
     for family in FAMILIES:
         row = [by[(family.name, method)].shown().replace("|", "\\|") for method in METHODS]
         lines.append(f"| {family.name} | " + " | ".join(row) + " |")
-    counts = {status: sum(c.status == status for c in cells) for status in ("streamed", "transformers", "exported",
-                                                                            "refused")}
-    lines += ["", f"{len(cells)} cells: {counts['streamed']} streamed, {counts['transformers']} through the "
-              f"transformers path, {counts['exported']} exported, {counts['refused']} refused.", ""]
+    counts = {
+        status: sum(c.status == status for c in cells) for status in ("streamed", "transformers", "exported", "refused")
+    }
+    lines += [
+        "",
+        f"{len(cells)} cells: {counts['streamed']} streamed, {counts['transformers']} through the "
+        f"transformers path, {counts['exported']} exported, {counts['refused']} refused.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def predictions(root: Path) -> list[Cell]:
     sources = make_sources(root / "sources")
-    return [predict(family, method, recipe_file(family, method, sources[family.name], root / "recipes"))
-            for family in FAMILIES for method in METHODS]
+    return [
+        predict(family, method, recipe_file(family, method, sources[family.name], root / "recipes"))
+        for family in FAMILIES
+        for method in METHODS
+    ]
 
 
 if __name__ == "__main__":
@@ -191,11 +202,17 @@ if __name__ == "__main__":
             for cell in cells:
                 family = next(f for f in FAMILIES if f.name == cell.family)
                 outcome = build_cell(root / "recipes" / f"{slug(family)}-{cell.method}.yaml", root / "out")
-                got = "refused" if outcome.exit_code == 1 else outcome.manifest and outcome.manifest.get(
-                    "quantize_path", "exported")
-                print(f"{cell.family:<14} {cell.method:<10} exit {outcome.exit_code} {outcome.seconds:6.1f}s "
-                      f"predicted {cell.status}: got {got} {outcome.stderr.strip().splitlines()[-1:] if outcome.exit_code else ''}",
-                      flush=True)
+                got = (
+                    "refused"
+                    if outcome.exit_code == 1
+                    else outcome.manifest and outcome.manifest.get("quantize_path", "exported")
+                )
+                print(
+                    f"{cell.family:<14} {cell.method:<10} exit {outcome.exit_code} {outcome.seconds:6.1f}s "
+                    f"predicted {cell.status}: got {got} "
+                    f"{outcome.stderr.strip().splitlines()[-1:] if outcome.exit_code else ''}",
+                    flush=True,
+                )
             print(f"full matrix: {time.perf_counter() - started:.0f}s", flush=True)
         SUPPORT_TABLE.write_text(render(cells), encoding="utf-8")
         print(render(cells))

@@ -9,22 +9,32 @@ The default tier builds a few fast cells that cover each path; `make test-confor
 from __future__ import annotations
 
 import pytest
-
 from families import BY_NAME, FAMILIES, slug
 from matrix import METHODS, SUPPORT_TABLE, build_cell, predict, predictions, recipe_file, render
 
-DEFAULT_TIER = {("Llama", "nf4-dq"), ("GPT-2", "int8"), ("BERT", "nf4-dq"), ("Mixtral (MoE)", "fp4"),
-                ("BERT", "onnx-fp32"), ("Falcon", "int8"), ("T5", "nf4-dq"), ("ViT", "int8"),
-                ("Whisper", "onnx-fp32")}
-CELLS = [pytest.param(f.name, m, id=f"{slug(f)}-{m}",
-                      marks=() if (f.name, m) in DEFAULT_TIER else pytest.mark.slow)
-         for f in FAMILIES for m in METHODS]
+DEFAULT_TIER = {
+    ("Llama", "nf4-dq"),
+    ("GPT-2", "int8"),
+    ("BERT", "nf4-dq"),
+    ("Mixtral (MoE)", "fp4"),
+    ("BERT", "onnx-fp32"),
+    ("Falcon", "int8"),
+    ("T5", "nf4-dq"),
+    ("ViT", "int8"),
+    ("Whisper", "onnx-fp32"),
+}
+CELLS = [
+    pytest.param(f.name, m, id=f"{slug(f)}-{m}", marks=() if (f.name, m) in DEFAULT_TIER else pytest.mark.slow)
+    for f in FAMILIES
+    for m in METHODS
+]
 
 
 def test_the_support_table_is_what_the_code_reports(conformance_root):
     """docs/support.md, recomputed from the plan's refusals, `streamable()` and the exporter's choice."""
     assert SUPPORT_TABLE.read_text(encoding="utf-8") == render(predictions(conformance_root)), (
-        "docs/support.md is stale: run `python tests/conformance/matrix.py --build` and commit it")
+        "docs/support.md is stale: run `python tests/conformance/matrix.py --build` and commit it"
+    )
 
 
 @pytest.mark.parametrize("name, method", CELLS)
@@ -54,8 +64,9 @@ def test_cell(name, method, conformance_root):
         assert manifest["quantize_path"] == f"transformers ({cell.detail})"
         return
     assert manifest["quantize_path"] == "stream"
-    _same_tensors_as_the_transformers_path(recipe, source, artifact, family.task or "text-generation",
-                                           conformance_root / "transformers" / recipe.stem)
+    _same_tensors_as_the_transformers_path(
+        recipe, source, artifact, family.task or "text-generation", conformance_root / "transformers" / recipe.stem
+    )
 
 
 def _same_tensors_as_the_transformers_path(recipe_path, source, artifact, task, reference) -> None:

@@ -78,8 +78,13 @@ def test_gpu_build_reloads_on_the_gpu(gpu_artifacts, name):
     assert manifest["device_map"] == {"": "cuda"}
     assert manifest["device"] and "cpu" not in manifest["device"].lower()
     assert manifest["bits_per_param"] == pytest.approx(RECIPES[name][2], abs=0.03)
-    done = subprocess.run([sys.executable, "-c", RELOAD, str(folder), manifest["source"]["task"]],
-                          capture_output=True, text=True, timeout=600, cwd="/")
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(folder), manifest["source"]["task"]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd="/",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["device"].startswith("cuda") and not result["builder_imported"]
@@ -94,18 +99,22 @@ def test_gpu_and_cpu_4bit_artifacts_have_the_same_layout(gpu_artifacts, tmp_path
     """The serialized format does not depend on where the weights were quantized."""
     folder = gpu_artifacts("minilm-nf4")
     assert main(["build", str(REPO / "recipes/minilm/nf4.yaml"), "--out", str(tmp_path), "--device", "cpu"]) == 0
-    with safe_open(str(folder / "model.safetensors"), "pt") as gpu, \
-            safe_open(str(tmp_path / "all-minilm-l6-v2-nf4" / "model.safetensors"), "pt") as cpu:
+    with (
+        safe_open(str(folder / "model.safetensors"), "pt") as gpu,
+        safe_open(str(tmp_path / "all-minilm-l6-v2-nf4" / "model.safetensors"), "pt") as cpu,
+    ):
         assert set(gpu.keys()) == set(cpu.keys())
 
 
 def test_int8_fp32_cpu_offload_leaves_offloaded_layers_unquantized(smollm2, tmp_path, capsys):
     layers = "\n".join(f"    model.layers.{i}: {'cpu' if i >= 28 else repr('0')}" for i in range(30))
     recipe = tmp_path / "offload.yaml"
-    recipe.write_text(f"schema_version: 1\nname: smollm2-int8-offload\nsource:\n  model: {smollm2}\n"
-                      "  dtype: float16\nload:\n  device_map:\n    model.embed_tokens: '0'\n    model.rotary_emb: '0'\n"
-                      f"    model.norm: '0'\n    lm_head: '0'\n{layers}\n"
-                      "quantize:\n  method: bnb-8bit\n  fp32_cpu_offload: true\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: smollm2-int8-offload\nsource:\n  model: {smollm2}\n"
+        "  dtype: float16\nload:\n  device_map:\n    model.embed_tokens: '0'\n    model.rotary_emb: '0'\n"
+        f"    model.norm: '0'\n    lm_head: '0'\n{layers}\n"
+        "quantize:\n  method: bnb-8bit\n  fp32_cpu_offload: true\n"
+    )
     assert main(["build", str(recipe), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "smollm2-int8-offload" / "manifest.json").read_text())
     assert manifest["quantized_layers"]["count"] == 28 * 7

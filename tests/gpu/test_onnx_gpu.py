@@ -18,13 +18,18 @@ def test_minilm_float16_on_cuda(minilm, tmp_path):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.fail("this GPU host has onnxruntime without CUDA: pip install -e '.[onnx-gpu]' (instead of [onnx])")
     recipe = tmp_path / "minilm-cuda.yaml"
-    recipe.write_text(f"schema_version: 1\nname: minilm-onnx-cuda-gpu\nsource:\n  model: {minilm}\n"
-                      "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n"
-                      "  provider: CUDAExecutionProvider\n  dtype: float16\n  optimize: O4\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: minilm-onnx-cuda-gpu\nsource:\n  model: {minilm}\n"
+        "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n"
+        "  provider: CUDAExecutionProvider\n  dtype: float16\n  optimize: O4\n"
+    )
     manifest = build_file(recipe, out=tmp_path / "out", device="cuda")[0].manifest
     record = manifest["onnx"]
     assert (record["verified_on"], record["target_checked"], record["fallback_reason"]) == (
-        "CUDAExecutionProvider", True, None)
+        "CUDAExecutionProvider",
+        True,
+        None,
+    )
     report = manifest["verification"]
     assert report["passed"], report["failures"]
     assert report["provider"] == "CUDAExecutionProvider"

@@ -15,14 +15,24 @@ from builder.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 # The documented shapes of `build --json` rows (docs/automation.md).
-BUILD_ROW_KEYS = {"recipe_file", "name", "path", "status", "build_hash", "verification_passed", "bits_per_param",
-                  "footprint", "timings"}
+BUILD_ROW_KEYS = {
+    "recipe_file",
+    "name",
+    "path",
+    "status",
+    "build_hash",
+    "verification_passed",
+    "bits_per_param",
+    "footprint",
+    "timings",
+}
 PUBLISH_KEYS = {"status", "repo", "revision", "endpoint", "commit", "pr_url", "uploaded", "deleted", "attempts"}
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True, capture_output=True
+    )
 
 
 def _build(capsys, *argv: str) -> tuple[int, list[dict]]:
@@ -38,14 +48,17 @@ def recipe_repo(tiny_llama, tmp_path_factory) -> Path:
     recipes.mkdir()
     (recipes / "_base.yaml").write_text(
         f"schema_version: 1\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
-        "verify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n")
+        "verify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n"
+    )
     for name, quant in (("nf4", "nf4"), ("fp4", "fp4")):
         (recipes / f"{name}.yaml").write_text(
             f"schema_version: 1\nextends: _base.yaml\nname: tiny-{name}\nquantize:\n  method: bnb-4bit\n"
-            f"  quant_type: {quant}\n")
+            f"  quant_type: {quant}\n"
+        )
     (recipes / "int8.yaml").write_text(
         f"schema_version: 1\nname: tiny-int8\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
-        "quantize:\n  method: bnb-8bit\nverify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n")
+        "quantize:\n  method: bnb-8bit\nverify:\n  max_new_tokens: 4\n  thresholds: {footprint_ratio: 1.0}\n"
+    )
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "recipes")
@@ -72,7 +85,10 @@ def test_second_build_of_everything_builds_nothing_in_seconds(built, capsys, mon
     elapsed = time.perf_counter() - start
     assert code == 0
     assert sorted((r["name"], r["status"]) for r in rows) == [
-        ("tiny-fp4", "up to date"), ("tiny-int8", "up to date"), ("tiny-nf4", "up to date")]
+        ("tiny-fp4", "up to date"),
+        ("tiny-int8", "up to date"),
+        ("tiny-nf4", "up to date"),
+    ]
     assert elapsed < 5, f"an up-to-date build of 3 recipes took {elapsed:.1f} s"
     assert set(rows[0]) == BUILD_ROW_KEYS  # docs/automation.md: the shape is stable
 
@@ -104,18 +120,32 @@ def test_list_shows_every_artifact_verified(built, capsys, monkeypatch):
     assert main(["list", "recipes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["name"]: row["state"] for row in rows} == {
-        "tiny-nf4": "verified", "tiny-fp4": "verified", "tiny-int8": "verified"}
-    assert all(set(row) == {"recipe_file", "name", "state", "build_hash", "artifact_build_hash", "detail",
-                            "published"} for row in rows)
+        "tiny-nf4": "verified",
+        "tiny-fp4": "verified",
+        "tiny-int8": "verified",
+    }
+    assert all(
+        set(row) == {"recipe_file", "name", "state", "build_hash", "artifact_build_hash", "detail", "published"}
+        for row in rows
+    )
 
 
 def test_make_targets_only_call_builder():
-    dry = subprocess.run(["make", "-n", "all", "build", "publish", "plan", "validate", "R=recipes/x.yaml", "VENV=/v"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "all", "build", "publish", "plan", "validate", "R=recipes/x.yaml", "VENV=/v"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     commands = [line for line in dry.splitlines() if line.startswith("/v/bin/builder ")]
-    assert commands == ["/v/bin/builder build recipes/", "/v/bin/builder build recipes/x.yaml",
-                        "/v/bin/builder build recipes/x.yaml --publish", "/v/bin/builder plan recipes/x.yaml",
-                        "/v/bin/builder validate recipes/"]
+    assert commands == [
+        "/v/bin/builder build recipes/",
+        "/v/bin/builder build recipes/x.yaml",
+        "/v/bin/builder build recipes/x.yaml --publish",
+        "/v/bin/builder plan recipes/x.yaml",
+        "/v/bin/builder validate recipes/",
+    ]
 
 
 def _workflow_commands() -> list[list[str]]:
@@ -153,8 +183,14 @@ def _make(repo: Path, *targets: str) -> subprocess.CompletedProcess:
     venv = Path(sys.executable).parent.parent
     # Not a sub-make of `make test`: no inherited flags, no "Entering directory" lines.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-o", "models/.ready",
-                           f"VENV={venv}", *targets], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "-o", "models/.ready", f"VENV={venv}", *targets],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
 def _builder_lines(done: subprocess.CompletedProcess) -> list[str]:
@@ -219,11 +255,33 @@ def test_build_publish_json_is_one_document(built, tmp_path):
     (recipes / "nf4.yaml").write_text((recipes / "nf4.yaml").read_text() + "  double_quant: true\n")
     hub = start_in_thread(tmp_path / "hub", token="hf_test")
     try:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_test",
-               "HF_HOME": str(tmp_path / "hf-home")}
-        done = subprocess.run([sys.executable, "-m", "builder", "build", "recipes", "--changed-since", "HEAD",
-                               "--device", "cpu", "--publish", "--json"], cwd=built, env=env, capture_output=True,
-                              text=True, timeout=600)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": "hf_test",
+            "HF_HOME": str(tmp_path / "hf-home"),
+        }
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "builder",
+                "build",
+                "recipes",
+                "--changed-since",
+                "HEAD",
+                "--device",
+                "cpu",
+                "--publish",
+                "--json",
+            ],
+            cwd=built,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 1, done.stderr[-2000:]
         rows = {row["name"]: row for row in json.loads(done.stdout)}
         assert sorted(rows) == ["tiny-fp4", "tiny-nf4"]
@@ -232,8 +290,9 @@ def test_build_publish_json_is_one_document(built, tmp_path):
         published = rows["tiny-fp4"]["publish"]
         assert set(rows["tiny-fp4"]) == BUILD_ROW_KEYS | {"publish"} and set(published) == PUBLISH_KEYS
         assert published["status"] == "published" and published["repo"] == "team/tiny-fp4", published
-        assert [c.commit_id for c in HfApi(endpoint=hub.url, token="hf_test").list_repo_commits(
-            "team/tiny-fp4")][0] == published["commit"]
+        assert [c.commit_id for c in HfApi(endpoint=hub.url, token="hf_test").list_repo_commits("team/tiny-fp4")][
+            0
+        ] == published["commit"]
         assert rows["tiny-nf4"]["publish"]["status"] == "failed"
         assert "no target repo" in rows["tiny-nf4"]["publish"]["error"]
         assert "error: publishing tiny-nf4: no target repo" in done.stderr
@@ -258,11 +317,14 @@ def test_pre_commit_hook_validates_recipes(tmp_path, capsys, monkeypatch):
     assert program == "builder"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "ok.yaml").write_text("schema_version: 1\nname: ok\nsource: {model: org/m}\n"
-                                                  "quantize: {method: bnb-8bit}\n")
+    (tmp_path / "recipes" / "ok.yaml").write_text(
+        "schema_version: 1\nname: ok\nsource: {model: org/m}\nquantize: {method: bnb-8bit}\n"
+    )
     assert main([*argv, "recipes/"]) == 0
-    (tmp_path / "recipes" / "bad.yaml").write_text("schema_version: 1\nname: bad\nsource: {model: org/m}\n"
-                                                   "quantize: {method: bnb-8bit, treshold: 6.0}\n")
+    (tmp_path / "recipes" / "bad.yaml").write_text(
+        "schema_version: 1\nname: bad\nsource: {model: org/m}\nquantize: {method: bnb-8bit, treshold: 6.0}\n"
+    )
     assert main([*argv, "recipes/"]) == 1
     assert "recipes/bad.yaml:4:30: quantize.treshold: unknown key 'treshold' (did you mean 'threshold'?)" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )

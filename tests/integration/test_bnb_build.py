@@ -57,8 +57,10 @@ def _plan(name: str, smollm2: Path, tmp_path_factory):
     file, variant = RECIPES[name]
     if file is None:
         recipe = tmp_path_factory.mktemp("recipes") / "int8-default.yaml"
-        recipe.write_text(f"schema_version: 1\nname: smollm2-135m-instruct-int8-default\nsource:\n  model: {smollm2}\n"
-                          "  task: text-generation\n  dtype: bfloat16\nquantize:\n  method: bnb-8bit\n")
+        recipe.write_text(
+            f"schema_version: 1\nname: smollm2-135m-instruct-int8-default\nsource:\n  model: {smollm2}\n"
+            "  task: text-generation\n  dtype: bfloat16\nquantize:\n  method: bnb-8bit\n"
+        )
         file = recipe
     [loaded] = [r for r in load_recipes(REPO / file) if r.variant == variant]
     return make_plan(loaded)
@@ -70,8 +72,7 @@ def manifest_of(folder: Path) -> dict:
 
 def fresh_process(script: str, *args: str) -> dict:
     """Run `script` in a new interpreter (no builder import) and return the JSON it prints last."""
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600,
-                          cwd="/")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, cwd="/")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -131,8 +132,7 @@ def test_minilm_artifact_reloads_in_a_fresh_process_and_embeds(artifacts, minilm
     assert result["similar"] > result["unrelated"] + 0.2, result
 
 
-@pytest.mark.parametrize("name", ["smollm2-nf4-dq", pytest.param("smollm2-fp4", marks=pytest.mark.slow),
-                                  "minilm-nf4"])
+@pytest.mark.parametrize("name", ["smollm2-nf4-dq", pytest.param("smollm2-fp4", marks=pytest.mark.slow), "minilm-nf4"])
 def test_4bit_weights_are_in_bitsandbytes_serialized_format(artifacts, name):
     folder = artifacts(name)
     manifest = manifest_of(folder)
@@ -141,8 +141,12 @@ def test_4bit_weights_are_in_bitsandbytes_serialized_format(artifacts, name):
     with safe_open(str(folder / "model.safetensors"), "pt") as weights:
         keys = {k for k in weights.keys() if k.startswith(layer + ".")}
         packed = weights.get_tensor(f"{layer}.weight")
-    expected = {f"{layer}.weight", f"{layer}.weight.absmax", f"{layer}.weight.quant_map",
-                f"{layer}.weight.quant_state.bitsandbytes__{quant_type}"}
+    expected = {
+        f"{layer}.weight",
+        f"{layer}.weight.absmax",
+        f"{layer}.weight.quant_map",
+        f"{layer}.weight.quant_state.bitsandbytes__{quant_type}",
+    }
     if manifest["recipe"]["quantize"]["double_quant"]:
         expected |= {f"{layer}.weight.nested_absmax", f"{layer}.weight.nested_quant_map"}
     assert expected <= keys, keys
@@ -166,9 +170,10 @@ def test_8bit_weights_are_int8_with_row_scales(artifacts, name):
     assert config["load_in_8bit"] is True and config["llm_int8_threshold"] == 6.0
 
 
-@pytest.mark.parametrize("name, expected", [("smollm2-nf4-dq", 4.127),
-                                            pytest.param("smollm2-fp4", 4.5, marks=pytest.mark.slow),
-                                            ("minilm-nf4", 4.5)])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("smollm2-nf4-dq", 4.127), pytest.param("smollm2-fp4", 4.5, marks=pytest.mark.slow), ("minilm-nf4", 4.5)],
+)
 def test_4bit_bits_per_parameter(artifacts, name, expected):
     """4 bits a weight + a float32 absmax per 64 weights (0.5 bit), or with double quant an 8-bit absmax plus a
     float32 per 256 blocks (0.127 bit); each layer's constant state (quant maps, the JSON quant_state) adds
@@ -218,9 +223,14 @@ def test_two_builds_give_identical_weight_files(artifacts, tmp_path, name):
     assert second["files"]["config.json"] == first["files"]["config.json"]
 
 
-@pytest.mark.parametrize(("name", "golden"), [("smollm2-nf4-dq", "smollm2-135m-instruct-nf4"),
-                                              ("minilm-nf4", "all-minilm-l6-v2-nf4"),
-                                              ("minilm-int8", "all-minilm-l6-v2-int8")])
+@pytest.mark.parametrize(
+    ("name", "golden"),
+    [
+        ("smollm2-nf4-dq", "smollm2-135m-instruct-nf4"),
+        ("minilm-nf4", "all-minilm-l6-v2-nf4"),
+        ("minilm-int8", "all-minilm-l6-v2-int8"),
+    ],
+)
 def test_manifest_is_the_one_built_before_the_module_refactor(artifacts, name, golden, monkeypatch):
     from golden import differences
 

@@ -19,8 +19,18 @@ from builder.cli import main
 from builder.pipeline import build_file
 
 REPO = Path(__file__).resolve().parents[2]
-MINILM_LAYOUT = {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json", "manifest.json", "verify-report.json", "recipe.lock.yaml", "README.md"}
+MINILM_LAYOUT = {
+    "model.onnx",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "manifest.json",
+    "verify-report.json",
+    "recipe.lock.yaml",
+    "README.md",
+}
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +45,9 @@ def built(shared_dir, minilm, smollm2):
 
     def get(recipe: str) -> dict:
         if recipe not in manifests:
-            manifests[recipe] = build_file(REPO / recipe, out=shared_dir, device="cpu", force=True)[0].manifest.to_json()
+            manifests[recipe] = build_file(REPO / recipe, out=shared_dir, device="cpu", force=True)[
+                0
+            ].manifest.to_json()
         return manifests[recipe]
 
     return get
@@ -43,8 +55,10 @@ def built(shared_dir, minilm, smollm2):
 
 def _recipe(tmp_path: Path, source: Path, export: str, name: str = "minilm-onnx-test") -> Path:
     recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(f"schema_version: 1\nname: {name}\nsource:\n  model: {source}\n  task: feature-extraction\n"
-                      f"  dtype: float32\nexport:\n  format: onnx\n{export}")
+    recipe.write_text(
+        f"schema_version: 1\nname: {name}\nsource:\n  model: {source}\n  task: feature-extraction\n"
+        f"  dtype: float32\nexport:\n  format: onnx\n{export}"
+    )
     return recipe
 
 
@@ -83,7 +97,10 @@ def test_cuda_recipe_on_a_cpu_host_is_verified_on_cpu_and_says_so(built, shared_
     manifest = built("recipes/minilm/onnx-cuda.yaml")
     record = manifest["onnx"]
     assert (record["provider"], record["verified_on"], record["target_checked"]) == (
-        "CUDAExecutionProvider", "CPUExecutionProvider", False)
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+        False,
+    )
     assert "CUDAExecutionProvider" in record["fallback_reason"]
     assert record["optimization"]["float16"] is True
     graph = onnx.load(str(shared_dir / manifest["name"] / "model.onnx")).graph

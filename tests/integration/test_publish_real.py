@@ -45,8 +45,21 @@ def smollm2_nf4(smollm2, hub, tmp_path_factory) -> tuple[Path, str]:
     """`builder build recipes/smollm2/nf4.yaml --publish` (what `make demo` builds): the artifact folder and what
     the command printed."""
     out = tmp_path_factory.mktemp("publish-artifacts")
-    result = _run(["-m", "builder", "build", str(REPO / "recipes/smollm2/nf4.yaml"), "--out", str(out), "--device",
-                   "cpu", "--publish"], _env(hub, tmp_path_factory.mktemp("build-env")), timeout=1500)
+    result = _run(
+        [
+            "-m",
+            "builder",
+            "build",
+            str(REPO / "recipes/smollm2/nf4.yaml"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--publish",
+        ],
+        _env(hub, tmp_path_factory.mktemp("build-env")),
+        timeout=1500,
+    )
     return out / "smollm2-135m-instruct-nf4", result.stdout
 
 
@@ -64,8 +77,14 @@ def hub(tmp_path_factory):
 
 
 def _env(hub, tmp_path: Path) -> dict:
-    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
-            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
 
 
 def _run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -17,8 +17,10 @@ ST_FILES = {"modules.json", "config_sentence_transformers.json", "sentence_bert_
 
 def build(tmp_path, minilm, name: str, block: str) -> tuple[dict, object]:
     recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(f"schema_version: 1\nname: {name}\nsource:\n  model: {minilm}\n  task: feature-extraction\n"
-                      f"  dtype: float32\n{block}")
+    recipe.write_text(
+        f"schema_version: 1\nname: {name}\nsource:\n  model: {minilm}\n  task: feature-extraction\n"
+        f"  dtype: float32\n{block}"
+    )
     assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     artifact = tmp_path / "out" / name
     return json.loads((artifact / "manifest.json").read_text()), artifact
@@ -30,12 +32,17 @@ def embeddings(folder):
     return SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, convert_to_tensor=True)
 
 
-@pytest.mark.parametrize("name, block, path", [
-    ("st-nf4", "quantize:\n  method: bnb-4bit\n", "stream"),
-    ("st-int8", "quantize:\n  method: bnb-8bit\n  dequantize: true\n", "transformers"),
-], ids=["nf4-stream", "int8-transformers"])
+@pytest.mark.parametrize(
+    "name, block, path",
+    [
+        ("st-nf4", "quantize:\n  method: bnb-4bit\n", "stream"),
+        ("st-int8", "quantize:\n  method: bnb-8bit\n  dequantize: true\n", "transformers"),
+    ],
+    ids=["nf4-stream", "int8-transformers"],
+)
 def test_the_quantized_artifact_loads_with_sentence_transformers_and_embeds_like_the_source(
-        name, block, path, minilm, tmp_path):
+    name, block, path, minilm, tmp_path
+):
     import torch
 
     manifest, artifact = build(tmp_path, minilm, name, block)

@@ -33,8 +33,12 @@ def _bnb_config(method: str, dtype):
 
     if method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=method == "nf4",
-                              bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method,
+        bnb_4bit_use_double_quant=method == "nf4",
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +54,12 @@ def bnb_artifact(smollm2, minilm, tmp_path_factory):
         if (model, method) not in built:
             source = sources[model]
             folder = tmp_path_factory.mktemp(f"{model}-{method}")
-            model_class, dtype = (AutoModelForCausalLM, torch.bfloat16) if model == "smollm2" \
-                else (AutoModel, torch.float32)
-            quantized = model_class.from_pretrained(source, dtype=dtype, device_map="cpu",
-                                                    quantization_config=_bnb_config(method, dtype))
+            model_class, dtype = (
+                (AutoModelForCausalLM, torch.bfloat16) if model == "smollm2" else (AutoModel, torch.float32)
+            )
+            quantized = model_class.from_pretrained(
+                source, dtype=dtype, device_map="cpu", quantization_config=_bnb_config(method, dtype)
+            )
             quantized.save_pretrained(folder)
             AutoTokenizer.from_pretrained(source).save_pretrained(folder)
             built[(model, method)] = (source, folder)
@@ -65,12 +71,17 @@ def bnb_artifact(smollm2, minilm, tmp_path_factory):
 def context(model: str, method: str, source: Path, artifact: Path, tmp_path: Path) -> BuildContext:
     """A BuildContext as the pipeline hands it to the verify step, for a recipe written into tmp_path."""
     dtype = "bfloat16" if model == "smollm2" else "float32"
-    prompts = '["The capital of France is", "Write a haiku about the sea."]' if model == "smollm2" \
+    prompts = (
+        '["The capital of France is", "Write a haiku about the sea."]'
+        if model == "smollm2"
         else '["A man is eating food.", "The new movie is awesome."]'
+    )
     recipe_file = tmp_path / f"{model}-{method}.yaml"
-    recipe_file.write_text(f"schema_version: 1\nname: {model}-{method}\nsource:\n  model: {source}\n"
-                           f"  task: {TASKS[model]}\n  dtype: {dtype}\nquantize:\n{QUANTIZE[method]}"
-                           f"verify:\n  prompts: {prompts}\n  max_new_tokens: 16\n")
+    recipe_file.write_text(
+        f"schema_version: 1\nname: {model}-{method}\nsource:\n  model: {source}\n"
+        f"  task: {TASKS[model]}\n  dtype: {dtype}\nquantize:\n{QUANTIZE[method]}"
+        f"verify:\n  prompts: {prompts}\n  max_new_tokens: 16\n"
+    )
     loaded = load_recipes(recipe_file)[0]
     return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source, task=TASKS[model])
 

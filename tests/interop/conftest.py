@@ -29,14 +29,32 @@ def shared_dir() -> Path:
 def main_env_build(shared_dir):
     """recipe file -> the artifact folder the main environment built from it."""
     if not MAIN_PYTHON.is_file():
-        pytest.fail(f"the main environment's python {MAIN_PYTHON} is missing; run `make test` (or set "
-                    "BUILDER_MAIN_PYTHON) first")
+        pytest.fail(
+            f"the main environment's python {MAIN_PYTHON} is missing; run `make test` (or set "
+            "BUILDER_MAIN_PYTHON) first"
+        )
     built: dict[str, Path] = {}
 
     def get(recipe: str) -> Path:
         if recipe not in built:
-            process = subprocess.run([str(MAIN_PYTHON), "-m", "builder", "build", recipe, "--out", str(shared_dir),
-                                      "--device", "cpu", "--json"], cwd=REPO, capture_output=True, text=True, check=False)
+            process = subprocess.run(
+                [
+                    str(MAIN_PYTHON),
+                    "-m",
+                    "builder",
+                    "build",
+                    recipe,
+                    "--out",
+                    str(shared_dir),
+                    "--device",
+                    "cpu",
+                    "--json",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             assert process.returncode == 0, process.stderr[-3000:]
             built[recipe] = Path(json.loads(process.stdout)[0]["path"])
         return built[recipe]

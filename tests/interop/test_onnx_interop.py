@@ -88,9 +88,11 @@ def test_optimum_backend_builds_the_same_layout(main_env_build, tmp_path):
 
     recipe = tmp_path / "minilm-optimum.yaml"
     source = REPO / "models" / "all-minilm-l6-v2"
-    recipe.write_text(f"schema_version: 1\nname: minilm-onnx-optimum\nsource:\n  model: {source}\n"
-                      "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n  exporter: optimum\n"
-                      "  opset: 17\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: minilm-onnx-optimum\nsource:\n  model: {source}\n"
+        "  task: feature-extraction\n  dtype: float32\nexport:\n  format: onnx\n  exporter: optimum\n"
+        "  opset: 17\n"
+    )
     result = build_file(recipe, out=tmp_path / "out", device="cpu")[0]
     manifest = result.manifest.to_json()
     assert manifest["onnx"]["exporter"] == "optimum"

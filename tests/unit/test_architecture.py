@@ -51,8 +51,11 @@ def _function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     found = []
     for function in ast.walk(tree):
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            found += [node for node in ast.walk(function)
-                      if isinstance(node, (ast.Import, ast.ImportFrom)) and _imported(node)]
+            found += [
+                node
+                for node in ast.walk(function)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and _imported(node)
+            ]
     return found
 
 
@@ -113,7 +116,9 @@ def test_every_function_local_builder_import_says_why_it_is_deferred():
     for path in MODULES.values():
         lines = path.read_text(encoding="utf-8").splitlines()
         for node in _function_imports(ast.parse("\n".join(lines))):
-            said = " ".join(lines[node.lineno - 2:node.end_lineno])  # the line above, and the statement
+            said = " ".join(lines[node.lineno - 2 : node.end_lineno])  # the line above, and the statement
             if "# deferred:" not in said:
-                unexplained.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+                unexplained.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                )
     assert unexplained == [], "import at the top, or say `# deferred: <why>`:\n" + "\n".join(unexplained)

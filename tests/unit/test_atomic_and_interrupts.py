@@ -80,8 +80,9 @@ def _swallowing(signum):
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupt_whose_exception_was_swallowed_still_stops_the_build(tiny_llama, tmp_path, monkeypatch, capsys,
-                                                                          signum, code):
+def test_an_interrupt_whose_exception_was_swallowed_still_stops_the_build(
+    tiny_llama, tmp_path, monkeypatch, capsys, signum, code
+):
     from builder import pipeline
 
     monkeypatch.setitem(pipeline._STEPS, "quantize", _swallowing(signum))

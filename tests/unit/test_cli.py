@@ -23,8 +23,9 @@ def test_validate_json_lists_every_recipe(capsys):
 
 def test_validate_reports_located_error_and_exits_1(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("schema_version: 1\nname: x\nsource:\n  model: a/b\nquantize:\n  method: bnb-4bit\n"
-                   "  quant_type: nf5\n")
+    bad.write_text(
+        "schema_version: 1\nname: x\nsource:\n  model: a/b\nquantize:\n  method: bnb-4bit\n  quant_type: nf5\n"
+    )
     assert main(["validate", str(bad)]) == 1
     out = capsys.readouterr().out
     assert f"{bad}:7:15: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)" in out
@@ -61,8 +62,10 @@ def test_plan_smollm2_counts_parameters_from_headers(smollm2, capsys):
 
 def test_plan_rejects_skip_module_that_matches_nothing(smollm2, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"schema_version: 1\nname: x\nsource:\n  model: {smollm2}\nquantize:\n  method: bnb-8bit\n"
-                      "  skip_modules: [lm_haed]\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: x\nsource:\n  model: {smollm2}\nquantize:\n  method: bnb-8bit\n"
+        "  skip_modules: [lm_haed]\n"
+    )
     assert main(["plan", str(recipe)]) == 1
     assert "'lm_haed' matches no module" in capsys.readouterr().err
 
@@ -75,15 +78,18 @@ def test_help_and_version_exit_0(argv):
 def _two_recipes_named_alike(folder) -> None:
     folder.mkdir()
     for file in ("a.yaml", "b.yaml"):
-        (folder / file).write_text("schema_version: 1\nsource:\n  model: org/m\nname: same\nquantize:\n"
-                                   "  method: bnb-8bit\n")
+        (folder / file).write_text(
+            "schema_version: 1\nsource:\n  model: org/m\nname: same\nquantize:\n  method: bnb-8bit\n"
+        )
 
 
 def test_two_recipes_building_one_artifact_are_refused(tmp_path, capsys):
     _two_recipes_named_alike(tmp_path / "recipes")
     assert main(["validate", str(tmp_path / "recipes")]) == 1
-    expected = (f"{tmp_path}/recipes/b.yaml:4:7: name: artifact 'same' is also built by {tmp_path}/recipes/a.yaml; "
-                "artifact names must be unique")
+    expected = (
+        f"{tmp_path}/recipes/b.yaml:4:7: name: artifact 'same' is also built by {tmp_path}/recipes/a.yaml; "
+        "artifact names must be unique"
+    )
     assert expected in capsys.readouterr().out
     assert main(["validate", str(tmp_path / "recipes"), "--json"]) == 1
     files = {f["file"].rsplit("/", 1)[1]: f for f in json.loads(capsys.readouterr().out)["files"]}
@@ -95,12 +101,14 @@ def test_two_recipes_building_one_artifact_are_refused(tmp_path, capsys):
 
 def test_build_by_an_unknown_name_suggests_the_closest(capsys):
     assert main(["build", REPO_RECIPES, "--name", "smollm2-135m-instruct-nf5"]) == 1
-    assert ("no recipe defines an artifact named 'smollm2-135m-instruct-nf5' (did you mean "
-            "'smollm2-135m-instruct-nf4'?)") in capsys.readouterr().err
+    assert (
+        "no recipe defines an artifact named 'smollm2-135m-instruct-nf5' (did you mean 'smollm2-135m-instruct-nf4'?)"
+    ) in capsys.readouterr().err
 
 
-def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_planted_symlink(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_an_internal_error_logs_to_a_new_file_in_the_cache_and_follows_no_planted_symlink(
+    tmp_path, monkeypatch, capsys
+):
     """The traceback used to go to the fixed /tmp/builder-crash.log: anyone could plant a symlink there and have the
     next crash overwrite the file it names."""
     import tempfile
@@ -154,8 +162,9 @@ def test_build_out_naming_a_file_exits_1_with_a_message(smollm2, tmp_path, capsy
 @pytest.mark.parametrize("digits", [4_000, 100_000])
 def test_a_huge_number_is_not_echoed_in_full(tmp_path, capsys, digits):
     recipe = tmp_path / "huge.yaml"
-    recipe.write_text(f"schema_version: 1\nname: huge\nsource: {{model: org/model}}\n"
-                      f"verify: {{max_new_tokens: {'7' * digits}}}\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: huge\nsource: {{model: org/model}}\nverify: {{max_new_tokens: {'7' * digits}}}\n"
+    )
     assert main(["validate", str(recipe)]) == 1
     out = capsys.readouterr().out
     assert f"{recipe}:4:26: verify.max_new_tokens: " in out and f"({digits:,} " in out

@@ -40,13 +40,22 @@ def _bars_in_a_fresh_process(*, terminal: bool, quiet: bool = False) -> str:
     import pty
     import subprocess
 
-    code = ("import sys\nfrom builder.console import configured\nwith configured(quiet=sys.argv[1] == '1'):\n"
-            "    import huggingface_hub.utils as hub\n    from transformers.utils import logging\n"
-            "    print(hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled())\n")
+    code = (
+        "import sys\nfrom builder.console import configured\nwith configured(quiet=sys.argv[1] == '1'):\n"
+        "    import huggingface_hub.utils as hub\n    from transformers.utils import logging\n"
+        "    print(hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled())\n"
+    )
     primary, secondary = pty.openpty() if terminal else (None, subprocess.PIPE)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
-    done = subprocess.run([sys.executable, "-c", code, "1" if quiet else "0"], stdout=subprocess.PIPE,
-                          stderr=secondary, text=True, env=env, check=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "1" if quiet else "0"],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     if terminal:
         os.close(primary)
         os.close(secondary)

@@ -14,8 +14,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "numpy", "accelerate", "bitsandbytes", "safetensors", "onnx", "onnxruntime",
-         "onnxscript", "optimum", "scipy", "pandas")
+HEAVY = (
+    "torch",
+    "transformers",
+    "numpy",
+    "accelerate",
+    "bitsandbytes",
+    "safetensors",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "optimum",
+    "scipy",
+    "pandas",
+)
 CORE_ONLY = f"""
 import sys
 
@@ -38,8 +50,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def core_builder(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CORE_ONLY, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", CORE_ONLY, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_blocker_blocks():

@@ -22,8 +22,10 @@ PROMPTS = ("The capital of France is", "def add(a, b):")
 
 def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-generation") -> BuildContext:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"schema_version: 1\nname: tiny-onnx\nsource:\n  model: {source}\n  task: {task}\n"
-                      f"export:\n  format: onnx\n{export_block}")
+    recipe.write_text(
+        f"schema_version: 1\nname: tiny-onnx\nsource:\n  model: {source}\n  task: {task}\n"
+        f"export:\n  format: onnx\n{export_block}"
+    )
     loaded = load_recipes(recipe)[0]
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -49,14 +51,23 @@ def test_decoder_with_past_has_optimums_layout_and_names(tiny_with_past):
     assert record["inputs"] == ["input_ids", "attention_mask", "position_ids", *past]
     assert record["outputs"] == ["logits", *[name.replace("past_key_values", "present") for name in past]]
     assert (record["exporter"], record["provider"], record["verified_on"]) == (
-        "torch", "CPUExecutionProvider", "CPUExecutionProvider")
+        "torch",
+        "CPUExecutionProvider",
+        "CPUExecutionProvider",
+    )
     assert record["target_checked"] is True
     assert tiny_with_past.footprint.artifact_bytes == (work / "model.onnx").stat().st_size
 
 
 def test_decoder_with_past_generates_like_pytorch(tiny_with_past, tiny_llama):
-    result = onnx_metrics(tiny_with_past.workdir, tiny_llama, task="text-generation",
-                          provider="CPUExecutionProvider", prompts=PROMPTS, max_new_tokens=8)
+    result = onnx_metrics(
+        tiny_with_past.workdir,
+        tiny_llama,
+        task="text-generation",
+        provider="CPUExecutionProvider",
+        prompts=PROMPTS,
+        max_new_tokens=8,
+    )
     metrics = result["metrics"]
     assert metrics["generation_match"] == 1.0
     assert metrics["top1_agreement"] == 1.0
@@ -74,8 +85,11 @@ def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
     past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
 
     def run(ids, past, offset):
-        feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, offset + len(ids)), np.int64),
-                "position_ids": np.arange(offset, offset + len(ids))[None]}
+        feed = {
+            "input_ids": np.array([ids]),
+            "attention_mask": np.ones((1, offset + len(ids)), np.int64),
+            "position_ids": np.arange(offset, offset + len(ids))[None],
+        }
         feed.update(past or {n: np.zeros(shape, np.float32) for n in past_names})
         return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
 
@@ -90,8 +104,14 @@ def test_decoder_without_past_has_no_cache_inputs(tiny_llama, tmp_path):
     export(ctx)
     assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "position_ids"]
     assert ctx.onnx["outputs"] == ["logits"]
-    metrics = onnx_metrics(ctx.workdir, tiny_llama, task="text-generation", provider="CPUExecutionProvider",
-                           prompts=PROMPTS[:1], max_new_tokens=4)["metrics"]
+    metrics = onnx_metrics(
+        ctx.workdir,
+        tiny_llama,
+        task="text-generation",
+        provider="CPUExecutionProvider",
+        prompts=PROMPTS[:1],
+        max_new_tokens=4,
+    )["metrics"]
     assert metrics["generation_match"] == 1.0
 
 
@@ -103,8 +123,9 @@ def tiny_classifier(minilm, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-bert-classifier")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
     return folder
@@ -115,8 +136,13 @@ def test_text_classification(tiny_classifier, tmp_path):
     export(ctx)
     assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert ctx.onnx["outputs"] == ["logits"]
-    metrics = onnx_metrics(ctx.workdir, tiny_classifier, task="text-classification",
-                           provider="CPUExecutionProvider", prompts=["A fine day.", "Terrible, awful weather today."])
+    metrics = onnx_metrics(
+        ctx.workdir,
+        tiny_classifier,
+        task="text-classification",
+        provider="CPUExecutionProvider",
+        prompts=["A fine day.", "Terrible, awful weather today."],
+    )
     assert metrics["metrics"]["top1_agreement"] == 1.0
     assert metrics["metrics"]["max_abs_diff"] < 1e-4
     assert set(metrics["outputs"]) == {"logits"}
@@ -157,8 +183,11 @@ def test_architecture_without_the_tasks_head(tiny_llama, tmp_path):
 
 def test_missing_provider_fails_with_the_reason_and_no_artifact(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  provider: CUDAExecutionProvider\n  dtype: float16\n")
-    with pytest.raises(BuildError, match=r"cannot verify on CUDAExecutionProvider: this onnxruntime build "
-                                         r"\(onnxruntime\) lacks CUDAExecutionProvider; pip install onnxruntime-gpu"):
+    with pytest.raises(
+        BuildError,
+        match=r"cannot verify on CUDAExecutionProvider: this onnxruntime build "
+        r"\(onnxruntime\) lacks CUDAExecutionProvider; pip install onnxruntime-gpu",
+    ):
         export(ctx)
     assert not (Path(ctx.workdir) / "model.onnx").exists()
     assert ctx.onnx is None
@@ -173,11 +202,13 @@ def test_gpu_package_listing_cuda_on_a_cpu_host_is_not_a_pass(tiny_with_past, mo
     """onnxruntime-gpu on a host without a GPU lists CUDA yet runs on the CPU: the session's first provider decides."""
     import onnxruntime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     model = Path(tiny_with_past.workdir) / "model.onnx"
     assert ort.provider_problem("CUDAExecutionProvider", model) == (
-        "no CUDA GPU is visible, so onnxruntime fell back to CPUExecutionProvider")
+        "no CUDA GPU is visible, so onnxruntime fell back to CPUExecutionProvider"
+    )
     with pytest.raises(BuildError, match="cannot verify on CUDAExecutionProvider: no CUDA GPU is visible"):
         ort.place("CUDAExecutionProvider", None, model)
 
@@ -187,12 +218,19 @@ def test_float16_for_tensorrt_verified_on_cpu(tiny_llama, tmp_path):
     and the record says so."""
     import onnx
 
-    ctx = _context(tmp_path, tiny_llama, "  with_past: true\n  dtype: float16\n  provider: TensorrtExecutionProvider\n"
-                                         "  verify_on: CPUExecutionProvider\n")
+    ctx = _context(
+        tmp_path,
+        tiny_llama,
+        "  with_past: true\n  dtype: float16\n  provider: TensorrtExecutionProvider\n"
+        "  verify_on: CPUExecutionProvider\n",
+    )
     export(ctx)
     record = ctx.onnx
     assert (record["provider"], record["verified_on"], record["target_checked"]) == (
-        "TensorrtExecutionProvider", "CPUExecutionProvider", False)
+        "TensorrtExecutionProvider",
+        "CPUExecutionProvider",
+        False,
+    )
     assert "lacks TensorrtExecutionProvider" in record["fallback_reason"]
     json.dumps(record)  # goes into manifest.json as is
     model = onnx.load(str(Path(ctx.workdir) / "model.onnx"))
@@ -201,8 +239,14 @@ def test_float16_for_tensorrt_verified_on_cpu(tiny_llama, tmp_path):
     weights = {t.data_type for t in model.graph.initializer} & float_types
     assert io_types == {onnx.TensorProto.FLOAT}
     assert weights == {onnx.TensorProto.FLOAT16}
-    metrics = onnx_metrics(ctx.workdir, tiny_llama, task="text-generation", provider="CPUExecutionProvider",
-                           prompts=PROMPTS, max_new_tokens=4)["metrics"]
+    metrics = onnx_metrics(
+        ctx.workdir,
+        tiny_llama,
+        task="text-generation",
+        provider="CPUExecutionProvider",
+        prompts=PROMPTS,
+        max_new_tokens=4,
+    )["metrics"]
     assert metrics["top1_agreement"] >= default_thresholds("text-generation", "float16")["top1_agreement"]
 
 
@@ -230,7 +274,9 @@ def test_graph_past_the_protobuf_limit_goes_to_model_onnx_data(tiny_with_past, t
     assert session.get_providers()[0] == "CPUExecutionProvider"
 
 
-@pytest.mark.parametrize(("method", "operator"), [("int4", "MatMulNBits"), ("nf4", "MatMulBnb4"), ("fp4", "MatMulBnb4")])
+@pytest.mark.parametrize(
+    ("method", "operator"), [("int4", "MatMulNBits"), ("nf4", "MatMulBnb4"), ("fp4", "MatMulBnb4")]
+)
 def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path, method, operator):
     """int4 (MatMulNBits) and nf4/fp4 (MatMulBnb4) replace every linear layer's MatMul; the graph with its KV cache
     runs in a plain onnxruntime session and stays close to the float32 source."""
@@ -242,6 +288,12 @@ def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path
     ops = [node.op_type for node in onnx.load(str(ctx.workdir / "model.onnx")).graph.node]
     assert record["method"] == method and record["quantized_nodes"] == ops.count(operator) >= 2 * 7
     assert "MatMul" not in ops or ops.count("MatMul") < ops.count(operator)  # attention's MatMuls stay float
-    metrics = onnx_metrics(ctx.workdir, tiny_llama, task="text-generation", provider="CPUExecutionProvider",
-                           prompts=PROMPTS[:1], max_new_tokens=4)["metrics"]
+    metrics = onnx_metrics(
+        ctx.workdir,
+        tiny_llama,
+        task="text-generation",
+        provider="CPUExecutionProvider",
+        prompts=PROMPTS[:1],
+        max_new_tokens=4,
+    )["metrics"]
     assert metrics["top1_agreement"] > 0.5 and metrics["kl_divergence_mean"] < 1.0

@@ -14,11 +14,21 @@ from builder.recipe import Recipe
 from builder.steps import references
 from builder.steps.verify import run_checks
 
-TINY = ("schema_version: 1\nname: tiny\nsource:\n  model: {model}\n  dtype: bfloat16\nquantize:\n  method: bnb-4bit\n"
-        "verify:\n  thresholds: {{footprint_ratio: 1.0}}\n  max_new_tokens: 4\n"
-        "variants:\n  nf4: {{quantize: {{quant_type: nf4}}}}\n  fp4: {{quantize: {{quant_type: fp4}}}}\n")
-GATED = ("top1_agreement", "kl_divergence_mean", "kl_divergence_max", "perplexity_reference", "perplexity_candidate",
-         "perplexity_ratio", "greedy_match", "footprint_ratio")
+TINY = (
+    "schema_version: 1\nname: tiny\nsource:\n  model: {model}\n  dtype: bfloat16\nquantize:\n  method: bnb-4bit\n"
+    "verify:\n  thresholds: {{footprint_ratio: 1.0}}\n  max_new_tokens: 4\n"
+    "variants:\n  nf4: {{quantize: {{quant_type: nf4}}}}\n  fp4: {{quantize: {{quant_type: fp4}}}}\n"
+)
+GATED = (
+    "top1_agreement",
+    "kl_divergence_mean",
+    "kl_divergence_max",
+    "perplexity_reference",
+    "perplexity_candidate",
+    "perplexity_ratio",
+    "greedy_match",
+    "footprint_ratio",
+)
 
 
 @pytest.fixture
@@ -44,11 +54,17 @@ def variants(tiny_llama, tmp_path_factory) -> dict:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             code = main(["build", str(recipe), "--out", str(folder / "out"), "--device", "cpu"])
     finally:
-        os.environ.pop(references.CACHE_ENV) if previous is None else os.environ.update({references.CACHE_ENV:
-                                                                                          previous})
+        os.environ.pop(references.CACHE_ENV) if previous is None else os.environ.update(
+            {references.CACHE_ENV: previous}
+        )
     assert code == 0, err.getvalue()
-    return {"recipe": recipe, "out": folder / "out", "cache": folder / "cache" / "references",
-            "stderr": err.getvalue(), "stdout": out.getvalue()}
+    return {
+        "recipe": recipe,
+        "out": folder / "out",
+        "cache": folder / "cache" / "references",
+        "stderr": err.getvalue(),
+        "stdout": out.getvalue(),
+    }
 
 
 def report_of(artifact: Path) -> dict:
@@ -90,8 +106,11 @@ def test_metrics_are_the_same_with_and_without_the_cache_and_no_cache_recomputes
     assert main(["verify", str(artifact), "--json", "--no-cache"]) == 0
     recomputed = json.loads(capsys.readouterr().out)
     assert [r["reference"]["cached"] for r in (fresh, cached, recomputed)] == [False, True, False]
-    assert {k: cached["metrics"][k] for k in GATED} == {k: fresh["metrics"][k] for k in GATED} \
+    assert (
+        {k: cached["metrics"][k] for k in GATED}
+        == {k: fresh["metrics"][k] for k in GATED}
         == {k: recomputed["metrics"][k] for k in GATED}
+    )
     assert {k: report_of(artifact)["metrics"][k] for k in GATED} == {k: fresh["metrics"][k] for k in GATED}
 
 
@@ -118,6 +137,7 @@ def test_an_interrupted_cache_write_leaves_no_entry(cache, monkeypatch):
 
     def interrupted(*args):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         references.store("k" * 64, {"x": torch.ones(3)})
@@ -140,21 +160,47 @@ def test_a_killed_writers_temporary_file_is_swept_once_a_day_old(cache):
 def test_the_key_changes_with_every_input_of_the_reference():
     import torch
 
-    base = {"revision": "sha256:1", "dtype": "bfloat16", "device_kind": "cpu",
-            "inputs": {"a": [torch.tensor([[1, 2]])]}, "task": "text-generation", "max_new_tokens": 4}
-    changed = [base | {"revision": "sha256:2"}, base | {"dtype": "float32"}, base | {"device_kind": "cuda:H200"},
-               base | {"inputs": {"a": [torch.tensor([[1, 3]])]}}, base | {"max_new_tokens": 5},
-               base | {"task": "feature-extraction"}]
+    base = {
+        "revision": "sha256:1",
+        "dtype": "bfloat16",
+        "device_kind": "cpu",
+        "inputs": {"a": [torch.tensor([[1, 2]])]},
+        "task": "text-generation",
+        "max_new_tokens": 4,
+    }
+    changed = [
+        base | {"revision": "sha256:2"},
+        base | {"dtype": "float32"},
+        base | {"device_kind": "cuda:H200"},
+        base | {"inputs": {"a": [torch.tensor([[1, 3]])]}},
+        base | {"max_new_tokens": 5},
+        base | {"task": "feature-extraction"},
+    ]
     keys = {references.reference_key(**fields) for fields in [base, *changed]}
     assert len(keys) == 7 and references.reference_key(**base) == references.reference_key(**dict(base))
 
 
+@pytest.mark.slow  # minutes on 2 cores; the block path on SmolLM2 is the slow tier's too
 def test_build_under_max_gpu_memory_verifies_both_models_block_by_block(tiny_llama, tmp_path, cache):
     recipe = tmp_path / "tiny.yaml"
     text = TINY.format(model=tiny_llama).split("variants:")[0]
     recipe.write_text(text.replace("bnb-4bit", "bnb-4bit\n  quant_type: nf4"))
-    assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
-                 "--max-gpu-memory", "1MiB"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(recipe),
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+                "--quiet",
+                "--max-gpu-memory",
+                "1MiB",
+            ]
+        )
+        == 0
+    )
     report = report_of(tmp_path / "out" / "tiny")
     assert report["passed"] and (report["reference"]["forward"], report["candidate"]["forward"]) == ("blocks", "blocks")
 
@@ -164,12 +210,18 @@ def test_plan_shows_the_thresholds_the_gate_will_apply(tiny_llama, tmp_path, cap
     recipe.write_text(TINY.format(model=tiny_llama))
     assert main(["plan", str(recipe), "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
-    assert plans[0]["thresholds"] == {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5,
-                                      "footprint_ratio": 1.0}
+    assert plans[0]["thresholds"] == {
+        "top1_agreement": 0.45,
+        "kl_divergence": 1.5,
+        "perplexity_ratio": 2.5,
+        "footprint_ratio": 1.0,
+    }
     assert plans[1]["thresholds"]["top1_agreement"] == 0.40  # fp4's default
     assert main(["plan", str(recipe)]) == 0
-    assert "gate:        top1_agreement >= 0.45, kl_divergence <= 1.5, perplexity_ratio <= 2.5, footprint_ratio " \
-           "<= 1" in capsys.readouterr().out
+    assert (
+        "gate:        top1_agreement >= 0.45, kl_divergence <= 1.5, perplexity_ratio <= 2.5, footprint_ratio "
+        "<= 1" in capsys.readouterr().out
+    )
 
 
 # --- block by block ---------------------------------------------------------------------------------------------
@@ -186,6 +238,7 @@ def assert_same_metrics(blocks: dict, whole: dict) -> None:
         assert close(m[key], w[key]), (key, m[key], w[key])
 
 
+@pytest.mark.slow  # minutes on 2 cores; the block path on SmolLM2 is the slow tier's too
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp_path, cache, method):
     if method == "nf4":
@@ -193,13 +246,23 @@ def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp
         quantize = {"method": "bnb-4bit", "quant_type": "nf4"}
     else:
         recipe = tmp_path / "int8.yaml"
-        recipe.write_text(TINY.format(model=tiny_llama).split("variants:")[0].replace("bnb-4bit", "bnb-8bit").replace(
-            "{footprint_ratio: 1.0}", "{footprint_ratio: 1.0, kl_divergence: 1.0}"))
+        recipe.write_text(
+            TINY.format(model=tiny_llama)
+            .split("variants:")[0]
+            .replace("bnb-4bit", "bnb-8bit")
+            .replace("{footprint_ratio: 1.0}", "{footprint_ratio: 1.0, kl_divergence: 1.0}")
+        )
         assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
         artifact, quantize = tmp_path / "out" / "tiny", {"method": "bnb-8bit"}
-    recipe = Recipe.model_validate({"schema_version": 1, "name": "tiny", "source": {"model": str(tiny_llama),
-                                    "dtype": "bfloat16"}, "quantize": quantize,
-                                    "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4}})
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "tiny",
+            "source": {"model": str(tiny_llama), "dtype": "bfloat16"},
+            "quantize": quantize,
+            "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4},
+        }
+    )
     whole = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
     blocks = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False, max_device_memory=1)
     assert (whole["reference"]["forward"], whole["candidate"]["forward"]) == ("whole", "whole")
@@ -214,15 +277,24 @@ def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp
 def test_block_by_block_gives_the_whole_models_metrics_on_smollm2(smollm2, tmp_path, cache):
     """Real weights, 30 blocks: the same agreement, KL and perplexity whole and one block at a time."""
     recipe_file = tmp_path / "smol.yaml"
-    recipe_file.write_text(f"schema_version: 1\nname: smol\nsource:\n  model: {smollm2}\n  dtype: bfloat16\n"
-                           "quantize:\n  method: bnb-4bit\n  quant_type: nf4\nverify:\n  max_new_tokens: 4\n")
+    recipe_file.write_text(
+        f"schema_version: 1\nname: smol\nsource:\n  model: {smollm2}\n  dtype: bfloat16\n"
+        "quantize:\n  method: bnb-4bit\n  quant_type: nf4\nverify:\n  max_new_tokens: 4\n"
+    )
     assert main(["build", str(recipe_file), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
-    recipe = Recipe.model_validate({"schema_version": 1, "name": "smol", "source": {"model": str(smollm2),
-                                    "dtype": "bfloat16"}, "quantize": {"method": "bnb-4bit", "quant_type": "nf4"},
-                                    "verify": {"max_new_tokens": 4}})
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "smol",
+            "source": {"model": str(smollm2), "dtype": "bfloat16"},
+            "quantize": {"method": "bnb-4bit", "quant_type": "nf4"},
+            "verify": {"max_new_tokens": 4},
+        }
+    )
     artifact = tmp_path / "out" / "smol"
     whole = run_checks(recipe, "text-generation", smollm2, artifact, "cpu", use_cache=False)
-    blocks = run_checks(recipe, "text-generation", smollm2, artifact, "cpu", use_cache=False,
-                        max_device_memory=64 << 20)
+    blocks = run_checks(
+        recipe, "text-generation", smollm2, artifact, "cpu", use_cache=False, max_device_memory=64 << 20
+    )
     assert blocks["candidate"]["offload"]["blocks"] == 30 and blocks["reference"]["forward"] == "blocks"
     assert_same_metrics(blocks, whole)

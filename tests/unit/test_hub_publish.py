@@ -28,9 +28,17 @@ BUILDER = [sys.executable, "-m", "builder"]
 SOURCE, SOURCE_COMMIT = "HuggingFaceTB/SmolLM2-135M-Instruct", "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_artifact(folder: Path, *, weights: bytes = b"\x00weights" * 4096, passed: bool = True,
-                  extra_files: dict[str, bytes] | None = None, source_revision: str | None = SOURCE_COMMIT,
-                  model: str = SOURCE, repo: str | None = REPO, build_hash: str | None = None) -> Path:
+def make_artifact(
+    folder: Path,
+    *,
+    weights: bytes = b"\x00weights" * 4096,
+    passed: bool = True,
+    extra_files: dict[str, bytes] | None = None,
+    source_revision: str | None = SOURCE_COMMIT,
+    model: str = SOURCE,
+    repo: str | None = REPO,
+    build_hash: str | None = None,
+) -> Path:
     """An artifact folder as the pipeline writes it: weights, config, tokenizer, card, lock, report, manifest."""
     from builder.artifact import Manifest
     from builder.card import render_card
@@ -39,53 +47,117 @@ def make_artifact(folder: Path, *, weights: bytes = b"\x00weights" * 4096, passe
     for old in folder.rglob("*"):
         if old.is_file():
             old.unlink()
-    recipe = {"schema_version": 1, "name": "tiny-nf4",
-              "source": {"model": model, "revision": source_revision, "task": "text-generation", "dtype": "auto",
-                         "trust_remote_code": False, "allow_pickle": False},
-              "quantize": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": True,
-                           "compute_dtype": "bfloat16", "quant_storage": "uint8", "skip_modules": [],
-                           "dequantize": False},
-              "publish": {"repo": repo, "revision": "main", "private": False, "create_pr": False,
-                          "license": "apache-2.0", "tags": ["tiny"], "card": "Made for the publish tests."}
-              if repo else None}
-    report = {"passed": passed, "task": "text-generation", "device": "cpu", "provider": None,
-              "metrics": {"top1_agreement": 0.97 if passed else 0.4}, "thresholds": {"top1_agreement": 0.9},
-              "failures": [] if passed else [{"metric": "top1_agreement", "value": 0.4, "threshold": 0.9,
-                                              "message": "top1_agreement 0.400 < 0.900 (missed by 0.500)"}],
-              "performance": {}}
-    manifest = {"manifest_version": 1, "name": "tiny-nf4",
-                "build_hash": build_hash or hashlib.sha256(weights).hexdigest(), "kind": "quantize",
-                "recipe": recipe, "recipe_files": ["recipes/tiny.yaml"],
-                "source": {"model": model, "revision": source_revision or SOURCE_COMMIT,
-                           "task": "text-generation"},
-                "versions": {"builder": "0.1.0", "torch": "2.13.0"}, "device": "test cpu",
-                "built_at": "2026-01-01T00:00:00+00:00", "timings": {"load": 0.1},
-                "footprint": {"source_bytes": 4 * len(weights), "artifact_bytes": len(weights), "ratio": 0.25},
-                "bits_per_param": 4.13, "library_name": "transformers", "verification": report}
-    files = {"model.safetensors": weights, "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
-             "tokenizer.json": b'{"version": "1.0"}', "verify-report.json": json.dumps(report).encode(),
-             "recipe.lock.yaml": b"schema_version: 1\nname: tiny-nf4\n", **(extra_files or {})}
+    recipe = {
+        "schema_version": 1,
+        "name": "tiny-nf4",
+        "source": {
+            "model": model,
+            "revision": source_revision,
+            "task": "text-generation",
+            "dtype": "auto",
+            "trust_remote_code": False,
+            "allow_pickle": False,
+        },
+        "quantize": {
+            "method": "bnb-4bit",
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bfloat16",
+            "quant_storage": "uint8",
+            "skip_modules": [],
+            "dequantize": False,
+        },
+        "publish": {
+            "repo": repo,
+            "revision": "main",
+            "private": False,
+            "create_pr": False,
+            "license": "apache-2.0",
+            "tags": ["tiny"],
+            "card": "Made for the publish tests.",
+        }
+        if repo
+        else None,
+    }
+    report = {
+        "passed": passed,
+        "task": "text-generation",
+        "device": "cpu",
+        "provider": None,
+        "metrics": {"top1_agreement": 0.97 if passed else 0.4},
+        "thresholds": {"top1_agreement": 0.9},
+        "failures": []
+        if passed
+        else [
+            {
+                "metric": "top1_agreement",
+                "value": 0.4,
+                "threshold": 0.9,
+                "message": "top1_agreement 0.400 < 0.900 (missed by 0.500)",
+            }
+        ],
+        "performance": {},
+    }
+    manifest = {
+        "manifest_version": 1,
+        "name": "tiny-nf4",
+        "build_hash": build_hash or hashlib.sha256(weights).hexdigest(),
+        "kind": "quantize",
+        "recipe": recipe,
+        "recipe_files": ["recipes/tiny.yaml"],
+        "source": {"model": model, "revision": source_revision or SOURCE_COMMIT, "task": "text-generation"},
+        "versions": {"builder": "0.1.0", "torch": "2.13.0"},
+        "device": "test cpu",
+        "built_at": "2026-01-01T00:00:00+00:00",
+        "timings": {"load": 0.1},
+        "footprint": {"source_bytes": 4 * len(weights), "artifact_bytes": len(weights), "ratio": 0.25},
+        "bits_per_param": 4.13,
+        "library_name": "transformers",
+        "verification": report,
+    }
+    files = {
+        "model.safetensors": weights,
+        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+        "tokenizer.json": b'{"version": "1.0"}',
+        "verify-report.json": json.dumps(report).encode(),
+        "recipe.lock.yaml": b"schema_version: 1\nname: tiny-nf4\n",
+        **(extra_files or {}),
+    }
     files["README.md"] = render_card(Manifest.model_validate(manifest)).encode()
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    manifest["files"] = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                         for name, data in sorted(files.items())}
+    manifest["files"] = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in sorted(files.items())
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
 
 
-def run_publish(artifact: Path, endpoint: str, *args: str, token: str | None = TOKEN, timeout: float = 120,
-                home: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           **(env or {})}
+def run_publish(
+    artifact: Path,
+    endpoint: str,
+    *args: str,
+    token: str | None = TOKEN,
+    timeout: float = 120,
+    home: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        **(env or {}),
+    }
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
     if home is not None:
         env["HF_HOME"] = str(home)
-    return subprocess.run([*BUILDER, "publish", str(artifact), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*BUILDER, "publish", str(artifact), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -169,8 +241,12 @@ def test_dry_run_touches_nothing_and_prints_the_card(hub, tmp_path):
         ({}, (), None, "hf auth login"),
         ({"repo": None}, (), TOKEN, "--repo org/name"),
         ({}, ("--repo", "no-namespace"), TOKEN, "'no-namespace' is not a Hub repo id; write it as org/name"),
-        ({"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "source_revision": "main"}, (), TOKEN,
-         "is not a 40-hex commit"),
+        (
+            {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "source_revision": "main"},
+            (),
+            TOKEN,
+            "is not a 40-hex commit",
+        ),
     ],
     ids=["unverified", "no-token", "no-repo", "bad-repo", "unpinned-hub-source"],
 )
@@ -206,8 +282,9 @@ def test_revision_branch_private_repo_and_pull_request(hub, tmp_path):
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.url, token=False).model_info("demo/private")
     # the card was re-rendered for the repo it went to
-    card = Path(hf_api(hub).hf_hub_download("demo/private", "README.md", revision="release",
-                                            cache_dir=tmp_path / "c")).read_text()
+    card = Path(
+        hf_api(hub).hf_hub_download("demo/private", "README.md", revision="release", cache_dir=tmp_path / "c")
+    ).read_text()
     assert 'from_pretrained("demo/private"' in card
 
     make_artifact(artifact, weights=b"\x02pr" * 3000, repo="demo/private")
@@ -273,10 +350,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding",
-                                                                                "content-length", "connection")}
-        request = Request(self.server.target + self.path, data=body if self.command in ("POST", "PUT") else None,
-                          headers=headers, method=self.command)
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("transfer-encoding", "content-length", "connection")
+        }
+        request = Request(
+            self.server.target + self.path,
+            data=body if self.command in ("POST", "PUT") else None,
+            headers=headers,
+            method=self.command,
+        )
         try:
             response = urlopen(request, timeout=60)
             status, answer_headers, data = response.status, dict(response.headers), response.read()
@@ -364,8 +448,9 @@ def test_killed_publish_leaves_the_repo_unchanged(hub, proxy, tmp_path):
     before = commits(hub)
     faulty = proxy(("hang-lfs",))
     env = {**os.environ, "HF_ENDPOINT": faulty.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN}
-    process = subprocess.Popen([*BUILDER, "publish", str(artifact)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [*BUILDER, "publish", str(artifact)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert faulty.lfs_started.wait(60), "the publish never reached the LFS upload"
     finally:

@@ -26,9 +26,12 @@ def serve(tmp_path):
 
     def start(*args: str, env: dict | None = None) -> tuple[str, Path]:
         root = tmp_path / f"root{len(processes)}"
-        process = subprocess.Popen([sys.executable, "-m", "builder", "hub", "serve", "--port", "0", "--root",
-                                    str(root), *args], stdout=subprocess.PIPE, text=True,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "builder", "hub", "serve", "--port", "0", "--root", str(root), *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         processes.append(process)
         url = process.stdout.readline().rsplit(" at ", 1)[1].split()[0]
         process.stdout.readline()
@@ -60,8 +63,9 @@ def _auth(content_type: str = "application/json") -> dict:
 
 def _create(url: str, repo: str) -> None:
     org, name = repo.split("/")
-    status, _, _ = _request(f"{url}/api/repos/create", "POST",
-                            json.dumps({"organization": org, "name": name}).encode(), _auth())
+    status, _, _ = _request(
+        f"{url}/api/repos/create", "POST", json.dumps({"organization": org, "name": name}).encode(), _auth()
+    )
     assert status == 200
 
 
@@ -79,11 +83,17 @@ def test_an_lfs_oid_that_is_not_a_sha256_never_reads_a_file(served, tmp_path, ki
     url, root = served
     secret = tmp_path / "secret.txt"
     secret.write_text("the registry host's private file\n")
-    planted = {"absolute": str(secret), "dotdot": "../" * (len(root.parts) + 2) + str(secret).lstrip("/"),
-               "uppercase": "A" * 64, "number": 5, "null": None}[kind]
+    planted = {
+        "absolute": str(secret),
+        "dotdot": "../" * (len(root.parts) + 2) + str(secret).lstrip("/"),
+        "uppercase": "A" * 64,
+        "number": 5,
+        "null": None,
+    }[kind]
     _create(url, "evil/leak")
-    status, answer = _commit(url, "evil/leak", [{"key": "lfsFile", "value": {"path": "leak.bin", "algo": "sha256",
-                                                                               "oid": planted}}])
+    status, answer = _commit(
+        url, "evil/leak", [{"key": "lfsFile", "value": {"path": "leak.bin", "algo": "sha256", "oid": planted}}]
+    )
     assert status == 422 and "sha256" in answer["error"]
     status, _, body = _request(f"{url}/evil/leak/resolve/main/leak.bin")
     assert status == 404 and b"private file" not in body
@@ -150,8 +160,10 @@ def _answer(sock: socket.socket) -> tuple[int, dict, bytes]:
 
 def _post(path: str, body: bytes, *, auth: bool = True, content_type: str = "application/json") -> bytes:
     headers = f"Authorization: Bearer {TOKEN}\r\n" if auth else ""
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def _header_then(value: object) -> bytes:
@@ -159,22 +171,33 @@ def _header_then(value: object) -> bytes:
 
 
 MALFORMED = {
-    "404 of a path that is not latin-1": lambda: b"GET /evil/bad/resolve/main/%E2%82%AC.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+    "404 of a path that is not latin-1": lambda: (
+        b"GET /evil/bad/resolve/main/%E2%82%AC.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    ),
     "404 of a path with no repo": lambda: b"GET /resolve/main/%E2%82%AC.txt HTTP/1.1\r\nHost: x\r\n\r\n",
-    "Content-Length: abc": lambda: (f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
-                                    "\r\nContent-Length: abc\r\n\r\n{}").encode(),
+    "Content-Length: abc": lambda: (
+        f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+        "\r\nContent-Length: abc\r\n\r\n{}"
+    ).encode(),
     "Content-Length: -5": lambda: b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-    "commit header line is a list": lambda: _post("/api/models/evil/bad/commit/main", b'["header", {}]',
-                                                  content_type="application/x-ndjson"),
-    "commit header value is 5": lambda: _post("/api/models/evil/bad/commit/main",
-                                              _header_then([{"key": "header", "value": 5}]), content_type="x"),
-    "commit file value is a string": lambda: _post("/api/models/evil/bad/commit/main", _header_then(
-        [{"key": "header", "value": {"summary": "x"}}, {"key": "file", "value": "a.txt"}]), content_type="x"),
+    "commit header line is a list": lambda: _post(
+        "/api/models/evil/bad/commit/main", b'["header", {}]', content_type="application/x-ndjson"
+    ),
+    "commit header value is 5": lambda: _post(
+        "/api/models/evil/bad/commit/main", _header_then([{"key": "header", "value": 5}]), content_type="x"
+    ),
+    "commit file value is a string": lambda: _post(
+        "/api/models/evil/bad/commit/main",
+        _header_then([{"key": "header", "value": {"summary": "x"}}, {"key": "file", "value": "a.txt"}]),
+        content_type="x",
+    ),
     "5000-deep JSON to validate-yaml": lambda: _post("/api/validate-yaml", b"[" * 5000 + b"]" * 5000),
     "[] to repos/create": lambda: _post("/api/repos/create", b"[]"),
     "a string as preupload files": lambda: _post("/api/models/evil/bad/preupload/main", b'{"files": "x"}'),
-    "a bad chunk size": lambda: (f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                                 "Transfer-Encoding: chunked\r\n\r\nzz\r\n").encode(),
+    "a bad chunk size": lambda: (
+        f"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ).encode(),
 }
 
 
@@ -193,14 +216,28 @@ def test_a_card_whose_aliases_expand_is_not_expanded_into_the_answer(served):
     """A 209-byte README made repo info answer 2.6 MB (each further alias level: 9 times more)."""
     url, _ = served
     _create(url, "evil/card")
-    card = ("---\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
-            "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
-            "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n---\n")
+    card = (
+        "---\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+        "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+        "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n---\n"
+    )
     assert len(card) < 300
     import base64
 
-    status, _ = _commit(url, "evil/card", [{"key": "file", "value": {
-        "path": "README.md", "content": base64.b64encode(card.encode()).decode(), "encoding": "base64"}}])
+    status, _ = _commit(
+        url,
+        "evil/card",
+        [
+            {
+                "key": "file",
+                "value": {
+                    "path": "README.md",
+                    "content": base64.b64encode(card.encode()).decode(),
+                    "encoding": "base64",
+                },
+            }
+        ],
+    )
     assert status == 200
     status, _, body = _request(f"{url}/api/models/evil/card")
     assert status == 200 and len(body) < 10_000 and "cardData" not in json.loads(body)
@@ -248,16 +285,20 @@ def test_a_body_over_the_limit_is_refused_with_413(serve):
     url, _ = serve("--token", TOKEN, "--max-body-bytes", "1000")
     status, _, body = _raw(url, _post("/api/repos/create", b" " * 2000))
     assert status == 413 and "1000 bytes" in json.loads(body)["error"]
-    sig_free = (f"PUT /evil/x.git/info/lfs/objects/upload/{'a' * 64}/5000?sig=x HTTP/1.1\r\nHost: x\r\n"
-                "Content-Length: 5000\r\n\r\n").encode()
+    sig_free = (
+        f"PUT /evil/x.git/info/lfs/objects/upload/{'a' * 64}/5000?sig=x HTTP/1.1\r\nHost: x\r\n"
+        "Content-Length: 5000\r\n\r\n"
+    ).encode()
     assert _raw(url, sig_free)[0] == 403  # the signature is checked before the size or the body
 
 
 def test_a_client_that_stalls_mid_request_is_dropped_after_the_timeout(serve):
     url, _ = serve("--timeout", "1")
     host, port = url.removeprefix("http://").split(":")
-    for partial in (b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\n",  # headers never end
-                    b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"):  # nor the body
+    for partial in (
+        b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\n",  # headers never end
+        b"POST /api/repos/create HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+    ):  # nor the body
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(partial)
             started = time.monotonic()
@@ -299,8 +340,12 @@ def test_the_token_can_come_from_the_environment_or_a_file(serve, tmp_path, how)
 def test_serve_usage_errors_exit_2(capsys):
     from builder.cli import main
 
-    for argv in (["--port", "99999"], ["--port", "-1"], ["--max-connections", "0"], ["--token", "a",
-                                                                                       "--token-file", "f"]):
+    for argv in (
+        ["--port", "99999"],
+        ["--port", "-1"],
+        ["--max-connections", "0"],
+        ["--token", "a", "--token-file", "f"],
+    ):
         assert main(["hub", "serve", *argv]) == 2
         err = capsys.readouterr().err
         assert "usage:" in err and "Traceback" not in err

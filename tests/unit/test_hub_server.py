@@ -63,10 +63,16 @@ def test_transformers_loads_a_model_from_the_registry(api, hub, tiny_llama, tmp_
         "    assert torch.equal(model(**ids).logits, local(**ids).logits)\n"
         "print(tok.decode(model.generate(**ids, max_new_tokens=3, do_sample=False)[0]))\n"
     )
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
-           "HF_HUB_DISABLE_XET": "1"}
-    result = subprocess.run([sys.executable, "-c", script, str(tiny_llama)], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_llama)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("The capital of France is")
 
@@ -132,14 +138,18 @@ def test_resolve_headers_and_range_requests(api, hub):
 
     api.create_repo("demo/resolve")
     weights = bytes(range(256)) * 100
-    commit = api.create_commit("demo/resolve", [CommitOperationAdd("w.safetensors", weights),
-                                                CommitOperationAdd("c.json", b"{}")], commit_message="x")
+    commit = api.create_commit(
+        "demo/resolve",
+        [CommitOperationAdd("w.safetensors", weights), CommitOperationAdd("c.json", b"{}")],
+        commit_message="x",
+    )
     status, headers, body = _request(f"{hub.url}/demo/resolve/resolve/main/w.safetensors", "HEAD")
     assert status == 200 and headers["X-Repo-Commit"] == commit.oid
     assert headers["X-Linked-Etag"].strip('"') == hashlib.sha256(weights).hexdigest()
     assert headers["X-Linked-Size"] == str(len(weights))
-    status, headers, body = _request(f"{hub.url}/demo/resolve/resolve/{commit.oid}/w.safetensors",
-                                     headers={"Range": "bytes=10-19"})
+    status, headers, body = _request(
+        f"{hub.url}/demo/resolve/resolve/{commit.oid}/w.safetensors", headers={"Range": "bytes=10-19"}
+    )
     assert status == 206 and body == weights[10:20] and headers["Content-Range"] == f"bytes 10-19/{len(weights)}"
     status, headers, _ = _request(f"{hub.url}/demo/resolve/resolve/main/c.json", "HEAD")
     assert headers["ETag"].strip('"') == hashlib.sha1(b"blob 2\0{}").hexdigest() and "X-Linked-Etag" not in headers
@@ -155,13 +165,14 @@ def test_failed_commits_leave_the_branch_unchanged(api, hub):
         return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
 
     header = {"key": "header", "value": {"summary": "x", "parentCommit": head}}
-    content = {"key": "file", "value": {"path": "ok.txt", "content": base64.b64encode(b"ok").decode(),
-                                        "encoding": "base64"}}
+    content = {
+        "key": "file",
+        "value": {"path": "ok.txt", "content": base64.b64encode(b"ok").decode(), "encoding": "base64"},
+    }
     missing_lfs = {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 5}}
     status, _, body = _request(url, "POST", ndjson(header, content, missing_lfs), auth)
     assert status == 422 and b"was not uploaded" in body
-    status, headers, _ = _request(url, "POST", ndjson(header, {"key": "deletedFile", "value": {"path": "nope"}}),
-                                  auth)
+    status, headers, _ = _request(url, "POST", ndjson(header, {"key": "deletedFile", "value": {"path": "nope"}}), auth)
     assert status == 404 and headers["X-Error-Code"] == "EntryNotFound"
     # a body cut off mid-way (the client died): the server gives up on it and applies nothing
     connection = http.client.HTTPConnection("127.0.0.1", hub.server_address[1], timeout=30)
@@ -182,9 +193,14 @@ def test_lfs_upload_urls_are_signed_and_bytes_checked(api, hub):
     data = b"\0weights" * 1000
     oid = hashlib.sha256(data).hexdigest()
     auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/vnd.git-lfs+json"}
-    status, _, body = _request(f"{hub.url}/demo/lfs.git/info/lfs/objects/batch", "POST", json.dumps(
-        {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]}).encode(),
-        auth)
+    status, _, body = _request(
+        f"{hub.url}/demo/lfs.git/info/lfs/objects/batch",
+        "POST",
+        json.dumps(
+            {"operation": "upload", "transfers": ["basic"], "objects": [{"oid": oid, "size": len(data)}]}
+        ).encode(),
+        auth,
+    )
     href = json.loads(body)["objects"][0]["actions"]["upload"]["href"]
     assert _request(href.split("?")[0] + "?sig=forged", "PUT", data)[0] == 403
     assert _request(href, "PUT", data[:-1] + b"x")[0] == 400
@@ -203,8 +219,7 @@ def test_registry_persists_across_restarts(api, hub, tmp_path):
 
     api.create_repo("demo/keep")
     api.create_branch("demo/keep", branch="dev")
-    commit = api.create_commit("demo/keep", [CommitOperationAdd("a.txt", b"a")], commit_message="a",
-                               revision="dev")
+    commit = api.create_commit("demo/keep", [CommitOperationAdd("a.txt", b"a")], commit_message="a", revision="dev")
     again = start_in_thread(hub.store.root, token=TOKEN)
     try:
         other = HfApi(endpoint=again.url, token=TOKEN)
@@ -220,13 +235,29 @@ def test_invalid_card_metadata_is_rejected_before_upload(api):
 
     api.create_repo("demo/card")
     with pytest.raises(ValueError, match="Invalid metadata"):
-        api.create_commit("demo/card", [CommitOperationAdd("README.md", b"---\n- a list\n---\n")],
-                          commit_message="bad card")
+        api.create_commit(
+            "demo/card", [CommitOperationAdd("README.md", b"---\n- a list\n---\n")], commit_message="bad card"
+        )
 
 
 def test_hub_serve_command(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "builder", "hub", "serve", "--port", "0", "--root",
-                                str(tmp_path / "root"), "--token", TOKEN], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "builder",
+            "hub",
+            "serve",
+            "--port",
+            "0",
+            "--root",
+            str(tmp_path / "root"),
+            "--token",
+            TOKEN,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         first, second = process.stdout.readline(), process.stdout.readline()
         url = first.rsplit(" at ", 1)[1].split()[0]
@@ -235,8 +266,12 @@ def test_hub_serve_command(tmp_path):
         assert status == 200 and json.loads(body)["name"] == "builder-hub"
         assert _request(f"{url}/api/whoami-v2")[0] == 401
         port = url.rsplit(":", 1)[1]
-        busy = subprocess.run([sys.executable, "-m", "builder", "hub", "serve", "--port", port, "--root",
-                               str(tmp_path / "other")], capture_output=True, text=True, timeout=60)
+        busy = subprocess.run(
+            [sys.executable, "-m", "builder", "hub", "serve", "--port", port, "--root", str(tmp_path / "other")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert busy.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in busy.stderr
     finally:
         process.terminate()
@@ -268,18 +303,32 @@ def test_a_card_with_a_license_the_hub_does_not_know_is_refused_like_the_hub_doe
     api.create_repo("demo/licensed")
     bad = b"---\nlicense: Apache 2.0\n---\n# card\n"
     # huggingface_hub asks the validate-yaml endpoint first and raises what it answers ...
-    with pytest.raises(ValueError, match=r"Invalid metadata in README.md.\n- \"license\": 'Apache 2.0' is not a Hub "
-                                         r"license identifier \(did you mean 'apache-2.0'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid metadata in README.md.\n- \"license\": 'Apache 2.0' is not a Hub "
+        r"license identifier \(did you mean 'apache-2.0'\?\)",
+    ):
         api.upload_file(repo_id="demo/licensed", path_in_repo="README.md", path_or_fileobj=bad)
     # ... and a client that commits directly is refused by the commit endpoint.
-    payload = "\n".join(json.dumps(line) for line in (
-        {"key": "header", "value": {"summary": "card"}},
-        {"key": "file", "value": {"path": "README.md", "encoding": "base64",
-                                  "content": base64.b64encode(bad).decode()}}))
-    status, _, body = _request(f"{api.endpoint}/api/models/demo/licensed/commit/main", "POST", payload.encode(),
-                               {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"})
+    payload = "\n".join(
+        json.dumps(line)
+        for line in (
+            {"key": "header", "value": {"summary": "card"}},
+            {
+                "key": "file",
+                "value": {"path": "README.md", "encoding": "base64", "content": base64.b64encode(bad).decode()},
+            },
+        )
+    )
+    status, _, body = _request(
+        f"{api.endpoint}/api/models/demo/licensed/commit/main",
+        "POST",
+        payload.encode(),
+        {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"},
+    )
     assert status == 400 and b"apache-2.0" in body
     assert "README.md" not in api.list_repo_files("demo/licensed")
-    api.upload_file(repo_id="demo/licensed", path_in_repo="README.md",
-                    path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# card\n")
+    api.upload_file(
+        repo_id="demo/licensed", path_in_repo="README.md", path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# card\n"
+    )
     assert api.model_info("demo/licensed").card_data["license"] == "apache-2.0"

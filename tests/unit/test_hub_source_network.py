@@ -20,15 +20,22 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("endpoint", [f"http://127.0.0.1:{_closed_port()}", "http://no-such-host.invalid"],
-                         ids=["connection-refused", "dns"])
+@pytest.mark.parametrize(
+    "endpoint", [f"http://127.0.0.1:{_closed_port()}", "http://no-such-host.invalid"], ids=["connection-refused", "dns"]
+)
 def test_an_unreachable_hub_exits_1_naming_the_endpoint(endpoint, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("schema_version: 1\nname: x\nsource:\n  model: org/m\nquantize:\n  method: bnb-4bit\n")
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
-           "BUILDER_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "builder", "plan", str(recipe)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(REPO),
+        "BUILDER_CACHE": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "builder", "plan", str(recipe)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert done.returncode == 1, done.stderr
     assert f"cannot reach the Hub at {endpoint} to resolve org/m@main" in done.stderr
     assert "check the network connection, DNS and proxy" in done.stderr

@@ -12,8 +12,9 @@ def _fake_model(folder: Path) -> None:
     """config.json + a safetensors file holding one 4x4 float32 linear weight (header written by hand)."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    header = json.dumps({"model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [4, 4],
-                                                                "data_offsets": [0, 64]}}).encode()
+    header = json.dumps(
+        {"model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}
+    ).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
 
 
@@ -24,18 +25,32 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "recipes").mkdir()
     for name in ("a", "b"):
         (tmp_path / "recipes" / f"{name}.yaml").write_text(
-            f"schema_version: 1\nname: {name}\nsource:\n  model: ../m\nquantize:\n  method: bnb-4bit\n")
+            f"schema_version: 1\nname: {name}\nsource:\n  model: ../m\nquantize:\n  method: bnb-4bit\n"
+        )
     (tmp_path / "artifacts").mkdir()
     return tmp_path
 
 
 def manifest_json(name: str, build_hash: str, passed: bool, files: dict | None = None) -> dict:
     """A manifest as `builder build` writes it, reduced to what the inventory reads."""
-    return {"manifest_version": 1, "name": name, "build_hash": build_hash, "kind": "quantize", "recipe": {},
-            "recipe_files": [], "source": {"model": "../m", "revision": "sha256:" + "0" * 64, "task": None},
-            "versions": {}, "device": "cpu", "built_at": "2026-01-01T00:00:00+00:00", "timings": {},
-            "footprint": None, "bits_per_param": None, "library_name": "transformers",
-            "verification": {"passed": passed}, "files": files or {}}
+    return {
+        "manifest_version": 1,
+        "name": name,
+        "build_hash": build_hash,
+        "kind": "quantize",
+        "recipe": {},
+        "recipe_files": [],
+        "source": {"model": "../m", "revision": "sha256:" + "0" * 64, "task": None},
+        "versions": {},
+        "device": "cpu",
+        "built_at": "2026-01-01T00:00:00+00:00",
+        "timings": {},
+        "footprint": None,
+        "bits_per_param": None,
+        "library_name": "transformers",
+        "verification": {"passed": passed},
+        "files": files or {},
+    }
 
 
 def _write_manifest(project: Path, name: str, build_hash: str, passed: bool) -> None:
@@ -59,8 +74,9 @@ def test_list_json_and_published_record(project, capsys, monkeypatch):
     [state] = [s for s in artifact_states(["recipes"], Path("artifacts")) if s.name == "a"]
     _write_manifest(project, "a", state.build_hash, passed=False)
     (project / "artifacts" / ".published").mkdir()
-    (project / "artifacts" / ".published" / "a.json").write_text(json.dumps(
-        {"repo": "org/a", "commit": "c" * 40, "build_hash": state.build_hash}))
+    (project / "artifacts" / ".published" / "a.json").write_text(
+        json.dumps({"repo": "org/a", "commit": "c" * 40, "build_hash": state.build_hash})
+    )
     assert main(["list", "recipes", "--json"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert listed["a"]["state"] == "built"
@@ -124,8 +140,13 @@ def test_a_core_install_does_not_call_an_artifact_built_with_the_extras_stale(pr
     [loaded] = load_recipes(project / "recipes" / "a.yaml")
     [state] = [s for s in artifact_states([project / "recipes"], project / "artifacts") if s.name == "a"]
     revision = "sha256:" + builder.source.folder_digest(project / "m")
-    built_with = {"builder": builder.plan._version("builder"), "torch": "2.13.0", "transformers": "5.1.0",
-                  "accelerate": "1.12.0", "bitsandbytes": "0.50.2"}
+    built_with = {
+        "builder": builder.plan._version("builder"),
+        "torch": "2.13.0",
+        "transformers": "5.1.0",
+        "accelerate": "1.12.0",
+        "bitsandbytes": "0.50.2",
+    }
     manifest = manifest_json("a", build_hash(loaded.recipe, revision, built_with), passed=True)
     manifest["versions"] = {**built_with, "numpy": "2.3.0"}  # recorded for information, not hashed
     (project / "artifacts" / "a").mkdir()

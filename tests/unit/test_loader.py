@@ -49,10 +49,18 @@ def test_extends_is_relative_to_the_extending_file_and_files_lists_the_chain(tmp
 
 
 def test_null_replaces_and_lists_are_replaced(tmp_path):
-    write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m, task: fill-mask, revision: v1}\n"
-                                  "quantize: {method: bnb-4bit, skip_modules: [a, b]}\nverify: {prompts: [x, y]}\n")
-    child = write(tmp_path, "c.yaml", "extends: _base.yaml\nname: c\nsource: {task: null, revision: null}\n"
-                                      "quantize: {skip_modules: [c]}\nverify: {prompts: []}\n")
+    write(
+        tmp_path,
+        "_base.yaml",
+        "schema_version: 1\nsource: {model: org/m, task: fill-mask, revision: v1}\n"
+        "quantize: {method: bnb-4bit, skip_modules: [a, b]}\nverify: {prompts: [x, y]}\n",
+    )
+    child = write(
+        tmp_path,
+        "c.yaml",
+        "extends: _base.yaml\nname: c\nsource: {task: null, revision: null}\n"
+        "quantize: {skip_modules: [c]}\nverify: {prompts: []}\n",
+    )
     recipe = load_recipes(child)[0].recipe
     assert recipe.source.task is None and recipe.source.revision is None and recipe.source.model == "org/m"
     assert recipe.quantize.skip_modules == ("c",)
@@ -60,8 +68,12 @@ def test_null_replaces_and_lists_are_replaced(tmp_path):
 
 
 def test_child_changing_method_replaces_the_parent_block(tmp_path):
-    write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m}\n"
-                                  "quantize: {method: bnb-4bit, quant_type: fp4, double_quant: true}\n")
+    write(
+        tmp_path,
+        "_base.yaml",
+        "schema_version: 1\nsource: {model: org/m}\n"
+        "quantize: {method: bnb-4bit, quant_type: fp4, double_quant: true}\n",
+    )
     child = write(tmp_path, "c.yaml", "extends: _base.yaml\nname: c\nquantize: {method: bnb-8bit, threshold: 5}\n")
     quantize = load_recipes(child)[0].recipe.quantize
     assert (quantize.method, quantize.threshold, quantize.skip_modules) == ("bnb-8bit", 5.0, ())
@@ -70,11 +82,18 @@ def test_child_changing_method_replaces_the_parent_block(tmp_path):
 
 
 def test_parent_variants_are_inherited_and_named_after_the_child(tmp_path):
-    write(tmp_path, "_matrix.yaml", "schema_version: 1\nname: parent\nsource: {model: org/m}\n"
-                                    "quantize: {method: bnb-4bit}\n"
-                                    "variants: {nf4: {}, fp4: {quantize: {quant_type: fp4}}}\n")
-    child = write(tmp_path, "c.yaml", "extends: _matrix.yaml\nname: child\n"
-                                      "variants: {fp4: {quantize: {double_quant: true}}, dq: {}}\n")
+    write(
+        tmp_path,
+        "_matrix.yaml",
+        "schema_version: 1\nname: parent\nsource: {model: org/m}\n"
+        "quantize: {method: bnb-4bit}\n"
+        "variants: {nf4: {}, fp4: {quantize: {quant_type: fp4}}}\n",
+    )
+    child = write(
+        tmp_path,
+        "c.yaml",
+        "extends: _matrix.yaml\nname: child\nvariants: {fp4: {quantize: {double_quant: true}}, dq: {}}\n",
+    )
     loaded = {item.variant: item.recipe for item in load_recipes(child)}
     assert {name: r.name for name, r in loaded.items()} == {"nf4": "child-nf4", "fp4": "child-fp4", "dq": "child-dq"}
     assert loaded["fp4"].quantize.quant_type == "fp4" and loaded["fp4"].quantize.double_quant  # variants deep-merge
@@ -85,8 +104,9 @@ def test_three_file_cycle_names_every_link(tmp_path, monkeypatch):
     write(tmp_path, "a.yaml", "extends: b.yaml\nname: a\n")
     write(tmp_path, "b.yaml", "extends: c.yaml\n")
     write(tmp_path, "c.yaml", "schema_version: 1\nextends: a.yaml\n")
-    assert problems("a.yaml") == ["c.yaml:2:10: extends: extends cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; remove "
-                                  "one of the links"]
+    assert problems("a.yaml") == [
+        "c.yaml:2:10: extends: extends cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; remove one of the links"
+    ]
     # A diamond is not a cycle: two files may extend the same base.
     write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m}\nquantize: {method: bnb-4bit}\n")
     write(tmp_path, "x.yaml", "extends: _base.yaml\nname: x\n")
@@ -110,8 +130,12 @@ def test_problems_of_child_and_parents_come_together(tmp_path, monkeypatch):
 
 def test_variant_problems_and_file_problems_come_together(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "v.yaml", "schema_version: 1\nname: v\nsource: {model: org/m}\nsource: {model: org/n}\n"
-                              "quantize: {method: bnb-4bit}\nvariants:\n  ok: {}\n  bad: {quantize: {quant_type: x}}\n")
+    write(
+        tmp_path,
+        "v.yaml",
+        "schema_version: 1\nname: v\nsource: {model: org/m}\nsource: {model: org/n}\n"
+        "quantize: {method: bnb-4bit}\nvariants:\n  ok: {}\n  bad: {quantize: {quant_type: x}}\n",
+    )
     assert problems("v.yaml") == [
         "v.yaml:4:1: source: duplicate key 'source' (first written at line 3); keep one of them",
         "v.yaml:8:32: quantize.quant_type: 'x' is not one of nf4, fp4",
@@ -119,9 +143,13 @@ def test_variant_problems_and_file_problems_come_together(tmp_path, monkeypatch)
 
 
 def test_a_variant_may_switch_the_build_kind(tmp_path):
-    file = write(tmp_path, "v.yaml", "schema_version: 1\nname: m\nsource: {model: org/m}\n"
-                                     "quantize: {method: bnb-4bit}\nvariants:\n  nf4: {}\n"
-                                     "  onnx: {quantize: null, export: {format: onnx}}\n")
+    file = write(
+        tmp_path,
+        "v.yaml",
+        "schema_version: 1\nname: m\nsource: {model: org/m}\n"
+        "quantize: {method: bnb-4bit}\nvariants:\n  nf4: {}\n"
+        "  onnx: {quantize: null, export: {format: onnx}}\n",
+    )
     loaded = {item.variant: item.recipe for item in load_recipes(file)}
     assert loaded["nf4"].export is None and loaded["onnx"].quantize is None
     assert loaded["onnx"].export.format == "onnx"
@@ -134,8 +162,12 @@ def test_folders_expand_to_yaml_files_except_underscore_bases(tmp_path):
     for name in ("b.yaml", "a.yml", "_base.yaml", "notes.txt", "sub/c.yaml", "sub/_d.yaml"):
         write(tmp_path, name, "x: 1\n")
     explicit = tmp_path / "_base.yaml"
-    assert find_recipe_files([tmp_path, explicit]) == [tmp_path / "a.yml", tmp_path / "b.yaml",
-                                                       tmp_path / "sub" / "c.yaml", explicit]
+    assert find_recipe_files([tmp_path, explicit]) == [
+        tmp_path / "a.yml",
+        tmp_path / "b.yaml",
+        tmp_path / "sub" / "c.yaml",
+        explicit,
+    ]
 
 
 def test_load_recipes_on_a_folder_or_a_missing_file_is_a_located_problem(tmp_path, monkeypatch):
@@ -146,12 +178,19 @@ def test_load_recipes_on_a_folder_or_a_missing_file_is_a_located_problem(tmp_pat
 
 
 def test_problem_format_and_json():
-    problem = Problem(Location("recipes/x.yaml", 12, 5), "quantize.quant_type",
-                      "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)")
-    assert str(problem) == ("recipes/x.yaml:12:5: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean "
-                            "'nf4'?)")
-    assert problem.as_json() == {"file": "recipes/x.yaml", "line": 12, "column": 5, "path": "quantize.quant_type",
-                                 "message": "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)"}
+    problem = Problem(
+        Location("recipes/x.yaml", 12, 5), "quantize.quant_type", "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)"
+    )
+    assert str(problem) == (
+        "recipes/x.yaml:12:5: quantize.quant_type: 'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)"
+    )
+    assert problem.as_json() == {
+        "file": "recipes/x.yaml",
+        "line": 12,
+        "column": 5,
+        "path": "quantize.quant_type",
+        "message": "'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)",
+    }
     assert str(Problem(Location("x.yaml", 1, 1), "", "the file is empty")) == "x.yaml:1:1: the file is empty"
 
 
@@ -178,8 +217,11 @@ def test_validate_without_arguments_checks_the_recipes_folder(tmp_path, monkeypa
     assert [f["file"] for f in default["files"]] == shipped and len(shipped) >= 6
     assert all(f["file"].startswith("recipes/") for f in default["files"])
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "recipes/good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\n"
-          "quantize: {method: bnb-4bit}\n")
+    write(
+        tmp_path,
+        "recipes/good.yaml",
+        "schema_version: 1\nname: good\nsource: {model: org/m}\nquantize: {method: bnb-4bit}\n",
+    )
     write(tmp_path, "recipes/sub/bad.yaml", "schema_version: 1\nname: Bad\nsource: {model: org/m}\n")
     write(tmp_path, "elsewhere.yaml", "not: [valid\n")  # outside recipes/: not looked at
     assert main(["validate"]) == 1
@@ -197,18 +239,36 @@ def test_validate_with_no_recipe_files_fails(tmp_path, monkeypatch, capsys):
 
 def test_validate_json_shape(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "good.yaml", "schema_version: 1\nname: good\nsource: {model: org/m}\nvariants: {a: {}, b: {}}\n"
-          "quantize: {method: bnb-4bit}\n")
-    write(tmp_path, "bad.yaml", "schema_version: 1\nname: bad\nsource: {model: org/m, dtype: fp8}\n"
-          "quantize: {method: bnb-4bit}\n")
+    write(
+        tmp_path,
+        "good.yaml",
+        "schema_version: 1\nname: good\nsource: {model: org/m}\nvariants: {a: {}, b: {}}\n"
+        "quantize: {method: bnb-4bit}\n",
+    )
+    write(
+        tmp_path,
+        "bad.yaml",
+        "schema_version: 1\nname: bad\nsource: {model: org/m, dtype: fp8}\nquantize: {method: bnb-4bit}\n",
+    )
     assert main(["validate", "--json", "good.yaml", "bad.yaml"]) == 1
     assert json.loads(capsys.readouterr().out) == {
         "ok": False,
         "files": [
             {"file": "good.yaml", "ok": True, "recipes": ["good-a", "good-b"], "problems": []},
-            {"file": "bad.yaml", "ok": False, "recipes": [],
-             "problems": [{"file": "bad.yaml", "line": 3, "column": 31, "path": "source.dtype",
-                           "message": "'fp8' is not one of float32, float16, bfloat16, auto"}]},
+            {
+                "file": "bad.yaml",
+                "ok": False,
+                "recipes": [],
+                "problems": [
+                    {
+                        "file": "bad.yaml",
+                        "line": 3,
+                        "column": 31,
+                        "path": "source.dtype",
+                        "message": "'fp8' is not one of float32, float16, bfloat16, auto",
+                    }
+                ],
+            },
         ],
     }
     assert main(["validate", "--json", "good.yaml"]) == 0
@@ -217,8 +277,12 @@ def test_validate_json_shape(tmp_path, monkeypatch, capsys):
 
 def test_validate_prints_one_located_line_per_problem(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "r.yaml", "schema_version: 1\nname: r\nsource: {model: org/m}\nload: {device_map: gpu}\n"
-                              "quantize: {method: bnb-4bit, quant_typ: nf4}\n")
+    write(
+        tmp_path,
+        "r.yaml",
+        "schema_version: 1\nname: r\nsource: {model: org/m}\nload: {device_map: gpu}\n"
+        "quantize: {method: bnb-4bit, quant_typ: nf4}\n",
+    )
     assert main(["validate", "r.yaml"]) == 1
     assert capsys.readouterr().out.splitlines() == [
         "r.yaml:4:20: load.device_map: 'gpu' is not auto, cpu, cuda or cuda:N",
@@ -229,9 +293,21 @@ def test_validate_prints_one_located_line_per_problem(tmp_path, monkeypatch, cap
 def test_plan_json_shape_on_a_local_folder(capsys):
     assert main(["plan", "--json", str(VALID / "local-tiny.yaml")]) == 0
     (plan,) = json.loads(capsys.readouterr().out)
-    assert sorted(plan) == ["build_hash", "expected_artifact_bytes", "expected_footprint_ratio", "name",
-                            "parameter_count", "recipe", "recipe_file", "source", "source_bytes", "stages", "variant",
-                            "versions", "warnings"]
+    assert sorted(plan) == [
+        "build_hash",
+        "expected_artifact_bytes",
+        "expected_footprint_ratio",
+        "name",
+        "parameter_count",
+        "recipe",
+        "recipe_file",
+        "source",
+        "source_bytes",
+        "stages",
+        "variant",
+        "versions",
+        "warnings",
+    ]
     assert plan["name"] == "tiny-nf4" and plan["variant"] is None and plan["warnings"] == []
     assert plan["parameter_count"] == 8 * 4 + 4 * 4 + 4 and plan["source_bytes"] == 4 * plan["parameter_count"]
     assert plan["source"]["model"] == "../models/tiny" and plan["source"]["revision"].startswith("sha256:")
@@ -244,17 +320,23 @@ def test_plan_of_a_bad_recipe_prints_located_problems_and_exits_1(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "r.yaml", "schema_version: 1\nname: r\nsource: {model: ./m}\nquantize: {method: bnb-2bit}\n")
     assert main(["plan", "r.yaml"]) == 1
-    assert capsys.readouterr().err == ("error: r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, "
-                                       "bnb-8bit (did you mean 'bnb-8bit'?)\n")
+    assert capsys.readouterr().err == (
+        "error: r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, bnb-8bit (did you mean 'bnb-8bit'?)\n"
+    )
 
 
 def test_relative_source_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "shared/_base.yaml", "schema_version: 1\nsource: {model: ./weights}\nquantize: {method: bnb-4bit}\n")
+    write(
+        tmp_path, "shared/_base.yaml", "schema_version: 1\nsource: {model: ./weights}\nquantize: {method: bnb-4bit}\n"
+    )
     write(tmp_path, "family/child.yaml", "extends: ../shared/_base.yaml\nname: c\n")
     write(tmp_path, "family/own.yaml", "extends: ../shared/_base.yaml\nname: o\nsource: {model: ./mine}\n")
-    write(tmp_path, "family/matrix.yaml", "extends: ../shared/_base.yaml\nname: m\n"
-                                          "variants: {base: {}, mine: {source: {model: ../mine}}}\n")
+    write(
+        tmp_path,
+        "family/matrix.yaml",
+        "extends: ../shared/_base.yaml\nname: m\nvariants: {base: {}, mine: {source: {model: ../mine}}}\n",
+    )
     root = tmp_path.resolve()
     assert load_recipes("family/child.yaml")[0].source_path == root / "shared" / "weights"
     assert load_recipes(tmp_path / "family/own.yaml")[0].source_path == root / "family" / "mine"

@@ -46,16 +46,44 @@ def test_invalid_recipe_reports_exact_messages_and_locations(case, monkeypatch):
 
 # Each bad-input class of the recipe language, by the file-name prefix of its cases.
 BAD_INPUT_CLASSES = {
-    "syntax-": 5, "not-utf8": 1, "empty": 1, "top-level-": 2, "duplicate-": 2, "key-read-as-": 1, "yaml-": 4,
-    "unknown-key-": 10, "type-": 6, "range-": 4, "name-": 2, "repo-id-": 5, "path-": 4, "enum-": 6, "missing-": 4,
-    "schema-version-": 1, "discriminator-": 3, "variants-": 6, "extends-": 6, "rule-": 10, "several-": 1,
+    "syntax-": 5,
+    "not-utf8": 1,
+    "empty": 1,
+    "top-level-": 2,
+    "duplicate-": 2,
+    "key-read-as-": 1,
+    "yaml-": 4,
+    "unknown-key-": 10,
+    "type-": 6,
+    "range-": 4,
+    "name-": 2,
+    "repo-id-": 5,
+    "path-": 4,
+    "enum-": 6,
+    "missing-": 4,
+    "schema-version-": 1,
+    "discriminator-": 3,
+    "variants-": 6,
+    "extends-": 6,
+    "rule-": 10,
+    "several-": 1,
 }
 # Every cross-field rule of builder/recipe.py has a case.
 RULE_CASES = [
-    "rule-bnb-with-onnx-export", "rule-flash-attention-float32", "rule-dynamic-int8-cuda", "rule-dynamic-int8-tensorrt",
-    "rule-dynamic-int8-migraphx", "rule-dynamic-int8-float16", "rule-o4-on-cpu", "rule-with-past-not-generation",
-    "rule-fp32-offload-without-device-map", "rule-fp32-offload-all-cpu", "rule-fp32-offload-string-device-map",
-    "rule-trust-remote-code-branch", "rule-trust-remote-code-short-sha", "path-local-with-revision",
+    "rule-bnb-with-onnx-export",
+    "rule-flash-attention-float32",
+    "rule-dynamic-int8-cuda",
+    "rule-dynamic-int8-tensorrt",
+    "rule-dynamic-int8-migraphx",
+    "rule-dynamic-int8-float16",
+    "rule-o4-on-cpu",
+    "rule-with-past-not-generation",
+    "rule-fp32-offload-without-device-map",
+    "rule-fp32-offload-all-cpu",
+    "rule-fp32-offload-string-device-map",
+    "rule-trust-remote-code-branch",
+    "rule-trust-remote-code-short-sha",
+    "path-local-with-revision",
 ]
 
 
@@ -78,8 +106,12 @@ def test_validate_cli_reports_every_invalid_case_as_json(monkeypatch, capsys):
     for case in CASES:
         entry = by_file[case.name]
         assert entry["ok"] is False and entry["recipes"] == []
-        shown = sorted(f"{Path(p['file']).name}:{p['line']}:{p['column']}: " + (f"{p['path']}: " if p["path"] else "")
-                       + p["message"] for p in entry["problems"])
+        shown = sorted(
+            f"{Path(p['file']).name}:{p['line']}:{p['column']}: "
+            + (f"{p['path']}: " if p["path"] else "")
+            + p["message"]
+            for p in entry["problems"]
+        )
         assert shown == sorted(expected_problems(case)), case.name
 
 
@@ -99,17 +131,40 @@ def test_valid_corpus_validates_through_the_cli(capsys):
 def test_minimal_recipe_takes_every_default():
     recipe = load_one("minimal.yaml").recipe
     assert recipe.model_dump(mode="json") == {
-        "schema_version": 1, "name": "minimal",
-        "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None, "task": None, "dtype": "auto",
-                   "trust_remote_code": False, "allow_pickle": False,
-                   "base_model": None},
+        "schema_version": 1,
+        "name": "minimal",
+        "source": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "revision": None,
+            "task": None,
+            "dtype": "auto",
+            "trust_remote_code": False,
+            "allow_pickle": False,
+            "base_model": None,
+        },
         "load": {"attn_implementation": None, "device_map": None, "max_memory": None},
-        "quantize": {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": False, "compute_dtype": "float32",
-                     "quant_storage": "uint8", "skip_modules": [], "dequantize": False},
+        "quantize": {
+            "method": "bnb-4bit",
+            "quant_type": "nf4",
+            "double_quant": False,
+            "compute_dtype": "float32",
+            "quant_storage": "uint8",
+            "skip_modules": [],
+            "dequantize": False,
+        },
         "export": None,
-        "verify": {"prompts": [], "max_new_tokens": 16,
-                   "thresholds": {"top1_agreement": None, "kl_divergence": None, "perplexity_ratio": None,
-                                  "max_abs_diff": None, "cosine": None, "footprint_ratio": None}},
+        "verify": {
+            "prompts": [],
+            "max_new_tokens": 16,
+            "thresholds": {
+                "top1_agreement": None,
+                "kl_divergence": None,
+                "perplexity_ratio": None,
+                "max_abs_diff": None,
+                "cosine": None,
+                "footprint_ratio": None,
+            },
+        },
         "publish": None,
     }
     assert load_one("minimal.yaml").source_path is None
@@ -125,15 +180,32 @@ def test_every_4bit_field_is_read_as_written():
     assert recipe.load.max_memory == {"0": "20GiB", "cpu": "64GiB"}  # `0:` is read as the string "0"
     q = recipe.quantize
     assert (q.method, q.quant_type, q.double_quant, q.compute_dtype, q.quant_storage, q.dequantize) == (
-        "bnb-4bit", "fp4", True, "bfloat16", "bfloat16", True)
+        "bnb-4bit",
+        "fp4",
+        True,
+        "bfloat16",
+        "bfloat16",
+        True,
+    )
     assert q.skip_modules == ("lm_head", "model.layers.0.mlp")
     assert recipe.verify.prompts == ("The capital of France is", "2 + 2 =") and recipe.verify.max_new_tokens == 32
-    assert recipe.verify.thresholds.model_dump() == {"top1_agreement": 0.9, "kl_divergence": 0.05,
-                                                     "perplexity_ratio": 1.1, "max_abs_diff": 0.5, "cosine": 0.99,
-                                                     "footprint_ratio": 0.4}
-    assert recipe.publish.model_dump() == {"repo": "demo/smollm2-135m-nf4", "revision": "release", "private": True,
-                                           "create_pr": True, "license": "apache-2.0", "tags": ("nf4", "smollm2"),
-                                           "card": "Built with `builder`."}
+    assert recipe.verify.thresholds.model_dump() == {
+        "top1_agreement": 0.9,
+        "kl_divergence": 0.05,
+        "perplexity_ratio": 1.1,
+        "max_abs_diff": 0.5,
+        "cosine": 0.99,
+        "footprint_ratio": 0.4,
+    }
+    assert recipe.publish.model_dump() == {
+        "repo": "demo/smollm2-135m-nf4",
+        "revision": "release",
+        "private": True,
+        "create_pr": True,
+        "license": "apache-2.0",
+        "tags": ("nf4", "smollm2"),
+        "card": "Built with `builder`.",
+    }
 
 
 def test_8bit_offload_reads_gpu_indexes_as_strings_and_resolves_the_local_path():
@@ -142,7 +214,12 @@ def test_8bit_offload_reads_gpu_indexes_as_strings_and_resolves_the_local_path()
     assert recipe.load.device_map == {"model": "0", "lm_head": "cpu"}
     q = recipe.quantize
     assert (q.method, q.threshold, q.fp32_cpu_offload, q.has_fp16_weight, q.dequantize) == (
-        "bnb-8bit", 4.0, True, True, False)
+        "bnb-8bit",
+        4.0,
+        True,
+        True,
+        False,
+    )
     assert loaded.source_path == (VALID / "models" / "smollm2").resolve()
     assert not recipe.source.pinned or recipe.source.is_local
 
@@ -150,10 +227,20 @@ def test_8bit_offload_reads_gpu_indexes_as_strings_and_resolves_the_local_path()
 def test_every_onnx_field_is_read_as_written():
     loaded = load_one("onnx-every-field.yaml")
     export = loaded.recipe.export
-    assert export.model_dump() == {"format": "onnx", "exporter": "torch", "opset": 20, "dtype": "float32",
-                                   "provider": "CPUExecutionProvider", "optimize": "O2", "with_past": False,
-                                   "quantize": "dynamic-int8", "block_size": None, "quant_algorithm": "rtn",
-                                   "accuracy_level": None, "verify_on": "CPUExecutionProvider"}
+    assert export.model_dump() == {
+        "format": "onnx",
+        "exporter": "torch",
+        "opset": 20,
+        "dtype": "float32",
+        "provider": "CPUExecutionProvider",
+        "optimize": "O2",
+        "with_past": False,
+        "quantize": "dynamic-int8",
+        "block_size": None,
+        "quant_algorithm": "rtn",
+        "accuracy_level": None,
+        "verify_on": "CPUExecutionProvider",
+    }
     assert loaded.recipe.load.device_map == "cpu" and loaded.recipe.load.attn_implementation == "eager"
     assert loaded.source_path == (Path.home() / "models" / "all-minilm-l6-v2").resolve()  # `~` is expanded
 
@@ -183,8 +270,13 @@ def test_variants_are_one_artifact_each_on_top_of_the_merged_file():
     assert by_variant["fp4"].quantize.quant_type == "fp4" and by_variant["fp4"].verify.max_new_tokens == 8
     assert by_variant["plain"].verify.max_new_tokens == 16  # one variant's overrides never leak into another
     # Changing `method` replaces the inherited quantize block (bnb-4bit keys do not apply to bnb-8bit).
-    assert by_variant["int8"].quantize.model_dump() == {"method": "bnb-8bit", "threshold": 6.0,
-                                                        "skip_modules": ("lm_head",), "fp32_cpu_offload": False,
-                                                        "has_fp16_weight": False, "dequantize": False}
+    assert by_variant["int8"].quantize.model_dump() == {
+        "method": "bnb-8bit",
+        "threshold": 6.0,
+        "skip_modules": ("lm_head",),
+        "fp32_cpu_offload": False,
+        "has_fp16_weight": False,
+        "dequantize": False,
+    }
     assert all(item.files == (VALID / "variants.yaml", VALID / "_family.yaml") for item in loaded)
     assert {item.recipe.publish.repo for item in loaded} == {"demo/family"}

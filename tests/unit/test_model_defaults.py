@@ -15,8 +15,9 @@ from builder.recipe import Recipe, load_recipes
 
 def write(folder, model, name: str, quantize: str, verify: str = "verify:\n  max_new_tokens: 4\n"):
     recipe = folder / f"{name}.yaml"
-    recipe.write_text(f"schema_version: 1\nname: {name}\nsource:\n  model: {model}\n  dtype: bfloat16\n"
-                      f"quantize:\n{quantize}{verify}")
+    recipe.write_text(
+        f"schema_version: 1\nname: {name}\nsource:\n  model: {model}\n  dtype: bfloat16\nquantize:\n{quantize}{verify}"
+    )
     return recipe
 
 
@@ -57,9 +58,15 @@ def test_a_build_that_quantized_nothing_fails_the_default_footprint_bound(tiny_l
     """The source folder itself as the 'artifact': ratio 1.0, above the derived bound."""
     from builder.steps.verify import run_checks
 
-    recipe = Recipe.model_validate({"schema_version": 1, "name": "x", "source": {"model": str(tiny_llama),
-                                    "dtype": "bfloat16"}, "quantize": {"method": "bnb-4bit"},
-                                    "verify": {"max_new_tokens": 4}})
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": str(tiny_llama), "dtype": "bfloat16"},
+            "quantize": {"method": "bnb-4bit"},
+            "verify": {"max_new_tokens": 4},
+        }
+    )
     artifact = tmp_path / "unquantized"
     shutil.copytree(tiny_llama, artifact)
     report = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu")
@@ -71,8 +78,10 @@ def test_a_build_that_quantized_nothing_fails_the_default_footprint_bound(tiny_l
 def test_a_compute_dtype_other_than_the_load_dtype_is_warned_in_plan_build_and_card(tiny_llama, tmp_path, capsys):
     recipe = write(tmp_path, tiny_llama, "tiny-int8-fp32", "  method: bnb-4bit\n  compute_dtype: float32\n")
     assert main(["plan", str(recipe)]) == 0
-    warning = ("quantize.compute_dtype is float32 but the model loads in bfloat16 (source.dtype): the 4-bit "
-               "matmuls cast every activation; set `quantize.compute_dtype: bfloat16`")
+    warning = (
+        "quantize.compute_dtype is float32 but the model loads in bfloat16 (source.dtype): the 4-bit "
+        "matmuls cast every activation; set `quantize.compute_dtype: bfloat16`"
+    )
     assert f"warning: {warning}" in capsys.readouterr().out
     out = tmp_path / "artifacts"
     assert main(["build", str(recipe), "--out", str(out), "--device", "cpu"]) == 0
@@ -83,8 +92,14 @@ def test_a_compute_dtype_other_than_the_load_dtype_is_warned_in_plan_build_and_c
 
 
 def test_no_warning_when_compute_dtype_matches_what_config_json_loads(tiny_llama):
-    recipe = Recipe.model_validate({"schema_version": 1, "name": "x", "source": {"model": str(tiny_llama)},
-                                    "quantize": {"method": "bnb-4bit", "compute_dtype": "bfloat16"}})
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": str(tiny_llama)},
+            "quantize": {"method": "bnb-4bit", "compute_dtype": "bfloat16"},
+        }
+    )
     from builder.plan import compute_dtype_warning
 
     config = json.loads((tiny_llama / "config.json").read_text())

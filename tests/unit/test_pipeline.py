@@ -20,12 +20,20 @@ from builder.recipe import load_recipes
 TINY_VERIFY = "verify:\n  thresholds: {footprint_ratio: 1.0}\n"
 
 
-def write_recipe(folder: Path, model: Path, name: str = "tiny-nf4", quantize: str | None = None, extra: str = "",
-                 verify: str = TINY_VERIFY) -> Path:
+def write_recipe(
+    folder: Path,
+    model: Path,
+    name: str = "tiny-nf4",
+    quantize: str | None = None,
+    extra: str = "",
+    verify: str = TINY_VERIFY,
+) -> Path:
     quantize = quantize or "  method: bnb-4bit\n  quant_type: nf4\n  double_quant: true\n"
     recipe = folder / f"{name}.yaml"
-    recipe.write_text(f"schema_version: 1\nname: {name}\nsource:\n  model: {model}\n  dtype: bfloat16\n"
-                      f"quantize:\n{quantize}{extra}{verify}")
+    recipe.write_text(
+        f"schema_version: 1\nname: {name}\nsource:\n  model: {model}\n  dtype: bfloat16\n"
+        f"quantize:\n{quantize}{extra}{verify}"
+    )
     return recipe
 
 
@@ -46,8 +54,17 @@ def built(tiny_llama, tmp_path_factory) -> dict:
 
 def test_artifact_holds_the_quantized_model_and_its_description(built):
     names = {p.name for p in built["artifact"].iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "manifest.json", "recipe.lock.yaml", "verify-report.json", "README.md"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "manifest.json",
+        "recipe.lock.yaml",
+        "verify-report.json",
+        "README.md",
+    } <= names
     config = json.loads((built["artifact"] / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
@@ -63,7 +80,8 @@ def test_manifest_follows_the_contract(built):
     assert manifest["source"]["task"] == "text-generation"
     assert manifest["recipe"]["quantize"]["method"] == "bnb-4bit"
     assert {"torch", "transformers", "bitsandbytes", "accelerate", "huggingface_hub", "builder"} <= set(
-        manifest["versions"])
+        manifest["versions"]
+    )
     assert {"resolve", "stream", "quantize", "verify"} <= set(manifest["timings"])
     assert manifest["quantize_path"] == "stream"  # a plain bnb recipe streams; see test_stream_step for fallbacks
     assert manifest["library_name"] == "transformers" and manifest["device"] and manifest["device_uuid"] is None
@@ -108,8 +126,11 @@ def test_second_build_is_up_to_date_and_force_rebuilds_identically(built, capsys
     assert after["build_hash"] == before["build_hash"]
     # Quantization on CPU is deterministic: the same recipe gives byte-identical weights.
     assert after["files"]["model.safetensors"] == before["files"]["model.safetensors"]
-    assert sorted(p.name for p in built["out"].iterdir()) == [".tiny-nf4.lock", ".tmp-tiny-nf4-int8-abcdefgh",
-                                                               "tiny-nf4"]
+    assert sorted(p.name for p in built["out"].iterdir()) == [
+        ".tiny-nf4.lock",
+        ".tmp-tiny-nf4-int8-abcdefgh",
+        "tiny-nf4",
+    ]
     shutil.rmtree(built["out"] / ".tmp-tiny-nf4-int8-abcdefgh")
 
 
@@ -121,10 +142,12 @@ def test_variants_build_each_artifact_and_replace_a_stale_one(built, tiny_llama,
     shutil.copytree(built["artifact"], out / "tiny-nf4")
     stale = json.loads((out / "tiny-nf4" / "manifest.json").read_text())
     recipe = tmp_path / "matrix.yaml"
-    recipe.write_text(f"schema_version: 1\nname: tiny\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
-                      f"quantize:\n  method: bnb-4bit\n{TINY_VERIFY}variants:\n"
-                      "  nf4: {quantize: {dequantize: true}}\n"
-                      "  int8: {quantize: {method: bnb-8bit, skip_modules: [lm_head, model.layers.1.mlp]}}\n")
+    recipe.write_text(
+        f"schema_version: 1\nname: tiny\nsource:\n  model: {tiny_llama}\n  dtype: bfloat16\n"
+        f"quantize:\n  method: bnb-4bit\n{TINY_VERIFY}variants:\n"
+        "  nf4: {quantize: {dequantize: true}}\n"
+        "  int8: {quantize: {method: bnb-8bit, skip_modules: [lm_head, model.layers.1.mlp]}}\n"
+    )
     results = build_json(capsys, str(recipe), "--out", str(out))
     assert [(r["name"], r["status"]) for r in results] == [("tiny-nf4", "built"), ("tiny-int8", "built")]
     assert results[0]["build_hash"] != stale["build_hash"]

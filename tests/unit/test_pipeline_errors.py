@@ -80,8 +80,12 @@ def test_missing_cuda_is_refused(tiny_llama, tmp_path, capsys):
 def test_fp32_cpu_offload_that_would_quantize_nothing(tiny_llama, tmp_path):
     from builder.steps.bnb import preflight
 
-    recipe = write_recipe(tmp_path, tiny_llama, quantize="  method: bnb-8bit\n  fp32_cpu_offload: true\n",
-                          extra="load:\n  device_map: {model: cpu, lm_head: '0'}\n")
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        quantize="  method: bnb-8bit\n  fp32_cpu_offload: true\n",
+        extra="load:\n  device_map: {model: cpu, lm_head: '0'}\n",
+    )
     plan = make_plan(load_recipes(recipe)[0])
     with pytest.raises(BuildError, match="every quantizable layer is on cpu, so nothing would be quantized"):
         preflight(plan, {"model": "cpu", "lm_head": "0"})
@@ -89,7 +93,9 @@ def test_fp32_cpu_offload_that_would_quantize_nothing(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("raised", ["torch.OutOfMemoryError", "allocator"])
-def test_out_of_memory_names_the_stage_and_the_fix(tiny_llama, tmp_path, capsys, monkeypatch, transformers_path, raised):
+def test_out_of_memory_names_the_stage_and_the_fix(
+    tiny_llama, tmp_path, capsys, monkeypatch, transformers_path, raised
+):
     import torch
     import transformers
 
@@ -148,10 +154,13 @@ def test_keep_temp_keeps_the_failed_build_folder(tiny_llama, tmp_path, capsys, m
     assert not (tmp_path / "out" / "tiny-nf4").exists()
 
 
-@pytest.mark.parametrize(("fault", "message"), [
-    ("oom", "error: out of memory while streaming the quantized weights"),
-    ("disk", "error: disk full while streaming the quantized weights into"),
-])
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("oom", "error: out of memory while streaming the quantized weights"),
+        ("disk", "error: disk full while streaming the quantized weights into"),
+    ],
+)
 def test_stream_faults_name_the_stage(tiny_llama, tmp_path, capsys, monkeypatch, fault, message):
     import torch
 

@@ -24,8 +24,10 @@ def _refused(path) -> str:
 def test_a_file_over_1_mib_is_refused_before_parsing(tmp_path, capsys):
     recipe = tmp_path / "keys.yaml"
     recipe.write_text(HEAD + "".join(f"k{i}: 1\n" for i in range(1_000_000)))  # 1M keys, 10.9 MB
-    assert _refused(recipe) == f"{recipe}:1:1: the file is over 1,048,576 bytes (1 MiB), the limit for a recipe; " \
-                               "recipes are a few KiB: is this the right file?"
+    assert (
+        _refused(recipe) == f"{recipe}:1:1: the file is over 1,048,576 bytes (1 MiB), the limit for a recipe; "
+        "recipes are a few KiB: is this the right file?"
+    )
     assert main(["validate", str(recipe)]) == 1
     assert "1 MiB" in capsys.readouterr().out
 
@@ -37,9 +39,14 @@ def test_a_file_of_exactly_1_mib_is_read(tmp_path):
     assert "1 MiB" not in _refused(recipe)  # refused by the schema (no such field), not by the size cap
 
 
-@pytest.mark.parametrize("body", ["big: [" + "0," * 400_000 + "0]\n",  # a flow list of 400k items, 800 KB
-                                  "big: {" + ", ".join(f"k{i}: 1" for i in range(60_000)) + "}\n",  # 60k keys
-                                  "".join(f"- {i}\n" for i in range(100_000))])  # block list (not a mapping)
+@pytest.mark.parametrize(
+    "body",
+    [
+        "big: [" + "0," * 400_000 + "0]\n",  # a flow list of 400k items, 800 KB
+        "big: {" + ", ".join(f"k{i}: 1" for i in range(60_000)) + "}\n",  # 60k keys
+        "".join(f"- {i}\n" for i in range(100_000)),
+    ],
+)  # block list (not a mapping)
 def test_a_yaml_with_too_many_nodes_stops_at_the_limit(tmp_path, body):
     recipe = tmp_path / "nodes.yaml"
     recipe.write_text(body if body.startswith("-") else HEAD + body)
@@ -49,8 +56,9 @@ def test_a_yaml_with_too_many_nodes_stops_at_the_limit(tmp_path, body):
 
 
 def test_an_alias_bomb_still_names_the_aliases(tmp_path):
-    levels = ["a: &a [x,x,x,x,x,x,x,x,x]"] + [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]"
-                                                 for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
+    levels = ["a: &a [x,x,x,x,x,x,x,x,x]"] + [
+        f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(HEAD + "\n".join(levels) + "\n")
     assert "through aliases" in _refused(recipe)

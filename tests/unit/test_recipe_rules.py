@@ -18,38 +18,63 @@ from builder.errors import RecipeError
 from builder.recipe import load_recipes
 
 HEX = "0123456789abcdef0123456789abcdef01234567"
-OFFLOAD = ("quantize.fp32_cpu_offload: fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the "
-           "rest on a GPU (with everything on one device it quantizes nothing or offloads nothing)")
-TRUST = ("source.trust_remote_code: trust_remote_code needs `revision` pinned to a 40-hex commit so the code that "
-         "runs is the code you reviewed")
+OFFLOAD = (
+    "quantize.fp32_cpu_offload: fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the "
+    "rest on a GPU (with everything on one device it quantizes nothing or offloads nothing)"
+)
+TRUST = (
+    "source.trust_remote_code: trust_remote_code needs `revision` pinned to a 40-hex commit so the code that "
+    "runs is the code you reviewed"
+)
 
 
 def dynamic_int8_on(provider: str) -> str:
-    return (f"export.quantize: dynamic-int8 graphs run on CPUExecutionProvider only, not {provider}; use "
-            "`dtype: float16` for GPU providers or target CPUExecutionProvider")
+    return (
+        f"export.quantize: dynamic-int8 graphs run on CPUExecutionProvider only, not {provider}; use "
+        "`dtype: float16` for GPU providers or target CPUExecutionProvider"
+    )
 
 
 # (recipe body after `schema_version: 1\nname: x\n`, the one expected problem as `line:column: path: message`)
 REFUSED = [
-    ("source: {model: org/m}\nquantize: {method: bnb-4bit}\nexport: {format: onnx}\n",
-     "5:9: export: bitsandbytes weights cannot be exported to ONNX; use `export.quantize: dynamic-int8` instead of "
-     "`quantize`, or write two recipes"),
-    ("source: {model: org/m, dtype: float32}\nload: {attn_implementation: flash_attention_2}\n",
-     "4:29: load.attn_implementation: flash_attention_2 runs in float16/bfloat16 only; set `source.dtype: bfloat16` "
-     "or use sdpa"),
-    ("source: {model: org/m, dtype: float32}\nload: {attn_implementation: flash_attention_3}\n",
-     "4:29: load.attn_implementation: flash_attention_3 runs in float16/bfloat16 only; set `source.dtype: bfloat16` "
-     "or use sdpa"),
-    *[(f"source: {{model: org/m}}\nexport: {{format: onnx, provider: {p}, dtype: float16, quantize: dynamic-int8}}\n",
-       f"4:{62 + len(p)}: {dynamic_int8_on(p)}")
-      for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider")],
+    (
+        "source: {model: org/m}\nquantize: {method: bnb-4bit}\nexport: {format: onnx}\n",
+        "5:9: export: bitsandbytes weights cannot be exported to ONNX; use `export.quantize: dynamic-int8` instead of "
+        "`quantize`, or write two recipes",
+    ),
+    (
+        "source: {model: org/m, dtype: float32}\nload: {attn_implementation: flash_attention_2}\n",
+        "4:29: load.attn_implementation: flash_attention_2 runs in float16/bfloat16 only; set `source.dtype: bfloat16` "
+        "or use sdpa",
+    ),
+    (
+        "source: {model: org/m, dtype: float32}\nload: {attn_implementation: flash_attention_3}\n",
+        "4:29: load.attn_implementation: flash_attention_3 runs in float16/bfloat16 only; set `source.dtype: bfloat16` "
+        "or use sdpa",
+    ),
+    *[
+        (
+            f"source: {{model: org/m}}\n"
+            f"export: {{format: onnx, provider: {p}, dtype: float16, quantize: dynamic-int8}}\n",
+            f"4:{62 + len(p)}: {dynamic_int8_on(p)}",
+        )
+        for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "MIGraphXExecutionProvider")
+    ],
     ("source: {model: org/m}\nquantize: {method: bnb-8bit, fp32_cpu_offload: true}\n", f"4:48: {OFFLOAD}"),
-    ("source: {model: org/m}\nload: {device_map: cpu}\nquantize: {method: bnb-8bit, fp32_cpu_offload: true}\n",
-     f"5:48: {OFFLOAD}"),
-    ("source: {model: org/m}\nload: {device_map: {model: 0, lm_head: disk}}\n"
-     "quantize: {method: bnb-8bit, fp32_cpu_offload: true}\n", f"5:48: {OFFLOAD}"),
-    ("source: {model: org/m}\nload: {device_map: {model: 'cuda:0', lm_head: 'cuda:1'}}\n"
-     "quantize: {method: bnb-8bit, fp32_cpu_offload: true}\n", f"5:48: {OFFLOAD}"),
+    (
+        "source: {model: org/m}\nload: {device_map: cpu}\nquantize: {method: bnb-8bit, fp32_cpu_offload: true}\n",
+        f"5:48: {OFFLOAD}",
+    ),
+    (
+        "source: {model: org/m}\nload: {device_map: {model: 0, lm_head: disk}}\n"
+        "quantize: {method: bnb-8bit, fp32_cpu_offload: true}\n",
+        f"5:48: {OFFLOAD}",
+    ),
+    (
+        "source: {model: org/m}\nload: {device_map: {model: 'cuda:0', lm_head: 'cuda:1'}}\n"
+        "quantize: {method: bnb-8bit, fp32_cpu_offload: true}\n",
+        f"5:48: {OFFLOAD}",
+    ),
     ("source: {model: org/m, trust_remote_code: true}\n", f"3:43: {TRUST}"),
     ("source: {model: org/m, revision: main, trust_remote_code: true}\n", f"3:59: {TRUST}"),
     (f"source: {{model: org/m, revision: {HEX.upper()}, trust_remote_code: true}}\n", f"3:95: {TRUST}"),
@@ -105,7 +130,8 @@ def test_rule_sees_values_merged_from_a_parent(tmp_path, monkeypatch):
     # The offending value is the child's; the parent's dtype is the other half of the rule.
     assert [str(p) for p in error.value.problems] == [
         "r.yaml:5:24: load.attn_implementation: flash_attention_2 runs in float16/bfloat16 only; set "
-        "`source.dtype: bfloat16` or use sdpa"]
+        "`source.dtype: bfloat16` or use sdpa"
+    ]
 
 
 # --- plan warning: publishing a Hub source that is not pinned to a commit ----------------------------------------
@@ -117,8 +143,9 @@ def _tiny_model(folder: Path) -> Path:
     """config.json and a 16-parameter safetensors file, written without numpy or torch."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    header = json.dumps({"model.layers.0.mlp.down_proj.weight": {"dtype": "F32", "shape": [4, 4],
-                                                                  "data_offsets": [0, 64]}}).encode()
+    header = json.dumps(
+        {"model.layers.0.mlp.down_proj.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}
+    ).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
     return folder
 
@@ -130,12 +157,25 @@ def hub_with_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rules-hub")
     server = start_in_thread(root / "hub", token=TOKEN)
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
-           "HF_HOME": str(root / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    upload = ("import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\napi.create_repo('org/tiny')\n"
-              "print(api.upload_folder(folder_path=sys.argv[1], repo_id='org/tiny').oid)\n")
-    done = subprocess.run([sys.executable, "-c", upload, str(_tiny_model(root / "model"))], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(root / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    upload = (
+        "import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\napi.create_repo('org/tiny')\n"
+        "print(api.upload_folder(folder_path=sys.argv[1], repo_id='org/tiny').oid)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", upload, str(_tiny_model(root / "model"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     yield env, done.stdout.strip()
     server.shutdown()
@@ -144,8 +184,13 @@ def hub_with_model(tmp_path_factory):
 
 def plan_warnings(env: dict, tmp_path: Path, body: str) -> list[str]:
     recipe = write(tmp_path, body)
-    done = subprocess.run([sys.executable, "-m", "builder", "plan", "--json", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "builder", "plan", "--json", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     (plan,) = json.loads(done.stdout)
     return plan["warnings"]
@@ -153,35 +198,66 @@ def plan_warnings(env: dict, tmp_path: Path, body: str) -> list[str]:
 
 def test_plan_warns_when_publishing_an_unpinned_hub_source(hub_with_model, tmp_path):
     env, commit = hub_with_model
-    warnings = plan_warnings(env, tmp_path, "source: {model: org/tiny}\nquantize: {method: bnb-4bit}\n"
-                                            "publish: {repo: org/tiny-nf4}\n")
-    assert warnings == ["source.revision 'main' is not a 40-hex commit: the build records the commit it resolved, "
-                        "but `builder publish` will refuse until you pin it"]
-    branch = plan_warnings(env, tmp_path, "source: {model: org/tiny, revision: main}\nquantize: {method: bnb-4bit}\n"
-                                          "publish: {repo: org/tiny-nf4}\n")
+    warnings = plan_warnings(
+        env, tmp_path, "source: {model: org/tiny}\nquantize: {method: bnb-4bit}\npublish: {repo: org/tiny-nf4}\n"
+    )
+    assert warnings == [
+        "source.revision 'main' is not a 40-hex commit: the build records the commit it resolved, "
+        "but `builder publish` will refuse until you pin it"
+    ]
+    branch = plan_warnings(
+        env,
+        tmp_path,
+        "source: {model: org/tiny, revision: main}\nquantize: {method: bnb-4bit}\npublish: {repo: org/tiny-nf4}\n",
+    )
     assert branch == warnings
 
 
 def test_plan_does_not_warn_for_a_pinned_or_unpublished_hub_source(hub_with_model, tmp_path):
     env, commit = hub_with_model
     assert len(commit) == 40
-    assert plan_warnings(env, tmp_path, f"source: {{model: org/tiny, revision: {commit}}}\n"
-                                        "quantize: {method: bnb-4bit}\npublish: {repo: org/tiny-nf4}\n") == []
+    assert (
+        plan_warnings(
+            env,
+            tmp_path,
+            f"source: {{model: org/tiny, revision: {commit}}}\n"
+            "quantize: {method: bnb-4bit}\npublish: {repo: org/tiny-nf4}\n",
+        )
+        == []
+    )
     assert plan_warnings(env, tmp_path, "source: {model: org/tiny}\nquantize: {method: bnb-4bit}\n") == []
 
 
-@pytest.mark.parametrize(("export", "expected"), [
-    ("provider: ROCMExecutionProvider", "6:13: export.provider: ROCMExecutionProvider is not in onnxruntime 1.32 and "
-     "later; AMD GPUs run ONNX through MIGraphXExecutionProvider: set it instead"),
-    ("quantize: int4\n  provider: MIGraphXExecutionProvider", "6:13: export.quantize: int4 graphs use onnxruntime's "
-     "MatMulNBits/MatMulBnb4 operators, which MIGraphXExecutionProvider does not run; target CPUExecutionProvider or "
-     "CUDAExecutionProvider, or use `dtype: float16` without quantize"),
-    ("quantize: nf4\n  dtype: float16\n  provider: CUDAExecutionProvider",
-     "6:13: export.quantize: nf4 quantizes a float32 graph; set `dtype: float32`"),
-    ("quantize: int4\n  block_size: 48", "7:15: export.block_size: 48 is not a power of two (16, 32, 64, 128, 256)"),
-    ("quantize: fp4\n  quant_algorithm: hqq", "7:20: export.quant_algorithm: quant_algorithm is for quantize: int4"),
-    ("block_size: 64", "6:15: export.block_size: block_size is for quantize: int4, nf4 or fp4"),
-])
+@pytest.mark.parametrize(
+    ("export", "expected"),
+    [
+        (
+            "provider: ROCMExecutionProvider",
+            "6:13: export.provider: ROCMExecutionProvider is not in onnxruntime 1.32 and "
+            "later; AMD GPUs run ONNX through MIGraphXExecutionProvider: set it instead",
+        ),
+        (
+            "quantize: int4\n  provider: MIGraphXExecutionProvider",
+            "6:13: export.quantize: int4 graphs use onnxruntime's "
+            "MatMulNBits/MatMulBnb4 operators, which MIGraphXExecutionProvider does not run; target "
+            "CPUExecutionProvider or "
+            "CUDAExecutionProvider, or use `dtype: float16` without quantize",
+        ),
+        (
+            "quantize: nf4\n  dtype: float16\n  provider: CUDAExecutionProvider",
+            "6:13: export.quantize: nf4 quantizes a float32 graph; set `dtype: float32`",
+        ),
+        (
+            "quantize: int4\n  block_size: 48",
+            "7:15: export.block_size: 48 is not a power of two (16, 32, 64, 128, 256)",
+        ),
+        (
+            "quantize: fp4\n  quant_algorithm: hqq",
+            "7:20: export.quant_algorithm: quant_algorithm is for quantize: int4",
+        ),
+        ("block_size: 64", "6:15: export.block_size: block_size is for quantize: int4, nf4 or fp4"),
+    ],
+)
 def test_onnx_quantization_and_provider_rules(export, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, f"source: {{model: org/m}}\nexport:\n  format: onnx\n  {export}\n")
@@ -191,6 +267,8 @@ def test_onnx_quantization_and_provider_rules(export, expected, tmp_path, monkey
 
 
 def test_int4_on_cuda_with_its_options_is_allowed(tmp_path):
-    body = ("source: {model: org/m}\nexport:\n  format: onnx\n  provider: CUDAExecutionProvider\n  quantize: int4\n"
-            "  block_size: 64\n  quant_algorithm: k_quant\n  accuracy_level: 4\n")
+    body = (
+        "source: {model: org/m}\nexport:\n  format: onnx\n  provider: CUDAExecutionProvider\n  quantize: int4\n"
+        "  block_size: 64\n  quant_algorithm: k_quant\n  accuracy_level: 4\n"
+    )
     assert load_recipes(write(tmp_path, body))[0].recipe.export.block_size == 64

@@ -15,12 +15,33 @@ jsonschema = pytest.importorskip("jsonschema")
 ROOT = Path(__file__).resolve().parents[2]
 VALID = sorted([*ROOT.glob("recipes/*/*.yaml"), *(ROOT / "tests/recipes/valid").glob("*.yaml")])
 # Bad values and unknown keys an editor can see in the file alone (not parents, cycles or cross-field rules).
-INVALID = ["unknown-key-top", "unknown-key-source", "unknown-key-quantize", "unknown-key-export", "unknown-key-load",
-           "unknown-key-publish", "unknown-key-thresholds", "unknown-key-verify", "unknown-key-other-method",
-           "enum-quant-type", "enum-dtype-alias", "enum-provider", "range-opset", "range-top1-agreement",
-           "range-max-new-tokens", "type-bool-quoted", "type-float-for-integer", "type-string-for-list",
-           "missing-schema-version", "missing-source-model", "missing-publish-repo", "discriminator-unknown",
-           "schema-version-unknown", "name-uppercase", "top-level-list"]
+INVALID = [
+    "unknown-key-top",
+    "unknown-key-source",
+    "unknown-key-quantize",
+    "unknown-key-export",
+    "unknown-key-load",
+    "unknown-key-publish",
+    "unknown-key-thresholds",
+    "unknown-key-verify",
+    "unknown-key-other-method",
+    "enum-quant-type",
+    "enum-dtype-alias",
+    "enum-provider",
+    "range-opset",
+    "range-top1-agreement",
+    "range-max-new-tokens",
+    "type-bool-quoted",
+    "type-float-for-integer",
+    "type-string-for-list",
+    "missing-schema-version",
+    "missing-source-model",
+    "missing-publish-repo",
+    "discriminator-unknown",
+    "schema-version-unknown",
+    "name-uppercase",
+    "top-level-list",
+]
 
 
 def validator():
@@ -36,8 +57,9 @@ def test_the_schema_has_an_id_and_is_the_one_in_docs():
 
 @pytest.mark.parametrize("path", VALID, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_valid_recipe_passes(path):
-    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator().iter_errors(yaml.safe_load(
-        path.read_text()))]
+    errors = [
+        f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator().iter_errors(yaml.safe_load(path.read_text()))
+    ]
     assert errors == []
 
 

@@ -29,28 +29,46 @@ LLAMA, MINILM = "models/tiny-llama", "models/tiny-minilm"
 LM_METRICS = ("kl_divergence_mean", "top1_agreement", "perplexity_ratio")
 # name -> (source, size in bytes, metrics, thresholds override, latency ms); nf4 is smaller than int8 and worse,
 # nf4-dq smaller still and a little worse, fp4 as large as nf4 and worse on every metric (dominated).
-LM = {"tiny-nf4": (110e6, {"kl_divergence_mean": 0.30, "top1_agreement": 0.70, "perplexity_ratio": 1.20}, 38.0),
-      "tiny-nf4-dq": (104e6, {"kl_divergence_mean": 0.32, "top1_agreement": 0.69, "perplexity_ratio": 1.22}, 41.0),
-      "tiny-fp4": (110e6, {"kl_divergence_mean": 0.45, "top1_agreement": 0.62, "perplexity_ratio": 1.35}, 37.0),
-      "tiny-int8": (160e6, {"kl_divergence_mean": 0.02, "top1_agreement": 0.93, "perplexity_ratio": 1.02}, 90.0)}
+LM = {
+    "tiny-nf4": (110e6, {"kl_divergence_mean": 0.30, "top1_agreement": 0.70, "perplexity_ratio": 1.20}, 38.0),
+    "tiny-nf4-dq": (104e6, {"kl_divergence_mean": 0.32, "top1_agreement": 0.69, "perplexity_ratio": 1.22}, 41.0),
+    "tiny-fp4": (110e6, {"kl_divergence_mean": 0.45, "top1_agreement": 0.62, "perplexity_ratio": 1.35}, 37.0),
+    "tiny-int8": (160e6, {"kl_divergence_mean": 0.02, "top1_agreement": 0.93, "perplexity_ratio": 1.02}, 90.0),
+}
 LM_THRESHOLDS = {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5, "footprint_ratio": 0.6}
 INT8_THRESHOLDS = {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10, "footprint_ratio": 0.75}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium to render the page: "
-                                    "`apt-get install -y chromium` (as root, `make chromium` does it)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="needs headless Chromium to render the page: "
+    "`apt-get install -y chromium` (as root, `make chromium` does it)",
+)
 
 
-def _artifact(root: Path, name: str, source: str, size: float, metrics: dict, thresholds: dict,
-              latency: float | None, task: str = "text-generation") -> Path:
+def _artifact(
+    root: Path,
+    name: str,
+    source: str,
+    size: float,
+    metrics: dict,
+    thresholds: dict,
+    latency: float | None,
+    task: str = "text-generation",
+) -> Path:
     manifest = json.loads((ASSETS / "manifest.json").read_text())
     manifest["name"] = manifest["recipe"]["name"] = name
     digest = hashlib.sha256(source.encode()).hexdigest()  # a local folder's revision is its content digest
     manifest["source"] |= {"model": source, "revision": f"sha256:{digest}", "task": task}
-    manifest["footprint"] = {"source_bytes": 270e6 if source == LLAMA else 90e6, "artifact_bytes": int(size),
-                             "ratio": round(size / 270e6, 4)}
-    manifest["recipe"]["quantize"] = ({"method": "bnb-8bit"} if "int8" in name else
-                                      {"method": "bnb-4bit", "quant_type": name.split("-")[1],
-                                       "double_quant": name.endswith("-dq")})
+    manifest["footprint"] = {
+        "source_bytes": 270e6 if source == LLAMA else 90e6,
+        "artifact_bytes": int(size),
+        "ratio": round(size / 270e6, 4),
+    }
+    manifest["recipe"]["quantize"] = (
+        {"method": "bnb-8bit"}
+        if "int8" in name
+        else {"method": "bnb-4bit", "quant_type": name.split("-")[1], "double_quant": name.endswith("-dq")}
+    )
     verification = manifest["verification"]
     verification |= {"task": task, "thresholds": thresholds, "failures": [], "passed": True}
     verification["metrics"] = {**metrics, "artifact_bytes": int(size) + 4096, "bits_per_param": 8 * size / 135e6}
@@ -74,10 +92,14 @@ def _kept_failed(root: Path, name: str, metrics: dict, thresholds: dict) -> Path
     report = json.loads((ASSETS / "failed-verify-report.json").read_text())
     report["metrics"] |= metrics
     report["thresholds"] = thresholds
-    report["failures"] = [{"metric": "top1_agreement", "value": metrics["top1_agreement"],
-                           "threshold": thresholds["top1_agreement"],
-                           "message": f"top1_agreement {metrics['top1_agreement']:.3f} < "
-                                      f"{thresholds['top1_agreement']:.3f}"}]
+    report["failures"] = [
+        {
+            "metric": "top1_agreement",
+            "value": metrics["top1_agreement"],
+            "threshold": thresholds["top1_agreement"],
+            "message": f"top1_agreement {metrics['top1_agreement']:.3f} < {thresholds['top1_agreement']:.3f}",
+        }
+    ]
     report["performance"] |= {"candidate_footprint_bytes": 110_000_000, "candidate_latency_ms": 39.0}
     folder = root / ".failed" / name
     folder.mkdir(parents=True)
@@ -95,10 +117,26 @@ def matrix(tmp_path_factory) -> Path:
         _artifact(root, name, LLAMA, size, metrics, INT8_THRESHOLDS if "int8" in name else LM_THRESHOLDS, latency)
     _kept_failed(root, "tiny-nf4-strict", LM["tiny-nf4"][1], {**LM_THRESHOLDS, "top1_agreement": 0.9})
     encoder = {"cosine_min": 0.0, "cosine_mean": 0.0, "max_abs_diff": 0.0, "footprint_ratio": 0.5}
-    _artifact(root, "minilm-int8", MINILM, 23e6, encoder | {"cosine_min": 0.995, "max_abs_diff": 0.05},
-              {"cosine": 0.99, "footprint_ratio": 0.8}, None, task="feature-extraction")
-    _artifact(root, "minilm-nf4", MINILM, 15e6, encoder | {"cosine_min": 0.95, "max_abs_diff": 0.21},
-              {"cosine": 0.90, "footprint_ratio": 0.75}, None, task="feature-extraction")
+    _artifact(
+        root,
+        "minilm-int8",
+        MINILM,
+        23e6,
+        encoder | {"cosine_min": 0.995, "max_abs_diff": 0.05},
+        {"cosine": 0.99, "footprint_ratio": 0.8},
+        None,
+        task="feature-extraction",
+    )
+    _artifact(
+        root,
+        "minilm-nf4",
+        MINILM,
+        15e6,
+        encoder | {"cosine_min": 0.95, "max_abs_diff": 0.21},
+        {"cosine": 0.90, "footprint_ratio": 0.75},
+        None,
+        task="feature-extraction",
+    )
     # An interrupted build's folder holds a manifest too; the report must not show it.
     temporary = _artifact(root, "tiny-unfinished", LLAMA, 50e6, LM["tiny-nf4"][1], LM_THRESHOLDS, None)
     temporary.rename(root / ".tmp-tiny-unfinished-abcd1234")
@@ -140,14 +178,21 @@ def test_report_groups_by_source_and_places_the_failed_build_with_its_siblings(m
     assert set(groups) == {LLAMA, MINILM}
     lm = groups[LLAMA]
     assert {a["name"]: a["status"] for a in lm["artifacts"]} == {
-        "tiny-nf4": "passed", "tiny-nf4-dq": "passed", "tiny-fp4": "passed", "tiny-int8": "passed",
-        "tiny-nf4-strict": "failed"}
+        "tiny-nf4": "passed",
+        "tiny-nf4-dq": "passed",
+        "tiny-fp4": "passed",
+        "tiny-int8": "passed",
+        "tiny-nf4-strict": "failed",
+    }
     assert [c["metric"] for c in lm["charts"]] == list(LM_METRICS)
     for chart in lm["charts"]:
         assert chart["pareto"] == ["tiny-int8", "tiny-nf4", "tiny-nf4-dq"]  # fp4 dominated, failed never on it
     top1 = lm["charts"][1]
     assert {t["value"]: t["artifacts"] for t in top1["thresholds"]} == {
-        0.45: ["tiny-fp4", "tiny-nf4", "tiny-nf4-dq"], 0.75: ["tiny-int8"], 0.9: ["tiny-nf4-strict"]}
+        0.45: ["tiny-fp4", "tiny-nf4", "tiny-nf4-dq"],
+        0.75: ["tiny-int8"],
+        0.9: ["tiny-nf4-strict"],
+    }
     failed = next(a for a in lm["artifacts"] if a["status"] == "failed")
     assert failed["failed_metrics"] == ["top1_agreement"]
     assert failed["card"] == ".failed/tiny-nf4-strict/verify-report.json"  # no card: the gate's report
@@ -234,8 +279,21 @@ class _Marks(html.parser.HTMLParser):
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
     # --no-sandbox: Chromium refuses to run as root with its sandbox; the page is our own file.
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--force-color-profile=srgb",
-                           "--enable-logging=stderr", "--v=0", *args], capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--force-color-profile=srgb",
+            "--enable-logging=stderr",
+            "--v=0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def _console_messages(stderr: str) -> list[str]:
@@ -247,8 +305,8 @@ def _pixels(png: Path) -> dict[tuple[int, int, int], int]:
     data = png.read_bytes()
     pos, idat = 8, b""
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, colour = struct.unpack(">IIBB", body[:10])
             assert depth == 8 and colour in (2, 6), (depth, colour)
@@ -257,7 +315,7 @@ def _pixels(png: Path) -> dict[tuple[int, int, int], int]:
     raw, step = zlib.decompress(idat), 3 if colour == 2 else 4
     stride, previous, counts = width * step, bytearray(width * step), {}
     for row in range(height):
-        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1:(row + 1) * (stride + 1)])
+        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1 : (row + 1) * (stride + 1)])
         for i in range(stride):
             left = line[i - step] if i >= step else 0
             up, corner = previous[i], previous[i - step] if i >= step else 0
@@ -299,7 +357,10 @@ def test_rendered_page_shows_one_point_per_artifact_the_front_thresholds_and_the
         names = [c["data-artifact"] for c in chart["circles"]]
         assert sorted(names) == sorted([*LM, "tiny-nf4-strict"])  # one point per artifact, the failed one too
         assert {c["data-artifact"] for c in chart["circles"] if c["data-pareto"] == "true"} == {
-            "tiny-nf4", "tiny-nf4-dq", "tiny-int8"}
+            "tiny-nf4",
+            "tiny-nf4-dq",
+            "tiny-int8",
+        }
         failed = [c for c in chart["circles"] if c["data-status"] == "failed"]
         assert [c["data-artifact"] for c in failed] == ["tiny-nf4-strict"] and failed[0]["class"] == "pt-failed"
         assert all(c["class"] != "pt-failed" for c in chart["circles"] if c["data-status"] == "passed")
@@ -312,8 +373,13 @@ def test_rendered_page_shows_one_point_per_artifact_the_front_thresholds_and_the
     assert sorted(encoder["thresholds"]) == [0.9, 0.99]
     assert set(marks.bars) == {"latency_ms", "throughput_tokens_per_s"}  # the encoders measured neither
     latency = {b["data-artifact"]: (b["data-status"], float(b["data-value"])) for b in marks.bars["latency_ms"]}
-    assert latency == {"tiny-nf4": ("passed", 38.0), "tiny-nf4-dq": ("passed", 41.0), "tiny-fp4": ("passed", 37.0),
-                       "tiny-int8": ("passed", 90.0), "tiny-nf4-strict": ("failed", 39.0)}
+    assert latency == {
+        "tiny-nf4": ("passed", 38.0),
+        "tiny-nf4-dq": ("passed", 41.0),
+        "tiny-fp4": ("passed", 37.0),
+        "tiny-int8": ("passed", 90.0),
+        "tiny-nf4-strict": ("failed", 39.0),
+    }
 
 
 @needs_chromium
@@ -363,8 +429,7 @@ def test_bits_axis_draws_bits_per_parameter_and_leaves_out_what_lacks_it(matrix,
     del manifest["verification"]["metrics"]["bits_per_param"]  # as an ONNX export's manifest
     (root / "tiny-fp4" / "manifest.json").write_text(json.dumps(manifest))
     out, data = write_report([root], root / "report.html", x="bits")
-    assert data["x"] == {"axis": "bits", "field": "weight_bits_per_param",
-                         "label": "bits per parameter (weight files)"}
+    assert data["x"] == {"axis": "bits", "field": "weight_bits_per_param", "label": "bits per parameter (weight files)"}
     page = out.read_text()
     assert 'data-artifact="tiny-fp4" data-status="passed" data-pareto=' not in page  # no scatter point
     assert "not drawn (no bits per parameter (weight files) or no top1_agreement): fp4" in page

@@ -24,8 +24,8 @@ def _rewrite(weights, change) -> None:
     """Rewrite a safetensors file's header through `change(header) -> header`, keeping the data bytes."""
     data = weights.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    weights.write_bytes(_header(change(header)) + data[8 + length:])
+    header = json.loads(data[8 : 8 + length])
+    weights.write_bytes(_header(change(header)) + data[8 + length :])
 
 
 def _first_tensor(header: dict) -> str:
@@ -78,8 +78,15 @@ def test_index_naming_a_missing_shard(tiny_llama, tmp_path, capsys):
     source = tmp_path / "model"
     shutil.copytree(tiny_llama, source)
     (source / "model.safetensors").rename(source / "model-00001-of-00002.safetensors")
-    names = [info for info in json.loads((source / "model-00001-of-00002.safetensors").read_bytes()[8:8 + struct.unpack(
-        "<Q", (source / "model-00001-of-00002.safetensors").read_bytes()[:8])[0]]) if info != "__metadata__"]
+    names = [
+        info
+        for info in json.loads(
+            (source / "model-00001-of-00002.safetensors").read_bytes()[
+                8 : 8 + struct.unpack("<Q", (source / "model-00001-of-00002.safetensors").read_bytes()[:8])[0]
+            ]
+        )
+        if info != "__metadata__"
+    ]
     weight_map = {name: "model-00001-of-00002.safetensors" for name in names}
     weight_map[names[-1]] = "model-00002-of-00002.safetensors"
     (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -14,8 +14,10 @@ from stream_compare import differences, recipe_for, tensors, transformers_build
 def tiny_references(tiny_llama, tmp_path_factory) -> dict:
     """tiny_llama built through transformers, once per method."""
     root = tmp_path_factory.mktemp("tiny-transformers")
-    return {method: transformers_build(recipe_for(tiny_llama, method), tiny_llama, root / method)
-            for method in ("nf4-dq", "fp4", "int8")}
+    return {
+        method: transformers_build(recipe_for(tiny_llama, method), tiny_llama, root / method)
+        for method in ("nf4-dq", "fp4", "int8")
+    }
 
 
 @pytest.mark.parametrize("method", ["nf4-dq", "fp4", "int8"])
@@ -27,9 +29,18 @@ def test_streamed_artifact_equals_the_transformers_one(method, tiny_llama, tiny_
     result = stream_build(recipe, tiny_llama, tmp_path)
     assert differences(tmp_path, tiny_references[method]) == []
     assert result["shards"] == 1 and sorted(result["layers"]) == sorted(
-        f"model.layers.{i}.{m}" for i in range(2) for m in
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj"))
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    )
     assert (tmp_path / "tokenizer.json").is_file()
 
 
@@ -75,13 +86,16 @@ def test_sharded_output_has_an_index_and_loads(tiny_llama, tiny_references, tmp_
     AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
 
 
-@pytest.mark.parametrize("method, quantize, load, reason", [
-    ("nf4", {"dequantize": True}, {}, "dequantize"),
-    ("int8", {"has_fp16_weight": True}, {}, "has_fp16_weight"),
-    ("nf4", {"quant_storage": "bfloat16"}, {}, "quant_storage"),
-    ("nf4", {}, {"device_map": {"model": "cpu", "lm_head": "cpu"}}, "device_map"),
-    ("nf4", {}, {"max_memory": {"cpu": "1GiB"}}, "max_memory"),
-])
+@pytest.mark.parametrize(
+    "method, quantize, load, reason",
+    [
+        ("nf4", {"dequantize": True}, {}, "dequantize"),
+        ("int8", {"has_fp16_weight": True}, {}, "has_fp16_weight"),
+        ("nf4", {"quant_storage": "bfloat16"}, {}, "quant_storage"),
+        ("nf4", {}, {"device_map": {"model": "cpu", "lm_head": "cpu"}}, "device_map"),
+        ("nf4", {}, {"max_memory": {"cpu": "1GiB"}}, "max_memory"),
+    ],
+)
 def test_not_streamable_recipes_say_why(method, quantize, load, reason, tiny_llama):
     from builder.recipe import Recipe
     from builder.steps.stream import streamable
@@ -113,7 +127,8 @@ def test_a_tied_head_stored_with_other_values_is_not_streamed(tiny_llama, tmp_pa
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"] * 2
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     assert streamable(recipe_for(source, "nf4"), source) == (
-        "the checkpoint's lm_head.weight differs from model.embed_tokens.weight, which it is tied to")
+        "the checkpoint's lm_head.weight differs from model.embed_tokens.weight, which it is tied to"
+    )
 
 
 def test_already_quantized_source_is_not_streamed(tiny_llama, tiny_references):
@@ -129,21 +144,34 @@ def test_shard_writer_pads_the_header_and_keeps_tensors_aligned(tmp_path):
 
     from builder.steps.stream_io import OutTensor, ShardWriter
 
-    writer = ShardWriter(tmp_path / "x.safetensors", [
-        OutTensor("blob", torch.uint8, None), OutTensor("bytes", torch.uint8, (3,)),
-        OutTensor("floats", torch.float32, (5,)), OutTensor("halves", torch.bfloat16, (2, 3)),
-    ], {"format": "pt"})
-    values = {"blob": torch.arange(7, dtype=torch.uint8), "bytes": torch.tensor([1, 2, 3], dtype=torch.uint8),
-              "floats": torch.randn(5), "halves": torch.randn(2, 3).to(torch.bfloat16)}
+    writer = ShardWriter(
+        tmp_path / "x.safetensors",
+        [
+            OutTensor("blob", torch.uint8, None),
+            OutTensor("bytes", torch.uint8, (3,)),
+            OutTensor("floats", torch.float32, (5,)),
+            OutTensor("halves", torch.bfloat16, (2, 3)),
+        ],
+        {"format": "pt"},
+    )
+    values = {
+        "blob": torch.arange(7, dtype=torch.uint8),
+        "bytes": torch.tensor([1, 2, 3], dtype=torch.uint8),
+        "floats": torch.randn(5),
+        "halves": torch.randn(2, 3).to(torch.bfloat16),
+    }
     for name in ("halves", "blob", "floats", "bytes"):
         writer.write(name, values[name])
     size = writer.finish()
     raw = (tmp_path / "x.safetensors").read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
-    assert size == len(raw) and (8 + length) % 8 == 0 and raw[8 + length - 1:8 + length] == b" "
-    assert all(meta["data_offsets"][0] % values[name].element_size() == 0
-               for name, meta in header.items() if name != "__metadata__")
+    header = json.loads(raw[8 : 8 + length])
+    assert size == len(raw) and (8 + length) % 8 == 0 and raw[8 + length - 1 : 8 + length] == b" "
+    assert all(
+        meta["data_offsets"][0] % values[name].element_size() == 0
+        for name, meta in header.items()
+        if name != "__metadata__"
+    )
     loaded = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(loaded[name], values[name]) for name in values)
 

@@ -20,8 +20,7 @@ def _context(recipe_file: Path, workdir: Path):
     return ctx
 
 
-@pytest.mark.parametrize("quantize", ["{method: bnb-4bit, quant_type: nf4, double_quant: true}",
-                                      "{method: bnb-8bit}"])
+@pytest.mark.parametrize("quantize", ["{method: bnb-4bit, quant_type: nf4, double_quant: true}", "{method: bnb-8bit}"])
 def test_stream_path_records_what_the_transformers_path_records(quantize, tiny_llama, tmp_path, monkeypatch):
     from builder.steps import quantize as quantize_module
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from stream_compare import differences, recipe_for, transformers_build
 
 
@@ -45,8 +44,9 @@ def test_a_tied_head_saved_in_the_checkpoint_is_dropped_like_from_pretrained_doe
     assert differences(tmp_path / "stream", transformers_build(recipe, source, tmp_path / "transformers")) == []
 
 
-@pytest.mark.parametrize("dtype, tensor", [("float8_e4m3fn", "model.layers.0.mlp.down_proj.weight"),
-                                           ("float8_e5m2", "model.norm.weight")])
+@pytest.mark.parametrize(
+    "dtype, tensor", [("float8_e4m3fn", "model.layers.0.mlp.down_proj.weight"), ("float8_e5m2", "model.norm.weight")]
+)
 def test_float8_tensors_are_cast_like_the_transformers_path(dtype, tensor, tiny_llama, tmp_path):
     """A quantized Linear stored as F8_E4M3 and a norm stored as F8_E5M2: both cast to the load dtype."""
     import torch
@@ -75,4 +75,5 @@ def test_a_dtype_the_streamer_cannot_read_is_a_reason_not_an_error(tiny_llama, t
     name = "model.norm.weight"
     _rewrite(tiny_llama, source, lambda t: t | {name: t[name].abs().to(torch.float8_e8m0fnu)})
     assert streamable(recipe_for(source, "nf4"), source) == (
-        f"tensor {name} has dtype F8_E8M0, which the streaming quantizer cannot read")
+        f"tensor {name} has dtype F8_E8M0, which the streaming quantizer cannot read"
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from builder.cli import main
-
 from test_core_install import core_builder
+
+from builder.cli import main
 
 
 def recipe(tmp_path, model: str, skip: str | None = None, variants: str = ""):
@@ -23,8 +23,10 @@ def test_a_missing_local_source_folder_is_located_at_source_model(tmp_path, caps
     path = recipe(tmp_path, "./models/absent")
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
-    assert out.startswith(f"{path}:4:10: source.model: source folder {tmp_path / 'models' / 'absent'} does not "
-                          "exist; check `source.model`"), out
+    assert out.startswith(
+        f"{path}:4:10: source.model: source folder {tmp_path / 'models' / 'absent'} does not "
+        "exist; check `source.model`"
+    ), out
     assert main(["validate", "--schema-only", str(path)]) == 0
 
 
@@ -32,9 +34,11 @@ def test_a_skip_module_matching_nothing_names_the_nearest_linear_modules(tiny_ll
     path = recipe(tmp_path, str(tiny_llama), skip="mlp.down_projj")
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out.strip()
-    assert out == (f"{path}:9:7: quantize.skip_modules.1: 'mlp.down_projj' matches no module of {tiny_llama}: the "
-                   "nearest quantizable Linear modules are mlp.down_proj, down_proj, layers.1.mlp.down_proj (did you mean "
-                   "'mlp.down_proj'?)"), out
+    assert out == (
+        f"{path}:9:7: quantize.skip_modules.1: 'mlp.down_projj' matches no module of {tiny_llama}: the "
+        "nearest quantizable Linear modules are mlp.down_proj, down_proj, layers.1.mlp.down_proj (did you mean "
+        "'mlp.down_proj'?)"
+    ), out
     assert "lm_head" not in out.split(":", 4)[4]  # the tied head exists: not flagged, and not offered as the fix
 
 

@@ -26,22 +26,40 @@ TINY_VERIFY = "verify:\n  thresholds: {footprint_ratio: 1.0}\n  max_new_tokens: 
 
 
 def recipe(quantize: dict, thresholds: dict | None = None) -> Recipe:
-    return Recipe.model_validate({"schema_version": 1, "name": "x", "source": {"model": "/nowhere"},
-                                  "quantize": quantize, "verify": {"thresholds": thresholds or {}}})
+    return Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": "/nowhere"},
+            "quantize": quantize,
+            "verify": {"thresholds": thresholds or {}},
+        }
+    )
 
 
 def test_gate_names_each_missed_metric_and_by_how_much():
-    failures = gate({"top1_agreement": 0.4, "kl_divergence_mean": 0.5, "perplexity_ratio": 1.01},
-                    {"top1_agreement": 0.9, "kl_divergence": 0.1, "perplexity_ratio": 1.2})
-    assert [f["message"] for f in failures] == ["top1_agreement 0.400 < 0.900 (missed by 0.500)",
-                                                "kl_divergence_mean 0.500 > 0.100 (missed by 0.400)"]
-    assert failures[0] | {"message": None} == {"metric": "top1_agreement", "value": 0.4, "threshold": 0.9,
-                                               "message": None}
+    failures = gate(
+        {"top1_agreement": 0.4, "kl_divergence_mean": 0.5, "perplexity_ratio": 1.01},
+        {"top1_agreement": 0.9, "kl_divergence": 0.1, "perplexity_ratio": 1.2},
+    )
+    assert [f["message"] for f in failures] == [
+        "top1_agreement 0.400 < 0.900 (missed by 0.500)",
+        "kl_divergence_mean 0.500 > 0.100 (missed by 0.400)",
+    ]
+    assert failures[0] | {"message": None} == {
+        "metric": "top1_agreement",
+        "value": 0.4,
+        "threshold": 0.9,
+        "message": None,
+    }
 
 
 def test_defaults_depend_on_method_and_task_and_the_recipe_overrides_them():
-    nf4, fp4, int8 = recipe({"method": "bnb-4bit"}), recipe({"method": "bnb-4bit", "quant_type": "fp4"}), \
-        recipe({"method": "bnb-8bit"})
+    nf4, fp4, int8 = (
+        recipe({"method": "bnb-4bit"}),
+        recipe({"method": "bnb-4bit", "quant_type": "fp4"}),
+        recipe({"method": "bnb-8bit"}),
+    )
     lm = {r: default_thresholds(r, "text-generation") for r in (nf4, fp4, int8)}
     assert lm[int8]["kl_divergence"] < lm[nf4]["kl_divergence"] <= lm[fp4]["kl_divergence"]
     assert set(default_thresholds(nf4, "feature-extraction")) == {"cosine", "footprint_ratio"}
@@ -69,8 +87,13 @@ def test_evaluation_text_is_a_few_thousand_words_of_sourced_public_domain_prose(
     assert text.startswith("When in the Course of human events")
     assert "It is a truth universally acknowledged" in text and "Four score and seven years ago" in text
     readme = (DATA / "README.md").read_text()
-    for needle in ("Declaration of Independence", "Jane Austen", "Pride and Prejudice", "Gettysburg Address",
-                   "Public domain"):
+    for needle in (
+        "Declaration of Independence",
+        "Jane Austen",
+        "Pride and Prejudice",
+        "Gettysburg Address",
+        "Public domain",
+    ):
         assert needle in readme
     sentences = eval_sentences(32)
     assert len(sentences) == 32 and all(len(s.split()) >= 5 for s in sentences)
@@ -87,8 +110,10 @@ def built(tiny_llama, tmp_path_factory) -> dict:
     source = folder / "source"
     shutil.copytree(tiny_llama, source)
     recipe_file = folder / "tiny.yaml"
-    recipe_file.write_text(f"schema_version: 1\nname: tiny\nsource:\n  model: {source}\n  dtype: bfloat16\n"
-                           f"quantize:\n  method: bnb-4bit\n  quant_type: nf4\n{TINY_VERIFY}")
+    recipe_file.write_text(
+        f"schema_version: 1\nname: tiny\nsource:\n  model: {source}\n  dtype: bfloat16\n"
+        f"quantize:\n  method: bnb-4bit\n  quant_type: nf4\n{TINY_VERIFY}"
+    )
     out = folder / "artifacts"
     assert main(["build", str(recipe_file), "--out", str(out), "--device", "cpu"]) == 0
     return {"artifact": out / "tiny", "source": source, "folder": folder}
@@ -100,11 +125,23 @@ def test_the_build_report_follows_the_contract(built):
     assert manifest["verification"] == report
     assert report["passed"] is True and report["failures"] == []
     assert (report["task"], report["device"], report["provider"]) == ("text-generation", "cpu", None)
-    assert {"top1_agreement", "kl_divergence_mean", "kl_divergence_max", "perplexity_ratio", "greedy_match",
-            "footprint_ratio", "artifact_bytes", "bits_per_param"} <= set(report["metrics"])
+    assert {
+        "top1_agreement",
+        "kl_divergence_mean",
+        "kl_divergence_max",
+        "perplexity_ratio",
+        "greedy_match",
+        "footprint_ratio",
+        "artifact_bytes",
+        "bits_per_param",
+    } <= set(report["metrics"])
     assert report["thresholds"]["footprint_ratio"] == 1.0 and "top1_agreement" in report["thresholds"]
-    assert {"reference_latency_ms", "candidate_latency_ms", "reference_throughput_tokens_per_s",
-            "candidate_throughput_tokens_per_s"} <= set(report["performance"])
+    assert {
+        "reference_latency_ms",
+        "candidate_latency_ms",
+        "reference_throughput_tokens_per_s",
+        "candidate_throughput_tokens_per_s",
+    } <= set(report["performance"])
     assert report["reference"]["dtype"] == "bfloat16"
     assert report["inputs"]["eval_tokens"] == 2048 and len(report["inputs"]["greedy_tokens_matched"]) == 3
     assert 0 < report["metrics"]["kl_divergence_mean"] <= report["metrics"]["kl_divergence_max"]
@@ -125,7 +162,8 @@ def test_builder_verify_reruns_the_checks_and_changes_nothing_without_write(buil
     report = json.loads(capsys.readouterr().out)
     recorded = json.loads((artifact / "verify-report.json").read_text())
     assert report["passed"] and report["metrics"]["top1_agreement"] == pytest.approx(
-        recorded["metrics"]["top1_agreement"], abs=0.01)
+        recorded["metrics"]["top1_agreement"], abs=0.01
+    )
     assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before
 
 
@@ -153,16 +191,25 @@ def test_builder_verify_refuses_a_source_that_changed(built, tmp_path, capsys):
     (source / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
     assert main(["verify", str(artifact)]) == 1
     err = capsys.readouterr().err
-    assert re.search(r"the source folder .*source changed since .* was built \(recorded sha256:[0-9a-f]{64}, now "
-                     r"sha256:[0-9a-f]{64}\)", err), err
+    assert re.search(
+        r"the source folder .*source changed since .* was built \(recorded sha256:[0-9a-f]{64}, now "
+        r"sha256:[0-9a-f]{64}\)",
+        err,
+    ), err
 
 
 def test_an_artifact_that_does_not_load_fails_the_gate(built, tmp_path):
     artifact = copy_artifact(built, tmp_path)
     (artifact / "model.safetensors").write_bytes(b"not safetensors")
-    tiny = Recipe.model_validate({"schema_version": 1, "name": "tiny", "source": {"model": str(built["source"]),
-                                  "dtype": "bfloat16"}, "quantize": {"method": "bnb-4bit"},
-                                  "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4}})
+    tiny = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "tiny",
+            "source": {"model": str(built["source"]), "dtype": "bfloat16"},
+            "quantize": {"method": "bnb-4bit"},
+            "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4},
+        }
+    )
     report = run_checks(tiny, "text-generation", built["source"], artifact, "cpu")
     assert report["passed"] is False
     assert report["failures"][0]["metric"] == "loads"
@@ -172,10 +219,21 @@ def test_an_artifact_that_does_not_load_fails_the_gate(built, tmp_path):
 def test_onnx_thresholds_take_the_recipes_overrides_and_refuse_what_the_task_lacks():
     from builder.steps import verify_onnx
 
-    export = Recipe.model_validate({"schema_version": 1, "name": "x", "source": {"model": "/nowhere"},
-                                    "export": {"format": "onnx"}, "verify": {"thresholds": {"top1_agreement": 0.5}}})
+    export = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": "/nowhere"},
+            "export": {"format": "onnx"},
+            "verify": {"thresholds": {"top1_agreement": 0.5}},
+        }
+    )
     assert verify_onnx.thresholds_for(export, "text-generation") == (
-        verify_onnx.default_thresholds("text-generation") | {"top1_agreement": 0.5})
-    with pytest.raises(BuildError, match=r"verify\.thresholds\.top1_agreement does not apply to an ONNX export of a "
-                                         r"feature-extraction model \(its gates: "):
+        verify_onnx.default_thresholds("text-generation") | {"top1_agreement": 0.5}
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"verify\.thresholds\.top1_agreement does not apply to an ONNX export of a "
+        r"feature-extraction model \(its gates: ",
+    ):
         verify_onnx.thresholds_for(export, "feature-extraction")
