@@ -83,6 +83,8 @@ def build(
     `use_cache: False` recomputes the gate's reference outputs; `max_gpu_memory` (bytes) caps this process's GPU
     memory and the gate's, which then runs a model larger than the cap one decoder block at a time."""
     recipe = plan.loaded.recipe
+    if device is not None and not _DEVICE.match(device):  # before the up-to-date answer: a typo is never "ok"
+        raise BuildError(f"--device {device!r} is not cpu, cuda or cuda:N")
     out = Path(out)
     final = out / recipe.name
     # Checked before anything heavy is imported, so `make all` over built recipes takes seconds; checked again
@@ -191,8 +193,6 @@ def choose_device(plan: Plan, requested: str | None) -> tuple[str, str | dict[st
     recipe = plan.loaded.recipe
     device_map = recipe.load.device_map
     if requested is not None:
-        if not _DEVICE.match(requested):
-            raise BuildError(f"--device {requested!r} is not cpu, cuda or cuda:N")
         if isinstance(device_map, dict):
             raise BuildError(
                 f"recipe {recipe.name} places modules with `load.device_map`; drop --device, or remove "

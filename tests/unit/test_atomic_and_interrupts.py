@@ -146,3 +146,12 @@ def test_killing_rebuilds_at_random_points_never_leaves_a_partial_artifact(tiny_
     assert subprocess.run(command, capture_output=True, check=False).returncode == 0  # up to date, leftovers removed
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == ["tiny-nf4"]
     print(outcomes)
+
+
+def test_a_bad_device_is_refused_even_when_the_artifact_is_up_to_date(tiny_llama, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_llama)
+    out = tmp_path / "out"
+    assert main(["build", str(recipe), "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--out", str(out), "--device", "tpu"]) == 1
+    assert "--device 'tpu' is not cpu, cuda or cuda:N" in capsys.readouterr().err
