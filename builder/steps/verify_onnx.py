@@ -38,9 +38,12 @@ _THRESHOLDS = {
     },
     ("float16", "none"): {"max_abs_diff": 0.5, "cosine": 0.999, "top1_agreement": 0.95, "kl_divergence": 1e-2},
     ("float32", "dynamic-int8"): {"cosine": 0.97, "top1_agreement": 0.8, "kl_divergence": 0.2},
-    ("float32", "int4"): {"cosine": 0.97, "top1_agreement": 0.5, "kl_divergence": 1.0},
-    ("float32", "nf4"): {"cosine": 0.97, "top1_agreement": 0.5, "kl_divergence": 1.0},
-    ("float32", "fp4"): {"cosine": 0.95, "top1_agreement": 0.45, "kl_divergence": 1.5},
+    # 4-bit weight-only, from SmolLM2-135M with its KV cache on CPU (docs/benchmarks.md): int4 top-1 0.67 / KL 0.43,
+    # nf4 0.71 / 0.37, fp4 0.57 / 0.65; the bounds allow about twice that distance, as the bitsandbytes ones do.
+    # The encoder cosine bounds are not measured yet (set from dynamic-int8's, looser for fp4).
+    ("float32", "int4"): {"cosine": 0.97, "top1_agreement": 0.45, "kl_divergence": 1.0},
+    ("float32", "nf4"): {"cosine": 0.97, "top1_agreement": 0.45, "kl_divergence": 1.0},
+    ("float32", "fp4"): {"cosine": 0.95, "top1_agreement": 0.35, "kl_divergence": 1.5},
 }
 _GATED = {
     "feature-extraction": ("max_abs_diff", "cosine"),
