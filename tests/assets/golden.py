@@ -1,11 +1,17 @@
-"""Manifests built before the module refactor ("One owner per contract", issue 12) by the code at 149aa9e+security fix,
-kept in tests/assets/golden/, and the comparison that says a build today describes the same artifact.
+"""Manifests of four shipped recipes' artifacts, kept in tests/assets/golden/, and the comparison that says a build
+today describes the same artifact: a refactor must leave them equal (issue 12 checked its refactor against the
+manifests built before it); a change that alters artifacts on purpose regenerates them, and its commit says why:
 
-What may differ: when and where it was built and with which versions (build hash, versions, device, dates, timings,
-latencies), the three files that carry those (README.md, recipe.lock.yaml, verify-report.json), and float metrics
-in their last digits. The ONNX gate embeds 32 sentences instead of 16 since the two gates share ENCODER_SENTENCES,
-so its metric values and prompts are compared by name only. Everything else must be equal: the recipe, the source,
-the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every weight file's sha256.
+    for r in minilm/int8 minilm/nf4 minilm/onnx-cpu smollm2/nf4; do
+        builder build recipes/$r.yaml --out /tmp/golden --device cpu --force; done
+    cp /tmp/golden/<name>/manifest.json tests/assets/golden/<name>.json
+
+Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM streamed, the footprint bound derived
+from the plan, source.base_model). What may differ: when and where it was built and with which versions (build hash,
+versions, device, dates, timings, latencies), the three files that carry those (README.md, recipe.lock.yaml,
+verify-report.json), and float metrics in their last digits; the ONNX gate's metric values and prompts are compared by
+name only. Everything else must be equal: the recipe, the source, the footprints, bits per parameter, the quantize
+path, the layers, the ONNX record and every weight file's sha256.
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ def test_two_builds_give_identical_weight_files(artifacts, tmp_path, name):
         ("minilm-int8", "all-minilm-l6-v2-int8"),
     ],
 )
-def test_manifest_is_the_one_built_before_the_module_refactor(artifacts, name, golden, monkeypatch):
+def test_manifest_is_the_recorded_one(artifacts, name, golden, monkeypatch):
     from golden import differences
 
     monkeypatch.chdir(REPO)  # recipe_files are recorded relative to the working folder

@@ -89,7 +89,9 @@ def context(model: str, method: str, source: Path, artifact: Path, tmp_path: Pat
 def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:
     source, artifact = bnb_artifact(model, method)
     started = time.perf_counter()
-    report = verify(context(model, method, source, artifact, tmp_path))
+    ctx = context(model, method, source, artifact, tmp_path)
+    verify(ctx)
+    report = ctx.verification
     print(f"{model} {method}: verified in {time.perf_counter() - started:.1f} s: {json.dumps(report['metrics'])}")
     return report
 
