@@ -304,6 +304,7 @@ def test_plan_json_shape_on_a_local_folder(capsys):
         "source",
         "source_bytes",
         "stages",
+        "thresholds",
         "variant",
         "versions",
         "warnings",
