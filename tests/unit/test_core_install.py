@@ -75,7 +75,7 @@ def test_plan_of_a_local_folder_recipe_needs_only_the_core_install():
     assert done.returncode == 0, done.stderr
     (plan,) = json.loads(done.stdout)
     assert plan["parameter_count"] == 52 and plan["source"]["revision"].startswith("sha256:")
-    assert plan["versions"]["builder"] and plan["warnings"] == []
+    assert plan["versions"]["builder"] and [w for w in plan["warnings"] if "not installed here" not in w] == []
     text = core_builder("plan", "tests/recipes/valid/local-tiny.yaml")
     assert text.returncode == 0 and text.stdout.startswith("# tiny-nf4\n"), text.stderr
 
