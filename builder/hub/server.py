@@ -136,9 +136,12 @@ class HubServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        # The thread releases the slot when it ends; only a thread that could not be started gives it back here
+        # (a signal that interrupts `start()` after the thread began must not release it twice).
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
+            thread.start()
+        except RuntimeError:
             self.slots.release()
             raise
 

@@ -332,3 +332,33 @@ def test_a_card_with_a_license_the_hub_does_not_know_is_refused_like_the_hub_doe
         repo_id="demo/licensed", path_in_repo="README.md", path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# card\n"
     )
     assert api.model_info("demo/licensed").card_data["license"] == "apache-2.0"
+
+
+def test_a_signal_that_interrupts_a_thread_start_stops_the_server_and_frees_the_slot_once(tmp_path, monkeypatch):
+    # `builder hub serve` stops on SIGTERM by raising from its signal handler; when that lands inside the
+    # connection thread's start(), the thread is running and releases its slot: releasing it here too raised
+    # "Semaphore released too many times", which replaced the interrupt and left the server running.
+    import socket
+    import threading
+
+    from builder.hub.server import HubServer
+    from builder.interrupts import Interrupted
+
+    server = HubServer(("127.0.0.1", 0), tmp_path / "hub", quiet=True, max_connections=1)
+    started = threading.Thread.start
+
+    def start_then_signal(thread):
+        started(thread)
+        raise Interrupted(15)
+
+    threads, failures = [], []
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (threads.append(thread), start_then_signal(thread)))
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    ours, theirs = socket.socketpair()
+    with pytest.raises(Interrupted):
+        server.process_request(ours, ("127.0.0.1", 0))
+    theirs.close()  # the connection thread reads end-of-stream, ends and gives its slot back
+    threads[0].join(10)
+    assert not threads[0].is_alive() and not failures  # no "Semaphore released too many times" in the thread
+    assert server.slots.acquire(blocking=False)  # the one slot is free again
+    server.server_close()
