@@ -182,9 +182,11 @@ def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_
     report = manifest["verification"]
     stages["reference_cached"] = report["reference"]["cached"]
     stages["forward"] = f"{report['reference']['forward']}/{report['candidate']['forward']}"
+    stages["candidate_overlapped_reference"] = report["candidate"]["overlapped"]
     for who in ("reference", "candidate"):
         if "device_peak_bytes" in report[who]:
             stages[f"{who}_gpu_peak_gib"] = round(report[who]["device_peak_bytes"] / 2**30, 2)
+        stages |= {f"{who} {stage}": seconds for stage, seconds in report[who]["stages"].items()}
     return None
 
 

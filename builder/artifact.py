@@ -227,34 +227,72 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(error, os.strerror(error), str(b))
 
 
-def file_table(folder: Path) -> dict[str, FileEntry]:
+def file_table(folder: Path, ahead: HashAhead | None = None) -> dict[str, FileEntry]:
     """sha256 and size of every file under `folder` except manifest.json, by relative POSIX path; each file read
-    once, several at a time (hashlib releases the GIL)."""
+    once, several at a time (hashlib releases the GIL). A file `ahead` hashed, unchanged since, is not read again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm  # deferred: huggingface_hub's dependency, absent from the core install
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
+    known = {path: found for path in files if ahead is not None and (found := ahead.entry(path)) is not None}
+    todo = [path for path in files if path not in known]
     with tqdm(
-        total=sum(p.stat().st_size for p in files),
+        total=sum(p.stat().st_size for p in todo),
         unit="B",
         unit_scale=True,
         desc="Hashing files",
         leave=False,
         disable=not show_progress(),
     ) as bar:
+        with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1, 8))) as pool:
+            known |= zip(todo, pool.map(lambda path: _hash_file(path, bar.update)[0], todo), strict=True)
+    return {path.relative_to(folder).as_posix(): known[path] for path in files}
 
-        def entry(path: Path) -> FileEntry:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 22):
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-            return FileEntry(sha256=digest.hexdigest(), size=path.stat().st_size)
 
-        with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8))) as pool:
-            entries = list(pool.map(entry, files))
-    return {path.relative_to(folder).as_posix(): found for path, found in zip(files, entries, strict=True)}
+class HashAhead:
+    """`folder`'s files hashed on background threads while the build does other work (the pipeline starts it when
+    the weights are final, so they are hashed while the gate runs); `file_table` takes an entry only when its file
+    still has the size and modification time it had when it was read."""
+
+    def __init__(self, folder: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        self._pool = ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8)), "builder-hash")
+        self._futures = {path: self._pool.submit(_hash_file, path) for path in files}
+
+    def entry(self, path: Path) -> FileEntry | None:
+        future = self._futures.get(path)
+        if future is None:
+            return None
+        found, stamp = future.result()
+        return found if stamp is not None and stamp == _stamp(path) else None
+
+    def cancel(self) -> None:
+        """Stop hashing: files not started are dropped; a file being read finishes on its own."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _hash_file(path: Path, progress=None) -> tuple[FileEntry, tuple[int, int] | None]:
+    """(entry, the file's (size, mtime) if it did not change while it was read, else None)."""
+    before = _stamp(path)
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return FileEntry(sha256=digest.hexdigest(), size=size), before if _stamp(path) == before else None
 
 
 def up_to_date(final: Path, build_hash: str) -> Manifest | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.artifact import Dequantized, Footprint, QuantizedLayers
+from builder.artifact import Dequantized, Footprint, HashAhead, QuantizedLayers
 from builder.plan import Plan
 from builder.recipe import LoadedRecipe
 
@@ -49,6 +49,11 @@ class BuildContext:
     reference: Any = None
     """The gate's reference run (`builder.steps.verify.ReferenceRun`), started with the quantize step so the two
     overlap; `verify` waits for it."""
+    hash_ahead: HashAhead | None = None
+    """The artifact's files, hashed while the gate runs (started by the pipeline before `verify`)."""
+    candidate: Any = None
+    """The gate's candidate process, started with the quantize step so its imports overlap it; `verify` hands it
+    the artifact."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step (filled by the pipeline; steps add finer stages such as load and save)."""
 

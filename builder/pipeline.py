@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import interrupts
-from builder.artifact import FAILED_DIR, Manifest, load_manifest, replace_folder, up_to_date
+from builder.artifact import FAILED_DIR, HashAhead, Manifest, load_manifest, replace_folder, up_to_date
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
@@ -136,8 +136,9 @@ def build(
             _discard(workdir, None, keep_temp)
             raise
         finally:
-            if ctx.reference is not None:
-                ctx.reference.cancel()  # a build that failed before `verify` leaves no reference worker behind
+            for work in (ctx.reference, ctx.candidate, ctx.hash_ahead):
+                if work is not None:
+                    work.cancel()  # however the build ended, no gate worker or hashing thread stays behind
     say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", load_manifest(final))
 
@@ -154,9 +155,10 @@ def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
 
 def _quantize(ctx: BuildContext) -> None:
     from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
-    from builder.steps.verify import start_reference
+    from builder.steps.verify import start_candidate, start_reference
 
-    ctx.reference = start_reference(ctx)  # the gate's reference runs in its own process while this step quantizes
+    # The gate's workers start now: the reference computes, the candidate process imports, while this quantizes.
+    ctx.reference, ctx.candidate = start_reference(ctx), start_candidate(ctx)
     quantize(ctx)
 
 
@@ -173,6 +175,7 @@ def _verify(ctx: BuildContext) -> None:
         verify,  # deferred: torch and transformers, only when a build runs
     )
 
+    ctx.hash_ahead = HashAhead(ctx.workdir)  # the files are final: hash them while the gate runs
     verify(ctx)
 
 

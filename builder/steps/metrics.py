@@ -3,12 +3,14 @@
 The gate (`builder.steps.verify`) runs the reference (the source model) in its own process and the candidate (the
 artifact as a user loads it, with stock transformers) in a fresh one:
 
-    python -m builder.steps.metrics SPEC.pt OUT.pt
+    python -m builder.steps.metrics FOLDER TASK DEVICE [MODULE ...]      then, on stdin: SPEC.pt and OUT.pt lines
 
-SPEC.pt holds the model folder, task, dtype, device, an optional cap on device memory and the token ids (tokenized
-once, by the parent, so both runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then
-calls `compare`. A model whose weights pass the cap runs block by block (`builder.steps.blockwise`). The worker
-reports its stages on stderr as `PROGRESS` lines (JSON) that the parent turns into status lines and bars.
+The worker starts by importing what loading FOLDER's architecture for TASK needs (and the MODULEs, and CUDA), so a
+worker started early, before the artifact exists, has that done when the parent names SPEC.pt. SPEC.pt holds the
+model folder, task, dtype, device, an optional cap on device memory and the token ids (tokenized once, by the
+parent, so both runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then calls `compare`.
+A model whose weights pass the cap runs block by block (`builder.steps.blockwise`). The worker reports its stages
+on stderr as `PROGRESS` lines (JSON) that the parent turns into status lines and bars.
 
 Causal LMs are probed on the evaluation text in chunks (next-token logits, for top-1 agreement, KL divergence and
 perplexity) and on the prompts (greedy continuations); encoders on sentences (hidden states, mean-pooled
@@ -17,6 +19,7 @@ embeddings). Every run also reports its memory footprint, latency and throughput
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import statistics
@@ -278,10 +281,16 @@ def _compare_encoder(reference: dict, candidate: dict, attention_mask) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: load SPEC.pt's model folder with stock transformers, probe it, write OUT.pt."""
+    """Worker entry point: import for FOLDER TASK DEVICE [MODULE ...], then read SPEC.pt and OUT.pt from stdin, load
+    SPEC.pt's model folder with stock transformers, probe it, write OUT.pt."""
     import torch
 
-    spec_file, out_file = argv if argv is not None else sys.argv[1:]
+    folder, task, device, *modules = argv if argv is not None else sys.argv[1:]
+    with _Stage("imports"):
+        _import_for(folder, task, device, modules)
+    spec_file, out_file = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
+    if not out_file:
+        return 0  # the parent stopped before it had a model for this worker
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast warning per matmul
     spec = torch.load(spec_file, weights_only=True)
     device, cap = spec["device"], spec.get("max_device_memory")
@@ -299,6 +308,23 @@ def main(argv: list[str] | None = None) -> int:
         outputs["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
     torch.save(outputs, out_file)
     return 0
+
+
+def _import_for(folder: str, task: str, device: str, modules: list[str]) -> None:
+    """Import transformers' modeling code for `folder`'s architecture and `modules`, and start CUDA on a CUDA
+    `device`: the work a fresh process does before it can load a model, done before the model exists."""
+    import torch
+    from transformers import AutoConfig
+
+    for module in modules:
+        importlib.import_module(module)
+    model_class = auto_class(task) if task == "text-generation" else auto_class("feature-extraction")
+    try:
+        model_class._model_mapping[type(AutoConfig.from_pretrained(folder))]  # imports the modeling module
+    except (KeyError, OSError, ValueError):
+        pass  # loading the model reports what is wrong, with the message users know
+    if device.startswith("cuda"):
+        torch.empty(1, device=device)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def verify(ctx: BuildContext) -> None:
             ctx.workdir,
             ctx.device,
             reference=ctx.reference or start_reference(ctx),
+            candidate=ctx.candidate,
             max_device_memory=ctx.max_gpu_memory,
         )
     write_report(ctx.workdir, report)
@@ -187,16 +188,8 @@ class ReferenceRun:
         if self.cached:
             say(f"{self.label}: reused from the cache ({references.cache_dir()})")
         else:
-            self.worker = _Worker(
-                source_dir,
-                task,
-                self.dtype,
-                device,
-                self.inputs,
-                recipe.verify.max_new_tokens,
-                max_device_memory,
-                self.label,
-            )
+            self.worker = _Worker(source_dir, task, device, self.label)
+            self.worker.submit(source_dir, self.dtype, self.inputs, recipe.verify.max_new_tokens, max_device_memory)
 
     def result(self) -> dict:
         """The outputs (waiting for the worker); raises `BuildError` when the source does not run."""
@@ -214,9 +207,39 @@ class ReferenceRun:
         self.seconds = time.perf_counter() - self.started
         return self.outputs
 
+    def running(self) -> bool:
+        """Whether a worker is still computing the outputs."""
+        return self.worker is not None and self.outputs is None
+
+    @property
+    def stages(self) -> dict[str, float]:
+        """Seconds per stage of the worker that computed the outputs ({} when they came from the cache)."""
+        return self.worker.stages if self.worker is not None else {}
+
     def cancel(self) -> None:
         if self.worker is not None:
             self.worker.cancel()
+
+
+def start_candidate(ctx: BuildContext) -> _Worker:
+    """The gate's candidate process, started now on the source's architecture (the pipeline starts it with the
+    quantize step, so its imports and CUDA start overlap the quantizer); `verify` hands it the artifact."""
+    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
+    return candidate_worker(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device)
+
+
+def candidate_worker(recipe: Recipe, task: str, source_dir: Path, device: str) -> _Worker:
+    """A fresh process for the artifact, importing what `source_dir`'s architecture (and the recipe's quantizer)
+    needs to load."""
+    quantized = isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit))
+    return _Worker(
+        source_dir,
+        task,
+        device,
+        f"{recipe.name}: verify: candidate",
+        foreground=True,
+        imports=("bitsandbytes",) if quantized else (),
+    )
 
 
 def run_checks(
@@ -227,13 +250,15 @@ def run_checks(
     device: str,
     *,
     reference: ReferenceRun | None = None,
+    candidate: _Worker | None = None,
     revision: str | None = None,
     use_cache: bool = True,
     max_device_memory: int | None = None,
 ) -> dict:
     """Reference (source; cached, or in a worker process) vs candidate (artifact, fresh process): the verification
-    report. `reference` is a run already started for this check; `max_device_memory` caps each run's device
-    memory, and a model whose weights pass it runs block by block."""
+    report. `reference` and `candidate` (`candidate_worker`) are runs already started for this check;
+    `max_device_memory` caps each run's device memory, and a model whose weights pass it runs block by block. On a
+    GPU with room for both models the candidate runs while the reference still computes."""
     started = time.perf_counter()
     thresholds = thresholds_for(recipe, task, source_dir)
     if reference is None:
@@ -246,10 +271,8 @@ def run_checks(
             use_cache=use_cache,
             max_device_memory=max_device_memory,
         )
-    try:
-        outputs = reference.result()
-    finally:
-        reference.cancel()
+    if candidate is None:
+        candidate = candidate_worker(recipe, task, source_dir, device)
     dtype, inputs = reference.dtype, reference.inputs
     report: dict[str, Any] = {
         "passed": False,
@@ -261,27 +284,35 @@ def run_checks(
         "failures": [],
         "performance": {},
     }
+    submit = (artifact_dir, dtype, inputs, recipe.verify.max_new_tokens, max_device_memory)
     try:
-        candidate = run_candidate(
-            artifact_dir,
-            task,
-            dtype,
-            device,
-            inputs,
-            recipe.verify.max_new_tokens,
-            max_device_memory=max_device_memory,
-            label=f"{recipe.name}: verify: candidate",
-        )
-    except VerificationFailed as error:
-        report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": str(error)}]
-        return report
-    measured, details = probes.compare(task, inputs, outputs, candidate)
+        overlapped = reference.running() and _room_for_both(source_dir, artifact_dir, dtype, device, max_device_memory)
+        if overlapped:
+            candidate.submit(*submit)
+        try:
+            outputs = reference.result()
+        finally:
+            reference.cancel()
+        if not overlapped:
+            candidate.submit(*submit)
+        try:
+            candidate_outputs = candidate.result()
+        except _WorkerFailed as error:
+            message = (
+                f"the artifact does not load and run with stock transformers in a fresh process "
+                f"(exit {error.returncode}): {error.tail}"
+            )
+            report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": message}]
+            return report
+    finally:
+        candidate.cancel()
+    measured, details = probes.compare(task, inputs, outputs, candidate_outputs)
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
     report["failures"] = gate(measured, thresholds)
     report["passed"] = not report["failures"]
-    report["performance"] = _performance(outputs, candidate)
+    report["performance"] = _performance(outputs, candidate_outputs)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)
     report["performance"]["reference_seconds"] = round(reference.seconds, 2)
     report["reference"] = {
@@ -289,9 +320,10 @@ def run_checks(
         "dtype": dtype,
         "cached": reference.cached,
         "key": reference.key,
+        "stages": reference.stages,
         **_execution(outputs),
     }
-    report["candidate"] = _execution(candidate)
+    report["candidate"] = {"overlapped": overlapped, "stages": candidate.stages, **_execution(candidate_outputs)}
     report["inputs"] = _describe_inputs(inputs, task, recipe, details)
     return report
 
@@ -317,31 +349,17 @@ def reference_dtype(dtype: str, config, device: str) -> str:
     return dtype
 
 
-def run_candidate(
-    artifact_dir: Path,
-    task: str,
-    dtype: str,
-    device: str,
-    inputs: dict,
-    max_new_tokens: int,
-    *,
-    max_device_memory: int | None = None,
-    label: str = "verify: candidate",
-) -> dict:
-    """Probe the artifact with stock transformers in a fresh Python process; raises `VerificationFailed` when it
-    does not load or run there."""
-    worker = _Worker(
-        artifact_dir, task, dtype, device, inputs, max_new_tokens, max_device_memory, label, foreground=True
-    )
-    try:
-        return worker.result()
-    except _WorkerFailed as error:
-        raise VerificationFailed(
-            f"the artifact does not load and run with stock transformers in a fresh process "
-            f"(exit {error.returncode}): {error.tail}"
-        ) from None
-    finally:
-        worker.cancel()
+def _room_for_both(source_dir: Path, artifact_dir: Path, dtype: str, device: str, cap: int | None) -> bool:
+    """Whether the candidate may run while the reference computes: on a CUDA device, with no memory cap (each run
+    may use all of it), when the free memory holds both models' weights with room to spare. On a CPU the two would
+    share the cores and gain nothing."""
+    if not device.startswith("cuda") or cap is not None:
+        return False
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    weights = probes.weight_bytes(str(source_dir), dtype) + probes.weight_bytes(str(artifact_dir), dtype)
+    return free >= 1.25 * weights + 4 * 2**30
 
 
 class _WorkerFailed(Exception):
@@ -351,43 +369,30 @@ class _WorkerFailed(Exception):
 
 
 class _Worker:
-    """One `python -m builder.steps.metrics` process on a model folder. Its stage lines become status lines with
-    their duration (and, in the `foreground`, progress bars on a terminal); `result` waits for its outputs."""
+    """One `python -m builder.steps.metrics` process. It starts at once, importing what `preload`'s architecture
+    needs for `task` (and `imports`) and starting CUDA, so a worker started early has that done when `submit`
+    names the model folder. Its stage lines become status lines with their duration (and, in the `foreground`,
+    progress bars on a terminal) and `stages`; `result` waits for its outputs."""
 
     def __init__(
         self,
-        folder: Path,
+        preload: Path,
         task: str,
-        dtype: str,
         device: str,
-        inputs: dict,
-        max_new_tokens: int,
-        max_device_memory: int | None,
         label: str,
+        *,
         foreground: bool = False,
+        imports: tuple[str, ...] = (),
     ):
-        import torch
-
-        self.label, self.foreground = label, foreground
+        self.label, self.foreground, self.task, self.device = label, foreground, task, device
+        self.stages: dict[str, float] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="builder-verify-")
-        spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
-        torch.save(
-            {
-                "folder": str(folder),
-                "task": task,
-                "dtype": dtype,
-                "device": device,
-                "inputs": inputs,
-                "max_new_tokens": max_new_tokens,
-                "max_device_memory": max_device_memory,
-            },
-            spec,
-        )
+        self._spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "builder.steps.metrics", str(spec), str(self._out)],
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "builder.steps.metrics", str(preload), task, device, *imports],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -396,6 +401,29 @@ class _Worker:
         self._tail: collections.deque[str] = collections.deque(maxlen=3)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
+        """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.main`)."""
+        import torch
+
+        torch.save(
+            {
+                "folder": str(folder),
+                "task": self.task,
+                "dtype": dtype,
+                "device": self.device,
+                "inputs": inputs,
+                "max_new_tokens": max_new_tokens,
+                "max_device_memory": max_device_memory,
+            },
+            self._spec,
+        )
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(f"{self._spec}\n{self._out}\n")
+            self._process.stdin.close()
+        except BrokenPipeError:
+            pass  # the worker died starting up: `result` reports its exit and last lines
 
     def _read(self) -> None:
         bars: dict = {}
@@ -410,6 +438,7 @@ class _Worker:
             if "seconds" in event:
                 if stage in bars:
                     bars.pop(stage).close()
+                self.stages[stage] = event["seconds"]
                 say(f"{self.label}: {stage} {event['seconds']:.1f} s")
             elif "done" in event and stage in bars:
                 bars[stage].update(event["done"] - bars[stage].n)
@@ -423,7 +452,7 @@ class _Worker:
 
         returncode = self._process.wait()
         self._reader.join()
-        if returncode != 0:
+        if returncode != 0 or not self._out.exists():
             raise _WorkerFailed(returncode, " | ".join(self._tail))
         return torch.load(self._out, weights_only=True)
 
@@ -432,6 +461,11 @@ class _Worker:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            try:
+                self._process.stdin.close()
+            except BrokenPipeError:
+                pass
         self._reader.join()
         self._tmp.cleanup()
 

@@ -43,7 +43,7 @@ def write(ctx: BuildContext) -> None:
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
     _readable_by_all(ctx.workdir)
-    manifest.files = file_table(ctx.workdir)
+    manifest.files = file_table(ctx.workdir, ctx.hash_ahead)
     write_manifest(ctx.workdir, manifest)
 
 

@@ -86,6 +86,12 @@ def test_each_verify_stage_says_how_long_it_took(variants):
         assert f"tiny-nf4: verify: reference: {stage} " in variants["stderr"]
         assert f"tiny-fp4: verify: candidate: {stage} " in variants["stderr"]
     assert "tiny-fp4: verify: reference: load" not in variants["stderr"]  # it came from the cache
+    first, second = report_of(variants["out"] / "tiny-nf4"), report_of(variants["out"] / "tiny-fp4")
+    for stages in (first["reference"]["stages"], first["candidate"]["stages"], second["candidate"]["stages"]):
+        assert list(stages) == ["imports", "load", "evaluation", "generation", "latency"]
+        assert all(seconds >= 0 for seconds in stages.values())
+    assert second["reference"]["stages"] == {}  # from the cache: no run of its own
+    assert first["candidate"]["overlapped"] is False  # on a CPU the two runs take turns
 
 
 def test_a_passing_build_prints_its_gated_metrics_against_the_thresholds(variants):
