@@ -103,12 +103,13 @@ def place(target: str, verify_on: str | None, model: Path) -> Placement:
     return Placement(target, verify_on, problem)
 
 
-def session(model: Path, provider: str):
-    """An onnxruntime session that really runs on `provider` (checked), for verification."""
+def session(model: Path, provider: str, options=None):
+    """An onnxruntime session that really runs on `provider` (checked), for verification; `options` are its
+    SessionOptions (default `quiet_options()`)."""
     import onnxruntime as ort
 
     _load_cuda_libraries(ort, provider)
-    created = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
+    created = ort.InferenceSession(str(model), providers=[provider], sess_options=options or quiet_options())
     if created.get_providers()[0] != provider:
         raise BuildError(
             f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
