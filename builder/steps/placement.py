@@ -13,8 +13,8 @@ the gate's rule. The shape of the record is `builder.artifact.NodePlacement`'s.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -79,11 +79,16 @@ def measure(session, feed: dict, provider: str) -> NodePlacement:
     """Run `session` (created with `profiling_options`, for `provider`) once on `feed` and count the nodes each
     provider executed, by op type. Ends the profiling, so later runs are not slowed by it."""
     session.run(None, feed)
-    profile = Path(session.end_profiling())
+    written = session.end_profiling()
+    if not written:
+        raise ValueError("placement.measure needs a session created with placement.profiling_options()")
+    profile = Path(written)
     try:
         events = json.loads(profile.read_text(encoding="utf-8"))
     finally:
-        shutil.rmtree(profile.parent, ignore_errors=True)
+        profile.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            profile.parent.rmdir()  # the folder `profiling_options` made, empty now
     return NodePlacement(measured_on=provider, nodes=count_nodes(events))
 
 

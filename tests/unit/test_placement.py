@@ -70,8 +70,10 @@ def test_the_sessions_nodes_on_cpu_are_counted_by_op_type(tiny_for_cuda):
     import onnx
 
     model = Path(tiny_for_cuda.workdir) / ort.MODEL_FILE
-    session = ort.session(model, CPU, placement.profiling_options())
+    options = placement.profiling_options()
+    session = ort.session(model, CPU, options)
     measured = placement.measure(session, _feed(model), CPU)
+    assert not Path(options.profile_file_prefix).parent.exists()  # the profile and its folder are gone
     assert measured.measured_on == CPU
     assert list(measured.nodes) == [CPU]
     ops = measured.nodes[CPU]
@@ -82,6 +84,8 @@ def test_the_sessions_nodes_on_cpu_are_counted_by_op_type(tiny_for_cuda):
     assert placement.failures(measured) == []
     session.run(None, _feed(model))  # profiling has ended: later runs (the gate's latency) are not profiled
     assert session.end_profiling() == ""
+    with pytest.raises(ValueError, match="created with placement.profiling_options"):
+        placement.measure(ort.session(model, CPU), _feed(model), CPU)
 
 
 def test_a_cuda_session_that_falls_back_to_the_cpu_fails_naming_matmul(tiny_for_cuda):
