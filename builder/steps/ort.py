@@ -6,7 +6,9 @@ are imported inside the functions (the core install has neither).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +282,9 @@ def quantize_weight_only(
             load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else MatMulBnb4Quantizer.FP4, block
         )
         record = {"method": method, "operator": "MatMulBnb4", "block_size": block}
-    quantizer.process()
+    # onnxruntime's RTN (neural_compressor) prints a progress bar to stdout, which `builder build --json` owns.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer.process()
     model = quantizer.model.model
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         import onnx  # deferred: with the quantizer
