@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from builder.console import show_progress
 from builder.errors import ArtifactError
@@ -78,6 +78,31 @@ class Dequantized(_Record):
     dtype: str
 
 
+class NodePlacement(_Record):
+    """ONNX exports: which execution provider ran how many nodes of each op type in the gate's onnxruntime session,
+    counted after onnxruntime's graph optimizations (`builder.steps.placement` measures it). Kept in the
+    verification report as `placement`."""
+
+    measured_on: str
+    """The provider the session was created for: the verification provider (the target, or `export.verify_on`
+    where the target cannot run on the build host; the report's `target_provider` says which was wanted)."""
+    nodes: dict[str, dict[str, int]]
+    """Provider -> op type -> nodes of that type it ran."""
+
+    def op_types(self, provider: str) -> str:
+        """The op types `provider` ran with their node counts, most frequent first: "MatMul 14, Add 9"."""
+        ops = self.nodes.get(provider, {})
+        return ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda item: (-item[1], item[0])))
+
+    def providers(self) -> list[str]:
+        """The providers that ran nodes: the session's own first, then those it fell back to."""
+        return sorted(self.nodes, key=lambda provider: (provider != self.measured_on, provider))
+
+    def summary(self) -> list[str]:
+        """One line per provider: how many nodes it ran and of which op types."""
+        return [f"{p}: {sum(self.nodes[p].values())} nodes ({self.op_types(p)})" for p in self.providers()]
+
+
 class FileEntry(_Record):
     sha256: str
     size: int
@@ -106,7 +131,7 @@ class Manifest(_Record):
     bits_per_param: float | None
     library_name: str
     verification: dict[str, Any] | None
-    """The gate's report (the content of verify-report.json)."""
+    """The gate's report (the content of verify-report.json); an ONNX export's has `placement`, a `NodePlacement`."""
     device_map: str | dict[str, Any] | None = None
     quantize_path: str | None = None
     quantized_layers: QuantizedLayers | None = None
@@ -118,9 +143,27 @@ class Manifest(_Record):
     files: dict[str, FileEntry] | None = None
     """Every other file of the folder by relative POSIX path; set last, once the folder is complete."""
 
+    @field_validator("verification")
+    @classmethod
+    def _typed_placement(cls, report: dict[str, Any] | None) -> dict[str, Any] | None:
+        if report and report.get("placement") is not None:
+            try:
+                NodePlacement.model_validate(report["placement"])
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"placement.{where}: {first['msg']}") from None
+        return report
+
     @property
     def passed(self) -> bool:
         return bool((self.verification or {}).get("passed"))
+
+    @property
+    def placement(self) -> NodePlacement | None:
+        """The ONNX gate's node placement (None for bitsandbytes builds and manifests written before it)."""
+        recorded = (self.verification or {}).get("placement")
+        return None if recorded is None else NodePlacement.model_validate(recorded)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)

@@ -48,7 +48,7 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
         *(["## Warnings\n\n" + "\n".join(f"- {w}" for w in manifest.warnings)] if manifest.warnings else []),
         "## Usage\n\n" + _usage(manifest, repo_id),
         "## Build settings\n\n" + _settings(manifest),
-        "## Verification\n\n" + _verification(manifest.verification or {}),
+        "## Verification\n\n" + _verification(manifest.verification or {}) + _placement(manifest),
         "## Size\n\n" + _size(manifest),
         "## Reproduce\n\n" + _reproduce(manifest),
     ]
@@ -289,6 +289,28 @@ def _verification(report: dict) -> str:
         lines += ["", "| performance | value |", "|---|---|"]
         lines += [f"| {key} | {_number(value)} |" for key, value in sorted(performance.items())]
     return "\n".join(lines)
+
+
+def _placement(manifest: Manifest) -> str:
+    """ONNX exports: the table of nodes per execution provider in the gate's session ("" without one)."""
+    placement = manifest.placement
+    if placement is None:
+        return ""
+    target = (manifest.verification or {}).get("target_provider")
+    rows = "\n".join(
+        f"| {provider} | {sum(placement.nodes[provider].values())} | {placement.op_types(provider)} |"
+        for provider in placement.providers()
+    )
+    note = (
+        f" The target, `{target}`, could not run on the build host (`export.verify_on`), so this is where the "
+        f"graph ran on `{placement.measured_on}`, not its placement on the target."
+        if target and target != placement.measured_on
+        else ""
+    )
+    return (
+        f"\n\nNodes by execution provider in the gate's onnxruntime session on `{placement.measured_on}`, after "
+        f"onnxruntime's graph optimizations.{note}\n\n| provider | nodes | op types |\n|---|---|---|\n{rows}"
+    )
 
 
 def _size(manifest: Manifest) -> str:

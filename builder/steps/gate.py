@@ -12,6 +12,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from builder.artifact import NodePlacement
 from builder.errors import BuildError
 from builder.recipe import Recipe
 
@@ -72,11 +73,14 @@ def failure_message(name: str, report: dict) -> str:
     """One line per missed metric, then what to do."""
     lines = [f"{name}: verification failed on {report['device']}:"]
     lines += [f"  {failure['message']}" for failure in report["failures"]]
-    lines.append(
-        "The artifact was not installed (build with --keep-failed to keep it and its verify-report.json). "
-        "Check the quantization settings (e.g. skip_modules for sensitive layers, quant_type, double_quant), "
-        "or, if this loss is acceptable, relax the named thresholds under `verify.thresholds`."
-    )
+    kept = "The artifact was not installed (build with --keep-failed to keep it and its verify-report.json)."
+    if all(failure["metric"] == "placement" for failure in report["failures"]):
+        lines.append(kept)  # the placement failure says what to do; no threshold would change it
+    else:
+        lines.append(
+            f"{kept} Check the quantization settings (e.g. skip_modules for sensitive layers, quant_type, "
+            "double_quant), or, if this loss is acceptable, relax the named thresholds under `verify.thresholds`."
+        )
     return "\n".join(lines)
 
 
@@ -115,6 +119,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:<28} {value:.6g}{bound}" if isinstance(value, float) else f"  {name:<28} {value}")
     for name, value in report["performance"].items():
         lines.append(f"  {name:<34} {value}")
+    if report.get("placement"):
+        placement = NodePlacement.model_validate(report["placement"])
+        lines.append(f"  nodes by provider (session on {placement.measured_on}):")
+        lines += [f"    {line}" for line in placement.summary()]
     lines += [f"missed: {failure['message']}" for failure in report["failures"]]
     return "\n".join(lines)
 

@@ -6,7 +6,9 @@ are imported inside the functions (the core install has neither).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +105,13 @@ def place(target: str, verify_on: str | None, model: Path) -> Placement:
     return Placement(target, verify_on, problem)
 
 
-def session(model: Path, provider: str):
-    """An onnxruntime session that really runs on `provider` (checked), for verification."""
+def session(model: Path, provider: str, options=None):
+    """An onnxruntime session that really runs on `provider` (checked), for verification; `options` are its
+    SessionOptions (default `quiet_options()`)."""
     import onnxruntime as ort
 
     _load_cuda_libraries(ort, provider)
-    created = ort.InferenceSession(str(model), providers=[provider], sess_options=quiet_options())
+    created = ort.InferenceSession(str(model), providers=[provider], sess_options=options or quiet_options())
     if created.get_providers()[0] != provider:
         raise BuildError(
             f"onnxruntime ran {model.name} on {created.get_providers()[0]}, not {provider}; "
@@ -279,7 +282,9 @@ def quantize_weight_only(
             load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else MatMulBnb4Quantizer.FP4, block
         )
         record = {"method": method, "operator": "MatMulBnb4", "block_size": block}
-    quantizer.process()
+    # onnxruntime's RTN (neural_compressor) prints a progress bar to stdout, which `builder build --json` owns.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer.process()
     model = quantizer.model.model
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         import onnx  # deferred: with the quantizer

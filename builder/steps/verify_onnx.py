@@ -2,7 +2,9 @@
 
 `onnx_metrics` runs both on the same inputs and returns numbers; `onnx_report` turns them into the verification
 report with `builder.steps.gate` (thresholds: `default_thresholds`, overridden by the recipe's `verify.thresholds`).
-The verification provider is the one the export step placed the graph on (the export record's `verified_on`).
+The verification provider is the one the export step placed the graph on (the export record's `verified_on`); the
+session on it also reports which provider ran which nodes (`builder.steps.placement`), and a GPU provider that left
+compute-heavy nodes to the CPU fails the gate.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from builder.recipe import Recipe
-from builder.steps import ort
+from builder.steps import ort, placement
 from builder.steps.export import decoder_shape, load_source
 from builder.steps.gate import (
     ENCODER_SENTENCES,
@@ -75,7 +77,8 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
     export record is `placed`.
 
     Compares on `placed["verified_on"]` with the recipe's prompts (else the built-in ones; encoders also embed
-    `ENCODER_SENTENCES` sentences of the evaluation text)."""
+    `ENCODER_SENTENCES` sentences of the evaluation text), and records the session's node placement; compute-heavy
+    nodes on the CPU in a session for a GPU provider are a failure (`placement.failures`)."""
     task = placed["task"]
     thresholds = thresholds_for(recipe, task)
     if task == "text-generation":
@@ -94,6 +97,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
     )
     metrics = result["metrics"]
     failures = gate(metrics, {k: v for k, v in thresholds.items() if k != "generation_match"})
+    failures += placement.failures(result["placement"])
     if "generation_match" in thresholds and metrics["generation_match"] < thresholds["generation_match"]:
         value, bound = metrics["generation_match"], thresholds["generation_match"]
         failures.append(
@@ -112,6 +116,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
         "device": device,
         "provider": placed["verified_on"],
         "target_provider": placed["provider"],
+        "placement": result["placement"].model_dump(),
         "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
         "thresholds": thresholds,
         "failures": failures,
@@ -134,7 +139,8 @@ def onnx_metrics(
 ) -> dict:
     """Compare the ONNX graph in `model_dir` (run on `provider`) with the PyTorch source in `source_dir`.
 
-    Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "provider": provider}`:
+    Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "placement": NodePlacement, "provider":
+    provider}`:
     - metrics, for every task: `max_abs_diff` and `relative_error` (largest over the graph's outputs; relative error
       is ||onnx - torch|| / ||torch||); feature-extraction adds `cosine_min` (lowest cosine similarity of
       mean-pooled embeddings over the prompts); classifiers add `top1_agreement`; text-generation adds
@@ -143,25 +149,37 @@ def onnx_metrics(
       whose greedy generation through the graph, with the KV cache when it has one, equals PyTorch `generate`);
     - outputs: per graph output, `max_abs_diff` and `relative_error`;
     - performance: median latency of one forward pass, `reference_latency_ms` (PyTorch on `device`) and
-      `candidate_latency_ms` (onnxruntime on `provider`), and their ratio `speedup`.
+      `candidate_latency_ms` (onnxruntime on `provider`), and their ratio `speedup`;
+    - placement: the nodes each provider ran in the session, from one profiled run on the first prompt.
     Raises `BuildError` when the session does not run on `provider`.
     """
     import torch
     from transformers import AutoTokenizer
 
     model_dir, source_dir = Path(model_dir), Path(source_dir)
-    session = ort.session(model_dir / ort.MODEL_FILE, provider)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    reference = load_source(source_dir, task, torch.float32, device)
     if not prompts:
         raise ValueError("onnx_metrics needs at least one prompt")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    reference = load_source(source_dir, task, torch.float32, device)
+    # The session comes last and its profiled run first: a session that never ends its profiling writes the file
+    # when it is destroyed, after `measure` could delete it.
+    session = ort.session(model_dir / ort.MODEL_FILE, provider, placement.profiling_options())
+    measured = placement.measure(session, _first_feed(session, reference, tokenizer, prompts[0], task), provider)
     with torch.no_grad():
         if task == "text-generation":
             result = _decoder_metrics(session, reference, tokenizer, prompts, max_new_tokens)
         else:
             result = _encoder_metrics(session, reference, tokenizer, prompts, task)
+    result["placement"] = measured
     result["provider"] = provider
     return result
+
+
+def _first_feed(session, reference, tokenizer, prompt: str, task: str) -> dict:
+    """The graph's inputs for `prompt` alone (an empty KV cache for a decoder that has one)."""
+    if task == "text-generation":
+        return _OnnxDecoder(session, reference.config).feed(tokenizer(prompt)["input_ids"])
+    return _encoder_feed(session, tokenizer([prompt], return_tensors="pt"))
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------

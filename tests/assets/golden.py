@@ -7,11 +7,14 @@ manifests built before it); a change that alters artifacts on purpose regenerate
     cp /tmp/golden/<name>/manifest.json tests/assets/golden/<name>.json
 
 Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM streamed, the footprint bound derived
-from the plan, source.base_model). What may differ: when and where it was built and with which versions (build hash,
+from the plan, source.base_model); issue 15 added the ONNX report's `placement` to the MiniLM ONNX manifest (only that
+key, from a build of it). What may differ: when and where it was built and with which versions (build hash,
 versions, device, dates, timings, latencies), the three files that carry those (README.md, recipe.lock.yaml,
 verify-report.json), and float metrics in their last digits; the ONNX gate's metric values and prompts are compared by
-name only. Everything else must be equal: the recipe, the source, the footprints, bits per parameter, the quantize
-path, the layers, the ONNX record and every weight file's sha256.
+name only, its placement by the provider it was measured on and the providers that ran nodes (the counts per op type
+follow onnxruntime's fusions, which change with its version). Everything else must be equal: the recipe, the
+source, the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every weight file's
+sha256.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def _report_differences(new: dict, old: dict, *, onnx: bool) -> list[str]:
         elif key == "inputs" and onnx:
             if set(a) != set(b):
                 found.append("verification.inputs keys differ")
+        elif key == "placement":  # node counts follow onnxruntime's fusions, which change with its version
+            if (a["measured_on"], sorted(a["nodes"])) != (b["measured_on"], sorted(b["nodes"])):
+                found.append(
+                    f"verification.placement: {a['measured_on']} {sorted(a['nodes'])} != "
+                    f"{b['measured_on']} {sorted(b['nodes'])}"
+                )
         elif key == "inputs":
             found += [f"verification.inputs.{k} differs" for k in set(a) | set(b) if not _close(a.get(k), b.get(k))]
         elif a != b:

@@ -73,6 +73,63 @@ def test_ort_model_for_causal_lm_generates_with_the_cache(main_env_build):
     assert "Paris" in tokenizer.decode(generated[0])
 
 
+def _greedy_without_cache(folder: Path, ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from the graph in a plain onnxruntime session, re-running the whole sequence with an empty
+    cache at each step (no optimum, no cache carried over): the graph's own continuation, to the first end token
+    as `generate` stops."""
+    import numpy as np
+    import onnxruntime
+
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    generation = folder / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    tokens = list(ids)
+    for _ in range(new_tokens):
+        feed = {
+            "input_ids": np.array([tokens], np.int64),
+            "attention_mask": np.ones((1, len(tokens)), np.int64),
+            "position_ids": np.arange(len(tokens), dtype=np.int64)[None],
+        }
+        for name in names:
+            if name.startswith("past_key_values."):
+                feed[name] = np.zeros((1, heads, 0, head_dim), np.float32)
+        logits = session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
+        tokens.append(int(logits[0, -1].argmax()))
+        if tokens[-1] in eos:
+            break
+    return tokens
+
+
+def test_ort_model_for_causal_lm_generates_from_an_int4_graph(main_env_build, tmp_path):
+    """A 4-bit weight-only graph (`export.quantize: int4`: MatMulNBits) loads in ORTModelForCausalLM and generates,
+    through the KV cache, exactly the graph's own greedy continuation (a plain onnxruntime session without a cache).
+    PyTorch's continuation is not the reference: int4 changes a 135M model's next token at a third of positions."""
+    import onnx
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    recipe = tmp_path / "smollm2-onnx-int4.yaml"
+    recipe.write_text(
+        f"schema_version: 1\nextends: {REPO / SMOLLM2_RECIPE}\nname: smollm2-135m-instruct-onnx-int4\n"
+        "export:\n  quantize: int4\n"
+    )
+    folder = main_env_build(str(recipe))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["onnx"]["quantization"]["operator"] == "MatMulNBits"
+    ops = [node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == manifest["onnx"]["quantization"]["quantized_nodes"] > 0
+    model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider", use_cache=True)
+    assert model.can_use_cache
+    tokenizer = _tokenizer(folder)
+    prompt = tokenizer("The capital of France is", return_tensors="pt", return_token_type_ids=False)
+    generated = model.generate(**prompt, do_sample=False, max_new_tokens=12)[0].tolist()
+    assert generated == _greedy_without_cache(folder, prompt["input_ids"][0].tolist(), 12)
+
+
 def test_auto_picks_the_optimum_exporter_here():
     from builder.recipe import OnnxExport
     from builder.steps.export import choose_exporter

@@ -277,13 +277,15 @@ def test_graph_past_the_protobuf_limit_goes_to_model_onnx_data(tiny_with_past, t
 @pytest.mark.parametrize(
     ("method", "operator"), [("int4", "MatMulNBits"), ("nf4", "MatMulBnb4"), ("fp4", "MatMulBnb4")]
 )
-def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path, method, operator):
+def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path, capsys, method, operator):
     """int4 (MatMulNBits) and nf4/fp4 (MatMulBnb4) replace every linear layer's MatMul; the graph with its KV cache
-    runs in a plain onnxruntime session and stays close to the float32 source."""
+    runs in a plain onnxruntime session and stays close to the float32 source. The quantizers print nothing to
+    stdout, which is `builder build --json`'s (int4's RTN prints a progress bar there)."""
     import onnx
 
     ctx = _context(tmp_path, tiny_llama, f"  with_past: true\n  quantize: {method}\n")
     export(ctx)
+    assert "Progress" not in capsys.readouterr().out
     record = ctx.onnx["quantization"]
     ops = [node.op_type for node in onnx.load(str(ctx.workdir / "model.onnx")).graph.node]
     assert record["method"] == method and record["quantized_nodes"] == ops.count(operator) >= 2 * 7
