@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,11 +119,13 @@ def _connected(address: str | None) -> Iterator[None]:
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if local:
         say("no --ray-address or $RAY_ADDRESS: starting a Ray cluster on this machine")
-    ray.init(address=address, namespace=NAMESPACE, include_dashboard=False if local else None)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    # Ray prints the workers' and raylets' lines (retries among them) to sys.stdout, which holds --json's rows.
+    with redirect_stdout(sys.stderr):
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False if local else None)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def task_resources(unit: ArtifactUnit, device: str | None, nodes: list[dict]) -> dict:

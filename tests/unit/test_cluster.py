@@ -18,7 +18,6 @@ import pytest
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
 
 from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from builder.artifact import load_manifest  # noqa: E402
 from builder.cli import main  # noqa: E402
@@ -163,19 +162,17 @@ def test_a_node_killed_mid_build_has_its_task_retried_on_the_other(cluster, reci
     """Runs last: it removes the second node."""
     out = tmp_path / "artifacts"
     head, second = cluster["head"], cluster["second"]
-    # The head's CPU is taken, so the build starts on the second node; freed once that node is gone.
-    blocker = ray.remote(num_cpus=1)(time.sleep).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)
-    )
-    held = blocker.remote(600)
+    # The head's CPU is reserved, so the build starts on the second node; freed once that node is gone.
+    reserved = ray.util.placement_group([{"CPU": 1, "node:__internal_head__": 0.001}])
+    ray.get(reserved.ready(), timeout=60)
     build = submit(str(recipes / "nf4.yaml"), "--out", str(out), "--ray-address", cluster["cluster"].address)
     key, deadline = f"{out}/tiny-nf4", time.monotonic() + 180
     # Mid-build: the second node holds the artifact's lease and the build's temporary folder exists.
     while ray.get(leases_actor().held.remote()).get(key) != second.node_id or not any(out.glob(".tmp-tiny-nf4-*")):
-        assert time.monotonic() < deadline and build.poll() is None, "the build never started on the second node"
+        assert time.monotonic() < deadline and build.poll() is None, "the build never ran on the second node"
         time.sleep(0.5)
     cluster["cluster"].remove_node(second)
-    ray.cancel(held, force=True)
+    ray.util.remove_placement_group(reserved)
     [row], _ = rows_of(build)
     assert row["status"] == "built" and row["node"] == head
     assert load_manifest(out / "tiny-nf4").passed
