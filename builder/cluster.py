@@ -11,8 +11,8 @@ node died is free again. Within one host the pipeline's flock still applies. A t
 retried by Ray (`max_retries`); the retry deletes the dead attempt's temporary folder under the lock, and nothing
 partial ever reaches a final path (the pipeline's rename is its last act).
 
-Secrets (HF_TOKEN and the Hub settings) travel to the tasks as an argument, held in memory only: Ray writes
-`runtime_env` env_vars into the runtime-env agent's log under /tmp/ray/session_*/logs.
+Secrets (HF_TOKEN) travel to the tasks as an argument, held in memory only: Ray writes `runtime_env` env_vars into
+the runtime-env agent's log under /tmp/ray/session_*/logs, so only the non-secret settings go that way.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def build_on_ray(
             )
             pending[ref] = (k, unit)
         outcomes |= _collect(pending)
+    counts = Counter("failed" if o.error else o.results[0]["status"] for o in outcomes.values())
+    say(f"ray: {len(outcomes)} artifact(s): " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return [outcomes[k] for k in sorted(outcomes)]
 
 
@@ -147,9 +149,8 @@ def task_resources(unit: ArtifactUnit, device: str | None, nodes: list[dict]) ->
 
 
 def _collect(pending: dict) -> dict[int, FileOutcome]:
-    """Wait for every task, saying each result as it comes and a summary at the end."""
+    """Wait for every task, saying each result as it comes."""
     outcomes: dict[int, FileOutcome] = {}
-    counts: Counter[str] = Counter()
     start, total = time.monotonic(), len(pending)
     while pending:
         [ready], _ = ray.wait(list(pending), num_returns=1)
@@ -164,9 +165,7 @@ def _collect(pending: dict) -> dict[int, FileOutcome]:
         else:
             outcomes[k] = FileOutcome(str(unit.recipe_file), [result["row"]], name=unit.name)
             status = result["row"]["status"]
-        counts[status] += 1
         say(f"[{total - len(pending)}/{total}] {unit.name}: {status} ({time.monotonic() - start:.0f} s)")
-    say(f"ray: {total} artifact(s): " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return outcomes
 
 

@@ -97,6 +97,13 @@ def rows_of(process: subprocess.Popen, timeout: float = 400) -> tuple[list[dict]
 def test_every_artifact_builds_verified_on_both_nodes_and_publishes_with_the_submitters_token(
     cluster, recipes, tmp_path, monkeypatch, capsys
 ):
+    # A fifth artifact whose source is missing fails alone; the others go on.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "gone.yaml").write_text(
+        f"schema_version: 1\nname: tiny-gone\nsource:\n  model: {tmp_path / 'no-such-model'}\n"
+        f"quantize:\n  method: bnb-8bit\n{VERIFY}"
+    )
     token = f"hf_{secrets.token_hex(16)}"
     server = start_in_thread(tmp_path / "registry", token=token)
     monkeypatch.setenv("HF_TOKEN", token)
@@ -104,13 +111,14 @@ def test_every_artifact_builds_verified_on_both_nodes_and_publishes_with_the_sub
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     out = tmp_path / "artifacts"
     try:
-        code = main(["build", str(recipes), "--executor", "ray", "--out", str(out), "--publish", "--json"])
+        code = main(["build", str(recipes), str(broken), "--executor", "ray", "--out", str(out), "--publish", "--json"])
     finally:
         server.shutdown()
         server.server_close()
     captured = capsys.readouterr()
-    assert code == 0, captured.err
-    rows = json.loads(captured.out)
+    assert code == 1, captured.err
+    *rows, failed = json.loads(captured.out)
+    assert failed["name"] == "tiny-gone" and failed["status"] == "failed" and "no-such-model" in failed["error"]
     local = {p.recipe.name: make_plan(p).build_hash for f in sorted(recipes.iterdir()) for p in load_recipes(f)}
     assert {row["name"]: row["build_hash"] for row in rows} == local  # the hashes a local build records
     assert {row["status"] for row in rows} == {"built"} and all(row["verification_passed"] for row in rows)
@@ -119,7 +127,7 @@ def test_every_artifact_builds_verified_on_both_nodes_and_publishes_with_the_sub
         assert load_manifest(Path(row["path"])).passed
         assert row["publish"]["status"] == "published" and row["publish"]["repo"] == f"org/{row['name']}", row
     assert leftovers(out) == []
-    assert "ray: 4 artifact(s): 4 built" in captured.err
+    assert "ray: 5 artifact(s): 4 built, 1 failed" in captured.err and "error: tiny-gone: " in captured.err
     # The token reached every worker (the registry refuses pushes without it) and no Ray file holds it.
     session = Path(cluster["cluster"].head_node.get_session_dir_path())
     holding = [str(p) for p in session.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
