@@ -32,6 +32,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from builder import interrupts
 from builder.batch import FileOutcome, check_out
 from builder.console import QUIET_ENV, say
 from builder.errors import BuilderError
@@ -152,21 +153,30 @@ def _collect(pending: dict) -> dict[int, FileOutcome]:
     """Wait for every task, saying each result as it comes."""
     outcomes: dict[int, FileOutcome] = {}
     start, total = time.monotonic(), len(pending)
-    while pending:
-        [ready], _ = ray.wait(list(pending), num_returns=1)
-        k, unit = pending.pop(ready)
-        try:
-            result = ray.get(ready)
-        except ray.exceptions.RayError as error:  # the worker or node died past the retries, or a bug raised
-            result = {"error": _task_failure(error)}
-        if "error" in result:
-            outcomes[k] = FileOutcome(str(unit.recipe_file), [], result["error"], name=unit.name)
-            status = "failed"
-        else:
-            outcomes[k] = FileOutcome(str(unit.recipe_file), [result["row"]], name=unit.name)
-            status = result["row"]["status"]
-        say(f"[{total - len(pending)}/{total}] {unit.name}: {status} ({time.monotonic() - start:.0f} s)")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            interrupts.check()  # ray.wait blocks outside Python, where a signal's exception cannot be raised
+            if ready:
+                k, unit = pending.pop(ready[0])
+                outcomes[k] = _outcome(ready[0], unit)
+                status = "failed" if outcomes[k].error else outcomes[k].results[0]["status"]
+                say(f"[{total - len(pending)}/{total}] {unit.name}: {status} ({time.monotonic() - start:.0f} s)")
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)  # KeyboardInterrupt in the task: its build deletes its temporary folder
+        raise
     return outcomes
+
+
+def _outcome(ref, unit: ArtifactUnit) -> FileOutcome:
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayError as error:  # the worker or node died past the retries, or a bug raised
+        result = {"error": _task_failure(error)}
+    if "error" in result:
+        return FileOutcome(str(unit.recipe_file), [], result["error"], name=unit.name)
+    return FileOutcome(str(unit.recipe_file), [result["row"]], name=unit.name)
 
 
 def _task_failure(error: Exception) -> str:
