@@ -5,9 +5,8 @@ for a GPU build, the plan's peak memory, one CPU. The task runs `builder.pipelin
 on the node Ray picks, so it is the build a local `builder build` makes (same build hash for the same versions),
 written into `--out`, which every node must see (or `--publish`: each worker pushes its artifact to the Hub).
 
-Exclusion across nodes: one named actor on the head node holds a lease per artifact folder; a task holds it for
-its build and renews it every few seconds, and a lease whose holder stopped renewing (a killed worker) or whose
-node died is free again. Within one host the pipeline's flock still applies. A task whose worker or node dies is
+Exclusion across nodes: a task builds under its artifact folder's cluster lease (`builder.leases`); within one host
+the pipeline's flock still applies. A task whose worker or node dies is
 retried by Ray (`max_retries`); the retry deletes the dead attempt's temporary folder under the lock, and nothing
 partial ever reaches a final path (the pipeline's rename is its last act).
 
@@ -20,13 +19,10 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -38,6 +34,7 @@ from builder.console import QUIET_ENV, say
 from builder.errors import BuilderError
 from builder.fleet import ArtifactUnit, UnreadableFile, artifact_units
 from builder.hub.publish import publish, use_network_timeouts
+from builder.leases import NAMESPACE, alive_nodes, leased, node_id
 from builder.pipeline import build_file
 from builder.plan import make_plan
 
@@ -54,11 +51,6 @@ SETTINGS = (
 them when first imported). Ray logs them; they are not secrets."""
 SECRETS = ("HF_TOKEN",)
 """The submitter's secrets: a task argument, set in the worker's environment for the task's duration only."""
-LEASES_ACTOR = "builder-artifact-leases-v1"
-NAMESPACE = "builder"
-LEASE_SECONDS = 20.0
-"""A lease not renewed for this long is free: its holder was killed (renewals come every RENEW_SECONDS)."""
-RENEW_SECONDS = 2.0
 TASK_RETRIES = 2
 """Ray retries a task whose worker process or node died this many times (an error of the build is not retried)."""
 
@@ -93,7 +85,7 @@ def build_on_ray(
         _refuse_unshared(out, sorted({u.recipe_file.resolve() for u in artifacts.values()}), publish_options)
         settings = {key: os.environ[key] for key in SETTINGS if key in os.environ}
         secret = {key: os.environ[key] for key in SECRETS if key in os.environ}
-        nodes = _alive_nodes()
+        nodes = alive_nodes()
         pending = {}
         for k, unit in artifacts.items():
             try:
@@ -198,14 +190,14 @@ def _build_artifact(
     secret: dict[str, str],
 ) -> dict:
     """The Ray task: build one artifact under its lease; {"row": ...} or {"error": message}."""
-    with _environment(secret), _leased(f"{out}/{name}", name):
+    with _environment(secret), leased(f"{out}/{name}", name):
         try:
             results = build_file(recipe_file, names=[name], out=out, device=device, **options)
         except BuilderError as error:
             return {"error": str(error)}
         if not results:
-            return {"error": f"{recipe_file} no longer defines {name} on node {_node_id()[:8]}"}
-        row = results[0].as_json() | {"node": _node_id()}
+            return {"error": f"{recipe_file} no longer defines {name} on node {node_id()[:8]}"}
+        row = results[0].as_json() | {"node": node_id()}
         if publish_options is not None:
             row["publish"] = _publish(results[0].path, publish_options | {"token": secret.get("HF_TOKEN")})
     return {"row": row}
@@ -234,105 +226,6 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _node_id() -> str:
-    return ray.get_runtime_context().get_node_id()
-
-
-def _alive_nodes() -> list[dict]:
-    return [node for node in ray.nodes() if node["Alive"]]
-
-
-# --- exclusion across nodes --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Lease:
-    holder: str
-    node: str
-    expires: float
-
-
-class ArtifactLeases:
-    """One lease per artifact folder for the whole cluster (a detached actor on the head node, shared by every
-    submitter). A lease lapses when its holder stops renewing it or its node is no longer alive."""
-
-    def __init__(self, seconds: float = LEASE_SECONDS) -> None:
-        self._seconds = seconds
-        self._leases: dict[str, _Lease] = {}
-
-    def acquire(self, key: str, holder: str, node: str) -> str | None:
-        """Take the lease; None when taken, else the node id of its live holder."""
-        lease = self._leases.get(key)
-        if lease is not None and lease.holder != holder and not self._lapsed(lease):
-            return lease.node
-        self._leases[key] = _Lease(holder, node, time.monotonic() + self._seconds)
-        return None
-
-    def renew(self, key: str, holder: str) -> bool:
-        """Extend the holder's lease; False when it lapsed and another took it."""
-        lease = self._leases.get(key)
-        if lease is None or lease.holder != holder:
-            return False
-        lease.expires = time.monotonic() + self._seconds
-        return True
-
-    def release(self, key: str, holder: str) -> None:
-        if (lease := self._leases.get(key)) is not None and lease.holder == holder:
-            del self._leases[key]
-
-    def held(self) -> dict[str, str]:
-        """Artifact folder -> node id of its holder, for the leases that have not lapsed."""
-        return {key: lease.node for key, lease in self._leases.items() if not self._lapsed(lease)}
-
-    def _lapsed(self, lease: _Lease) -> bool:
-        return time.monotonic() > lease.expires or lease.node not in {node["NodeID"] for node in _alive_nodes()}
-
-
-def leases_actor():
-    """The cluster's `ArtifactLeases` actor, created on the head node by its first user."""
-    return (
-        ray.remote(ArtifactLeases)
-        .options(
-            name=LEASES_ACTOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            resources={"node:__internal_head__": 0.001},
-        )
-        .remote()
-    )
-
-
-@contextmanager
-def _leased(key: str, name: str) -> Iterator[None]:
-    """Hold the cluster lease of `key` for the block, waiting (and saying so once) while a live build holds it."""
-    leases = leases_actor()
-    holder, node = uuid.uuid4().hex, _node_id()
-    said = False
-    while (other := ray.get(leases.acquire.remote(key, holder, node))) is not None:
-        if not said:
-            say(f"{name}: waiting for another build of it on the cluster (node {other[:8]})")
-            said = True
-        time.sleep(1)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(leases, key, holder, name, stop), daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-        ray.get(leases.release.remote(key, holder))
-
-
-def _renew(leases, key: str, holder: str, name: str, stop: threading.Event) -> None:
-    while not stop.wait(RENEW_SECONDS):
-        if not ray.get(leases.renew.remote(key, holder)):
-            say(f"{name}: warning: this build's cluster lease lapsed (a stall past {LEASE_SECONDS:.0f} s)")
-            return
-
-
 # --- shared storage ----------------------------------------------------------------------------------------------
 
 
@@ -349,7 +242,7 @@ def _sees(marker: str, token: str, files: list[str]) -> tuple[bool, list[str]]:
 def _refuse_unshared(out: Path, recipe_files: list[Path], publish_options: dict | None) -> None:
     """On a cluster of several nodes, have each node read a marker written into `out` here and look for the recipe
     files; refuse when one does not see them."""
-    nodes = _alive_nodes()
+    nodes = alive_nodes()
     if len(nodes) < 2:
         return
     token = secrets.token_hex(16)

@@ -21,8 +21,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from builder.artifact import load_manifest  # noqa: E402
 from builder.cli import main  # noqa: E402
-from builder.cluster import ArtifactLeases, leases_actor, unshared_problem  # noqa: E402
+from builder.cluster import unshared_problem  # noqa: E402
 from builder.hub.server import start_in_thread  # noqa: E402
+from builder.leases import ArtifactLeases, leases_actor  # noqa: E402
 from builder.plan import make_plan  # noqa: E402
 from builder.recipe import load_recipes  # noqa: E402
 
