@@ -52,6 +52,7 @@ them when first imported). Ray logs them; they are not secrets."""
 SECRETS = ("HF_TOKEN",)
 """The submitter's secrets: a task argument, set in the worker's environment for the task's duration only."""
 TASK_RETRIES = 2
+CANCEL_SECONDS = 30
 """Ray retries a task whose worker process or node died this many times (an error of the build is not retried)."""
 
 
@@ -157,6 +158,8 @@ def _collect(pending: dict) -> dict[int, FileOutcome]:
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt in the task: its build deletes its temporary folder
+        say(f"interrupted: cancelling {len(pending)} build(s), waiting up to {CANCEL_SECONDS} s for them to clean up")
+        ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS)
         raise
     return outcomes
 
