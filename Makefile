@@ -10,12 +10,12 @@ ARTIFACTS ?= artifacts
 .PHONY: demo report chromium test test-slow test-conformance test-gpu test-core test-interop test-hub-oldest quality validate plan build all models schema clean publish bench FORCE
 
 # The environment: torch's CPU wheel first (a plain `torch` requirement would pull GBs of CUDA packages), then the
-# package with its quantize, onnx and test extras.
+# package with its quantize, onnx, test, quality and ray extras.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[quantize,onnx,test,quality]'
+	$(PY) -m pip install -q -e '.[quantize,onnx,test,quality,ray]'
 	touch $@
 
 # The core install alone (pydantic, pyyaml, huggingface_hub; no torch): what `validate`, `plan` and `schema` need,

@@ -18,16 +18,18 @@ from builder.pipeline import build_file
 
 @dataclass(frozen=True)
 class FileOutcome:
-    """What building one recipe file gave: its results (as JSON rows), or the one-line error that stopped it."""
+    """What building one recipe file (or, on a cluster, one artifact `name` of it) gave: its results (as JSON
+    rows), or the one-line error that stopped it."""
 
     recipe_file: str
     results: list[dict]
     error: str | None = None
+    name: str | None = None
 
 
 def build_files(files: list[Path], *, jobs: int = 1, **options) -> list[FileOutcome]:
     """Build each recipe file (`options` go to `builder.pipeline.build_file`); `jobs` > 1 builds in parallel."""
-    _check_out(Path(options.get("out") or "artifacts"))
+    check_out(Path(options.get("out") or "artifacts"))
     if jobs <= 1 or len(files) <= 1:
         return [_build_one(str(file), options) for file in files]
     gpus = _gpu_count()
@@ -39,7 +41,7 @@ def build_files(files: list[Path], *, jobs: int = 1, **options) -> list[FileOutc
         return list(pool.map(_build_one, [str(f) for f in files], [options] * len(files)))
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """Refuse an artifacts folder that is a file, or inside one, before any build starts (each would fail alike)."""
     for path in (out, *out.parents):
         if path.exists():

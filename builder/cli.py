@@ -20,6 +20,7 @@ from builder.changes import recipes_changed_since
 from builder.console import configured, say
 from builder.demo import run_demo
 from builder.errors import BuilderError, RecipeError
+from builder.fleet import artifact_units, github_matrix
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, handling_signals
@@ -169,8 +170,8 @@ def _size(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-
+def _selected_files(args: argparse.Namespace) -> list[Path]:
+    """The recipe files `build` and `matrix` take: PATHS, narrowed by --changed-since and --name."""
     paths = args.paths or ["recipes"]
     every = find_recipe_files(paths)
     require_unique_names(every)
@@ -178,6 +179,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.name:
         named = files_defining(args.name, every)
         files = [file for file in files if file in named]
+    return files
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+
+    files = _selected_files(args)
     if not files:
         print(
             f"no recipe changed since {args.changed_since}" if args.changed_since else "no recipe files found",
@@ -186,9 +193,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([])
         return EXIT_OK if args.changed_since else EXIT_FAILED
-    outcomes = build_files(
-        files,
-        jobs=args.jobs,
+    options = dict(
         names=args.name,
         out=args.out,
         device=args.device,
@@ -198,19 +203,51 @@ def cmd_build(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         max_gpu_memory=args.max_gpu_memory,
     )
+    on_ray = args.executor == "ray"
+    if args.ray_address and not on_ray:
+        raise BuilderError("--ray-address is for --executor ray; add it, or drop --ray-address")
+    if on_ray:
+        if args.jobs > 1:
+            raise BuilderError("--jobs is for --executor local; a Ray cluster runs what its resources hold")
+        try:
+            from builder.cluster import build_on_ray  # deferred: ray, only for --executor ray (the `ray` extra)
+        except ModuleNotFoundError as error:
+            if (error.name or "").partition(".")[0] != "ray":
+                raise
+            raise BuilderError("--executor ray needs Ray: pip install 'recipe-builder[ray]'") from None
+
+        publish_options = (
+            dict(repo=args.repo, revision=args.revision, private=args.private or None, create_pr=args.create_pr or None)
+            if args.publish
+            else None
+        )
+        outcomes = build_on_ray(files, address=args.ray_address, publish_options=publish_options, **options)
+    else:
+        outcomes = build_files(files, jobs=args.jobs, **options)
     rows = [{"recipe_file": o.recipe_file, **row} for o in outcomes for row in o.results]
-    failed = [{"recipe_file": o.recipe_file, "status": "failed", "error": o.error} for o in outcomes if o.error]
+    failed = [
+        {"recipe_file": o.recipe_file, **({"name": o.name} if o.name else {}), "status": "failed", "error": o.error}
+        for o in outcomes
+        if o.error
+    ]
     if not args.json:
         for row in rows:
             print(f"{row['name']}: {row['status']} -> {row['path']}")
             if row["status"] == "built":
                 print(_gate_summary(Path(row["path"])))
     for failure in failed:
-        where = f"{failure['recipe_file']}: " if len(files) > 1 else ""
+        where = f"{failure.get('name') or failure['recipe_file']}: " if len(outcomes) > 1 else ""
         print(f"error: {where}{failure['error']}", file=sys.stderr)
     publish_failed = False
     if args.publish:
         for row in rows:
+            if on_ray:  # each worker published its artifact
+                publish_failed = publish_failed or row["publish"]["status"] == "failed"
+                if row["publish"]["status"] == "failed":
+                    print(f"error: publishing {row['name']}: {row['publish']['error']}", file=sys.stderr)
+                elif not args.json:
+                    print(f"{row['name']}: published ({row['publish']['status']}) to {row['publish']['repo']}")
+                continue
             try:
                 result = _publish(Path(row["path"]), args)
             except BuilderError as error:
@@ -224,6 +261,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows + failed)
     return EXIT_FAILED if failed or publish_failed else EXIT_OK
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+
+    _print_json(github_matrix(artifact_units(_selected_files(args), args.name)))
+    return EXIT_OK
 
 
 def _gate_summary(artifact: Path) -> str:
@@ -425,6 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="builds at once, each in its own process and, when there are several GPUs, on its own GPU (default 1)",
     )
     build.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this host (--jobs); ray: one Ray task per artifact on a Ray cluster (the `ray` extra; "
+        "docs/cluster.md)",
+    )
+    build.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster to build on (default $RAY_ADDRESS, else a cluster started on this machine)",
+    )
+    build.add_argument(
         "--device", help="cpu, cuda or cuda:N (default: the recipe's load.device_map, else CUDA when present, else cpu)"
     )
     build.add_argument(
@@ -448,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_publish_options(build)
     build.set_defaults(run=cmd_build)
+
+    matrix = commands.add_parser(
+        "matrix",
+        help="print a GitHub Actions matrix: one entry per artifact (recipe, variant, artifact, device), at most 256",
+    )
+    matrix.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/)")
+    matrix.add_argument("--name", action="append", metavar="ARTIFACT", help="only this artifact; repeatable")
+    matrix.add_argument(
+        "--changed-since", metavar="REF", help="only recipes whose file or `extends` parents changed since this ref"
+    )
+    matrix.set_defaults(run=cmd_matrix)
 
     verify = commands.add_parser(
         "verify", parents=[quiet], help="re-run the verification of an artifact against its recorded source"

