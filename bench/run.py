@@ -187,6 +187,7 @@ def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_
         if "device_peak_bytes" in report[who]:
             stages[f"{who}_gpu_peak_gib"] = round(report[who]["device_peak_bytes"] / 2**30, 2)
         stages |= {f"{who} {stage}": seconds for stage, seconds in report[who]["stages"].items()}
+    stages["compare"] = report["performance"]["compare_seconds"]
     return None
 
 

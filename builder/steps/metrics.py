@@ -200,18 +200,18 @@ def _parameter_count(model) -> int:
     return total
 
 
-def compare(task: str, inputs: dict, reference: dict, candidate: dict) -> tuple[dict, dict]:
+def compare(task: str, inputs: dict, reference: dict, candidate: dict, device: str = "cpu") -> tuple[dict, dict]:
     """(metrics, details) of candidate against reference on `inputs`: the scalars the gate checks, and
-    per-input values."""
+    per-input values, computed on `device` (one chunk of logits at a time)."""
     if task == "text-generation":
-        metrics, details = _compare_lm(inputs, reference, candidate)
+        metrics, details = _compare_lm(inputs, reference, candidate, device)
     else:
-        metrics, details = _compare_encoder(reference, candidate, inputs["sentences"]["attention_mask"])
+        metrics, details = _compare_encoder(reference, candidate, inputs["sentences"]["attention_mask"], device)
     metrics["footprint_ratio"] = candidate["footprint_bytes"] / reference["footprint_bytes"]
     return metrics, details
 
 
-def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, dict]:
+def _compare_lm(inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict]:
     import torch
 
     agree, kl_sum, kl_max, positions = 0, 0.0, 0.0, 0
@@ -220,6 +220,7 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, d
         candidate["eval_logits"] + candidate["prompt_logits"],
         strict=True,
     ):
+        ref, cand = ref.to(device), cand.to(device)
         ref_log, cand_log = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
         kl = (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0)
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
@@ -227,7 +228,8 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, d
         kl_max = max(kl_max, float(kl.max()))
         positions += ref.shape[0]
     targets = [chunk[0] for chunk in inputs["eval_chunks"]]
-    ref_ppl, cand_ppl = _perplexity(reference["eval_logits"], targets), _perplexity(candidate["eval_logits"], targets)
+    ref_ppl = _perplexity(reference["eval_logits"], targets, device)
+    cand_ppl = _perplexity(candidate["eval_logits"], targets, device)
     matches = [
         _common_prefix(r, c) for r, c in zip(reference["continuations"], candidate["continuations"], strict=True)
     ]
@@ -245,7 +247,7 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict) -> tuple[dict, d
     return metrics, details
 
 
-def _perplexity(logits: list, targets: list) -> float:
+def _perplexity(logits: list, targets: list, device: str) -> float:
     """exp(mean negative log-likelihood) of each chunk's next tokens (a chunk's last position predicts nothing)."""
     import math
 
@@ -253,7 +255,11 @@ def _perplexity(logits: list, targets: list) -> float:
 
     nll, count = 0.0, 0
     for chunk_logits, chunk_targets in zip(logits, targets, strict=True):
-        nll += float(torch.nn.functional.cross_entropy(chunk_logits[:-1], chunk_targets[1:], reduction="sum"))
+        nll += float(
+            torch.nn.functional.cross_entropy(
+                chunk_logits[:-1].to(device), chunk_targets[1:].to(device), reduction="sum"
+            )
+        )
         count += chunk_targets.shape[0] - 1
     return math.exp(nll / count)
 
@@ -268,11 +274,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _compare_encoder(reference: dict, candidate: dict, attention_mask) -> tuple[dict, dict]:
+def _compare_encoder(reference: dict, candidate: dict, attention_mask, device: str) -> tuple[dict, dict]:
     import torch
 
-    mask = attention_mask.unsqueeze(-1).float()
-    ref, cand = reference["hidden"], candidate["hidden"]
+    mask = attention_mask.unsqueeze(-1).float().to(device)
+    ref, cand = reference["hidden"].to(device), candidate["hidden"].to(device)
     pooled_ref, pooled_cand = (ref * mask).sum(1) / mask.sum(1), (cand * mask).sum(1) / mask.sum(1)
     cosine = torch.nn.functional.cosine_similarity(pooled_ref, pooled_cand, dim=-1)
     diff = ((ref - cand).abs() * mask).amax()
@@ -306,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs["offload"] = offload.as_json()
     if on_cuda:
         outputs["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
-    torch.save(outputs, out_file)
+    with _Stage("save"):
+        torch.save(outputs, out_file)
     return 0
 
 

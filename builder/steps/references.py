@@ -83,11 +83,16 @@ def device_kind(device: str) -> str:
     return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
 
 
+def entry_path(key: str) -> Path:
+    """The cache file of `key` (it may not exist)."""
+    return cache_dir() / f"{key}.ref"
+
+
 def load(key: str) -> dict | None:
     """The cached outputs for `key`, or None when there are none or the entry is damaged (then it is deleted)."""
     import torch
 
-    path = cache_dir() / f"{key}.ref"
+    path = entry_path(key)
     try:
         data = path.read_bytes()
     except OSError:
@@ -122,7 +127,7 @@ def store(key: str, outputs: dict) -> None:
             with os.fdopen(handle, "wb") as out:
                 out.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
                 out.write(payload)
-            os.replace(temporary, folder / f"{key}.ref")
+            os.replace(temporary, entry_path(key))
         except BaseException:
             _discard(Path(temporary))
             raise

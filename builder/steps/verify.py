@@ -182,33 +182,56 @@ class ReferenceRun:
             task=task,
             max_new_tokens=recipe.verify.max_new_tokens,
         )
-        self.outputs = references.load(self.key) if use_cache else None
-        self.cached = self.outputs is not None
-        self.worker = None
-        if self.cached:
-            say(f"{self.label}: reused from the cache ({references.cache_dir()})")
+        self._source_dir, self._task, self._device = source_dir, task, device
+        self._max_new_tokens, self._max_device_memory = recipe.verify.max_new_tokens, max_device_memory
+        self.outputs: dict | None = None
+        self.cached = False
+        self.worker: _Worker | None = None
+        self._store: threading.Thread | None = None
+        # A cache entry is read (and its digest checked) on a thread, off the quantize step's path; a damaged one
+        # is found out in `result`, which then computes the outputs after all.
+        self._cache_read: threading.Thread | None = None
+        if use_cache and references.entry_path(self.key).exists():
+            self._cache_read = threading.Thread(target=self._read_cache, name="builder-reference-cache", daemon=True)
+            self._cache_read.start()
         else:
-            self.worker = _Worker(source_dir, task, device, self.label)
-            self.worker.submit(source_dir, self.dtype, self.inputs, recipe.verify.max_new_tokens, max_device_memory)
+            self._start_worker()
+
+    def _read_cache(self) -> None:
+        self.outputs = references.load(self.key)
+
+    def _start_worker(self) -> None:
+        self.worker = _Worker(self._source_dir, self._task, self._device, self.label)
+        self.worker.submit(self._source_dir, self.dtype, self.inputs, self._max_new_tokens, self._max_device_memory)
 
     def result(self) -> dict:
-        """The outputs (waiting for the worker); raises `BuildError` when the source does not run."""
-
+        """The outputs (waiting for the cache read or the worker); raises `BuildError` when the source does not
+        run. Computed outputs are stored in the cache on a thread (`cancel` waits for it)."""
+        if self._cache_read is not None:
+            self._cache_read.join()
+            self._cache_read = None
+            self.cached = self.outputs is not None
+            if self.cached:
+                say(f"{self.label}: reused from the cache ({references.cache_dir()})")
+            else:
+                self._start_worker()
         if self.outputs is None:
             assert self.worker is not None
             try:
-                self.outputs = self.worker.result()
+                outputs = self.worker.result()
             except _WorkerFailed as error:
                 raise BuildError(
                     f"the source model does not load and run to compute the reference outputs "
                     f"(exit {error.returncode}): {error.tail}"
                 ) from None
-            references.store(self.key, self.outputs)
+            self.outputs = outputs
+            self._store = threading.Thread(target=references.store, args=(self.key, outputs), name="builder-store")
+            self._store.start()
         self.seconds = time.perf_counter() - self.started
         return self.outputs
 
     def running(self) -> bool:
-        """Whether a worker is still computing the outputs."""
+        """Whether a worker is computing the outputs (not a cache read)."""
         return self.worker is not None and self.outputs is None
 
     @property
@@ -217,8 +240,11 @@ class ReferenceRun:
         return self.worker.stages if self.worker is not None else {}
 
     def cancel(self) -> None:
+        """Stop the worker if it still runs; wait for the cache to be written."""
         if self.worker is not None:
             self.worker.cancel()
+        if self._store is not None:
+            self._store.join()
 
 
 def start_candidate(ctx: BuildContext) -> _Worker:
@@ -289,10 +315,7 @@ def run_checks(
         overlapped = reference.running() and _room_for_both(source_dir, artifact_dir, dtype, device, max_device_memory)
         if overlapped:
             candidate.submit(*submit)
-        try:
-            outputs = reference.result()
-        finally:
-            reference.cancel()
+        outputs = reference.result()
         if not overlapped:
             candidate.submit(*submit)
         try:
@@ -306,7 +329,12 @@ def run_checks(
             return report
     finally:
         candidate.cancel()
-    measured, details = probes.compare(task, inputs, outputs, candidate_outputs)
+        reference.cancel()
+    compared = time.perf_counter()
+    # On a GPU the logits (tokens x vocabulary, twice) are compared there; under a cap the build keeps off it.
+    on_device = device.startswith("cuda") and max_device_memory is None
+    measured, details = probes.compare(task, inputs, outputs, candidate_outputs, device if on_device else "cpu")
+    compare_seconds = time.perf_counter() - compared
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
@@ -315,6 +343,7 @@ def run_checks(
     report["performance"] = _performance(outputs, candidate_outputs)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)
     report["performance"]["reference_seconds"] = round(reference.seconds, 2)
+    report["performance"]["compare_seconds"] = round(compare_seconds, 2)
     report["reference"] = {
         "model": "source",
         "dtype": dtype,

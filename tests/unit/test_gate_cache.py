@@ -88,7 +88,7 @@ def test_each_verify_stage_says_how_long_it_took(variants):
     assert "tiny-fp4: verify: reference: load" not in variants["stderr"]  # it came from the cache
     first, second = report_of(variants["out"] / "tiny-nf4"), report_of(variants["out"] / "tiny-fp4")
     for stages in (first["reference"]["stages"], first["candidate"]["stages"], second["candidate"]["stages"]):
-        assert list(stages) == ["imports", "load", "evaluation", "generation", "latency"]
+        assert list(stages) == ["imports", "load", "evaluation", "generation", "latency", "save"]
         assert all(seconds >= 0 for seconds in stages.values())
     assert second["reference"]["stages"] == {}  # from the cache: no run of its own
     assert first["candidate"]["overlapped"] is False  # on a CPU the two runs take turns
