@@ -119,6 +119,7 @@ def test_missing_provider_fails_before_export_with_the_reason(minilm, tmp_path, 
     assert not (tmp_path / "out" / "minilm-cuda-here").exists()
 
 
+@pytest.mark.slow  # 2 min on 2 cores; CI's `make test-interop` builds the same recipe and generates from it
 def test_smollm2_with_past_build(built, shared_dir):
     manifest = built("recipes/smollm2/onnx-cpu.yaml")
     folder = shared_dir / manifest["name"]
