@@ -39,28 +39,6 @@ QUANTIZE = [
 VERIFY = 'verify:\n  prompts: ["Hello"]\n  max_new_tokens: 2\n  thresholds: {footprint_ratio: 1.0}\n'
 
 
-def tiny_llama(folder: Path) -> Path:
-    import torch
-    from make_models import SMOLLM2, ensure_models
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    smol = ensure_models(REPO / "models")[SMOLLM2]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smol).save_pretrained(folder)
-    return folder
-
-
 def write_recipes(folder: Path, model: Path, count: int) -> Path:
     folder.mkdir(parents=True)
     for k, quantize in enumerate(QUANTIZE[:count]):
@@ -94,6 +72,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
+    from make_models import tiny_llama  # tests/assets/, on sys.path above
+
     model = tiny_llama(args.dir / "tiny-llama")
     recipes = write_recipes(args.dir / "recipes", model, args.builds)
 

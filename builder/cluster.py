@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from builder import interrupts
 from builder.batch import FileOutcome, check_out
-from builder.console import QUIET_ENV, say
+from builder.console import QUIET_ENV, environment, say
 from builder.errors import BuilderError
 from builder.fleet import ArtifactUnit, UnreadableFile, artifact_units
 from builder.hub.publish import publish, use_network_timeouts
@@ -193,7 +193,8 @@ def _build_artifact(
     secret: dict[str, str],
 ) -> dict:
     """The Ray task: build one artifact under its lease; {"row": ...} or {"error": message}."""
-    with _environment(secret), leased(f"{out}/{name}", name):
+    # The worker process outlives the task: the token is set for this task only.
+    with environment(secret), leased(f"{out}/{name}", name):
         try:
             results = build_file(recipe_file, names=[name], out=out, device=device, **options)
         except BuilderError as error:
@@ -212,21 +213,6 @@ def _publish(artifact: Path, options: dict) -> dict:
         return publish(artifact, progress=say, **options).as_json()
     except BuilderError as error:
         return {"status": "failed", "error": str(error)}
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` in os.environ for the block (the worker process outlives the task)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # --- shared storage ----------------------------------------------------------------------------------------------

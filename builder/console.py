@@ -26,8 +26,15 @@ def configured(*, quiet: bool) -> Iterator[None]:
         # Read when the libraries are first imported: huggingface_hub the first (transformers' bars follow it), tqdm
         # (>= 4.66) the second.
         settings |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
+    with environment(settings):
+        yield
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the block; each variable gets its old value (or absence) back after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:

@@ -55,24 +55,6 @@ def minilm(real_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama (hidden 64) with SmolLM2's tokenizer, saved as safetensors: fast unit builds."""
-    import torch
-    from make_models import SMOLLM2, ensure_models
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from make_models import tiny_llama as make_tiny_llama
 
-    smol = ensure_models(REPO / "models")[SMOLLM2]
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smol).save_pretrained(folder)
-    return folder
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), REPO / "models")

@@ -70,6 +70,29 @@ def ensure_models(root: Path = REPO / "models") -> dict[str, Path]:
     return made
 
 
+def tiny_llama(folder: Path, root: Path = REPO / "models") -> Path:
+    """A random 2-layer Llama (hidden 64, seed 0, bfloat16) with SmolLM2's tokenizer, saved as safetensors in
+    `folder`: fast builds with a real vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    smol = ensure_models(root)[SMOLLM2]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smol).save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     for name, path in ensure_models(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "models").items():
         print(f"{name}: {path}")
