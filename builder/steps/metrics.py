@@ -1,16 +1,18 @@
 """Run one model on the verification inputs, and compare a reference run with a candidate run.
 
-The gate (`builder.steps.verify`) runs the reference (the source model) in its own process and the candidate (the
-artifact as a user loads it, with stock transformers) in a fresh one:
+The gate (`builder.steps.verify`) runs the reference (the source model) and the candidate (the artifact as a user
+loads it, with stock transformers) either on threads of the build process (`run`; on a CUDA device without a memory
+cap) or each in a worker process of its own:
 
     python -m builder.steps.metrics FOLDER TASK DEVICE [MODULE ...]      then, on stdin: SPEC.pt and OUT.pt lines
 
-The worker starts by importing what loading FOLDER's architecture for TASK needs (and the MODULEs, and CUDA), so a
-worker started early, before the artifact exists, has that done when the parent names SPEC.pt. SPEC.pt holds the
-model folder, task, dtype, device, an optional cap on device memory and the token ids (tokenized once, by the
-parent, so both runs see the same inputs); OUT.pt receives the outputs of `probe`. The parent then calls `compare`.
-A model whose weights pass the cap runs block by block (`builder.steps.blockwise`). The worker reports its stages
-on stderr as `PROGRESS` lines (JSON) that the parent turns into status lines and bars.
+The worker starts by importing what loading FOLDER's architecture for TASK needs (`import_for`: transformers'
+modeling module, the MODULEs, and CUDA), so a worker started early, before the artifact exists, has that done when
+the parent names SPEC.pt. A spec holds the model folder, task, dtype, device, an optional cap on device memory and
+the token ids (tokenized once, by the parent, so both runs see the same inputs); OUT.pt receives the outputs of
+`run`. The parent then calls `compare`. A model whose weights pass the cap runs block by block
+(`builder.steps.blockwise`). A run reports its stages as events (`PROGRESS` lines of JSON on a worker's stderr)
+that the parent turns into status lines and bars.
 
 Causal LMs are probed on the evaluation text in chunks (next-token logits, for top-1 agreement, KL divergence and
 perplexity) and on the prompts (greedy continuations); encoders on sentences (hidden states, mean-pooled
@@ -24,7 +26,9 @@ import json
 import logging
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, local_weight_files, read_header
@@ -39,25 +43,34 @@ PROGRESS = "builder-progress "
 `{"stage": ..., "seconds": s}` (the stage ended)."""
 
 
-class _Stage:
-    """Report one stage on stderr (its count where it has one) and its duration."""
+Emit = Callable[[dict], None]
+"""Where a run's stage events go: a worker prints them on stderr, a run in the build process hands them over."""
 
-    def __init__(self, name: str, total: int | None = None):
-        self.name, self.total = name, total
+# transformers' from_pretrained sets torch's process-wide default dtype while it builds a model: two runs in one
+# process load in turn, so neither builds its model in the other's dtype.
+_LOADING = threading.Lock()
+
+
+class _Stage:
+    """Report one stage (its count where it has one) and its duration to `emit`."""
+
+    def __init__(self, name: str, emit: Emit, total: int | None = None):
+        self.name, self.emit, self.total = name, emit, total
 
     def __enter__(self) -> _Stage:
         self.started = time.perf_counter()
-        _emit({"stage": self.name, "total": self.total})
+        self.emit({"stage": self.name, "total": self.total})
         return self
 
     def step(self, done: int) -> None:
-        _emit({"stage": self.name, "done": done})
+        self.emit({"stage": self.name, "done": done})
 
     def __exit__(self, *exc) -> None:
-        _emit({"stage": self.name, "seconds": round(time.perf_counter() - self.started, 3)})
+        if exc[0] is None:
+            self.emit({"stage": self.name, "seconds": round(time.perf_counter() - self.started, 3)})
 
 
-def _emit(event: dict) -> None:
+def _to_stderr(event: dict) -> None:
     print(PROGRESS + json.dumps(event), file=sys.stderr, flush=True)
 
 
@@ -92,21 +105,39 @@ def load_for_probe(folder: str, task: str, dtype: str, device: str, max_device_m
     return model, offload_blocks(model, device)
 
 
-def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str) -> dict:
-    """Outputs of `model` on `inputs` (see `builder.steps.verify.tokenize_inputs`), as CPU float32 tensors, plus
-    `footprint_bytes`, `parameters`, `latency_ms` (median forward of LATENCY_TOKENS tokens, batch 1) and
-    `throughput_tokens_per_s` (over the evaluation pass)."""
+def run(spec: dict, emit: Emit) -> dict:
+    """Load `spec`'s model folder with stock transformers and `probe` it: its outputs, with how it ran (`forward`
+    whole or by blocks, the `offload` record) and, on CUDA, the process's `device_peak_bytes`."""
+    import torch
+
+    device, cap = spec["device"], spec.get("max_device_memory")
+    with _LOADING, _Stage("load", emit):
+        model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
+    outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
+    outputs["forward"] = "blocks" if offload else "whole"
+    if offload:
+        outputs["offload"] = offload.as_json()
+    if device.startswith("cuda"):
+        outputs["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return outputs
+
+
+def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str, emit: Emit = _to_stderr) -> dict:
+    """Outputs of `model` on `inputs` (see `builder.steps.verify.tokenize_inputs`) as CPU tensors (logits in the
+    model's own dtype: casting them is the comparison's business), plus `footprint_bytes`, `parameters`,
+    `latency_ms` (median forward of LATENCY_TOKENS tokens, batch 1) and `throughput_tokens_per_s` (over the
+    evaluation pass). Stages go to `emit`."""
     import torch
 
     torch.manual_seed(SEED)
     with torch.inference_mode():
         _forward(model, inputs["latency_ids"][:, :8], device)  # warm-up: 4-bit CPU kernels repack on first use
         outputs = (
-            _probe_lm(model, inputs, max_new_tokens, device)
+            _probe_lm(model, inputs, max_new_tokens, device, emit)
             if task == "text-generation"
-            else _probe_encoder(model, inputs, device)
+            else _probe_encoder(model, inputs, device, emit)
         )
-        outputs["latency_ms"] = _latency_ms(model, inputs["latency_ids"], device)
+        outputs["latency_ms"] = _latency_ms(model, inputs["latency_ids"], device, emit)
     outputs["footprint_bytes"] = int(model.get_memory_footprint())
     outputs["parameters"] = _parameter_count(model)
     return outputs
@@ -123,23 +154,23 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str) -> dict:
+def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str, emit: Emit) -> dict:
     import torch
 
     eval_logits, tokens = [], 0
     _synchronize(device)
     started = time.perf_counter()
-    with _Stage("evaluation", len(inputs["eval_chunks"])) as stage:
+    with _Stage("evaluation", emit, len(inputs["eval_chunks"])) as stage:
         for done, chunk in enumerate(inputs["eval_chunks"], 1):
-            eval_logits.append(_forward(model, chunk, device).logits[0].float().cpu())
+            eval_logits.append(_forward(model, chunk, device).logits[0].cpu())
             tokens += chunk.shape[1]
             stage.step(done)
         _synchronize(device)
     elapsed = time.perf_counter() - started
     prompt_logits, continuations = [], []
-    with _Stage("generation", len(inputs["prompts"])) as stage:
+    with _Stage("generation", emit, len(inputs["prompts"])) as stage:
         for done, ids in enumerate(inputs["prompts"], 1):
-            prompt_logits.append(_forward(model, ids, device).logits[0].float().cpu())
+            prompt_logits.append(_forward(model, ids, device).logits[0].cpu())
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=torch.ones_like(ids).to(device),
@@ -164,11 +195,11 @@ def _pad_id(model) -> int | None:
     return pad[0] if isinstance(pad, list) else pad
 
 
-def _probe_encoder(model, inputs: dict, device: str) -> dict:
+def _probe_encoder(model, inputs: dict, device: str, emit: Emit) -> dict:
     batch = inputs["sentences"]
     _synchronize(device)
     started = time.perf_counter()
-    with _Stage("evaluation"):
+    with _Stage("evaluation", emit):
         hidden = _forward(
             model, batch["input_ids"], device, **{k: v for k, v in batch.items() if k != "input_ids"}
         ).last_hidden_state
@@ -178,9 +209,9 @@ def _probe_encoder(model, inputs: dict, device: str) -> dict:
     return {"hidden": hidden.float().cpu(), "throughput_tokens_per_s": tokens / elapsed}
 
 
-def _latency_ms(model, ids, device: str) -> float:
+def _latency_ms(model, ids, device: str, emit: Emit) -> float:
     times = []
-    with _Stage("latency", LATENCY_RUNS) as stage:
+    with _Stage("latency", emit, LATENCY_RUNS) as stage:
         for done in range(1, LATENCY_RUNS + 1):
             _synchronize(device)
             started = time.perf_counter()
@@ -220,7 +251,7 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict, device: str) -> 
         candidate["eval_logits"] + candidate["prompt_logits"],
         strict=True,
     ):
-        ref, cand = ref.to(device), cand.to(device)
+        ref, cand = ref.to(device).float(), cand.to(device).float()
         ref_log, cand_log = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
         kl = (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0)
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
@@ -257,7 +288,7 @@ def _perplexity(logits: list, targets: list, device: str) -> float:
     for chunk_logits, chunk_targets in zip(logits, targets, strict=True):
         nll += float(
             torch.nn.functional.cross_entropy(
-                chunk_logits[:-1].to(device), chunk_targets[1:].to(device), reduction="sum"
+                chunk_logits[:-1].to(device).float(), chunk_targets[1:].to(device), reduction="sum"
             )
         )
         count += chunk_targets.shape[0] - 1
@@ -278,7 +309,7 @@ def _compare_encoder(reference: dict, candidate: dict, attention_mask, device: s
     import torch
 
     mask = attention_mask.unsqueeze(-1).float().to(device)
-    ref, cand = reference["hidden"].to(device), candidate["hidden"].to(device)
+    ref, cand = reference["hidden"].to(device).float(), candidate["hidden"].to(device).float()
     pooled_ref, pooled_cand = (ref * mask).sum(1) / mask.sum(1), (cand * mask).sum(1) / mask.sum(1)
     cosine = torch.nn.functional.cosine_similarity(pooled_ref, pooled_cand, dim=-1)
     diff = ((ref - cand).abs() * mask).amax()
@@ -287,37 +318,29 @@ def _compare_encoder(reference: dict, candidate: dict, attention_mask, device: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: import for FOLDER TASK DEVICE [MODULE ...], then read SPEC.pt and OUT.pt from stdin, load
-    SPEC.pt's model folder with stock transformers, probe it, write OUT.pt."""
+    """Worker entry point: import for FOLDER TASK DEVICE [MODULE ...], then read SPEC.pt and OUT.pt from stdin, `run`
+    SPEC.pt's spec, write OUT.pt."""
     import torch
 
     folder, task, device, *modules = argv if argv is not None else sys.argv[1:]
-    with _Stage("imports"):
-        _import_for(folder, task, device, modules)
+    with _Stage("imports", _to_stderr):
+        import_for(folder, task, device, modules)
     spec_file, out_file = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
     if not out_file:
         return 0  # the parent stopped before it had a model for this worker
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast warning per matmul
     spec = torch.load(spec_file, weights_only=True)
     device, cap = spec["device"], spec.get("max_device_memory")
-    on_cuda = device.startswith("cuda")
-    if on_cuda and cap:  # the cap holds for this process whatever the model does
+    if device.startswith("cuda") and cap:  # the cap holds for this process whatever the model does
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
-    with _Stage("load"):
-        model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
-    outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device)
-    outputs["forward"] = "blocks" if offload else "whole"
-    if offload:
-        outputs["offload"] = offload.as_json()
-    if on_cuda:
-        outputs["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
-    with _Stage("save"):
+    outputs = run(spec, _to_stderr)
+    with _Stage("save", _to_stderr):
         torch.save(outputs, out_file)
     return 0
 
 
-def _import_for(folder: str, task: str, device: str, modules: list[str]) -> None:
+def import_for(folder: str, task: str, device: str, modules: list[str] | tuple[str, ...]) -> None:
     """Import transformers' modeling code for `folder`'s architecture and `modules`, and start CUDA on a CUDA
     `device`: the work a fresh process does before it can load a model, done before the model exists."""
     import torch

@@ -1,11 +1,14 @@
 """The verification gate: an artifact proves, before anyone can publish it, that it still computes what its source
 computes.
 
-The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU), probed by a worker
-process (`builder.steps.metrics`) that the pipeline starts with the quantize step, so the two overlap; its outputs
-are kept in the reference cache (`builder.steps.references`), so other variants of the source and rebuilds reuse
-them. The candidate is the artifact as a user loads it: the folder reloaded by stock transformers in a fresh
-process, or, for an ONNX export, the onnxruntime session on the verification provider (`builder.steps.verify_onnx`).
+The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU), probed by a run
+(`builder.steps.metrics`) that the pipeline starts with the quantize step, so the two overlap; its outputs are kept
+in the reference cache (`builder.steps.references`), so other variants of the source and rebuilds reuse them. The
+candidate is the artifact as a user loads it: the folder reloaded from disk by stock transformers, or, for an ONNX
+export, the onnxruntime session on the verification provider (`builder.steps.verify_onnx`). On a CUDA device
+without a memory cap both runs are threads of the build process, which has torch, transformers and CUDA started
+already (a fresh process spends 10-12 s on that, longer than the quantizer, measured on an H200); on a CPU, or
+under a cap, each is a worker process of its own, whose memory goes back to the system when it ends.
 Both see the same token ids: the recipe's prompts and the built-in evaluation text (builder/data/). Under a device
 memory cap, a model whose weights pass it runs one decoder block at a time (`builder.steps.blockwise`).
 
@@ -17,9 +20,11 @@ much it missed. The thresholds, the report and the evaluation data are `builder.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -154,7 +159,7 @@ def start_reference(ctx: BuildContext) -> ReferenceRun:
 
 class ReferenceRun:
     """The source model's outputs on the evaluation inputs: from the reference cache (`builder.steps.references`)
-    when it holds them and `use_cache`, else computed by a worker process started here and stored when it ends."""
+    when it holds them and `use_cache`, else computed by a run (`runner`) started here and stored when it ends."""
 
     def __init__(
         self,
@@ -186,7 +191,7 @@ class ReferenceRun:
         self._max_new_tokens, self._max_device_memory = recipe.verify.max_new_tokens, max_device_memory
         self.outputs: dict | None = None
         self.cached = False
-        self.worker: _Worker | None = None
+        self.run: _Worker | _InProcess | None = None
         self._store: threading.Thread | None = None
         # A cache entry is read (and its digest checked) on a thread, off the quantize step's path; a damaged one
         # is found out in `result`, which then computes the outputs after all.
@@ -195,17 +200,17 @@ class ReferenceRun:
             self._cache_read = threading.Thread(target=self._read_cache, name="builder-reference-cache", daemon=True)
             self._cache_read.start()
         else:
-            self._start_worker()
+            self._start_run()
 
     def _read_cache(self) -> None:
         self.outputs = references.load(self.key)
 
-    def _start_worker(self) -> None:
-        self.worker = _Worker(self._source_dir, self._task, self._device, self.label)
-        self.worker.submit(self._source_dir, self.dtype, self.inputs, self._max_new_tokens, self._max_device_memory)
+    def _start_run(self) -> None:
+        self.run = runner(self._source_dir, self._task, self._device, self.label, self._max_device_memory)
+        self.run.submit(self._source_dir, self.dtype, self.inputs, self._max_new_tokens, self._max_device_memory)
 
     def result(self) -> dict:
-        """The outputs (waiting for the cache read or the worker); raises `BuildError` when the source does not
+        """The outputs (waiting for the cache read or the run); raises `BuildError` when the source does not
         run. Computed outputs are stored in the cache on a thread (`cancel` waits for it)."""
         if self._cache_read is not None:
             self._cache_read.join()
@@ -214,15 +219,14 @@ class ReferenceRun:
             if self.cached:
                 say(f"{self.label}: reused from the cache ({references.cache_dir()})")
             else:
-                self._start_worker()
+                self._start_run()
         if self.outputs is None:
-            assert self.worker is not None
+            assert self.run is not None
             try:
-                outputs = self.worker.result()
+                outputs = self.run.result()
             except _WorkerFailed as error:
                 raise BuildError(
-                    f"the source model does not load and run to compute the reference outputs "
-                    f"(exit {error.returncode}): {error.tail}"
+                    f"the source model does not load and run to compute the reference outputs {error.detail}"
                 ) from None
             self.outputs = outputs
             self._store = threading.Thread(target=references.store, args=(self.key, outputs), name="builder-store")
@@ -231,41 +235,60 @@ class ReferenceRun:
         return self.outputs
 
     def running(self) -> bool:
-        """Whether a worker is computing the outputs (not a cache read)."""
-        return self.worker is not None and self.outputs is None
+        """Whether a run is computing the outputs (not a cache read)."""
+        return self.run is not None and self.outputs is None
 
     @property
     def stages(self) -> dict[str, float]:
-        """Seconds per stage of the worker that computed the outputs ({} when they came from the cache)."""
-        return self.worker.stages if self.worker is not None else {}
+        """Seconds per stage of the run that computed the outputs ({} when they came from the cache)."""
+        return self.run.stages if self.run is not None else {}
 
     def cancel(self) -> None:
-        """Stop the worker if it still runs; wait for the cache to be written."""
-        if self.worker is not None:
-            self.worker.cancel()
+        """Stop the run if it still runs; wait for the cache to be written."""
+        if self.run is not None:
+            self.run.cancel()
         if self._store is not None:
             self._store.join()
 
 
-def start_candidate(ctx: BuildContext) -> _Worker:
-    """The gate's candidate process, started now on the source's architecture (the pipeline starts it with the
-    quantize step, so its imports and CUDA start overlap the quantizer); `verify` hands it the artifact."""
+def start_candidate(ctx: BuildContext) -> _Worker | _InProcess:
+    """The gate's candidate run, started now on the source's architecture (the pipeline starts it with the
+    quantize step, so its imports overlap the quantizer); `verify` hands it the artifact."""
     assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
-    return candidate_worker(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device)
+    return candidate_run(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device, ctx.max_gpu_memory)
 
 
-def candidate_worker(recipe: Recipe, task: str, source_dir: Path, device: str) -> _Worker:
-    """A fresh process for the artifact, importing what `source_dir`'s architecture (and the recipe's quantizer)
+def candidate_run(
+    recipe: Recipe, task: str, source_dir: Path, device: str, max_device_memory: int | None
+) -> _Worker | _InProcess:
+    """The artifact's run (`runner`), importing what `source_dir`'s architecture (and the recipe's quantizer)
     needs to load."""
     quantized = isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit))
-    return _Worker(
+    return runner(
         source_dir,
         task,
         device,
         f"{recipe.name}: verify: candidate",
+        max_device_memory,
         foreground=True,
         imports=("bitsandbytes",) if quantized else (),
     )
+
+
+def runner(
+    preload: Path,
+    task: str,
+    device: str,
+    label: str,
+    max_device_memory: int | None,
+    *,
+    foreground: bool = False,
+    imports: tuple[str, ...] = (),
+) -> _Worker | _InProcess:
+    """Where a gate run executes: a thread of this process on a CUDA device without a memory cap, else a worker
+    process (a CPU run's memory, or a capped run's, goes back to the system when its process ends)."""
+    kind = _InProcess if device.startswith("cuda") and max_device_memory is None else _Worker
+    return kind(preload, task, device, label, foreground=foreground, imports=imports)
 
 
 def run_checks(
@@ -276,13 +299,13 @@ def run_checks(
     device: str,
     *,
     reference: ReferenceRun | None = None,
-    candidate: _Worker | None = None,
+    candidate: _Worker | _InProcess | None = None,
     revision: str | None = None,
     use_cache: bool = True,
     max_device_memory: int | None = None,
 ) -> dict:
-    """Reference (source; cached, or in a worker process) vs candidate (artifact, fresh process): the verification
-    report. `reference` and `candidate` (`candidate_worker`) are runs already started for this check;
+    """Reference (the source; cached, or run by `runner`) vs candidate (the artifact reloaded, run by `runner`): the
+    verification report. `reference` and `candidate` (`candidate_run`) are runs already started for this check;
     `max_device_memory` caps each run's device memory, and a model whose weights pass it runs block by block. On a
     GPU with room for both models the candidate runs while the reference still computes."""
     started = time.perf_counter()
@@ -298,7 +321,7 @@ def run_checks(
             max_device_memory=max_device_memory,
         )
     if candidate is None:
-        candidate = candidate_worker(recipe, task, source_dir, device)
+        candidate = candidate_run(recipe, task, source_dir, device, max_device_memory)
     dtype, inputs = reference.dtype, reference.inputs
     report: dict[str, Any] = {
         "passed": False,
@@ -321,20 +344,21 @@ def run_checks(
         try:
             candidate_outputs = candidate.result()
         except _WorkerFailed as error:
-            message = (
-                f"the artifact does not load and run with stock transformers in a fresh process "
-                f"(exit {error.returncode}): {error.tail}"
-            )
+            message = f"the artifact does not load and run with stock transformers {error.detail}"
             report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": message}]
+            reference.cancel()
             return report
+    except BaseException:
+        reference.cancel()
+        raise
     finally:
         candidate.cancel()
-        reference.cancel()
     compared = time.perf_counter()
     # On a GPU the logits (tokens x vocabulary, twice) are compared there; under a cap the build keeps off it.
     on_device = device.startswith("cuda") and max_device_memory is None
     measured, details = probes.compare(task, inputs, outputs, candidate_outputs, device if on_device else "cpu")
     compare_seconds = time.perf_counter() - compared
+    reference.cancel()  # the cache entry was written while the logits were compared
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
@@ -358,7 +382,8 @@ def run_checks(
 
 
 def _execution(outputs: dict) -> dict:
-    """How a run executed: whole or block by block (with the offload record), and its device memory peak."""
+    """How a run executed: whole or block by block (with the offload record), and the device memory peak of the
+    process it ran in."""
     described = {"forward": outputs.get("forward", "whole")}
     for key in ("offload", "device_peak_bytes"):
         if key in outputs:
@@ -392,16 +417,64 @@ def _room_for_both(source_dir: Path, artifact_dir: Path, dtype: str, device: str
 
 
 class _WorkerFailed(Exception):
-    def __init__(self, returncode: int, tail: str):
-        super().__init__(tail)
-        self.returncode, self.tail = returncode, tail
+    """A run that produced no outputs; `detail` says where it ran and what it said last."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
-class _Worker:
-    """One `python -m builder.steps.metrics` process. It starts at once, importing what `preload`'s architecture
-    needs for `task` (and `imports`) and starting CUDA, so a worker started early has that done when `submit`
-    names the model folder. Its stage lines become status lines with their duration (and, in the `foreground`,
-    progress bars on a terminal) and `stages`; `result` waits for its outputs."""
+class _Progress:
+    """A run's stage events (`builder.steps.metrics.Emit`) as status lines with their duration (and, in the
+    `foreground`, progress bars on a terminal), and the durations in `stages`."""
+
+    def __init__(self, label: str, foreground: bool):
+        self.label, self.foreground = label, foreground
+        self.stages: dict[str, float] = {}
+        self._bars: dict = {}
+
+    def __call__(self, event: dict) -> None:
+        stage = event["stage"]
+        if "seconds" in event:
+            if stage in self._bars:
+                self._bars.pop(stage).close()
+            self.stages[stage] = event["seconds"]
+            say(f"{self.label}: {stage} {event['seconds']:.1f} s")
+        elif "done" in event and stage in self._bars:
+            self._bars[stage].update(event["done"] - self._bars[stage].n)
+        elif event.get("total") and self.foreground and show_progress():
+            from tqdm.auto import tqdm
+
+            self._bars[stage] = tqdm(total=event["total"], desc=f"{self.label}: {stage}", leave=False)
+
+    def close(self) -> None:
+        """Close the bars of stages that did not end (the run failed or was stopped)."""
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+def _spec(folder: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int, cap: int | None):
+    """What a run probes (`builder.steps.metrics.run`)."""
+    return {
+        "folder": str(folder),
+        "task": task,
+        "dtype": dtype,
+        "device": device,
+        "inputs": inputs,
+        "max_new_tokens": max_new_tokens,
+        "max_device_memory": cap,
+    }
+
+
+class _Cancelled(Exception):
+    """Raised inside a run in this process at its next stage event once `cancel` was called."""
+
+
+class _InProcess:
+    """A gate run on a thread of this process, with `_Worker`'s interface: it starts at once, importing what
+    `preload`'s architecture needs (`builder.steps.metrics.import_for`) while the build goes on, and runs the
+    spec `submit` gives it. Its model is freed, and CUDA's cache emptied, when it ends."""
 
     def __init__(
         self,
@@ -413,8 +486,81 @@ class _Worker:
         foreground: bool = False,
         imports: tuple[str, ...] = (),
     ):
-        self.label, self.foreground, self.task, self.device = label, foreground, task, device
-        self.stages: dict[str, float] = {}
+        self.task, self.device = task, device
+        self._progress = _Progress(label, foreground)
+        self._specs: queue.Queue[dict | None] = queue.Queue()
+        self._outputs: dict | None = None
+        self._error: str | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(
+            target=self._run, args=(str(preload), imports), name=f"builder-{label}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def stages(self) -> dict[str, float]:
+        return self._progress.stages
+
+    def _emit(self, event: dict) -> None:
+        if self._cancelled:
+            raise _Cancelled
+        self._progress(event)
+
+    def _run(self, preload: str, imports: tuple[str, ...]) -> None:
+        import torch
+
+        try:
+            started = time.perf_counter()
+            probes.import_for(preload, self.task, self.device, imports)
+            self._emit({"stage": "imports", "seconds": round(time.perf_counter() - started, 3)})
+            spec = self._specs.get()
+            if spec is not None:
+                self._outputs = probes.run(spec, self._emit)
+        except _Cancelled:
+            pass
+        except Exception as error:  # noqa: BLE001 (a model that does not load or run raises anything)
+            self._error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:600]
+        finally:
+            self._progress.close()
+            gc.collect()  # the model is unreferenced now; give its device memory back
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
+        """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.run`)."""
+        self._specs.put(_spec(folder, self.task, dtype, self.device, inputs, max_new_tokens, max_device_memory))
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._outputs is None:
+            raise _WorkerFailed(f"in the build process: {self._error or 'the run was stopped'}")
+        return self._outputs
+
+    def cancel(self) -> None:
+        """Stop the run at its next stage event and wait for it (a model load finishes first)."""
+        self._cancelled = True
+        self._specs.put(None)
+        self._thread.join()
+
+
+class _Worker:
+    """One `python -m builder.steps.metrics` process. It starts at once, importing what `preload`'s architecture
+    needs for `task` (and `imports`) and starting CUDA, so a worker started early has that done when `submit`
+    names the model folder. Its stage lines become status lines (`_Progress`) and `stages`; `result` waits for its
+    outputs."""
+
+    def __init__(
+        self,
+        preload: Path,
+        task: str,
+        device: str,
+        label: str,
+        *,
+        foreground: bool = False,
+        imports: tuple[str, ...] = (),
+    ):
+        self.task, self.device = task, device
+        self._progress = _Progress(label, foreground)
         self._tmp = tempfile.TemporaryDirectory(prefix="builder-verify-")
         self._spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
         package_root = str(Path(__file__).resolve().parents[2])
@@ -431,22 +577,15 @@ class _Worker:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    @property
+    def stages(self) -> dict[str, float]:
+        return self._progress.stages
+
     def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
         """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.main`)."""
         import torch
 
-        torch.save(
-            {
-                "folder": str(folder),
-                "task": self.task,
-                "dtype": dtype,
-                "device": self.device,
-                "inputs": inputs,
-                "max_new_tokens": max_new_tokens,
-                "max_device_memory": max_device_memory,
-            },
-            self._spec,
-        )
+        torch.save(_spec(folder, self.task, dtype, self.device, inputs, max_new_tokens, max_device_memory), self._spec)
         assert self._process.stdin is not None
         try:
             self._process.stdin.write(f"{self._spec}\n{self._out}\n")
@@ -455,26 +594,13 @@ class _Worker:
             pass  # the worker died starting up: `result` reports its exit and last lines
 
     def _read(self) -> None:
-        bars: dict = {}
         assert self._process.stderr is not None
         for line in self._process.stderr:
-            if not line.startswith(probes.PROGRESS):
-                if line.strip():
-                    self._tail.append(line.strip())
-                continue
-            event = json.loads(line[len(probes.PROGRESS) :])
-            stage = event["stage"]
-            if "seconds" in event:
-                if stage in bars:
-                    bars.pop(stage).close()
-                self.stages[stage] = event["seconds"]
-                say(f"{self.label}: {stage} {event['seconds']:.1f} s")
-            elif "done" in event and stage in bars:
-                bars[stage].update(event["done"] - bars[stage].n)
-            elif event.get("total") and self.foreground and show_progress():
-                from tqdm.auto import tqdm
-
-                bars[stage] = tqdm(total=event["total"], desc=f"{self.label}: {stage}", leave=False)
+            if line.startswith(probes.PROGRESS):
+                self._progress(json.loads(line[len(probes.PROGRESS) :]))
+            elif line.strip():
+                self._tail.append(line.strip())
+        self._progress.close()
 
     def result(self) -> dict:
         import torch
@@ -482,7 +608,7 @@ class _Worker:
         returncode = self._process.wait()
         self._reader.join()
         if returncode != 0 or not self._out.exists():
-            raise _WorkerFailed(returncode, " | ".join(self._tail))
+            raise _WorkerFailed(f"in a fresh process (exit {returncode}): {' | '.join(self._tail)}")
         return torch.load(self._out, weights_only=True)
 
     def cancel(self) -> None:

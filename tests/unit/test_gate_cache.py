@@ -304,3 +304,61 @@ def test_block_by_block_gives_the_whole_models_metrics_on_smollm2(smollm2, tmp_p
     )
     assert blocks["candidate"]["offload"]["blocks"] == 30 and blocks["reference"]["forward"] == "blocks"
     assert_same_metrics(blocks, whole)
+
+
+@pytest.fixture
+def on_threads(monkeypatch):
+    """Gate runs on threads of this process, as on a CUDA device without a cap (here on the CPU)."""
+    from builder.steps import verify
+
+    def in_process(preload, task, device, label, max_device_memory, *, foreground=False, imports=()):
+        return verify._InProcess(preload, task, device, label, foreground=foreground, imports=imports)
+
+    monkeypatch.setattr(verify, "runner", in_process)
+
+
+def _tiny_recipe(tiny_llama: Path, quant_type: str) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "tiny",
+            "source": {"model": str(tiny_llama), "dtype": "bfloat16"},
+            "quantize": {"method": "bnb-4bit", "quant_type": quant_type},
+            "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4},
+        }
+    )
+
+
+def test_runs_in_the_build_process_give_the_worker_processes_metrics(variants, tiny_llama, cache, request):
+    artifact, recipe = variants["out"] / "tiny-nf4", _tiny_recipe(tiny_llama, "nf4")
+    workers = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
+    request.getfixturevalue("on_threads")
+    threads = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
+    assert {k: threads["metrics"][k] for k in GATED} == {k: workers["metrics"][k] for k in GATED}
+    assert threads["inputs"] == workers["inputs"] and threads["passed"]
+    for run in (threads["reference"], threads["candidate"]):
+        assert list(run["stages"]) == ["imports", "load", "evaluation", "generation", "latency"]  # nothing to save
+    assert list(workers["candidate"]["stages"])[-1] == "save"
+
+
+def test_an_artifact_that_does_not_load_in_the_build_process_fails_the_gate(variants, tiny_llama, tmp_path, on_threads):
+    import shutil
+
+    artifact = tmp_path / "broken"
+    shutil.copytree(variants["out"] / "tiny-nf4", artifact)
+    (artifact / "model.safetensors").write_bytes(b"not safetensors")
+    report = run_checks(_tiny_recipe(tiny_llama, "nf4"), "text-generation", tiny_llama, artifact, "cpu")
+    assert report["passed"] is False and report["failures"][0]["metric"] == "loads"
+    assert "does not load and run with stock transformers in the build process: " in report["failures"][0]["message"]
+
+
+def test_a_run_in_the_build_process_stops_when_cancelled(tiny_llama):
+    from builder.steps import verify
+
+    inputs = verify.tokenize_inputs(tiny_llama, "text-generation", ())
+    run = verify._InProcess(tiny_llama, "text-generation", "cpu", "tiny: verify: reference")
+    run.submit(tiny_llama, "bfloat16", inputs, 4, None)
+    run.cancel()  # the run stops at its next stage event: before its model loads
+    assert not run._thread.is_alive() and set(run.stages) <= {"imports"}
+    with pytest.raises(verify._WorkerFailed, match="in the build process: the run was stopped"):
+        run.result()
