@@ -253,7 +253,10 @@ def _child(
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"kind": kind, "method": method, "error": " | ".join(tail)[-300:], "cap_gb": cap}
-    return json.loads(lines[-1])
+    row = json.loads(lines[-1])
+    if row.get("error") and done.stderr.strip():  # what the failed build said
+        row["error"] += ": " + " | ".join(done.stderr.strip().splitlines()[-3:])[-600:]
+    return row
 
 
 def _same_tensors(a: Path, b: Path) -> str:

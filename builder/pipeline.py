@@ -26,7 +26,7 @@ from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.plan import Plan, build_kind, build_stages, make_plan
 from builder.recipe import load_recipes
-from builder.steps import bnb, load, write
+from builder.steps import bnb, load, torch_defaults, write
 
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
@@ -157,9 +157,11 @@ def _quantize(ctx: BuildContext) -> None:
     from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
     from builder.steps.verify import start_candidate, start_reference
 
-    # The gate's workers start now: the reference computes, the candidate process imports, while this quantizes.
+    # The gate's runs start now: the reference computes (a run on this process's threads loads once this step is
+    # done: `torch_defaults`), the candidate's imports its modeling code, while this quantizes.
     ctx.reference, ctx.candidate = start_reference(ctx), start_candidate(ctx)
-    quantize(ctx)
+    with torch_defaults.exclusive():
+        quantize(ctx)
 
 
 def _export(ctx: BuildContext) -> None:

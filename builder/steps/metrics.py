@@ -26,12 +26,12 @@ import json
 import logging
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, local_weight_files, read_header
+from builder.steps import torch_defaults
 from builder.steps.blockwise import offload_blocks
 from builder.tasks import auto_class
 
@@ -45,10 +45,6 @@ PROGRESS = "builder-progress "
 
 Emit = Callable[[dict], None]
 """Where a run's stage events go: a worker prints them on stderr, a run in the build process hands them over."""
-
-# transformers' from_pretrained sets torch's process-wide default dtype while it builds a model: two runs in one
-# process load in turn, so neither builds its model in the other's dtype.
-_LOADING = threading.Lock()
 
 
 class _Stage:
@@ -111,7 +107,7 @@ def run(spec: dict, emit: Emit) -> dict:
     import torch
 
     device, cap = spec["device"], spec.get("max_device_memory")
-    with _LOADING, _Stage("load", emit):
+    with torch_defaults.exclusive(), _Stage("load", emit):
         model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
     outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
     outputs["forward"] = "blocks" if offload else "whole"
@@ -144,7 +140,8 @@ def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str, emit
 
 
 def _forward(model, ids, device: str, **kwargs):
-    return model(input_ids=ids.to(device), **{k: v.to(device) for k, v in kwargs.items()})
+    with torch_defaults.shared():
+        return model(input_ids=ids.to(device), **{k: v.to(device) for k, v in kwargs.items()})
 
 
 def _synchronize(device: str) -> None:
@@ -171,14 +168,15 @@ def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str, emit: Emit)
     with _Stage("generation", emit, len(inputs["prompts"])) as stage:
         for done, ids in enumerate(inputs["prompts"], 1):
             prompt_logits.append(_forward(model, ids, device).logits[0].cpu())
-            generated = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=_pad_id(model),
-            )
+            with torch_defaults.shared():
+                generated = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=torch.ones_like(ids).to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=_pad_id(model),
+                )
             continuations.append(generated[0, ids.shape[1] :].cpu().tolist())
             stage.step(done)
     return {
