@@ -44,7 +44,8 @@ def _graph(path: Path, dtype, ops: list[str]) -> Path:
         [helper.make_tensor_value_info(last, elem, out_shape)],
         [weight],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR 10: onnx 1.23 writes IR 14 by default, which onnxruntime-gpu 1.31 refuses ("max supported IR version: 13")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
