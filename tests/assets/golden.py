@@ -9,7 +9,8 @@ manifests built before it); a change that alters artifacts on purpose regenerate
 Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM streamed, the footprint bound derived
 from the plan, source.base_model); issue 15 added the ONNX report's `placement` to the MiniLM ONNX manifest (only that
 key, from a build of it); issue 19 added the gate workers' `stages`, the candidate's `overlapped` and
-`performance.compare_seconds` to the three bitsandbytes manifests (only those keys, from builds of them). What may
+`performance.compare_seconds` to the three bitsandbytes manifests (only those keys, from builds of them), and
+regenerated the MiniLM ONNX manifest when O2 gained onnxscript's fusions (6 Attention nodes: a new graph). What may
 differ: when and where it was built and with which versions (build hash,
 versions, device, dates, timings, latencies, the gate workers' stages, the reference's cache key and whether it came
 from the cache), the three files that carry those (README.md, recipe.lock.yaml, verify-report.json), and the gate's
