@@ -596,11 +596,6 @@ def _versions() -> dict:
     import torch
 
     versions["torch_cuda"] = torch.version.cuda
-    try:  # a copy of the tree without .git, or a host without git, has no commit to name
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        versions["builder_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
-    except OSError:
-        versions["builder_commit"] = None
     return versions
 
 
