@@ -152,8 +152,6 @@ def _synchronize(device: str) -> None:
 
 
 def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str, emit: Emit) -> dict:
-    import torch
-
     eval_logits, tokens = [], 0
     _synchronize(device)
     started = time.perf_counter()
@@ -164,27 +162,53 @@ def _probe_lm(model, inputs: dict, max_new_tokens: int, device: str, emit: Emit)
             stage.step(done)
         _synchronize(device)
     elapsed = time.perf_counter() - started
-    prompt_logits, continuations = [], []
-    with _Stage("generation", emit, len(inputs["prompts"])) as stage:
-        for done, ids in enumerate(inputs["prompts"], 1):
-            prompt_logits.append(_forward(model, ids, device).logits[0].cpu())
-            with torch_defaults.shared():
-                generated = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=torch.ones_like(ids).to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=_pad_id(model),
-                )
-            continuations.append(generated[0, ids.shape[1] :].cpu().tolist())
-            stage.step(done)
+    with _Stage("generation", emit, max_new_tokens) as stage:
+        prompt_logits = [_forward(model, ids, device).logits[0].cpu() for ids in inputs["prompts"]]
+        continuations = _greedy(model, inputs["prompts"], max_new_tokens, device, stage)
     return {
         "eval_logits": eval_logits,
         "prompt_logits": prompt_logits,
         "continuations": continuations,
         "throughput_tokens_per_s": tokens / elapsed,
     }
+
+
+def _greedy(model, prompts: list, max_new_tokens: int, device: str, stage: _Stage) -> list[list[int]]:
+    """Each prompt's greedy continuation (up to its first end-of-sequence token, as if it were generated alone),
+    all prompts in one left-padded batch: a decoding step costs about the same for one sequence as for a few, so
+    this takes one prompt's time instead of the sum (3.5 s of an 8B gate's 8 on an H200)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Steps(StoppingCriteria):  # never stops: counts the tokens generated for the progress bar
+        def __call__(self, input_ids, scores, **kwargs):
+            stage.step(input_ids.shape[1] - width)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    pad = _pad_id(model)
+    width = max(ids.shape[1] for ids in prompts)
+    batch = torch.full((len(prompts), width), 0 if pad is None else pad, dtype=prompts[0].dtype)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        batch[row, width - ids.shape[1] :] = ids[0]
+        mask[row, width - ids.shape[1] :] = 1
+    with torch_defaults.shared():
+        generated = model.generate(
+            input_ids=batch.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([_Steps()]),
+        )
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    continuations = []
+    for row in generated[:, width:].cpu().tolist():
+        ends = [i for i, token in enumerate(row) if token in eos]
+        continuations.append(row[: ends[0] + 1] if ends else row)  # a finished row is padded after its end
+    return continuations
 
 
 def _pad_id(model) -> int | None:
