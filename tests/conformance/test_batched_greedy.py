@@ -13,7 +13,7 @@ from builder.steps import metrics
 from builder.steps.verify import tokenize_inputs
 
 NEW_TOKENS = 16  # the recipe default
-PROMPTS = ("Once", "It is a truth universally acknowledged, that", "Call me Ishmael. Some years ago, never mind how long")
+PROMPTS = ("Once", "It is a truth universally acknowledged, that", "Call me Ishmael. Some years ago, never mind how")
 
 
 class _Stage:
