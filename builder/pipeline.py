@@ -90,11 +90,11 @@ def build(
     # Checked before anything heavy is imported, so `make all` over built recipes takes seconds; checked again
     # under the lock in case a concurrent build just finished it.
     publish = recipe.publish.model_dump(mode="json") if recipe.publish else None
-    if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
+    if not force and (manifest := _current(final, plan)) is not None:
         if manifest.recipe.get("publish") == publish:
             return _reused(final, manifest)
         with _locked(out, recipe.name):
-            if (manifest := up_to_date(final, plan.build_hash)) is not None:
+            if (manifest := _current(final, plan)) is not None:
                 return _reused(
                     final,
                     write.refresh_publish(final, plan.loaded, plan, manifest),
@@ -107,7 +107,7 @@ def build(
     _check_destination(final)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out, recipe.name):
-        if not force and (manifest := up_to_date(final, plan.build_hash)) is not None:
+        if not force and (manifest := _current(final, plan)) is not None:
             return _reused(final, manifest)
         _remove_leftovers(out, recipe.name)
         workdir = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=out))
@@ -141,6 +141,11 @@ def build(
                     work.cancel()  # however the build ended, no gate worker or hashing thread stays behind
     say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", load_manifest(final))
+
+
+def _current(final: Path, plan: Plan) -> Manifest | None:
+    """`up_to_date`, without waiting for a new source's digest (`ResolvedSource.pin`) when there is no artifact."""
+    return up_to_date(final, plan.build_hash) if (final / "manifest.json").is_file() else None
 
 
 def _reused(final: Path, manifest: Manifest, note: str = "") -> BuildResult:

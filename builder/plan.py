@@ -6,6 +6,7 @@ core install and tells you parameter count, expected artifact size and peak memo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -87,7 +88,6 @@ class Stage:
 class Plan:
     loaded: LoadedRecipe
     source: ResolvedSource
-    build_hash: str
     versions: dict[str, str]
     stages: list[Stage]
     parameter_count: int
@@ -96,6 +96,11 @@ class Plan:
     expected_footprint_ratio: float | None = None
     """The loaded artifact's memory over the source's that the quantization should give (None for exports)."""
     warnings: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def build_hash(self) -> str:
+        """`build_hash` of the recipe, source and versions (waits for the source's digest: `ResolvedSource.pin`)."""
+        return build_hash(self.loaded.recipe, self.source.revision, self.versions)
 
     def as_json(self) -> dict:
         recipe = self.loaded.recipe
@@ -149,7 +154,6 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     return Plan(
         loaded,
         source,
-        build_hash(recipe, source.revision, versions),
         versions,
         stages,
         source.parameter_count,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +30,26 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 @dataclass(frozen=True)
 class ResolvedSource:
     """A source pinned to exact content: `path` is where its files are (None for a Hub source not yet
-    downloaded), `revision` the commit sha (Hub) or `sha256:<digest of every file>` (local)."""
+    downloaded), `revision` the commit sha (Hub) or `sha256:<digest of every file>` (local).
+
+    `pin` is the revision, or, for a local folder whose files builder has not hashed before, the digest being
+    computed on a thread (`revision` waits for it): a first build needs it only for its manifest, and streams the
+    same files meanwhile (16 GB took 5.4 s to hash on an H200 host before its first build began)."""
 
     model: str
-    revision: str
+    pin: str | Future[str]
     path: Path | None
     config: dict
     tensors: tuple[TensorInfo, ...]
     weight_files: tuple[str, ...]
 
     @property
-    def parameter_count(self) -> int:
-        return sum(t.numel for t in self.tensors)
+    def revision(self) -> str:
+        return self.pin if isinstance(self.pin, str) else self.pin.result()
 
     @property
-    def is_local(self) -> bool:
-        return self.revision.startswith("sha256:")
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
 
 
 def resolve(source: Source, local_path: Path | None) -> ResolvedSource:
@@ -74,9 +80,7 @@ def _resolve_local(source: Source, path: Path) -> ResolvedSource:
             "copy the missing files or re-save the checkpoint"
         )
     tensors = tuple(t for name in weight_files if name.endswith(".safetensors") for t in read_header(path / name))
-    return ResolvedSource(
-        source.model, f"sha256:{folder_digest(path)}", path, _read_json(config_file), tensors, weight_files
-    )
+    return ResolvedSource(source.model, local_revision(path), path, _read_json(config_file), tensors, weight_files)
 
 
 def _weight_files(names: list[str], index: dict[str, str] | None, allow_pickle: bool, where: str) -> tuple[str, ...]:
@@ -120,11 +124,46 @@ def _read_json(file: Path) -> dict:
     return value
 
 
+def local_revision(path: Path) -> str | Future[str]:
+    """`sha256:<folder_digest>` when every file's hash is cached, else a future of it, computed on a thread (one
+    per folder content: the variants of one recipe file wait for the same thread)."""
+    files = _digested_files(path)
+    keys = _cache_keys(files)
+    cache = _read_cache()
+    if all(key in cache for key in keys.values()):
+        return f"sha256:{_combine(path, files, {file: cache[keys[file]] for file in files})}"
+    signature = tuple(sorted(keys.values()))
+    with _hashing_lock:
+        future = _hashing.get(signature)
+        if future is None:
+            future = _hashing[signature] = Future()
+            threading.Thread(target=_hash_into, args=(future, path), name="builder-source-hash", daemon=True).start()
+    return future
+
+
+_hashing: dict[tuple[str, ...], Future[str]] = {}  # by the files' (path, size, mtime): a changed file hashes anew
+_hashing_lock = threading.Lock()
+
+
+def _hash_into(future: Future[str], path: Path) -> None:
+    try:
+        future.set_result(f"sha256:{folder_digest(path)}")
+    except OSError as error:
+        future.set_exception(SourceError(f"cannot read the source folder {path} to hash it: {error}"))
+
+
 def folder_digest(path: Path) -> str:
     """sha256 over every file's relative name and sha256. File hashes are cached by size and mtime (re-planning is
     fast) and the missing ones computed in parallel threads (hashlib releases the GIL), each file once."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
-    digests = file_sha256s(files)
+    files = _digested_files(path)
+    return _combine(path, files, file_sha256s(files))
+
+
+def _digested_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
+
+
+def _combine(path: Path, files: list[Path], digests: dict[Path, str]) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0" + digests[file].encode() + b"\n")
@@ -138,6 +177,21 @@ def _cache_file() -> Path:
     return Path(root) / "sha256.json"
 
 
+def _read_cache() -> dict[str, str]:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _cache_keys(files: list[Path]) -> dict[Path, str]:
+    keys = {}
+    for file in files:
+        stat = file.stat()
+        keys[file] = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return keys
+
+
 def file_sha256(file: Path) -> str:
     """sha256 of a file, remembered per (path, size, mtime) in the user's cache folder."""
     return file_sha256s([file])[file]
@@ -148,28 +202,26 @@ def file_sha256s(files: list[Path]) -> dict[Path, str]:
     the cache is read and written once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cache_path = _cache_file()
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    keys = {}
-    for file in files:
-        stat = file.stat()
-        keys[file] = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache, keys = _read_cache(), _cache_keys(files)
     missing = [file for file in files if keys[file] not in cache]
     if missing:
         with ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1, 8))) as pool:
-            for file, digest in zip(missing, pool.map(_sha256, missing), strict=True):
-                cache[keys[file]] = digest
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            tmp.replace(cache_path)
-        except OSError:
-            pass  # a read-only cache only costs speed
+            computed = {keys[file]: digest for file, digest in zip(missing, pool.map(_sha256, missing), strict=True)}
+        # Re-read under the lock: another thread (the artifact's hashing, a source hashed ahead) may have written.
+        with _cache_lock:
+            cache = _read_cache() | computed
+            try:
+                cache_path = _cache_file()
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cache))
+                tmp.replace(cache_path)
+            except OSError:
+                pass  # a read-only cache only costs speed
     return {file: cache[keys[file]] for file in files}
+
+
+_cache_lock = threading.Lock()
 
 
 def _sha256(file: Path) -> str:

@@ -20,6 +20,7 @@ much it missed. The thresholds, the report and the evaluation data are `builder.
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import hashlib
 import json
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +153,7 @@ def start_reference(ctx: BuildContext) -> ReferenceRun:
         ctx.task,
         ctx.source_dir,
         ctx.device,
-        revision=ctx.plan.source.revision,
+        revision=ctx.plan.source.pin,
         use_cache=ctx.use_cache,
         max_device_memory=ctx.max_gpu_memory,
     )
@@ -159,7 +161,11 @@ def start_reference(ctx: BuildContext) -> ReferenceRun:
 
 class ReferenceRun:
     """The source model's outputs on the evaluation inputs: from the reference cache (`builder.steps.references`)
-    when it holds them and `use_cache`, else computed by a run (`runner`) started here and stored when it ends."""
+    when it holds them and `use_cache`, else computed by a run (`runner`) started here and stored when it ends.
+
+    `revision` is the source's (None: its folder's digest, computed here); while it is a future (a folder hashed
+    for the first time, `ResolvedSource.pin`) the cache is not looked up: the run starts at once and its outputs
+    are stored under the digest when both are done."""
 
     def __init__(
         self,
@@ -168,7 +174,7 @@ class ReferenceRun:
         source_dir: Path,
         device: str,
         *,
-        revision: str | None = None,
+        revision: str | Future[str] | None = None,
         use_cache: bool = True,
         max_device_memory: int | None = None,
     ):
@@ -178,15 +184,9 @@ class ReferenceRun:
         self.label = f"{recipe.name}: verify: reference"
         self.dtype = reference_dtype(recipe.source.dtype, AutoConfig.from_pretrained(source_dir), device)
         self.inputs = tokenize_inputs(source_dir, task, recipe.verify.prompts)
-        revision = revision or f"sha256:{folder_digest(Path(source_dir))}"
-        self.key = references.reference_key(
-            revision=revision,
-            dtype=self.dtype,
-            device_kind=references.device_kind(device),
-            inputs=self.inputs,
-            task=task,
-            max_new_tokens=recipe.verify.max_new_tokens,
-        )
+        if isinstance(revision, Future) and revision.done():
+            revision = revision.result()
+        self._revision = revision or f"sha256:{folder_digest(Path(source_dir))}"
         self._source_dir, self._task, self._device = source_dir, task, device
         self._max_new_tokens, self._max_device_memory = recipe.verify.max_new_tokens, max_device_memory
         self.outputs: dict | None = None
@@ -196,11 +196,26 @@ class ReferenceRun:
         # A cache entry is read (and its digest checked) on a thread, off the quantize step's path; a damaged one
         # is found out in `result`, which then computes the outputs after all.
         self._cache_read: threading.Thread | None = None
-        if use_cache and references.entry_path(self.key).exists():
+        if use_cache and isinstance(self._revision, str) and references.entry_path(self.key).exists():
             self._cache_read = threading.Thread(target=self._read_cache, name="builder-reference-cache", daemon=True)
             self._cache_read.start()
         else:
+            if isinstance(self._revision, Future):
+                say(f"{self.label}: computing it while the source's files are hashed for the first time")
             self._start_run()
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The reference cache's key (waits for the source's digest)."""
+        revision = self._revision if isinstance(self._revision, str) else self._revision.result()
+        return references.reference_key(
+            revision=revision,
+            dtype=self.dtype,
+            device_kind=references.device_kind(self._device),
+            inputs=self.inputs,
+            task=self._task,
+            max_new_tokens=self._max_new_tokens,
+        )
 
     def _read_cache(self) -> None:
         self.outputs = references.load(self.key)
@@ -229,10 +244,16 @@ class ReferenceRun:
                     f"the source model does not load and run to compute the reference outputs {error.detail}"
                 ) from None
             self.outputs = outputs
-            self._store = threading.Thread(target=references.store, args=(self.key, outputs), name="builder-store")
+            self._store = threading.Thread(target=self._write_cache, name="builder-store")
             self._store.start()
         self.seconds = time.perf_counter() - self.started
         return self.outputs
+
+    def _write_cache(self) -> None:
+        assert self.outputs is not None
+        if isinstance(self._revision, Future) and self._revision.exception() is not None:
+            return  # the source could not be hashed: the build fails on it, and there is no key to store under
+        references.store(self.key, self.outputs)
 
     def running(self) -> bool:
         """Whether a run is computing the outputs (not a cache read)."""

@@ -362,3 +362,22 @@ def test_a_run_in_the_build_process_stops_when_cancelled(tiny_llama):
     assert not run._thread.is_alive() and set(run.stages) <= {"imports"}
     with pytest.raises(verify._WorkerFailed, match="in the build process: the run was stopped"):
         run.result()
+
+
+def test_a_reference_whose_source_is_still_being_hashed_runs_at_once_and_is_stored_under_the_digest(
+    tiny_llama, cache, on_threads
+):
+    from concurrent.futures import Future
+
+    from builder.source import folder_digest
+    from builder.steps.verify import ReferenceRun
+
+    recipe, digest = _tiny_recipe(tiny_llama, "nf4"), Future()
+    pending = ReferenceRun(recipe, "text-generation", tiny_llama, "cpu", revision=digest)
+    assert pending.running()  # no cache lookup: there is no key yet
+    digest.set_result(f"sha256:{folder_digest(tiny_llama)}")
+    outputs = pending.result()
+    pending.cancel()  # waits for the store
+    known = ReferenceRun(recipe, "text-generation", tiny_llama, "cpu", revision=digest.result())
+    assert known.key == pending.key and not known.running()
+    assert known.result()["continuations"] == outputs["continuations"] and known.cached
