@@ -158,7 +158,8 @@ def _stream(source: Path, out: Path, method: str, device: str, stages: dict) -> 
 
 
 def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_gpu_memory: str | None) -> str | None:
-    """`builder build` in this process (imports done, like the others'); its gate workers are its own processes."""
+    """`builder build` in this process (imports done, like the others'). Its gate runs on this process's threads on a
+    GPU without a cap, else in worker processes of its own."""
     import yaml
 
     from builder.cli import main
@@ -183,6 +184,8 @@ def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_
     stages["reference_cached"] = report["reference"]["cached"]
     stages["forward"] = f"{report['reference']['forward']}/{report['candidate']['forward']}"
     stages["candidate_overlapped_reference"] = report["candidate"]["overlapped"]
+    # Where the gate ran (`builder.steps.verify.runner`): the peaks of a build with "threads" include its models.
+    stages["gate_runs"] = "threads" if device.startswith("cuda") and not max_gpu_memory else "processes"
     for who in ("reference", "candidate"):
         if "device_peak_bytes" in report[who]:
             stages[f"{who}_gpu_peak_gib"] = round(report[who]["device_peak_bytes"] / 2**30, 2)
@@ -411,7 +414,8 @@ def _table(rows: list[dict]) -> str:
 
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
         if row["kind"].startswith("build") and row.get("rss_peak_bytes") is not None:
-            stages += " (RSS: the build's own process, not its gate workers)"
+            where = "with" if row["stages"].get("gate_runs") == "threads" else "not"
+            stages += f" (peaks: the build's own process, {where} its gate's runs)"
         gpu = f"{row['gpu_peak_bytes'] / 2**30:.2f}" if row.get("gpu_peak_bytes") is not None else "-"
         lines.append(
             f"| {row['method']} | {row['kind']}{_cap(row)} | {row['wall_s']:.2f} | {stages} | {gpu} | "
