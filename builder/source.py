@@ -143,6 +143,7 @@ def local_revision(path: Path) -> str | Future[str]:
 
 _hashing: dict[tuple[str, ...], Future[str]] = {}  # by the files' (path, size, mtime): a changed file hashes anew
 _hashing_lock = threading.Lock()
+_cache_lock = threading.Lock()  # one writer of the file-hash cache at a time in this process
 
 
 def _hash_into(future: Future[str], path: Path) -> None:
@@ -219,9 +220,6 @@ def file_sha256s(files: list[Path]) -> dict[Path, str]:
             except OSError:
                 pass  # a read-only cache only costs speed
     return {file: cache[keys[file]] for file in files}
-
-
-_cache_lock = threading.Lock()
 
 
 def _sha256(file: Path) -> str:

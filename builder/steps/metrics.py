@@ -207,8 +207,8 @@ def _greedy(model, prompts: list, max_new_tokens: int, device: str, stage: _Stag
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     continuations = []
     for row in generated[:, width:].cpu().tolist():
-        ends = [i for i, token in enumerate(row) if token in eos]
-        continuations.append(row[: ends[0] + 1] if ends else row)  # a finished row is padded after its end
+        end = next((i for i, token in enumerate(row) if token in eos), None)
+        continuations.append(row if end is None else row[: end + 1])  # a finished row is padded after its end
     return continuations
 
 
@@ -271,7 +271,7 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict, device: str) -> 
     import torch
 
     agree, kl_sum, kl_max, positions = 0, 0.0, 0.0, 0
-    nll = {"reference": 0.0, "candidate": 0.0}
+    ref_nll, cand_nll = 0.0, 0.0
     targets = [chunk[0] for chunk in inputs["eval_chunks"]]
     for index, (ref, cand) in enumerate(
         zip(
@@ -289,11 +289,11 @@ def _compare_lm(inputs: dict, reference: dict, candidate: dict, device: str) -> 
         positions += ref.shape[0]
         if index < len(targets):  # an evaluation chunk: each position's log-likelihood of the next token
             following = targets[index][1:].to(device).unsqueeze(-1)
-            nll["reference"] -= float(ref_log[:-1].gather(-1, following).double().sum())
-            nll["candidate"] -= float(cand_log[:-1].gather(-1, following).double().sum())
+            ref_nll -= float(ref_log[:-1].gather(-1, following).double().sum())
+            cand_nll -= float(cand_log[:-1].gather(-1, following).double().sum())
     # Perplexity: exp(mean negative log-likelihood) of each chunk's next tokens (its last position predicts nothing).
     predicted = sum(chunk.shape[0] - 1 for chunk in targets)
-    ref_ppl, cand_ppl = math.exp(nll["reference"] / predicted), math.exp(nll["candidate"] / predicted)
+    ref_ppl, cand_ppl = math.exp(ref_nll / predicted), math.exp(cand_nll / predicted)
     matches = [
         _common_prefix(r, c) for r, c in zip(reference["continuations"], candidate["continuations"], strict=True)
     ]
