@@ -158,8 +158,8 @@ def _stream(source: Path, out: Path, method: str, device: str, stages: dict) -> 
 
 
 def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_gpu_memory: str | None) -> str | None:
-    """`builder build` in this process (imports done, like the others'). Its gate runs on this process's threads on a
-    GPU without a cap, else in worker processes of its own."""
+    """`builder build` in this process (imports done, like the others'). Its gate runs on this process's threads
+    without a cap, else in worker processes of its own."""
     import yaml
 
     from builder.cli import main
@@ -185,7 +185,7 @@ def _build(source: Path, out: Path, method: str, device: str, stages: dict, max_
     stages["forward"] = f"{report['reference']['forward']}/{report['candidate']['forward']}"
     stages["candidate_overlapped_reference"] = report["candidate"]["overlapped"]
     # Where the gate ran (`builder.steps.verify.runner`): the peaks of a build with "threads" include its models.
-    stages["gate_runs"] = "threads" if device.startswith("cuda") and not max_gpu_memory else "processes"
+    stages["gate_runs"] = "processes" if max_gpu_memory else "threads"
     for who in ("reference", "candidate"):
         if "device_peak_bytes" in report[who]:
             stages[f"{who}_gpu_peak_gib"] = round(report[who]["device_peak_bytes"] / 2**30, 2)

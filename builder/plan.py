@@ -304,7 +304,7 @@ def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stag
         described["quantize"] = Stage("quantize", "; ".join(what), loaded_bytes + artifact_bytes)
         described["verify"] = Stage(
             "verify",
-            "reload the artifact in a fresh process and compare with the source",
+            "reload the artifact with stock transformers and compare with the source",
             loaded_bytes + artifact_bytes,
         )
     return [described[name] for name in build_stages(recipe)]

@@ -1,5 +1,5 @@
 """The conformance matrix: each architecture family x {nf4+dq, fp4, int8, ONNX fp32} is validated, planned and built
-(the gate reloads the artifact with stock transformers in a fresh process), and does what docs/support.md says:
+(the gate reloads the artifact from its folder with stock transformers), and does what docs/support.md says:
 streamed (byte for byte the transformers path's tensors), the transformers path for the reason given, exported, or
 refused with exit 1 and the reason, never an internal error.
 

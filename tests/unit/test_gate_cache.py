@@ -88,7 +88,7 @@ def test_each_verify_stage_says_how_long_it_took(variants):
     assert "tiny-fp4: verify: reference: load" not in variants["stderr"]  # it came from the cache
     first, second = report_of(variants["out"] / "tiny-nf4"), report_of(variants["out"] / "tiny-fp4")
     for stages in (first["reference"]["stages"], first["candidate"]["stages"], second["candidate"]["stages"]):
-        assert list(stages) == ["imports", "load", "evaluation", "generation", "latency", "save"]
+        assert list(stages) == ["imports", "load", "evaluation", "generation", "latency"]  # on threads: no save
         assert all(seconds >= 0 for seconds in stages.values())
     assert second["reference"]["stages"] == {}  # from the cache: no run of its own
     assert first["candidate"]["overlapped"] is False  # on a CPU the two runs take turns
@@ -307,14 +307,14 @@ def test_block_by_block_gives_the_whole_models_metrics_on_smollm2(smollm2, tmp_p
 
 
 @pytest.fixture
-def on_threads(monkeypatch):
-    """Gate runs on threads of this process, as on a CUDA device without a cap (here on the CPU)."""
+def in_worker_processes(monkeypatch):
+    """Gate runs in worker processes, as under a device memory cap (here without one)."""
     from builder.steps import verify
 
-    def in_process(preload, task, device, label, max_device_memory, *, foreground=False, imports=()):
-        return verify._InProcess(preload, task, device, label, foreground=foreground, imports=imports)
+    def worker(preload, task, device, label, max_device_memory, *, foreground=False, imports=()):
+        return verify._Worker(preload, task, device, label, foreground=foreground, imports=imports)
 
-    monkeypatch.setattr(verify, "runner", in_process)
+    monkeypatch.setattr(verify, "runner", worker)
 
 
 def _tiny_recipe(tiny_llama: Path, quant_type: str) -> Recipe:
@@ -331,9 +331,9 @@ def _tiny_recipe(tiny_llama: Path, quant_type: str) -> Recipe:
 
 def test_runs_in_the_build_process_give_the_worker_processes_metrics(variants, tiny_llama, cache, request):
     artifact, recipe = variants["out"] / "tiny-nf4", _tiny_recipe(tiny_llama, "nf4")
-    workers = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
-    request.getfixturevalue("on_threads")
     threads = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
+    request.getfixturevalue("in_worker_processes")
+    workers = run_checks(recipe, "text-generation", tiny_llama, artifact, "cpu", use_cache=False)
     assert {k: threads["metrics"][k] for k in GATED} == {k: workers["metrics"][k] for k in GATED}
     assert threads["inputs"] == workers["inputs"] and threads["passed"]
     for run in (threads["reference"], threads["candidate"]):
@@ -341,7 +341,7 @@ def test_runs_in_the_build_process_give_the_worker_processes_metrics(variants, t
     assert list(workers["candidate"]["stages"])[-1] == "save"
 
 
-def test_an_artifact_that_does_not_load_in_the_build_process_fails_the_gate(variants, tiny_llama, tmp_path, on_threads):
+def test_an_artifact_that_does_not_load_in_the_build_process_fails_the_gate(variants, tiny_llama, tmp_path):
     import shutil
 
     artifact = tmp_path / "broken"
@@ -364,9 +364,7 @@ def test_a_run_in_the_build_process_stops_when_cancelled(tiny_llama):
         run.result()
 
 
-def test_a_reference_whose_source_is_still_being_hashed_runs_at_once_and_is_stored_under_the_digest(
-    tiny_llama, cache, on_threads
-):
+def test_a_reference_whose_source_is_still_being_hashed_runs_at_once_and_is_stored_under_the_digest(tiny_llama, cache):
     from concurrent.futures import Future
 
     from builder.source import folder_digest

@@ -198,7 +198,7 @@ def test_builder_verify_refuses_a_source_that_changed(built, tmp_path, capsys):
     ), err
 
 
-def test_an_artifact_that_does_not_load_fails_the_gate(built, tmp_path):
+def test_an_artifact_that_does_not_load_in_a_worker_process_fails_the_gate(built, tmp_path):
     artifact = copy_artifact(built, tmp_path)
     (artifact / "model.safetensors").write_bytes(b"not safetensors")
     tiny = Recipe.model_validate(
@@ -210,7 +210,8 @@ def test_an_artifact_that_does_not_load_fails_the_gate(built, tmp_path):
             "verify": {"thresholds": {"footprint_ratio": 1.0}, "max_new_tokens": 4},
         }
     )
-    report = run_checks(tiny, "text-generation", built["source"], artifact, "cpu")
+    # A cap puts the gate's runs in worker processes (the tiny model is far below it: it runs whole).
+    report = run_checks(tiny, "text-generation", built["source"], artifact, "cpu", max_device_memory=1 << 30)
     assert report["passed"] is False
     assert report["failures"][0]["metric"] == "loads"
     assert "does not load and run with stock transformers in a fresh process" in report["failures"][0]["message"]
@@ -237,3 +238,28 @@ def test_onnx_thresholds_take_the_recipes_overrides_and_refuse_what_the_task_lac
         r"feature-extraction model \(its gates: ",
     ):
         verify_onnx.thresholds_for(export, "feature-extraction")
+
+
+def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monkeypatch):
+    import torch
+
+    from builder.steps import metrics
+
+    vocabulary, generator = 50, torch.Generator().manual_seed(0)
+
+    def logits(rows: int) -> torch.Tensor:
+        return torch.randn(rows, vocabulary, generator=generator).mul(3).bfloat16()
+
+    inputs = {"eval_chunks": [torch.randint(0, vocabulary, (1, n), generator=generator) for n in (7, 9)]}
+    reference = {"eval_logits": [logits(7), logits(9)], "prompt_logits": [logits(5)], "continuations": [[1, 2, 3]]}
+    candidate = {
+        "eval_logits": [(t.float() + 0.3 * logits(len(t)).float()).bfloat16() for t in reference["eval_logits"]],
+        "prompt_logits": [logits(5)],
+        "continuations": [[1, 2, 4]],
+    }
+    whole, _ = metrics._compare_lm(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
+    monkeypatch.setattr(metrics, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
+    blocked, details = metrics._compare_lm(inputs, reference, candidate, "cpu")
+    assert blocked == pytest.approx(whole, rel=1e-6) and details["positions"] == 21
+    assert blocked["top1_agreement"] == whole["top1_agreement"] and 0 < whole["top1_agreement"] < 1
+    assert blocked["perplexity_ratio"] != 1.0
