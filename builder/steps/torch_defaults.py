@@ -1,11 +1,14 @@
-"""One process, several threads using torch: a model load must not overlap anything else.
+"""One process, several threads using torch: a model load, or a gate run's imports, must not overlap anything else.
 
 transformers' `from_pretrained` sets torch's process-wide default dtype while it builds a model (bfloat16 for a
 bfloat16 load), so a tensor another thread creates meanwhile without an explicit dtype comes out in it: on an H200
-the streaming quantizer wrote a 4-bit `quant_map` of 32 bytes instead of 64 while the gate's reference loaded. A load
-holds `exclusive()`, and so does the quantize step (its transformers path loads; its stream relies on the defaults);
-each forward or `generate` of a gate run holds `shared()`. A load waits for the current step of the others and they
-wait for it; waiting loads go first (a long probe cannot starve them).
+the streaming quantizer wrote a 4-bit `quant_map` of 32 bytes instead of 64 while the gate's reference loaded. And two
+threads importing torch's and transformers' modules at once can each find a module the other is importing half
+initialized: a fresh `builder build` on a CPU failed with "cannot import name 'IndentedBuffer' from
+'torch._inductor.utils'" while its quantize step and a gate run imported them. A load and a gate run's imports hold
+`exclusive()`, and so does the quantize step (its transformers path loads, it imports, and its stream relies on the
+defaults); each forward or `generate` of a gate run holds `shared()`. An exclusive holder waits for the current step
+of the others and they wait for it; waiting exclusive holders go first (a long probe cannot starve them).
 """
 
 from __future__ import annotations

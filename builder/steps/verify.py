@@ -43,7 +43,7 @@ from builder.plan import expected_footprint_ratio, footprint_threshold
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
-from builder.steps import references
+from builder.steps import references, torch_defaults
 from builder.steps.gate import (
     ENCODER_SENTENCES,
     default_prompts,
@@ -531,9 +531,11 @@ class _InProcess:
         import torch
 
         try:
-            started = time.perf_counter()
-            probes.import_for(preload, self.task, self.device, imports)
-            self._emit({"stage": "imports", "seconds": round(time.perf_counter() - started, 3)})
+            with torch_defaults.exclusive():  # imports, like loads, run alone (`torch_defaults`)
+                started = time.perf_counter()
+                probes.import_for(preload, self.task, self.device, imports)
+                seconds = time.perf_counter() - started
+            self._emit({"stage": "imports", "seconds": round(seconds, 3)})
             spec = self._specs.get()
             if spec is not None:
                 self._outputs = probes.run(spec, self._emit)

@@ -1,5 +1,6 @@
-"""A model load in the build process never overlaps other torch work: from_pretrained changes torch's default dtype
-while it builds a model, and the streaming quantizer once wrote a bfloat16 `quant_map` because of it (H200)."""
+"""A model load, or a gate run's imports, in the build process never overlaps other torch work: from_pretrained
+changes torch's default dtype while it builds a model, and the streaming quantizer once wrote a bfloat16 `quant_map`
+because of it (H200); two threads importing torch's modules at once once saw one half initialized (CPU)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,18 @@ def test_a_waiting_load_goes_before_new_shared_work():
     for thread in threads:
         thread.join()
     assert order == ["step", "load", "next step"]
+
+
+def test_a_gate_run_in_the_build_process_imports_only_while_nothing_else_holds_the_defaults(monkeypatch, tmp_path):
+    # Two threads importing torch's modules at once failed a fresh `builder build` (a half-initialized
+    # torch._inductor.utils): a run's imports wait, like a load, for the quantize step.
+    from builder.steps import metrics, verify
+
+    imported = threading.Event()
+    monkeypatch.setattr(metrics, "import_for", lambda *args: imported.set())
+    with torch_defaults.exclusive():  # the quantize step
+        run = verify._InProcess(tmp_path, "text-generation", "cpu", "x: verify: candidate")
+        assert not imported.wait(0.3)
+    assert imported.wait(10)
+    run.cancel()
+    assert set(run.stages) == {"imports"}
