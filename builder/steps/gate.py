@@ -19,7 +19,8 @@ from builder.recipe import Recipe
 REPORT_FILE = "verify-report.json"
 ENCODER_SENTENCES = 32  # sentences of the evaluation text embedded by encoders (plus the recipe's prompts)
 
-# Recipe threshold key -> (the metric it bounds, "min" or "max").
+# Threshold key -> (the metric it bounds, "min" or "max"). Every key but generation_match is a `verify.thresholds`
+# key; generation_match is the fixed bound of an ONNX text-generation export (`builder.steps.verify_onnx`).
 GATES: dict[str, tuple[str, str]] = {
     "top1_agreement": ("top1_agreement", "min"),
     "kl_divergence": ("kl_divergence_mean", "max"),
@@ -27,6 +28,7 @@ GATES: dict[str, tuple[str, str]] = {
     "max_abs_diff": ("max_abs_diff", "max"),
     "cosine": ("cosine_min", "min"),
     "footprint_ratio": ("footprint_ratio", "max"),
+    "generation_match": ("generation_match", "min"),
 }
 
 
