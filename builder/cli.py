@@ -23,7 +23,7 @@ from builder.errors import BuilderError, RecipeError
 from builder.fleet import artifact_units, github_matrix
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
-from builder.interrupts import Interrupted, handling_signals
+from builder.interrupts import Interrupted, finished, handling_signals
 from builder.inventory import artifact_states, format_table, write_stamp
 from builder.modules import source_problems
 from builder.plan import DISTRIBUTION, footprint_threshold, make_plan
@@ -788,4 +788,6 @@ def _crash_log(text: str) -> str:
 
 def main_entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    finished()
+    sys.exit(code)

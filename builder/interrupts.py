@@ -7,7 +7,7 @@ install its artifact and exit 0. SIGTERM's default action killed the process wit
 `handling_signals()` routes both signals to a handler that records the request and raises `Interrupted` (so long
 work stops promptly); the pipeline calls `check()` at every step boundary, inside long loops and before the final
 rename, so a request whose exception was swallowed is still acted on there. The CLI exits 130 (SIGINT) or 143
-(SIGTERM).
+(SIGTERM). Once a command is over, `finished()` ignores both, so they cannot change its exit code.
 """
 
 from __future__ import annotations
@@ -62,3 +62,12 @@ def handling_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _requested.clear()
+
+
+def finished() -> None:
+    """The command is over (its result printed, its files in place): SIGINT and SIGTERM are ignored from now on, so
+    one that lands in the interpreter's teardown (1.3-1.8 s once bitsandbytes, and with it torch._dynamo, is
+    imported) leaves the command's exit code alone instead of killing the process (-2, -15). Only an ignored
+    signal survives the teardown: it resets any handler written in Python to the default action first."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

@@ -155,3 +155,26 @@ def test_a_bad_device_is_refused_even_when_the_artifact_is_up_to_date(tiny_llama
     capsys.readouterr()
     assert main(["build", str(recipe), "--out", str(out), "--device", "tpu"]) == 1
     assert "--device 'tpu' is not cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code, signum", [(0, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_signal_in_the_teardown_after_a_command_leaves_its_exit_code(code, signum):
+    # A build that had printed "built" was killed by SIGINT (exit -2) in the interpreter's teardown.
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, torch, bitsandbytes\n"  # what a build imports: their teardown takes a second or more
+        "from builder.interrupts import finished\n"
+        "finished()\n"
+        "print('over', flush=True)\n"
+        f"sys.exit({code})\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == b"over\n"
+    time.sleep(0.3)
+    assert process.poll() is None  # still tearing down
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == code
+    assert b"Traceback" not in process.stderr.read()
