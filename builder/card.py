@@ -13,7 +13,9 @@ from pathlib import Path
 import yaml
 
 from builder.artifact import Manifest
-from builder.recipe import REPO_ID_PATTERN, is_local_path
+from builder.errors import Problem
+from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
+from builder.recipe.licenses import card_license_problems
 from builder.tasks import AUTO_CLASSES
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
@@ -133,6 +135,16 @@ _METRIC_NAMES = {"bits_per_param": "weight_file_bits_per_param"}
 _INHERITED = ("base_model", "license", "language", "datasets", "pipeline_tag")
 
 
+def front_matter(card: str) -> str | None:
+    """The YAML metadata block of a card's text as the Hub finds it, None when it has none. The pattern is
+    huggingface_hub's `REGEX_YAML_BLOCK`, the Hub server's own: the block ends at the first line that is `---`, so a
+    `---` inside a value does not end it. Only the text: the registry parses it with its own bounds (`card_yaml`)."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    match = REGEX_YAML_BLOCK.search(card)
+    return match.group(2) if match else None
+
+
 def source_card(manifest: Manifest) -> dict:
     """The fields of `_INHERITED` in the front matter of a local source folder's README.md ({} when the source is
     a Hub repo, or the folder has no card or none that parses)."""
@@ -140,19 +152,43 @@ def source_card(manifest: Manifest) -> dict:
     if not is_local_path(model):
         return {}
     for recipe_file in manifest.recipe_files:
-        readme = (Path(recipe_file).parent / Path(model).expanduser()) / "README.md"
-        try:
-            text = readme.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if not text.startswith("---"):
-            return {}
-        try:
-            front = yaml.safe_load(text.split("---", 2)[1])
-        except (yaml.YAMLError, IndexError):
-            return {}
-        return {key: front[key] for key in _INHERITED if isinstance(front, dict) and front.get(key)}
+        if (fields := _folder_card(Path(recipe_file).parent / Path(model).expanduser())) is not None:
+            return fields
     return {}
+
+
+def _folder_card(folder: Path) -> dict | None:
+    """The fields of `_INHERITED` in `folder`/README.md's front matter: {} when it has none that parses, None when
+    there is no README.md to read."""
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        front = yaml.safe_load(front_matter(text) or "")
+    except yaml.YAMLError:
+        return {}
+    return {key: front[key] for key in _INHERITED if isinstance(front, dict) and front.get(key)}
+
+
+def inherited_license_problem(loaded: LoadedRecipe) -> Problem | None:
+    """Why the license the artifact's card would inherit from the local source folder's README.md is not one the
+    Hub accepts (located at `source.model`), checked before a build as `publish.license` is; None when the recipe
+    sets `publish.license` (which overrides it), the source is a Hub repo, or the source card names none or a good
+    one."""
+    folder = loaded.source_path
+    if folder is None or (loaded.recipe.publish is not None and loaded.recipe.publish.license is not None):
+        return None
+    inherited = (_folder_card(folder) or {}).get("license")
+    if inherited is None or not (problems := card_license_problems(inherited)):
+        return None
+    return Problem(
+        loaded.where(("source", "model")),
+        "source.model",
+        f"the artifact's card would inherit `license` from the source card {folder / 'README.md'}: "
+        f"{'; '.join(problems)}. Set `publish.license` in the recipe to override the source card's, or fix the "
+        "source card",
+    )
 
 
 def _is_quantized(recipe: dict) -> bool:

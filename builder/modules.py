@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from difflib import get_close_matches
 
+from builder.card import inherited_license_problem
 from builder.checkpoint import TensorInfo, local_weight_files, read_header
 from builder.errors import Problem, SourceError
 from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
@@ -108,7 +109,8 @@ def unmatched_skip_modules(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
 
 def source_problems(loaded: LoadedRecipe) -> list[Problem]:
     """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
-    is a model folder, its safetensors headers read, and every `quantize.skip_modules` entry names a module."""
+    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
+    license the artifact's card would inherit from the folder's README.md is the Hub's."""
     import json
 
     folder = loaded.source_path
@@ -138,7 +140,10 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
         tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
     except (SourceError, ValueError, OSError) as error:
         return [Problem(where, "source.model", str(error))]
-    return [
+    problems = [
         Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
         for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
     ]
+    if (license_problem := inherited_license_problem(loaded)) is not None:
+        problems.append(license_problem)
+    return problems

@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from builder.card import inherited_license_problem
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
-from builder.errors import SourceError
+from builder.errors import RecipeError, SourceError
 from builder.modules import EMBEDDING_NAMES, is_quantizable, left_alone_by_bnb, unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
@@ -132,6 +133,8 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     if task is not None and (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
         raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
+    if (problem := inherited_license_problem(loaded)) is not None:
+        raise RecipeError([problem])
     versions = package_versions(build_kind(recipe))
     source_bytes = sum(t.nbytes for t in source.tensors)
     loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)

@@ -45,10 +45,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from builder.card import front_matter
 from builder.errors import BuilderError
 from builder.hub import views
 from builder.hub.store import REPO_TYPES, Store, StoreError, check_path, is_lfs
-from builder.recipe.licenses import license_problem
+from builder.recipe.licenses import card_license_problems
 
 XET_MESSAGE = (
     "this registry has no Xet storage: set HF_HUB_DISABLE_XET=1 in the client's environment so "
@@ -76,20 +77,16 @@ def card_problems(card: str, *, refuse_unreadable: bool = True) -> list[str]:
     """What the Hub would refuse in a model card's YAML metadata: YAML that does not parse, a block that is not a
     mapping, a `license` that is not one of the Hub's identifiers. With `refuse_unreadable` False only the last: a
     commit stores an unreadable card (repo info then leaves its metadata out), as clients ask validate-yaml first."""
-    if not card.startswith("---"):
+    if (block := front_matter(card)) is None:
         return []
     try:
-        front = views.card_yaml(card.split("---", 2)[1]) or {}
-    except (ValueError, IndexError) as error:
+        front = views.card_yaml(block) or {}
+    except ValueError as error:
         return [f"invalid YAML metadata: {error}"] if refuse_unreadable else []
     if not isinstance(front, dict):
         return ["the metadata block is not a mapping"] if refuse_unreadable else []
     licenses = front.get("license")
-    return [
-        f'"license": {problem}'
-        for item in (licenses if isinstance(licenses, list) else [licenses])
-        if licenses is not None and (problem := license_problem(item))
-    ]
+    return [] if licenses is None else [f'"license": {problem}' for problem in card_license_problems(licenses)]
 
 
 class HubServer(ThreadingHTTPServer):

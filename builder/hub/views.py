@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+from builder.card import front_matter
 from builder.hub.store import Entry, lfs_pointer
 
 MAX_CARD_VALUES = 10_000  # a card's metadata is tags and a few fields; aliases could expand 300 bytes to gigabytes
@@ -82,11 +83,11 @@ def card_yaml(text: str) -> object:
 def card_metadata(readme: str | None) -> dict:
     """tags, pipeline_tag, library_name and cardData from a README's YAML block, as the Hub reports them; nothing
     when the block does not parse or is too large (see `card_yaml`)."""
-    if not readme or not readme.startswith("---"):
+    if not readme or (block := front_matter(readme)) is None:
         return {}
     try:
-        front = card_yaml(readme.split("---", 2)[1])
-    except (ValueError, IndexError):
+        front = card_yaml(block)
+    except ValueError:
         return {}
     if not isinstance(front, dict):
         return {}

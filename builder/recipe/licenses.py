@@ -1,6 +1,7 @@
 """The Hub's license identifiers (builder/data/hub_licenses.txt, from the Hub's documentation, `LICENSES_URL`): the
-only values the Hub accepts as a card's `license`. The recipe schema checks `publish.license` against them and
-the local registry refuses a card that names another, as the Hub does."""
+only values the Hub accepts as a card's `license`. The recipe schema checks `publish.license` against them, `plan` and
+`validate` the license a card would inherit from a local source's README.md (`builder.card`), and the local registry
+refuses a card that names another, as the Hub does."""
 
 from __future__ import annotations
 
@@ -31,3 +32,8 @@ def license_problem(value: object) -> str | None:
         f"{show(value)} is not a Hub license identifier{hint}; write one of those listed at {LICENSES_URL}, "
         "or `other` and name the license in the card's text"
     )
+
+
+def card_license_problems(value: object) -> list[str]:
+    """What the Hub refuses in a card's `license` (one identifier, or a list of them): `license_problem` of each."""
+    return [problem for item in (value if isinstance(value, list) else [value]) if (problem := license_problem(item))]

@@ -225,6 +225,16 @@ def test_the_card_inherits_license_language_datasets_and_pipeline_tag_from_the_s
     assert card_data(render_card(manifest))["license"] == "apache-2.0"
 
 
+def test_the_card_inherits_from_front_matter_with_dashes_in_a_quoted_value(tmp_path, monkeypatch):
+    # huggingface_hub (and the Hub) end the block at a line that is `---`; splitting the text at its first `---`
+    # cut this card's YAML in the middle of the description and dropped everything it inherits.
+    readme = '---\ndescription: "MiniLM --- distilled"\nlicense: mit\nlanguage: en\n---\n# card --- text\n'
+    manifest = local_manifest(tmp_path, monkeypatch, readme)
+    manifest["recipe"]["publish"]["license"] = None
+    data = card_data(render_card(manifest))
+    assert data["license"] == "mit" and data["language"] == "en"
+
+
 def test_base_model_must_be_a_hub_repo_id():
     from pydantic import ValidationError
 

@@ -334,6 +334,22 @@ def test_a_card_with_a_license_the_hub_does_not_know_is_refused_like_the_hub_doe
     assert api.model_info("demo/licensed").card_data["license"] == "apache-2.0"
 
 
+def test_a_card_with_dashes_in_a_quoted_value_is_read_as_huggingface_hub_reads_it(api):
+    from huggingface_hub import ModelCard
+
+    card = '---\nlicense: mit\nmodel_name: "tiny --- nf4"\ntags:\n- builder\n---\n# card --- text\n'
+    assert ModelCard(card).data.model_name == "tiny --- nf4"  # the client's own reading
+    api.create_repo("demo/dashes")
+    # validate-yaml, then the commit: the block ends at the `---` line, not at the first `---` in the text
+    api.upload_file(repo_id="demo/dashes", path_in_repo="README.md", path_or_fileobj=card.encode())
+    info = api.model_info("demo/dashes")
+    assert info.card_data["model_name"] == "tiny --- nf4" and info.card_data["license"] == "mit"
+    assert info.tags == ["builder"]
+    bad = card.replace("license: mit", "license: MIT License").encode()
+    with pytest.raises(ValueError, match=r"'MIT License' is not a Hub license identifier \(did you mean 'mit'\?\)"):
+        api.upload_file(repo_id="demo/dashes", path_in_repo="README.md", path_or_fileobj=bad)
+
+
 def test_a_signal_that_interrupts_a_thread_start_stops_the_server_and_frees_the_slot_once(tmp_path, monkeypatch):
     # `builder hub serve` stops on SIGTERM by raising from its signal handler; when that lands inside the
     # connection thread's start(), the thread is running and releases its slot: releasing it here too raised
