@@ -3,6 +3,9 @@
 Every mark a test (or a person's browser tools) may look for carries data attributes: a scatter point is
 `<circle data-artifact=NAME data-status=passed|failed data-pareto=true|false>`, a gate threshold is
 `<line class="threshold" data-value=...>`, a bar is `<rect data-artifact=NAME data-value=...>`.
+
+Markup is written only as literal templates given to `html`, which escapes every value filled in (names, paths,
+metrics, messages: all come from files anyone may have written); tests/unit/test_report.py holds this module to it.
 """
 
 from __future__ import annotations
@@ -91,21 +94,21 @@ def render_html(data: dict) -> str:
 
 
 def _legend() -> Html:
-    def mark(inner: str) -> Html:
-        return html('<svg width="18" height="14" aria-hidden="true">{inner}</svg>', inner=Html(inner))
+    def mark(inner: Html) -> Html:
+        return html('<svg width="18" height="14" aria-hidden="true">{inner}</svg>', inner=inner)
 
     return _join(
         [
             Html('<p class="legend">'),
-            mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-passed"/>'),
+            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-passed"/>')),
             " passed ",
-            mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-pareto"/>'),
+            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-pareto"/>')),
             " on the Pareto front ",
-            mark('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-failed"/>'),
+            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-failed"/>')),
             " failed verification ",
-            mark('<line x1="0" y1="7" x2="18" y2="7" class="threshold"/>'),
+            mark(Html('<line x1="0" y1="7" x2="18" y2="7" class="threshold"/>')),
             " gate threshold ",
-            mark('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>'),
+            mark(Html('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>')),
             " source model size",
             Html("</p>"),
         ]

@@ -8,6 +8,7 @@ real all-MiniLM-L6-v2 manifests, used unchanged: bnb int8 and an ONNX export.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import html.parser
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from builder import report_svg
 from builder.cli import main
 from builder.report import pareto_front, report_data, write_report
 
@@ -606,3 +608,22 @@ def test_a_tiny_metric_on_a_log_scale_sits_on_its_floor(tmp_path):
     kl = marks.charts[0]
     assert kl["metric"] == "kl_divergence_mean" and len(kl["circles"]) == 2
     assert all(72 <= float(c["cx"]) <= 430 and 24 <= float(c["cy"]) <= 308 for c in kl["circles"])
+
+
+def test_markup_is_written_only_as_literal_templates_that_escape_what_fills_them():
+    """By construction: a string can reach the page only through `html()` (or `_join`), which escape it; so no
+    f-string, concatenation or `Html(...)` of anything but a literal builds markup in report_svg."""
+    tree = ast.parse(Path(report_svg.__file__).read_text())
+    helpers = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("html", "_join")]
+    inside_helpers = {id(node) for helper in helpers for node in ast.walk(helper)}
+    literal = (ast.Constant, ast.Name)  # a Name: a constant (_CSS) or a template chosen between two literals
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+            assert "<" not in text, f"line {node.lineno}: markup in an f-string; write it as an html() template"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and id(node) not in inside_helpers:
+            if node.func.id == "Html":
+                arg = node.args[0]
+                assert isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and arg.id == "_CSS"), node.lineno
+            if node.func.id == "html":
+                assert isinstance(node.args[0], literal), f"line {node.lineno}: html() takes a literal template"
