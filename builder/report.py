@@ -108,7 +108,8 @@ def _invalid(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     got = repr(first["input"])
-    return f"{where}: {first['msg']} ({got[:40] + '...' if len(got) > 40 else got})"
+    message = first["msg"].split(" or instance of ")[0]  # the model's class name means nothing to a reader
+    return f"{where}: {message} ({got[:40] + '...' if len(got) > 40 else got})"
 
 
 def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:

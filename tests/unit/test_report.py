@@ -19,6 +19,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -518,6 +519,8 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     assert {"tiny-nf4" + HOSTILE, "failed" + HOSTILE} <= names
     sections = {attrs["data-source"] for tag, attrs in page.tags if tag == "section"}
     assert sections == {LLAMA + HOSTILE, LLAMA, "unknown source"}  # the failed build's config matches both
+    links = {unquote(attrs["href"]) for tag, attrs in page.tags if tag == "a"}
+    assert "tiny-nf4" + HOSTILE + "/README.md" in links and all((out.parent / link).is_file() for link in links)
 
 
 @needs_chromium
@@ -578,10 +581,23 @@ def test_a_malformed_figure_leaves_the_artifact_out_with_the_reason(tmp_path, ca
     [skipped] = data["skipped"]
     assert skipped["path"] == str(folder.resolve())
     assert skipped["reason"].startswith(f"{where} cannot be read (") and f"({field}: " in skipped["reason"]
+    assert "instance of" not in skipped["reason"]  # no class name of the report's models
     shown = sorted(a["name"] for g in data["groups"] for a in g["artifacts"])
     assert shown == (["tiny-int8", "tiny-nf4"] if where == "verify-report.json" else ["tiny-int8"])
     page = out.read_text()
     assert "Left out:" in page and html.escape(skipped["reason"]) in page
+
+
+def test_a_manifest_whose_own_figure_is_not_finite_is_left_out(tmp_path):
+    root = tmp_path / "artifacts"
+    nf4 = _small(root)
+    manifest = json.loads((nf4 / "manifest.json").read_text())
+    manifest["bits_per_param"] = float("nan")
+    (nf4 / "manifest.json").write_text(json.dumps(manifest))
+    data = report_data([root], root)
+    assert [(s["path"], s["reason"]) for s in data["skipped"]] == [
+        (str(nf4.resolve()), "manifest.json cannot be read (bits_per_param: Input should be a finite number (nan))")
+    ]
 
 
 def test_a_failed_build_whose_config_is_not_an_object_is_drawn_without_a_source(tmp_path):
