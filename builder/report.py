@@ -6,7 +6,7 @@ passing artifacts marked and the gate thresholds drawn as lines; latency and thr
 measured them; and a table of every figure linking each artifact's README.md card. Builds kept by `builder build
 --keep-failed` (`<artifacts>/.failed/<name>/`: the files and verify-report.json, no manifest) are drawn as failed.
 
-`report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_svg` draws it.
+`report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_page` draws it.
 Reads JSON files only: no torch, no network.
 """
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from builder.artifact import FAILED_DIR, Manifest, load_manifest
 from builder.console import say
 from builder.errors import ArtifactError, BuilderError
-from builder.report_svg import render_html
+from builder.report_page import render_html
 from builder.steps.gate import GATES, REPORT_FILE
 
 REPORT_VERSION = 1

@@ -1,157 +1,27 @@
-"""Draws `builder.report.report_data` as one HTML page: inline SVG and CSS, no script, nothing fetched.
+"""The charts of the report page (`builder.report_page`): a size vs quality scatter per gate metric, latency and
+throughput bars; inline SVG.
 
 Every mark a test (or a person's browser tools) may look for carries data attributes: a scatter point is
 `<circle data-artifact=NAME data-status=passed|failed data-pareto=true|false>`, a gate threshold is
 `<line class="threshold" data-value=...>`, a bar is `<rect data-artifact=NAME data-value=...>`.
 
-Markup is written only as literal templates given to `html`, which escapes every value filled in (names, paths,
-metrics, messages: all come from files anyone may have written); tests/unit/test_report.py holds this module to it.
+Markup is written only as literal templates given to `builder.markup.html`, which escapes every value filled in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from html import escape
+from collections.abc import Callable
+
+from builder.markup import Html, html, join
 
 WIDTH, HEIGHT = 600, 360
 LEFT, RIGHT, TOP, BOTTOM = 72, 170, 24, 52  # the right margin holds the threshold and point labels
 _LOG_DECADES = 12
-_CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { margin: 0 0 4px; } h2 { margin: 32px 0 4px; border-bottom: 1px solid #ddd; }
-.muted { color: #666; } .charts { display: flex; flex-wrap: wrap; gap: 12px; }
-svg.chart { background: #fafafa; border: 1px solid #e4e4e4; }
-svg text { font: 11px system-ui, sans-serif; fill: #333; } svg .title { font-size: 13px; font-weight: 600; }
-.axis line, .axis path { stroke: #999; } .grid { stroke: #eee; }
-.pt-passed { fill: #4c72b0; } .pt-pareto { fill: #dd8452; stroke: #222; stroke-width: 1.5; }
-.pt-failed { fill: #fff; stroke: #c44e52; stroke-width: 2; stroke-dasharray: 3 2; } .cross { stroke: #c44e52; }
-.front { fill: none; stroke: #dd8452; stroke-width: 2; stroke-dasharray: 5 3; }
-.threshold { stroke: #c44e52; stroke-width: 1.5; stroke-dasharray: 7 4; } .threshold-label { fill: #c44e52; }
-.source-line { stroke: #888; stroke-dasharray: 2 3; }
-.bar-passed { fill: #4c72b0; } .bar-failed { fill: #fff; stroke: #c44e52; stroke-width: 2; stroke-dasharray: 3 2; }
-.reference { stroke: #222; stroke-width: 2; }
-table { border-collapse: collapse; margin-top: 12px; font-size: 13px; } .table { overflow-x: auto; }
-th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
-th:first-child, td:first-child, td.text { text-align: left; } th { background: #f3f3f3; }
-tr.failed td:first-child { border-left: 4px solid #c44e52; }
-tr.pareto td:first-child { border-left: 4px solid #dd8452; }
-td.miss { color: #c44e52; font-weight: 600; } .failures { color: #c44e52; white-space: normal; font-size: 12px; }
-.legend svg { vertical-align: middle; }
-"""
-
-
-class Html(str):
-    """Markup of the page. Only `html`, `_join` and literal markup written in this module make one, so every other
-    string (a name, a path, a metric, a reason) reaches the page through `html` and is escaped on the way."""
-
-
-def html(template: str, /, **values: object) -> Html:
-    """`template`, markup written here (never built from data), with each `{name}` filled in: Html as it is, a number
-    as Python formats it (`{x:.1f}`), anything else escaped for HTML text and quoted attribute values (OWASP output
-    encoding: & < > " ' become entities)."""
-    return Html(template.format_map({name: _safe(value) for name, value in values.items()}))
-
-
-def _join(parts: Iterable[object], separator: str = "") -> Html:
-    """`parts` one after another; a part that is not Html is escaped."""
-    return Html(separator.join(str(_safe(part)) for part in parts))
-
-
-def _safe(value: object) -> object:
-    if isinstance(value, Html) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    return escape(str(value), quote=True)
-
-
-def render_html(data: dict) -> str:
-    """The whole page."""
-    count = sum(len(g["artifacts"]) for g in data["groups"])
-    parts = [
-        html(
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>builder report</title>'
-            "<style>{css}</style></head><body>",
-            css=Html(_CSS),
-        ),
-        Html("<h1>builder report: size vs quality</h1>"),
-        html(
-            '<p class="muted">{count} artifact(s) from {groups} source model(s); generated {generated}. '
-            "Across: {across}; up: each gate metric measured against the source model. The Pareto front (no passing "
-            "artifact is both smaller and better) is drawn among the passing builds.</p>",
-            count=count,
-            groups=len(data["groups"]),
-            generated=data["generated_at"],
-            across=data["x"]["label"],
-        ),
-        _legend(),
-    ]
-    if data["skipped"]:
-        left_out = (html("{path}: {reason}", path=s["path"], reason=s["reason"]) for s in data["skipped"])
-        parts.append(html('<p class="failures">Left out: {items}</p>', items=_join(left_out, "; ")))
-    parts += [_group(group, data["x"]) for group in data["groups"]]
-    parts.append(Html("</body></html>\n"))
-    return _join(parts, "\n")
-
-
-def _legend() -> Html:
-    def mark(inner: Html) -> Html:
-        return html('<svg width="18" height="14" aria-hidden="true">{inner}</svg>', inner=inner)
-
-    return _join(
-        [
-            Html('<p class="legend">'),
-            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-passed"/>')),
-            " passed ",
-            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-pareto"/>')),
-            " on the Pareto front ",
-            mark(Html('<ellipse cx="9" cy="7" rx="5" ry="5" class="pt-failed"/>')),
-            " failed verification ",
-            mark(Html('<line x1="0" y1="7" x2="18" y2="7" class="threshold"/>')),
-            " gate threshold ",
-            mark(Html('<line x1="9" y1="0" x2="9" y2="14" class="source-line"/>')),
-            " source model size",
-            Html("</p>"),
-        ]
-    )
-
-
-def _group(group: dict, axis: dict) -> Html:
-    source = group["source"] or "unknown source"
-    about = [group["task"] or "task unknown"] + [f"also {alias}" for alias in group["source_aliases"]]
-    about += [f"revision {group['revision']}"] if group["revision"] else []
-    if group["source_bytes"]:
-        about.append(f"source weights {_size(group['source_bytes'])}")
-    if group["source"] is None:
-        about.append("failed builds whose config.json matches no built artifact's")
-    parts = [
-        html('<section class="group" data-source="{source}">', source=source),
-        html(
-            '<h2>{source}</h2><p class="muted">{about}</p><div class="charts">', source=source, about="; ".join(about)
-        ),
-    ]
-    parts += [_scatter(group, chart, axis) for chart in group["charts"]]
-    rows = [a for a in group["artifacts"] if not a["superseded"]]
-    if any(a["latency_ms"] is not None for a in rows):
-        parts.append(_bars(rows, "latency_ms", "reference_latency_ms", "latency per forward (ms, lower is better)"))
-    if any(a["throughput_tokens_per_s"] is not None for a in rows):
-        parts.append(
-            _bars(
-                rows,
-                "throughput_tokens_per_s",
-                "reference_throughput_tokens_per_s",
-                "throughput (tokens/s, higher is better)",
-            )
-        )
-    parts.append(Html("</div>"))
-    parts.append(_table(group))
-    parts.append(Html("</section>"))
-    return _join(parts, "\n")
-
-
 # --- scatter ---------------------------------------------------------------------------------------------------
 
 
-def _scatter(group: dict, chart: dict, axis: dict) -> Html:
+def scatter(group: dict, chart: dict, axis: dict) -> Html:
     metric, field = chart["metric"], axis["field"]
     drawn = [a for a in group["artifacts"] if not a["superseded"] and a[field] is not None and metric in a["metrics"]]
     missing = [a["name"] for a in group["artifacts"] if not a["superseded"] and a not in drawn]
@@ -159,7 +29,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> Html:
     across = [a[field] for a in drawn] + ([source_bytes] if source_bytes else [])
     values = [a["metrics"][metric] for a in drawn] + [t["value"] for t in chart["thresholds"]]
     x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
-    x.format = _size if field == "size_bytes" else _number
+    x.format = format_size if field == "size_bytes" else format_number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
     out = [
@@ -189,7 +59,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> Html:
                 x=x(source_bytes),
                 top=TOP,
                 bottom=HEIGHT - BOTTOM,
-                size=_size(group["source_bytes"]),
+                size=format_size(group["source_bytes"]),
             )
         )
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
@@ -214,7 +84,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> Html:
                 names=", ".join(names),
                 label_x=WIDTH - RIGHT + 4,
                 label_y=label_y + 4,
-                shown=_number(threshold["value"]),
+                shown=format_number(threshold["value"]),
                 applies=applies,
             )
         )
@@ -260,7 +130,7 @@ def _scatter(group: dict, chart: dict, axis: dict) -> Html:
             )
         )
     out.append(Html("</svg>"))
-    return _join(out, "\n")
+    return join(out, "\n")
 
 
 def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, across: str) -> Html:
@@ -269,7 +139,7 @@ def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, acro
     css = "pt-failed" if status == "failed" else ("pt-pareto" if pareto else "pt-passed")
     tip = (
         f"{artifact['name']} ({status}{', Pareto front' if pareto else ''}): {across}, "
-        f"{metric} {_number(artifact['metrics'][metric])}"
+        f"{metric} {format_number(artifact['metrics'][metric])}"
     )
     mark = html(
         '<circle class="{css}" data-artifact="{name}" data-status="{status}" data-pareto="{pareto}" '
@@ -292,7 +162,7 @@ def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, acro
             top=py - 4,
             bottom=py + 4,
         )
-        mark = _join([mark, cross])
+        mark = join([mark, cross])
     return mark
 
 
@@ -323,7 +193,7 @@ def _x_axis(x: _Axis, label: str) -> Html:
             label=label,
         )
     )
-    return _join(parts)
+    return join(parts)
 
 
 def _y_axis(y: _Axis, label: str) -> Html:
@@ -345,7 +215,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
                 y=y(tick),
                 text_x=LEFT - 6,
                 text_y=y(tick) + 4,
-                tick=_number(tick),
+                tick=format_number(tick),
             )
         )
     parts.append(
@@ -355,7 +225,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
             label=label + (" (log)" if y.log else ""),
         )
     )
-    return _join(parts)
+    return join(parts)
 
 
 class _Axis:
@@ -365,7 +235,7 @@ class _Axis:
         if hi <= lo:
             lo, hi = (lo / 2, lo * 2) if log else (lo - 1, hi + 1)
         self.lo, self.hi, self.start, self.end, self.log = lo, hi, start, end, log
-        self.format: Callable[..., str] = _number  # tick labels
+        self.format: Callable[..., str] = format_number  # tick labels
 
     @classmethod
     def fitting(cls, values: list[float], start: float, end: float, *, log: bool) -> _Axis:
@@ -414,7 +284,7 @@ def _spans_decades(values: list[float]) -> bool:
 # --- bars ------------------------------------------------------------------------------------------------------
 
 
-def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html:
+def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html:
     shown = [r for r in rows if r[field] is not None]
     # Latency is timed on what each verifier feeds (transformers: a fixed number of tokens at batch 1; ONNX Runtime:
     # the verification inputs); say so on each bar when one chart mixes them.
@@ -454,7 +324,7 @@ def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> Htm
                 y=by,
                 width=max(bar, 1),
                 height=row_height - 6,
-                shown=_number(r[field]),
+                shown=format_number(r[field]),
                 device=str(r["device"]),
                 value_x=left + bar + 4,
                 basis=f" ({r['latency_basis']})" if mixed else "",
@@ -468,7 +338,7 @@ def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> Htm
                     x=x(r[reference_field]),
                     top=by - 2,
                     bottom=by + row_height - 4,
-                    value=_number(r[reference_field]),
+                    value=format_number(r[reference_field]),
                 )
             )
     out.append(
@@ -478,58 +348,7 @@ def _bars(rows: list[dict], field: str, reference_field: str, title: str) -> Htm
             y=height - 8,
         )
     )
-    return _join(out, "\n")
-
-
-# --- table -----------------------------------------------------------------------------------------------------
-
-
-def _table(group: dict) -> Html:
-    quality = [c["metric"] for c in group["charts"]]
-    others = sorted(
-        {k for a in group["artifacts"] for k in a["metrics"]} - set(quality) - {"artifact_bytes", "bits_per_param"}
-    )
-    front = {name for chart in group["charts"] for name in chart["pareto"]}
-    head = (
-        ["artifact (card)", "status", "method", "size", "bits/param (quantized layers)", "bits/param (weights)"]
-        + quality
-        + others
-        + ["latency ms", "source latency ms", "tokens/s", "device", "built"]
-    )
-    lines = [
-        html(
-            '<div class="table"><table><thead><tr>{cells}</tr></thead><tbody>',
-            cells=_join(html("<th>{h}</th>", h=h) for h in head),
-        )
-    ]
-    for a in group["artifacts"]:
-        status = a["status"] + (" (superseded by a later passing build)" if a["superseded"] else "")
-        css = "failed" if a["status"] == "failed" else ("pareto" if a["name"] in front else "passed")
-        failures = _join(html('<div class="failures">{m}</div>', m=m) for m in a["failures"])
-        cells = [
-            html('<td><a href="{card}">{name}</a></td>', card=a["card"], name=a["name"]),
-            html('<td class="text">{status}{failures}</td>', status=status, failures=failures),
-            html('<td class="text">{method}</td>', method=a["method"] or "-"),
-            html("<td>{size}</td>", size=_size(a["size_bytes"])),
-            html("<td>{bits}</td>", bits=_number(a["bits_per_param"])),
-            html("<td>{bits}</td>", bits=_number(a["weight_bits_per_param"])),
-        ]
-        for metric in quality + others:
-            template = '<td class="miss">{value}</td>' if metric in a["failed_metrics"] else "<td>{value}</td>"
-            cells.append(html(template, value=_number(a["metrics"].get(metric))))
-        cells += [
-            html("<td>{value}</td>", value=_number(a[k]))
-            for k in ("latency_ms", "reference_latency_ms", "throughput_tokens_per_s")
-        ]
-        cells += [
-            html('<td class="text">{device}</td>', device=str(a["device"] or "-")),
-            html('<td class="text">{built}</td>', built=str(a["built_at"] or "-")),
-        ]
-        lines.append(
-            html('<tr class="{css}" data-artifact="{name}">{cells}</tr>', css=css, name=a["name"], cells=_join(cells))
-        )
-    lines.append(Html("</tbody></table></div>"))
-    return _join(lines, "\n")
+    return join(out, "\n")
 
 
 # --- formatting ------------------------------------------------------------------------------------------------
@@ -547,7 +366,7 @@ def _short_names(names: list[str]) -> dict[str, str]:
     return {n: n[cut:] or n for n in names}
 
 
-def _size(n: float | None) -> str:
+def format_size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -556,7 +375,7 @@ def _size(n: float | None) -> str:
     return f"{n:.0f} B"
 
 
-def _number(value) -> str:
+def format_number(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from builder import report_svg
+from builder import report_page, report_svg
 from builder.cli import main
 from builder.report import pareto_front, report_data, write_report
 
@@ -250,7 +250,7 @@ def test_page_is_self_contained(matrix, tmp_path):
 
 
 def test_importing_report_does_not_import_torch():
-    code = "import sys, builder.report, builder.report_svg; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, builder.report, builder.report_page; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
@@ -393,7 +393,7 @@ def test_screenshot_shows_the_front_the_failed_build_and_the_gates_in_colour(mat
     assert shot.is_file(), process.stderr[-2000:]
     assert _console_messages(process.stderr) == []
     counts = _pixels(shot)
-    # The CSS colours of report_svg: passed points, Pareto points and the front, failed marks and gate lines.
+    # The CSS colours of report_page: passed points, Pareto points and the front, failed marks and gate lines.
     assert counts.get((0x4C, 0x72, 0xB0), 0) > 100
     assert counts.get((0xDD, 0x84, 0x52), 0) > 300
     assert counts.get((0xC4, 0x4E, 0x52), 0) > 300
@@ -627,19 +627,18 @@ def test_a_tiny_metric_on_a_log_scale_sits_on_its_floor(tmp_path):
 
 
 def test_markup_is_written_only_as_literal_templates_that_escape_what_fills_them():
-    """By construction: a string can reach the page only through `html()` (or `_join`), which escape it; so no
-    f-string, concatenation or `Html(...)` of anything but a literal builds markup in report_svg."""
-    tree = ast.parse(Path(report_svg.__file__).read_text())
-    helpers = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("html", "_join")]
-    inside_helpers = {id(node) for helper in helpers for node in ast.walk(helper)}
-    literal = (ast.Constant, ast.Name)  # a Name: a constant (_CSS) or a template chosen between two literals
-    for node in ast.walk(tree):
-        if isinstance(node, ast.JoinedStr):
-            text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
-            assert "<" not in text, f"line {node.lineno}: markup in an f-string; write it as an html() template"
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and id(node) not in inside_helpers:
-            if node.func.id == "Html":
+    """By construction: a string can reach the page only through `html()` or `join()`, which escape it; so no
+    f-string, concatenation or `Html(...)` of anything but a literal builds markup in the report's page or charts."""
+    for module in (report_page, report_svg):
+        tree = ast.parse(Path(module.__file__).read_text())
+        where = Path(module.__file__).name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+                assert "<" not in text, f"{where}:{node.lineno}: markup in an f-string; write an html() template"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Html":
                 arg = node.args[0]
-                assert isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and arg.id == "_CSS"), node.lineno
-            if node.func.id == "html":
-                assert isinstance(node.args[0], literal), f"line {node.lineno}: html() takes a literal template"
+                assert isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and arg.id == "_CSS"), where
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "html":
+                # A Name: a template chosen between two literals.
+                assert isinstance(node.args[0], (ast.Constant, ast.Name)), f"{where}:{node.lineno}: not a literal"
