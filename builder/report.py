@@ -49,10 +49,10 @@ X_AXES = {
     "size": ("size_bytes", "artifact weight footprint"),
     "bits": ("weight_bits_per_param", "bits per parameter (weight files)"),
 }
-# A figure the page draws: finite and within +-1e18 (an exabyte, a day in ns), so no scale overflows; a file with
-# anything else (NaN, 1e308, a string) is left out of the page with the reason.
+# A figure the page draws: a finite number within +-1e18 (an exabyte; no measurement comes near), so no scale overflows;
+# a file with anything else where a figure goes (NaN, 1e308, "0.5") is left out of the page with the reason.
 _FIGURE_LIMIT = 1e18
-Figure = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-_FIGURE_LIMIT, le=_FIGURE_LIMIT)]
+_Figure = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-_FIGURE_LIMIT, le=_FIGURE_LIMIT)]
 
 
 class _Read(BaseModel):
@@ -67,12 +67,12 @@ class _Failure(_Read):
 
 
 class _Performance(_Read):
-    candidate_latency_ms: Figure | None = None
-    reference_latency_ms: Figure | None = None
-    candidate_throughput_tokens_per_s: Figure | None = None
-    reference_throughput_tokens_per_s: Figure | None = None
-    candidate_footprint_bytes: Figure | None = None
-    reference_footprint_bytes: Figure | None = None
+    candidate_latency_ms: _Figure | None = None
+    reference_latency_ms: _Figure | None = None
+    candidate_throughput_tokens_per_s: _Figure | None = None
+    reference_throughput_tokens_per_s: _Figure | None = None
+    candidate_footprint_bytes: _Figure | None = None
+    reference_footprint_bytes: _Figure | None = None
     latency_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
 
 
@@ -83,15 +83,15 @@ class _Verification(_Read):
     task: str | None = None
     device: str | None = None
     provider: str | None = None
-    metrics: dict[str, Figure | None] | None = None
-    thresholds: dict[str, Figure] | None = None
+    metrics: dict[str, _Figure | None] | None = None
+    thresholds: dict[str, _Figure] | None = None
     failures: list[_Failure] | None = None
     performance: _Performance | None = None
 
 
 class _Footprint(_Read):
-    source_bytes: Figure
-    artifact_bytes: Figure
+    source_bytes: _Figure
+    artifact_bytes: _Figure
 
 
 class _Built(_Read):
@@ -100,7 +100,7 @@ class _Built(_Read):
 
     verification: _Verification | None = None
     footprint: _Footprint | None = None
-    bits_per_param: Figure | None = None
+    bits_per_param: _Figure | None = None
 
 
 def _invalid(error: ValidationError) -> str:
