@@ -6,7 +6,7 @@ passing artifacts marked and the gate thresholds drawn as lines; latency and thr
 measured them; and a table of every figure linking each artifact's README.md card. Builds kept by `builder build
 --keep-failed` (`<artifacts>/.failed/<name>/`: the files and verify-report.json, no manifest) are drawn as failed.
 
-`report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_svg` draws it.
+`report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_page` draws it.
 Reads JSON files only: no torch, no network.
 """
 
@@ -16,12 +16,15 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from builder.artifact import FAILED_DIR, load_manifest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from builder.artifact import FAILED_DIR, Manifest, load_manifest
 from builder.console import say
 from builder.errors import ArtifactError, BuilderError
-from builder.report_svg import render_html
+from builder.report_page import render_html
 from builder.steps.gate import GATES, REPORT_FILE
 
 REPORT_VERSION = 1
@@ -46,11 +49,67 @@ X_AXES = {
     "size": ("size_bytes", "artifact weight footprint"),
     "bits": ("weight_bits_per_param", "bits per parameter (weight files)"),
 }
+# A figure the page draws: a finite number within +-1e18 (an exabyte; no measurement comes near), so no scale overflows;
+# a file with anything else where a figure goes (NaN, 1e308, "0.5") is left out of the page with the reason.
+_FIGURE_LIMIT = 1e18
+_Figure = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-_FIGURE_LIMIT, le=_FIGURE_LIMIT)]
 
 
-def _manifest(folder: Path) -> dict:
-    """The artifact's manifest as JSON, read by `builder.artifact` (the one place this module reads a manifest)."""
-    return load_manifest(folder).to_json()
+class _Read(BaseModel):
+    """What the report reads of a file, checked once when it is read; other fields are not its concern."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Failure(_Read):
+    metric: str | None = None
+    message: str
+
+
+class _Performance(_Read):
+    candidate_latency_ms: _Figure | None = None
+    reference_latency_ms: _Figure | None = None
+    candidate_throughput_tokens_per_s: _Figure | None = None
+    reference_throughput_tokens_per_s: _Figure | None = None
+    candidate_footprint_bytes: _Figure | None = None
+    reference_footprint_bytes: _Figure | None = None
+    latency_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
+
+
+class _Verification(_Read):
+    """The fields of a verification report (verify-report.json, a manifest's `verification`) the page shows."""
+
+    passed: bool = False
+    task: str | None = None
+    device: str | None = None
+    provider: str | None = None
+    metrics: dict[str, _Figure | None] | None = None
+    thresholds: dict[str, _Figure] | None = None
+    failures: list[_Failure] | None = None
+    performance: _Performance | None = None
+
+
+class _Footprint(_Read):
+    source_bytes: _Figure
+    artifact_bytes: _Figure
+
+
+class _Built(_Read):
+    """What the page reads of a manifest beyond what `Manifest` checks (its floats may be NaN or 1e308, its
+    verification any JSON object)."""
+
+    verification: _Verification | None = None
+    footprint: _Footprint | None = None
+    bits_per_param: _Figure | None = None
+
+
+def _invalid(error: ValidationError) -> str:
+    """The first problem pydantic found, located: `thresholds.kl_divergence: Input should be a finite number (nan)`."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    got = repr(first["input"])
+    message = first["msg"].split(" or instance of ")[0]  # the model's class name means nothing to a reader
+    return f"{where}: {message} ({got[:40] + '...' if len(got) > 40 else got})"
 
 
 def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:
@@ -82,8 +141,11 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str 
     signatures: dict[str | None, dict] = {}
     for folder in built:
         try:
-            row = _built_row(folder, _manifest(folder), Path(link_base))
-        except (ArtifactError, OSError, ValueError, KeyError, TypeError) as error:
+            row = _built_row(folder, load_manifest(folder), Path(link_base))
+        except ValidationError as error:
+            skipped.append(_skip(folder, f"manifest.json cannot be read ({_invalid(error)})"))
+            continue
+        except (ArtifactError, OSError) as error:
             skipped.append(_skip(folder, f"manifest.json cannot be read ({error})"))
             continue
         rows.append(row)
@@ -92,7 +154,9 @@ def report_data(paths: list[str | Path], link_base: str | Path = ".", *, x: str 
     for folder in failed:
         try:
             rows.append(_failed_row(folder, signatures, Path(link_base), by_name))
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except ValidationError as error:
+            skipped.append(_skip(folder, f"{REPORT_FILE} cannot be read ({_invalid(error)})"))
+        except (OSError, ValueError) as error:  # not JSON, not UTF-8, unreadable
             skipped.append(_skip(folder, f"{REPORT_FILE} cannot be read ({error})"))
     # One group per source revision (a local folder's is its content digest): the same weights reached by two
     # relative paths are one source, two revisions of one Hub repo are two.
@@ -140,23 +204,24 @@ def _unique(folders: list[Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in folders))
 
 
-def _built_row(folder: Path, manifest: dict, link_base: Path) -> dict:
-    verification = manifest.get("verification") or {}
-    footprint = manifest.get("footprint") or {}
+def _built_row(folder: Path, manifest: Manifest, link_base: Path) -> dict:
+    # Python mode keeps NaN as NaN (JSON mode would write it as null, and the check would pass it).
+    built = _Built.model_validate(manifest.model_dump(exclude_unset=True))
+    verification = built.verification or _Verification()
     return _row(
         folder,
-        manifest["name"],
-        "passed" if verification.get("passed") else "failed",
+        manifest.name,
+        "passed" if verification.passed else "failed",
         verification,
         origin="artifact",
-        source=(manifest.get("source") or {}).get("model"),
-        revision=(manifest.get("source") or {}).get("revision"),
-        size=footprint.get("artifact_bytes"),
-        source_bytes=footprint.get("source_bytes"),
-        bits=manifest.get("bits_per_param"),
-        method=_method(manifest.get("recipe") or {}),
-        built_at=manifest.get("built_at"),
-        device=manifest.get("device"),
+        source=manifest.source.model,
+        revision=manifest.source.revision,
+        size=built.footprint.artifact_bytes if built.footprint else None,
+        source_bytes=built.footprint.source_bytes if built.footprint else None,
+        bits=built.bits_per_param,
+        method=_method(manifest.recipe),
+        built_at=manifest.built_at,
+        device=manifest.device,
         card=_link(folder / "README.md", link_base),
     )
 
@@ -164,11 +229,11 @@ def _built_row(folder: Path, manifest: dict, link_base: Path) -> dict:
 def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dict) -> dict:
     """A kept failed build: only its files and verify-report.json (the manifest is written after the gate). Its
     source is the one whose built artifacts have the same config.json, when exactly one does."""
-    report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+    report = _Verification.model_validate_json((folder / REPORT_FILE).read_bytes())
     matches = list(signatures.get(_config_signature(folder), {}).values())
     source, revision = matches[0] if len(matches) == 1 else (None, None)
-    performance = report.get("performance") or {}
-    size = performance.get("candidate_footprint_bytes") or _weight_bytes(folder) or None
+    performance = report.performance or _Performance()
+    size = performance.candidate_footprint_bytes or _weight_bytes(folder) or None
     row = _row(
         folder,
         folder.name,
@@ -178,11 +243,11 @@ def _failed_row(folder: Path, signatures: dict, link_base: Path, built_rows: dic
         source=source,
         revision=revision,
         size=size,
-        source_bytes=performance.get("reference_footprint_bytes"),
+        source_bytes=performance.reference_footprint_bytes,
         bits=None,
         method=_config_method(folder),
         built_at=_mtime(folder / REPORT_FILE),
-        device=report.get("device"),
+        device=report.device,
         card=_link(folder / REPORT_FILE, link_base),
     )
     later = built_rows.get(folder.name)
@@ -195,7 +260,7 @@ def _row(
     folder: Path,
     name: str,
     status: str,
-    verification: dict,
+    verification: _Verification,
     *,
     origin: str,
     source,
@@ -208,8 +273,9 @@ def _row(
     device,
     card,
 ) -> dict:
-    performance = verification.get("performance") or {}
-    metrics = {k: v for k, v in (verification.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    performance = verification.performance or _Performance()
+    metrics = {k: v for k, v in (verification.metrics or {}).items() if v is not None}
+    failures = verification.failures or []
     return {
         "name": name,
         "status": status,
@@ -218,26 +284,24 @@ def _row(
         "card": card,
         "source": source,
         "revision": revision,
-        "task": verification.get("task"),
+        "task": verification.task,
         "method": method,
         "size_bytes": size,
         "source_bytes": source_bytes,
         "bits_per_param": bits,
         "weight_bits_per_param": metrics.get("bits_per_param"),
         "metrics": metrics,
-        "thresholds": verification.get("thresholds") or {},
-        "failures": [f.get("message", str(f)) for f in verification.get("failures") or []],
-        "failed_metrics": [f.get("metric") for f in verification.get("failures") or []],
-        "latency_ms": performance.get("candidate_latency_ms"),
+        "thresholds": verification.thresholds or {},
+        "failures": [f.message for f in failures],
+        "failed_metrics": [f.metric for f in failures],
+        "latency_ms": performance.candidate_latency_ms,
         "latency_basis": (
-            f"{performance['latency_tokens']} tokens, batch 1"
-            if performance.get("latency_tokens")
-            else "the verification inputs"
+            f"{performance.latency_tokens} tokens, batch 1" if performance.latency_tokens else "the verification inputs"
         ),
-        "reference_latency_ms": performance.get("reference_latency_ms"),
-        "throughput_tokens_per_s": performance.get("candidate_throughput_tokens_per_s"),
-        "reference_throughput_tokens_per_s": performance.get("reference_throughput_tokens_per_s"),
-        "device": verification.get("provider") or device,
+        "reference_latency_ms": performance.reference_latency_ms,
+        "throughput_tokens_per_s": performance.candidate_throughput_tokens_per_s,
+        "reference_throughput_tokens_per_s": performance.reference_throughput_tokens_per_s,
+        "device": verification.provider or device,
         "built_at": built_at,
         "superseded": False,
     }
@@ -315,19 +379,27 @@ def pareto_front(points: list[tuple[str, float | None, float | None]], *, higher
     }
 
 
-def _config_signature(folder: Path) -> str | None:
+def _config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json, or {} when it has none that is a JSON object (the page does without it)."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _config_signature(folder: Path) -> str | None:
+    config = _config(folder)
+    if not config:
         return None
     return json.dumps({k: v for k, v in config.items() if k not in _BUILD_CONFIG_KEYS}, sort_keys=True)
 
 
-def _method(recipe: dict) -> str | None:
+def _method(recipe: dict[str, Any]) -> str | None:
     """What the build did, in a few words: "bnb-4bit nf4 dq", "bnb-8bit", "onnx float32 dynamic-int8"."""
-    if quantize := recipe.get("quantize"):
+    if isinstance(quantize := recipe.get("quantize"), dict):
         words = [quantize.get("method"), quantize.get("quant_type"), "dq" if quantize.get("double_quant") else None]
-    elif export := recipe.get("export"):
+    elif isinstance(export := recipe.get("export"), dict):
         words = [export.get("format"), export.get("dtype"), export.get("quantize")]
         words = [w for w in words if w != "none"]
     else:
@@ -337,24 +409,17 @@ def _method(recipe: dict) -> str | None:
 
 def _config_method(folder: Path) -> str | None:
     """The failed build's method from its config.json's quantization_config (bitsandbytes), else None."""
-    try:
-        quantization = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError):
-        return None
-    if not quantization:
+    quantization = _config(folder).get("quantization_config")
+    if not isinstance(quantization, dict):
         return None
     if quantization.get("load_in_4bit"):
-        return " ".join(
-            filter(
-                None,
-                [
-                    "bnb-4bit",
-                    quantization.get("bnb_4bit_quant_type"),
-                    "dq" if quantization.get("bnb_4bit_use_double_quant") else None,
-                ],
-            )
-        )
-    return "bnb-8bit" if quantization.get("load_in_8bit") else quantization.get("quant_method")
+        quant_type, double = quantization.get("bnb_4bit_quant_type"), quantization.get("bnb_4bit_use_double_quant")
+        words = ["bnb-4bit", quant_type, "dq" if double else None]
+    elif quantization.get("load_in_8bit"):
+        words = ["bnb-8bit"]
+    else:
+        words = [quantization.get("quant_method")]
+    return " ".join(str(w) for w in words if w) or None
 
 
 def _weight_bytes(folder: Path) -> int:

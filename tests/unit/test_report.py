@@ -8,6 +8,7 @@ real all-MiniLM-L6-v2 manifests, used unchanged: bnb int8 and an ONNX export.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import html.parser
 import json
@@ -18,9 +19,11 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
+from builder import report_page, report_svg
 from builder.cli import main
 from builder.report import pareto_front, report_data, write_report
 
@@ -247,7 +250,7 @@ def test_page_is_self_contained(matrix, tmp_path):
 
 
 def test_importing_report_does_not_import_torch():
-    code = "import sys, builder.report, builder.report_svg; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, builder.report, builder.report_page; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
@@ -390,7 +393,7 @@ def test_screenshot_shows_the_front_the_failed_build_and_the_gates_in_colour(mat
     assert shot.is_file(), process.stderr[-2000:]
     assert _console_messages(process.stderr) == []
     counts = _pixels(shot)
-    # The CSS colours of report_svg: passed points, Pareto points and the front, failed marks and gate lines.
+    # The CSS colours of report_page: passed points, Pareto points and the front, failed marks and gate lines.
     assert counts.get((0x4C, 0x72, 0xB0), 0) > 100
     assert counts.get((0xDD, 0x84, 0x52), 0) > 300
     assert counts.get((0xC4, 0x4E, 0x52), 0) > 300
@@ -455,3 +458,187 @@ def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_
     page = out.read_text()
     assert "(the verification inputs)</text>" in page and "(64 tokens, batch 1)</text>" in page
     assert page.count('data-artifact="all-minilm-l6-v2-onnx-cpu" data-status="passed"') == 3  # 2 charts, 1 bar
+
+
+# --- untrusted names and malformed files ---------------------------------------------------------------------------
+
+# What an artifact folder, a .failed/ folder, a model, a metric, a device or a message may be named: every character
+# that means something in HTML, and a handler that would run if any of it were parsed as markup.
+HOSTILE = "x<img src=x onerror=document.body.dataset.pwned=1>&\"'"
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "section", "div", "svg", "g", "line"}
+PAGE_TAGS |= {"text", "circle", "path", "polyline", "rect", "ellipse", "table", "thead", "tbody", "tr", "th", "td", "a"}
+
+
+class _Tags(html.parser.HTMLParser):
+    """Every element and attribute of a page, and the text and attribute values as a browser decodes them."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _small(root: Path) -> Path:
+    """artifacts/ with two LM variants of one source (a page with a scatter per metric and two gate lines)."""
+    _artifact(root, "tiny-int8", LLAMA, *LM["tiny-int8"][:2], INT8_THRESHOLDS, 90.0)
+    return _artifact(root, "tiny-nf4", LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, 38.0)
+
+
+def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
+    root = tmp_path / "artifacts"
+    _small(root)
+    hostile = _artifact(root, "tiny-nf4" + HOSTILE, LLAMA + HOSTILE, *LM["tiny-fp4"][:2], LM_THRESHOLDS, 37.0)
+    manifest = json.loads((hostile / "manifest.json").read_text())
+    manifest["device"] = manifest["recipe"]["quantize"]["quant_type"] = HOSTILE
+    manifest["verification"]["metrics"]["metric" + HOSTILE] = 0.5
+    manifest["verification"]["failures"] = [{"metric": "m" + HOSTILE, "message": "message" + HOSTILE}]
+    (hostile / "manifest.json").write_text(json.dumps(manifest))
+    _kept_failed(root, "failed" + HOSTILE, LM["tiny-nf4"][1], {**LM_THRESHOLDS, "top1_agreement": 0.9})
+    broken = root / ("broken" + HOSTILE)
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json " + HOSTILE)
+    out, data = write_report([root], root / "report.html")
+    assert [s["path"] for s in data["skipped"]] == [str(broken.resolve())]
+    page = _Tags()
+    page.feed(out.read_text())
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS  # no <img> from a name
+    assert not [attrs for _, attrs in page.tags if "onerror" in attrs or "src" in attrs]
+    text = "".join(page.text)
+    for shown in ("tiny-nf4" + HOSTILE, "failed" + HOSTILE, LLAMA + HOSTILE, "metric" + HOSTILE, "message" + HOSTILE):
+        assert shown in text  # as the person reading the page sees it
+    names = {attrs.get("data-artifact") for _, attrs in page.tags} - {None}
+    assert {"tiny-nf4" + HOSTILE, "failed" + HOSTILE} <= names
+    sections = {attrs["data-source"] for tag, attrs in page.tags if tag == "section"}
+    assert sections == {LLAMA + HOSTILE, LLAMA, "unknown source"}  # the failed build's config matches both
+    links = {unquote(attrs["href"]) for tag, attrs in page.tags if tag == "a"}
+    assert "tiny-nf4" + HOSTILE + "/README.md" in links and all((out.parent / link).is_file() for link in links)
+
+
+@needs_chromium
+def test_a_failed_build_named_like_markup_runs_no_script_in_a_browser(tmp_path):
+    """Issue #26: `.failed/nf4<img src=x onerror=...>` (no manifest) ran its handler from the gate line's title."""
+    root = tmp_path / "artifacts"
+    _small(root)
+    _kept_failed(root, "nf4<img src=x onerror=document.body.dataset.pwned=1>", LM["tiny-nf4"][1], LM_THRESHOLDS)
+    out, _ = write_report([root], root / "report.html")
+    process = _chromium("--dump-dom", out.as_uri())
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "data-pwned" not in process.stdout
+    assert "nf4&lt;img src=x onerror=document.body.dataset.pwned=1&gt;" in process.stdout  # shown as text
+
+
+# Each: the file, what is written over it (a JSON path to a value), and the field the reason names.
+MALFORMED = {
+    "metric 1e308": (("metrics", "kl_divergence_mean"), 1e308, "metrics.kl_divergence_mean"),
+    "metric NaN": (("metrics", "top1_agreement"), float("nan"), "metrics.top1_agreement"),
+    "threshold NaN": (("thresholds", "kl_divergence"), float("nan"), "thresholds.kl_divergence"),
+    "threshold string": (("thresholds", "kl_divergence"), "1.5", "thresholds.kl_divergence"),
+    "threshold list": (("thresholds", "kl_divergence"), [1.5], "thresholds.kl_divergence"),
+    "failures of strings": (("failures",), ["x"], "failures.0"),
+    "metrics a list": (("metrics",), [0.3], "metrics"),
+    "metrics a string": (("metrics",), "0.3", "metrics"),
+    "performance a list": (("performance",), [38.0], "performance"),
+    "performance a string": (("performance",), "fast", "performance"),
+    "latency 1e308": (("performance", "candidate_latency_ms"), 1e308, "performance.candidate_latency_ms"),
+    "report a list": ((), [], "(top level)"),
+}
+
+
+@pytest.mark.parametrize("where", ["manifest.json", "verify-report.json"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_figure_leaves_the_artifact_out_with_the_reason(tmp_path, capsys, case, where):
+    keys, value, field = MALFORMED[case]
+    root = tmp_path / "artifacts"
+    _small(root)
+    if where == "manifest.json":
+        folder = root / "tiny-nf4"
+        document = json.loads((folder / where).read_text())
+        keys = ("verification", *keys)
+        field = "verification" if field == "(top level)" else f"verification.{field}"
+    else:
+        folder = _kept_failed(root, "tiny-nf4-strict", LM["tiny-nf4"][1], LM_THRESHOLDS)
+        document = json.loads((folder / where).read_text())
+    if keys:
+        parent = document
+        for key in keys[:-1]:
+            parent = parent[key]
+        parent[keys[-1]] = value
+    else:
+        document = value
+    (folder / where).write_text(json.dumps(document))
+    out = tmp_path / "report.html"
+    assert main(["report", str(root), "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    [skipped] = data["skipped"]
+    assert skipped["path"] == str(folder.resolve())
+    assert skipped["reason"].startswith(f"{where} cannot be read (") and f"({field}: " in skipped["reason"]
+    assert "instance of" not in skipped["reason"]  # no class name of the report's models
+    shown = sorted(a["name"] for g in data["groups"] for a in g["artifacts"])
+    assert shown == (["tiny-int8", "tiny-nf4"] if where == "verify-report.json" else ["tiny-int8"])
+    page = out.read_text()
+    assert "Left out:" in page and html.escape(skipped["reason"]) in page
+
+
+def test_a_manifest_whose_own_figure_is_not_finite_is_left_out(tmp_path):
+    root = tmp_path / "artifacts"
+    nf4 = _small(root)
+    manifest = json.loads((nf4 / "manifest.json").read_text())
+    manifest["bits_per_param"] = float("nan")
+    (nf4 / "manifest.json").write_text(json.dumps(manifest))
+    data = report_data([root], root)
+    assert [(s["path"], s["reason"]) for s in data["skipped"]] == [
+        (str(nf4.resolve()), "manifest.json cannot be read (bits_per_param: Input should be a finite number (nan))")
+    ]
+
+
+def test_a_failed_build_whose_config_is_not_an_object_is_drawn_without_a_source(tmp_path):
+    root = tmp_path / "artifacts"
+    _small(root)
+    failed = _kept_failed(root, "tiny-nf4-strict", LM["tiny-nf4"][1], LM_THRESHOLDS)
+    (failed / "config.json").write_text('["not", "a", "config"]')
+    (root / "tiny-int8" / "config.json").write_text('{"quantization_config": "bnb"}')
+    data = report_data([root], root)
+    groups = {g["source"]: [a["name"] for a in g["artifacts"]] for g in data["groups"]}
+    assert groups == {LLAMA: ["tiny-nf4", "tiny-int8"], None: ["tiny-nf4-strict"]} and data["skipped"] == []
+
+
+def test_a_tiny_metric_on_a_log_scale_sits_on_its_floor(tmp_path):
+    root = tmp_path / "artifacts"
+    nf4 = _small(root)
+    manifest = json.loads((nf4 / "manifest.json").read_text())
+    manifest["verification"]["metrics"]["kl_divergence_mean"] = 5e-324  # the smallest float above 0
+    (nf4 / "manifest.json").write_text(json.dumps(manifest))
+    out, data = write_report([root], root / "report.html")
+    assert data["skipped"] == []
+    marks = _Marks()
+    marks.feed(out.read_text())
+    kl = marks.charts[0]
+    assert kl["metric"] == "kl_divergence_mean" and len(kl["circles"]) == 2
+    assert all(72 <= float(c["cx"]) <= 430 and 24 <= float(c["cy"]) <= 308 for c in kl["circles"])
+
+
+def test_markup_is_written_only_as_literal_templates_that_escape_what_fills_them():
+    """By construction: a string can reach the page only through `html()` or `join()`, which escape it; so no
+    f-string, concatenation or `Html(...)` of anything but a literal builds markup in the report's page or charts."""
+    for module in (report_page, report_svg):
+        tree = ast.parse(Path(module.__file__).read_text())
+        where = Path(module.__file__).name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(part.value for part in node.values if isinstance(part, ast.Constant))
+                assert "<" not in text, f"{where}:{node.lineno}: markup in an f-string; write an html() template"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Html":
+                arg = node.args[0]
+                assert isinstance(arg, ast.Constant) or (isinstance(arg, ast.Name) and arg.id == "_CSS"), where
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "html":
+                # A Name: a template chosen between two literals.
+                assert isinstance(node.args[0], (ast.Constant, ast.Name)), f"{where}:{node.lineno}: not a literal"
