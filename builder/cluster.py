@@ -36,7 +36,7 @@ from builder.console import QUIET_ENV, environment, say
 from builder.errors import BuilderError
 from builder.fleet import ArtifactUnit, UnreadableFile, artifact_units
 from builder.hub.publish import publish, use_network_timeouts
-from builder.leases import NAMESPACE, alive_nodes, leased, leases_actor, node_id
+from builder.leases import NAMESPACE, alive_nodes, leased, leases_actor, node_id, task_id
 from builder.pipeline import build_file, remove_leftovers
 from builder.plan import make_plan
 
@@ -228,7 +228,7 @@ def _build_artifact(
 ) -> dict:
     """The Ray task: build one artifact under its lease; {"row": ...} or {"error": message}."""
     # The worker process outlives the task: the token is set for this task only.
-    with environment(secret), leased(f"{out}/{name}", name, ray.get_runtime_context().get_task_id()):
+    with environment(secret), leased(f"{out}/{name}", name, task_id()):
         try:
             results = build_file(recipe_file, names=[name], out=out, device=device, **options)
         except BuilderError as error:

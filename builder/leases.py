@@ -32,6 +32,13 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def task_id() -> str:
+    """The Ray task this process runs (its retries keep the id): the holder of the leases it takes."""
+    task = ray.get_runtime_context().get_task_id()
+    assert task is not None, "called outside a Ray task"
+    return task
+
+
 def alive_nodes() -> list[dict]:
     """`ray.nodes()` entries of the nodes that are alive."""
     return [node for node in ray.nodes() if node["Alive"]]

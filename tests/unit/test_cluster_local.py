@@ -115,18 +115,20 @@ def test_a_task_whose_worker_dies_on_every_attempt_leaves_no_temporary_folder(
     while build.is_alive():
         assert time.monotonic() < deadline, "the build did not end"
         worker = next((p for p in _workers("ray::build tiny-killed") if p.pid not in {pid for pid, *_ in killed}), None)
-        if worker is not None and out.is_dir() and (folders := temporary(out)):
+        # The attempt made its own folder: one no killed attempt had seen.
+        folders = temporary(out) if out.is_dir() else []
+        if worker is not None and set(folders) - {f for _, seen, _ in killed for f in seen}:
             os.kill(worker.pid, signal.SIGKILL)
             killed.append((worker.pid, folders, time.monotonic()))
         time.sleep(0.05)
     build.join()
+    assert temporary(out) == [] and not (out / "tiny-killed").exists()
     [outcome] = outcomes
     assert "the build task failed after 1 retries" in outcome.error, outcome
     # The retry started once the killed attempt's lease was its own (no 20 s wait for it to lapse) and removed the
     # dead attempt's folder before making its own.
     assert [len(folders) for _, folders, _ in killed] == [1, 1], killed
     assert killed[1][2] - killed[0][2] < LEASE_SECONDS
-    assert temporary(out) == [] and not (out / "tiny-killed").exists()
     assert f"{out}/tiny-killed" not in ray.get(leases_actor().held.remote())  # the cleanup released the lease
 
 
