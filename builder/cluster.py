@@ -250,7 +250,7 @@ def _remove_dead_task_leftovers(task: str, out: Path, name: str) -> None:
             return
         # soft: when that node is gone too, any node (which sees the same shared --out) does it
         where = NodeAffinitySchedulingStrategy(node, soft=True)
-        ray.get(_remove_leftovers.options(scheduling_strategy=where).remote(str(out), name, task))
+        ray.get(_remove_leftovers_under_lease.options(scheduling_strategy=where).remote(str(out), name, task))
     except ray.exceptions.RayError as error:
         say(
             f"{name}: warning: could not remove {out}/.tmp-{name}-* left by its dead task ({type(error).__name__}); "
@@ -259,7 +259,7 @@ def _remove_dead_task_leftovers(task: str, out: Path, name: str) -> None:
 
 
 @ray.remote(num_cpus=0, max_retries=TASK_RETRIES)
-def _remove_leftovers(out: str, name: str, task: str) -> None:
+def _remove_leftovers_under_lease(out: str, name: str, task: str) -> None:
     """Under the dead task's lease (taken back as its holder), delete the temporary folders of `name` in `out`."""
     with leased(f"{out}/{name}", name, task):
         if Path(out).is_dir():
