@@ -6,12 +6,14 @@ on the node Ray picks, so it is the build a local `builder build` makes (same bu
 written into `--out`, which every node must see (or `--publish`: each worker pushes its artifact to the Hub).
 
 Exclusion across nodes: a task builds under its artifact folder's cluster lease (`builder.leases`); within one host
-the pipeline's flock still applies. A task whose worker or node dies is
-retried by Ray (`max_retries`); the retry deletes the dead attempt's temporary folder under the lock, and nothing
-partial ever reaches a final path (the pipeline's rename is its last act).
+the pipeline's flock still applies. A task whose worker or node dies is retried by Ray (`max_retries`); the retry
+takes over its dead attempt's lease and deletes its temporary folder under the lock; when the last attempt died, the
+submitter has that done on the node that held the lease. Nothing partial ever reaches a final path (the pipeline's
+rename is its last act).
 
-Secrets (HF_TOKEN) travel to the tasks as an argument, held in memory only: Ray writes `runtime_env` env_vars into
-the runtime-env agent's log under /tmp/ray/session_*/logs, so only the non-secret settings go that way.
+Secrets (HF_TOKEN) reach no Ray process's environment: Ray's processes are started from an environment without them,
+and a task that uses the Hub gets them as an argument, held in memory only (Ray writes `runtime_env` env_vars into
+the runtime-env agent's log under /tmp/ray/session_*/logs, so only the non-secret settings go that way).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from builder.console import QUIET_ENV, environment, say
 from builder.errors import BuilderError
 from builder.fleet import ArtifactUnit, UnreadableFile, artifact_units
 from builder.hub.publish import publish, use_network_timeouts
-from builder.leases import NAMESPACE, alive_nodes, leased, node_id
-from builder.pipeline import build_file
+from builder.leases import NAMESPACE, alive_nodes, leased, leases_actor, node_id, task_id
+from builder.pipeline import build_file, remove_leftovers
 from builder.plan import make_plan
 
 SETTINGS = (
@@ -49,11 +51,12 @@ SETTINGS = (
 )
 """The submitter's settings its tasks' workers start with (the task's runtime_env env_vars: huggingface_hub reads
 them when first imported). Ray logs them; they are not secrets."""
-SECRETS = ("HF_TOKEN",)
-"""The submitter's secrets: a task argument, set in the worker's environment for the task's duration only."""
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+"""The submitter's secrets (huggingface_hub reads either): never in the environment of Ray's processes; an argument
+of the tasks that use the Hub, set in the worker's environment for the task's duration only."""
 TASK_RETRIES = 2
-CANCEL_SECONDS = 30
 """Ray retries a task whose worker process or node died this many times (an error of the build is not retried)."""
+CANCEL_SECONDS = 30
 
 
 def build_on_ray(
@@ -80,7 +83,7 @@ def build_on_ray(
         for k, unit in enumerate(units)
         if isinstance(unit, UnreadableFile)
     }
-    with _connected(address):
+    with connected(address):
         artifacts = {k: u for k, u in enumerate(units) if isinstance(u, ArtifactUnit)}
         out.mkdir(parents=True, exist_ok=True)
         _refuse_unshared(out, sorted({u.recipe_file.resolve() for u in artifacts.values()}), publish_options)
@@ -95,20 +98,31 @@ def build_on_ray(
                 outcomes[k] = FileOutcome(str(unit.recipe_file), [], str(error), name=unit.name)
                 continue
             task = _build_artifact.options(
-                **resources, name=f"build {unit.name}", runtime_env={"env_vars": settings} if settings else None
+                **resources,
+                name=f"build {unit.name}",
+                max_retries=TASK_RETRIES,
+                runtime_env={"env_vars": settings} if settings else None,
             )
             ref = task.remote(
-                str(unit.recipe_file.resolve()), unit.name, str(out), device, options, publish_options, secret
+                str(unit.recipe_file.resolve()),
+                unit.name,
+                str(out),
+                device,
+                options,
+                publish_options,
+                secret if uses_hub(unit, publish_options) else {},
             )
             pending[ref] = (k, unit)
-        outcomes |= _collect(pending)
+        outcomes |= _collect(pending, out)
     counts = Counter("failed" if o.error else o.results[0]["status"] for o in outcomes.values())
     say(f"ray: {len(outcomes)} artifact(s): " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return [outcomes[k] for k in sorted(outcomes)]
 
 
 @contextmanager
-def _connected(address: str | None) -> Iterator[None]:
+def connected(address: str | None) -> Iterator[None]:
+    """Connected to `address`, else $RAY_ADDRESS, else to a cluster started on this machine for the block (without
+    the secrets in its processes' environment); a process already connected stays on its cluster."""
     if ray.is_initialized():
         yield
         return
@@ -117,11 +131,30 @@ def _connected(address: str | None) -> Iterator[None]:
         say("no --ray-address or $RAY_ADDRESS: starting a Ray cluster on this machine")
     # Ray prints the workers' and raylets' lines (retries among them) to sys.stdout, which holds --json's rows.
     with redirect_stdout(sys.stderr):
-        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False if local else None)
+        # The processes of a cluster started here (GCS, raylet, agents, and the workers the raylet starts) inherit
+        # this environment for the cluster's life; the secrets reach the tasks that need them as an argument.
+        with _without(SECRETS):
+            ray.init(address=address, namespace=NAMESPACE, include_dashboard=False if local else None)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+@contextmanager
+def _without(keys: tuple[str, ...]) -> Iterator[None]:
+    """`keys` absent from os.environ for the block; back after it."""
+    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def uses_hub(unit: ArtifactUnit, publish_options: dict | None) -> bool:
+    """Whether the unit's task needs the Hub token: it publishes, or downloads its source from the Hub (a gated or
+    private repo needs it). A build of a local folder that is not published gets no secret."""
+    return publish_options is not None or not unit.loaded.recipe.source.is_local
 
 
 def task_resources(unit: ArtifactUnit, device: str | None, nodes: list[dict]) -> dict:
@@ -142,7 +175,7 @@ def task_resources(unit: ArtifactUnit, device: str | None, nodes: list[dict]) ->
     return {"num_cpus": 1, "num_gpus": 1 if gpu else 0, **({"memory": memory} if memory else {})}
 
 
-def _collect(pending: dict) -> dict[int, FileOutcome]:
+def _collect(pending: dict, out: Path) -> dict[int, FileOutcome]:
     """Wait for every task, saying each result as it comes."""
     outcomes: dict[int, FileOutcome] = {}
     start, total = time.monotonic(), len(pending)
@@ -152,7 +185,7 @@ def _collect(pending: dict) -> dict[int, FileOutcome]:
             interrupts.check()  # ray.wait blocks outside Python, where a signal's exception cannot be raised
             if ready:
                 k, unit = pending.pop(ready[0])
-                outcomes[k] = _outcome(ready[0], unit)
+                outcomes[k] = _outcome(ready[0], unit, out)
                 status = "failed" if outcomes[k].error else outcomes[k].results[0]["status"]
                 say(f"[{total - len(pending)}/{total}] {unit.name}: {status} ({time.monotonic() - start:.0f} s)")
     except KeyboardInterrupt:
@@ -164,11 +197,12 @@ def _collect(pending: dict) -> dict[int, FileOutcome]:
     return outcomes
 
 
-def _outcome(ref, unit: ArtifactUnit) -> FileOutcome:
+def _outcome(ref, unit: ArtifactUnit, out: Path) -> FileOutcome:
     try:
         result = ray.get(ref)
     except ray.exceptions.RayError as error:  # the worker or node died past the retries, or a bug raised
         result = {"error": _task_failure(error)}
+        _remove_dead_task_leftovers(ref.task_id().hex(), out, unit.name)
     if "error" in result:
         return FileOutcome(str(unit.recipe_file), [], result["error"], name=unit.name)
     return FileOutcome(str(unit.recipe_file), [result["row"]], name=unit.name)
@@ -182,7 +216,7 @@ def _task_failure(error: Exception) -> str:
     return f"the build task failed after {TASK_RETRIES} retries: {first}"
 
 
-@ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False)
+@ray.remote(retry_exceptions=False)
 def _build_artifact(
     recipe_file: str,
     name: str,
@@ -194,7 +228,7 @@ def _build_artifact(
 ) -> dict:
     """The Ray task: build one artifact under its lease; {"row": ...} or {"error": message}."""
     # The worker process outlives the task: the token is set for this task only.
-    with environment(secret), leased(f"{out}/{name}", name):
+    with environment(secret), leased(f"{out}/{name}", name, task_id()):
         try:
             results = build_file(recipe_file, names=[name], out=out, device=device, **options)
         except BuilderError as error:
@@ -205,6 +239,31 @@ def _build_artifact(
         if publish_options is not None:
             row["publish"] = _publish(results[0].path, publish_options | {"token": secret.get("HF_TOKEN")})
     return {"row": row}
+
+
+def _remove_dead_task_leftovers(task: str, out: Path, name: str) -> None:
+    """After a task's last attempt died (no retry will clean up after it): remove what it left in `out`, on the node
+    where it held the artifact's lease. A task that ended in Python released its lease (its build cleaned up)."""
+    try:
+        node = ray.get(leases_actor().holder_node.remote(f"{out}/{name}", task))
+        if node is None:
+            return
+        # soft: when that node is gone too, any node (which sees the same shared --out) does it
+        where = NodeAffinitySchedulingStrategy(node, soft=True)
+        ray.get(_remove_leftovers_under_lease.options(scheduling_strategy=where).remote(str(out), name, task))
+    except ray.exceptions.RayError as error:
+        say(
+            f"{name}: warning: could not remove {out}/.tmp-{name}-* left by its dead task ({type(error).__name__}); "
+            "the next build of it does"
+        )
+
+
+@ray.remote(num_cpus=0, max_retries=TASK_RETRIES)
+def _remove_leftovers_under_lease(out: str, name: str, task: str) -> None:
+    """Under the dead task's lease (taken back as its holder), delete the temporary folders of `name` in `out`."""
+    with leased(f"{out}/{name}", name, task):
+        if Path(out).is_dir():
+            remove_leftovers(Path(out), name)
 
 
 def _publish(artifact: Path, options: dict) -> dict:

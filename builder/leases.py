@@ -3,14 +3,15 @@
 The flock a local build takes (`builder.pipeline`) holds on one host only. `ArtifactLeases` is a detached named
 actor on the head node; a build task takes its artifact's lease before building and renews it every RENEW_SECONDS
 from a thread. A lease lapses when its holder has not renewed it for LEASE_SECONDS (a killed worker) or when the
-holder's node is no longer alive, so a dead build never keeps the lock.
+holder's node is no longer alive, so a dead build never keeps the lock. The holder is the Ray task's id, which
+its retries keep: a retry takes over the lease of its dead attempt at once, and the submitter, once the task is
+final, finds which node a dead task held its lease on (`builder.cluster` removes what it left there).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import ray
 
 from builder.console import say
 
-LEASES_ACTOR = "builder-artifact-leases-v1"
+LEASES_ACTOR = "builder-artifact-leases-v2"
 NAMESPACE = "builder"
 LEASE_SECONDS = 20.0
 """A lease not renewed for this long is free: its holder was killed (renewals come every RENEW_SECONDS)."""
@@ -29,6 +30,13 @@ RENEW_SECONDS = 2.0
 def node_id() -> str:
     """This process's Ray node."""
     return ray.get_runtime_context().get_node_id()
+
+
+def task_id() -> str:
+    """The Ray task this process runs (its retries keep the id): the holder of the leases it takes."""
+    task = ray.get_runtime_context().get_task_id()
+    assert task is not None, "called outside a Ray task"
+    return task
 
 
 def alive_nodes() -> list[dict]:
@@ -67,6 +75,11 @@ class ArtifactLeases:
         lease.expires = time.monotonic() + self._seconds
         return True
 
+    def holder_node(self, key: str, holder: str) -> str | None:
+        """The node of `holder`'s lease of `key`, lapsed or not; None once released or taken by another."""
+        lease = self._leases.get(key)
+        return lease.node if lease is not None and lease.holder == holder else None
+
     def release(self, key: str, holder: str) -> None:
         if (lease := self._leases.get(key)) is not None and lease.holder == holder:
             del self._leases[key]
@@ -96,10 +109,11 @@ def leases_actor():
 
 
 @contextmanager
-def leased(key: str, name: str) -> Iterator[None]:
-    """Hold the cluster lease of `key` for the block, waiting (and saying so once) while a live build holds it."""
+def leased(key: str, name: str, holder: str) -> Iterator[None]:
+    """Hold the cluster lease of `key` for the block as `holder`, waiting (and saying so once) while another live
+    holder has it. A holder that had it before (a retry of a task whose worker died) takes it back at once."""
     leases = leases_actor()
-    holder, node = uuid.uuid4().hex, node_id()
+    node = node_id()
     said = False
     while (other := ray.get(leases.acquire.remote(key, holder, node))) is not None:
         if not said:

@@ -263,6 +263,13 @@ def _locked(out: Path, name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_leftovers(out: Path, name: str) -> None:
+    """Delete what killed builds of `name` left in `out`, under its lock (a Ray submitter's cleanup after a task
+    whose worker died on its last attempt: no retry of it will)."""
+    with _locked(out, name):
+        _remove_leftovers(out, name)
+
+
 def _remove_leftovers(out: Path, name: str) -> None:
     """Delete the `.tmp-<name>-*` and `.old-<name>-*` folders of earlier builds of `name` that were killed before
     they could clean up (or kept with --keep-temp). The caller holds the lock, so no build of `name` uses them; the
