@@ -62,14 +62,22 @@ class LoadedRecipe:
 # --- extends and variants ----------------------------------------------------------------------------------------
 
 
-def _merge(parent: Located, child: Located, path: Path_ = ()) -> Located:
+def _merge(parent: Located, child: Located) -> Located:
     """Deep-merge `child` over `parent` (mappings merge, everything else is replaced by the child's value)."""
     merged = Located(None, {}, {}, [*parent.problems, *child.problems], parent.broken | child.broken)
-    merged.data = _merge_into(parent, child, path, merged)
+    taken: dict[Path_, Located] = {}
+    merged.data = _merge_into(parent, child, (), merged, taken)
+    # One pass over each side's locations, not one per key taken: a pass per key made a file's merges quadratic.
+    for side in (parent, child):
+        for table, target in ((side.values, merged.values), (side.keys, merged.keys)):
+            for path, location in table.items():
+                if _taken_from(taken, path) is side:
+                    target[path] = location
     return merged
 
 
-def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> Any:
+def _merge_into(parent: Located, child: Located, path: Path_, out: Located, taken: dict[Path_, Located]) -> Any:
+    """The merged value at `path`; records in `taken` the side whose whole subtree each unmerged path comes from."""
     parent_value, child_value = _get(parent.data, path), _get(child.data, path)
     if (
         isinstance(parent_value, dict)
@@ -82,14 +90,14 @@ def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> A
             sub = path + (key,)
             side = child if key in child_value else parent
             if key in child_value and key in parent_value:
-                result[key] = _merge_into(parent, child, sub, out)
+                result[key] = _merge_into(parent, child, sub, out, taken)
             else:
-                _copy_locations(side, sub, out)
+                taken[sub] = side
                 result[key] = _get(side.data, sub)
             out.keys[sub] = side.keys[sub]
         return result
     source = child if _has(child.data, path) else parent
-    _copy_locations(source, path, out)
+    taken[path] = source
     return _get(source.data, path)
 
 
@@ -100,12 +108,13 @@ def _kind_changes(path: Path_, parent_value: dict, child_value: dict) -> bool:
     return tag_field is not None and tag_field in child_value and parent_value.get(tag_field) != child_value[tag_field]
 
 
-def _copy_locations(source: Located, path: Path_, out: Located) -> None:
-    n = len(path)
-    for table, target in ((source.values, out.values), (source.keys, out.keys)):
-        for p, location in table.items():
-            if p[:n] == path:
-                target[p] = location
+def _taken_from(taken: dict[Path_, Located], path: Path_) -> Located | None:
+    """The side whose subtree holds `path` in the merge, or None where the merged value is neither side's (a merged
+    mapping, whose locations the merge wrote, or a key no longer in the data, such as a popped `extends`)."""
+    for end in range(len(path) + 1):
+        if (side := taken.get(path[:end])) is not None:
+            return side
+    return None
 
 
 def _get(data: Any, path: Path_) -> Any:
@@ -122,14 +131,19 @@ def _has(data: Any, path: Path_) -> bool:
         return False
 
 
-def _subtree(located: Located, path: Path_, data: Any) -> Located:
-    """`data`, written at `path` of `located`, re-rooted with its locations (a variant's overrides)."""
-    n = len(path)
-    return Located(
-        data,
-        {p[n:]: loc for p, loc in located.values.items() if p[:n] == path},
-        {p[n:]: loc for p, loc in located.keys.items() if p[:n] == path},
-    )
+def _without_variants(located: Located, variants: dict) -> tuple[Located, dict[str, Located]]:
+    """`located` without its `variants` locations (and without its problems, reported once for the file), and each
+    variant's overrides re-rooted with their locations, in one pass: a pass per variant, and every variant's merge
+    carrying all the others' locations, made loading quadratic in the number of variants."""
+    base = Located(located.data, {}, {}, [], located.broken)
+    overrides = {suffix: Located({} if written is None else written) for suffix, written in variants.items()}
+    for table in ("values", "keys"):
+        for path, location in getattr(located, table).items():
+            if path[:1] != ("variants",):
+                getattr(base, table)[path] = location
+            elif len(path) >= 2:
+                getattr(overrides[path[1]], table)[path[2:]] = location
+    return base, overrides
 
 
 def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
@@ -271,13 +285,11 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
     roots: dict[str, Path] = {}
     marks: dict = {}
-    for suffix, overrides in variants.items():
-        overrides = {} if overrides is None else overrides
-        if not _variant_ok(located, suffix, overrides, problems):
+    base, overrides = _without_variants(located, variants)
+    for suffix, written in overrides.items():
+        if not _variant_ok(located, suffix, written.data, problems):
             continue
-        written = _subtree(located, ("variants", suffix), overrides)
-        variant = _merge(located, written)
-        variant.problems = []  # the file's own problems are already in `problems`
+        variant = _merge(base, written)
         variant.values[()] = located.values[()]  # a missing top-level key is missing in the file, not the variant
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
