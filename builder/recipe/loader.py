@@ -29,6 +29,8 @@ from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_RECIPE_BYTES = 1024 * 1024  # recipes are a few KiB; parsing YAML in Python takes seconds per MiB
+MAX_EXTENDS_FILES = 32  # files in one `extends` chain, the recipe included; recipes have a base or two
+_CHAIN_LOOKAHEAD = 1024  # files read past the limit for their `extends` only, to tell a long chain from a cycle
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,8 @@ def _without_variants(located: Located, variants: dict) -> tuple[Located, dict[s
     return base, overrides
 
 
-def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
-    """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first."""
+def _parse_file(path: Path, display: str) -> Located:
+    """One recipe file's mapping with its locations (its `extends` not followed)."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_RECIPE_BYTES + 1)  # never more: the file may be huge or still growing
@@ -190,6 +192,13 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 )
             ]
         )
+    return located
+
+
+def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
+    """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first.
+    `chain` is the files that extend `path`, resolved, the recipe first."""
+    located = _parse_file(path, display)
     extends = located.data.pop("extends", None)
     if extends is None:
         return located, (path,)
@@ -207,14 +216,10 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 ]
             )
         )
+    here = (*chain, path.resolve())
     parent_path = (path.parent / extends).resolve()
-    if parent_path in chain or parent_path == path.resolve():
-        cycle = " -> ".join(_display(p) for p in (*chain, path.resolve(), parent_path))
-        raise RecipeError(
-            unique_sorted(
-                [*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove one of the links")]
-            )
-        )
+    if parent_path in here:
+        raise RecipeError(unique_sorted([*located.problems, _cycle(where, (*here, parent_path))]))
     if not parent_path.is_file():
         raise RecipeError(
             unique_sorted(
@@ -228,12 +233,56 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 ]
             )
         )
+    if len(here) == MAX_EXTENDS_FILES:
+        raise RecipeError(unique_sorted([*located.problems, _chain_too_long(where, (*here, parent_path))]))
     try:
-        parent, parent_files = _read_file(parent_path, _display(parent_path), (*chain, path.resolve()))
+        parent, parent_files = _read_file(parent_path, _display(parent_path), here)
     except RecipeError as error:
         raise RecipeError(unique_sorted([*located.problems, *error.problems])) from None
     parent.data.pop("name", None)  # the child names the artifact; a parent's name never leaks into it
     return _merge(parent, located), (path, *parent_files)
+
+
+def _cycle(where: Location, chain: tuple[Path, ...]) -> Problem:
+    return Problem(where, "extends", f"extends cycle: {_shown_chain(chain)}; remove one of the links")
+
+
+def _chain_too_long(where: Location, chain: tuple[Path, ...]) -> Problem:
+    """The problem of an `extends` chain that goes past the limit at `where`: a cycle if the files past the limit
+    close one (each read for its `extends` only), else the chain and its length."""
+    while len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD and (link := _extends_of(chain[-1])) is not None:
+        link_at, parent_path = link
+        if parent_path in chain:
+            return _cycle(link_at, (*chain, parent_path))
+        chain = (*chain, parent_path)
+    length = f"{len(chain):,} files" if len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD else "no end in sight"
+    return Problem(
+        where,
+        "extends",
+        f"extends chain of {length}, over the limit of {MAX_EXTENDS_FILES} (the recipe and its parents): "
+        f"{_shown_chain(chain)}; a recipe needs a base or two: merge the bases into fewer files",
+    )
+
+
+def _extends_of(path: Path) -> tuple[Location, Path] | None:
+    """Where `path` writes `extends` and the parent file it names; None when it names none or cannot be read."""
+    try:
+        located = _parse_file(path, _display(path))
+    except RecipeError:
+        return None
+    extends = located.data.get("extends")
+    if not isinstance(extends, str) or not extends:
+        return None
+    return located.where(("extends",)), (path.parent / extends).resolve()
+
+
+def _shown_chain(chain: tuple[Path, ...]) -> str:
+    """`a.yaml -> b.yaml -> c.yaml`; a long chain shows its first and last three files."""
+    if len(chain) <= 8:
+        return " -> ".join(_display(p) for p in chain)
+    return " -> ".join(
+        [*(_display(p) for p in chain[:3]), f"... ({len(chain) - 6:,} more)", *(_display(p) for p in chain[-3:])]
+    )
 
 
 def _display(path: Path) -> str:
