@@ -255,7 +255,8 @@ def _chain_too_long(where: Location, chain: tuple[Path, ...]) -> Problem:
         if parent_path in chain:
             return _cycle(link_at, (*chain, parent_path))
         chain = (*chain, parent_path)
-    length = f"{len(chain):,} files" if len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD else "no end in sight"
+    ended = len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD  # else the look-ahead stopped first
+    length = f"{len(chain):,} files" if ended else f"at least {len(chain):,} files"
     return Problem(
         where,
         "extends",
@@ -265,15 +266,16 @@ def _chain_too_long(where: Location, chain: tuple[Path, ...]) -> Problem:
 
 
 def _extends_of(path: Path) -> tuple[Location, Path] | None:
-    """Where `path` writes `extends` and the parent file it names; None when it names none or cannot be read."""
+    """Where `path` writes `extends` and the parent file it names; None when it names none, or none that exists, or
+    cannot be read."""
     try:
         located = _parse_file(path, _display(path))
     except RecipeError:
         return None
     extends = located.data.get("extends")
-    if not isinstance(extends, str) or not extends:
+    if not isinstance(extends, str) or not extends or not (parent := (path.parent / extends).resolve()).is_file():
         return None
-    return located.where(("extends",)), (path.parent / extends).resolve()
+    return located.where(("extends",)), parent
 
 
 def _shown_chain(chain: tuple[Path, ...]) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import Location, Problem, RecipeError
-from builder.recipe import find_recipe_files, load_recipes
+from builder.recipe import find_recipe_files, load_recipes, loader
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = REPO / "tests" / "recipes" / "valid"
@@ -137,6 +137,14 @@ def test_a_longer_extends_chain_is_refused_at_the_link_past_the_limit(tmp_path, 
         f"f31.yaml:1:10: extends: extends chain of {files:,} files, over the limit of 32 (the recipe and its "
         f"parents): {shown}; a recipe needs a base or two: merge the bases into fewer files"
     ]
+
+
+def test_a_chain_longer_than_the_look_ahead_says_at_least(tmp_path, monkeypatch):
+    # Past the limit the files are read for their `extends` only, and only so many of them.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loader, "_CHAIN_LOOKAHEAD", 4)
+    _chain(tmp_path, 50)
+    assert problems("f0.yaml")[0].startswith("f31.yaml:1:10: extends: extends chain of at least 36 files, over")
 
 
 def test_a_cycle_longer_than_the_chain_limit_is_reported_as_a_cycle(tmp_path, monkeypatch):
