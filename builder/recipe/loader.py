@@ -29,6 +29,8 @@ from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_RECIPE_BYTES = 1024 * 1024  # recipes are a few KiB; parsing YAML in Python takes seconds per MiB
+MAX_EXTENDS_FILES = 32  # files in one `extends` chain, the recipe included; recipes have a base or two
+_CHAIN_LOOKAHEAD = 1024  # files read past the limit for their `extends` only, to tell a long chain from a cycle
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,22 @@ class LoadedRecipe:
 # --- extends and variants ----------------------------------------------------------------------------------------
 
 
-def _merge(parent: Located, child: Located, path: Path_ = ()) -> Located:
+def _merge(parent: Located, child: Located) -> Located:
     """Deep-merge `child` over `parent` (mappings merge, everything else is replaced by the child's value)."""
     merged = Located(None, {}, {}, [*parent.problems, *child.problems], parent.broken | child.broken)
-    merged.data = _merge_into(parent, child, path, merged)
+    taken: dict[Path_, Located] = {}
+    merged.data = _merge_into(parent, child, (), merged, taken)
+    # One pass over each side's locations, not one per key taken: a pass per key made a file's merges quadratic.
+    for side in (parent, child):
+        for table, target in ((side.values, merged.values), (side.keys, merged.keys)):
+            for path, location in table.items():
+                if _taken_from(taken, path) is side:
+                    target[path] = location
     return merged
 
 
-def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> Any:
+def _merge_into(parent: Located, child: Located, path: Path_, out: Located, taken: dict[Path_, Located]) -> Any:
+    """The merged value at `path`; records in `taken` the side whose whole subtree each unmerged path comes from."""
     parent_value, child_value = _get(parent.data, path), _get(child.data, path)
     if (
         isinstance(parent_value, dict)
@@ -82,14 +92,14 @@ def _merge_into(parent: Located, child: Located, path: Path_, out: Located) -> A
             sub = path + (key,)
             side = child if key in child_value else parent
             if key in child_value and key in parent_value:
-                result[key] = _merge_into(parent, child, sub, out)
+                result[key] = _merge_into(parent, child, sub, out, taken)
             else:
-                _copy_locations(side, sub, out)
+                taken[sub] = side
                 result[key] = _get(side.data, sub)
             out.keys[sub] = side.keys[sub]
         return result
     source = child if _has(child.data, path) else parent
-    _copy_locations(source, path, out)
+    taken[path] = source
     return _get(source.data, path)
 
 
@@ -100,12 +110,13 @@ def _kind_changes(path: Path_, parent_value: dict, child_value: dict) -> bool:
     return tag_field is not None and tag_field in child_value and parent_value.get(tag_field) != child_value[tag_field]
 
 
-def _copy_locations(source: Located, path: Path_, out: Located) -> None:
-    n = len(path)
-    for table, target in ((source.values, out.values), (source.keys, out.keys)):
-        for p, location in table.items():
-            if p[:n] == path:
-                target[p] = location
+def _taken_from(taken: dict[Path_, Located], path: Path_) -> Located | None:
+    """The side whose subtree holds `path` in the merge, or None where the merged value is neither side's (a merged
+    mapping, whose locations the merge wrote, or a key no longer in the data, such as a popped `extends`)."""
+    for end in range(len(path) + 1):
+        if (side := taken.get(path[:end])) is not None:
+            return side
+    return None
 
 
 def _get(data: Any, path: Path_) -> Any:
@@ -122,18 +133,23 @@ def _has(data: Any, path: Path_) -> bool:
         return False
 
 
-def _subtree(located: Located, path: Path_, data: Any) -> Located:
-    """`data`, written at `path` of `located`, re-rooted with its locations (a variant's overrides)."""
-    n = len(path)
-    return Located(
-        data,
-        {p[n:]: loc for p, loc in located.values.items() if p[:n] == path},
-        {p[n:]: loc for p, loc in located.keys.items() if p[:n] == path},
-    )
+def _without_variants(located: Located, variants: dict) -> tuple[Located, dict[str, Located]]:
+    """`located` without its `variants` locations (and without its problems, reported once for the file), and each
+    variant's overrides re-rooted with their locations, in one pass: a pass per variant, and every variant's merge
+    carrying all the others' locations, made loading quadratic in the number of variants."""
+    base = Located(located.data, {}, {}, [], located.broken)
+    overrides = {suffix: Located({} if written is None else written) for suffix, written in variants.items()}
+    for table in ("values", "keys"):
+        for path, location in getattr(located, table).items():
+            if path[:1] != ("variants",):
+                getattr(base, table)[path] = location
+            elif len(path) >= 2:
+                getattr(overrides[path[1]], table)[path[2:]] = location
+    return base, overrides
 
 
-def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
-    """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first."""
+def _parse_file(path: Path, display: str) -> Located:
+    """One recipe file's mapping with its locations (its `extends` not followed)."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_RECIPE_BYTES + 1)  # never more: the file may be huge or still growing
@@ -176,6 +192,13 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 )
             ]
         )
+    return located
+
+
+def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Located, tuple[Path, ...]]:
+    """Read `path` and its `extends` ancestry; returns the merged data and the files involved, child first.
+    `chain` is the files that extend `path`, resolved, the recipe first."""
+    located = _parse_file(path, display)
     extends = located.data.pop("extends", None)
     if extends is None:
         return located, (path,)
@@ -193,14 +216,10 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 ]
             )
         )
+    here = (*chain, path.resolve())
     parent_path = (path.parent / extends).resolve()
-    if parent_path in chain or parent_path == path.resolve():
-        cycle = " -> ".join(_display(p) for p in (*chain, path.resolve(), parent_path))
-        raise RecipeError(
-            unique_sorted(
-                [*located.problems, Problem(where, "extends", f"extends cycle: {cycle}; remove one of the links")]
-            )
-        )
+    if parent_path in here:
+        raise RecipeError(unique_sorted([*located.problems, _cycle(where, (*here, parent_path))]))
     if not parent_path.is_file():
         raise RecipeError(
             unique_sorted(
@@ -214,12 +233,58 @@ def _read_file(path: Path, display: str, chain: tuple[Path, ...]) -> tuple[Locat
                 ]
             )
         )
+    if len(here) == MAX_EXTENDS_FILES:
+        raise RecipeError(unique_sorted([*located.problems, _chain_too_long(where, (*here, parent_path))]))
     try:
-        parent, parent_files = _read_file(parent_path, _display(parent_path), (*chain, path.resolve()))
+        parent, parent_files = _read_file(parent_path, _display(parent_path), here)
     except RecipeError as error:
         raise RecipeError(unique_sorted([*located.problems, *error.problems])) from None
     parent.data.pop("name", None)  # the child names the artifact; a parent's name never leaks into it
     return _merge(parent, located), (path, *parent_files)
+
+
+def _cycle(where: Location, chain: tuple[Path, ...]) -> Problem:
+    return Problem(where, "extends", f"extends cycle: {_shown_chain(chain)}; remove one of the links")
+
+
+def _chain_too_long(where: Location, chain: tuple[Path, ...]) -> Problem:
+    """The problem of an `extends` chain that goes past the limit at `where`: a cycle if the files past the limit
+    close one (each read for its `extends` only), else the chain and its length."""
+    while len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD and (link := _extends_of(chain[-1])) is not None:
+        link_at, parent_path = link
+        if parent_path in chain:
+            return _cycle(link_at, (*chain, parent_path))
+        chain = (*chain, parent_path)
+    ended = len(chain) < MAX_EXTENDS_FILES + _CHAIN_LOOKAHEAD  # else the look-ahead stopped first
+    length = f"{len(chain):,} files" if ended else f"at least {len(chain):,} files"
+    return Problem(
+        where,
+        "extends",
+        f"extends chain of {length}, over the limit of {MAX_EXTENDS_FILES} (the recipe and its parents): "
+        f"{_shown_chain(chain)}; a recipe needs a base or two: merge the bases into fewer files",
+    )
+
+
+def _extends_of(path: Path) -> tuple[Location, Path] | None:
+    """Where `path` writes `extends` and the parent file it names; None when it names none, or none that exists, or
+    cannot be read."""
+    try:
+        located = _parse_file(path, _display(path))
+    except RecipeError:
+        return None
+    extends = located.data.get("extends")
+    if not isinstance(extends, str) or not extends or not (parent := (path.parent / extends).resolve()).is_file():
+        return None
+    return located.where(("extends",)), parent
+
+
+def _shown_chain(chain: tuple[Path, ...]) -> str:
+    """`a.yaml -> b.yaml -> c.yaml`; a long chain shows its first and last three files."""
+    if len(chain) <= 8:
+        return " -> ".join(_display(p) for p in chain)
+    return " -> ".join(
+        [*(_display(p) for p in chain[:3]), f"... ({len(chain) - 6:,} more)", *(_display(p) for p in chain[-3:])]
+    )
 
 
 def _display(path: Path) -> str:
@@ -271,17 +336,17 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
     roots: dict[str, Path] = {}
     marks: dict = {}
-    for suffix, overrides in variants.items():
-        overrides = {} if overrides is None else overrides
-        if not _variant_ok(located, suffix, overrides, problems):
+    base, overrides = _without_variants(located, variants)
+    base_root = _source_root(located, path)
+    for suffix, written in overrides.items():
+        if not _variant_ok(located, suffix, written.data, problems):
             continue
-        written = _subtree(located, ("variants", suffix), overrides)
-        variant = _merge(located, written)
-        variant.problems = []  # the file's own problems are already in `problems`
+        variant = _merge(base, written)
         variant.values[()] = located.values[()]  # a missing top-level key is missing in the file, not the variant
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
-        roots[suffix] = _source_root(variant, path)
+        # a variant writes in this file; resolving paths for each of 10,000 variants took a quarter of the load
+        roots[suffix] = path.parent if ("source", "model") in written.values else base_root
         marks[suffix] = variant
         try:
             results.append((suffix, written, _validate(variant), []))

@@ -9,7 +9,7 @@ import pytest
 
 from builder.cli import main
 from builder.errors import Location, Problem, RecipeError
-from builder.recipe import find_recipe_files, load_recipes
+from builder.recipe import find_recipe_files, load_recipes, loader
 
 REPO = Path(__file__).resolve().parents[2]
 VALID = REPO / "tests" / "recipes" / "valid"
@@ -111,6 +111,49 @@ def test_three_file_cycle_names_every_link(tmp_path, monkeypatch):
     write(tmp_path, "_base.yaml", "schema_version: 1\nsource: {model: org/m}\nquantize: {method: bnb-4bit}\n")
     write(tmp_path, "x.yaml", "extends: _base.yaml\nname: x\n")
     assert load_recipes("x.yaml")[0].recipe.name == "x"
+
+
+def _chain(folder: Path, files: int, last_extends: str | None = None) -> None:
+    """f0.yaml -> f1.yaml -> ... -> f{files-1}.yaml, the last a complete base (or extending `last_extends`)."""
+    for i in range(files - 1):
+        write(folder, f"f{i}.yaml", f"extends: f{i + 1}.yaml\n" + ("name: deep\n" if i == 0 else ""))
+    last = f"extends: {last_extends}\n" if last_extends else "source: {model: org/m}\nquantize: {method: bnb-4bit}\n"
+    write(folder, f"f{files - 1}.yaml", "schema_version: 1\n" + last)
+
+
+def test_an_extends_chain_of_32_files_loads(tmp_path):
+    _chain(tmp_path, 32)
+    assert len(load_recipes(tmp_path / "f0.yaml")[0].files) == 32
+
+
+@pytest.mark.parametrize("files", [33, 1000])
+def test_a_longer_extends_chain_is_refused_at_the_link_past_the_limit(tmp_path, monkeypatch, files):
+    # 1,000 files were refused as "the YAML is nested too deeply" at an arbitrary file (a RecursionError).
+    monkeypatch.chdir(tmp_path)
+    _chain(tmp_path, files)
+    last = " -> ".join(f"f{i}.yaml" for i in range(files - 3, files))
+    shown = f"f0.yaml -> f1.yaml -> f2.yaml -> ... ({files - 6:,} more) -> {last}"
+    assert problems("f0.yaml") == [
+        f"f31.yaml:1:10: extends: extends chain of {files:,} files, over the limit of 32 (the recipe and its "
+        f"parents): {shown}; a recipe needs a base or two: merge the bases into fewer files"
+    ]
+
+
+def test_a_chain_longer_than_the_look_ahead_says_at_least(tmp_path, monkeypatch):
+    # Past the limit the files are read for their `extends` only, and only so many of them.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loader, "_CHAIN_LOOKAHEAD", 4)
+    _chain(tmp_path, 50)
+    assert problems("f0.yaml")[0].startswith("f31.yaml:1:10: extends: extends chain of at least 36 files, over")
+
+
+def test_a_cycle_longer_than_the_chain_limit_is_reported_as_a_cycle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _chain(tmp_path, 40, last_extends="f5.yaml")
+    assert problems("f0.yaml") == [
+        "f39.yaml:2:10: extends: extends cycle: f0.yaml -> f1.yaml -> f2.yaml -> ... (35 more) -> f38.yaml -> "
+        "f39.yaml -> f5.yaml; remove one of the links"
+    ]
 
 
 def test_problems_of_child_and_parents_come_together(tmp_path, monkeypatch):
