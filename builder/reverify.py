@@ -17,6 +17,7 @@ from builder.artifact import (
     Manifest,
     artifact_file,
     file_table,
+    folder_files,
     load_manifest,
     write_manifest,
 )
@@ -38,15 +39,19 @@ def reverify(
     max_gpu_memory: int | None = None,
 ) -> dict:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
-    report. Refuses (`SourceError`) when that source is gone or its content changed. With `write`, rewrites
-    verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing.
-    `use_cache: False` recomputes the reference outputs; `max_gpu_memory` caps the gate's GPU memory."""
+    report. Refuses (`SourceError`) when that source is gone or its content changed, and (`ArtifactError`) a
+    manifest or lock file it cannot read. With `write`, rewrites verify-report.json and the manifest's
+    `verification` and file hashes (refusing a folder whose files are not all regular files inside it before the
+    gate runs); otherwise changes nothing. `use_cache: False` recomputes the reference outputs; `max_gpu_memory`
+    caps the gate's GPU memory."""
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
     recipe = _typed(Recipe, manifest.recipe, artifact_dir / MANIFEST_FILE, "recipe.")
+    if write:
+        folder_files(artifact_dir)  # a symlink would be hashed into the table: refuse it before the gate's minutes
+    source_dir = recorded_source(artifact_dir, manifest, recipe)
     import torch  # deferred: the checks need it, importing builder must not
 
-    source_dir = recorded_source(artifact_dir, manifest, recipe)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = manifest.source.task or recipe.source.task
     if task is None:

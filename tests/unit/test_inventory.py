@@ -89,9 +89,7 @@ def test_list_json_and_published_record(project, capsys, monkeypatch):
     [state] = [s for s in artifact_states(["recipes"], Path("artifacts")) if s.name == "a"]
     _write_manifest(project, "a", state.build_hash, passed=False)
     (project / "artifacts" / ".published").mkdir()
-    (project / "artifacts" / ".published" / "a.json").write_text(
-        json.dumps(published_json("a", state.build_hash))
-    )
+    (project / "artifacts" / ".published" / "a.json").write_text(json.dumps(published_json("a", state.build_hash)))
     assert main(["list", "recipes", "--json"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert listed["a"]["state"] == "built"
