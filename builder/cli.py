@@ -24,7 +24,7 @@ from builder.fleet import artifact_units, github_matrix
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, finished, handling_signals
-from builder.inventory import artifact_states, format_table, write_stamp
+from builder.inventory import CURRENT, artifact_states, format_table, write_stamp
 from builder.modules import source_problems
 from builder.plan import DISTRIBUTION, footprint_threshold, make_plan
 from builder.recipe import (
@@ -378,7 +378,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
 
-    states = artifact_states(args.paths or ["recipes"], Path(args.artifacts), names=args.name)
+    states = artifact_states(args.paths or ["recipes"], Path(args.artifacts), names=args.name, hashes=not args.quick)
     if args.json:
         _print_json([s.as_json() for s in states])
     else:
@@ -390,9 +390,10 @@ def cmd_stamp(args: argparse.Namespace) -> int:
 
     files = find_recipe_files(args.paths or ["recipes"])
     require_unique_names(files)
-    [state] = artifact_states(list(files), Path(args.artifacts), names=[args.name])
+    # sizes only, as `builder build` decides what to skip: make rebuilds exactly when builder would
+    [state] = artifact_states(list(files), Path(args.artifacts), names=[args.name], hashes=False)
     path = write_stamp(state, Path(args.artifacts))
-    say(f"{state.name}: {'up to date' if state.state == 'verified' else state.state + ', to build'} ({path})")
+    say(f"{state.name}: {'up to date' if state.state in CURRENT else state.state + ', to build'} ({path})")
     return EXIT_OK
 
 
@@ -604,11 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser(
         "list",
         parents=[quiet],
-        help="recipes and the state of their artifacts (missing/stale/built/verified/published)",
+        help="recipes and the state of their artifacts (missing/stale/built/verified/up-to-date/invalid, published)",
     )
     listing.add_argument("paths", nargs="*", help="recipe files or folders (default recipes/)")
     listing.add_argument("--artifacts", default="artifacts", help="artifacts folder (default artifacts/)")
     listing.add_argument("--name", action="append", metavar="ARTIFACT", help="only this artifact; repeatable")
+    listing.add_argument(
+        "--quick",
+        action="store_true",
+        help="compare file sizes, not sha256: an artifact that passes is `up-to-date`, not `verified`",
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=cmd_list)
 

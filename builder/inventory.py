@@ -1,22 +1,22 @@
-"""The state of each recipe's artifact: missing, stale, built, verified, and where it was published."""
+"""The state of each recipe's artifact: missing, stale, built, verified (or up-to-date when only sizes were
+compared), and where it was published."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.artifact import MANIFEST_FILE, not_current, read_manifest
-from builder.errors import BuilderError, RecipeError
+from builder.artifact import MANIFEST_FILE, Manifest, load_manifest, not_current, read_published
+from builder.errors import ArtifactError, BuilderError, RecipeError
 from builder.plan import build_hash, build_kind, make_plan, recorded_versions
 from builder.recipe import files_defining, find_recipe_files, load_recipes
 
-PUBLISHED_DIR = ".published"
-"""`artifacts/.published/<name>.json`: the last publish of an artifact (repo, revision, commit, build hash)."""
 STAMPS_DIR = ".stamps"
 """`artifacts/.stamps/<name>.hash`: make's view of an artifact (see `write_stamp`)."""
+CURRENT = ("verified", "up-to-date")
+"""The states `builder build` skips: the second one is the first with only file sizes compared."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,10 @@ class ArtifactState:
     name: str
     state: str
     """missing | stale (another build hash) | built (this build hash, but verification did not pass or a file is
-    missing or changed; `detail` says which) | verified (up to date: `builder build` skips it) | invalid (recipe or
-    source error)"""
+    missing or changed; `detail` says which) | verified (up to date, every file's sha256 checked against the
+    manifest) | up-to-date (the same with only file sizes compared: `hashes=False`) | invalid (a recipe or source
+    error, or a manifest or publish record that cannot be read or lists something other than a regular file inside
+    the artifact folder; `detail` says which)"""
     build_hash: str | None
     artifact_build_hash: str | None
     published: dict | None
@@ -36,18 +38,18 @@ class ArtifactState:
         return asdict(self)
 
 
-def published_record(artifacts: Path, name: str) -> dict | None:
-    try:
-        return json.loads((artifacts / PUBLISHED_DIR / f"{name}.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _manifest(folder: Path) -> Manifest | None:
+    """The manifest of `folder`, None when it has none; `ArtifactError` when it has one this builder cannot read."""
+    return load_manifest(folder) if os.path.lexists(folder / MANIFEST_FILE) else None
 
 
 def artifact_states(
-    paths: Sequence[str | Path], artifacts: Path, names: list[str] | None = None
+    paths: Sequence[str | Path], artifacts: Path, names: list[str] | None = None, *, hashes: bool = True
 ) -> list[ArtifactState]:
     """One state per recipe (variants expanded) under `paths`, comparing build hashes with artifacts/<name>/; only
-    the artifacts in `names` when given (a name no recipe defines is an error)."""
+    the artifacts in `names` when given (a name no recipe defines is an error). With `hashes` (the default) an
+    artifact of this build hash is `verified` only after every file's sha256 matched its manifest (the file-hash
+    cache makes a second look cheap); without, sizes are compared and it is `up-to-date`."""
     files = find_recipe_files(paths)
     if names:
         files = files_defining(names, files)
@@ -62,9 +64,14 @@ def artifact_states(
             name = loaded.recipe.name
             if names and name not in names:
                 continue
-            manifest = read_manifest(artifacts / name)
+            try:
+                manifest = _manifest(artifacts / name)
+                record = read_published(artifacts, name)
+            except ArtifactError as error:
+                states.append(ArtifactState(str(file), name, "invalid", None, None, None, str(error)))
+                continue
             found = manifest.build_hash if manifest else None
-            published = published_record(artifacts, name)
+            published = record.model_dump(mode="json") if record else None
             try:
                 plan = make_plan(loaded)
             except BuilderError as error:
@@ -82,10 +89,16 @@ def artifact_states(
                 state = "missing"
             elif found != expected:
                 state = "stale"
-            elif problem := not_current(artifacts / name, manifest, expected):
-                state, detail = "built", problem
             else:
-                state = "verified"
+                try:
+                    problem = not_current(artifacts / name, manifest, expected, hashes=hashes)
+                except ArtifactError as error:
+                    states.append(ArtifactState(str(file), name, "invalid", expected, found, published, str(error)))
+                    continue
+                if problem:
+                    state, detail = "built", problem
+                else:
+                    state = CURRENT[0] if hashes else CURRENT[1]
             if published and published.get("build_hash") != found:
                 published = {**published, "outdated": True}
             states.append(ArtifactState(str(file), name, state, expected, found, published, detail))
@@ -103,7 +116,7 @@ def write_stamp(state: ArtifactState, artifacts: Path) -> Path:
     path = artifacts / STAMPS_DIR / f"{state.name}.hash"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{state.build_hash}\n")
-    if state.state == "verified":
+    if state.state in CURRENT:
         manifest = artifacts / state.name / MANIFEST_FILE
         os.utime(path, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns))
     return path

@@ -7,9 +7,21 @@ this module's is finding that source again and refusing one whose content change
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
-from builder.artifact import Manifest, file_table, load_manifest, write_manifest
-from builder.errors import BuildError, SourceError
+from pydantic import BaseModel, ValidationError
+
+from builder.artifact import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    Manifest,
+    artifact_file,
+    file_table,
+    folder_files,
+    load_manifest,
+    write_manifest,
+)
+from builder.errors import ArtifactError, BuildError, SourceError
 from builder.recipe import Recipe
 from builder.source import folder_digest
 from builder.steps.gate import write_report
@@ -27,15 +39,19 @@ def reverify(
     max_gpu_memory: int | None = None,
 ) -> dict:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
-    report. Refuses (`SourceError`) when that source is gone or its content changed. With `write`, rewrites
-    verify-report.json and the manifest's `verification` and file hashes; otherwise changes nothing.
-    `use_cache: False` recomputes the reference outputs; `max_gpu_memory` caps the gate's GPU memory."""
-    import torch  # deferred: the checks need it, importing builder must not
-
+    report. Refuses (`SourceError`) when that source is gone or its content changed, and (`ArtifactError`) a
+    manifest or lock file it cannot read. With `write`, rewrites verify-report.json and the manifest's
+    `verification` and file hashes (refusing a folder whose files are not all regular files inside it before the
+    gate runs); otherwise changes nothing. `use_cache: False` recomputes the reference outputs; `max_gpu_memory`
+    caps the gate's GPU memory."""
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
-    recipe = Recipe.model_validate(manifest.recipe)
+    recipe = _typed(Recipe, manifest.recipe, artifact_dir / MANIFEST_FILE, "recipe.")
+    if write:
+        folder_files(artifact_dir)  # a symlink would be hashed into the table: refuse it before the gate's minutes
     source_dir = recorded_source(artifact_dir, manifest, recipe)
+    import torch  # deferred: the checks need it, importing builder must not
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = manifest.source.task or recipe.source.task
     if task is None:
@@ -89,9 +105,15 @@ def _local_source_folder(artifact_dir: Path, manifest: Manifest, recipe: Recipe)
     import yaml
 
     candidates = []
-    lock = artifact_dir / "recipe.lock.yaml"
-    if lock.is_file():
-        candidates.append(Path(yaml.safe_load(lock.read_text(encoding="utf-8"))["source"]["model"]))
+    lock = artifact_file(artifact_dir, LOCK_FILE)
+    if lock is not None:
+        try:
+            locked = yaml.safe_load(lock.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ArtifactError(
+                f"{artifact_dir / LOCK_FILE} is not YAML ({error}); rebuild the artifact (builder build RECIPE --force)"
+            ) from None
+        candidates.append(Path(_typed(Recipe, locked, artifact_dir / LOCK_FILE).source.model))
     for recipe_file in manifest.recipe_files[:1]:
         candidates.append(Path(recipe_file).parent / Path(recipe.source.model).expanduser())
     for folder in candidates:
@@ -102,3 +124,20 @@ def _local_source_folder(artifact_dir: Path, manifest: Manifest, recipe: Recipe)
         f"{' nor '.join(map(str, candidates)) or 'a recorded path'}; run `builder verify` from the "
         "folder the artifact was built in, or restore the source folder"
     )
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _typed(model: type[_Model], data: Any, where: Path, prefix: str = "") -> _Model:
+    """`data` read from `where` as a `model`; `ArtifactError` naming the file and the first wrong field otherwise
+    (a recipe this builder no longer accepts, a lock file that is not a mapping)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = prefix + ".".join(str(part) for part in first["loc"]) if first["loc"] else prefix.rstrip(".")
+        raise ArtifactError(
+            f"{where}: {field or '(top level)'}: {first['msg']}; this builder cannot verify the artifact from it: "
+            "rebuild the artifact (builder build RECIPE --force)"
+        ) from None

@@ -20,7 +20,6 @@ commit whose response was lost is recognised instead of repeated.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +27,15 @@ from pathlib import Path
 
 from builder.artifact import (
     MANIFEST_FILE,
+    PUBLISHED_DIR,
     FileEntry,
     Manifest,
+    PublishedRecord,
+    artifact_file,
+    folder_files,
     load_manifest,
     parse_manifest,
+    write_published,
 )
 from builder.card import render_card
 from builder.errors import ArtifactError, PublishError
@@ -84,8 +88,9 @@ class PublishResult:
         }
 
 
-def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
-    """Refuse unverified or failed builds, files that are not the ones the manifest hashed, and unpinned sources."""
+def check_publishable(artifact_dir: Path, manifest: Manifest) -> dict[str, Path]:
+    """Refuse unverified or failed builds, files that are not the ones the manifest hashed (or not regular files
+    inside the folder: `artifact_file`), and unpinned sources. Returns the listed files' paths."""
 
     verification = manifest.verification or {}
     if not manifest.passed:
@@ -97,17 +102,18 @@ def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
     listed = manifest.files or {}
     if not listed:
         raise PublishError(f"{artifact_dir}/{MANIFEST_FILE} lists no files; rebuild the artifact")
+    paths = {}
     for name, expected in sorted(listed.items()):
-        path = Path(artifact_dir) / name
-        if not path.is_file():
-            raise PublishError(f"{path} is listed in the manifest but missing; rebuild the artifact")
+        path = artifact_file(artifact_dir, name)
+        if path is None:
+            raise PublishError(f"{artifact_dir / name} is listed in the manifest but missing; rebuild the artifact")
         if path.stat().st_size != expected.size or file_sha256(path) != expected.sha256:
             raise PublishError(
-                f"{path} was changed after the build (its sha256 differs from the manifest's); "
+                f"{artifact_dir / name} was changed after the build (its sha256 differs from the manifest's); "
                 "rebuild the artifact instead of editing it"
             )
-    present = {p.relative_to(artifact_dir).as_posix() for p in Path(artifact_dir).rglob("*") if p.is_file()}
-    extra = sorted(present - set(listed) - {MANIFEST_FILE})
+        paths[name] = path
+    extra = sorted(set(folder_files(artifact_dir)) - set(listed))
     if extra:
         raise PublishError(
             f"{artifact_dir} has files the manifest does not list ({', '.join(extra[:5])}); "
@@ -121,15 +127,17 @@ def check_publishable(artifact_dir: Path, manifest: Manifest) -> None:
             f"{manifest.source.revision}) so the published card names the exact "
             "source, then rebuild"
         )
+    return paths
 
 
-def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str) -> Upload:
-    """Every artifact file plus manifest.json. When `repo` is not the recipe's `publish.repo`, the card is
-    re-rendered so its usage snippet loads from `repo`, and the uploaded manifest lists that card."""
+def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str, paths: dict[str, Path]) -> Upload:
+    """Every artifact file (`paths`, as `check_publishable` found them) plus manifest.json. When `repo` is not the
+    recipe's `publish.repo`, the card is re-rendered so its usage snippet loads from `repo`, and the uploaded
+    manifest lists that card."""
     import hashlib
 
     listed = manifest.files or {}
-    files: dict[str, Path | bytes] = {name: Path(artifact_dir) / name for name in sorted(listed)}
+    files: dict[str, Path | bytes] = {name: paths[name] for name in sorted(listed)}
     recipe_repo = (manifest.recipe.get("publish") or {}).get("repo")
     if repo != recipe_repo and "README.md" in files:
         card = render_card(manifest, repo_id=repo).encode()
@@ -160,7 +168,7 @@ def publish(
 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
-    check_publishable(artifact_dir, manifest)
+    paths = check_publishable(artifact_dir, manifest)
     settings = manifest.recipe.get("publish") or {}
     repo = repo or settings.get("repo")
     if not repo:
@@ -174,7 +182,7 @@ def publish(
     private = settings.get("private", False) if private is None else private
     create_pr = settings.get("create_pr", False) if create_pr is None else create_pr
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    upload = prepare_upload(artifact_dir, manifest, repo)
+    upload = prepare_upload(artifact_dir, manifest, repo, paths)
     result = PublishResult("dry-run", repo, revision, endpoint, uploaded=sorted(upload.files))
     if dry_run:
         card = upload.files["README.md"] if "README.md" in upload.files else None
@@ -190,22 +198,22 @@ def _record(artifact_dir: Path, manifest: Manifest, result: PublishResult, progr
     """`<artifacts>/.published/<name>.json`: where this artifact was last published (`builder list` shows it)."""
     from datetime import datetime, timezone
 
-    record = {
-        **result.as_json(),
-        "name": manifest.name,
-        "build_hash": manifest.build_hash,
-        "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    for key in ("uploaded", "deleted", "attempts"):
-        record.pop(key)
-    path = artifact_dir.resolve().parent / ".published" / f"{manifest.name}.json"
+    record = PublishedRecord(
+        name=manifest.name,
+        repo=result.repo,
+        revision=result.revision,
+        endpoint=result.endpoint,
+        commit=result.commit,
+        pr_url=result.pr_url,
+        status=result.status,
+        build_hash=manifest.build_hash,
+        published_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    artifacts = artifact_dir.resolve().parent
     try:
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as error:
-        progress(f"could not record the publish in {path}: {error}")
+        write_published(artifacts, record)
+    except (OSError, ArtifactError) as error:
+        progress(f"could not record the publish in {artifacts / PUBLISHED_DIR}: {error}")
 
 
 def _token() -> str:

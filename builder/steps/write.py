@@ -18,12 +18,12 @@ from typing import Any
 
 from builder import interrupts
 from builder.artifact import (
-    MANIFEST_FILE,
     MANIFEST_VERSION,
     FileEntry,
     Manifest,
     SourceRecord,
     file_table,
+    folder_files,
     replace_folder,
     write_manifest,
 )
@@ -114,12 +114,11 @@ def refresh_publish(final: Path, loaded: LoadedRecipe, plan: Plan, manifest: Man
     rewritten = {"recipe.lock.yaml": lock_text(loaded, plan).encode(), "README.md": render_card(manifest).encode()}
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        for path in sorted(final.rglob("*")):
-            relative = path.relative_to(final).as_posix()
-            if not path.is_file() or relative in rewritten or relative == MANIFEST_FILE:
+        for relative in folder_files(final):  # regular files only: a symlink's target never becomes a file here
+            if relative in rewritten:
                 continue
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(path, staging / relative)
+            _link_or_copy(final / relative, staging / relative)
         files = dict(manifest.files or {})
         for name, data in rewritten.items():
             (staging / name).write_bytes(data)

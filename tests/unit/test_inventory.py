@@ -53,6 +53,21 @@ def manifest_json(name: str, build_hash: str, passed: bool, files: dict | None =
     }
 
 
+def published_json(name: str, build_hash: str) -> dict:
+    """`.published/<name>.json` as `builder publish` writes it."""
+    return {
+        "name": name,
+        "repo": f"org/{name}",
+        "revision": "main",
+        "endpoint": "http://127.0.0.1:1",
+        "commit": "c" * 40,
+        "pr_url": None,
+        "status": "published",
+        "build_hash": build_hash,
+        "published_at": "2026-01-01T00:00:00+00:00",
+    }
+
+
 def _write_manifest(project: Path, name: str, build_hash: str, passed: bool) -> None:
     folder = project / "artifacts" / name
     folder.mkdir()
@@ -74,9 +89,7 @@ def test_list_json_and_published_record(project, capsys, monkeypatch):
     [state] = [s for s in artifact_states(["recipes"], Path("artifacts")) if s.name == "a"]
     _write_manifest(project, "a", state.build_hash, passed=False)
     (project / "artifacts" / ".published").mkdir()
-    (project / "artifacts" / ".published" / "a.json").write_text(
-        json.dumps({"repo": "org/a", "commit": "c" * 40, "build_hash": state.build_hash})
-    )
+    (project / "artifacts" / ".published" / "a.json").write_text(json.dumps(published_json("a", state.build_hash)))
     assert main(["list", "recipes", "--json"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert listed["a"]["state"] == "built"

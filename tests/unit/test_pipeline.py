@@ -234,3 +234,20 @@ def test_a_new_publish_block_refreshes_the_card_without_a_rebuild(built, tmp_pat
     assert main(["publish", str(out / "tiny-nf4"), "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["repo"] == "team/tiny-nf4"
     assert sorted(p.name for p in (out / "tiny-nf4").iterdir()) == sorted([*before["files"], "manifest.json"])
+
+
+def test_a_publish_refresh_does_not_turn_a_symlink_into_a_file_of_the_artifact(built, tmp_path, capsys):
+    """The refresh copies the folder; it hard-linked a symlink's target in as a regular file, which `verify --write`
+    would then list and publish upload (issue 26). Now the build refuses, naming the link."""
+    out = tmp_path / "out"
+    shutil.copytree(built["artifact"], out / "tiny-nf4")
+    secret = tmp_path / "token"
+    secret.write_bytes(b"hf_the_users_own_token\n")
+    (out / "tiny-nf4" / "token").symlink_to(secret)
+    recipe = tmp_path / "tiny-nf4.yaml"
+    recipe.write_text(built["recipe"].read_text() + "publish:\n  repo: team/tiny-nf4\n")
+    assert main(["build", str(recipe), "--out", str(out)]) == 1
+    assert "token: token is a symlink" in capsys.readouterr().err
+    assert (out / "tiny-nf4" / "token").is_symlink()
+    copies = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink() and p.read_bytes() == secret.read_bytes()]
+    assert copies == []
