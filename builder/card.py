@@ -148,7 +148,7 @@ def eval_results_files(manifest: Manifest) -> dict[str, str]:
         return {}
     from huggingface_hub import eval_result_entries_to_yaml
 
-    return {EVAL_RESULTS_FILE: yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False)}
+    return {EVAL_RESULTS_FILE: yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, width=2**16)}
 
 
 def gate_eval_results(report: dict, *, reference: str, date: str) -> list:
