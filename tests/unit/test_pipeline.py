@@ -275,8 +275,9 @@ def test_builder_publish_uploads_the_eval_results(built, tmp_path):
         assert result.returncode == 0, result.stderr
         api = hf_api(server)
         assert path in {f.path for f in api.list_repo_tree("demo/tiny-nf4", recursive=True)}
-        served = api.hf_hub_download("demo/tiny-nf4", path, cache_dir=tmp_path / "cache")
-        assert Path(served).read_bytes() == (built["artifact"] / path).read_bytes()
+        assert [f.path for f in api.list_repo_tree("demo/tiny-nf4", path_in_repo=".eval_results")] == [path]
+        served = Path(api.snapshot_download("demo/tiny-nf4", cache_dir=tmp_path / "cache"))
+        assert (served / path).read_bytes() == (built["artifact"] / path).read_bytes()
     finally:
         server.shutdown()
         server.server_close()
