@@ -16,6 +16,7 @@ from builder.artifact import Manifest
 from builder.errors import Problem
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
+from builder.steps.gate import GATES
 from builder.tasks import AUTO_CLASSES
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
@@ -130,6 +131,67 @@ def _eval_results(manifest: Manifest, task: str) -> list:
 # One name per figure: the gate's `bits_per_param` counts every weight file, the manifest's only the quantized
 # layers; a card that calls both "bits per parameter" shows two different numbers for one thing.
 _METRIC_NAMES = {"bits_per_param": "weight_file_bits_per_param"}
+
+
+EVAL_RESULTS_FILE = ".eval_results/builder-gate.yaml"
+"""Where the artifact holds the gate's results in the Hub's format: a YAML file in huggingface_hub's
+`EVAL_RESULTS_FOLDER` (the Hub aggregates every `.eval_results/*.yaml` it finds); the card's `model-index` keeps them
+as well, for readers of the older format."""
+
+
+def eval_results_files(manifest: Manifest) -> dict[str, str]:
+    """The artifact's `.eval_results/*.yaml` files (path -> text): the gate's results, {} when it gated no number."""
+    entries = gate_eval_results(
+        manifest.verification or {}, reference=reference_model(manifest), date=manifest.built_at
+    )
+    if not entries:
+        return {}
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    return {EVAL_RESULTS_FILE: yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, width=2**16)}
+
+
+def gate_eval_results(report: dict, *, reference: str, date: str) -> list:
+    """One huggingface_hub `EvalResultEntry` (present since 1.33, the oldest huggingface_hub we admit) per metric the
+    gate `report` held to a threshold: the evaluation data as the dataset (`EVAL_DATASET`, at the sha256 the report
+    recorded), the metric as its task id, and in the notes the model's task, the `reference` it was compared with,
+    the threshold and the verdict. The entry format has no metric field, so the metric is the task id."""
+    from huggingface_hub import EvalResultEntry
+
+    metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
+    digest = (report.get("inputs") or {}).get("eval_text_sha256")
+    entries = []
+    for key, bound in (report.get("thresholds") or {}).items():
+        metric, kind = GATES[key]
+        value = metrics.get(metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        verdict = "failed" if metric in failed else "passed"
+        notes = (
+            f"task {report.get('task')}; compared with {reference}; "
+            f"gate {'>=' if kind == 'min' else '<='} {_number(bound)}: {verdict}"
+        )
+        entries.append(
+            EvalResultEntry(
+                dataset_id=EVAL_DATASET,
+                task_id=_METRIC_NAMES.get(metric, metric),
+                value=value,
+                dataset_revision=digest,
+                date=date,
+                notes=notes,
+            )
+        )
+    return sorted(entries, key=lambda entry: entry.task_id)
+
+
+def reference_model(manifest: Manifest) -> str:
+    """The source model the gate compared with, as a reader outside the build host can name it: a Hub repo at its
+    commit, or a local folder by its content digest (and the Hub repo it copies, where known), never by its path."""
+    source = manifest.source
+    if not source.revision.startswith("sha256:"):
+        return f"the source model {source.model} at revision {source.revision}"
+    base = base_model_of(manifest)
+    return f"the source model, a local copy{f' of {base}' if base else ''} with content digest {source.revision}"
 
 
 _INHERITED = ("base_model", "license", "language", "datasets", "pipeline_tag")
