@@ -273,8 +273,9 @@ class OnnxExport(Block):
         default="auto",
         description="torch: torch.onnx.export(dynamo=True); optimum: optimum-onnx's main_export; genai: "
         "onnxruntime-genai's model builder (text-generation decoders: fused attention, always with the KV cache, "
-        "a genai_config.json so onnxruntime_genai.Model loads the folder; it picks its own opset); auto: optimum "
-        "when importable, else torch.",
+        "a genai_config.json so onnxruntime_genai.Model loads the folder; it picks its own opset); auto: genai for "
+        "a text-generation model whose architecture and options it supports (else the manifest's "
+        "onnx.genai_fallback says why not), else optimum when importable, else torch.",
     )
     opset: StrictInt = Field(default=18, ge=7, le=23, description="ONNX opset; the torch exporter needs 18 or newer.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -355,9 +356,9 @@ class OnnxExport(Block):
             for key, default in (("quant_algorithm", "rtn"), ("accuracy_level", None)):
                 if getattr(self, key) != default:
                     raise RuleViolation((key,), f"{key} is for quantize: int4")
-        if self.exporter == "genai":
-            self._genai_rules()
-        elif self.quantize == "int8" or self.dtype == "bfloat16":
+        if self.exporter == "genai" and (misfit := self.genai_misfit()):
+            raise misfit
+        if self.exporter != "genai" and (self.quantize == "int8" or self.dtype == "bfloat16"):
             key = "quantize" if self.quantize == "int8" else "dtype"
             raise RuleViolation(
                 (key,),
@@ -377,32 +378,34 @@ class OnnxExport(Block):
             raise RuleViolation(("quantize",), "dynamic-int8 quantizes a float32 graph; set `dtype: float32`")
         return self
 
-    def _genai_rules(self) -> None:
-        """What onnxruntime-genai's model builder can make: CPU or CUDA graphs, fp32 / fp16 / bf16 / int4 / int8."""
+    def genai_misfit(self) -> RuleViolation | None:
+        """Why onnxruntime-genai's model builder cannot make this graph (CPU or CUDA; fp32, fp16, bf16, int4, int8),
+        or None; a recipe with `exporter: genai` fails with it, `auto` takes another exporter for it."""
         if self.provider not in WEIGHT_ONLY_PROVIDERS:
-            raise RuleViolation(
+            return RuleViolation(
                 ("provider",),
                 f"the genai exporter builds for CPUExecutionProvider or CUDAExecutionProvider, not {self.provider}; "
                 "use `exporter: torch` for other providers",
             )
         if self.quantize not in ("none", "int4", "int8"):
-            raise RuleViolation(
+            return RuleViolation(
                 ("quantize",),
                 f"the genai exporter quantizes to int4 or int8 (MatMulNBits), not {self.quantize}; use quantize: "
                 "int4 or int8, or `exporter: torch`",
             )
         if self.quant_algorithm == "hqq":
-            raise RuleViolation(("quant_algorithm",), "the genai exporter quantizes with rtn or k_quant, not hqq")
+            return RuleViolation(("quant_algorithm",), "the genai exporter quantizes with rtn or k_quant, not hqq")
         if self.optimize != "none":
-            raise RuleViolation(
+            return RuleViolation(
                 ("optimize",), "the genai exporter writes an already fused graph; remove `optimize` (or set none)"
             )
         if self.dtype != "float32" and self.quantize == "none" and self.provider != "CUDAExecutionProvider":
-            raise RuleViolation(
+            return RuleViolation(
                 ("dtype",),
                 f"the genai exporter makes {self.dtype} graphs for CUDAExecutionProvider only; use float32 or "
                 "quantize: int4 on the CPU",
             )
+        return None
 
 
 class Thresholds(Block):

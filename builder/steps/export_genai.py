@@ -67,6 +67,8 @@ def genai_problem(spec: OnnxExport, task: str, config: dict) -> str | None:
     """Why onnxruntime-genai's model builder cannot build this recipe (None when it can)."""
     if task != "text-generation":
         return f"the genai exporter builds text-generation decoders, not {task}"
+    if misfit := spec.genai_misfit():
+        return f"export.{'.'.join(misfit.path)}: {misfit}"
     architecture = (config.get("architectures") or ["(none)"])[0]
     if architecture not in GENAI_ARCHITECTURES:
         return f"onnxruntime-genai's model builder does not build {architecture}"
