@@ -10,7 +10,8 @@ Each build runs in its own subprocess under a small wrapper that reports the pea
 (RUSAGE_CHILDREN: the build and, for builder-genai, the model builder it starts). Build time: the whole command's wall
 time; for builder's builds also the export step alone (the manifest's timings), since the stock command has no gate.
 
-Speed, best of --runs: a 128-token prompt (the evaluation text's first 128 tokens), then 64 greedy tokens (EOS
+Speed, best of --runs rounds in which the three take turns (after one warm-up each), so that the shared host's load
+falls on all of them alike: a 128-token prompt (the evaluation text's first 128 tokens), then 64 greedy tokens (EOS
 ignored). The genai graphs run through onnxruntime_genai's Generator, as their users run them: prefill = the
 `append_tokens` call, decode = 64 / the seconds of the 64 `generate_next_token` calls. The torch graph has no
 genai_config.json, so it runs on plain onnxruntime with numpy in and out (builder's gate loop,
@@ -99,16 +100,19 @@ def prompt_ids() -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def speed_genai(folder: Path, ids: list[int], runs: int) -> dict:
-    import onnxruntime_genai as og
+class GenaiRun:
+    """One greedy generation through onnxruntime_genai's Generator: (prefill s, decode s, tokens)."""
 
-    model = og.Model(str(folder))
-    best_prefill, best_decode, tokens = float("inf"), float("inf"), []
-    for _ in range(runs + 1):  # the first is a warm-up
-        params = og.GeneratorParams(model)
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(folder))
+
+    def __call__(self, ids: list[int]) -> tuple[float, float, list[int]]:
+        params = self.og.GeneratorParams(self.model)
         total = len(ids) + NEW_TOKENS
         params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        generator = og.Generator(model, params)
+        generator = self.og.Generator(self.model, params)
         started = time.perf_counter()
         generator.append_tokens(ids)
         prefill = time.perf_counter() - started
@@ -117,22 +121,24 @@ def speed_genai(folder: Path, ids: list[int], runs: int) -> dict:
         for _ in range(NEW_TOKENS):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
-        decode = time.perf_counter() - started
-        best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
-    return _speed(best_prefill, best_decode, tokens)
+        return prefill, time.perf_counter() - started, tokens
 
 
-def speed_plain_ort(folder: Path, ids: list[int], runs: int) -> dict:
-    from transformers import AutoConfig
+class PlainOrtRun:
+    """The same on plain onnxruntime with numpy in and out (builder's gate loop), for a graph without
+    genai_config.json."""
 
-    from builder.steps import ort
-    from builder.steps.verify_onnx import _OnnxDecoder
+    def __init__(self, folder: Path):
+        from transformers import AutoConfig
 
-    session = ort.session(folder / "model.onnx", "CPUExecutionProvider")
-    decoder = _OnnxDecoder(session, AutoConfig.from_pretrained(str(folder)))
-    past_names = decoder.past_names
-    best_prefill, best_decode, tokens = float("inf"), float("inf"), []
-    for _ in range(runs + 1):
+        from builder.steps import ort
+        from builder.steps.verify_onnx import _OnnxDecoder
+
+        session = ort.session(folder / "model.onnx", "CPUExecutionProvider")
+        self.decoder = _OnnxDecoder(session, AutoConfig.from_pretrained(str(folder)))
+
+    def __call__(self, ids: list[int]) -> tuple[float, float, list[int]]:
+        decoder = self.decoder
         started = time.perf_counter()
         out = decoder.run(ids)
         prefill = time.perf_counter() - started
@@ -141,10 +147,21 @@ def speed_plain_ort(folder: Path, ids: list[int], runs: int) -> dict:
         for _ in range(NEW_TOKENS):
             token = int(out["logits"][0, -1].argmax())
             tokens.append(token)
-            out = decoder.run([token], {n: out[n.replace("past_key_values.", "present.")] for n in past_names})
-        decode = time.perf_counter() - started
-        best_prefill, best_decode = min(best_prefill, prefill), min(best_decode, decode)
-    return _speed(best_prefill, best_decode, tokens)
+            out = decoder.run([token], {n: out[n.replace("past_key_values.", "present.")] for n in decoder.past_names})
+        return prefill, time.perf_counter() - started, tokens
+
+
+def measure_speed(runs: dict, ids: list[int], rounds: int) -> dict[str, dict]:
+    """Best prefill and decode of each contender over `rounds` rounds, the contenders taking turns within a round
+    (so that the shared host's load falls on all of them alike); one warm-up each first."""
+    best = {name: [float("inf"), float("inf"), []] for name in runs}
+    for name, run in runs.items():
+        best[name][2] = run(ids)[2]
+    for _ in range(rounds):
+        for name, run in runs.items():
+            prefill, decode, _ = run(ids)
+            best[name][0], best[name][1] = min(best[name][0], prefill), min(best[name][1], decode)
+    return {name: _speed(prefill, decode, tokens) for name, (prefill, decode, tokens) in best.items()}
 
 
 def _speed(prefill: float, decode: float, tokens: list[int]) -> dict:
@@ -176,20 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         "  block_size: 32\n"
     )
     ids = prompt_ids()
-    contenders = {
-        "builder-genai": (lambda: build_builder(RECIPE, out, GENAI_NAME), speed_genai),
-        "builder-torch": (lambda: build_builder(torch_recipe, out, TORCH_NAME), speed_plain_ort),
-        "stock": (lambda: build_stock(out), speed_genai),
+    builds = {
+        "builder-genai": (lambda: build_builder(RECIPE, out, GENAI_NAME), GenaiRun),
+        "builder-torch": (lambda: build_builder(torch_recipe, out, TORCH_NAME), PlainOrtRun),
+        "stock": (lambda: build_stock(out), GenaiRun),
     }
     results: dict[str, dict] = {}
-    for name, (build, speed) in contenders.items():
+    runs = {}
+    for name, (build, runner) in builds.items():
         print(f"{name}: building", flush=True)
-        folder, measured = build()
-        measured |= graph_facts(folder)
-        print(f"{name}: measuring", flush=True)
-        measured |= speed(folder, ids, args.runs)
-        results[name] = measured
-        print(name, json.dumps(measured), flush=True)
+        folder, results[name] = build()
+        results[name] |= graph_facts(folder)
+        print(name, json.dumps(results[name]), flush=True)
+        runs[name] = runner(folder)
+    print("measuring", flush=True)
+    for name, speed in measure_speed(runs, ids, args.runs).items():
+        results[name] |= speed
     stock = results["stock"]
     ratios = {
         name: {

@@ -244,9 +244,11 @@ def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) ->
             # embeddings and 1-D tensors stay float32
             block = recipe.export.block_size or (32 if recipe.export.quantize == "int4" else 64)
             per_weight = 0.5 + (4.5 if recipe.export.quantize == "int4" else 4) / block
+            # onnxruntime-genai's model builder quantizes the embedding table too (GatherBlockQuantized)
+            genai = recipe.export.exporter == "genai"
             return int(
                 sum(
-                    t.numel * (per_weight if len(t.shape) == 2 and not EMBEDDING_NAMES.search(t.name) else 4)
+                    t.numel * (per_weight if len(t.shape) == 2 and (genai or not EMBEDDING_NAMES.search(t.name)) else 4)
                     for t in tensors
                 )
             )

@@ -23,8 +23,12 @@ def artifact(smollm2, tmp_path_factory) -> Path:
     return out / "smollm2-135m-instruct-onnx-int4-genai"
 
 
-def test_int4_build_is_the_model_builders_graph_with_its_config(artifact):
+def test_int4_build_is_the_model_builders_graph_with_its_config(artifact, capsys):
     manifest = json.loads((artifact / "manifest.json").read_text())
+    capsys.readouterr()
+    assert main(["plan", str(RECIPE), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)[0]["expected_artifact_bytes"]
+    assert abs(manifest["onnx"]["model_bytes"] / expected - 1) < 0.1  # the embedding table is int4 too
     on_disk = {p.name for p in artifact.iterdir()}
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "chat_template.jinja"} <= on_disk
     assert set(manifest["files"]) == on_disk - {"manifest.json"}
