@@ -517,7 +517,7 @@ def decoder(root: Path, device: str, runs: int, decode_runs: int, small: bool) -
         source,
         "text-generation",
         device,
-        {"with_past": True, "quantize": "int4"},
+        {"exporter": "torch", "with_past": True, "quantize": "int4"},  # position_ids and its own cache loop
         {"prompts": ["The capital of France is"], "max_new_tokens": 8, "thresholds": _RELAXED},
     )
     built = build(recipe, root, device)

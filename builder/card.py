@@ -336,6 +336,8 @@ def _usage(manifest: Manifest, repo_id: str) -> str:
 
 def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
     provider = manifest.recipe["export"]["provider"]
+    if (manifest.onnx or {}).get("exporter") == "genai":  # hook: the genai exporter's folder is for its runtime
+        return _usage_genai(repo_id, provider)
     graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
     graph = graphs[0] if graphs else "model.onnx"
     ort_class = _ORT_CLASSES.get(task, "ORTModel")
@@ -350,6 +352,22 @@ def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
         "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
         f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
         f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
+    )
+
+
+def _usage_genai(repo_id: str, provider: str) -> str:
+    package = "onnxruntime-genai-cuda" if provider == "CUDAExecutionProvider" else "onnxruntime-genai"
+    return (
+        f"With `onnxruntime_genai` (`pip install {package}`; the graph targets `{provider}`):\n\n```python\n"
+        "import onnxruntime_genai as og\nfrom huggingface_hub import snapshot_download\n\n"
+        f'folder = snapshot_download("{repo_id}")\n'
+        "model = og.Model(folder)\ntokenizer = og.Tokenizer(model)\n"
+        "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=256)\n"
+        "generator = og.Generator(model, params)\n"
+        'generator.append_tokens(tokenizer.encode("The capital of France is"))\n'
+        "stream = tokenizer.create_stream()\nwhile not generator.is_done():\n"
+        "    generator.generate_next_token()\n"
+        '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n```'
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from builder.recipe import Recipe
-from builder.steps import ort, placement
+from builder.steps import export_genai, ort, placement
 from builder.steps.export import decoder_shape, load_source
 from builder.steps.gate import (
     ENCODER_SENTENCES,
@@ -44,6 +44,9 @@ _THRESHOLDS = {
     # nf4 0.71 / 0.37, fp4 0.57 / 0.65; the bounds allow about twice that distance, as the bitsandbytes ones do.
     # The encoder cosine bounds are not measured yet (set from dynamic-int8's, looser for fp4).
     ("float32", "int4"): {"cosine": 0.97, "top1_agreement": 0.45, "kl_divergence": 1.0},
+    # genai exporter only; not measured yet: int8 weight-only from dynamic-int8's, bfloat16 looser than float16's.
+    ("float32", "int8"): {"cosine": 0.97, "top1_agreement": 0.8, "kl_divergence": 0.2},
+    ("bfloat16", "none"): {"max_abs_diff": 1.0, "cosine": 0.995, "top1_agreement": 0.9, "kl_divergence": 5e-2},
     ("float32", "nf4"): {"cosine": 0.97, "top1_agreement": 0.45, "kl_divergence": 1.0},
     ("float32", "fp4"): {"cosine": 0.95, "top1_agreement": 0.35, "kl_divergence": 1.5},
 }
@@ -159,7 +162,9 @@ def onnx_metrics(
     measured = placement.measure(session, _first_feed(session, reference, tokenizer, prompts[0], task), provider)
     with torch.no_grad():
         if task == "text-generation":
-            result = _decoder_metrics(session, reference, tokenizer, prompts, max_new_tokens)
+            # hook: a genai artifact (it has genai_config.json) generates through onnxruntime-genai, as its users do
+            genai_dir = model_dir if (model_dir / export_genai.GENAI_CONFIG).is_file() else None
+            result = _decoder_metrics(session, reference, tokenizer, prompts, max_new_tokens, genai_dir, provider)
         else:
             result = _encoder_metrics(session, reference, tokenizer, prompts, task)
     result["placement"] = measured
@@ -278,11 +283,20 @@ class _OnnxDecoder:
         return tokens[len(ids) :]
 
 
-def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> dict:
+def _decoder_metrics(
+    session, reference, tokenizer, prompts: Sequence[str], max_new_tokens: int, genai_dir: Path | None, provider: str
+) -> dict:
+    """Teacher-forced logits (top-1, KL) from one full-sequence run of the graph with an empty KV cache on plain
+    onnxruntime; greedy generation through the KV cache, with onnxruntime-genai's Generator on the artifact in
+    `genai_dir` when it is one (its Generator gives only the last position's logits, so it cannot give the rest)."""
     import numpy as np
     import torch
 
     decoder = _OnnxDecoder(session, reference.config)
+    if genai_dir is not None:
+        prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+        continuations = export_genai.generate(genai_dir, prompt_ids, max_new_tokens, provider)
+        generated_by = dict(zip(prompts, continuations, strict=True))
     eos = reference.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
@@ -298,7 +312,10 @@ def _decoder_metrics(session, reference, tokenizer, prompts: Sequence[str], max_
             pad_token_id=pad,
         )
         torch_tokens = generated[0, ids.shape[1] :].tolist()
-        matches += decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens
+        if genai_dir is not None:
+            matches += generated_by[prompt] == torch_tokens
+        else:
+            matches += decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens
         sequence = generated[0].cpu()
         torch_out = reference(sequence[None].to(reference.device), use_cache=bool(decoder.past_names))
         onnx_out = decoder.run(sequence.tolist())
