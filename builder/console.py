@@ -4,12 +4,19 @@ Progress bars (builder's, transformers', huggingface_hub's) show only when stder
 pipes get plain lines. `--quiet` silences the status lines and the bars; errors and results still print. Both are
 passed on as environment variables because the heavy libraries read them when first imported, and worker
 processes (`--jobs`) and the verification subprocess inherit them.
+
+Inside `library_noise_filtered()` (a command, a build), the libraries' messages that tell a user nothing they could
+act on are dropped at their source, by logger or warning module and message (`_NOISE_LOGS`, `_NOISE_WARNINGS`);
+every other warning prints once per message, not once per call site and filter change.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,7 +33,7 @@ def configured(*, quiet: bool) -> Iterator[None]:
         # Read when the libraries are first imported: huggingface_hub the first (transformers' bars follow it), tqdm
         # (>= 4.66) the second.
         settings |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-    with environment(settings):
+    with environment(settings), library_noise_filtered():
         yield
 
 
@@ -54,3 +61,52 @@ def say(message: str) -> None:
     """A status line on stderr, unless quiet."""
     if os.environ.get(QUIET_ENV) != "1":
         print(message, file=sys.stderr, flush=True)
+
+
+# Log lines of the libraries, by logger: the start of each message dropped.
+_NOISE_LOGS: dict[str, tuple[str, ...]] = {
+    # Every LLM.int8() forward on a CPU, thousands per build: bitsandbytes computes int8 in float16 by design.
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
+    # At import, without the optional `kernels` package or the network: bitsandbytes uses its own CPU kernel.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+# Warnings of the libraries: (message regex, module regex of where it is raised) dropped.
+_NOISE_WARNINGS: tuple[tuple[str, str], ...] = ()
+
+_filtering = threading.Lock()
+_active = 0  # open `library_noise_filtered` blocks; the log filter drops only while one is open
+
+
+class _NoiseFilter(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_active and isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+
+
+@contextmanager
+def library_noise_filtered() -> Iterator[None]:
+    """Drop the libraries' known noise for the block (on every thread: the gate's runs log from their own), and
+    print each other warning once. Blocks nest; a program that imports builder gets its logs whole outside them.
+
+    `warnings.catch_warnings` restores the filters of the thread that entered it, so enter this on the thread that
+    owns the work (the CLI's, `builder.pipeline.build`'s), not on the worker threads it starts."""
+    global _active
+    with _filtering:
+        for name, prefixes in _NOISE_LOGS.items():
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _NoiseFilter) for f in logger.filters):
+                logger.addFilter(_NoiseFilter(prefixes))
+        _active += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("once", append=True)  # after the filters already set, which keep their say
+            for message, module in _NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, module=module)
+            yield
+    finally:
+        with _filtering:
+            _active -= 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from builder import interrupts
 from builder.artifact import FAILED_DIR, HashAhead, Manifest, load_manifest, replace_folder, up_to_date
-from builder.console import say
+from builder.console import library_noise_filtered, say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.plan import Plan, build_kind, build_stages, make_plan
@@ -66,6 +66,7 @@ def build_file(recipe_file: str | Path, *, names: list[str] | None = None, **opt
     return [build(plan, **options) for plan in plans]
 
 
+@library_noise_filtered()  # here too, not only in the CLI: for `--jobs` workers and programs
 def build(
     plan: Plan,
     *,
@@ -139,7 +140,6 @@ def build(
             for work in (ctx.reference, ctx.candidate, ctx.hash_ahead):
                 if work is not None:
                     work.cancel()  # however the build ended, no gate worker or hashing thread stays behind
-    say(f"{recipe.name}: built {final}")
     return BuildResult(recipe.name, final, "built", load_manifest(final))
 
 
@@ -149,7 +149,8 @@ def _current(final: Path, plan: Plan) -> Manifest | None:
 
 
 def _reused(final: Path, manifest: Manifest, note: str = "") -> BuildResult:
-    say(f"{final.name}: up to date ({final}){note}")
+    if note:  # the outcome itself is the caller's line to print (the CLI's on stdout)
+        say(f"{final.name}: up to date{note}")
     return BuildResult(final.name, final, "up to date", manifest)
 
 

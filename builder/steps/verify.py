@@ -460,7 +460,8 @@ class _Progress:
             if stage in self._bars:
                 self._bars.pop(stage).close()
             self.stages[stage] = event["seconds"]
-            say(f"{self.label}: {stage} {event['seconds']:.1f} s")
+            if stage != "imports":  # run ahead, during the quantize step: a line would come before `[3/4] verify`
+                say(f"{self.label}: {stage} {event['seconds']:.1f} s")
         elif "done" in event and stage in self._bars:
             self._bars[stage].update(event["done"] - self._bars[stage].n)
         elif event.get("total") and self.foreground and show_progress():
