@@ -36,6 +36,7 @@ from builder.recipe import (
     name_clashes,
     require_unique_names,
 )
+from builder.report import DEFAULT_OUT as REPORT_OUT
 from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
 from builder.steps import verify, verify_onnx
@@ -627,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--out",
-        default="report.html",
+        default=str(REPORT_OUT),
         help="the HTML file to write (default %(default)s); card links are relative to its folder",
     )
     report.add_argument(
