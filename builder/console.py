@@ -69,6 +69,8 @@ _NOISE_LOGS: dict[str, tuple[str, ...]] = {
     "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
     # At import, without the optional `kernels` package or the network: bitsandbytes uses its own CPU kernel.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # Each torch.onnx.export without torchvision, 4 lines: its detection ops are not in a language model's graph.
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
 }
 
 # Warnings of the libraries: (message regex, module regex of where it is raised) dropped.
