@@ -57,10 +57,43 @@ def show_progress() -> bool:
     return os.environ.get(QUIET_ENV) != "1" and sys.stderr.isatty()
 
 
-def say(message: str) -> None:
-    """A status line on stderr, unless quiet."""
-    if os.environ.get(QUIET_ENV) != "1":
-        print(message, file=sys.stderr, flush=True)
+def say(message: str, *, stage: str | None = None) -> None:
+    """A status line on stderr, unless quiet. The line of work done ahead of its build `stage` (a gate run that
+    starts during the quantize step) waits for `begin_stage(stage)`, so a build's lines stay in stage order."""
+    if os.environ.get(QUIET_ENV) == "1":
+        return
+    with _staging:
+        if stage is not None and _begun is not None and stage not in _begun:
+            _held.append((stage, message))
+            return
+    print(message, file=sys.stderr, flush=True)
+
+
+_staging = threading.Lock()
+_begun: set[str] | None = None  # the stages of the build under way that began; None: no build (`builder verify`)
+_held: list[tuple[str, str]] = []
+
+
+def begin_stage(stage: str, message: str) -> None:
+    """Say that the build's `stage` begins, then the lines said ahead of it."""
+    global _begun
+    with _staging:
+        _begun = (_begun or set()) | {stage}
+        ahead = [line for name, line in _held if name == stage]
+        _held[:] = [(name, line) for name, line in _held if name != stage]
+    for line in (message, *ahead):
+        say(line)
+
+
+def end_stages() -> None:
+    """The build is over: lines still waiting for a stage that never began print now; the next build starts anew."""
+    global _begun
+    with _staging:
+        ahead = [line for _, line in _held]
+        _held.clear()
+        _begun = None
+    for line in ahead:
+        say(line)
 
 
 # Log lines of the libraries, by logger: the start of each message dropped.
