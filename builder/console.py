@@ -6,7 +6,7 @@ passed on as environment variables because the heavy libraries read them when fi
 processes (`--jobs`) and the verification subprocess inherit them.
 
 Inside `library_noise_filtered()` (a command, a build), the libraries' messages that tell a user nothing they could
-act on are dropped at their source, by logger or warning module and message (`_NOISE_LOGS`, `_NOISE_WARNINGS`);
+act on are dropped at their source, by logger or warning category and message (`_NOISE_LOGS`, `_NOISE_WARNINGS`);
 every other warning prints once per message, not once per call site and filter change.
 """
 
@@ -106,8 +106,11 @@ _NOISE_LOGS: dict[str, tuple[str, ...]] = {
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
 }
 
-# Warnings of the libraries: (message regex, module regex of where it is raised) dropped.
-_NOISE_WARNINGS: tuple[tuple[str, str], ...] = ()
+# Warnings of the libraries, by the start of their message (a regex) and their category.
+_NOISE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # torch.onnx.export (torch 2.13) calling torch's own deprecated pytree API; raised as if from copyreg.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
 
 _filtering = threading.Lock()
 _active = 0  # open `library_noise_filtered` blocks; the log filter drops only while one is open
@@ -120,6 +123,19 @@ class _NoiseFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (_active and isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+
+
+def _once(show):
+    """`show` for each warning message the first time only. Python's own "once" forgets what it showed whenever
+    anyone changes the filters, which torch and transformers do on every call."""
+    shown: set[tuple[str, type]] = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, filename, lineno, file, line)
+
+    return show_once
 
 
 @contextmanager
@@ -137,10 +153,10 @@ def library_noise_filtered() -> Iterator[None]:
                 logger.addFilter(_NoiseFilter(prefixes))
         _active += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("once", append=True)  # after the filters already set, which keep their say
-            for message, module in _NOISE_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, module=module)
+        with warnings.catch_warnings():  # which also puts `showwarning` back
+            for message, category in _NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            warnings.showwarning = _once(warnings.showwarning)
             yield
     finally:
         with _filtering:

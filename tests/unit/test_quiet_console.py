@@ -69,3 +69,16 @@ def test_an_onnx_build_exports_in_eval_mode_quietly(tiny_llama, tmp_path):
         "export:\n  format: onnx\n  with_past: true\n"
     )
     _assert_quiet_and_in_order(_build(recipe, tmp_path / "out", tmp_path / "cache"), "tiny-onnx")
+
+
+def test_warning_noise_is_dropped_and_other_warnings_print_once_per_message():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()  # what a fresh interpreter has: no pytest filters
+        with library_noise_filtered():
+            for _ in range(3):
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+                warnings.warn("something a user may act on", UserWarning, stacklevel=1)
+                warnings.simplefilter("default", ResourceWarning)  # a library changing filters resets the registry
+    assert [str(w.message) for w in seen] == ["something a user may act on"]
