@@ -7,7 +7,8 @@ processes (`--jobs`) and the verification subprocess inherit them.
 
 Inside `library_noise_filtered()` (a command, a build), the libraries' messages that tell a user nothing they could
 act on are dropped at their source, by logger or warning category and message (`_NOISE_LOGS`, `_NOISE_WARNINGS`);
-every other warning prints once per message, not once per call site and filter change.
+every other warning prints once per message, not once per call site and filter change; with `--quiet` none does, nor
+any library log line below ERROR.
 """
 
 from __future__ import annotations
@@ -146,18 +147,24 @@ def library_noise_filtered() -> Iterator[None]:
     `warnings.catch_warnings` restores the filters of the thread that entered it, so enter this on the thread that
     owns the work (the CLI's, `builder.pipeline.build`'s), not on the worker threads it starts."""
     global _active
+    quiet, disabled = os.environ.get(QUIET_ENV) == "1", logging.root.manager.disable
     with _filtering:
         for name, prefixes in _NOISE_LOGS.items():
             logger = logging.getLogger(name)
             if not any(isinstance(f, _NoiseFilter) for f in logger.filters):
                 logger.addFilter(_NoiseFilter(prefixes))
         _active += 1
+    if quiet:  # errors and results only: the libraries' warnings and log lines below ERROR go too
+        logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():  # which also puts `showwarning` back
+            if quiet:
+                warnings.simplefilter("ignore")
             for message, category in _NOISE_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
             warnings.showwarning = _once(warnings.showwarning)
             yield
     finally:
+        logging.disable(disabled)
         with _filtering:
             _active -= 1

@@ -82,3 +82,19 @@ def test_warning_noise_is_dropped_and_other_warnings_print_once_per_message():
                 warnings.warn("something a user may act on", UserWarning, stacklevel=1)
                 warnings.simplefilter("default", ResourceWarning)  # a library changing filters resets the registry
     assert [str(w.message) for w in seen] == ["something a user may act on"]
+
+
+def test_quiet_leaves_the_libraries_errors_only(caplog, monkeypatch):
+    import warnings
+
+    from builder.console import QUIET_ENV
+
+    library = logging.getLogger("transformers.modeling_utils")
+    monkeypatch.setenv(QUIET_ENV, "1")
+    with warnings.catch_warnings(record=True) as seen, library_noise_filtered():
+        warnings.warn("something a user may act on", UserWarning, stacklevel=1)
+        library.warning("a library's warning")
+        library.error("a library's error")
+    monkeypatch.delenv(QUIET_ENV)
+    library.warning("after the command")
+    assert seen == [] and caplog.messages == ["a library's error", "after the command"]
