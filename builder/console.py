@@ -111,6 +111,8 @@ _NOISE_LOGS: dict[str, tuple[str, ...]] = {
 _NOISE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # torch.onnx.export (torch 2.13) calling torch's own deprecated pytree API; raised as if from copyreg.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # torch.onnx.export, once per dynamic axis shared by several inputs (batch_size, ...): the one name is kept.
+    (r"# The axis name: \S+ will not be used, since it shares the same shape constraints", UserWarning),
 )
 
 _filtering = threading.Lock()
