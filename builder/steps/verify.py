@@ -460,7 +460,7 @@ class _Progress:
             if stage in self._bars:
                 self._bars.pop(stage).close()
             self.stages[stage] = event["seconds"]
-            say(f"{self.label}: {stage} {event['seconds']:.1f} s")
+            say(f"{self.label}: {stage} {event['seconds']:.1f} s", stage="verify")  # it may run ahead of the step
         elif "done" in event and stage in self._bars:
             self._bars[stage].update(event["done"] - self._bars[stage].n)
         elif event.get("total") and self.foreground and show_progress():
