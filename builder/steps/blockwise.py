@@ -208,10 +208,13 @@ def _hook(block, device: str, record: Offload) -> None:
     block.register_forward_hook(offload, with_kwargs=True)
 
 
-def load_by_blocks(load: Callable[[object], object], model_class, folder: str, device: str) -> tuple[object, Offload]:
-    """(model, record): `folder` as `load(device_map)` loads it (`from_pretrained`, `dtype` and all), run block by
-    block on `device`: its blocks read from the safetensors files at each forward, or, for a bitsandbytes
-    checkpoint, kept on the host (see the module docstring)."""
+def load_by_blocks(
+    load: Callable[..., object], model_class, folder: str, device: str, scratch: str | None
+) -> tuple[object, Offload]:
+    """(model, record): `folder` as `load(device_map, **from_pretrained_options)` loads it (`dtype` and all), run
+    block by block on `device`: its blocks read from the safetensors files at each forward, or, for a bitsandbytes
+    checkpoint, kept on the host (see the module docstring). A block weight that transformers converts on load
+    (fused experts, ...) is read from a copy it writes under `scratch`, which must outlive the model."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -221,7 +224,7 @@ def load_by_blocks(load: Callable[[object], object], model_class, folder: str, d
         return model, offload_blocks(model, device)
     with init_empty_weights():
         skeleton = model_class.from_config(config)
-    model = load(_blocks_on_disk(skeleton, device))
+    model = load(_blocks_on_disk(skeleton, device), offload_folder=scratch)
     return model, _read_blocks_from_files(model, device)
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,12 +79,12 @@ def model_class(task: str):
     return auto_class(task) if task == "text-generation" else auto_class("feature-extraction")
 
 
-def load_model(folder: str, task: str, dtype: str, device_map):
+def load_model(folder: str, task: str, dtype: str, device_map, **options):
     """`folder` loaded with stock transformers as `task` needs it, in `dtype`, on `device_map` (a device, or a
-    transformers device map), in eval mode."""
+    transformers device map; `options` go to `from_pretrained` too), in eval mode."""
     import torch
 
-    model = model_class(task).from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device_map)
+    model = model_class(task).from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device_map, **options)
     return model.eval()
 
 
@@ -99,12 +100,17 @@ def weight_bytes(folder: str, dtype: str) -> int:
     )
 
 
-def load_for_probe(folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None):
+def load_for_probe(
+    folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None, scratch: str | None = None
+):
     """(model, offload record or None): `load_model` on `device` when its weights fit `max_device_memory` (or no
-    cap is given); otherwise run block by block on `device` (`builder.steps.blockwise.load_by_blocks`)."""
+    cap is given); otherwise run block by block on `device` (`builder.steps.blockwise.load_by_blocks`; the blocks'
+    weights that transformers converts on load, such as fused experts, are written under `scratch`, a folder that
+    must outlive the model)."""
     if max_device_memory is None or weight_bytes(folder, dtype) <= max_device_memory:
         return load_model(folder, task, dtype, device), None
-    return load_by_blocks(functools.partial(load_model, folder, task, dtype), model_class(task), folder, device)
+    load = functools.partial(load_model, folder, task, dtype)
+    return load_by_blocks(load, model_class(task), folder, device, scratch)
 
 
 def run(spec: dict, emit: Emit) -> dict:
@@ -113,9 +119,10 @@ def run(spec: dict, emit: Emit) -> dict:
     import torch
 
     device, cap = spec["device"], spec.get("max_device_memory")
-    with torch_defaults.exclusive(), _without_loading_bars(), _Stage("load", emit):
-        model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
-    outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
+    with tempfile.TemporaryDirectory(prefix="builder-blocks-") as scratch:
+        with torch_defaults.exclusive(), _without_loading_bars(), _Stage("load", emit):
+            model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap, scratch)
+        outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
     outputs["forward"] = "blocks" if offload else "whole"
     if offload:
         outputs["offload"] = offload.as_json()
