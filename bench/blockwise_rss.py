@@ -4,7 +4,7 @@ For each depth it saves a deep, narrow random Llama (hidden 1024 by default, det
 safetensors) and runs the gate's worker (`python -m builder.steps.metrics`, as the gate starts it under a device
 memory cap) on it with a cap the weights pass, so the worker runs block by block, on this machine's CPU. It runs
 the worker twice: with the code at `--before` (exported with `git archive`) and with this checkout's. Each worker's
-peak RSS is its own (`os.wait4`'s `ru_maxrss`). It prints a Markdown table (peak RSS, and the ratio after/before)
+peak RSS is its own (`ru_maxrss`, see `_PEAK_RSS`). It prints a Markdown table (peak RSS, and the ratio after/before)
 and writes JSON.
 
 Usage:
@@ -30,6 +30,13 @@ BEFORE = "8002e88"
 """The last commit whose by-blocks path kept every decoder block in host memory."""
 CAP = 64 << 20
 """The device memory cap the worker gets: far below the weights, so it runs block by block."""
+_PEAK_RSS = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
+"""Run a command and print its peak RSS (KiB). Linux counts the image a process had before `exec` in its peak, so
+a worker forked straight from this script would report this script's RSS (the models it built) whenever that is
+larger: forked from this small process instead, its peak is its own."""
 
 
 def _model(folder: Path, layers: int, hidden: int) -> Path:
@@ -87,32 +94,38 @@ def _export(revision: str, target: Path) -> Path:
 
 
 def _worker(code: Path, folder: Path, spec: Path) -> dict:
-    """Run the gate worker of the code at `code` on `spec`: its peak RSS, wall time and offload record."""
+    """Run the gate worker of the code at `code` on `spec` (through `_PEAK_RSS`): its peak RSS, wall time and
+    offload record."""
     import torch
 
     out = spec.with_suffix(f".{code.name}.out.pt")
     env = dict(os.environ, PYTHONPATH=str(code))
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "builder.steps.metrics", str(folder), "text-generation", "cpu"],
+        [
+            sys.executable,
+            "-c",
+            _PEAK_RSS,
+            sys.executable,
+            "-m",
+            "builder.steps.metrics",
+            str(folder),
+            "text-generation",
+            "cpu",
+        ],
         cwd=code,
         env=env,
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stdin is not None and process.stderr is not None
-    process.stdin.write(f"{spec}\n{out}\n")
-    process.stdin.close()
-    tail = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    stdout, tail = process.communicate(f"{spec}\n{out}\n")
     if process.returncode != 0:
         raise SystemExit(f"worker of {code} failed ({process.returncode}): {tail[-2000:]}")
     outputs = torch.load(out, weights_only=True)
     return {
-        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "peak_rss_bytes": int(stdout.split()[-1]) * 1024,  # Linux reports KiB
         "seconds": round(time.perf_counter() - started, 2),
         "forward": outputs.get("forward"),
         "offload": outputs.get("offload"),
