@@ -251,6 +251,8 @@ def _read_blocks_from_files(model, device: str) -> Offload:
     a block's tensors read from the files for its forward, the meta ones put back after it."""
     from accelerate.hooks import remove_hook_from_submodules
 
+    # transformers' disk offload index (name -> file, key in it, dtype) is kept only by accelerate's hooks: each
+    # offloaded module's weights map is a prefixed view of one loader holding it.
     index = next(
         (
             m._hf_hook.weights_map.dataset.index
@@ -259,6 +261,8 @@ def _read_blocks_from_files(model, device: str) -> Offload:
         ),
         None,
     )
+    if index is None:
+        raise ValueError("transformers left no index of the blocks' weights in their files: they cannot be read")
     remove_hook_from_submodules(model)
     blocks = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
@@ -266,7 +270,7 @@ def _read_blocks_from_files(model, device: str) -> Offload:
     resident = [t for t in (*model.parameters(), *model.buffers()) if id(t) not in in_blocks]
     if any(t.device.type == "meta" for t in resident):
         raise ValueError("some of the model's tensors outside its decoder blocks were not loaded")
-    reads = [_block_reads(block, f"{prefix}.{number}.", index or {}) for number, block in enumerate(blocks)]
+    reads = [_block_reads(block, f"{prefix}.{number}.", index) for number, block in enumerate(blocks)]
     record = Offload(
         blocks=len(blocks),
         resident_bytes=sum(t.numel() * t.element_size() for t in resident),
