@@ -284,16 +284,26 @@ def _spans_decades(values: list[float]) -> bool:
 # --- bars ------------------------------------------------------------------------------------------------------
 
 
-def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html:
+def bars(rows: list[dict], field: str, reference_field: str, title: str, *, note: str | None = None) -> Html:
+    """A bar per row that measured `field`, with the source model's figure from the same run as a black tick. Three
+    columns: the names (as wide as the longest), the bars, and the figures ("38 · source 30"), so no text crosses a
+    bar or a tick whatever the values."""
     shown = [r for r in rows if r[field] is not None]
-    # Latency is timed on what each verifier feeds (transformers: a fixed number of tokens at batch 1; ONNX Runtime:
-    # the verification inputs); say so on each bar when one chart mixes them.
-    mixed = len({r["latency_basis"] for r in shown}) > 1 and field == "latency_ms"
     short = _short_names([r["name"] for r in rows])
-    row_height, left, width = 24, 130, WIDTH
-    height = TOP + 20 + row_height * len(shown) + 30
+    figures = {
+        r["name"]: format_number(r[field])
+        + ("" if r[reference_field] is None else f" · source {format_number(r[reference_field])}")
+        for r in shown
+    }
+    row_height, bar_width = 24, 300
+    left = 12 + max(text_width(short[r["name"]]) for r in shown)
+    right = left + bar_width + 8 + max(text_width(f) for f in figures.values()) + 12
+    footer = "black tick: the source model in the same verification run"
+    lines = [footer] + ([note] if note else [])
+    width = math.ceil(max(right, 24 + max(text_width(t) for t in lines), 24 + text_width(title, 14)))
+    height = TOP + 20 + row_height * len(shown) + 16 * len(lines) + 14
     top = max([r[field] for r in shown] + [r[reference_field] or 0 for r in shown])
-    x = _Axis(0, top * 1.1 or 1, left, width - 60, log=False)
+    x = _Axis(0, top * 1.1 or 1, left, left + bar_width, log=False)
     out = [
         html(
             '<svg class="chart bars" data-field="{field}" width="{width}" height="{height}" '
@@ -302,7 +312,7 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
             width=width,
             height=height,
         ),
-        html('<title>{title}</title><text class="title" x="{x}" y="16">{title}</text>', title=title, x=left),
+        html('<title>{title}</title><text class="title" x="12" y="16">{title}</text>', title=title),
     ]
     for index, r in enumerate(shown):
         by = TOP + 12 + index * row_height
@@ -313,7 +323,7 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
                 '<rect class="bar-{status}" data-artifact="{name}" data-status="{status}" data-value="{value}" '
                 'x="{x}" y="{y}" width="{width:.1f}" height="{height}">'
                 "<title>{name}: {shown} on {device}</title></rect>"
-                '<text x="{value_x:.1f}" y="{text_y}">{shown}{basis}</text>',
+                '<text class="figure" x="{value_x}" y="{text_y}">{figures}</text>',
                 label_x=left - 6,
                 text_y=by + 14,
                 short=short[r["name"]],
@@ -326,28 +336,25 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
                 height=row_height - 6,
                 shown=format_number(r[field]),
                 device=str(r["device"]),
-                value_x=left + bar + 4,
-                basis=f" ({r['latency_basis']})" if mixed else "",
+                value_x=left + bar_width + 8,
+                figures=figures[r["name"]],
             )
         )
         if r[reference_field] is not None:
             out.append(
                 html(
-                    '<line class="reference" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
-                    "<title>source model, same run: {value}</title></line>",
+                    '<line class="reference" data-value="{value}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
+                    "<title>source model, same run: {shown}</title></line>",
+                    value=r[reference_field],
                     x=x(r[reference_field]),
                     top=by - 2,
                     bottom=by + row_height - 4,
-                    value=format_number(r[reference_field]),
+                    shown=format_number(r[reference_field]),
                 )
             )
-    out.append(
-        html(
-            '<text x="{x}" y="{y}">black tick: the source model in the same verification run</text></svg>',
-            x=left,
-            y=height - 8,
-        )
-    )
+    for index, line in enumerate(lines):
+        out.append(html('<text x="12" y="{y}">{line}</text>', y=height - 8 - 16 * (len(lines) - 1 - index), line=line))
+    out.append(Html("</svg>"))
     return join(out, "\n")
 
 
@@ -364,6 +371,13 @@ def _short_names(names: list[str]) -> dict[str, str]:
             shared = shared[:-1]
     cut = shared.rfind("-") + 1
     return {n: n[cut:] or n for n in names}
+
+
+def text_width(text: str, font_px: float = 11) -> float:
+    """A generous estimate of `text`'s drawn width in pixels (system-ui; wide letters count more), so a chart sized
+    by it holds its labels."""
+    wide = sum(1 for c in text if c.isupper() or c in "mwMW@%")
+    return font_px * (0.62 * len(text) + 0.3 * wide)
 
 
 def format_size(n: float | None) -> str:
