@@ -16,7 +16,8 @@ from collections.abc import Callable
 from builder.markup import Html, html, join
 
 WIDTH, HEIGHT = 600, 360
-LEFT, RIGHT, TOP, BOTTOM = 72, 170, 24, 52  # the right margin holds the threshold and point labels
+# The right margin holds the threshold and point labels; the top one the source model's size above its line.
+LEFT, RIGHT, TOP, BOTTOM = 72, 170, 40, 52
 _LOG_DECADES = 12
 # --- scatter ---------------------------------------------------------------------------------------------------
 
@@ -28,7 +29,11 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
     source_bytes = group["source_bytes"] if field == "size_bytes" else None
     across = [a[field] for a in drawn] + ([source_bytes] if source_bytes else [])
     values = [a["metrics"][metric] for a in drawn] + [t["value"] for t in chart["thresholds"]]
-    x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
+    if field == "size_bytes" and len({a[field] for a in drawn}) < 2:
+        # One size alone says nothing against itself: from 0, it is read against the source model's line.
+        x = _Axis(0, max(across or [1]) * 1.08, LEFT, WIDTH - RIGHT, log=False)
+    else:
+        x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
     x.format = format_size if field == "size_bytes" else format_number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
@@ -52,14 +57,23 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
         _y_axis(y, chart["label"]),
     ]
     if source_bytes:
+        # Labelled above the plot, beside its line (left of it, or right of it near the y axis): no gate label or
+        # tick label is there.
+        line_x = x(source_bytes)
+        anchor, label_x = ("start", line_x + 4) if line_x < LEFT + 100 else ("end", line_x - 4)
         out.append(
             html(
-                '<line class="source-line" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
-                "<title>source model: {size}</title></line>",
-                x=x(source_bytes),
-                top=TOP,
+                '<line class="source-line" data-value="{value}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
+                "<title>source model: {size}</title></line>"
+                '<text class="source-label" x="{label_x:.1f}" y="{label_y}" text-anchor="{anchor}">source {size}</text>',
+                value=source_bytes,
+                x=line_x,
+                top=TOP - 10,
                 bottom=HEIGHT - BOTTOM,
-                size=format_size(group["source_bytes"]),
+                size=format_size(source_bytes),
+                label_x=label_x,
+                label_y=TOP - 4,
+                anchor=anchor,
             )
         )
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
@@ -173,7 +187,7 @@ def _x_axis(x: _Axis, label: str) -> Html:
             '<g class="axis"><line x1="{left}" y1="{y}" x2="{right}" y2="{y}"/>', left=LEFT, right=WIDTH - RIGHT, y=base
         )
     ]
-    for tick in x.ticks():
+    for tick, shown in x.tick_labels():
         parts.append(
             html(
                 '<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y}"/>'
@@ -182,7 +196,7 @@ def _x_axis(x: _Axis, label: str) -> Html:
                 top=TOP,
                 y=base,
                 text_y=base + 16,
-                tick=x.format(tick),
+                tick=shown,
             )
         )
     parts.append(
@@ -205,7 +219,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
             bottom=HEIGHT - BOTTOM,
         )
     ]
-    for tick in y.ticks():
+    for tick, shown in y.tick_labels():
         parts.append(
             html(
                 '<line class="grid" x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>'
@@ -215,7 +229,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
                 y=y(tick),
                 text_x=LEFT - 6,
                 text_y=y(tick) + 4,
-                tick=format_number(tick),
+                tick=shown,
             )
         )
     parts.append(
@@ -257,6 +271,15 @@ class _Axis:
             lo, hi = self.lo, self.hi
         return self.start + (value - lo) / (hi - lo) * (self.end - self.start)
 
+    def tick_labels(self) -> list[tuple[float, str]]:
+        """The ticks with labels precise enough to tell neighbours apart (0.9999, 0.99995, 1 rather than 1, 1, 1)."""
+        ticks = self.ticks()
+        for digits in range(4, 13):
+            labels = [self.format(tick, digits) for tick in ticks]
+            if len(set(labels)) == len(labels):
+                break
+        return list(zip(ticks, labels, strict=True))
+
     def ticks(self) -> list[float]:
         if self.log:
             return [10.0**e for e in range(math.ceil(math.log10(self.lo)), math.floor(math.log10(self.hi)) + 1)]
@@ -295,13 +318,13 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str, *, note
         + ("" if r[reference_field] is None else f" · source {format_number(r[reference_field])}")
         for r in shown
     }
-    row_height, bar_width = 24, 300
+    row_height, bar_width, first_row = 24, 300, 36
     left = 12 + max(text_width(short[r["name"]]) for r in shown)
     right = left + bar_width + 8 + max(text_width(f) for f in figures.values()) + 12
     footer = "black tick: the source model in the same verification run"
     lines = [footer] + ([note] if note else [])
     width = math.ceil(max(right, 24 + max(text_width(t) for t in lines), 24 + text_width(title, 14)))
-    height = TOP + 20 + row_height * len(shown) + 16 * len(lines) + 14
+    height = first_row + 8 + row_height * len(shown) + 16 * len(lines) + 14
     top = max([r[field] for r in shown] + [r[reference_field] or 0 for r in shown])
     x = _Axis(0, top * 1.1 or 1, left, left + bar_width, log=False)
     out = [
@@ -315,7 +338,7 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str, *, note
         html('<title>{title}</title><text class="title" x="12" y="16">{title}</text>', title=title),
     ]
     for index, r in enumerate(shown):
-        by = TOP + 12 + index * row_height
+        by = first_row + index * row_height
         bar = x(r[field]) - left
         out.append(
             html(
@@ -380,18 +403,18 @@ def text_width(text: str, font_px: float = 11) -> float:
     return font_px * (0.62 * len(text) + 0.3 * wide)
 
 
-def format_size(n: float | None) -> str:
+def format_size(n: float | None, digits: int = 3) -> str:
     if n is None:
         return "-"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{n / scale:.{digits}g} {unit}"
     return f"{n:.0f} B"
 
 
-def format_number(value) -> str:
+def format_number(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"
-    return f"{value:.4g}"
+    return f"{value:.{digits}g}"
