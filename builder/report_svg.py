@@ -65,7 +65,8 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
             html(
                 '<line class="source-line" data-value="{value}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
                 "<title>source model: {size}</title></line>"
-                '<text class="source-label" x="{label_x:.1f}" y="{label_y}" text-anchor="{anchor}">source {size}</text>',
+                '<text class="source-label" x="{label_x:.1f}" y="{label_y}" text-anchor="{anchor}">'
+                "source {size}</text>",
                 value=source_bytes,
                 x=line_x,
                 top=TOP - 10,
