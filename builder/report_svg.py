@@ -37,22 +37,12 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
     x.format = format_size if field == "size_bytes" else format_number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
+    title = f"{chart['label']} ({chart['better']} is better) vs {'size' if field == 'size_bytes' else 'bits'}"
+    # How far right text reaches: the chart widens to hold its longest label (the plot area keeps its size).
+    reach = [LEFT + text_width(title, 14)]
     out = [
-        html(
-            '<svg class="chart scatter" data-metric="{metric}" width="{width}" height="{height}" '
-            'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
-            metric=metric,
-            width=WIDTH,
-            height=HEIGHT,
-        ),
         html("<title>{label} vs size</title>", label=chart["label"]),
-        html(
-            '<text class="title" x="{x}" y="16">{label} ({better} is better) vs {across}</text>',
-            x=LEFT,
-            label=chart["label"],
-            better=chart["better"],
-            across="size" if field == "size_bytes" else "bits",
-        ),
+        html('<text class="title" x="{x}" y="16">{title}</text>', x=LEFT, title=title),
         _x_axis(x, axis["label"]),
         _y_axis(y, chart["label"]),
     ]
@@ -85,6 +75,7 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
             applies = ""  # one gate for all
         else:
             applies = " · " + (", ".join(short[n] for n in names) if len(names) <= 2 else f"{len(names)} artifacts")
+        reach.append(WIDTH - RIGHT + 4 + text_width(f"gate {sign} {format_number(threshold['value'])}{applies}"))
         out.append(
             html(
                 '<line class="threshold" data-value="{value}" x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}">'
@@ -125,15 +116,17 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
             labels.append((px, py, [short[a["name"]]]))
         else:
             spot.append(short[a["name"]])
-    for px, py, names in labels:  # left of a point near the right edge, clear of the threshold labels
-        if px > WIDTH - RIGHT - 70:
+    for px, py, names in labels:  # left of a point near the right edge (when it fits), clear of the gate labels
+        label = ", ".join(names)
+        if px > WIDTH - RIGHT - 70 and px - 11 - text_width(label) >= 0:
             template = '<text x="{x:.1f}" text-anchor="end" y="{y:.1f}">{names}</text>'
-            out.append(html(template, x=px - 11, y=py + 4, names=", ".join(names)))
+            out.append(html(template, x=px - 11, y=py + 4, names=label))
         else:
-            out.append(
-                html('<text x="{x:.1f}" y="{y:.1f}">{names}</text>', x=px + 11, y=py + 4, names=", ".join(names))
-            )
+            out.append(html('<text x="{x:.1f}" y="{y:.1f}">{names}</text>', x=px + 11, y=py + 4, names=label))
+            reach.append(px + 11 + text_width(label))
     if missing:
+        names = ", ".join(short[n] for n in missing)
+        reach.append(LEFT + text_width(f"not drawn (no {axis['label']} or no {metric}): {names}"))
         out.append(
             html(
                 '<text x="{x}" y="{y}">not drawn (no {across} or no {metric}): {names}</text>',
@@ -141,11 +134,18 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
                 y=HEIGHT - 6,
                 across=axis["label"],
                 metric=metric,
-                names=", ".join(short[n] for n in missing),
+                names=names,
             )
         )
-    out.append(Html("</svg>"))
-    return join(out, "\n")
+    width = max(WIDTH, math.ceil(max(reach) + 8))
+    svg = html(
+        '<svg class="chart scatter" data-metric="{metric}" width="{width}" height="{height}" '
+        'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
+        metric=metric,
+        width=width,
+        height=HEIGHT,
+    )
+    return join([svg, *out, Html("</svg>")], "\n")
 
 
 def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, across: str) -> Html:
