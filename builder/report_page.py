@@ -109,7 +109,7 @@ def _group(group: dict, axis: dict) -> Html:
     ]
     parts += [scatter(group, chart, axis) for chart in group["charts"]]
     rows = [a for a in group["artifacts"] if not a["superseded"]]
-    parts += _latency_charts([a for a in rows if a["latency_ms"] is not None])
+    parts += _latency_charts(rows)
     if any(a["throughput_tokens_per_s"] is not None for a in rows):
         parts.append(
             bars(
@@ -130,15 +130,17 @@ def _latency_charts(rows: list[dict]) -> list[Html]:
     verifier) is not comparable, so it never shares an axis."""
     by_inputs: dict[str, list[dict]] = {}
     for row in rows:
-        by_inputs.setdefault(row["latency_inputs_id"], []).append(row)
+        if row["latency_ms"] is not None:
+            by_inputs.setdefault(row["latency_inputs_id"], []).append(row)
     note = "other inputs than the other latency charts: not comparable" if len(by_inputs) > 1 else None
     return [
         bars(
-            same,
+            rows,
             "latency_ms",
             "reference_latency_ms",
             f"latency per forward on {same[0]['latency_inputs']} (ms, lower is better)",
             note=note,
+            only=same,
         )
         for same in by_inputs.values()
     ]

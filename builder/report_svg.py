@@ -308,11 +308,20 @@ def _spans_decades(values: list[float]) -> bool:
 # --- bars ------------------------------------------------------------------------------------------------------
 
 
-def bars(rows: list[dict], field: str, reference_field: str, title: str, *, note: str | None = None) -> Html:
-    """A bar per row that measured `field`, with the source model's figure from the same run as a black tick. Three
-    columns: the names (as wide as the longest), the bars, and the figures ("38 · source 30"), so no text crosses a
-    bar or a tick whatever the values."""
-    shown = [r for r in rows if r[field] is not None]
+def bars(
+    rows: list[dict],
+    field: str,
+    reference_field: str,
+    title: str,
+    *,
+    note: str | None = None,
+    only: list[dict] | None = None,
+) -> Html:
+    """A bar per row that measured `field` (of those in `only`, when given; names are shortened against all `rows`,
+    as in the other charts), with the source model's figure from the same run as a black tick. Three columns: the
+    names (as wide as the longest), the bars, and the figures ("38 · source 30"), so no text crosses a bar or a tick
+    whatever the values."""
+    shown = [r for r in (rows if only is None else only) if r[field] is not None]
     short = _short_names([r["name"] for r in rows])
     figures = {
         r["name"]: format_number(r[field])

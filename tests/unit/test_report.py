@@ -720,6 +720,8 @@ def test_latencies_on_different_inputs_get_their_own_charts_said_not_comparable(
     assert page.count("other inputs than the other latency charts: not comparable") == 2
     assert "latency per forward on 64 tokens, batch 1 (ms" in page
     assert "latency per forward on the 18 verification prompts #" in page
+    # Each bar named as in the scatters, shortened against the whole section, not its own chart.
+    assert 'text-anchor="end">onnx-cpu</text><rect class="bar-passed" data-artifact="all-minilm-l6-v2-onnx-cpu"' in page
     # Builds timed on the same inputs share one chart, and nothing says they are not comparable.
     same, _ = write_report([matrix], tmp_path / "same.html")
     assert same.read_text().count('data-field="latency_ms"') == 1 and "not comparable" not in same.read_text()
