@@ -2,9 +2,10 @@
 
 Per source: a size vs quality scatter for each quality metric the gate checks (KL divergence, top-1 agreement,
 perplexity ratio for causal LMs; lowest cosine and max abs difference for encoders), with the Pareto front among the
-passing artifacts marked and the gate thresholds drawn as lines; latency and throughput bars where the verification
-measured them; and a table of every figure linking each artifact's README.md card. Builds kept by `builder build
---keep-failed` (`<artifacts>/.failed/<name>/`: the files and verify-report.json, no manifest) are drawn as failed.
+passing artifacts marked and the gate thresholds drawn as lines; latency bars (one chart per set of inputs they were
+timed on) and throughput bars where the verification measured them; and a table of every figure linking each
+artifact's README.md card. Builds kept by `builder build --keep-failed` (`<artifacts>/.failed/<name>/`: the files and
+verify-report.json, no manifest) are drawn as failed.
 
 `report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_page` draws it.
 Reads JSON files only: no torch, no network.
@@ -29,7 +30,7 @@ from builder.recipe import is_local_path
 from builder.report_page import render_html
 from builder.steps.gate import GATES, REPORT_FILE
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: a group's `model`; a row's `latency_inputs` and `latency_inputs_id` replace `latency_basis`
 
 # Quality metrics in the order they are charted, with their axis labels. Better is lower or higher as the gate
 # bounds them (builder.steps.verify.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
