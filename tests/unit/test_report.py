@@ -467,7 +467,22 @@ def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_
 # that means something in HTML, and a handler that would run if any of it were parsed as markup.
 HOSTILE = "x<img src=x onerror=document.body.dataset.pwned=1>&\"'"
 PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "section", "div", "svg", "g", "line"}
-PAGE_TAGS |= {"text", "circle", "path", "polyline", "rect", "ellipse", "table", "thead", "tbody", "tr", "th", "td", "a"}
+PAGE_TAGS |= {
+    "text",
+    "circle",
+    "path",
+    "polyline",
+    "rect",
+    "ellipse",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "a",
+    "wbr",
+}
 
 
 class _Tags(html.parser.HTMLParser):
@@ -497,7 +512,7 @@ def _small(root: Path) -> Path:
 def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     root = tmp_path / "artifacts"
     _small(root)
-    hostile = _artifact(root, "tiny-nf4" + HOSTILE, LLAMA + HOSTILE, *LM["tiny-fp4"][:2], LM_THRESHOLDS, 37.0)
+    hostile = _artifact(root, "tiny-fp4", LLAMA + HOSTILE, *LM["tiny-fp4"][:2], LM_THRESHOLDS, 37.0)
     manifest = json.loads((hostile / "manifest.json").read_text())
     manifest["device"] = manifest["recipe"]["quantize"]["quant_type"] = HOSTILE
     manifest["verification"]["metrics"]["metric" + HOSTILE] = 0.5
@@ -507,8 +522,10 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     broken = root / ("broken" + HOSTILE)
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json " + HOSTILE)
+    # an artifact name outside the name pattern is a malformed manifest since issue 26: left out, its path shown
+    misnamed = _artifact(root, "tiny-nf4" + HOSTILE, LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, 38.0)
     out, data = write_report([root], root / "report.html")
-    assert [s["path"] for s in data["skipped"]] == [str(broken.resolve())]
+    assert sorted(s["path"] for s in data["skipped"]) == sorted([str(broken.resolve()), str(misnamed.resolve())])
     page = _Tags()
     page.feed(out.read_text())
     assert {tag for tag, _ in page.tags} <= PAGE_TAGS  # no <img> from a name
@@ -517,11 +534,11 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     for shown in ("tiny-nf4" + HOSTILE, "failed" + HOSTILE, LLAMA + HOSTILE, "metric" + HOSTILE, "message" + HOSTILE):
         assert shown in text  # as the person reading the page sees it
     names = {attrs.get("data-artifact") for _, attrs in page.tags} - {None}
-    assert {"tiny-nf4" + HOSTILE, "failed" + HOSTILE} <= names
+    assert {"tiny-fp4", "failed" + HOSTILE} <= names
     sections = {attrs["data-source"] for tag, attrs in page.tags if tag == "section"}
     assert sections == {LLAMA + HOSTILE, LLAMA, "unknown source"}  # the failed build's config matches both
     links = {unquote(attrs["href"]) for tag, attrs in page.tags if tag == "a"}
-    assert "tiny-nf4" + HOSTILE + "/README.md" in links and all((out.parent / link).is_file() for link in links)
+    assert "tiny-fp4/README.md" in links and all((out.parent / link).is_file() for link in links)
 
 
 @needs_chromium
