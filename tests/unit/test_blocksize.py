@@ -134,3 +134,12 @@ def test_the_transformers_path_refuses_a_blocksize_it_cannot_write(tiny_llama, t
     monkeypatch.setattr(quantize_module, "streamable", lambda recipe, source_dir: "a model-level reason")
     with pytest.raises(BuildError, match="blocksize 32 is written by the streaming quantizer only.*a model-level"):
         quantize_module.quantize(ctx)
+
+
+def test_the_report_names_a_blocksize_other_than_the_default():
+    from builder.report import _method
+
+    four_bit = {"method": "bnb-4bit", "quant_type": "nf4", "double_quant": False}
+    assert _method({"quantize": four_bit | {"blocksize": 32}}) == "bnb-4bit nf4 blocksize 32"
+    assert _method({"quantize": four_bit | {"blocksize": 64}}) == "bnb-4bit nf4"
+    assert _method({"quantize": four_bit}) == "bnb-4bit nf4"  # a manifest from before the field
