@@ -1,5 +1,7 @@
 """A recipe's bitsandbytes `quantize` block in transformers' terms: the BitsAndBytesConfig, the device map and
-`from_pretrained` arguments, and the device-map checks made before anything is written.
+`from_pretrained` arguments, and the device-map checks made before anything is written; the layer-shape rules of
+4-bit builds (which layers stay in full precision, which blocksizes a model takes) and the recipe settings that keep
+a build off the streaming quantizer, which `plan` checks from the safetensors headers without torch.
 
 Shared by the quantize step (the transformers path) and the streaming quantizer, which reproduces what
 transformers does with the same config.
