@@ -14,10 +14,11 @@ from importlib import metadata
 
 from builder.card import inherited_license_problem
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
-from builder.errors import RecipeError, SourceError
+from builder.errors import Problem, RecipeError, SourceError
 from builder.modules import EMBEDDING_NAMES, is_quantizable, left_alone_by_bnb, unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
+from builder.steps.bnb import PACKED_ROWS, blocksize_problem, kept_layers
 from builder.tasks import infer_task, unverifiable
 
 DISTRIBUTION = "recipe-builder"
@@ -137,6 +138,8 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     _check_skip_modules(recipe, source)
     if (problem := inherited_license_problem(loaded)) is not None:
         raise RecipeError([problem])
+    if (message := blocksize_problem(recipe, source.tensors, source.config)) is not None:
+        raise RecipeError([Problem(loaded.where(("quantize", "blocksize")), "quantize.blocksize", message)])
     versions = package_versions(build_kind(recipe))
     source_bytes = sum(t.nbytes for t in source.tensors)
     loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)
@@ -156,6 +159,11 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
             "versions their manifests record"
         )
     stages = _stages(recipe, loaded_bytes, artifact)
+    if isinstance(recipe.quantize, Bnb4Bit) and (kept := kept_layers(recipe.quantize, source.tensors, source.config)):
+        next(stage for stage in stages if stage.name == "quantize").description += (
+            f"; keep {', '.join(kept)} in full precision (output size not a multiple of {PACKED_ROWS}, which "
+            "bitsandbytes' CPU 4-bit kernel needs)"
+        )
     return Plan(
         loaded,
         source,
@@ -265,8 +273,9 @@ def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) ->
         if quantize is None or not is_quantizable(tensor, quantize.skip_modules):
             total += tensor.numel * _loaded_bytes(tensor, recipe)
         elif isinstance(quantize, Bnb4Bit):
-            # 4 bits a weight, plus one absmax per 64-block (fp32, or uint8 + fp32 per 256 blocks with double quant)
-            scales = tensor.numel / 64 * (1 + 4 / 256) if quantize.double_quant else tensor.numel / 64 * 4
+            # 4 bits a weight, plus one absmax per block (fp32, or uint8 + fp32 per 256 blocks with double quant)
+            blocks = tensor.numel / quantize.blocksize
+            scales = blocks * (1 + 4 / 256) if quantize.double_quant else blocks * 4
             total += tensor.numel / 2 + scales
         else:
             total += tensor.numel + tensor.shape[0] * 4  # int8 weights + one fp32 scale per row

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from builder.artifact import FAILED_DIR, Manifest, load_manifest
 from builder.console import say
 from builder.errors import ArtifactError, BuilderError
-from builder.recipe import is_local_path
+from builder.recipe import Bnb4Bit, is_local_path
 from builder.report_page import render_html
 from builder.steps.gate import GATES, REPORT_FILE
 
@@ -435,10 +435,15 @@ def _config_signature(folder: Path) -> str | None:
     return json.dumps({k: v for k, v in config.items() if k not in _BUILD_CONFIG_KEYS}, sort_keys=True)
 
 
+DEFAULT_BLOCKSIZE = Bnb4Bit.model_fields["blocksize"].default
+
+
 def _method(recipe: dict[str, Any]) -> str | None:
     """What the build did, in a few words: "bnb-4bit nf4 dq", "bnb-8bit", "onnx float32 dynamic-int8"."""
     if isinstance(quantize := recipe.get("quantize"), dict):
         words = [quantize.get("method"), quantize.get("quant_type"), "dq" if quantize.get("double_quant") else None]
+        if quantize.get("blocksize", DEFAULT_BLOCKSIZE) != DEFAULT_BLOCKSIZE:
+            words.append(f"blocksize {quantize['blocksize']}")
     elif isinstance(export := recipe.get("export"), dict):
         words = [export.get("format"), export.get("dtype"), export.get("quantize")]
         words = [w for w in words if w != "none"]
