@@ -14,6 +14,7 @@ import yaml
 
 from builder.artifact import Manifest
 from builder.errors import Problem
+from builder.gates import bounds_by_metric
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
 from builder.tasks import AUTO_CLASSES
@@ -302,13 +303,11 @@ def _verification(report: dict) -> str:
     if not report:
         return "No verification report."
     metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
-    gated = {}  # metric -> (threshold key, limit); `kl_divergence` gates the metric `kl_divergence_mean`
-    for key, limit in (report.get("thresholds") or {}).items():
-        gated[key if key in metrics or f"{key}_mean" not in metrics else f"{key}_mean"] = (key, limit)
+    bounds = bounds_by_metric(report.get("thresholds") or {})  # `cosine` bounds `cosine_min`, as the gate checks
     rows = []
     for metric, value in sorted(metrics.items()):
-        key, limit = gated.get(metric, (None, None))
-        verdict = "" if limit is None else ("fail" if {metric, key} & failed else "pass")
+        limit = bounds.get(metric)
+        verdict = "" if limit is None else ("fail" if metric in failed else "pass")
         shown_limit = "" if limit is None else _number(limit)
         rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
     where = report.get("provider") or report.get("device") or "cpu"

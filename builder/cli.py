@@ -21,6 +21,7 @@ from builder.console import configured, say
 from builder.demo import run_demo
 from builder.errors import BuilderError, RecipeError
 from builder.fleet import artifact_units, github_matrix
+from builder.gates import describe
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, finished, handling_signals
@@ -39,7 +40,6 @@ from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
 from builder.steps import verify, verify_onnx
 from builder.steps.gate import format_report, format_summary
-from builder.tasks import infer_task
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -133,32 +133,19 @@ def _format_plan(plan) -> str:
     for stage in plan.stages:
         peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
         lines.append(f"  {stage.name:<11} {stage.description}{peak}")
-    thresholds = _thresholds(plan)
-    lines.append(
-        "gate:        " + ", ".join(f"{key} {_GATE_SIGNS[key]} {value:g}" for key, value in thresholds.items())
-    )
+    lines.append(f"gate:        {describe(_thresholds(plan))}")
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
     return "\n".join(lines) + "\n"
-
-
-_GATE_SIGNS = {
-    "top1_agreement": ">=",
-    "kl_divergence": "<=",
-    "perplexity_ratio": "<=",
-    "max_abs_diff": "<=",
-    "cosine": ">=",
-    "footprint_ratio": "<=",
-}
 
 
 def _thresholds(plan) -> dict[str, float]:
     """The gate's thresholds for the plan's recipe: the defaults for its method and task, with its overrides."""
 
     recipe = plan.loaded.recipe
-    task = recipe.source.task or infer_task(plan.source.config.get("architectures"))
-    gate = verify_onnx if recipe.export is not None else verify
-    return gate.thresholds_for(recipe, task)
+    if recipe.export is not None:
+        return verify_onnx.thresholds_for(recipe, plan.task)
+    return verify.thresholds_for(recipe, plan.task, plan.expected_footprint_ratio)
 
 
 def _size(n: int | None) -> str:

@@ -89,6 +89,8 @@ class Stage:
 class Plan:
     loaded: LoadedRecipe
     source: ResolvedSource
+    task: str
+    """The recipe's `source.task`, or the one config.json's `architectures` implies."""
     versions: dict[str, str]
     stages: list[Stage]
     parameter_count: int
@@ -111,7 +113,7 @@ class Plan:
             "variant": self.loaded.variant,
             "recipe": recipe.model_dump(mode="json"),
             "build_hash": self.build_hash,
-            "source": {"model": recipe.source.model, "revision": self.source.revision},
+            "source": {"model": recipe.source.model, "revision": self.source.revision, "task": self.task},
             "versions": self.versions,
             "parameter_count": self.parameter_count,
             "source_bytes": self.source_bytes,
@@ -130,7 +132,12 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     recipe = loaded.recipe
     source = resolve(recipe.source, loaded.source_path)
     task = recipe.source.task or infer_task(source.config.get("architectures"))
-    if task is not None and (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
+    if task is None:
+        raise SourceError(
+            f"cannot infer the task of {recipe.source.model} from config.json's `architectures`; set "
+            "`source.task` in the recipe (e.g. text-generation)"
+        )
+    if (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
         raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
     if (problem := inherited_license_problem(loaded)) is not None:
@@ -157,6 +164,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     return Plan(
         loaded,
         source,
+        task,
         versions,
         stages,
         source.parameter_count,

@@ -70,6 +70,7 @@ def reverify(
             revision=manifest.source.revision,
             use_cache=use_cache,
             max_device_memory=max_gpu_memory,
+            expected_footprint=manifest.footprint.expected_ratio if manifest.footprint else None,
         )
     if write:
         write_report(artifact_dir, report)

@@ -23,7 +23,7 @@ from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
 from builder.steps import ort
-from builder.tasks import auto_class, infer_task
+from builder.tasks import auto_class
 
 # Tasks the torch exporter handles, with the graph's output name (optimum's names).
 TORCH_TASKS = {
@@ -64,13 +64,7 @@ def export(ctx: BuildContext) -> None:
     recipe = ctx.loaded.recipe
     spec = recipe.export
     assert spec is not None  # the pipeline runs this step for export recipes only
-    config = ctx.plan.source.config
-    task = ctx.task or recipe.source.task or infer_task(config.get("architectures"))
-    if task is None:
-        raise BuildError(
-            f"cannot infer the task of {recipe.source.model} from config.json's architectures "
-            f"{config.get('architectures')}; set `source.task`"
-        )
+    task = ctx.plan.task
     exporter = choose_exporter(spec, task)
     ort.preflight(spec.provider, spec.verify_on)
     timings: dict[str, float] = {}

@@ -14,22 +14,11 @@ from pathlib import Path
 
 from builder.artifact import NodePlacement
 from builder.errors import BuildError
+from builder.gates import GATES, gate_of_metric, number
 from builder.recipe import Recipe
 
 REPORT_FILE = "verify-report.json"
 ENCODER_SENTENCES = 32  # sentences of the evaluation text embedded by encoders (plus the recipe's prompts)
-
-# Threshold key -> (the metric it bounds, "min" or "max"). Every key but generation_match is a `verify.thresholds`
-# key; generation_match is the fixed bound of an ONNX text-generation export (`builder.steps.verify_onnx`).
-GATES: dict[str, tuple[str, str]] = {
-    "top1_agreement": ("top1_agreement", "min"),
-    "kl_divergence": ("kl_divergence_mean", "max"),
-    "perplexity_ratio": ("perplexity_ratio", "max"),
-    "max_abs_diff": ("max_abs_diff", "max"),
-    "cosine": ("cosine_min", "min"),
-    "footprint_ratio": ("footprint_ratio", "max"),
-    "generation_match": ("generation_match", "min"),
-}
 
 
 def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
@@ -44,31 +33,6 @@ def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what:
             )
         thresholds[key] = value
     return thresholds
-
-
-def gate(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
-    """The failures of `metrics` against `thresholds`: one entry per missed threshold, with its message."""
-    failures = []
-    for key, bound in thresholds.items():
-        metric, kind = GATES[key]
-        value = metrics[metric]
-        missed = bound - value if kind == "min" else value - bound
-        if missed > 0:
-            sign = "<" if kind == "min" else ">"
-            failures.append(
-                {
-                    "metric": metric,
-                    "value": value,
-                    "threshold": bound,
-                    "message": f"{metric} {_number(value)} {sign} {_number(bound)} (missed by {_number(missed)})",
-                }
-            )
-    return failures
-
-
-def _number(value: float) -> str:
-    """Three decimals, or three significant digits for values too small for that (a KL of 0.000213)."""
-    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
 
 
 def failure_message(name: str, report: dict) -> str:
@@ -114,10 +78,8 @@ def format_report(report: dict) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"verification {verdict} ({report['task']} on {report['device']})"]
     for name, value in report["metrics"].items():
-        gated = next(
-            (key for key, (metric, _) in GATES.items() if metric == name and key in report["thresholds"]), None
-        )
-        bound = f"  (threshold {report['thresholds'][gated]})" if gated else ""
+        gate = gate_of_metric(name)
+        bound = f"  (threshold {report['thresholds'][gate.key]})" if gate and gate.key in report["thresholds"] else ""
         lines.append(f"  {name:<28} {value:.6g}{bound}" if isinstance(value, float) else f"  {name:<28} {value}")
     for name, value in report["performance"].items():
         lines.append(f"  {name:<34} {value}")
@@ -136,8 +98,8 @@ def format_summary(report: dict) -> str:
         + (" (reference from the cache)" if (report.get("reference") or {}).get("cached") else "")
     ]
     for key, bound in (report.get("thresholds") or {}).items():
-        metric, kind = GATES[key]
-        value = (report.get("metrics") or {}).get(metric)
+        gate = GATES[key]
+        value = (report.get("metrics") or {}).get(gate.metric)
         if value is not None:
-            lines.append(f"    {metric:<20} {_number(value):>8}  {'>=' if kind == 'min' else '<='} {_number(bound)}")
+            lines.append(f"    {gate.metric:<20} {number(value):>8}  {gate.sign} {number(bound)}")
     return "\n".join(lines)

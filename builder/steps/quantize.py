@@ -38,8 +38,8 @@ def quantize(ctx: BuildContext) -> None:
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
-    assert spec is not None and ctx.task is not None  # a quantize recipe, resolved
-    model_class = auto_class(ctx.task)
+    assert spec is not None  # a quantize recipe
+    model_class = auto_class(ctx.plan.task)
     for warning in ctx.plan.warnings:
         say(f"{recipe.name}: warning: {warning}")
     reason = streamable(recipe, ctx.source_folder())

@@ -35,11 +35,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from builder.checkpoint import local_weight_files, read_header
 from builder.console import say, show_progress
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.plan import expected_footprint_ratio, footprint_threshold
+from builder.gates import check
+from builder.plan import footprint_threshold
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
@@ -50,7 +50,6 @@ from builder.steps.gate import (
     eval_sentences,
     eval_text,
     failure_message,
-    gate,
     with_overrides,
     write_report,
 )
@@ -77,9 +76,9 @@ _ENCODER_DEFAULTS = {
 }
 
 
-def default_thresholds(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
+def default_thresholds(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
     """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task; the
-    footprint bound from what the plan expects of `source_dir`'s tensors."""
+    footprint bound from the footprint ratio the plan expects (`plan.footprint_threshold`)."""
     match recipe.quantize:
         case Bnb4Bit(quant_type=quant_type):
             scheme: str = quant_type
@@ -91,26 +90,13 @@ def default_thresholds(recipe: Recipe, task: str, source_dir: Path | None = None
                 "by builder.steps.verify_onnx"
             )
     table = _LM_DEFAULTS if task == "text-generation" else _ENCODER_DEFAULTS
-    return dict(table[scheme]) | {"footprint_ratio": footprint_default(recipe, source_dir)}
+    return dict(table[scheme]) | {"footprint_ratio": footprint_threshold(expected_footprint)}
 
 
-def footprint_default(recipe: Recipe, source_dir: Path | None) -> float:
-    """`plan.footprint_threshold` of the ratio the plan expects: which tensors get quantized at which bits and
-    which stay in the load dtype (a model that is mostly embeddings barely shrinks, and passes)."""
-    import json
-
-    expected = None
-    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
-        config = json.loads((Path(source_dir) / "config.json").read_text(encoding="utf-8"))
-        tensors = tuple(t for file in local_weight_files(Path(source_dir)) for t in read_header(file))
-        expected = expected_footprint_ratio(recipe, tensors, config)
-    return footprint_threshold(expected)
-
-
-def thresholds_for(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
+def thresholds_for(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
     """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
     applicable = _LM_GATES if task == "text-generation" else _ENCODER_GATES
-    return with_overrides(default_thresholds(recipe, task, source_dir), recipe, applicable, f"a {task} model")
+    return with_overrides(default_thresholds(recipe, task, expected_footprint), recipe, applicable, f"a {task} model")
 
 
 _LM_GATES = ("top1_agreement", "kl_divergence", "perplexity_ratio", "footprint_ratio")
@@ -124,20 +110,21 @@ def verify(ctx: BuildContext) -> None:
     """Verify the artifact in `ctx.workdir` against `ctx.source_dir` into `ctx.verification` (also written to
     verify-report.json). Raises `VerificationFailed` naming each metric that missed, and by how much."""
     recipe = ctx.loaded.recipe
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
+    assert ctx.source_dir is not None  # set by resolve
     if recipe.export is not None:
         assert ctx.onnx is not None  # set by export
         report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
     else:
         report = run_checks(
             recipe,
-            ctx.task,
+            ctx.plan.task,
             ctx.source_dir,
             ctx.workdir,
             ctx.device,
             reference=ctx.reference or start_reference(ctx),
             candidate=ctx.candidate,
             max_device_memory=ctx.max_gpu_memory,
+            expected_footprint=ctx.plan.expected_footprint_ratio,
         )
     write_report(ctx.workdir, report)
     ctx.verification = report
@@ -147,10 +134,10 @@ def verify(ctx: BuildContext) -> None:
 
 def start_reference(ctx: BuildContext) -> ReferenceRun:
     """The build's reference run, started now (the pipeline starts it with the quantize step, so it overlaps it)."""
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
+    assert ctx.source_dir is not None  # set by resolve
     return ReferenceRun(
         ctx.loaded.recipe,
-        ctx.task,
+        ctx.plan.task,
         ctx.source_dir,
         ctx.device,
         revision=ctx.plan.source.pin,
@@ -275,8 +262,8 @@ class ReferenceRun:
 def start_candidate(ctx: BuildContext) -> _Worker | _InProcess:
     """The gate's candidate run, started now on the source's architecture (the pipeline starts it with the
     quantize step, so its imports overlap the quantizer); `verify` hands it the artifact."""
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
-    return candidate_run(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device, ctx.max_gpu_memory)
+    assert ctx.source_dir is not None  # set by resolve
+    return candidate_run(ctx.loaded.recipe, ctx.plan.task, ctx.source_dir, ctx.device, ctx.max_gpu_memory)
 
 
 def candidate_run(
@@ -324,13 +311,14 @@ def run_checks(
     revision: str | None = None,
     use_cache: bool = True,
     max_device_memory: int | None = None,
+    expected_footprint: float | None = None,
 ) -> dict:
     """Reference (the source; cached, or run by `runner`) vs candidate (the artifact reloaded, run by `runner`): the
     verification report. `reference` and `candidate` (`candidate_run`) are runs already started for this check;
     `max_device_memory` caps each run's device memory, and a model whose weights pass it runs block by block. On a
     GPU with room for both models the candidate runs while the reference still computes."""
     started = time.perf_counter()
-    thresholds = thresholds_for(recipe, task, source_dir)
+    thresholds = thresholds_for(recipe, task, expected_footprint)
     if reference is None:
         reference = ReferenceRun(
             recipe,
@@ -383,7 +371,7 @@ def run_checks(
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
-    report["failures"] = gate(measured, thresholds)
+    report["failures"] = check(measured, thresholds)
     report["passed"] = not report["failures"]
     report["performance"] = _performance(outputs, candidate_outputs)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from builder.gates import check
 from builder.recipe import Recipe
 from builder.steps import ort, placement
 from builder.steps.export import decoder_shape, load_source
@@ -21,7 +22,6 @@ from builder.steps.gate import (
     ENCODER_SENTENCES,
     default_prompts,
     eval_sentences,
-    gate,
     with_overrides,
 )
 
@@ -96,7 +96,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
         device=device,
     )
     metrics = result["metrics"]
-    failures = gate(metrics, thresholds)
+    failures = check(metrics, thresholds)
     for failure in failures:
         if failure["metric"] == "generation_match":
             failure["message"] += ": greedy generation through the graph differs from PyTorch generate"

@@ -64,7 +64,7 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         kind=kind,
         recipe=recipe.model_dump(mode="json"),
         recipe_files=[_display(path) for path in ctx.loaded.files],
-        source=SourceRecord(model=recipe.source.model, revision=ctx.plan.source.revision, task=ctx.task),
+        source=SourceRecord(model=recipe.source.model, revision=ctx.plan.source.revision, task=ctx.plan.task),
         versions={**ctx.plan.versions, **_extra_versions()},
         device=device_name(ctx.device),
         device_uuid=device_uuid(ctx.device),

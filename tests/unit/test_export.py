@@ -303,11 +303,12 @@ def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path
 
 def test_a_passing_onnx_text_generation_report_prints_its_generation_bound():
     # `builder build` prints this summary after a build; the ONNX bound on greedy generation once crashed it.
-    from builder.steps.gate import format_summary, gate
+    from builder.gates import check
+    from builder.steps.gate import format_summary
 
     thresholds = default_thresholds("text-generation")
     metrics = {"max_abs_diff": 1e-3, "top1_agreement": 1.0, "kl_divergence_mean": 1e-6, "generation_match": 1.0}
     summary = format_summary({"passed": True, "device": "cpu", "thresholds": thresholds, "metrics": metrics})
     assert "    generation_match        1.000  >= 1.000" in summary.splitlines()
-    missed = gate(metrics | {"generation_match": 0.5}, thresholds)
+    missed = check(metrics | {"generation_match": 0.5}, thresholds)
     assert [failure["metric"] for failure in missed] == ["generation_match"]

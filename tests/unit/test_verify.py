@@ -15,9 +15,10 @@ import pytest
 
 from builder.cli import main
 from builder.errors import BuildError
+from builder.gates import check
 from builder.recipe import Recipe
 from builder.steps import gate as gate_module
-from builder.steps.gate import eval_sentences, eval_text, gate
+from builder.steps.gate import eval_sentences, eval_text
 from builder.steps.verify import default_thresholds, reference_dtype, run_checks, thresholds_for
 
 DATA = Path(gate_module.__file__).resolve().parents[1] / "data"
@@ -38,7 +39,7 @@ def recipe(quantize: dict, thresholds: dict | None = None) -> Recipe:
 
 
 def test_gate_names_each_missed_metric_and_by_how_much():
-    failures = gate(
+    failures = check(
         {"top1_agreement": 0.4, "kl_divergence_mean": 0.5, "perplexity_ratio": 1.01},
         {"top1_agreement": 0.9, "kl_divergence": 0.1, "perplexity_ratio": 1.2},
     )
