@@ -95,7 +95,7 @@ def bert_source(folder: Path, small: bool) -> dict:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from builder.steps.gate import eval_text
+    from builder.evaluation import eval_text
 
     config = BertConfig(**(SMALL_ENCODER if small else {}))
     torch.manual_seed(0)

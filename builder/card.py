@@ -17,7 +17,7 @@ from builder.errors import Problem
 from builder.gates import bounds_by_metric
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
-from builder.tasks import AUTO_CLASSES
+from builder.tasks import AUTO_CLASSES, family
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
 _PIPELINE_TAGS = {
@@ -27,14 +27,6 @@ _PIPELINE_TAGS = {
     "masked-im": None,
     "multiple-choice": None,
     "image-to-image": "image-to-image",
-}
-_ORT_CLASSES = {
-    "text-generation": "ORTModelForCausalLM",
-    "feature-extraction": "ORTModelForFeatureExtraction",
-    "text-classification": "ORTModelForSequenceClassification",
-    "token-classification": "ORTModelForTokenClassification",
-    "question-answering": "ORTModelForQuestionAnswering",
-    "fill-mask": "ORTModelForMaskedLM",
 }
 
 
@@ -253,17 +245,7 @@ def _usage(manifest: Manifest, repo_id: str) -> str:
         return _usage_onnx(manifest, repo_id, task)
     auto = AUTO_CLASSES.get(task, "AutoModel")
     extra = " (with `bitsandbytes` installed)" if manifest.recipe.get("quantize") else ""
-    if task == "text-generation":
-        run = (
-            'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
-            "output = model.generate(**inputs, max_new_tokens=20)\n"
-            "print(tokenizer.decode(output[0], skip_special_tokens=True))"
-        )
-    else:
-        run = (
-            'inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
-            "outputs = model(**inputs)"
-        )
+    run = family(task).usage()
     settings = "; the quantization settings are in `config.json`" if extra else ""
     return (
         f"Stock `transformers`{extra} loads it{settings}.\n\n"
@@ -277,7 +259,7 @@ def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
     provider = manifest.recipe["export"]["provider"]
     graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
     graph = graphs[0] if graphs else "model.onnx"
-    ort_class = _ORT_CLASSES.get(task, "ORTModel")
+    ort_class = family(task).ort_class(task)
     return (
         f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
         "import onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"

@@ -18,7 +18,7 @@ from builder.errors import RecipeError, SourceError
 from builder.modules import EMBEDDING_NAMES, is_quantizable, left_alone_by_bnb, unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
-from builder.tasks import infer_task, unverifiable
+from builder.tasks import family_of, infer_task, unsupported
 
 DISTRIBUTION = "recipe-builder"
 """This package's distribution name (pyproject's `name`); it is recorded as `builder` in manifests."""
@@ -137,8 +137,15 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
             f"cannot infer the task of {recipe.source.model} from config.json's `architectures`; set "
             "`source.task` in the recipe (e.g. text-generation)"
         )
-    if (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
-        raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
+    if family_of(task) is None:
+        raise SourceError(f"{recipe.name}: {unsupported(task)}; see docs/support.md for what builder builds")
+    if build_kind(recipe) == "quantize" and source.config.get("is_encoder_decoder"):
+        raise SourceError(
+            f"{recipe.name}: {source.config.get('model_type', 'this model')} is an encoder-decoder model: the "
+            "bitsandbytes gate probes decoder-only LMs (text-generation) and encoders (their last hidden state), "
+            "and its forward needs decoder inputs, so this build cannot be verified; see docs/support.md for "
+            "what builder builds"
+        )
     _check_skip_modules(recipe, source)
     if (problem := inherited_license_problem(loaded)) is not None:
         raise RecipeError([problem])

@@ -24,7 +24,7 @@ from pydantic import (
 from builder.gates import GATES
 from builder.recipe.licenses import license_problem
 from builder.recipe.wording import not_one_of, show
-from builder.tasks import TASKS
+from builder.tasks import FAMILIES, TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
@@ -478,8 +478,12 @@ class Recipe(Block):
                     "fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the rest on a GPU "
                     "(with everything on one device it quantizes nothing or offloads nothing)",
                 )
-        if self.export is not None and self.export.with_past and self.source.task not in (None, "text-generation"):
-            raise RuleViolation(("export", "with_past"), f"with_past is for text-generation, not {self.source.task}")
+        if self.export is not None and self.export.with_past and self.source.task is not None:
+            decoders = [task for family in FAMILIES.values() if family.GRAPH == "decoder" for task in family.TASKS]
+            if self.source.task not in decoders:
+                raise RuleViolation(
+                    ("export", "with_past"), f"with_past is for {', '.join(decoders)}, not {self.source.task}"
+                )
         return self
 
 

@@ -23,7 +23,8 @@ from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
 from builder.steps import ort
-from builder.tasks import auto_class
+from builder.tasks import auto_class, family
+from builder.tasks.causal_lm import decoder_shape
 
 # Tasks the torch exporter handles, with the graph's output name (optimum's names).
 TORCH_TASKS = {
@@ -148,10 +149,11 @@ def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Pa
     except ImportError:
         raise MissingDependency("onnxscript", "onnx") from None
     model = load_source(ctx.source_folder(), task, torch.float32, "cpu", recipe.load.attn_implementation)
-    if task == "text-generation":
-        module, args, dynamic, inputs, outputs = _decoder_graph(model, spec.with_past)
-    else:
-        module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
+    match family(task).GRAPH:
+        case "decoder":
+            module, args, dynamic, inputs, outputs = _decoder_graph(model, spec.with_past)
+        case "encoder":
+            module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -243,14 +245,6 @@ def _decoder_module(model, with_past: bool):
             return (out.logits, *present)
 
     return Graph()
-
-
-def decoder_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder's KV cache."""
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return layers, kv_heads, head_dim
 
 
 def _decoder_graph(model, with_past: bool):

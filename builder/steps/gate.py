@@ -1,15 +1,14 @@
-"""The gate's shared parts: thresholds over metrics, the report file, the failure message, the evaluation data.
+"""The gate's shared parts: the recipe's overrides over the defaults, the report file, the failure message and the
+report's printed forms.
 
 Both gates use them: `builder.steps.verify` (bitsandbytes artifacts reloaded by stock transformers) and
-`builder.steps.verify_onnx` (ONNX graphs on onnxruntime). The evaluation data is builder/data/: a public-domain text
-(LMs score it; encoders embed `ENCODER_SENTENCES` of its sentences) and the default prompts.
+`builder.steps.verify_onnx` (ONNX graphs on onnxruntime). The metric table is `builder.gates`; the evaluation data
+`builder.evaluation`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from importlib import resources
 from pathlib import Path
 
 from builder.artifact import NodePlacement
@@ -18,7 +17,6 @@ from builder.gates import GATES, gate_of_metric, number
 from builder.recipe import Recipe
 
 REPORT_FILE = "verify-report.json"
-ENCODER_SENTENCES = 32  # sentences of the evaluation text embedded by encoders (plus the recipe's prompts)
 
 
 def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
@@ -52,25 +50,6 @@ def failure_message(name: str, report: dict) -> str:
 
 def write_report(folder: Path, report: dict) -> None:
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
-def eval_text() -> str:
-    """The built-in evaluation text (public-domain prose; builder/data/README.md says what and whence)."""
-    return resources.files("builder").joinpath("data/eval_text.txt").read_text(encoding="utf-8")
-
-
-def default_prompts() -> list[str]:
-    """The greedy-continuation prompts used when a recipe gives none."""
-    text = resources.files("builder").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def eval_sentences(count: int) -> list[str]:
-    """`count` sentences of at least five words, spread evenly over the evaluation text."""
-    flat = re.sub(r"\s+", " ", eval_text())
-    sentences = [s for s in re.split(r"(?<=[.!?:;])\s+", flat) if len(s.split()) >= 5]
-    step = max(len(sentences) // count, 1)
-    return sentences[::step][:count]
 
 
 def format_report(report: dict) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import functools
 import gc
-import hashlib
 import json
 import os
 import queue
@@ -44,36 +43,10 @@ from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
 from builder.steps import references, torch_defaults
-from builder.steps.gate import (
-    ENCODER_SENTENCES,
-    default_prompts,
-    eval_sentences,
-    eval_text,
-    failure_message,
-    with_overrides,
-    write_report,
-)
-from builder.steps.metrics import LATENCY_TOKENS
+from builder.steps.gate import failure_message, with_overrides, write_report
 from builder.steps.verify_onnx import onnx_report
-
-CHUNK_TOKENS = 512  # the evaluation text is scored in chunks of this many tokens (no overlap)
-EVAL_TOKENS = 2048  # tokens of the evaluation text scored (SmolLM2: 3,126 in all); keeps a CPU verify under a minute
-ENCODER_MAX_TOKENS = 128
-
-# Defaults, from measurements on SmolLM2-135M-Instruct and all-MiniLM-L6-v2 on CPU (docs/recipes.md, "verify", has
-# the table): each allows about twice an honest build's distance from the reference (a 135M model loses a lot to
-# 4-bit: nf4 agrees on 63% of next tokens), and sits far from a build with shuffled 4-bit blocks (top-1 0.016,
-# KL 9.95 nats, perplexity x16,000). The footprint bound comes from the model (`footprint_default`).
-_LM_DEFAULTS = {
-    "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5},
-    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 2.2},
-    "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10},
-}
-_ENCODER_DEFAULTS = {
-    "nf4": {"cosine": 0.90},
-    "fp4": {"cosine": 0.85},
-    "int8": {"cosine": 0.99},
-}
+from builder.tasks import family
+from builder.tasks.base import LATENCY_TOKENS
 
 
 def default_thresholds(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
@@ -89,18 +62,14 @@ def default_thresholds(recipe: Recipe, task: str, expected_footprint: float | No
                 f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
                 "by builder.steps.verify_onnx"
             )
-    table = _LM_DEFAULTS if task == "text-generation" else _ENCODER_DEFAULTS
-    return dict(table[scheme]) | {"footprint_ratio": footprint_threshold(expected_footprint)}
+    defaults = family(task).default_thresholds(f"bnb-{scheme}", task)
+    return defaults | {"footprint_ratio": footprint_threshold(expected_footprint)}
 
 
 def thresholds_for(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
     """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
-    applicable = _LM_GATES if task == "text-generation" else _ENCODER_GATES
+    applicable = (*family(task).gates("transformers", task), "footprint_ratio")
     return with_overrides(default_thresholds(recipe, task, expected_footprint), recipe, applicable, f"a {task} model")
-
-
-_LM_GATES = ("top1_agreement", "kl_divergence", "perplexity_ratio", "footprint_ratio")
-_ENCODER_GATES = ("cosine", "max_abs_diff", "footprint_ratio")
 
 
 # --- the build step --------------------------------------------------------------------------------------------
@@ -386,7 +355,8 @@ def run_checks(
         **_execution(outputs),
     }
     report["candidate"] = {"overlapped": overlapped, "stages": candidate.stages, **_execution(candidate_outputs)}
-    report["inputs"] = _describe_inputs(inputs, task, recipe, details)
+    report["inputs"] = family(task).describe_inputs(inputs, recipe.verify.prompts, recipe.verify.max_new_tokens)
+    report["inputs"] |= details
     return report
 
 
@@ -637,8 +607,7 @@ class _Worker:
 
 
 def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> dict:
-    """Token ids for both runs, from the source's tokenizer: the evaluation text in CHUNK_TOKENS chunks and the
-    prompts (LMs), or the prompts and ENCODER_SENTENCES sentences of the text, padded (encoders)."""
+    """Token ids for both runs, from the source's tokenizer: what the task's family probes with (`inputs`)."""
     from transformers import AutoTokenizer
 
     try:
@@ -648,19 +617,7 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
             f"cannot load the tokenizer of {source_dir} to verify the artifact ({error}); the source "
             "folder needs its tokenizer files"
         ) from None
-    text = eval_text()
-    if task == "text-generation":
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        latency_ids = ids[:, : probes.LATENCY_TOKENS]
-        ids = ids[:, :EVAL_TOKENS]
-        chunks = [ids[:, i : i + CHUNK_TOKENS] for i in range(0, ids.shape[1], CHUNK_TOKENS)]
-        chunks = [chunk for chunk in chunks if chunk.shape[1] > 1]
-        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts or default_prompts()]
-        return {"eval_chunks": chunks, "prompts": prompt_ids, "latency_ids": latency_ids}
-    sentences = list(prompts) + eval_sentences(ENCODER_SENTENCES)
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="pt")
-    latency_ids = tokenizer(text[:2000], truncation=True, max_length=probes.LATENCY_TOKENS, return_tensors="pt")
-    return {"sentences": dict(batch), "latency_ids": latency_ids.input_ids}
+    return family(task).inputs(tokenizer, prompts)
 
 
 def _performance(reference: dict, candidate: dict) -> dict:
@@ -673,23 +630,6 @@ def _performance(reference: dict, candidate: dict) -> dict:
         "candidate_footprint_bytes": candidate["footprint_bytes"],
         "latency_tokens": LATENCY_TOKENS,
     }
-
-
-def _describe_inputs(inputs: dict, task: str, recipe: Recipe, details: dict) -> dict:
-    described = {"eval_text_sha256": hashlib.sha256(eval_text().encode("utf-8")).hexdigest(), **details}
-    if task == "text-generation":
-        described |= {
-            "eval_tokens": sum(c.shape[1] for c in inputs["eval_chunks"]),
-            "chunk_tokens": CHUNK_TOKENS,
-            "prompts": list(recipe.verify.prompts) or default_prompts(),
-            "max_new_tokens": recipe.verify.max_new_tokens,
-        }
-    else:
-        described |= {
-            "sentences": int(inputs["sentences"]["input_ids"].shape[0]),
-            "prompts": list(recipe.verify.prompts),
-        }
-    return described
 
 
 def _rounded(value):

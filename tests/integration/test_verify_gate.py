@@ -83,7 +83,7 @@ def context(model: str, method: str, source: Path, artifact: Path, tmp_path: Pat
         f"verify:\n  prompts: {prompts}\n  max_new_tokens: 16\n"
     )
     loaded = load_recipes(recipe_file)[0]
-    return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source, task=TASKS[model])
+    return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source)
 
 
 def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:

@@ -29,7 +29,7 @@ def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-
     loaded = load_recipes(recipe)[0]
     workdir = tmp_path / "work"
     workdir.mkdir()
-    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task=task)
+    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source)
 
 
 @pytest.fixture(scope="session")

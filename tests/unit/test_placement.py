@@ -34,7 +34,7 @@ def _exported(folder: Path, source: Path, export_block: str) -> BuildContext:
     loaded = load_recipes(recipe)[0]
     workdir = folder / "work"
     workdir.mkdir()
-    ctx = BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task="text-generation")
+    ctx = BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source)
     export(ctx)
     return ctx
 

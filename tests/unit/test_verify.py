@@ -15,10 +15,10 @@ import pytest
 
 from builder.cli import main
 from builder.errors import BuildError
+from builder.evaluation import eval_sentences, eval_text
 from builder.gates import check
 from builder.recipe import Recipe
 from builder.steps import gate as gate_module
-from builder.steps.gate import eval_sentences, eval_text
 from builder.steps.verify import default_thresholds, reference_dtype, run_checks, thresholds_for
 
 DATA = Path(gate_module.__file__).resolve().parents[1] / "data"
@@ -244,7 +244,7 @@ def test_onnx_thresholds_take_the_recipes_overrides_and_refuse_what_the_task_lac
 def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monkeypatch):
     import torch
 
-    from builder.steps import metrics
+    from builder.tasks import causal_lm
 
     vocabulary, generator = 50, torch.Generator().manual_seed(0)
 
@@ -258,9 +258,9 @@ def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monk
         "prompt_logits": [logits(5)],
         "continuations": [[1, 2, 4]],
     }
-    whole, _ = metrics._compare_lm(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
-    monkeypatch.setattr(metrics, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
-    blocked, details = metrics._compare_lm(inputs, reference, candidate, "cpu")
+    whole, _ = causal_lm.compare(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
+    monkeypatch.setattr(causal_lm, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
+    blocked, details = causal_lm.compare(inputs, reference, candidate, "cpu")
     assert blocked == pytest.approx(whole, rel=1e-6) and details["positions"] == 21
     assert blocked["top1_agreement"] == whole["top1_agreement"] and 0 < whole["top1_agreement"] < 1
     assert blocked["perplexity_ratio"] != 1.0
