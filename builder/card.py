@@ -15,6 +15,7 @@ import yaml
 from builder.artifact import Manifest
 from builder.errors import Problem
 from builder.gates import bounds_by_metric
+from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
 from builder.tasks import AUTO_CLASSES, family
@@ -185,45 +186,18 @@ def inherited_license_problem(loaded: LoadedRecipe) -> Problem | None:
 
 
 def _is_quantized(recipe: dict) -> bool:
-    export = recipe.get("export")
-    # A float32 ONNX export holds the source's weights unchanged: a conversion, not a quantization.
-    return recipe.get("quantize") is not None or bool(
-        export and (export.get("quantize") not in (None, "none") or export.get("dtype") == "float16")
-    )
+    return kind_of(recipe).quantized(block_of(recipe))
 
 
 def _tags(recipe: dict) -> list[str]:
-    tags = ["builder"]
-    quantize, export = recipe.get("quantize"), recipe.get("export")
-    if quantize:
-        tags += ["bitsandbytes", "4-bit" if quantize["method"] == "bnb-4bit" else "8-bit"]
-        if quantize.get("quant_type"):
-            tags.append(quantize["quant_type"])
-    if export:
-        tags += ["onnx", export["provider"]]
-        if export.get("quantize") == "dynamic-int8":
-            tags.append("int8")
-        elif export.get("quantize") in ("int4", "nf4", "fp4"):
-            tags += ["4-bit", export["quantize"]]
+    tags = ["builder", *kind_of(recipe).card_tags(block_of(recipe))]
     tags += list((recipe.get("publish") or {}).get("tags") or ())
     return list(dict.fromkeys(tags))
 
 
 def _summary(manifest: Manifest) -> str:
     recipe, source = manifest.recipe, manifest.source
-    quantize, export = recipe.get("quantize"), recipe.get("export")
-    if quantize:
-        what = {
-            "bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
-            f"{', double quantization' if quantize.get('double_quant') else ''})",
-            "bnb-8bit": "bitsandbytes LLM.int8()",
-        }[quantize["method"]]
-    else:
-        assert export is not None  # a manifest's recipe has one of the two blocks
-        what = (
-            f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
-            f"quantize {export['quantize']}) for {export['provider']}"
-        )
+    what = kind_of(recipe).card_summary(block_of(recipe))
     passed = manifest.passed
     origin = (
         f"a local copy{f' of `{base}`' if (base := base_model_of(manifest)) else ''} (content digest "

@@ -26,8 +26,9 @@ from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, finished, handling_signals
 from builder.inventory import CURRENT, artifact_states, format_table, write_stamp
+from builder.kinds.base import footprint_threshold
 from builder.modules import source_problems
-from builder.plan import DISTRIBUTION, footprint_threshold, make_plan
+from builder.plan import DISTRIBUTION, make_plan
 from builder.recipe import (
     files_defining,
     find_recipe_files,
@@ -38,7 +39,6 @@ from builder.recipe import (
 )
 from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
-from builder.steps import verify, verify_onnx
 from builder.steps.gate import format_report, format_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -100,7 +100,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
     if args.json:
-        _print_json([p.as_json() | {"thresholds": _thresholds(p)} for p in plans])
+        _print_json([p.as_json() | {"thresholds": p.thresholds} for p in plans])
         return EXIT_OK
     for plan in plans:
         print(_format_plan(plan))
@@ -133,19 +133,10 @@ def _format_plan(plan) -> str:
     for stage in plan.stages:
         peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
         lines.append(f"  {stage.name:<11} {stage.description}{peak}")
-    lines.append(f"gate:        {describe(_thresholds(plan))}")
+    lines.append(f"gate:        {describe(plan.thresholds)}")
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
     return "\n".join(lines) + "\n"
-
-
-def _thresholds(plan) -> dict[str, float]:
-    """The gate's thresholds for the plan's recipe: the defaults for its method and task, with its overrides."""
-
-    recipe = plan.loaded.recipe
-    if recipe.export is not None:
-        return verify_onnx.thresholds_for(recipe, plan.task)
-    return verify.thresholds_for(recipe, plan.task, plan.expected_footprint_ratio)
 
 
 def _size(n: int | None) -> str:

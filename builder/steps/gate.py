@@ -1,5 +1,4 @@
-"""The gate's shared parts: the recipe's overrides over the defaults, the report file, the failure message and the
-report's printed forms.
+"""The gate's shared parts: the report file, the failure message and the report's printed forms.
 
 Both gates use them: `builder.steps.verify` (bitsandbytes artifacts reloaded by stock transformers) and
 `builder.steps.verify_onnx` (ONNX graphs on onnxruntime). The metric table is `builder.gates`; the evaluation data
@@ -12,25 +11,9 @@ import json
 from pathlib import Path
 
 from builder.artifact import NodePlacement
-from builder.errors import BuildError
 from builder.gates import GATES, gate_of_metric, number
-from builder.recipe import Recipe
 
 REPORT_FILE = "verify-report.json"
-
-
-def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
-    """`defaults` with the recipe's `verify.thresholds` written over them; a threshold outside `applicable` (the
-    gates of `what` is being verified) is refused."""
-    thresholds = dict(defaults)
-    for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
-        if key not in applicable:
-            raise BuildError(
-                f"verify.thresholds.{key} does not apply to {what} (its gates: "
-                f"{', '.join(applicable)}); remove it from the recipe"
-            )
-        thresholds[key] = value
-    return thresholds
 
 
 def failure_message(name: str, report: dict) -> str:

@@ -38,67 +38,27 @@ from builder.console import say, show_progress
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.gates import check
-from builder.plan import footprint_threshold
+from builder.kinds import kind_of, thresholds
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
 from builder.steps import references, torch_defaults
-from builder.steps.gate import failure_message, with_overrides, write_report
-from builder.steps.verify_onnx import onnx_report
+from builder.steps.gate import failure_message, write_report
 from builder.tasks import family
 from builder.tasks.base import LATENCY_TOKENS
-
-
-def default_thresholds(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
-    """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task; the
-    footprint bound from the footprint ratio the plan expects (`plan.footprint_threshold`)."""
-    match recipe.quantize:
-        case Bnb4Bit(quant_type=quant_type):
-            scheme: str = quant_type
-        case Bnb8Bit():
-            scheme = "int8"
-        case _:
-            raise BuildError(
-                f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
-                "by builder.steps.verify_onnx"
-            )
-    defaults = family(task).default_thresholds(f"bnb-{scheme}", task)
-    return defaults | {"footprint_ratio": footprint_threshold(expected_footprint)}
-
-
-def thresholds_for(recipe: Recipe, task: str, expected_footprint: float | None = None) -> dict[str, float]:
-    """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
-    applicable = (*family(task).gates("transformers", task), "footprint_ratio")
-    return with_overrides(default_thresholds(recipe, task, expected_footprint), recipe, applicable, f"a {task} model")
-
 
 # --- the build step --------------------------------------------------------------------------------------------
 
 
 def verify(ctx: BuildContext) -> None:
     """Verify the artifact in `ctx.workdir` against `ctx.source_dir` into `ctx.verification` (also written to
-    verify-report.json). Raises `VerificationFailed` naming each metric that missed, and by how much."""
-    recipe = ctx.loaded.recipe
-    assert ctx.source_dir is not None  # set by resolve
-    if recipe.export is not None:
-        assert ctx.onnx is not None  # set by export
-        report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
-    else:
-        report = run_checks(
-            recipe,
-            ctx.plan.task,
-            ctx.source_dir,
-            ctx.workdir,
-            ctx.device,
-            reference=ctx.reference or start_reference(ctx),
-            candidate=ctx.candidate,
-            max_device_memory=ctx.max_gpu_memory,
-            expected_footprint=ctx.plan.expected_footprint_ratio,
-        )
+    verify-report.json), as the recipe's build kind runs its gate. Raises `VerificationFailed` naming each metric
+    that missed, and by how much."""
+    report = ctx.plan.kind.verify(ctx)
     write_report(ctx.workdir, report)
     ctx.verification = report
     if not report["passed"]:
-        raise VerificationFailed(failure_message(recipe.name, report))
+        raise VerificationFailed(failure_message(ctx.loaded.recipe.name, report))
 
 
 def start_reference(ctx: BuildContext) -> ReferenceRun:
@@ -287,7 +247,7 @@ def run_checks(
     `max_device_memory` caps each run's device memory, and a model whose weights pass it runs block by block. On a
     GPU with room for both models the candidate runs while the reference still computes."""
     started = time.perf_counter()
-    thresholds = thresholds_for(recipe, task, expected_footprint)
+    bounds = thresholds(kind_of(recipe), recipe, task, expected_footprint)
     if reference is None:
         reference = ReferenceRun(
             recipe,
@@ -307,7 +267,7 @@ def run_checks(
         "device": device,
         "provider": None,
         "metrics": {},
-        "thresholds": thresholds,
+        "thresholds": bounds,
         "failures": [],
         "performance": {},
     }
@@ -340,7 +300,7 @@ def run_checks(
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
-    report["failures"] = check(measured, thresholds)
+    report["failures"] = check(measured, bounds)
     report["passed"] = not report["failures"]
     report["performance"] = _performance(outputs, candidate_outputs)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)

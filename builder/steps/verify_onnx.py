@@ -13,35 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.gates import GATES, check
+from builder.gates import check
+from builder.kinds import kind_of, thresholds
 from builder.recipe import Recipe
 from builder.steps import ort, placement
 from builder.steps.export import load_source
-from builder.steps.gate import with_overrides
 from builder.tasks import family
-
-
-def scheme(dtype: str, quantize: str) -> str:
-    """The threshold scheme of an export with `export.dtype` and `export.quantize` ("onnx-float32", "onnx-int4")."""
-    return f"onnx-{quantize}" if quantize != "none" else f"onnx-{dtype}"
-
-
-def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none") -> dict[str, float]:
-    """Default gate thresholds of an ONNX export of `task` with `export.dtype` and `export.quantize` (the task
-    family's, `builder.tasks`)."""
-    return family(task).default_thresholds(scheme(dtype, quantize), task)
-
-
-def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
-    """The defaults overridden by `verify.thresholds`; refuses a threshold that has no ONNX metric for `task`."""
-    assert recipe.export is not None
-    applicable = [key for key in family(task).gates("onnxruntime", task) if GATES[key].recipe]
-    return with_overrides(
-        default_thresholds(task, recipe.export.dtype, recipe.export.quantize),
-        recipe,
-        applicable,
-        f"an ONNX export of a {task} model",
-    )
 
 
 def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path, device: str) -> dict:
@@ -52,7 +29,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
     `ENCODER_SENTENCES` sentences of the evaluation text), and records the session's node placement; compute-heavy
     nodes on the CPU in a session for a GPU provider are a failure (`placement.failures`)."""
     task = placed["task"]
-    thresholds = thresholds_for(recipe, task)
+    bounds = thresholds(kind_of(recipe), recipe, task, None)
     prompts = family(task).onnx_prompts(recipe.verify.prompts)
     started = time.perf_counter()
     result = onnx_metrics(
@@ -65,7 +42,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
         device=device,
     )
     metrics = result["metrics"]
-    failures = check(metrics, thresholds)
+    failures = check(metrics, bounds)
     for failure in failures:
         if failure["metric"] == "generation_match":
             failure["message"] += ": greedy generation through the graph differs from PyTorch generate"
@@ -79,7 +56,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
         "target_provider": placed["provider"],
         "placement": result["placement"].model_dump(),
         "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
-        "thresholds": thresholds,
+        "thresholds": bounds,
         "failures": failures,
         "performance": performance,
         "outputs": result["outputs"],

@@ -29,7 +29,7 @@ from builder.artifact import (
 )
 from builder.card import render_card
 from builder.context import BuildContext
-from builder.plan import Plan, build_kind
+from builder.plan import Plan
 from builder.recipe import LoadedRecipe
 from builder.steps.gate import write_report
 
@@ -50,8 +50,8 @@ def write(ctx: BuildContext) -> None:
 def manifest_for(ctx: BuildContext) -> Manifest:
     """The manifest without its `files` table (the card is rendered from this)."""
     recipe = ctx.loaded.recipe
-    kind = build_kind(recipe)
-    produced: dict[str, Any] = {"device_map": ctx.device_map} if kind == "quantize" else {}
+    kind = ctx.plan.kind
+    produced: dict[str, Any] = {"device_map": ctx.device_map} if kind.RUNNER == "transformers" else {}
     for field in ("quantize_path", "quantized_layers", "dequantized", "onnx"):
         if getattr(ctx, field) is not None:
             produced[field] = getattr(ctx, field)
@@ -61,7 +61,7 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         manifest_version=MANIFEST_VERSION,
         name=recipe.name,
         build_hash=ctx.plan.build_hash,
-        kind=kind,
+        kind=kind.STAGE,
         recipe=recipe.model_dump(mode="json"),
         recipe_files=[_display(path) for path in ctx.loaded.files],
         source=SourceRecord(model=recipe.source.model, revision=ctx.plan.source.revision, task=ctx.plan.task),
@@ -72,7 +72,7 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         timings=dict(ctx.timings),
         footprint=ctx.footprint,
         bits_per_param=ctx.quantized_layers.bits_per_param if ctx.quantized_layers else None,
-        library_name="onnx" if kind == "export" else "transformers",
+        library_name=kind.LIBRARY,
         verification=ctx.verification,
         **produced,
     )

@@ -190,7 +190,7 @@ def test_every_shipped_recipe_plans(real_models, recipe, capsys):
 
 
 def test_plans_footprint_bound_is_the_one_the_build_gates_at(smollm2, capsys):
-    from builder.plan import footprint_threshold
+    from builder.kinds.base import footprint_threshold
 
     assert main(["plan", "recipes/smollm2/nf4.yaml", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)[0]

@@ -15,9 +15,25 @@ from builder.plan import make_plan
 from builder.recipe import load_recipes
 from builder.steps import ort
 from builder.steps.export import choose_exporter, export
-from builder.steps.verify_onnx import default_thresholds, onnx_metrics
+from builder.steps.verify_onnx import onnx_metrics
 
 PROMPTS = ("The capital of France is", "def add(a, b):")
+
+
+def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none") -> dict[str, float]:
+    """The gate's default bounds for an ONNX export of `task` (a recipe without overrides)."""
+    from builder.kinds import KINDS, thresholds
+    from builder.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": "/nowhere"},
+            "export": {"format": "onnx", "dtype": dtype, "quantize": quantize},
+        }
+    )
+    return thresholds(KINDS["onnx"], recipe, task, None)
 
 
 def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-generation") -> BuildContext:
