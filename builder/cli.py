@@ -27,8 +27,7 @@ from builder.hub.server import serve
 from builder.interrupts import Interrupted, finished, handling_signals
 from builder.inventory import CURRENT, artifact_states, format_table, write_stamp
 from builder.kinds.base import footprint_threshold
-from builder.modules import source_problems
-from builder.plan import DISTRIBUTION, make_plan
+from builder.plan import DISTRIBUTION, make_plan, source_problems
 from builder.recipe import (
     files_defining,
     find_recipe_files,

@@ -1,4 +1,5 @@
-"""What a build would do, decided before anything heavy runs: the build hash, the steps and a preflight.
+"""What a build would do, decided before anything heavy runs: the build hash, the steps and a preflight (and
+`validate`'s checks of a local source: `source_problems`).
 
 The preflight reads config.json and the safetensors headers only, so `builder plan` runs on a laptop with the
 core install and tells you parameter count, expected artifact size and peak memory per stage.
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from builder.card import inherited_license_problem
-from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo
-from builder.errors import RecipeError, SourceError
+from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo, local_weight_files, read_header
+from builder.errors import Problem, RecipeError, SourceError
 from builder.kinds import BuildKind, kind_of, thresholds
 from builder.kinds.base import load_dtype
 from builder.modules import unmatched_skip_modules
@@ -211,3 +212,45 @@ def _stages(kind: BuildKind, recipe: Recipe, loaded_bytes: int, artifact_bytes: 
         "write": Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename"),
     }
     return [described[name] for name in build_stages(recipe)]
+
+
+def source_problems(loaded: LoadedRecipe) -> list[Problem]:
+    """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
+    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
+    license the artifact's card would inherit from the folder's README.md is the Hub's."""
+    import json
+
+    folder = loaded.source_path
+    if folder is None:
+        return []  # a Hub source: checked by `plan`, which may reach the network
+    where = loaded.where(("source", "model"))
+    if not folder.is_dir():
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} does not exist; check `source.model` "
+                "(relative paths are relative to the recipe file)",
+            )
+        ]
+    if not (folder / "config.json").is_file():
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} has no config.json; point `source.model` at "
+                "a Hugging Face model folder (the one save_pretrained writes)",
+            )
+        ]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
+    except (SourceError, ValueError, OSError) as error:
+        return [Problem(where, "source.model", str(error))]
+    problems = [
+        Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
+        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
+    ]
+    if (license_problem := inherited_license_problem(loaded)) is not None:
+        problems.append(license_problem)
+    return problems
