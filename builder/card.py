@@ -19,6 +19,7 @@ from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
 from builder.tasks import AUTO_CLASSES, family
+from builder.verification import VerificationReport
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
 _PIPELINE_TAGS = {
@@ -44,7 +45,7 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
         *(["## Warnings\n\n" + "\n".join(f"- {w}" for w in manifest.warnings)] if manifest.warnings else []),
         "## Usage\n\n" + _usage(manifest, repo_id),
         "## Build settings\n\n" + _settings(manifest),
-        "## Verification\n\n" + _verification(manifest.verification or {}) + _placement(manifest),
+        "## Verification\n\n" + _verification(manifest.verification) + _placement(manifest),
         "## Size\n\n" + _size(manifest),
         "## Reproduce\n\n" + _reproduce(manifest),
     ]
@@ -103,8 +104,10 @@ def _eval_results(manifest: Manifest, task: str) -> list:
     marked verified only when the gate passed."""
     from huggingface_hub import EvalResult
 
-    report = manifest.verification or {}
-    digest = (report.get("inputs") or {}).get("eval_text_sha256")
+    report = manifest.verification
+    if report is None:
+        return []
+    digest = (report.inputs or {}).get("eval_text_sha256")
     return [
         EvalResult(
             task_type=task,
@@ -114,9 +117,9 @@ def _eval_results(manifest: Manifest, task: str) -> list:
             metric_type=_METRIC_NAMES.get(metric, metric),
             metric_value=value,
             verified=False,
-            metric_config="compared with the source model" + ("" if report.get("passed") else " (gate FAILED)"),
+            metric_config="compared with the source model" + ("" if report.passed else " (gate FAILED)"),
         )
-        for metric, value in sorted((report.get("metrics") or {}).items())
+        for metric, value in sorted(report.metrics.items())
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
 
@@ -255,30 +258,28 @@ def _settings(manifest: Manifest) -> str:
     return f"| setting | value |\n|---|---|\n{rows}\n\nBuilt on `{manifest.device}`."
 
 
-def _verification(report: dict) -> str:
-    if not report:
+def _verification(report: VerificationReport | None) -> str:
+    if report is None:
         return "No verification report."
-    metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
-    bounds = bounds_by_metric(report.get("thresholds") or {})  # `cosine` bounds `cosine_min`, as the gate checks
+    failed = {failure.metric for failure in report.failures}
+    bounds = bounds_by_metric(report.thresholds)  # `cosine` bounds `cosine_min`, as the gate checks
     rows = []
-    for metric, value in sorted(metrics.items()):
+    for metric, value in sorted(report.metrics.items()):
         limit = bounds.get(metric)
         verdict = "" if limit is None else ("fail" if metric in failed else "pass")
         shown_limit = "" if limit is None else _number(limit)
         rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
-    where = report.get("provider") or report.get("device") or "cpu"
     lines = [
-        f"Task `{report.get('task')}`, compared with the source on `{where}`: "
-        f"**{'passed' if report.get('passed') else 'FAILED'}**.",
+        f"Task `{report.task}`, compared with the source on `{report.provider or report.device}`: "
+        f"**{'passed' if report.passed else 'FAILED'}**.",
         "",
         "| metric | value | threshold | |",
         "|---|---|---|---|",
         *rows,
     ]
-    performance = report.get("performance") or {}
-    if performance:
+    if report.performance:
         lines += ["", "| performance | value |", "|---|---|"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(performance.items())]
+        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(report.performance.items())]
     return "\n".join(lines)
 
 
@@ -287,7 +288,7 @@ def _placement(manifest: Manifest) -> str:
     placement = manifest.placement
     if placement is None:
         return ""
-    target = (manifest.verification or {}).get("target_provider")
+    target = manifest.verification.target_provider if manifest.verification else None
     rows = "\n".join(
         f"| {provider} | {sum(placement.nodes[provider].values())} | {placement.op_types(provider)} |"
         for provider in placement.providers()

@@ -248,7 +248,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def _gate_summary(artifact: Path) -> str:
 
-    return format_summary(load_manifest(artifact).verification or {})
+    verification = load_manifest(artifact).verification
+    return format_summary(verification) if verification is not None else "  no verification report"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -261,10 +262,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         max_gpu_memory=args.max_gpu_memory,
     )
     if args.json:
-        _print_json(report)
+        _print_json(report.to_json())
     else:
         print(format_report(report))
-    return EXIT_OK if report["passed"] else EXIT_FAILED
+    return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from builder.artifact import Dequantized, Footprint, HashAhead, QuantizedLayers
 from builder.plan import Plan
 from builder.recipe import LoadedRecipe
+from builder.verification import OnnxRecord, VerificationReport
 
 
 @dataclass
@@ -36,9 +37,9 @@ class BuildContext:
     quantize_path: str | None = None
     """"stream", or "transformers (<why it could not be streamed>)"."""
     dequantized: Dequantized | None = None
-    onnx: dict[str, Any] | None = None
+    onnx: OnnxRecord | None = None
     """The export step's record (exporter, task, opset, dtype, providers, inputs, model bytes)."""
-    verification: dict[str, Any] | None = None
+    verification: VerificationReport | None = None
     """The gate's report (set by `verify`)."""
     use_cache: bool = True
     """Whether the gate may reuse cached reference outputs (`builder build --no-cache`: recompute them)."""

@@ -27,6 +27,7 @@ from builder.recipe import Recipe
 from builder.source import folder_digest
 from builder.steps.gate import write_report
 from builder.steps.load import download
+from builder.verification import VerificationReport
 
 
 def reverify(
@@ -36,7 +37,7 @@ def reverify(
     device: str | None = None,
     use_cache: bool = True,
     max_gpu_memory: int | None = None,
-) -> dict:
+) -> VerificationReport:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
     report. Refuses (`SourceError`) when that source is gone or its content changed, and (`ArtifactError`) a
     manifest or lock file it cannot read. With `write`, rewrites verify-report.json and the manifest's
@@ -55,7 +56,9 @@ def reverify(
     if manifest.source.task is None:
         raise BuildError(f"{artifact_dir}/manifest.json records no task; rebuild the artifact")
     options = {"use_cache": use_cache, "max_gpu_memory": max_gpu_memory}
-    report = kind_of(recipe).reverify(manifest, recipe, artifact_dir, source_dir, device, **options)
+    report = VerificationReport.model_validate(
+        kind_of(recipe).reverify(manifest, recipe, artifact_dir, source_dir, device, **options)
+    )
     if write:
         write_report(artifact_dir, report)
         updated = manifest.model_copy(update={"verification": report, "files": file_table(artifact_dir)})

@@ -25,6 +25,7 @@ from builder.recipe import OnnxExport
 from builder.steps import ort
 from builder.tasks import auto_class, family
 from builder.tasks.causal_lm import decoder_shape
+from builder.verification import OnnxRecord
 
 # Tasks the torch exporter handles, with the graph's output name (optimum's names).
 TORCH_TASKS = {
@@ -83,7 +84,7 @@ def export(ctx: BuildContext) -> None:
         _remove_model(Path(ctx.workdir))
         raise
     ctx.onnx = record
-    ctx.footprint = Footprint.of(ctx.plan.source_bytes, record["model_bytes"])
+    ctx.footprint = Footprint.of(ctx.plan.source_bytes, record.model_bytes)
 
 
 def choose_exporter(spec: OnnxExport, task: str) -> str:
@@ -315,7 +316,9 @@ def _export_optimum(ctx: BuildContext, task: str, spec: OnnxExport) -> None:
 # --- after either exporter -----------------------------------------------------------------------------------------
 
 
-def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict) -> dict:
+def _finish(
+    ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict
+) -> OnnxRecord:
     import onnx
 
     onnx.checker.check_model(str(model_path))  # the path form reads model.onnx_data and graphs past 2 GB
@@ -343,21 +346,21 @@ def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model
     _copy_side_files(ctx.source_folder(), Path(ctx.workdir))
     graph = onnx.load(str(model_path), load_external_data=False).graph
     files = sorted(p.name for p in Path(ctx.workdir).iterdir() if p.name.startswith("model.onnx"))
-    return {
-        "exporter": exporter,
-        "task": task,
-        "with_past": spec.with_past,
-        "opset": spec.opset,
-        "dtype": spec.dtype,
+    return OnnxRecord(
+        exporter=exporter,
+        task=task,
+        with_past=spec.with_past,
+        opset=spec.opset,
+        dtype=spec.dtype,
         **placement.as_json(),
-        "optimization": optimization,
-        "quantization": quantization,
-        "inputs": [i.name for i in graph.input],
-        "outputs": [o.name for o in graph.output],
-        "files": files,
-        "model_bytes": sum((Path(ctx.workdir) / f).stat().st_size for f in files),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
+        optimization=optimization,
+        quantization=quantization,
+        inputs=[i.name for i in graph.input],
+        outputs=[o.name for o in graph.output],
+        files=files,
+        model_bytes=sum((Path(ctx.workdir) / f).stat().st_size for f in files),
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )
 
 
 def _copy_side_files(source_dir: Path, workdir: Path) -> None:

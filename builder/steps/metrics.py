@@ -4,7 +4,7 @@ The gate (`builder.steps.verify`) runs the reference (the source model) and the 
 loads it, with stock transformers) either on threads of the build process (`run`; without a device memory cap) or
 each in a worker process of its own:
 
-    python -m builder.steps.metrics FOLDER TASK DEVICE [MODULE ...]      then, on stdin: SPEC.pt and OUT.pt lines
+    python -m builder.steps.runs FOLDER TASK DEVICE [MODULE ...]      then, on stdin: SPEC.pt and OUT.pt lines
 
 The worker starts by importing what loading FOLDER's architecture for TASK needs (`import_for`: transformers'
 modeling module, the MODULEs, and CUDA), so a worker started early, before the artifact exists, has that done when
@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import logging
-import os
 import statistics
 import sys
 import time
@@ -49,13 +47,13 @@ Emit = Callable[[dict], None]
 """Where a run's stage events go: a worker prints them on stderr, a run in the build process hands them over."""
 
 
-class _Stage:
+class Stage:
     """Report one stage (its count where it has one) and its duration to `emit`."""
 
     def __init__(self, name: str, emit: Emit, total: int | None = None):
         self.name, self.emit, self.total = name, emit, total
 
-    def __enter__(self) -> _Stage:
+    def __enter__(self) -> Stage:
         self.started = time.perf_counter()
         self.emit({"stage": self.name, "total": self.total})
         return self
@@ -68,7 +66,7 @@ class _Stage:
             self.emit({"stage": self.name, "seconds": round(time.perf_counter() - self.started, 3)})
 
 
-def _to_stderr(event: dict) -> None:
+def to_stderr(event: dict) -> None:
     print(PROGRESS + json.dumps(event), file=sys.stderr, flush=True)
 
 
@@ -110,7 +108,7 @@ def run(spec: dict, emit: Emit) -> dict:
     import torch
 
     device, cap = spec["device"], spec.get("max_device_memory")
-    with torch_defaults.exclusive(), _without_loading_bars(), _Stage("load", emit):
+    with torch_defaults.exclusive(), _without_loading_bars(), Stage("load", emit):
         model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
     outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
     outputs["forward"] = "blocks" if offload else "whole"
@@ -137,7 +135,7 @@ def _without_loading_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str, emit: Emit = _to_stderr) -> dict:
+def probe(model, inputs: dict, task: str, max_new_tokens: int, device: str, emit: Emit = to_stderr) -> dict:
     """Outputs of `model` on `inputs` (see `builder.steps.verify.tokenize_inputs`) as CPU tensors (logits in the
     model's own dtype: casting them is the comparison's business), plus `footprint_bytes`, `parameters`,
     `latency_ms` (median forward of LATENCY_TOKENS tokens, batch 1) and `throughput_tokens_per_s` (over the
@@ -176,8 +174,8 @@ class _Run:
 
             torch.cuda.synchronize(self.device)
 
-    def stage(self, name: str, total: int | None = None) -> _Stage:
-        return _Stage(name, self.emit, total)
+    def stage(self, name: str, total: int | None = None) -> Stage:
+        return Stage(name, self.emit, total)
 
 
 def _latency_ms(model, ids, run: _Run) -> float:
@@ -210,29 +208,6 @@ def compare(task: str, inputs: dict, reference: dict, candidate: dict, device: s
     return metrics, details
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: import for FOLDER TASK DEVICE [MODULE ...], then read SPEC.pt and OUT.pt from stdin, `run`
-    SPEC.pt's spec, write OUT.pt."""
-    import torch
-
-    folder, task, device, *modules = argv if argv is not None else sys.argv[1:]
-    with _Stage("imports", _to_stderr):
-        import_for(folder, task, device, modules)
-    spec_file, out_file = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
-    if not out_file:
-        return 0  # the parent stopped before it had a model for this worker
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU logs a cast warning per matmul
-    spec = torch.load(spec_file, weights_only=True)
-    device, cap = spec["device"], spec.get("max_device_memory")
-    if device.startswith("cuda") and cap:  # the cap holds for this process whatever the model does
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
-    outputs = run(spec, _to_stderr)
-    with _Stage("save", _to_stderr):
-        torch.save(outputs, out_file)
-    return 0
-
-
 def import_for(folder: str, task: str, device: str, modules: list[str] | tuple[str, ...]) -> None:
     """Import transformers' modeling code for `folder`'s architecture and `modules`, and start CUDA on a CUDA
     `device`: the work a fresh process does before it can load a model, done before the model exists."""
@@ -249,12 +224,3 @@ def import_for(folder: str, task: str, device: str, modules: list[str] | tuple[s
         pass  # loading the model reports what is wrong, with the message users know
     if device.startswith("cuda"):
         torch.empty(1, device=device)
-
-
-if __name__ == "__main__":
-    code = main()
-    # The outputs are saved: skip the interpreter's teardown of torch and the model (1.5 s of a 0.3B model's CPU
-    # worker, waited for by the build).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

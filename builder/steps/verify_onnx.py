@@ -19,16 +19,17 @@ from builder.recipe import Recipe
 from builder.steps import ort, placement
 from builder.steps.export import load_source
 from builder.tasks import family
+from builder.verification import REPORT_VERSION, OnnxRecord
 
 
-def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path, device: str) -> dict:
+def onnx_report(recipe: Recipe, placed: OnnxRecord, model_dir: Path, source_dir: Path, device: str) -> dict:
     """The verification report of the ONNX export in `model_dir` (the shape `builder.steps.verify` writes), whose
     export record is `placed`.
 
-    Compares on `placed["verified_on"]` with the recipe's prompts (else the built-in ones; encoders also embed
+    Compares on `placed.verified_on` with the recipe's prompts (else the built-in ones; encoders also embed
     `ENCODER_SENTENCES` sentences of the evaluation text), and records the session's node placement; compute-heavy
     nodes on the CPU in a session for a GPU provider are a failure (`placement.failures`)."""
-    task = placed["task"]
+    task = placed.task
     bounds = thresholds(kind_of(recipe), recipe, task, None)
     prompts = family(task).onnx_prompts(recipe.verify.prompts)
     started = time.perf_counter()
@@ -36,7 +37,7 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
         model_dir,
         source_dir,
         task=task,
-        provider=placed["verified_on"],
+        provider=placed.verified_on,
         prompts=prompts,
         max_new_tokens=recipe.verify.max_new_tokens,
         device=device,
@@ -49,11 +50,12 @@ def onnx_report(recipe: Recipe, placed: dict, model_dir: Path, source_dir: Path,
     failures += placement.failures(result["placement"])
     performance = result["performance"] | {"verification_seconds": round(time.perf_counter() - started, 2)}
     return {
+        "report_version": REPORT_VERSION,
         "passed": not failures,
         "task": task,
         "device": device,
-        "provider": placed["verified_on"],
-        "target_provider": placed["provider"],
+        "provider": placed.verified_on,
+        "target_provider": placed.provider,
         "placement": result["placement"].model_dump(),
         "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
         "thresholds": bounds,

@@ -39,7 +39,8 @@ _EXTRA_VERSIONS = ("huggingface_hub", "safetensors")
 def write(ctx: BuildContext) -> None:
     """Write the artifact's descriptive files into `ctx.workdir`, manifest.json last."""
     manifest = manifest_for(ctx)
-    write_report(ctx.workdir, manifest.verification or {})
+    assert manifest.verification is not None  # an artifact is written once its gate passed
+    write_report(ctx.workdir, manifest.verification)
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
     _readable_by_all(ctx.workdir)
