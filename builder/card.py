@@ -14,7 +14,7 @@ import yaml
 
 from builder.artifact import Manifest
 from builder.errors import Problem
-from builder.gates import bounds_by_metric
+from builder.gates import GATES, bounds_by_metric
 from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
@@ -129,6 +129,65 @@ def _eval_results(manifest: Manifest, task: str) -> list:
 _METRIC_NAMES = {"bits_per_param": "weight_file_bits_per_param"}
 
 
+EVAL_RESULTS_FILE = ".eval_results/builder-gate.yaml"
+"""Where the artifact holds the gate's results in the Hub's format: a YAML file in huggingface_hub's
+`EVAL_RESULTS_FOLDER` (the Hub aggregates every `.eval_results/*.yaml` it finds); the card's `model-index` keeps them
+as well, for readers of the older format."""
+
+
+def eval_results_files(manifest: Manifest) -> dict[str, str]:
+    """The artifact's `.eval_results/*.yaml` files (path -> text): the gate's results, {} when it gated no number."""
+    if manifest.verification is None:
+        return {}
+    entries = gate_eval_results(manifest.verification, reference=reference_model(manifest), date=manifest.built_at)
+    if not entries:
+        return {}
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    return {EVAL_RESULTS_FILE: yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, width=2**16)}
+
+
+def gate_eval_results(report: VerificationReport, *, reference: str, date: str) -> list:
+    """One huggingface_hub `EvalResultEntry` (present since 1.33, the oldest huggingface_hub we admit) per metric the
+    gate `report` held to a threshold: the evaluation data as the dataset (`EVAL_DATASET`, at the sha256 the report
+    recorded), the metric as its task id, and in the notes the model's task, the `reference` it was compared with,
+    the threshold and the verdict. The entry format has no metric field, so the metric is the task id."""
+    from huggingface_hub import EvalResultEntry
+
+    failed = {failure.metric for failure in report.failures}
+    digest = (report.inputs or {}).get("eval_text_sha256")
+    entries = []
+    for key, bound in report.thresholds.items():
+        gate = GATES[key]
+        metric = gate.metric
+        value = report.metrics.get(metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        verdict = "failed" if metric in failed else "passed"
+        notes = f"task {report.task}; compared with {reference}; gate {gate.sign} {_number(bound)}: {verdict}"
+        entries.append(
+            EvalResultEntry(
+                dataset_id=EVAL_DATASET,
+                task_id=_METRIC_NAMES.get(metric, metric),
+                value=value,
+                dataset_revision=digest,
+                date=date,
+                notes=notes,
+            )
+        )
+    return sorted(entries, key=lambda entry: entry.task_id)
+
+
+def reference_model(manifest: Manifest) -> str:
+    """The source model the gate compared with, as a reader outside the build host can name it: a Hub repo at its
+    commit, or a local folder by its content digest (and the Hub repo it copies, where known), never by its path."""
+    source = manifest.source
+    if not source.revision.startswith("sha256:"):
+        return f"the source model {source.model} at revision {source.revision}"
+    base = base_model_of(manifest)
+    return f"the source model, a local copy{f' of {base}' if base else ''} with content digest {source.revision}"
+
+
 _INHERITED = ("base_model", "license", "language", "datasets", "pipeline_tag")
 
 
@@ -234,6 +293,9 @@ def _usage(manifest: Manifest, repo_id: str) -> str:
 
 def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
     provider = manifest.recipe["export"]["provider"]
+    # hook: the genai exporter's folder is for its runtime
+    if manifest.onnx is not None and manifest.onnx.exporter == "genai":
+        return _usage_genai(repo_id, provider)
     graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
     graph = graphs[0] if graphs else "model.onnx"
     ort_class = family(task).ort_class(task)
@@ -248,6 +310,22 @@ def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
         "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
         f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
         f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
+    )
+
+
+def _usage_genai(repo_id: str, provider: str) -> str:
+    package = "onnxruntime-genai-cuda" if provider == "CUDAExecutionProvider" else "onnxruntime-genai"
+    return (
+        f"With `onnxruntime_genai` (`pip install {package}`; the graph targets `{provider}`):\n\n```python\n"
+        "import onnxruntime_genai as og\nfrom huggingface_hub import snapshot_download\n\n"
+        f'folder = snapshot_download("{repo_id}")\n'
+        "model = og.Model(folder)\ntokenizer = og.Tokenizer(model)\n"
+        "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=256)\n"
+        "generator = og.Generator(model, params)\n"
+        'generator.append_tokens(tokenizer.encode("The capital of France is"))\n'
+        "stream = tokenizer.create_stream()\nwhile not generator.is_done():\n"
+        "    generator.generate_next_token()\n"
+        '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n```'
     )
 
 

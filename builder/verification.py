@@ -108,7 +108,7 @@ class OnnxRecord(_Record):
     exporter: str
     task: str
     with_past: bool
-    opset: int
+    opset: int | None
     dtype: str
     provider: str
     verified_on: str
@@ -121,3 +121,10 @@ class OnnxRecord(_Record):
     files: list[str]
     model_bytes: int
     timings: dict[str, float]
+    nodes: int | None = None
+    """The genai exporter's graph: its node count and attention operators (`attention_nodes`)."""
+    attention_nodes: int | None = None
+    model_builder: dict[str, Any] | None = None
+    """The genai exporter: the options onnxruntime-genai's model builder ran with."""
+    genai_fallback: str | None = None
+    """`exporter: auto` on a language model: why it did not take the genai exporter."""

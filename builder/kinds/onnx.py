@@ -28,6 +28,8 @@ VERSIONED: tuple[str, ...] = (
     "onnxscript",
     "onnxruntime",
     "onnxruntime-gpu",
+    "onnxruntime-genai",
+    "onnxruntime-genai-cuda",
     "optimum",
     "optimum-onnx",
 )
@@ -63,13 +65,18 @@ def expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> 
         # embeddings and 1-D tensors stay float32
         block = export.block_size or (32 if export.quantize == "int4" else 64)
         per_weight = 0.5 + (4.5 if export.quantize == "int4" else 4) / block
+        # onnxruntime-genai's model builder quantizes the embedding table too (GatherBlockQuantized)
+        genai = export.exporter == "genai"
         return int(
             sum(
-                t.numel * (per_weight if len(t.shape) == 2 and not EMBEDDING_NAMES.search(t.name) else 4)
+                t.numel * (per_weight if len(t.shape) == 2 and (genai or not EMBEDDING_NAMES.search(t.name)) else 4)
                 for t in tensors
             )
         )
-    per_element = 1 if export.quantize == "dynamic-int8" else (2 if export.dtype == "float16" else 4)
+    if export.quantize == "int8":  # 8 bits, one float scale and a zero point per block (genai exporter)
+        block = export.block_size or 32
+        return int(sum(t.numel * ((1 + 5 / block) if len(t.shape) == 2 else 4) for t in tensors))
+    per_element = 1 if export.quantize == "dynamic-int8" else (4 if export.dtype == "float32" else 2)
     return sum(t.numel for t in tensors) * per_element
 
 
@@ -80,11 +87,17 @@ def describe(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> tuple[st
         f"load the source as {recipe.source.dtype}, export to ONNX (opset {export.opset}, {export.dtype}, "
         f"exporter {export.exporter})"
     ]
+    if export.exporter == "genai":  # the model builder loads, exports and quantizes in one subprocess
+        what = [
+            f"onnxruntime-genai's model builder in a subprocess ({export.dtype}"
+            f"{', ' + export.quantize if export.quantize != 'none' else ''}, {export.provider}): fused attention "
+            "with the KV cache, genai_config.json"
+        ]
     peak = loaded_bytes * 2
     if export.optimize != "none":
         what.append(f"onnxruntime transformer optimizer {export.optimize}")
         peak = max(peak, artifact_bytes * 2)
-    if export.quantize != "none":
+    if export.quantize != "none" and export.exporter != "genai":
         what.append("onnxruntime dynamic int8 quantization")
         peak = max(peak, artifact_bytes * 5)
     return "; ".join(what), peak, f"compare with the PyTorch source on {export.verify_on or export.provider}"

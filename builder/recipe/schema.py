@@ -51,7 +51,7 @@ GPU_PROVIDERS = (
 )
 # onnxruntime's weight-only 4-bit operators (MatMulNBits for int4, MatMulBnb4 for nf4/fp4) have CPU and CUDA
 # kernels; TensorRT and MIGraphX do not take these contrib ops.
-WEIGHT_ONLY = ("int4", "nf4", "fp4")
+WEIGHT_ONLY = ("int4", "int8", "nf4", "fp4")
 WEIGHT_ONLY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -271,13 +271,20 @@ Quantize = Annotated[Bnb4Bit | Bnb8Bit, Field(discriminator="method")]
 
 class OnnxExport(Block):
     format: Literal["onnx"] = Field(description="The export format.")
-    exporter: Literal["auto", "torch", "optimum"] = Field(
+    exporter: Literal["auto", "torch", "optimum", "genai"] = Field(
         default="auto",
-        description="torch: torch.onnx.export(dynamo=True); optimum: optimum-onnx's main_export; auto: optimum "
-        "when importable, else torch.",
+        description="torch: torch.onnx.export(dynamo=True); optimum: optimum-onnx's main_export; genai: "
+        "onnxruntime-genai's model builder (text-generation decoders: fused attention, always with the KV cache, "
+        "a genai_config.json so onnxruntime_genai.Model loads the folder; it picks its own opset); auto: genai for "
+        "a text-generation model whose architecture and options it supports (else the manifest's "
+        "onnx.genai_fallback says why not), else optimum when importable, else torch.",
     )
     opset: StrictInt = Field(default=18, ge=7, le=23, description="ONNX opset; the torch exporter needs 18 or newer.")
-    dtype: Literal["float32", "float16"] = Field(default="float32", description="Precision of the exported graph.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32",
+        description="Precision of the exported graph; bfloat16 (and float16 without quantize) with the genai exporter "
+        "is for CUDAExecutionProvider.",
+    )
     provider: Provider = Field(default="CPUExecutionProvider", description="The execution provider the graph targets.")
     optimize: Literal["none", "O1", "O2", "O3", "O4"] = Field(
         default="none",
@@ -287,20 +294,23 @@ class OnnxExport(Block):
     with_past: StrictBool = Field(
         default=False, description="text-generation only: export with the KV cache (past_key_values inputs)."
     )
-    quantize: Literal["none", "dynamic-int8", "int4", "nf4", "fp4"] = Field(
+    quantize: Literal["none", "dynamic-int8", "int4", "int8", "nf4", "fp4"] = Field(
         default="none",
         description="dynamic-int8: onnxruntime dynamic int8 (CPUExecutionProvider only); int4: block-wise 4-bit "
-        "weight-only MatMulNBits; nf4/fp4: MatMulBnb4 with bitsandbytes' 4-bit types (weight-only, CPU and CUDA).",
+        "weight-only MatMulNBits; int8: block-wise 8-bit weight-only MatMulNBits (genai exporter only); nf4/fp4: "
+        "MatMulBnb4 with bitsandbytes' 4-bit types (weight-only, CPU and CUDA).",
     )
     block_size: StrictInt | None = Field(
         default=None,
         ge=16,
         le=256,
-        description="Weights per quantization block of int4/nf4/fp4 (a power of two, 16-256; default 32 for int4, "
-        "64 for nf4/fp4).",
+        description="Weights per quantization block of int4/int8/nf4/fp4 (a power of two, 16-256; default 32 for "
+        "int4 and int8, 64 for nf4/fp4).",
     )
     quant_algorithm: Literal["rtn", "hqq", "k_quant"] = Field(
-        default="rtn", description="int4 only: round-to-nearest, HQQ or k-quant block quantization."
+        default="rtn",
+        description="int4 only: round-to-nearest, HQQ or k-quant block quantization (the genai exporter: rtn or "
+        "k_quant).",
     )
     accuracy_level: StrictInt | None = Field(
         default=None,
@@ -341,13 +351,21 @@ class OnnxExport(Block):
                 )
         if self.block_size is not None:
             if self.quantize not in WEIGHT_ONLY:
-                raise RuleViolation(("block_size",), "block_size is for quantize: int4, nf4 or fp4")
+                raise RuleViolation(("block_size",), "block_size is for quantize: int4, int8, nf4 or fp4")
             if self.block_size & (self.block_size - 1):
                 raise RuleViolation(("block_size",), f"{self.block_size} is not a power of two (16, 32, 64, 128, 256)")
         if self.quantize != "int4":
             for key, default in (("quant_algorithm", "rtn"), ("accuracy_level", None)):
                 if getattr(self, key) != default:
                     raise RuleViolation((key,), f"{key} is for quantize: int4")
+        if self.exporter == "genai" and (misfit := self.genai_misfit()):
+            raise misfit
+        if self.exporter != "genai" and (self.quantize == "int8" or self.dtype == "bfloat16"):
+            key = "quantize" if self.quantize == "int8" else "dtype"
+            raise RuleViolation(
+                (key,),
+                f"{getattr(self, key)} is built by onnxruntime-genai's model builder; set `exporter: genai`",
+            )
         if self.quantize == "dynamic-int8" and self.provider in GPU_PROVIDERS:
             raise RuleViolation(
                 ("quantize",),
@@ -361,6 +379,35 @@ class OnnxExport(Block):
         if self.dtype == "float16" and self.quantize == "dynamic-int8":
             raise RuleViolation(("quantize",), "dynamic-int8 quantizes a float32 graph; set `dtype: float32`")
         return self
+
+    def genai_misfit(self) -> RuleViolation | None:
+        """Why onnxruntime-genai's model builder cannot make this graph (CPU or CUDA; fp32, fp16, bf16, int4, int8),
+        or None; a recipe with `exporter: genai` fails with it, `auto` takes another exporter for it."""
+        if self.provider not in WEIGHT_ONLY_PROVIDERS:
+            return RuleViolation(
+                ("provider",),
+                f"the genai exporter builds for CPUExecutionProvider or CUDAExecutionProvider, not {self.provider}; "
+                "use `exporter: torch` for other providers",
+            )
+        if self.quantize not in ("none", "int4", "int8"):
+            return RuleViolation(
+                ("quantize",),
+                f"the genai exporter quantizes to int4 or int8 (MatMulNBits), not {self.quantize}; use quantize: "
+                "int4 or int8, or `exporter: torch`",
+            )
+        if self.quant_algorithm == "hqq":
+            return RuleViolation(("quant_algorithm",), "the genai exporter quantizes with rtn or k_quant, not hqq")
+        if self.optimize != "none":
+            return RuleViolation(
+                ("optimize",), "the genai exporter writes an already fused graph; remove `optimize` (or set none)"
+            )
+        if self.dtype != "float32" and self.quantize == "none" and self.provider != "CUDAExecutionProvider":
+            return RuleViolation(
+                ("dtype",),
+                f"the genai exporter makes {self.dtype} graphs for CUDAExecutionProvider only; use float32 or "
+                "quantize: int4 on the CPU",
+            )
+        return None
 
 
 def _thresholds_model() -> type[Block]:

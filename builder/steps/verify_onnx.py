@@ -16,7 +16,7 @@ from pathlib import Path
 from builder.gates import check
 from builder.kinds import kind_of, thresholds
 from builder.recipe import Recipe
-from builder.steps import ort, placement
+from builder.steps import export_genai, ort, placement
 from builder.steps.export import load_source
 from builder.tasks import family
 from builder.verification import REPORT_VERSION, OnnxRecord
@@ -107,7 +107,13 @@ def onnx_metrics(
     tasks = family(task)
     measured = placement.measure(session, tasks.onnx_feed(session, reference, tokenizer, prompts[0]), provider)
     with torch.no_grad():
-        result = tasks.onnx_metrics(session, reference, tokenizer, prompts, max_new_tokens, task)
+        # a genai artifact (it has genai_config.json) generates through onnxruntime-genai, as its users do; the
+        # family compares those continuations with PyTorch's instead of generating through the graph itself
+        generated = None
+        if (model_dir / export_genai.GENAI_CONFIG).is_file():
+            prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+            generated = export_genai.generate(model_dir, prompt_ids, max_new_tokens, provider)
+        result = tasks.onnx_metrics(session, reference, tokenizer, prompts, max_new_tokens, task, generated)
     result["placement"] = measured
     result["provider"] = provider
     return result

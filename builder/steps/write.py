@@ -1,4 +1,5 @@
-"""The `write` step: verify-report.json, recipe.lock.yaml, the README.md model card and manifest.json (last).
+"""The `write` step: verify-report.json, recipe.lock.yaml, the README.md model card, the gate's results as
+`.eval_results/*.yaml` and manifest.json (last).
 
 manifest.json describes the artifact: build hash, resolved recipe, pinned source, versions, device, timings,
 footprints, bits per parameter, the verification report, and the sha256 and size of every other file.
@@ -27,7 +28,7 @@ from builder.artifact import (
     replace_folder,
     write_manifest,
 )
-from builder.card import render_card
+from builder.card import eval_results_files, render_card
 from builder.context import BuildContext
 from builder.plan import Plan
 from builder.recipe import LoadedRecipe
@@ -43,6 +44,9 @@ def write(ctx: BuildContext) -> None:
     write_report(ctx.workdir, manifest.verification)
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
+    for path, text in eval_results_files(manifest).items():
+        (ctx.workdir / path).parent.mkdir(exist_ok=True)
+        (ctx.workdir / path).write_text(text, encoding="utf-8")
     _readable_by_all(ctx.workdir)
     manifest.files = file_table(ctx.workdir, ctx.hash_ahead)
     write_manifest(ctx.workdir, manifest)

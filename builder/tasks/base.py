@@ -85,9 +85,19 @@ class TaskFamily(Protocol):
         """The graph's inputs for `prompt` alone (the profiled run that measures node placement)."""
         ...
 
-    def onnx_metrics(self, session, reference, tokenizer, prompts: Sequence[str], max_new_tokens: int, task: str):
+    def onnx_metrics(
+        self,
+        session,
+        reference,
+        tokenizer,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        task: str,
+        generated: list[list[int]] | None,
+    ) -> dict:
         """The ONNX graph's metrics, per-output differences and latencies against the PyTorch `reference`:
-        `{"metrics": ..., "outputs": ..., "performance": ...}`."""
+        `{"metrics": ..., "outputs": ..., "performance": ...}`. `generated`: each prompt's greedy continuation made
+        by the artifact's own runtime (onnxruntime-genai's Generator), where the gate has one."""
         ...
 
     def usage(self) -> str:

@@ -50,7 +50,7 @@ def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-
 
 @pytest.fixture(scope="session")
 def tiny_with_past(tiny_llama, tmp_path_factory) -> BuildContext:
-    ctx = _context(tmp_path_factory.mktemp("tiny-past"), tiny_llama, "  with_past: true\n")
+    ctx = _context(tmp_path_factory.mktemp("tiny-past"), tiny_llama, "  exporter: torch\n  with_past: true\n")
     export(ctx)
     return ctx
 
@@ -116,7 +116,7 @@ def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
 
 
 def test_decoder_without_past_has_no_cache_inputs(tiny_llama, tmp_path):
-    ctx = _context(tmp_path, tiny_llama, "")
+    ctx = _context(tmp_path, tiny_llama, "  exporter: torch\n")
     export(ctx)
     assert ctx.onnx.inputs == ["input_ids", "attention_mask", "position_ids"]
     assert ctx.onnx.outputs == ["logits"]
@@ -164,9 +164,22 @@ def test_text_classification(tiny_classifier, tmp_path):
     assert set(metrics["outputs"]) == {"logits"}
 
 
-def test_auto_picks_torch_without_optimum_onnx(tiny_llama, tmp_path):
+def test_auto_picks_genai_for_a_language_model_it_builds_else_torch_without_optimum_onnx(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  exporter: auto\n")
-    assert choose_exporter(ctx.loaded.recipe.export, "text-generation") == "torch"
+    spec, config = ctx.loaded.recipe.export, ctx.plan.source.config
+    assert choose_exporter(spec, "text-generation", config) == "genai"
+    assert choose_exporter(spec, "feature-extraction", config) == "torch"
+    optimized = spec.model_copy(update={"optimize": "O2"})
+    assert choose_exporter(optimized, "text-generation", config) == "torch"
+
+
+def test_auto_records_why_a_language_model_did_not_take_the_genai_exporter(tiny_llama, tmp_path):
+    ctx = _context(tmp_path, tiny_llama, "  optimize: O1\n")
+    export(ctx)
+    assert ctx.onnx.exporter == "torch"
+    assert ctx.onnx.genai_fallback == (
+        "export.optimize: the genai exporter writes an already fused graph; remove `optimize` (or set none)"
+    )
 
 
 def test_opset_below_18_is_refused_for_the_torch_exporter(tiny_llama, tmp_path):
@@ -299,7 +312,7 @@ def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path
     stdout, which is `builder build --json`'s (int4's RTN prints a progress bar there)."""
     import onnx
 
-    ctx = _context(tmp_path, tiny_llama, f"  with_past: true\n  quantize: {method}\n")
+    ctx = _context(tmp_path, tiny_llama, f"  exporter: torch\n  with_past: true\n  quantize: {method}\n")
     export(ctx)
     assert "Progress" not in capsys.readouterr().out
     record = ctx.onnx.quantization

@@ -234,7 +234,8 @@ def test_a_new_publish_block_refreshes_the_card_without_a_rebuild(built, tmp_pat
     assert "team/tiny-nf4" in (out / "tiny-nf4" / "recipe.lock.yaml").read_text()
     assert main(["publish", str(out / "tiny-nf4"), "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["repo"] == "team/tiny-nf4"
-    assert sorted(p.name for p in (out / "tiny-nf4").iterdir()) == sorted([*before["files"], "manifest.json"])
+    on_disk = {p.relative_to(out / "tiny-nf4").as_posix() for p in (out / "tiny-nf4").rglob("*") if p.is_file()}
+    assert on_disk == {*before["files"], "manifest.json"}
 
 
 def test_a_publish_refresh_does_not_turn_a_symlink_into_a_file_of_the_artifact(built, tmp_path, capsys):
@@ -252,3 +253,49 @@ def test_a_publish_refresh_does_not_turn_a_symlink_into_a_file_of_the_artifact(b
     assert (out / "tiny-nf4" / "token").is_symlink()
     copies = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink() and p.read_bytes() == secret.read_bytes()]
     assert copies == []
+
+
+def test_the_gates_results_are_eval_results_files_the_manifest_lists(built):
+    """huggingface_hub's `.eval_results` format, read back by its own parser: one entry per gated metric, the value
+    verify-report.json recorded, on the evaluation data at the sha256 the gate recorded."""
+    from huggingface_hub import parse_eval_result_entries
+
+    artifact = built["artifact"]
+    report = json.loads((artifact / "verify-report.json").read_text())
+    path = ".eval_results/builder-gate.yaml"
+    data = (artifact / path).read_bytes()
+    found = {e.task_id: e for e in parse_eval_result_entries(yaml.safe_load(data))}
+    assert set(found) == {"top1_agreement", "kl_divergence_mean", "perplexity_ratio", "footprint_ratio"}
+    for metric, entry in found.items():
+        assert entry.value == report["metrics"][metric]
+        assert entry.dataset_id == "builder/eval_text"
+        assert entry.dataset_revision == report["inputs"]["eval_text_sha256"]
+        assert entry.notes.startswith("task text-generation; compared with the source model, a local copy")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["files"][path] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    card = (artifact / "README.md").read_text()
+    assert "model-index:" in card and "type: top1_agreement" in card  # the legacy format stays in the card
+
+
+def test_builder_publish_uploads_the_eval_results(built, tmp_path):
+    """`--dry-run` lists the file; the publish puts it in the loopback registry, which serves it byte for byte."""
+    from test_hub_publish import TOKEN, hf_api, run_publish
+
+    from builder.hub.server import start_in_thread
+
+    path = ".eval_results/builder-gate.yaml"
+    server = start_in_thread(tmp_path / "hub", token=TOKEN)
+    try:
+        dry = run_publish(built["artifact"], server.url, "--repo", "demo/tiny-nf4", "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        assert path in json.loads(dry.stdout)["uploaded"]
+        result = run_publish(built["artifact"], server.url, "--repo", "demo/tiny-nf4")
+        assert result.returncode == 0, result.stderr
+        api = hf_api(server)
+        assert path in {f.path for f in api.list_repo_tree("demo/tiny-nf4", recursive=True)}
+        assert [f.path for f in api.list_repo_tree("demo/tiny-nf4", path_in_repo=".eval_results")] == [path]
+        served = Path(api.snapshot_download("demo/tiny-nf4", cache_dir=tmp_path / "cache"))
+        assert (served / path).read_bytes() == (built["artifact"] / path).read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -29,8 +29,8 @@ def _exported(folder: Path, source: Path, export_block: str) -> BuildContext:
     recipe = folder / "recipe.yaml"
     recipe.write_text(
         f"schema_version: 1\nname: tiny-placement\nsource:\n  model: {source}\n  task: text-generation\n"
-        f"export:\n  format: onnx\n  with_past: true\n{export_block}verify:\n  prompts: ['{PROMPT}']\n"
-        "  max_new_tokens: 2\n"
+        f"export:\n  format: onnx\n  exporter: torch\n  with_past: true\n{export_block}"
+        f"verify:\n  prompts: ['{PROMPT}']\n  max_new_tokens: 2\n"
     )
     loaded = load_recipes(recipe)[0]
     workdir = folder / "work"

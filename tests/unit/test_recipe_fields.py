@@ -280,8 +280,8 @@ CASES = [
     Case(
         OnnxExport,
         "exporter",
-        ["auto", "torch", "optimum"],
-        [("dynamo", "exporter: 'dynamo' is not one of auto, torch, optimum")],
+        ["auto", "torch", "optimum", "genai"],
+        [("dynamo", "exporter: 'dynamo' is not one of auto, torch, optimum, genai")],
     ),
     Case(
         OnnxExport,
@@ -292,7 +292,15 @@ CASES = [
             ("18", "opset: expected an integer, got '18' (write it without quotes)"),
         ],
     ),
-    Case(OnnxExport, "dtype", ["float32", "float16"], [("bf16", "dtype: 'bf16' is not one of float32, float16")]),
+    Case(
+        OnnxExport,
+        "dtype",
+        ["float32", "float16"],
+        [
+            ("bf16", "dtype: 'bf16' is not one of float32, float16, bfloat16 (did you mean 'bfloat16'?)"),
+            ("bfloat16", "dtype: bfloat16 is built by onnxruntime-genai's model builder; set `exporter: genai`"),
+        ],
+    ),
     Case(
         OnnxExport,
         "provider",
@@ -327,7 +335,13 @@ CASES = [
         OnnxExport,
         "quantize",
         ["none", "dynamic-int8", "int4", "nf4", "fp4"],
-        [("int8", "quantize: 'int8' is not one of none, dynamic-int8, int4, nf4, fp4 (did you mean 'dynamic-int8'?)")],
+        [
+            (
+                "int16",
+                "quantize: 'int16' is not one of none, dynamic-int8, int4, int8, nf4, fp4 (did you mean 'int8'?)",
+            ),
+            ("int8", "quantize: int8 is built by onnxruntime-genai's model builder; set `exporter: genai`"),
+        ],
     ),
     Case(OnnxExport, "block_size", [None], [(8, "block_size: input should be greater than or equal to 16 (got 8)")]),
     Case(OnnxExport, "quant_algorithm", ["rtn"], [("gptq", "quant_algorithm: 'gptq' is not one of rtn, hqq, k_quant")]),

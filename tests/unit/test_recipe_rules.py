@@ -256,7 +256,30 @@ def test_plan_does_not_warn_for_a_pinned_or_unpublished_hub_source(hub_with_mode
             "quantize: fp4\n  quant_algorithm: hqq",
             "7:20: export.quant_algorithm: quant_algorithm is for quantize: int4",
         ),
-        ("block_size: 64", "6:15: export.block_size: block_size is for quantize: int4, nf4 or fp4"),
+        ("block_size: 64", "6:15: export.block_size: block_size is for quantize: int4, int8, nf4 or fp4"),
+        (
+            "exporter: genai\n  provider: TensorrtExecutionProvider",
+            "7:13: export.provider: the genai exporter builds for CPUExecutionProvider or CUDAExecutionProvider, "
+            "not TensorrtExecutionProvider; use `exporter: torch` for other providers",
+        ),
+        (
+            "exporter: genai\n  quantize: nf4",
+            "7:13: export.quantize: the genai exporter quantizes to int4 or int8 (MatMulNBits), not nf4; use "
+            "quantize: int4 or int8, or `exporter: torch`",
+        ),
+        (
+            "exporter: genai\n  quantize: int4\n  quant_algorithm: hqq",
+            "8:20: export.quant_algorithm: the genai exporter quantizes with rtn or k_quant, not hqq",
+        ),
+        (
+            "exporter: genai\n  optimize: O2",
+            "7:13: export.optimize: the genai exporter writes an already fused graph; remove `optimize` (or set none)",
+        ),
+        (
+            "exporter: genai\n  dtype: float16",
+            "7:10: export.dtype: the genai exporter makes float16 graphs for CUDAExecutionProvider only; use "
+            "float32 or quantize: int4 on the CPU",
+        ),
     ],
 )
 def test_onnx_quantization_and_provider_rules(export, expected, tmp_path, monkeypatch):
@@ -265,6 +288,19 @@ def test_onnx_quantization_and_provider_rules(export, expected, tmp_path, monkey
     with pytest.raises(RecipeError) as error:
         load_recipes("r.yaml")
     assert [str(p) for p in error.value.problems] == [f"r.yaml:{expected}"]
+
+
+@pytest.mark.parametrize(
+    "export",
+    [
+        "exporter: genai\n  quantize: int8\n  block_size: 128",
+        "exporter: genai\n  dtype: bfloat16\n  provider: CUDAExecutionProvider",
+        "exporter: genai\n  quantize: int4\n  quant_algorithm: k_quant\n  accuracy_level: 1",
+    ],
+)
+def test_genai_precisions_are_allowed(export, tmp_path):
+    body = f"source: {{model: org/m}}\nexport:\n  format: onnx\n  {export}\n"
+    assert load_recipes(write(tmp_path, body))[0].recipe.export.exporter == "genai"
 
 
 def test_int4_on_cuda_with_its_options_is_allowed(tmp_path):

@@ -164,14 +164,14 @@ def copy_artifact(built, tmp_path) -> Path:
 
 def test_builder_verify_reruns_the_checks_and_changes_nothing_without_write(built, tmp_path, capsys):
     artifact = copy_artifact(built, tmp_path)
-    before = {p.name: p.read_bytes() for p in artifact.iterdir()}
+    before = {p: p.read_bytes() for p in artifact.rglob("*") if p.is_file()}
     assert main(["verify", str(artifact), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     recorded = json.loads((artifact / "verify-report.json").read_text())
     assert report["passed"] and report["metrics"]["top1_agreement"] == pytest.approx(
         recorded["metrics"]["top1_agreement"], abs=0.01
     )
-    assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before
+    assert {p: p.read_bytes() for p in artifact.rglob("*") if p.is_file()} == before
 
 
 def test_builder_verify_write_updates_the_report_and_the_file_hashes(built, tmp_path, capsys):
