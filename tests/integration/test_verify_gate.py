@@ -91,7 +91,8 @@ def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:
     started = time.perf_counter()
     ctx = context(model, method, source, artifact, tmp_path)
     verify(ctx)
-    report = ctx.verification
+    assert ctx.verification is not None
+    report = ctx.verification.to_json()  # as verify-report.json holds it
     print(f"{model} {method}: verified in {time.perf_counter() - started:.1f} s: {json.dumps(report['metrics'])}")
     return report
 
