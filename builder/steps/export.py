@@ -76,7 +76,7 @@ def export(ctx: BuildContext) -> None:
         return
     # hook: why `auto` did not take the genai exporter for a language model (the manifest records it)
     genai_fallback = None
-    if spec.exporter == "auto" and task == "text-generation":
+    if spec.exporter == "auto" and family(task).GRAPH == "decoder":
         genai_fallback = export_genai.genai_problem(spec, task, config)
     timings: dict[str, float] = {}
     model_path = Path(ctx.workdir) / ort.MODEL_FILE
@@ -110,7 +110,7 @@ def choose_exporter(spec: OnnxExport, task: str, config: dict | None = None) -> 
             raise BuildError(f"export.exporter genai: {problem}; use `exporter: torch`")
         return exporter
     if exporter == "auto":
-        if task == "text-generation" and export_genai.genai_problem(spec, task, config or {}) is None:
+        if family(task).GRAPH == "decoder" and export_genai.genai_problem(spec, task, config or {}) is None:
             return "genai"  # onnxruntime-genai's graphs decode ~3x faster than the torch exporter's (#29)
         exporter = "optimum" if has_optimum else "torch"
     if exporter == "optimum" and not has_optimum:
