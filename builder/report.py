@@ -113,7 +113,11 @@ def _invalid(error: ValidationError) -> str:
     return f"{where}: {message} ({got[:40] + '...' if len(got) > 40 else got})"
 
 
-def write_report(paths: list[str | Path], out: str | Path = "report.html", *, x: str = "size") -> tuple[Path, dict]:
+DEFAULT_OUT = Path("artifacts") / "report.html"
+"""Where the page goes by default: beside the artifacts (git-ignored), not into the folder a command runs in."""
+
+
+def write_report(paths: list[str | Path], out: str | Path = DEFAULT_OUT, *, x: str = "size") -> tuple[Path, dict]:
     """Write the HTML report of the artifacts under `paths` to `out`; returns its path and the data drawn. `x`
     names what the scatters put across (a key of X_AXES)."""
 
