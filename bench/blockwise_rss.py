@@ -108,7 +108,8 @@ def _worker(code: Path, folder: Path, spec: Path) -> dict:
             _PEAK_RSS,
             sys.executable,
             "-m",
-            "builder.steps.metrics",
+            # the gate worker's entry point (builder.steps.metrics before issue 27 moved it)
+            "builder.steps.runs" if (code / "builder" / "steps" / "runs.py").is_file() else "builder.steps.metrics",
             str(folder),
             "text-generation",
             "cpu",

@@ -26,14 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from builder.artifact import FAILED_DIR, Manifest, load_manifest
 from builder.console import say
 from builder.errors import ArtifactError, BuilderError
+from builder.gates import GATES
 from builder.recipe import Bnb4Bit, is_local_path
 from builder.report_page import render_html
-from builder.steps.gate import GATES, REPORT_FILE
+from builder.steps.gate import REPORT_FILE
 
 REPORT_VERSION = 2  # 2: a group's `model`; a row's `latency_inputs` and `latency_inputs_id` replace `latency_basis`
 
 # Quality metrics in the order they are charted, with their axis labels. Better is lower or higher as the gate
-# bounds them (builder.steps.verify.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
+# bounds them (builder.gates.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
 QUALITY_LABELS = {
     "kl_divergence_mean": "KL divergence, mean (nats)",
     "top1_agreement": "top-1 agreement",
@@ -41,7 +42,7 @@ QUALITY_LABELS = {
     "cosine_min": "cosine similarity, lowest",
     "max_abs_diff": "max abs difference",
 }
-_GATE_OF = {metric: (key, bound) for key, (metric, bound) in GATES.items()}
+_GATE_OF = {gate.metric: (key, gate.direction) for key, gate in GATES.items()}
 # A failed build's config.json is matched to a built artifact's without what quantizing or exporting changes.
 _BUILD_CONFIG_KEYS = {"quantization_config", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
 _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")

@@ -7,7 +7,7 @@ validates the result against `Recipe`. The JSON Schema that editors use comes fr
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,13 +16,15 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from builder.gates import GATES
 from builder.recipe.licenses import license_problem
 from builder.recipe.wording import not_one_of, show
-from builder.tasks import TASKS
+from builder.tasks import FAMILIES, TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
@@ -415,25 +417,24 @@ class OnnxExport(Block):
         return None
 
 
-class Thresholds(Block):
-    top1_agreement: StrictFloat | None = Field(
-        default=None, ge=0, le=1, description="Minimum share of positions whose top-1 next token matches (LMs)."
-    )
-    kl_divergence: StrictFloat | None = Field(
-        default=None, ge=0, description="Maximum mean KL divergence of next-token distributions, in nats (LMs)."
-    )
-    perplexity_ratio: StrictFloat | None = Field(
-        default=None, ge=1, description="Maximum perplexity ratio candidate/reference on the evaluation text (LMs)."
-    )
-    max_abs_diff: StrictFloat | None = Field(
-        default=None, gt=0, description="Maximum absolute difference of outputs (ONNX) or hidden states (encoders)."
-    )
-    cosine: StrictFloat | None = Field(
-        default=None, ge=-1, le=1, description="Minimum cosine similarity of pooled embeddings (encoders)."
-    )
-    footprint_ratio: StrictFloat | None = Field(
-        default=None, gt=0, description="Maximum memory footprint ratio candidate/reference."
-    )
+def _thresholds_model() -> type[Block]:
+    """`verify.thresholds`: one optional field per gate a recipe may set, from the metric table (`builder.gates`),
+    so a new gate is a new field without a second list to keep equal."""
+    fields: dict = {
+        key: (StrictFloat | None, Field(default=None, description=gate.description, ge=gate.ge, le=gate.le, gt=gate.gt))
+        for key, gate in GATES.items()
+        if gate.recipe
+    }
+    return create_model("Thresholds", __base__=Block, __module__=__name__, **fields)
+
+
+if TYPE_CHECKING:
+
+    class Thresholds(Block):
+        """Overrides of the gate's default bounds (fields: `builder.gates.RECIPE_GATES`)."""
+
+else:
+    Thresholds = _thresholds_model()
 
 
 class Verify(Block):
@@ -531,8 +532,12 @@ class Recipe(Block):
                     "fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the rest on a GPU "
                     "(with everything on one device it quantizes nothing or offloads nothing)",
                 )
-        if self.export is not None and self.export.with_past and self.source.task not in (None, "text-generation"):
-            raise RuleViolation(("export", "with_past"), f"with_past is for text-generation, not {self.source.task}")
+        if self.export is not None and self.export.with_past and self.source.task is not None:
+            decoders = [task for family in FAMILIES.values() if family.GRAPH == "decoder" for task in family.TASKS]
+            if self.source.task not in decoders:
+                raise RuleViolation(
+                    ("export", "with_past"), f"with_past is for {', '.join(decoders)}, not {self.source.task}"
+                )
         return self
 
 

@@ -142,9 +142,10 @@ def skip_modules_keeping(spec: Bnb4Bit, model: Any, kept: list[str]) -> list[str
     return sorted(set(defaults) | set(kept))
 
 
-def streaming_refusal(recipe: Recipe, config: dict, has_safetensors: bool) -> str | None:
+def streaming_refusal(recipe: Recipe, config: dict, has_safetensors: bool, task: str | None = None) -> str | None:
     """Why the recipe's settings or the source (its config.json, whether it has safetensors) keep a build off the
-    streaming quantizer, which must then take the transformers path; None when they do not."""
+    streaming quantizer, which must then take the transformers path; None when they do not. `task`: the plan's
+    (None: the recipe's or the one config.json implies)."""
     quantize = recipe.quantize
     if quantize is None:
         return "the recipe has no bitsandbytes `quantize` block"
@@ -166,7 +167,7 @@ def streaming_refusal(recipe: Recipe, config: dict, has_safetensors: bool) -> st
         return "the source is already quantized"
     if config.get("auto_map"):
         return "the model's config points at remote code (`auto_map`)"
-    task = recipe.source.task or infer_task(config.get("architectures"))
+    task = task or recipe.source.task or infer_task(config.get("architectures"))
     if task not in AUTO_CLASSES:
         return f"task {task!r} is not one the streaming quantizer knows ({', '.join(AUTO_CLASSES)})"
     return None

@@ -31,7 +31,7 @@ from builder.steps.bnb import (
     skip_modules_keeping,
     small_output_layers,
 )
-from builder.steps.stream import NOTHING_QUANTIZED, stream_build, streamable
+from builder.steps.stream import NOTHING_QUANTIZED, stream_build, stream_plan
 from builder.tasks import auto_class
 
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
@@ -44,17 +44,18 @@ def quantize(ctx: BuildContext) -> None:
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
-    assert spec is not None and ctx.task is not None  # a quantize recipe, resolved
-    model_class = auto_class(ctx.task)
+    assert spec is not None  # a quantize recipe
+    model_class = auto_class(ctx.plan.task)
     for warning in ctx.plan.warnings:
         say(f"{recipe.name}: warning: {warning}")
-    reason = streamable(recipe, ctx.source_folder())
-    if reason is None:
+    planned = stream_plan(recipe, ctx.source_folder(), ctx.plan.task)
+    if not isinstance(planned, str):
         with _stage(ctx, "stream", "streaming the quantized weights"):
-            result = stream_build(recipe, ctx.source_folder(), ctx.workdir, ctx.device)
+            result = stream_build(recipe, ctx.source_folder(), ctx.workdir, ctx.device, plan=planned)
         ctx.quantize_path = "stream"
         _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
+    reason = planned
     if reason.startswith(NOTHING_QUANTIZED):  # the transformers path swaps the same modules: it would fail too
         raise BuildError(f"{recipe.name}: cannot quantize {recipe.source.model} with bitsandbytes: {reason}")
     if isinstance(spec, Bnb4Bit) and spec.blocksize != TRANSFORMERS_BLOCKSIZE:

@@ -30,7 +30,7 @@ MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 
 
 @dataclass
-class _Plan:
+class StreamPlan:
     """What the streaming build writes: per output key, where it comes from and how."""
 
     model: Any  # the meta model, after transformers' quantizer swapped its modules
@@ -41,23 +41,25 @@ class _Plan:
     params: dict[str, torch.Tensor]  # key -> the meta tensor (its dtype is the saved dtype)
 
 
-def streamable(recipe: Recipe, source_dir: Path) -> str | None:
+def streamable(recipe: Recipe, source_dir: Path, task: str | None = None) -> str | None:
     """None when the streaming quantizer reproduces the transformers path for this recipe and model; otherwise
-    the reason the build must take the transformers path."""
-    plan = _plan(recipe, Path(source_dir))
+    the reason the build must take the transformers path (`stream_plan` without the plan)."""
+    plan = stream_plan(recipe, Path(source_dir), task)
     return plan if isinstance(plan, str) else None
 
 
-def _recipe_reason(recipe: Recipe, source_dir: Path) -> str | None:
+def _recipe_reason(recipe: Recipe, source_dir: Path, task: str | None) -> str | None:
     import json
 
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
-    return streaming_refusal(recipe, config, has_safetensors=bool(local_weight_files(source_dir)))
+    return streaming_refusal(recipe, config, has_safetensors=bool(local_weight_files(source_dir)), task=task)
 
 
-def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
-    """The meta model with transformers' own module swaps, and every output key's origin; or why not."""
-    reason = _recipe_reason(recipe, source_dir)
+def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> StreamPlan | str:
+    """The meta model with transformers' own module swaps, and every output key's origin; or why the build cannot
+    be streamed. `task`: the plan's (None, for a caller without one: the recipe's or the one config.json
+    implies)."""
+    reason = _recipe_reason(recipe, source_dir, task)
     if reason:
         return reason
     import torch
@@ -78,7 +80,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     config = transformers.AutoConfig.from_pretrained(source_dir)
     spec = recipe.quantize
     assert spec is not None  # _recipe_reason refused a recipe without one
-    task = recipe.source.task or infer_task(config.architectures)
+    task = task or recipe.source.task or infer_task(config.architectures)
     assert task is not None  # _recipe_reason refused an unknown task
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
@@ -142,7 +144,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     for key in keys:
         if sources[key].shape != tuple(params[key].shape):
             return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
-    return _Plan(model, dtype, sources, keys, quantized, params)
+    return StreamPlan(model, dtype, sources, keys, quantized, params)
 
 
 def _same_bytes(a: Any, b: Any) -> bool:
@@ -206,20 +208,28 @@ def _load_dtype(dtype: str, config: Any, sources: dict) -> torch.dtype:
 
 
 def stream_build(
-    recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *, max_shard_size: int = MAX_SHARD_SIZE
+    recipe: Recipe,
+    source_dir: Path,
+    workdir: Path,
+    device: str = "cpu",
+    *,
+    max_shard_size: int = MAX_SHARD_SIZE,
+    plan: StreamPlan | None = None,
 ) -> dict:
     """Quantize `source_dir` per `recipe` into `workdir` on `device`, tensor by tensor; returns counts and sizes.
-    Raises `BuildError` when the build cannot be streamed (see `streamable`)."""
+    `plan`: the `stream_plan` already made for them (else made here). Raises `BuildError` when the build cannot be
+    streamed (see `streamable`)."""
     import torch
 
     from builder.steps.stream_io import Engine, ShardWriter  # deferred: stream_io imports torch
 
     source_dir, workdir = Path(source_dir), Path(workdir)
     started = time.perf_counter()
-    plan = _plan(recipe, source_dir)
+    planned_or_reason = plan or stream_plan(recipe, source_dir)
     planned = time.perf_counter()
-    if isinstance(plan, str):
-        raise BuildError(f"this build cannot be streamed: {plan}; build it through the transformers path")
+    if isinstance(planned_or_reason, str):
+        raise BuildError(f"this build cannot be streamed: {planned_or_reason}; build it through the transformers path")
+    plan = planned_or_reason
     outputs = {key: _outputs(plan, key) for key in plan.keys}
     shards = _split(plan.keys, outputs, max_shard_size)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +287,7 @@ def stream_build(
     }
 
 
-def _outputs(plan: _Plan, key: str) -> list:
+def _outputs(plan: StreamPlan, key: str) -> list:
     """The tensors save_pretrained writes for one state_dict key (several for a quantized weight)."""
     import torch
 
@@ -315,7 +325,7 @@ def _outputs(plan: _Plan, key: str) -> list:
     ]
 
 
-def _quantize_fn(plan: _Plan, key: str):
+def _quantize_fn(plan: StreamPlan, key: str):
     """tensor on the device, in the checkpoint's dtype -> {output key: tensor}, with the exact bitsandbytes calls
     of Params4bit._quantize / Int8Params._quantize on a tensor loaded in the load dtype."""
     import bitsandbytes as bnb
@@ -372,7 +382,7 @@ def _split(keys: list[str], outputs: dict, max_shard_size: int) -> list[tuple[st
     return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", keys) for i, keys in enumerate(shards, 1)]
 
 
-def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> None:
+def _write_index(workdir: Path, plan: StreamPlan, outputs: dict, shards: list) -> None:
     import json
 
     from builder.steps.stream_io import read_source_tensors  # deferred: stream_io imports torch
@@ -389,7 +399,7 @@ def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> Non
     )
 
 
-def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
+def _write_configs(plan: StreamPlan, source_dir: Path, workdir: Path) -> None:
     """config.json and generation_config.json as save_pretrained writes them, the tokenizer files and a
     sentence-transformers source's module files."""
     from transformers import GenerationConfig
