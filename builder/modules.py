@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from difflib import get_close_matches
 
-from builder.card import inherited_license_problem
+from builder.card import inherited_license_problem, source_card_license_problem
 from builder.checkpoint import TensorInfo, local_weight_files, read_header
 from builder.errors import Problem, SourceError
-from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
+from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe, RefusedRecipe
 from builder.recipe.wording import did_you_mean
 
 EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
@@ -107,10 +107,11 @@ def unmatched_skip_modules(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
     return found
 
 
-def source_problems(loaded: LoadedRecipe) -> list[Problem]:
+def source_problems(loaded: LoadedRecipe | RefusedRecipe) -> list[Problem]:
     """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
     is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
-    license the artifact's card would inherit from the folder's README.md is the Hub's."""
+    license the artifact's card would inherit from the folder's README.md is the Hub's. Of a recipe the schema
+    refused, all but `skip_modules` (a refused `quantize` block names no modules to trust)."""
     import json
 
     folder = loaded.source_path
@@ -140,6 +141,9 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
         tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
     except (SourceError, ValueError, OSError) as error:
         return [Problem(where, "source.model", str(error))]
+    if isinstance(loaded, RefusedRecipe):
+        license_problem = None if _writes_license(loaded.data) else source_card_license_problem(folder, where)
+        return [license_problem] if license_problem is not None else []
     problems = [
         Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
         for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
@@ -147,3 +151,10 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
     if (license_problem := inherited_license_problem(loaded)) is not None:
         problems.append(license_problem)
     return problems
+
+
+def _writes_license(data: dict) -> bool:
+    """Whether a refused recipe writes `publish.license` (valid or not: the schema reports a bad one), which
+    overrides the source card's as in `inherited_license_problem`."""
+    publish = data.get("publish")
+    return isinstance(publish, dict) and publish.get("license") is not None

@@ -368,8 +368,10 @@ def test_plan_of_a_bad_recipe_prints_located_problems_and_exits_1(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "r.yaml", "schema_version: 1\nname: r\nsource: {model: ./m}\nquantize: {method: bnb-2bit}\n")
     assert main(["plan", "r.yaml"]) == 1
-    assert capsys.readouterr().err == (
-        "error: r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, bnb-8bit (did you mean 'bnb-8bit'?)\n"
+    assert capsys.readouterr().err == (  # the schema's problem and the missing source folder's, in one report
+        f"error: r.yaml:3:17: source.model: source folder {tmp_path / 'm'} does not exist; check `source.model` "
+        "(relative paths are relative to the recipe file)\n"
+        "r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, bnb-8bit (did you mean 'bnb-8bit'?)\n"
     )
 
 
