@@ -114,10 +114,20 @@ def source_problems(loaded: LoadedRecipe | RefusedRecipe) -> list[Problem]:
     refused, all but `skip_modules` (a refused `quantize` block names no modules to trust)."""
     import json
 
-    folder = loaded.source_path
+    where = loaded.where(("source", "model"))
+    try:
+        folder = loaded.source_path
+    except RuntimeError:  # pathlib's answer to `~name/...` for a user this machine does not know
+        return [
+            Problem(
+                where,
+                "source.model",
+                "the folder starts with ~name/ but this machine has no user of that name; write the folder's "
+                "full path, or ~/ for your own home folder",
+            )
+        ]
     if folder is None:
         return []  # a Hub source: checked by `plan`, which may reach the network
-    where = loaded.where(("source", "model"))
     if not folder.is_dir():
         return [
             Problem(

@@ -96,6 +96,16 @@ def test_a_schema_error_that_leaves_no_source_folder_to_check_is_reported_alone(
         assert only in line and "does not exist" not in line, line
 
 
+def test_a_home_folder_of_an_unknown_user_is_a_located_error_not_a_crash(tmp_path, capsys):
+    for quantize in ("{method: bnb-4bit}", "{method: bnb-4bit, quant_type: nf5}"):  # accepted and refused
+        path = tmp_path / "r.yaml"
+        path.write_text(f"schema_version: 1\nname: x\nsource:\n  model: ~no-such-user-here/m\nquantize: {quantize}\n")
+        assert main(["validate", str(path)]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"{path}:4:10: source.model: the folder starts with ~name/ but"), lines
+    assert main(["plan", str(path)]) == 1
+
+
 def test_a_variant_refused_by_the_schema_still_has_its_source_checked(tmp_path, capsys):
     path = recipe(tmp_path, "./models/absent", variants="variants:\n  a: {}\n  b:\n    quantize: {quant_type: nf5}\n")
     assert main(["validate", "--json", str(path)]) == 1
