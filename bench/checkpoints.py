@@ -3,7 +3,8 @@
 The shapes are those of public models (their config.json values); the weights are random normal (std 0.02, norms
 at 1), generated on the GPU when there is one, shard by shard, so an 8B checkpoint is written in well under a minute.
 
-Usage: python bench/checkpoints.py SHAPE FOLDER [LAYERS]   (SHAPE: llama3-8b, llama3-70b, llama-1b, llama-0.3b, smollm2)
+Usage: python bench/checkpoints.py SHAPE FOLDER [LAYERS]   (SHAPE: llama3-8b, llama3-70b, llama-1b, llama-0.3b, smollm2,
+  llama-tiny)
 """
 
 from __future__ import annotations
@@ -86,6 +87,21 @@ SHAPES = {
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # A Llama of toy widths (2 layers, hidden 64), for CPU smoke tests of the GPU benches' code paths.
+    "llama-tiny": dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
     ),

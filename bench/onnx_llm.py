@@ -59,9 +59,9 @@ def run_measured(command: list[str], log: Path) -> dict:
     return {"build_seconds": round(seconds, 1), "peak_rss_mib": round(int(peak[-1].split()[1]) / 1024)}
 
 
-def build_builder(recipe: Path, out: Path, name: str) -> tuple[Path, dict]:
+def build_builder(recipe: Path, out: Path, name: str, device: str = "cpu") -> tuple[Path, dict]:
     measured = run_measured(
-        [sys.executable, "-m", "builder", "build", str(recipe), "--out", str(out), "--device", "cpu", "--force"],
+        [sys.executable, "-m", "builder", "build", str(recipe), "--out", str(out), "--device", device, "--force"],
         out.parent / f"{name}.log",
     )
     folder = out / name
@@ -71,10 +71,11 @@ def build_builder(recipe: Path, out: Path, name: str) -> tuple[Path, dict]:
     return folder, measured
 
 
-def build_stock(out: Path) -> tuple[Path, dict]:
+def build_stock(out: Path, source: Path = SOURCE, target: str = "cpu") -> tuple[Path, dict]:
+    """The stock model builder's int4 graph of `source` for `target` (its -e: cpu or cuda)."""
     folder = out / "stock"
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(SOURCE), "-o", str(folder)]
-    command += ["-p", "int4", "-e", "cpu", "-c", str(out / "stock-cache")]
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(folder)]
+    command += ["-p", "int4", "-e", target, "-c", str(out / "stock-cache")]
     measured = run_measured(command, out / "stock.log")
     shutil.rmtree(out / "stock-cache", ignore_errors=True)
     return folder, measured
