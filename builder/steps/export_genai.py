@@ -25,6 +25,7 @@ from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
 from builder.steps import ort
+from builder.tasks import family_of
 
 # The text decoders of the model builder's `create_model` dispatch (onnxruntime-genai 0.18), by config.json's
 # `architectures[0]`; its vision, audio and mixture-of-experts models are left out.
@@ -65,8 +66,8 @@ def genai_available() -> bool:
 
 def genai_problem(spec: OnnxExport, task: str, config: dict) -> str | None:
     """Why onnxruntime-genai's model builder cannot build this recipe (None when it can)."""
-    if task != "text-generation":
-        return f"the genai exporter builds text-generation decoders, not {task}"
+    if (found := family_of(task)) is None or found.GRAPH != "decoder":
+        return f"the genai exporter builds decoder language models, not {task}"
     if misfit := spec.genai_misfit():
         return f"export.{'.'.join(misfit.path)}: {misfit}"
     architecture = (config.get("architectures") or ["(none)"])[0]

@@ -95,7 +95,7 @@ def test_recipe_options_map_onto_the_model_builder():
 
 def test_genai_refuses_what_the_model_builder_does_not_build():
     spec = OnnxExport(format="onnx", exporter="genai")
-    with pytest.raises(BuildError, match=r"builds text-generation decoders, not feature-extraction.*exporter: torch"):
+    with pytest.raises(BuildError, match=r"builds decoder language models, not feature-extraction.*exporter: torch"):
         choose_exporter(spec, "feature-extraction", {"architectures": ["BertModel"]})
     with pytest.raises(BuildError, match=r"model builder does not build GPT2LMHeadModel; use `exporter: torch`"):
         choose_exporter(spec, "text-generation", {"architectures": ["GPT2LMHeadModel"]})
