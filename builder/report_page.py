@@ -154,11 +154,8 @@ def _table(group: dict) -> Html:
             html("<td>{bits}</td>", bits=format_number(a["weight_bits_per_param"])),
         ]
         for metric in quality + others:
-            template = (
-                '<td class="miss">{value}{interval}</td>'
-                if metric in a["failed_metrics"]
-                else ("<td>{value}{interval}</td>")
-            )
+            missed = metric in a["failed_metrics"]
+            template = '<td class="miss">{value}{interval}</td>' if missed else "<td>{value}{interval}</td>"
             cells.append(html(template, value=format_number(a["metrics"].get(metric)), interval=_interval(a, metric)))
         cells += [
             html("<td>{value}</td>", value=format_number(a[k]))
