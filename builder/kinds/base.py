@@ -199,8 +199,9 @@ def bnb_expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...])
         if not is_quantizable(tensor, quantize.skip_modules):
             total += tensor.numel * TORCH_DTYPE_BYTES.get(recipe.source.dtype, DTYPE_BYTES.get(tensor.dtype, 4))
         elif isinstance(quantize, Bnb4Bit):
-            # 4 bits a weight, plus one absmax per 64-block (fp32, or uint8 + fp32 per 256 blocks with double quant)
-            scales = tensor.numel / 64 * (1 + 4 / 256) if quantize.double_quant else tensor.numel / 64 * 4
+            # 4 bits a weight, plus one absmax per block (fp32, or uint8 + fp32 per 256 blocks with double quant)
+            blocks = tensor.numel / quantize.blocksize
+            scales = blocks * (1 + 4 / 256) if quantize.double_quant else blocks * 4
             total += tensor.numel / 2 + scales
         else:
             total += tensor.numel + tensor.shape[0] * 4  # int8 weights + one fp32 scale per row
