@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from builder.artifact import Manifest
-from builder.errors import Problem
+from builder.errors import Location, Problem
 from builder.gates import GATES, bounds_by_metric
 from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
@@ -235,11 +235,17 @@ def inherited_license_problem(loaded: LoadedRecipe) -> Problem | None:
     folder = loaded.source_path
     if folder is None or (loaded.recipe.publish is not None and loaded.recipe.publish.license is not None):
         return None
+    return source_card_license_problem(folder, loaded.where(("source", "model")))
+
+
+def source_card_license_problem(folder: Path, where: Location) -> Problem | None:
+    """Why the license of the source card `folder`/README.md is not one the Hub accepts, located at `where`
+    (`source.model`); None when the card names none or a good one."""
     inherited = (_folder_card(folder) or {}).get("license")
     if inherited is None or not (problems := card_license_problems(inherited)):
         return None
     return Problem(
-        loaded.where(("source", "model")),
+        where,
         "source.model",
         f"the artifact's card would inherit `license` from the source card {folder / 'README.md'}: "
         f"{'; '.join(problems)}. Set `publish.license` in the recipe to override the source card's, or fix the "

@@ -20,7 +20,7 @@ from builder.batch import build_files
 from builder.changes import recipes_changed_since
 from builder.console import configured, say
 from builder.demo import run_demo
-from builder.errors import BuilderError, RecipeError
+from builder.errors import BuilderError
 from builder.fleet import artifact_units, github_matrix
 from builder.gates import describe
 from builder.hub.publish import publish, use_network_timeouts
@@ -30,11 +30,13 @@ from builder.inventory import CURRENT, artifact_states, format_table, write_stam
 from builder.kinds.base import footprint_threshold
 from builder.plan import DISTRIBUTION, make_plan, source_problems
 from builder.recipe import (
+    LoadedRecipe,
     files_defining,
     find_recipe_files,
     json_schema,
     load_recipes,
     name_clashes,
+    read_recipes,
     require_unique_names,
 )
 from builder.report import DEFAULT_OUT as REPORT_OUT
@@ -53,34 +55,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     files = find_recipe_files(args.paths or ["recipes"])
     results: dict[Path, dict] = {}
+    every: list[LoadedRecipe] = []  # each file is read once: the name clash check reuses what it loaded
     failed = False
     for file in files:
-        try:
-            loaded = load_recipes(file)
-            # Variants share their source: one problem of it is reported once.
-            problems = (
-                [] if args.schema_only else list(dict.fromkeys(p for item in loaded for p in source_problems(item)))
-            )
-            results[file] = {
-                "file": str(file),
-                "ok": not problems,
-                "recipes": [r.recipe.name for r in loaded],
-                "problems": [p.as_json() for p in problems],
-            }
-            failed = failed or bool(problems)
-            if problems and not args.json:
-                print("\n".join(map(str, problems)))
-        except RecipeError as error:
-            failed = True
-            results[file] = {
-                "file": str(file),
-                "ok": False,
-                "recipes": [],
-                "problems": [p.as_json() for p in error.problems],
-            }
-            if not args.json:
-                print(error)
-    for file, problem in name_clashes(files):
+        loaded, problems = read_recipes(file, check=None if args.schema_only else source_problems)
+        every += loaded
+        results[file] = {
+            "file": str(file),
+            "ok": not problems,
+            "recipes": [item.recipe.name for item in loaded],
+            "problems": [p.as_json() for p in problems],
+        }
+        failed = failed or bool(problems)
+        if problems and not args.json:
+            print("\n".join(map(str, problems)))
+    for file, problem in name_clashes(every):
         failed = True
         results[file]["ok"] = False
         results[file]["problems"].append(problem.as_json())
@@ -99,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
 
-    plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
+    plans = [make_plan(loaded) for loaded in load_recipes(args.recipe, check=source_problems)]
     if args.json:
         _print_json([p.as_json() | {"thresholds": p.thresholds} for p in plans])
         return EXIT_OK

@@ -18,6 +18,8 @@ STAMPS_DIR = ".stamps"
 """`artifacts/.stamps/<name>.hash`: make's view of an artifact (see `write_stamp`)."""
 CURRENT = ("verified", "up-to-date")
 """The states `builder build` skips: the second one is the first with only file sizes compared."""
+HUB_ENDPOINT = "https://huggingface.co"
+"""huggingface_hub's default endpoint: the table names any other a publish went to (a local registry, a mirror)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def format_table(states: list[ArtifactState]) -> str:
     for s in states:
         if s.published:
             where = f"{s.published.get('repo')}@{str(s.published.get('commit', ''))[:12]}"
+            if (endpoint := s.published.get("endpoint")) != HUB_ENDPOINT:
+                where += f" on {endpoint}"
             where += " (older build)" if s.published.get("outdated") else ""
         else:
             where = "-"

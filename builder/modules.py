@@ -1,7 +1,9 @@
 """Module names of a checkpoint, read from its tensor names without torch: transformers' `skip_modules` rule,
 which Linear weights bitsandbytes would quantize, and the check of a recipe's `skip_modules` against them.
 
-`plan` refuses a skip_modules entry that matches nothing; `validate` reports the same problem at its line.
+`validate`, `plan` and `build` load recipes with `builder.plan.source_problems` as the loader's check, so a skip_modules entry
+that matches nothing (and a missing or unreadable local source folder) is reported at its line with the schema's
+problems; `plan` refuses the same for a Hub source once it has read its headers.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from builder.artifact import FAILED_DIR, HashAhead, Manifest, load_manifest, rep
 from builder.console import begin_stage, end_stages, library_noise_filtered, say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.plan import Plan, build_stages, make_plan
+from builder.plan import Plan, build_stages, make_plan, source_problems
 from builder.recipe import load_recipes
 from builder.steps import bnb, load, write
 
@@ -62,7 +62,8 @@ def build_file(recipe_file: str | Path, *, names: list[str] | None = None, **opt
     given. `options` are `build`'s.
 
     All of them are planned first, so a bad recipe or source fails before anything is written."""
-    plans = [make_plan(loaded) for loaded in load_recipes(recipe_file) if not names or loaded.recipe.name in names]
+    loaded_recipes = load_recipes(recipe_file, check=source_problems)  # every problem of the file in one report
+    plans = [make_plan(loaded) for loaded in loaded_recipes if not names or loaded.recipe.name in names]
     return [build(plan, **options) for plan in plans]
 
 

@@ -13,13 +13,13 @@ import json
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from builder.card import inherited_license_problem
+from builder.card import inherited_license_problem, source_card_license_problem
 from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo, local_weight_files, read_header
 from builder.errors import Problem, RecipeError, SourceError
 from builder.kinds import BuildKind, kind_of, thresholds
 from builder.kinds.base import load_dtype
 from builder.modules import unmatched_skip_modules
-from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
+from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe, RefusedRecipe
 from builder.source import ResolvedSource, resolve
 from builder.steps.bnb import PACKED_ROWS, blocksize_problem, kept_layers
 from builder.tasks import family_of, infer_task, unsupported
@@ -222,16 +222,27 @@ def _stages(kind: BuildKind, recipe: Recipe, loaded_bytes: int, artifact_bytes: 
     return [described[name] for name in build_stages(recipe)]
 
 
-def source_problems(loaded: LoadedRecipe) -> list[Problem]:
+def source_problems(loaded: LoadedRecipe | RefusedRecipe) -> list[Problem]:
     """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
     is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
-    license the artifact's card would inherit from the folder's README.md is the Hub's."""
+    license the artifact's card would inherit from the folder's README.md is the Hub's. Of a recipe the schema
+    refused, all but `skip_modules` (a refused `quantize` block names no modules to trust)."""
     import json
 
-    folder = loaded.source_path
+    where = loaded.where(("source", "model"))
+    try:
+        folder = loaded.source_path
+    except RuntimeError:  # pathlib's answer to `~name/...` for a user this machine does not know
+        return [
+            Problem(
+                where,
+                "source.model",
+                "the folder starts with ~name/ but this machine has no user of that name; write the folder's "
+                "full path, or ~/ for your own home folder",
+            )
+        ]
     if folder is None:
         return []  # a Hub source: checked by `plan`, which may reach the network
-    where = loaded.where(("source", "model"))
     if not folder.is_dir():
         return [
             Problem(
@@ -255,6 +266,9 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
         tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
     except (SourceError, ValueError, OSError) as error:
         return [Problem(where, "source.model", str(error))]
+    if isinstance(loaded, RefusedRecipe):
+        license_problem = None if _writes_license(loaded.data) else source_card_license_problem(folder, where)
+        return [license_problem] if license_problem is not None else []
     problems = [
         Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
         for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
@@ -262,3 +276,10 @@ def source_problems(loaded: LoadedRecipe) -> list[Problem]:
     if (license_problem := inherited_license_problem(loaded)) is not None:
         problems.append(license_problem)
     return problems
+
+
+def _writes_license(data: dict) -> bool:
+    """Whether a refused recipe writes `publish.license` (valid or not: the schema reports a bad one), which
+    overrides the source card's as in `inherited_license_problem`."""
+    publish = data.get("publish")
+    return isinstance(publish, dict) and publish.get("license") is not None

@@ -3,10 +3,13 @@
 
 from builder.recipe.loader import (
     LoadedRecipe,
+    RecipeCheck,
+    RefusedRecipe,
     files_defining,
     find_recipe_files,
     load_recipes,
     name_clashes,
+    read_recipes,
     require_unique_names,
 )
 from builder.recipe.schema import (
@@ -37,6 +40,8 @@ __all__ = [
     "OnnxExport",
     "Publish",
     "Recipe",
+    "RecipeCheck",
+    "RefusedRecipe",
     "Source",
     "Thresholds",
     "Verify",
@@ -46,5 +51,6 @@ __all__ = [
     "json_schema",
     "load_recipes",
     "name_clashes",
+    "read_recipes",
     "require_unique_names",
 ]

@@ -9,7 +9,7 @@ collected and raised together as one `RecipeError`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,36 @@ class LoadedRecipe:
         if not self.recipe.source.is_local:
             return None
         return (self.source_root / Path(self.recipe.source.model).expanduser()).resolve()
+
+
+@dataclass(frozen=True)
+class RefusedRecipe:
+    """A recipe of a file that the schema refused, as written (after `extends` and its variant): what a check past
+    the schema reads of it, so the problems of its local source folder come in the same report as the schema's."""
+
+    source_root: Path
+    marks: Located
+
+    @property
+    def data(self) -> dict:
+        return self.marks.data
+
+    def where(self, path: Path_) -> Location:
+        return self.marks.where(path)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The local source folder written, resolved; None for a Hub repo or a `source.model` that is not a string."""
+        source = self.marks.data.get("source")
+        model = source.get("model") if isinstance(source, dict) else None
+        if not isinstance(model, str) or not is_local_path(model):
+            return None
+        return (self.source_root / Path(model).expanduser()).resolve()
+
+
+RecipeCheck = Callable[[LoadedRecipe | RefusedRecipe], list[Problem]]
+"""A check past the schema (the local source folder: `builder.plan.source_problems`), run on every recipe of a
+file whether the schema accepted it or not, so a file's problems are reported in one pass."""
 
 
 # --- extends and variants ----------------------------------------------------------------------------------------
@@ -297,10 +327,25 @@ def _display(path: Path) -> str:
 # --- validation --------------------------------------------------------------------------------------------------
 
 
-def load_recipes(path: str | Path) -> list[LoadedRecipe]:
+def load_recipes(path: str | Path, *, check: RecipeCheck | None = None) -> list[LoadedRecipe]:
     """Load one recipe file into the recipes it defines (one, or one per variant). Raises `RecipeError` holding
-    every problem of the file and of its `extends` parents."""
-    path = Path(path)
+    every problem of the file and of its `extends` parents, and those `check` finds in each recipe."""
+    loaded, problems = read_recipes(path, check=check)
+    if problems:
+        raise RecipeError(problems)
+    return loaded
+
+
+def read_recipes(path: str | Path, *, check: RecipeCheck | None = None) -> tuple[list[LoadedRecipe], list[Problem]]:
+    """The recipes of one file (none when the schema refuses any part of it) and every problem of the file, its
+    parents and `check` (sorted by location), in one read: what `builder validate` reports, `load_recipes` raises."""
+    try:
+        return _read_recipes(Path(path), check)
+    except RecipeError as error:  # a problem of the whole file: it defines no recipe
+        return [], error.problems
+
+
+def _read_recipes(path: Path, check: RecipeCheck | None) -> tuple[list[LoadedRecipe], list[Problem]]:
     display = _display(path) if path.is_absolute() else str(path)
     if path.is_dir():
         raise RecipeError(
@@ -319,8 +364,14 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     if variants is None:
         root = _source_root(located, path)
         _folder_written_bare(located, root)
-        recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, root, located.where(("name",)), located)]
+        recipe, problems = _validated(located)
+        loaded = (
+            LoadedRecipe(recipe, path, files, None, root, located.where(("name",)), located)
+            if recipe is not None
+            else None
+        )
+        past_schema = _past_schema(check, loaded or RefusedRecipe(root, located), problems)
+        return [loaded] if loaded is not None and not problems else [], unique_sorted(problems + past_schema)
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(
             unique_sorted(
@@ -335,11 +386,11 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
             )
         )
     problems = list(located.problems)
-    results: list[tuple[str, Located, Recipe | None, list[Problem]]] = []
-    roots: dict[str, Path] = {}
-    marks: dict = {}
+    results: list[tuple[str, Located, LoadedRecipe | None, list[Problem]]] = []
     base, overrides = _without_variants(located, variants)
     base_root = _source_root(located, path)
+    name_at = located.where(("name",))
+    refused = False  # by the schema: a file it refuses in part defines no recipe
     for suffix, written in overrides.items():
         if not _variant_ok(located, suffix, written.data, problems):
             continue
@@ -348,22 +399,17 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
         if isinstance(located.data.get("name"), str):
             variant.data["name"] = f"{located.data['name']}-{suffix}"
         # a variant writes in this file; resolving paths for each of 10,000 variants took a quarter of the load
-        roots[suffix] = path.parent if ("source", "model") in written.values else base_root
-        _folder_written_bare(variant, roots[suffix])
-        marks[suffix] = variant
-        try:
-            results.append((suffix, written, _validate(variant), []))
-        except RecipeError as error:
-            results.append((suffix, written, None, error.problems))
+        root = path.parent if ("source", "model") in written.values else base_root
+        _folder_written_bare(variant, root)
+        recipe, found = _validated(variant)
+        loaded = LoadedRecipe(recipe, path, files, suffix, root, name_at, variant) if recipe is not None else None
+        refused = refused or bool(found)
+        results.append(
+            (suffix, written, loaded, found + _past_schema(check, loaded or RefusedRecipe(root, variant), found))
+        )
+    refused = refused or bool(problems)
     problems += _variant_problems(results)
-    if problems:
-        raise RecipeError(unique_sorted(problems))
-    name_at = located.where(("name",))
-    return [
-        LoadedRecipe(recipe, path, files, suffix, roots[suffix], name_at, marks[suffix])
-        for suffix, _, recipe, _ in results
-        if recipe is not None
-    ]  # a failed variant raised above
+    return [] if refused else [loaded for _, _, loaded, _ in results if loaded is not None], unique_sorted(problems)
 
 
 def _source_root(located: Located, path: Path) -> Path:
@@ -419,7 +465,7 @@ def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Pr
     return not reserved
 
 
-def _variant_problems(results: list[tuple[str, Located, Recipe | None, list[Problem]]]) -> list[Problem]:
+def _variant_problems(results: list[tuple[str, Located, LoadedRecipe | None, list[Problem]]]) -> list[Problem]:
     """Problems of the variants; one that only some variants have, found outside their own overrides, names them."""
     counts: dict[str, int] = {}
     for _, _, _, problems in results:
@@ -435,8 +481,9 @@ def _variant_problems(results: list[tuple[str, Located, Recipe | None, list[Prob
     return found
 
 
-def _validate(located: Located) -> Recipe:
-    """Validate merged data; raises `RecipeError` with the reading problems and every validation problem."""
+def _validated(located: Located) -> tuple[Recipe | None, list[Problem]]:
+    """Validate merged data: the recipe (None when the schema refused it), and the reading problems and every
+    validation problem."""
     problems = list(located.problems)
     recipe = None
     try:
@@ -444,9 +491,17 @@ def _validate(located: Located) -> Recipe:
     except ValidationError as error:
         found = (problem_from_error(dict(e), located) for e in error.errors())
         problems += [p for p in found if p.location not in located.broken]
-    if problems or recipe is None:
-        raise RecipeError(unique_sorted(problems))
-    return recipe
+    return recipe, problems
+
+
+def _past_schema(
+    check: RecipeCheck | None, written: LoadedRecipe | RefusedRecipe, found: list[Problem]
+) -> list[Problem]:
+    """What `check` finds in a recipe, accepted or refused, beside the problems `found` so far."""
+    # A `source.model` the schema refused names no folder worth checking: its own problem says enough.
+    if check is None or any(p.path in ("source", "source.model") for p in found):
+        return []
+    return check(written)
 
 
 # --- finding recipe files ----------------------------------------------------------------------------------------
@@ -482,12 +537,12 @@ def files_defining(names: list[str], files: list[Path]) -> list[Path]:
     return list(dict.fromkeys(item.path for item in loaded if item.recipe.name in names))
 
 
-def name_clashes(files: list[Path]) -> list[tuple[Path, Problem]]:
-    """(recipe file, problem) for each recipe whose artifact name an earlier recipe already has: both would build
-    into `<out>/<name>/`. Files that do not load are skipped (their own problems are reported elsewhere)."""
+def name_clashes(loaded: list[LoadedRecipe]) -> list[tuple[Path, Problem]]:
+    """(recipe file, problem) for each recipe whose artifact name an earlier one of `loaded` already has: both
+    would build into `<out>/<name>/`."""
     first: dict[str, LoadedRecipe] = {}
     problems = []
-    for item in _readable(files)[0]:
+    for item in loaded:
         name = item.recipe.name
         if name not in first:
             first[name] = item
@@ -510,7 +565,7 @@ def name_clashes(files: list[Path]) -> list[tuple[Path, Problem]]:
 
 def require_unique_names(files: list[Path]) -> None:
     """Raise `RecipeError` when two recipes among `files` build the same artifact (see `name_clashes`)."""
-    if clashes := name_clashes(files):
+    if clashes := name_clashes(_readable(files)[0]):
         raise RecipeError([problem for _, problem in clashes])
 
 

@@ -131,7 +131,7 @@ def test_the_transformers_path_refuses_a_blocksize_it_cannot_write(tiny_llama, t
     from builder.steps import quantize as quantize_module
 
     ctx = _context(_recipe(tmp_path, tiny_llama, "{method: bnb-4bit, blocksize: 32}"), tmp_path / "work")
-    monkeypatch.setattr(quantize_module, "streamable", lambda recipe, source_dir: "a model-level reason")
+    monkeypatch.setattr(quantize_module, "stream_plan", lambda recipe, source_dir, task=None: "a model-level reason")
     with pytest.raises(BuildError, match="blocksize 32 is written by the streaming quantizer only.*a model-level"):
         quantize_module.quantize(ctx)
 

@@ -209,6 +209,33 @@ def test_publish_then_download_matches_manifest_and_second_publish_is_a_no_op(hu
     assert commits(hub) == before
 
 
+def test_list_names_the_registry_a_publish_went_to(hub, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from builder.cli import main
+    from builder.inventory import HUB_ENDPOINT, artifact_states, format_table
+
+    artifact = make_artifact(tmp_path / "artifacts" / "tiny-nf4")
+    published = run_publish(artifact, hub.url)
+    assert published.returncode == 0, published.stderr
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "models" / "tiny"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny.yaml").write_text(
+        f"schema_version: 1\nname: tiny-nf4\nsource:\n  model: {tiny}\nquantize:\n  method: bnb-4bit\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["list", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["published"]["endpoint"] == hub.url and row["published"]["repo"] == REPO
+    assert main(["list"]) == 0
+    commit = row["published"]["commit"][:12]
+    assert f"  {REPO}@{commit} on {hub.url}\n" in capsys.readouterr().out
+    # huggingface.co, the default, goes without saying
+    [state] = artifact_states(["recipes"], Path("artifacts"))
+    on_the_hub = replace(state, published={**row["published"], "endpoint": HUB_ENDPOINT})
+    assert format_table([on_the_hub]).endswith(f"  {REPO}@{commit}")
+
+
 def test_changed_build_makes_exactly_one_commit_replacing_and_deleting_files(hub, tmp_path):
     artifact = make_artifact(tmp_path / "artifact", extra_files={"onnx/old.txt": b"stale"})
     assert run_publish(artifact, hub.url).returncode == 0

@@ -75,6 +75,21 @@ def test_publish_license_overrides_a_bad_inherited_license(tmp_path, capsys):
     assert main(["plan", str(path)]) == 0, capsys.readouterr().err
 
 
+def test_a_recipe_the_schema_refuses_gets_its_inherited_license_checked_in_the_same_report(tmp_path, capsys):
+    path = recipe(tmp_path, "---\nlicense: MIT License\n---\n", publish="verify:\n  max_new_tokns: 4\n")
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        inherited(path, "'MIT License' is not a Hub license identifier (did you mean 'mit'?)"),
+        f"{path}:9:3: verify.max_new_tokns: unknown key 'max_new_tokns' (did you mean 'max_new_tokens'?)",
+    ]
+    # A refused recipe that writes publish.license (here a bad one, which the schema reports) overrides the card's.
+    written = "publish:\n  repo: org/tiny\n  license: MIT License\n"
+    path = recipe(tmp_path / "override", "---\nlicense: MIT License\n---\n", publish=written)
+    assert main(["validate", str(path)]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert "publish.license" in line and "source card" not in line, line
+
+
 def test_the_license_after_a_quoted_dashes_value_is_checked_too(tmp_path, capsys):
     # The front matter ends at a `---` line, as on the Hub: one inside a quoted value does not end it.
     path = recipe(tmp_path, '---\ndescription: "a --- b"\nlicense: Apache 2.0\n---\n')

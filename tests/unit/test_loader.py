@@ -368,8 +368,10 @@ def test_plan_of_a_bad_recipe_prints_located_problems_and_exits_1(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "r.yaml", "schema_version: 1\nname: r\nsource: {model: ./m}\nquantize: {method: bnb-2bit}\n")
     assert main(["plan", "r.yaml"]) == 1
-    assert capsys.readouterr().err == (
-        "error: r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, bnb-8bit (did you mean 'bnb-8bit'?)\n"
+    assert capsys.readouterr().err == (  # the schema's problem and the missing source folder's, in one report
+        f"error: r.yaml:3:17: source.model: source folder {tmp_path / 'm'} does not exist; check `source.model` "
+        "(relative paths are relative to the recipe file)\n"
+        "r.yaml:4:20: quantize.method: 'bnb-2bit' is not one of bnb-4bit, bnb-8bit (did you mean 'bnb-8bit'?)\n"
     )
 
 
@@ -389,3 +391,15 @@ def test_relative_source_path_is_relative_to_the_file_that_wrote_it(tmp_path, mo
     assert load_recipes("family/child.yaml")[0].source_path == root / "shared" / "weights"
     assert load_recipes(tmp_path / "family/own.yaml")[0].source_path == root / "family" / "mine"
     assert [r.source_path for r in load_recipes("family/matrix.yaml")] == [root / "shared" / "weights", root / "mine"]
+
+
+def test_validate_reads_each_recipe_file_once_name_clash_check_included(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "a.yaml", "schema_version: 1\nname: same\nsource: {model: org/m}\nquantize: {method: bnb-4bit}\n")
+    write(tmp_path, "b.yaml", "schema_version: 1\nname: same\nsource: {model: org/m}\nquantize: {method: bnb-8bit}\n")
+    parsed: list[Path] = []
+    parse_file = loader._parse_file
+    monkeypatch.setattr(loader, "_parse_file", lambda path, display: parsed.append(path) or parse_file(path, display))
+    assert main(["validate", "a.yaml", "b.yaml"]) == 1
+    assert "artifact 'same' is also built by a.yaml" in capsys.readouterr().out
+    assert parsed == [Path("a.yaml"), Path("b.yaml")]

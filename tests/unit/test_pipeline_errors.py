@@ -37,7 +37,7 @@ def nothing_written(out) -> bool:
 def test_missing_source_folder(tmp_path, capsys):
     recipe = write_recipe(tmp_path, tmp_path / "nowhere")
     err = build_fails(capsys, recipe, tmp_path / "out")
-    assert f"error: source folder {tmp_path / 'nowhere'} does not exist" in err
+    assert f"error: {recipe}:4:10: source.model: source folder {tmp_path / 'nowhere'} does not exist" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -62,7 +62,7 @@ def test_pickle_only_weights_need_allow_pickle(tiny_llama, tmp_path, capsys):
 def test_skip_module_matching_nothing(tiny_llama, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_llama, quantize="  method: bnb-8bit\n  skip_modules: [lm_haed]\n")
     err = build_fails(capsys, recipe, tmp_path / "out")
-    assert "quantize.skip_modules: 'lm_haed' matches no module" in err
+    assert "quantize.skip_modules.0: 'lm_haed' matches no module" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -516,7 +516,8 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     manifest = json.loads((hostile / "manifest.json").read_text())
     manifest["device"] = manifest["recipe"]["quantize"]["quant_type"] = HOSTILE
     manifest["verification"]["metrics"]["metric" + HOSTILE] = 0.5
-    manifest["verification"]["failures"] = [{"metric": "m" + HOSTILE, "message": "message" + HOSTILE}]
+    failure = {"metric": "m" + HOSTILE, "value": 0.1, "threshold": 0.2, "message": "message" + HOSTILE}
+    manifest["verification"]["failures"] = [failure]
     (hostile / "manifest.json").write_text(json.dumps(manifest))
     _kept_failed(root, "failed" + HOSTILE, LM["tiny-nf4"][1], {**LM_THRESHOLDS, "top1_agreement": 0.9})
     broken = root / ("broken" + HOSTILE)
