@@ -347,20 +347,34 @@ def _verification(report: VerificationReport | None) -> str:
         return "No verification report."
     failed = {failure.metric for failure in report.failures}
     bounds = bounds_by_metric(report.thresholds)  # `cosine` bounds `cosine_min`, as the gate checks
+    intervals, robustness = report.intervals or {}, report.interval_verdicts or {}
     rows = []
     for metric, value in sorted(report.metrics.items()):
         limit = bounds.get(metric)
         verdict = "" if limit is None else ("fail" if metric in failed else "pass")
+        if metric in robustness:  # whether the whole interval gets the same verdict
+            verdict += f" ({robustness[metric]})"
         shown_limit = "" if limit is None else _number(limit)
-        rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
+        interval = intervals.get(metric)
+        shown_interval = "" if interval is None else f"[{_number(interval[0])}, {_number(interval[1])}]"
+        rows.append(
+            f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_interval} | {shown_limit} | {verdict} |"
+        )
     lines = [
         f"Task `{report.task}`, compared with the source on `{report.provider or report.device}`: "
         f"**{'passed' if report.passed else 'FAILED'}**.",
         "",
-        "| metric | value | threshold | |",
-        "|---|---|---|---|",
+        "| metric | value | 95% interval | threshold | |",
+        "|---|---|---|---|---|",
         *rows,
     ]
+    if intervals:
+        lines += [
+            "",
+            "The intervals resample the evaluation inputs (blocks of 64 positions of a text, or sentences); "
+            "*clear*: the whole interval is on the same side of the threshold as the value, *straddles*: the "
+            "threshold lies inside it.",
+        ]
     if report.performance:
         lines += ["", "| performance | value |", "|---|---|"]
         lines += [f"| {key} | {_number(value)} |" for key, value in sorted(report.performance.items())]

@@ -126,6 +126,19 @@ def check(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
     return failures
 
 
+def interval_verdicts(intervals: dict[str, list[float]], thresholds: dict[str, float]) -> dict[str, str]:
+    """Per bounded metric with an interval: "clear" when both ends of its 95% interval get the verdict its value got
+    (the pass, or the failure, holds on other text of the kind), "straddles" when the bound lies inside it."""
+    verdicts = {}
+    for key, bound in thresholds.items():
+        gate = GATES[key]
+        if gate.metric in intervals:
+            low, high = intervals[gate.metric]
+            same = (gate.missed_by(low, bound) > 0) == (gate.missed_by(high, bound) > 0)
+            verdicts[gate.metric] = "clear" if same else "straddles"
+    return verdicts
+
+
 def bounds_by_metric(thresholds: dict[str, float]) -> dict[str, float]:
     """Report metric -> the bound the gate holds it to (`{"cosine": 0.9}` -> `{"cosine_min": 0.9}`)."""
     return {GATES[key].metric: bound for key, bound in thresholds.items()}

@@ -18,7 +18,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,6 +96,8 @@ class _Verification(_Read):
     provider: str | None = None
     metrics: dict[str, _Figure | None] | None = None
     thresholds: dict[str, _Figure] | None = None
+    intervals: dict[str, Annotated[list[_Figure], Field(min_length=2, max_length=2)]] | None = None
+    interval_verdicts: dict[str, Literal["clear", "straddles"]] | None = None
     failures: list[_Failure] | None = None
     performance: _Performance | None = None
     inputs: _Inputs | None = None
@@ -308,6 +310,8 @@ def _row(
         "weight_bits_per_param": metrics.get("bits_per_param"),
         "metrics": metrics,
         "thresholds": verification.thresholds or {},
+        "intervals": verification.intervals or {},
+        "interval_verdicts": verification.interval_verdicts or {},
         "failures": [f.message for f in failures],
         "failed_metrics": [f.metric for f in failures],
         "latency_ms": performance.candidate_latency_ms,

@@ -32,7 +32,8 @@ th, td.text { white-space: normal; } th { vertical-align: bottom; min-width: 4em
 th:first-child, td:first-child, td.text { text-align: left; } th { background: #f3f3f3; }
 tr.failed td:first-child { border-left: 4px solid #c44e52; }
 tr.pareto td:first-child { border-left: 4px solid #dd8452; }
-td.miss { color: #c44e52; font-weight: 600; } .failures { color: #c44e52; white-space: normal; font-size: 12px; }
+td.miss { color: #c44e52; font-weight: 600; } .interval { color: #666; font-size: 11px; font-weight: normal; }
+.failures { color: #c44e52; white-space: normal; font-size: 12px; }
 .legend svg { vertical-align: middle; }
 """
 
@@ -180,8 +181,9 @@ def _table(group: dict) -> Html:
             html("<td>{bits}</td>", bits=format_number(a["weight_bits_per_param"])),
         ]
         for metric in quality + others:
-            template = '<td class="miss">{value}</td>' if metric in a["failed_metrics"] else "<td>{value}</td>"
-            cells.append(html(template, value=format_number(a["metrics"].get(metric))))
+            missed = metric in a["failed_metrics"]
+            template = '<td class="miss">{value}{interval}</td>' if missed else "<td>{value}{interval}</td>"
+            cells.append(html(template, value=format_number(a["metrics"].get(metric)), interval=_interval(a, metric)))
         cells += [
             html("<td>{value}</td>", value=format_number(a[k]))
             for k in ("latency_ms", "reference_latency_ms", "throughput_tokens_per_s")
@@ -195,3 +197,16 @@ def _table(group: dict) -> Html:
         )
     lines.append(Html("</tbody></table></div>"))
     return join(lines, "\n")
+
+
+def _interval(artifact: dict, metric: str) -> Html:
+    """The metric's 95% interval under its value, with whether the threshold lies inside it ("" without one)."""
+    interval = artifact["intervals"].get(metric)
+    if interval is None:
+        return Html("")
+    return html(
+        '<div class="interval">[{low}, {high}]{verdict}</div>',
+        low=format_number(interval[0]),
+        high=format_number(interval[1]),
+        verdict=f" {artifact['interval_verdicts'][metric]}" if metric in artifact["interval_verdicts"] else "",
+    )

@@ -3,16 +3,17 @@
 bitsandbytes, `builder.steps.verify_onnx.onnx_report` for ONNX; `builder.steps.export` writes the ONNX record).
 
 Version 2 of the report is version 1's fields, typed; a report without `report_version` is a version-1 one, and
-reads as it was written.
+reads as it was written. Version 3 adds `intervals` and `interval_verdicts`; reports of versions 1 and 2 read
+without them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 
 
 class _Record(BaseModel):
@@ -90,6 +91,12 @@ class VerificationReport(_Record):
     thresholds: dict[str, float]
     failures: list[Failure]
     performance: dict[str, float | int | None]
+    intervals: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] | None = None
+    """Metric -> its 95% interval `[low, high]` (the task family's bootstrap; docs/recipes.md, "Intervals"); a
+    metric without one (an extreme such as `max_abs_diff`, a deterministic `footprint_ratio`) is absent."""
+    interval_verdicts: dict[str, Literal["clear", "straddles"]] | None = None
+    """Bounded metric -> "clear" (its whole interval is on the side of the bound its value is on) or "straddles"
+    (`builder.gates.interval_verdicts`). The verdict `passed` stays on the values."""
     outputs: dict[str, dict[str, float]] | None = None
     """Per ONNX graph output: its largest absolute and relative difference from PyTorch's."""
     reference: RunRecord | None = None

@@ -42,7 +42,8 @@ def format_report(report: VerificationReport) -> str:
     for name, value in report.metrics.items():
         gate = gate_of_metric(name)
         bound = f"  (threshold {report.thresholds[gate.key]})" if gate and gate.key in report.thresholds else ""
-        lines.append(f"  {name:<28} {value:.6g}{bound}" if isinstance(value, float) else f"  {name:<28} {value}")
+        shown = f"{value:.6g}{_interval(report, name)}" if isinstance(value, float) else f"{value}"
+        lines.append(f"  {name:<28} {shown}{bound}")
     for name, performance in report.performance.items():
         lines.append(f"  {name:<34} {performance}")
     if report.placement is not None:
@@ -63,5 +64,16 @@ def format_summary(report: VerificationReport) -> str:
         gate = GATES[key]
         value = report.metrics.get(gate.metric)
         if value is not None:
-            lines.append(f"    {gate.metric:<20} {number(value):>8}  {gate.sign} {number(bound)}")
+            lines.append(
+                f"    {gate.metric:<20} {number(value):>8}  {gate.sign} {number(bound)}{_interval(report, gate.metric)}"
+            )
     return "\n".join(lines)
+
+
+def _interval(report: VerificationReport, metric: str) -> str:
+    """ "  95% [low, high] clear" for a metric with an interval ("" without one: a version-1/-2 report, an extreme)."""
+    interval = (report.intervals or {}).get(metric)
+    if interval is None:
+        return ""
+    verdict = (report.interval_verdicts or {}).get(metric)
+    return f"  95% [{number(interval[0])}, {number(interval[1])}]" + (f" {verdict}" if verdict else "")

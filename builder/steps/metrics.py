@@ -212,12 +212,12 @@ def _parameter_count(model) -> int:
     return total
 
 
-def compare(task: str, inputs: dict, reference: dict, candidate: dict, device: str = "cpu") -> tuple[dict, dict]:
-    """(metrics, details) of candidate against reference on `inputs`: the task family's (`compare`), plus the
-    loaded memory footprint ratio; computed on `device`."""
-    metrics, details = family(task).compare(inputs, reference, candidate, device)
+def compare(task: str, inputs: dict, reference: dict, candidate: dict, device: str = "cpu") -> tuple[dict, dict, dict]:
+    """(metrics, intervals, details) of candidate against reference on `inputs`: the task family's (`compare`),
+    plus the loaded memory footprint ratio (measured, not sampled: no interval); computed on `device`."""
+    metrics, intervals, details = family(task).compare(inputs, reference, candidate, device)
     metrics["footprint_ratio"] = candidate["footprint_bytes"] / reference["footprint_bytes"]
-    return metrics, details
+    return metrics, intervals, details
 
 
 def import_for(folder: str, task: str, device: str, modules: list[str] | tuple[str, ...]) -> None:

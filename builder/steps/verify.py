@@ -26,7 +26,7 @@ from typing import Any
 from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.gates import check
+from builder.gates import check, interval_verdicts
 from builder.kinds import kind_of, thresholds
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
@@ -268,12 +268,16 @@ def run_checks(
     compared = time.perf_counter()
     # On a GPU the logits (tokens x vocabulary, twice) are compared there; under a cap the build keeps off it.
     on_device = device.startswith("cuda") and max_device_memory is None
-    measured, details = probes.compare(task, inputs, outputs, candidate_outputs, device if on_device else "cpu")
+    measured, intervals, details = probes.compare(
+        task, inputs, outputs, candidate_outputs, device if on_device else "cpu"
+    )
     compare_seconds = time.perf_counter() - compared
     reference.cancel()  # the cache entry was written while the logits were compared
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
+    report["intervals"] = {k: [_rounded(end) for end in v] for k, v in intervals.items()}
+    report["interval_verdicts"] = interval_verdicts(intervals, bounds)
     report["failures"] = check(measured, bounds)
     report["passed"] = not report["failures"]
     report["performance"] = _performance(outputs, candidate_outputs)

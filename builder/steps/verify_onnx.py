@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.gates import check
+from builder.gates import check, interval_verdicts
 from builder.kinds import kind_of, thresholds
 from builder.recipe import Recipe
 from builder.steps import export_genai, ort, placement
@@ -60,6 +60,8 @@ def onnx_report(recipe: Recipe, placed: OnnxRecord, model_dir: Path, source_dir:
         "metrics": {k: float(f"{v:.6g}") for k, v in metrics.items()},
         "thresholds": bounds,
         "failures": failures,
+        "intervals": {k: [float(f"{end:.6g}") for end in v] for k, v in result["intervals"].items()},
+        "interval_verdicts": interval_verdicts(result["intervals"], bounds),
         "performance": performance,
         "outputs": result["outputs"],
         "reference": {"model": "source", "dtype": "float32"},
@@ -79,14 +81,16 @@ def onnx_metrics(
 ) -> dict:
     """Compare the ONNX graph in `model_dir` (run on `provider`) with the PyTorch source in `source_dir`.
 
-    Returns `{"metrics": {...}, "outputs": {...}, "performance": {...}, "placement": NodePlacement, "provider":
-    provider}`:
+    Returns `{"metrics": {...}, "intervals": {...}, "outputs": {...}, "performance": {...}, "placement":
+    NodePlacement, "provider": provider}`:
     - metrics, for every task: `max_abs_diff` and `relative_error` (largest over the graph's outputs; relative error
       is ||onnx - torch|| / ||torch||); feature-extraction adds `cosine_min` (lowest cosine similarity of
       mean-pooled embeddings over the prompts); classifiers add `top1_agreement`; text-generation adds
       `top1_agreement` and `kl_divergence_mean` (teacher-forced on PyTorch's greedy continuation, per position)
       and `generation_match` (share of prompts
       whose greedy generation through the graph, with the KV cache when it has one, equals PyTorch `generate`);
+    - intervals: the family's 95% interval of each metric a gate may bound but `max_abs_diff` (resampling prompts,
+      or blocks of their positions);
     - outputs: per graph output, `max_abs_diff` and `relative_error`;
     - performance: median latency of one forward pass, `reference_latency_ms` (PyTorch on `device`) and
       `candidate_latency_ms` (onnxruntime on `provider`), and their ratio `speedup`;

@@ -73,8 +73,10 @@ class TaskFamily(Protocol):
         """The model's outputs on `inputs` as CPU tensors, and `throughput_tokens_per_s`."""
         ...
 
-    def compare(self, inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict]:
-        """(metrics, per-input details) of a candidate's probe outputs against the reference's."""
+    def compare(self, inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict, dict]:
+        """(metrics, intervals, per-input details) of a candidate's probe outputs against the reference's;
+        `intervals`: a 95% interval `[low, high]` per metric a gate may bound (`block_interval`,
+        `resampled_interval`), none for an extreme such as `max_abs_diff`."""
         ...
 
     def onnx_prompts(self, prompts: Sequence[str]) -> list[str]:
@@ -95,9 +97,10 @@ class TaskFamily(Protocol):
         task: str,
         generated: list[list[int]] | None,
     ) -> dict:
-        """The ONNX graph's metrics, per-output differences and latencies against the PyTorch `reference`:
-        `{"metrics": ..., "outputs": ..., "performance": ...}`. `generated`: each prompt's greedy continuation made
-        by the artifact's own runtime (onnxruntime-genai's Generator), where the gate has one."""
+        """The ONNX graph's metrics, their 95% intervals, per-output differences and latencies against the PyTorch
+        `reference`: `{"metrics": ..., "intervals": ..., "outputs": ..., "performance": ...}`. `generated`: each
+        prompt's greedy continuation made by the artifact's own runtime (onnxruntime-genai's Generator), where the
+        gate has one."""
         ...
 
     def usage(self) -> str:
@@ -107,6 +110,62 @@ class TaskFamily(Protocol):
     def ort_class(self, task: str) -> str:
         """optimum's `ORTModelFor*` class that loads an ONNX export of `task`."""
         ...
+
+
+# --- intervals: how far a metric could move on other text of the same kind -----------------------------------------
+# A metric is measured once, on fixed inputs; its 95% interval is a percentile bootstrap (docs/recipes.md, "Intervals"):
+# the inputs are resampled with replacement BOOTSTRAP_RESAMPLES times from a fixed seed (the report is reproducible)
+# and the metric recomputed on each resample. Positions of one sequence are correlated (a model that goes wrong on a
+# passage goes wrong for many tokens), so per-position metrics resample blocks of BOOTSTRAP_BLOCK consecutive
+# positions, never across two sequences; per-sentence metrics resample sentences.
+
+BOOTSTRAP_BLOCK = 64
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def block_interval(sequences: Sequence, *, block: int | None = BOOTSTRAP_BLOCK, transform=None) -> list[float]:
+    """The 95% interval of the mean over every position of `sequences` (per-position values, one 1-D array each),
+    resampling blocks of `block` consecutive positions of a sequence (None: whole sequences), then `transform`
+    (numpy's `exp` for a ratio of perplexities from a mean log-likelihood gap)."""
+    import numpy as np
+
+    sums, counts = [], []
+    for values in sequences:
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        size = block or max(len(values), 1)
+        for start in range(0, len(values), size):
+            sums.append(values[start : start + size].sum())
+            counts.append(len(values[start : start + size]))
+    picks = _resamples(len(sums))
+    # each resample's mean is its blocks' sum over their positions: a block that ends a sequence weighs what it holds
+    estimates = np.asarray(sums)[picks].sum(1) / np.asarray(counts)[picks].sum(1)
+    return _percentiles(transform(estimates) if transform is not None else estimates)
+
+
+def resampled_interval(values, statistic) -> list[float]:
+    """The 95% interval of `statistic` (a numpy reduction taking `axis`: `np.mean`, `np.min`) of per-sentence
+    `values`, resampling sentences."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    return _percentiles(statistic(values[_resamples(len(values))], axis=1))
+
+
+def _resamples(count: int):
+    """BOOTSTRAP_RESAMPLES rows of `count` indices drawn with replacement, the same for the same `count`."""
+    import numpy as np
+
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, count, size=(BOOTSTRAP_RESAMPLES, count))
+
+
+def _percentiles(estimates) -> list[float]:
+    import numpy as np
+
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail])
+    return [float(low), float(high)]
 
 
 # --- shared by the families' ONNX comparisons ---------------------------------------------------------------------

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from typing import Literal
 
 from builder.evaluation import default_prompts, eval_text
-from builder.tasks.base import LATENCY_TOKENS, ProbeRun, Runner, Stage, difference, latency
+from builder.tasks.base import (
+    LATENCY_TOKENS,
+    ProbeRun,
+    Runner,
+    Stage,
+    block_interval,
+    difference,
+    latency,
+    resampled_interval,
+)
 
 NAME: str = "causal-lm"
 TASKS: tuple[str, ...] = ("text-generation",)
@@ -153,13 +162,19 @@ def _pad_id(model) -> int | None:
     return pad[0] if isinstance(pad, list) else pad
 
 
-def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict]:
+def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict, dict]:
     """Top-1 agreement and KL divergence over every position, perplexities of the evaluation text, and how many
-    leading tokens of each greedy continuation match; computed on `device` one chunk of logits at a time."""
+    leading tokens of each greedy continuation match; computed on `device` one chunk of logits at a time. The
+    gated metrics' intervals resample blocks of positions of each chunk and prompt (`block_interval`)."""
+    import numpy as np
     import torch
 
     agree, kl_sum, kl_max, positions = 0, 0.0, 0.0, 0
     ref_nll, cand_nll = 0.0, 0.0
+    # per sequence (chunk or prompt), per position: for the intervals
+    agreements: list = []
+    kls: list = []
+    nll_gaps: list = []  # candidate's negative log-likelihood of the next token minus the reference's
     targets = [chunk[0] for chunk in inputs["eval_chunks"]]
     for index, (ref_chunk, cand_chunk) in enumerate(
         zip(
@@ -172,19 +187,30 @@ def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tupl
         rows = max(1, CPU_COMPARE_ELEMENTS // vocabulary) if device == "cpu" else length
         # An evaluation chunk's position p predicts token p + 1 (its last position predicts nothing).
         following = targets[index][1:].to(device) if index < len(targets) else None
+        sequence_agree, sequence_kl, sequence_gap = [], [], []
         for start in range(0, length, rows):
             ref = ref_chunk[start : start + rows].to(device).float()
             cand = cand_chunk[start : start + rows].to(device).float()
             ref_log, cand_log = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-            agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            matches = ref.argmax(-1) == cand.argmax(-1)
+            agree += int(matches.sum())
             kl = (ref_log.exp() * (ref_log - cand_log)).sum(-1).clamp_min(0)
             kl_sum += float(kl.sum())
             kl_max = max(kl_max, float(kl.max()))
+            sequence_agree.append(matches.cpu())
+            sequence_kl.append(kl.cpu())
             if following is not None and start < length - 1:
                 next_tokens = following[start : start + rows].unsqueeze(-1)
-                ref_nll -= float(ref_log[: len(next_tokens)].gather(-1, next_tokens).double().sum())
-                cand_nll -= float(cand_log[: len(next_tokens)].gather(-1, next_tokens).double().sum())
+                ref_likelihood = ref_log[: len(next_tokens)].gather(-1, next_tokens).double()
+                cand_likelihood = cand_log[: len(next_tokens)].gather(-1, next_tokens).double()
+                ref_nll -= float(ref_likelihood.sum())
+                cand_nll -= float(cand_likelihood.sum())
+                sequence_gap.append((ref_likelihood - cand_likelihood).squeeze(-1).cpu())
         positions += length
+        agreements.append(torch.cat(sequence_agree).numpy())
+        kls.append(torch.cat(sequence_kl).numpy())
+        if sequence_gap:
+            nll_gaps.append(torch.cat(sequence_gap).numpy())
     # Perplexity: exp(mean negative log-likelihood) of each chunk's next tokens (its last position predicts nothing).
     predicted = sum(chunk.shape[0] - 1 for chunk in targets)
     ref_ppl, cand_ppl = math.exp(ref_nll / predicted), math.exp(cand_nll / predicted)
@@ -201,8 +227,14 @@ def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tupl
         "perplexity_ratio": cand_ppl / ref_ppl,
         "greedy_match": sum(matches) / max(sum(lengths), 1),
     }
+    intervals = {
+        "top1_agreement": block_interval(agreements),
+        "kl_divergence_mean": block_interval(kls),
+        # the ratio is exp(mean gap): candidate/reference perplexity over the same positions
+        "perplexity_ratio": block_interval(nll_gaps, transform=np.exp),
+    }
     details = {"positions": positions, "greedy_tokens_matched": matches, "greedy_tokens_generated": lengths}
-    return metrics, details
+    return metrics, intervals, details
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -291,7 +323,8 @@ def onnx_metrics(
     """Per prompt: PyTorch's greedy continuation, then both models teacher-forced on it (top-1 agreement, KL
     divergence, the largest difference of each output, from one full-sequence run of the graph with an empty KV
     cache) and the graph's greedy generation through its KV cache, or `generated` (`generation_match`: the share of
-    prompts where it equals PyTorch's)."""
+    prompts where it equals PyTorch's). Intervals: top-1 agreement resamples blocks of positions of each prompt; the
+    KL divergence (a mean of the prompts' means) and generation_match resample prompts."""
     import numpy as np
     import torch
 
@@ -301,6 +334,7 @@ def onnx_metrics(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
     outputs: dict[str, dict] = {}
     matches, agree, total, kls = 0, 0, 0, []
+    agreements, generation_matches = [], []  # per prompt: per position, and whether the greedy tokens match
     for index, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         continued = reference.generate(
@@ -312,9 +346,10 @@ def onnx_metrics(
         )
         torch_tokens = continued[0, ids.shape[1] :].tolist()
         if generated is not None:
-            matches += generated[index] == torch_tokens
+            generation_matches.append(generated[index] == torch_tokens)
         else:
-            matches += decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens
+            generation_matches.append(decoder.generate(ids[0].tolist(), max_new_tokens, eos) == torch_tokens)
+        matches += generation_matches[-1]
         sequence = continued[0].cpu()
         torch_out = reference(sequence[None].to(reference.device), use_cache=bool(decoder.past_names))
         onnx_out = decoder.run(sequence.tolist())
@@ -329,7 +364,8 @@ def onnx_metrics(
                 seen[key] = max(seen[key], diff[key])
         onnx_logits = torch.from_numpy(onnx_out["logits"][0].astype(np.float32))
         torch_logits = torch_out.logits[0].float().cpu()
-        agree += int((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).sum())
+        agreements.append((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).numpy())
+        agree += int(agreements[-1].sum())
         total += onnx_logits.shape[0]
         kls.append(
             float(
@@ -345,10 +381,15 @@ def onnx_metrics(
         "kl_divergence_mean": statistics.fmean(kls),
         "generation_match": matches / len(prompts),
     }
+    intervals = {
+        "top1_agreement": block_interval(agreements),
+        "kl_divergence_mean": resampled_interval(kls, np.mean),
+        "generation_match": resampled_interval(generation_matches, np.mean),
+    }
     ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
     feed = decoder.feed(ids[0].tolist())
     performance = latency(lambda: session.run(None, feed), lambda: reference(ids.to(reference.device)))
-    return {"metrics": metrics, "outputs": outputs, "performance": performance}
+    return {"metrics": metrics, "intervals": intervals, "outputs": outputs, "performance": performance}
 
 
 # --- the card ---------------------------------------------------------------------------------------------------

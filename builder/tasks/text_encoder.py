@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from typing import Literal
 
 from builder.evaluation import ENCODER_SENTENCES, eval_sentences, eval_text
-from builder.tasks.base import LATENCY_TOKENS, ProbeRun, Runner, difference, latency
+from builder.tasks.base import (
+    LATENCY_TOKENS,
+    ProbeRun,
+    Runner,
+    block_interval,
+    difference,
+    latency,
+    resampled_interval,
+)
 
 NAME: str = "text-encoder"
 TASKS: tuple[str, ...] = (
@@ -95,9 +103,11 @@ def probe(model, inputs: dict, max_new_tokens: int, run: ProbeRun) -> dict:
     return {"hidden": hidden.float().cpu(), "throughput_tokens_per_s": tokens / elapsed}
 
 
-def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict]:
+def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tuple[dict, dict, dict]:
     """Cosine similarity of mean-pooled embeddings (lowest and mean over the sentences) and the largest difference
-    of hidden states over the tokens that are not padding."""
+    of hidden states over the tokens that are not padding. The lowest cosine's interval resamples sentences; the
+    largest difference has none (an extreme: a resample never exceeds it)."""
+    import numpy as np
     import torch
 
     mask = inputs["sentences"]["attention_mask"].unsqueeze(-1).float().to(device)
@@ -106,7 +116,8 @@ def compare(inputs: dict, reference: dict, candidate: dict, device: str) -> tupl
     cosine = torch.nn.functional.cosine_similarity(pooled_ref, pooled_cand, dim=-1)
     diff = ((ref - cand).abs() * mask).amax()
     metrics = {"cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()), "max_abs_diff": float(diff)}
-    return metrics, {"cosine_per_input": [round(float(c), 6) for c in cosine]}
+    intervals = {"cosine_min": resampled_interval(cosine.cpu().numpy(), np.min)}
+    return metrics, intervals, {"cosine_per_input": [round(float(c), 6) for c in cosine]}
 
 
 # --- the ONNX gate ----------------------------------------------------------------------------------------------
@@ -147,7 +158,8 @@ def onnx_metrics(
     generated: list[list[int]] | None,
 ) -> dict:
     """Every graph output against PyTorch's (padding left out), then the lowest cosine of mean-pooled embeddings
-    (feature-extraction) or the top-1 agreement of the first output (heads)."""
+    (feature-extraction) or the top-1 agreement of the first output (heads). Intervals resample sentences (a
+    head's per-token agreement: each sentence's tokens together)."""
     import numpy as np
     import torch
 
@@ -159,7 +171,7 @@ def onnx_metrics(
     }
     torch_out = reference(**kwargs)
     mask = batch["attention_mask"].numpy().astype(bool)
-    outputs, metrics = {}, {}
+    outputs, metrics, intervals = {}, {}, {}
     for meta, value in zip(session.get_outputs(), onnx_out, strict=True):
         expected = getattr(torch_out, meta.name).float().cpu().numpy()
         actual = value.astype(np.float32)
@@ -172,15 +184,20 @@ def onnx_metrics(
     if task == _EMBEDDING:
         onnx_pooled = _mean_pool(torch.from_numpy(onnx_out[0].astype(np.float32)), batch["attention_mask"])
         torch_pooled = _mean_pool(getattr(torch_out, first).float().cpu(), batch["attention_mask"])
-        metrics["cosine_min"] = float(torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled).min())
+        cosine = torch.nn.functional.cosine_similarity(onnx_pooled, torch_pooled)
+        metrics["cosine_min"] = float(cosine.min())
+        intervals["cosine_min"] = resampled_interval(cosine.numpy(), np.min)
     else:
         onnx_top = onnx_out[0].argmax(-1)
         torch_top = getattr(torch_out, first).argmax(-1).cpu().numpy()
+        per_sentence = onnx_top == torch_top
         if onnx_top.shape == mask.shape:
             onnx_top, torch_top = onnx_top[mask], torch_top[mask]
+            per_sentence = [row[keep] for row, keep in zip(per_sentence, mask, strict=True)]
         metrics["top1_agreement"] = float((onnx_top == torch_top).mean())
+        intervals["top1_agreement"] = block_interval(list(per_sentence), block=None)
     performance = latency(lambda: session.run(None, feed), lambda: reference(**kwargs))
-    return {"metrics": metrics, "outputs": outputs, "performance": performance}
+    return {"metrics": metrics, "intervals": intervals, "outputs": outputs, "performance": performance}
 
 
 # --- the card ---------------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ transformers release than the golden's the files it stamps with its version (con
 and the content digest of a local source converted with it (transformers 5.25.0 moved both), and the gate's
 metrics within 5% (the CPU's instruction set changes bfloat16 kernels: a host without AVX-512 moved SmolLM2 nf4's
 top-1 agreement by 0.4% and its greedy continuations by a token), the greedy token counts compared by prompt count
-only; the ONNX gate's metric values and prompts are compared by
-name only, its placement by the provider it was measured on and the providers that ran nodes (the counts per op type
-follow onnxruntime's fusions, which change with its version). Everything else must be equal: the recipe, the
-source, the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every weight file's
-sha256.
+only, the gate's `intervals` and `interval_verdicts` (issue 31; the goldens predate them: they are derived from the
+metrics, which are compared) by metric name where the golden has them; the ONNX gate's metric values and prompts are
+compared by name only, its placement by the provider it was measured on and the providers that ran nodes (the
+counts per op type follow onnxruntime's fusions, which change with its version). Everything else must be equal: the
+recipe, the source, the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every
+weight file's sha256.
 """
 
 from __future__ import annotations
@@ -76,14 +77,19 @@ def differences(built: dict, name: str) -> list[str]:
     return found
 
 
+_INTERVALS = ("intervals", "interval_verdicts")
+
+
 def _report_differences(new: dict, old: dict, *, onnx: bool) -> list[str]:
     new, old = ({k: v for k, v in report.items() if k != "report_version"} for report in (new, old))
+    if not any(key in old for key in _INTERVALS):
+        new = {k: v for k, v in new.items() if k not in _INTERVALS}
     found = []
     if set(new) != set(old):
         found.append(f"verification keys: {sorted(set(new) ^ set(old))}")
     for key in sorted(set(new) & set(old)):
         a, b = new[key], old[key]
-        if key in ("performance", "outputs"):
+        if key in ("performance", "outputs", *_INTERVALS):
             if set(a) != set(b):
                 found.append(f"verification.{key} keys differ")
         elif key == "metrics":

@@ -128,8 +128,8 @@ def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extr
     card = render_card(bnb_manifest())
     assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
     assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `true` |" in card
-    assert re.search(r"\| top1_agreement \| 0\.953 \| 0\.9 \| pass \|", card)
-    assert re.search(r"\| kl_divergence_mean \| 0\.0412 \| 0\.15 \| pass \|", card)  # gated as kl_divergence
+    assert re.search(r"\| top1_agreement \| 0\.953 \|  \| 0\.9 \| pass \|", card)  # no interval: a version-1 report
+    assert re.search(r"\| kl_divergence_mean \| 0\.0412 \|  \| 0\.15 \| pass \|", card)  # gated as kl_divergence
     assert "**passed**" in card and "reference_latency_ms" in card
     assert "bits per quantized-layer weight (quantized layers only): 4.13" in card and "(0.44x the source)" in card
     recipe_block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -312,11 +312,33 @@ def test_a_published_card_names_no_local_path(tmp_path, monkeypatch):
     assert "a local copy of `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
 
 
-def _verification_rows(card: str) -> dict[str, tuple[str, str]]:
-    """metric -> (threshold cell, verdict cell) of the card's verification table."""
+def _verification_rows(card: str, *, interval: bool = False) -> dict[str, tuple[str, ...]]:
+    """metric -> (threshold cell, verdict cell) of the card's verification table; (interval, threshold, verdict)
+    with `interval`."""
     table = card.split("## Verification")[1].split("##")[0]
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[0].strip(): (cells[2].strip(), cells[3].strip()) for cells in rows[1:] if len(cells) == 4}
+    assert [cell.strip() for cell in rows[0]] == ["metric", "value", "95% interval", "threshold", ""]
+    shown = slice(2, 5) if interval else slice(3, 5)
+    return {cells[0].strip(): tuple(c.strip() for c in cells[shown]) for cells in rows[1:] if len(cells) == 5}
+
+
+def test_the_card_shows_each_gated_metrics_interval_and_whether_it_clears_the_bound():
+    manifest = bnb_manifest()
+    manifest["verification"] |= {
+        "report_version": 3,
+        "intervals": {"top1_agreement": [0.94, 0.962], "kl_divergence_mean": [0.031, 0.16]},
+        "interval_verdicts": {"top1_agreement": "clear", "kl_divergence_mean": "straddles"},
+    }
+    card = render_card(manifest)
+    rows = _verification_rows(card, interval=True)
+    assert rows["top1_agreement"] == ("[0.94, 0.962]", "0.9", "pass (clear)")
+    assert rows["kl_divergence_mean"] == ("[0.031, 0.16]", "0.15", "pass (straddles)")
+    assert "*straddles*: the threshold lies inside it" in card
+
+
+def test_a_card_from_a_report_without_intervals_leaves_the_interval_cells_empty():
+    rows = _verification_rows(render_card(bnb_manifest()), interval=True)  # a version-1 report
+    assert rows["top1_agreement"] == ("", "0.9", "pass") and rows["kl_divergence_mean"] == ("", "0.15", "pass")
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,10 @@ def test_decoder_with_past_generates_like_pytorch(tiny_with_past, tiny_llama):
     assert metrics["max_abs_diff"] < 1e-3
     assert set(result["outputs"]) == {"logits", *[f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]}
     assert result["performance"]["candidate_latency_ms"] > 0
+    # every gated metric but max_abs_diff (an extreme) has an interval; a graph equal to PyTorch's has no spread
+    assert result["intervals"]["top1_agreement"] == [1.0, 1.0] and result["intervals"]["generation_match"] == [1.0, 1.0]
+    low, high = result["intervals"]["kl_divergence_mean"]
+    assert low <= metrics["kl_divergence_mean"] <= high and "max_abs_diff" not in result["intervals"]
 
 
 def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
@@ -160,6 +164,7 @@ def test_text_classification(tiny_classifier, tmp_path):
         prompts=["A fine day.", "Terrible, awful weather today."],
     )
     assert metrics["metrics"]["top1_agreement"] == 1.0
+    assert metrics["intervals"] == {"top1_agreement": [1.0, 1.0]}  # resampled sentences, all agreeing
     assert metrics["metrics"]["max_abs_diff"] < 1e-4
     assert set(metrics["outputs"]) == {"logits"}
 

@@ -85,8 +85,13 @@ def test_manifest_follows_the_contract(built):
     assert {"resolve", "stream", "quantize", "verify"} <= set(manifest["timings"])
     assert manifest["quantize_path"] == "stream"  # a plain bnb recipe streams; see test_stream_step for fallbacks
     assert manifest["library_name"] == "transformers" and manifest["device"] and manifest["device_uuid"] is None
-    assert manifest["verification"]["passed"] is True and manifest["verification"]["report_version"] == 2
+    assert manifest["verification"]["passed"] is True and manifest["verification"]["report_version"] == 3
     assert json.loads((built["artifact"] / "verify-report.json").read_text()) == manifest["verification"]
+    verification = manifest["verification"]  # each LM gate's metric within its interval, which is set clear or not
+    gated = {"top1_agreement", "kl_divergence_mean", "perplexity_ratio"}
+    assert set(verification["intervals"]) == set(verification["interval_verdicts"]) == gated
+    for metric, (low, high) in verification["intervals"].items():
+        assert low <= verification["metrics"][metric] <= high, metric
     assert 0 < manifest["footprint"]["artifact_bytes"] < manifest["footprint"]["source_bytes"]
     # 2 layers x 7 Linear; the output head is tied to the embeddings and stays unquantized.
     assert manifest["quantized_layers"]["count"] == 14

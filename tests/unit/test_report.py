@@ -663,6 +663,27 @@ def test_markup_is_written_only_as_literal_templates_that_escape_what_fills_them
                 assert isinstance(node.args[0], (ast.Constant, ast.Name)), f"{where}:{node.lineno}: not a literal"
 
 
+def test_the_table_shows_each_metrics_interval_under_its_value(tmp_path):
+    root = tmp_path / "artifacts"
+    old = _artifact(root, "tiny-int8", LLAMA, *LM["tiny-int8"][:2], INT8_THRESHOLDS, 90.0)  # a version-1 report
+    new = _artifact(root, "tiny-nf4", LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, 38.0)
+    manifest = json.loads((new / "manifest.json").read_text())
+    manifest["verification"] |= {
+        "intervals": {"top1_agreement": [0.66, 0.74], "kl_divergence_mean": [0.21, 0.41]},
+        "interval_verdicts": {"top1_agreement": "clear", "kl_divergence_mean": "clear"},
+    }
+    (new / "manifest.json").write_text(json.dumps(manifest))
+    out, data = write_report([root], root / "report.html")
+    assert not data["skipped"]
+    rows = {}
+    for row in out.read_text().split("<tr ")[1:]:
+        page = _Tags()
+        page.feed("<tr " + row)
+        rows[page.tags[0][1]["data-artifact"]] = "".join(page.text)
+    assert "0.7[0.66, 0.74] clear" in rows["tiny-nf4"] and "0.3[0.21, 0.41] clear" in rows["tiny-nf4"]
+    assert "[" not in rows[old.name]  # no interval, and the row still renders
+
+
 # --- layout: what a newcomer saw (#30), measured in Chromium --------------------------------------------------------
 
 # Appended to a copy of the page (the page itself runs no script): every chart's text, bar and tick boxes relative to

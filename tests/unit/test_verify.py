@@ -264,9 +264,13 @@ def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monk
         "prompt_logits": [logits(5)],
         "continuations": [[1, 2, 4]],
     }
-    whole, _ = causal_lm.compare(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
+    whole, whole_intervals, _ = causal_lm.compare(
+        inputs, reference, candidate, "cpu"
+    )  # 2**21 elements: each chunk at once
     monkeypatch.setattr(causal_lm, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
-    blocked, details = causal_lm.compare(inputs, reference, candidate, "cpu")
+    blocked, blocked_intervals, details = causal_lm.compare(inputs, reference, candidate, "cpu")
     assert blocked == pytest.approx(whole, rel=1e-6) and details["positions"] == 21
+    for metric, interval in whole_intervals.items():
+        assert blocked_intervals[metric] == pytest.approx(interval, rel=1e-6)
     assert blocked["top1_agreement"] == whole["top1_agreement"] and 0 < whole["top1_agreement"] < 1
     assert blocked["perplexity_ratio"] != 1.0
