@@ -227,9 +227,8 @@ def parse_manifest(data: bytes | str, where: str) -> Manifest:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ArtifactError(
-            f"{where} is not a builder manifest ({field}: {first['msg']}); rebuild the artifact"
-        ) from None
+        message = first["msg"].split(" or instance of ")[0]  # the report's class names mean nothing to a reader
+        raise ArtifactError(f"{where} is not a builder manifest ({field}: {message}); rebuild the artifact") from None
 
 
 def load_manifest(folder: Path) -> Manifest:

@@ -1,7 +1,8 @@
 """`builder` command line: parse, call the library, return an exit code.
 
 Exit codes: 0 ok, 1 a known failure (bad recipe, gate failed, publish refused), 2 usage, 3 unexpected (traceback
-in a log file), 130 interrupted.
+in a log file), 130 interrupted, 141 the reader of stdout or stderr went away (`builder schema | head -1`: what a
+shell reports for `cat` killed by SIGPIPE, so `set -o pipefail` scripts see the same as with other tools).
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from builder.recipe import (
     name_clashes,
     require_unique_names,
 )
+from builder.report import DEFAULT_OUT as REPORT_OUT
 from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
 from builder.steps.gate import format_report, format_summary
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 0, 1, 2, 3, 130, 141
 
 
 def _print_json(payload: object) -> None:
@@ -611,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--out",
-        default="report.html",
+        default=str(REPORT_OUT),
         help="the HTML file to write (default %(default)s); card links are relative to its folder",
     )
     report.add_argument(
@@ -742,10 +744,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:  # a bug: keep the traceback, show one line
-        where = _crash_log(traceback.format_exc())
-        print(f"internal error: {type(error).__name__}: {str(error)[:500]} ({where})", file=sys.stderr)
-        return EXIT_BUG
+    except BrokenPipeError as error:
+        if _reader_gone():
+            return EXIT_CLOSED_PIPE
+        return _internal_error(error)  # a socket's, say: a bug like any other
+    except Exception as error:
+        return _internal_error(error)
+
+
+def _internal_error(error: Exception) -> int:
+    """A bug: keep the traceback in a log file, show one line."""
+    where = _crash_log(traceback.format_exc())
+    print(f"internal error: {type(error).__name__}: {str(error)[:500]} ({where})", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _reader_gone() -> bool:
+    """Whether stdout or stderr is a pipe nobody reads any more; each such one is pointed at /dev/null, so the
+    interpreter's last flush has nowhere to fail ("Exception ignored ... BrokenPipeError", exit 120)."""
+    import os
+    import select
+
+    gone = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by a test's capture, or closed
+            continue
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        # A pipe's write end polls as an error once its last reader closed (Linux, macOS).
+        if any(events & select.POLLERR for _, events in poll.poll(0)):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+            gone = True
+    return gone
 
 
 def _crash_log(text: str) -> str:
@@ -774,5 +806,9 @@ def _crash_log(text: str) -> str:
 def main_entry() -> None:
     """Console-script entry point."""
     code = main()
+    try:
+        sys.stdout.flush()  # what is still buffered; a reader gone by now is the same closed pipe
+    except BrokenPipeError:
+        code = EXIT_CLOSED_PIPE if _reader_gone() else code
     finished()
     sys.exit(code)

@@ -4,7 +4,7 @@ The steps, in order: resolve -> quantize | export (by the recipe's kind) -> veri
 into `<out>/.tmp-<name>-<random>/`; only a build whose verification passed is renamed to `<out>/<name>/`, so a
 failed or interrupted build leaves nothing at the final path. An artifact whose manifest has the same build hash
 and a passing verification is left alone ("up to date") unless `force`. `<out>/.<name>.lock` (flock) serializes
-concurrent builds of one recipe.
+concurrent builds of one recipe; it exists only while a build holds or waits for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from builder import interrupts
 from builder.artifact import FAILED_DIR, HashAhead, Manifest, load_manifest, replace_folder, up_to_date
-from builder.console import say
+from builder.console import begin_stage, end_stages, library_noise_filtered, say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
 from builder.plan import Plan, build_stages, make_plan
@@ -66,6 +66,7 @@ def build_file(recipe_file: str | Path, *, names: list[str] | None = None, **opt
     return [build(plan, **options) for plan in plans]
 
 
+@library_noise_filtered()  # here too, not only in the CLI: for `--jobs` workers and programs
 def build(
     plan: Plan,
     *,
@@ -123,7 +124,7 @@ def build(
         try:
             for number, (name, step) in enumerate(steps, 1):
                 interrupts.check()
-                say(f"{recipe.name}: [{number}/{len(steps)}] {name}")
+                begin_stage(name, f"{recipe.name}: [{number}/{len(steps)}] {name}")
                 start = time.perf_counter()
                 step(ctx)
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
@@ -139,7 +140,7 @@ def build(
             for work in (ctx.reference, ctx.candidate, ctx.hash_ahead):
                 if work is not None:
                     work.cancel()  # however the build ended, no gate worker or hashing thread stays behind
-    say(f"{recipe.name}: built {final}")
+            end_stages()
     return BuildResult(recipe.name, final, "built", load_manifest(final))
 
 
@@ -149,7 +150,8 @@ def _current(final: Path, plan: Plan) -> Manifest | None:
 
 
 def _reused(final: Path, manifest: Manifest, note: str = "") -> BuildResult:
-    say(f"{final.name}: up to date ({final}){note}")
+    if note:  # the outcome itself is the caller's line to print (the CLI's on stdout)
+        say(f"{final.name}: up to date{note}")
     return BuildResult(final.name, final, "up to date", manifest)
 
 
@@ -228,20 +230,46 @@ def _check_destination(final: Path) -> None:
 
 @contextmanager
 def _locked(out: Path, name: str) -> Iterator[None]:
-    """Hold `<out>/.<name>.lock` (fcntl.flock) for the block; wait, saying so, while another build holds it."""
+    """Hold `<out>/.<name>.lock` (fcntl.flock) for the block; wait, saying so, while another build holds it.
+
+    The holder deletes the file before it lets go, so no empty lock file stays behind. A build that opened it
+    meanwhile then holds a lock on a deleted file: on acquiring, it checks that the path still names the file it
+    locked, and starts over on the path's new file when not; so two builds never hold two different files."""
     import fcntl
 
     path = out / f".{name}.lock"
-    with open(path, "a") as handle:
+    waiting = False
+    while True:
+        handle = open(path, "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"{name}: waiting for another build of it to finish (lock {path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waiting:
+                    say(f"{name}: waiting for another build of it to finish (lock {path})")
+                    waiting = True
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            if _names(path, handle):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # its holder deleted it after we opened it
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held, so a waiter finds out (above)
+        handle.close()  # lets go of the lock
+
+
+def _names(path: Path, handle) -> bool:
+    """Whether `path` is the file open as `handle` (and not deleted, or replaced by a new one)."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 def remove_leftovers(out: Path, name: str) -> None:

@@ -22,6 +22,7 @@ from builder.kinds.base import load_dtype
 from builder.modules import unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
+from builder.steps.bnb import PACKED_ROWS, blocksize_problem, kept_layers
 from builder.tasks import family_of, infer_task, unsupported
 
 DISTRIBUTION = "recipe-builder"
@@ -143,6 +144,8 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     for problem in (weights_problem(loaded, source.tensors, source.config), inherited_license_problem(loaded)):
         if problem is not None:
             raise RecipeError([problem])
+    if (message := blocksize_problem(recipe, source.tensors, source.config)) is not None:
+        raise RecipeError([Problem(loaded.where(("quantize", "blocksize")), "quantize.blocksize", message)])
     versions = package_versions(kind)
     source_bytes = sum(t.nbytes for t in source.tensors)
     loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)
@@ -162,6 +165,11 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
             "versions their manifests record"
         )
     stages = _stages(kind, recipe, loaded_bytes, artifact)
+    if isinstance(recipe.quantize, Bnb4Bit) and (kept := kept_layers(recipe.quantize, source.tensors, source.config)):
+        next(stage for stage in stages if stage.name == "quantize").description += (
+            f"; keep {', '.join(kept)} in full precision (output size not a multiple of {PACKED_ROWS}, which "
+            "bitsandbytes' CPU 4-bit kernel needs)"
+        )
     return Plan(
         loaded,
         source,

@@ -18,8 +18,9 @@ from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, Ten
 from builder.errors import BuildError
 from builder.gates import GATES
 from builder.modules import fused_expert, is_quantizable, left_alone_by_bnb
-from builder.recipe import Bnb4Bit, Recipe
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps import torch_defaults
+from builder.steps.bnb import kept_layers
 from builder.tasks import family
 from builder.tasks.base import Runner
 
@@ -190,21 +191,30 @@ def bnb_expected_footprint(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
     if quantize is None or not tensors:
         return None
     loaded = TORCH_DTYPE_BYTES.get(load_dtype(recipe, config, tensors) or "")
+    quantized = bnb_quantized(quantize, tensors, config)
     source = artifact = 0.0
     for tensor in tensors:
         size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
         source += size
-        if not bnb_quantizes(tensor, quantize.skip_modules, config):
+        if tensor.name not in quantized:
             artifact += size
         else:
             artifact += tensor.numel * bits / 8
     return round(artifact / source, 4) if source else None
 
 
-def bnb_quantizes(tensor: TensorInfo, skip_modules: tuple[str, ...], config: dict) -> bool:
-    """Whether a bitsandbytes build quantizes `tensor`: the weight of an nn.Linear that is not skipped (transformers
-    converts nn.Linear alone; what it fuses on load, MoE experts, and routers stay in the load dtype)."""
-    return is_quantizable(tensor, skip_modules) and not left_alone_by_bnb(tensor, config)
+def bnb_quantized(quantize: Bnb4Bit | Bnb8Bit, tensors: tuple[TensorInfo, ...], config: dict) -> set[str]:
+    """The names of the tensors a bitsandbytes build quantizes: the weights of nn.Linear layers that are not skipped
+    (transformers converts nn.Linear alone: what it fuses on load, MoE experts, and routers stay in the load dtype),
+    less, for 4-bit, the small layers it keeps in full precision (`builder.steps.bnb.kept_layers`)."""
+    kept = set(kept_layers(quantize, tensors, config)) if isinstance(quantize, Bnb4Bit) else set()
+    return {
+        t.name
+        for t in tensors
+        if is_quantizable(t, quantize.skip_modules)
+        and not left_alone_by_bnb(t, config)
+        and t.name.removesuffix(".weight") not in kept
+    }
 
 
 def bnb_weight_share(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> WeightShare | None:
@@ -214,7 +224,8 @@ def bnb_weight_share(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: di
     total = sum(t.nbytes for t in tensors)
     if quantize is None or not total:
         return None
-    quantized = sum(t.nbytes for t in tensors if bnb_quantizes(t, quantize.skip_modules, config))
+    names = bnb_quantized(quantize, tensors, config)
+    quantized = sum(t.nbytes for t in tensors if t.name in names)
     experts = sum(t.nbytes for t in tensors if fused_expert(t, config))
     return WeightShare(
         quantized=round(quantized / total, 4),
@@ -246,8 +257,9 @@ def bnb_expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...])
         if not is_quantizable(tensor, quantize.skip_modules):
             total += tensor.numel * TORCH_DTYPE_BYTES.get(recipe.source.dtype, DTYPE_BYTES.get(tensor.dtype, 4))
         elif isinstance(quantize, Bnb4Bit):
-            # 4 bits a weight, plus one absmax per 64-block (fp32, or uint8 + fp32 per 256 blocks with double quant)
-            scales = tensor.numel / 64 * (1 + 4 / 256) if quantize.double_quant else tensor.numel / 64 * 4
+            # 4 bits a weight, plus one absmax per block (fp32, or uint8 + fp32 per 256 blocks with double quant)
+            blocks = tensor.numel / quantize.blocksize
+            scales = blocks * (1 + 4 / 256) if quantize.double_quant else blocks * 4
             total += tensor.numel / 2 + scales
         else:
             total += tensor.numel + tensor.shape[0] * 4  # int8 weights + one fp32 scale per row

@@ -24,7 +24,7 @@ from builder.recipe.messages import (
     problem_from_error,
     unique_sorted,
 )
-from builder.recipe.schema import Recipe
+from builder.recipe.schema import Recipe, is_local_path
 from builder.recipe.wording import Path_, did_you_mean, show
 
 _VARIANT_SUFFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -317,8 +317,10 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
     located, files = _read_file(path, display, ())
     variants = located.data.pop("variants", None)
     if variants is None:
+        root = _source_root(located, path)
+        _folder_written_bare(located, root)
         recipe = _validate(located)
-        return [LoadedRecipe(recipe, path, files, None, _source_root(located, path), located.where(("name",)), located)]
+        return [LoadedRecipe(recipe, path, files, None, root, located.where(("name",)), located)]
     if not isinstance(variants, dict) or not variants:
         raise RecipeError(
             unique_sorted(
@@ -347,6 +349,7 @@ def load_recipes(path: str | Path) -> list[LoadedRecipe]:
             variant.data["name"] = f"{located.data['name']}-{suffix}"
         # a variant writes in this file; resolving paths for each of 10,000 variants took a quarter of the load
         roots[suffix] = path.parent if ("source", "model") in written.values else base_root
+        _folder_written_bare(variant, roots[suffix])
         marks[suffix] = variant
         try:
             results.append((suffix, written, _validate(variant), []))
@@ -370,6 +373,16 @@ def _source_root(located: Located, path: Path) -> Path:
     if written is None or Path(written.file).resolve() == path.resolve():
         return path.parent
     return Path(written.file).resolve().parent
+
+
+def _folder_written_bare(located: Located, root: Path) -> None:
+    """A `source.model` without `./` that names a folder beside the file that wrote it is that folder (what its
+    writer meant: it is right there), written `./<it>` so the plan, the manifest, the card and publish all take it
+    for a local folder. Where the folder is absent it stays a Hub repo id; the two build hashes differ."""
+    source = located.data.get("source")
+    model = source.get("model") if isinstance(source, dict) else None
+    if isinstance(model, str) and model and not is_local_path(model) and "\\" not in model and (root / model).is_dir():
+        located.data["source"] = {**source, "model": f"./{model}"}
 
 
 def _variant_ok(located: Located, suffix: str, overrides: Any, problems: list[Problem]) -> bool:

@@ -212,7 +212,7 @@ def _encoder_module(model, names: list[str], output: str):
             tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             return getattr(self.model(**{n: tensors[n] for n in names}), output)
 
-    return Graph()
+    return Graph().eval()  # a new module trains by default; the export would warn and trace training behaviour
 
 
 def _encoder_graph(model, source_dir: Path, output: str):
@@ -265,7 +265,7 @@ def _decoder_module(model, with_past: bool):
             present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
-    return Graph()
+    return Graph().eval()  # as in _encoder_module
 
 
 def _decoder_graph(model, with_past: bool):

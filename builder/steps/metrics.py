@@ -23,17 +23,19 @@ and throughput.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.checkpoint import FLOAT_DTYPES, TORCH_DTYPE_BYTES, local_weight_files, read_header
 from builder.steps import torch_defaults
-from builder.steps.blockwise import offload_blocks
+from builder.steps.blockwise import load_by_blocks
 from builder.tasks import family
 
 SEED = 0
@@ -70,13 +72,19 @@ def to_stderr(event: dict) -> None:
     print(PROGRESS + json.dumps(event), file=sys.stderr, flush=True)
 
 
-def load_model(folder: str, task: str, dtype: str, device: str):
-    """`folder` loaded with stock transformers as `task` needs it, in `dtype`, on `device`, in eval mode."""
-    import torch
+def model_class(task: str):
+    """The transformers Auto class the gate loads a `task` model with: its task family's (`PROBE_CLASS`)."""
     import transformers
 
-    model_class = getattr(transformers, family(task).PROBE_CLASS)
-    model = model_class.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device)
+    return getattr(transformers, family(task).PROBE_CLASS)
+
+
+def load_model(folder: str, task: str, dtype: str, device_map, **options):
+    """`folder` loaded with stock transformers as `task` needs it, in `dtype`, on `device_map` (a device, or a
+    transformers device map; `options` go to `from_pretrained` too), in eval mode."""
+    import torch
+
+    model = model_class(task).from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device_map, **options)
     return model.eval()
 
 
@@ -92,14 +100,17 @@ def weight_bytes(folder: str, dtype: str) -> int:
     )
 
 
-def load_for_probe(folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None):
+def load_for_probe(
+    folder: str, task: str, dtype: str, device: str, max_device_memory: int | None = None, scratch: str | None = None
+):
     """(model, offload record or None): `load_model` on `device` when its weights fit `max_device_memory` (or no
-    cap is given); otherwise loaded on the CPU and run block by block on `device`."""
+    cap is given); otherwise run block by block on `device` (`builder.steps.blockwise.load_by_blocks`; the blocks'
+    weights that transformers converts on load, such as fused experts, are written under `scratch`, a folder that
+    must outlive the model)."""
     if max_device_memory is None or weight_bytes(folder, dtype) <= max_device_memory:
         return load_model(folder, task, dtype, device), None
-
-    model = load_model(folder, task, dtype, "cpu")
-    return model, offload_blocks(model, device)
+    load = functools.partial(load_model, folder, task, dtype)
+    return load_by_blocks(load, model_class(task), folder, device, scratch)
 
 
 def run(spec: dict, emit: Emit) -> dict:
@@ -108,9 +119,10 @@ def run(spec: dict, emit: Emit) -> dict:
     import torch
 
     device, cap = spec["device"], spec.get("max_device_memory")
-    with torch_defaults.exclusive(), _without_loading_bars(), Stage("load", emit):
-        model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap)
-    outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
+    with tempfile.TemporaryDirectory(prefix="builder-blocks-") as scratch:
+        with torch_defaults.exclusive(), _without_loading_bars(), Stage("load", emit):
+            model, offload = load_for_probe(spec["folder"], spec["task"], spec["dtype"], device, cap, scratch)
+        outputs = probe(model, spec["inputs"], spec["task"], spec["max_new_tokens"], device, emit)
     outputs["forward"] = "blocks" if offload else "whole"
     if offload:
         outputs["offload"] = offload.as_json()
@@ -212,14 +224,12 @@ def import_for(folder: str, task: str, device: str, modules: list[str] | tuple[s
     """Import transformers' modeling code for `folder`'s architecture and `modules`, and start CUDA on a CUDA
     `device`: the work a fresh process does before it can load a model, done before the model exists."""
     import torch
-    import transformers
     from transformers import AutoConfig
 
     for module in modules:
         importlib.import_module(module)
-    model_class = getattr(transformers, family(task).PROBE_CLASS)
     try:
-        model_class._model_mapping[type(AutoConfig.from_pretrained(folder))]  # imports the modeling module
+        model_class(task)._model_mapping[type(AutoConfig.from_pretrained(folder))]  # imports the modeling module
     except (KeyError, OSError, ValueError):
         pass  # loading the model reports what is wrong, with the message users know
     if device.startswith("cuda"):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.console import show_progress
 from builder.errors import BuildError
 
 MODEL_FILE = "model.onnx"
@@ -297,8 +299,9 @@ def quantize_weight_only(
             load(path), MatMulBnb4Quantizer.NF4 if method == "nf4" else MatMulBnb4Quantizer.FP4, block
         )
         record = {"method": method, "operator": "MatMulBnb4", "block_size": block}
-    # onnxruntime's RTN (neural_compressor) prints a progress bar to stdout, which `builder build --json` owns.
-    with contextlib.redirect_stdout(sys.stderr):
+    # onnxruntime's RTN (neural_compressor) prints a progress bar to stdout, which `builder build --json` owns; in a
+    # log (no terminal, or --quiet) its carriage returns pile up into one long line, so it goes nowhere there.
+    with contextlib.redirect_stdout(sys.stderr if show_progress() else io.StringIO()):
         quantizer.process()
     model = quantizer.model.model
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):

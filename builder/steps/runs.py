@@ -86,7 +86,7 @@ class Progress:
             if stage in self._bars:
                 self._bars.pop(stage).close()
             self.stages[stage] = event["seconds"]
-            say(f"{self.label}: {stage} {event['seconds']:.1f} s")
+            say(f"{self.label}: {stage} {event['seconds']:.1f} s", stage="verify")  # it may run ahead of the step
         elif "done" in event and stage in self._bars:
             self._bars[stage].update(event["done"] - self._bars[stage].n)
         elif event.get("total") and self.foreground and show_progress():
@@ -231,7 +231,7 @@ class WorkerRun:
         return self._progress.stages
 
     def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
-        """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.main`)."""
+        """Probe `folder` in `dtype` on `inputs` (see `main` below)."""
         import torch
 
         torch.save(_spec(folder, self.task, dtype, self.device, inputs, max_new_tokens, max_device_memory), self._spec)

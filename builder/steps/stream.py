@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from builder.checkpoint import copy_sentence_transformers, has_tokenizer, local_weight_files, read_header
 from builder.errors import BuildError
-from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.steps.bnb import bnb_config
+from builder.recipe import Bnb4Bit, Recipe
+from builder.steps.bnb import bnb_config, skip_modules_keeping, small_output_layers, streaming_refusal
 from builder.tasks import AUTO_CLASSES, infer_task
 
 if TYPE_CHECKING:
@@ -51,32 +51,8 @@ def streamable(recipe: Recipe, source_dir: Path, task: str | None = None) -> str
 def _recipe_reason(recipe: Recipe, source_dir: Path, task: str | None) -> str | None:
     import json
 
-    quantize = recipe.quantize
-    if quantize is None:
-        return "the recipe has no bitsandbytes `quantize` block"
-    if quantize.dequantize:
-        return "`dequantize: true` needs the quantized model in memory"
-    if isinstance(quantize, Bnb8Bit) and quantize.has_fp16_weight:
-        return "`has_fp16_weight: true` keeps fp16 master weights, which only the transformers path writes"
-    if isinstance(quantize, Bnb8Bit) and quantize.fp32_cpu_offload:
-        return "`fp32_cpu_offload` depends on the device map's placement"
-    if isinstance(quantize, Bnb4Bit) and quantize.quant_storage != "uint8":
-        return f"`quant_storage: {quantize.quant_storage}` is only written by the transformers path"
-    if isinstance(recipe.load.device_map, dict) or recipe.load.max_memory:
-        return "a custom `load.device_map`/`load.max_memory` can offload modules, which changes what is quantized"
-    if recipe.source.trust_remote_code:
-        return "remote code (`trust_remote_code`) defines its own modules"
-    if not local_weight_files(source_dir):
-        return "the source has no model.safetensors (or model.safetensors.index.json)"
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization_config"):
-        return "the source is already quantized"
-    if config.get("auto_map"):
-        return "the model's config points at remote code (`auto_map`)"
-    task = task or recipe.source.task or infer_task(config.get("architectures"))
-    if task not in AUTO_CLASSES:
-        return f"task {task!r} is not one the streaming quantizer knows ({', '.join(AUTO_CLASSES)})"
-    return None
+    return streaming_refusal(recipe, config, has_safetensors=bool(local_weight_files(source_dir)), task=task)
 
 
 def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> StreamPlan | str:
@@ -102,10 +78,8 @@ def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> St
             return f"tensor {info.name} has dtype {info.dtype}, which the streaming quantizer cannot read"
     sources = read_source_tensors(files)
     config = transformers.AutoConfig.from_pretrained(source_dir)
-    assert recipe.quantize is not None  # _recipe_reason refused a recipe without one
-    quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
-    dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
-    config.quantization_config = quantizer.quantization_config
+    spec = recipe.quantize
+    assert spec is not None  # _recipe_reason refused a recipe without one
     task = task or recipe.source.task or infer_task(config.architectures)
     assert task is not None  # _recipe_reason refused an unknown task
     auto = getattr(transformers, AUTO_CLASSES[task])
@@ -113,16 +87,30 @@ def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> St
         cls = transformers.models.auto.auto_factory._get_model_class(config, auto._model_mapping)
     except (KeyError, ValueError):
         return f"transformers has no {AUTO_CLASSES[task]} class for model type {config.model_type!r}"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
-            model = cls(config)
-            quantizer.preprocess_model(
-                model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
-            )
-    finally:
-        torch.set_default_dtype(previous)
+    # update_dtype is from_pretrained's dtype rule for bitsandbytes (it does not depend on the skipped modules)
+    dtype = AutoHfQuantizer.from_config(bnb_config(spec), pre_quantized=False).update_dtype(
+        _load_dtype(recipe.source.dtype, config, sources)
+    )
+
+    def swapped(skip_modules: list[str]) -> Any:
+        """The meta model with transformers' module swaps for `bnb_config(spec, skip_modules)`."""
+        quantizer = AutoHfQuantizer.from_config(bnb_config(spec, skip_modules), pre_quantized=False)
+        config.quantization_config = quantizer.quantization_config
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
+                model = cls(config)
+                quantizer.preprocess_model(
+                    model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
+                )
+        finally:
+            torch.set_default_dtype(previous)
+        return model
+
+    model = swapped([])
+    if isinstance(spec, Bnb4Bit) and (kept := small_output_layers(model)):
+        model = swapped(skip_modules_keeping(spec, model, kept))
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         return f"{cls.__name__} keeps modules in float32 (`_keep_in_fp32_modules`)"
     import bitsandbytes as bnb
@@ -132,6 +120,8 @@ def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> St
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             if issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D):
                 return f"{name} is a Conv1D (transposed on quantization)"
+            if isinstance(spec, Bnb4Bit):  # transformers' swap leaves the bitsandbytes default (64)
+                module.weight.blocksize = spec.blocksize  # type: ignore[attr-defined]  # a Params4bit
             quantized[f"{name}.weight" if name else "weight"] = module
     if not quantized:
         return nothing_quantized(model)

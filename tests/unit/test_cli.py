@@ -198,3 +198,43 @@ def test_plans_footprint_bound_is_the_one_the_build_gates_at(smollm2, capsys):
     assert plan["thresholds"]["footprint_ratio"] == bound < 0.99  # it printed 0.99 (no source folder given)
     assert main(["plan", "recipes/smollm2/nf4.yaml"]) == 0
     assert f"footprint_ratio <= {bound:g}" in capsys.readouterr().out.split("gate:")[1].splitlines()[0]
+
+
+def _readme_tour() -> list[str]:
+    """The shell lines of the README's 60-second tour (its one `bash` block), comments dropped."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    tour = readme.split("## 60-second tour", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in tour.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_the_readme_tour_activates_the_venv_and_every_builder_line_parses():
+    import shlex
+
+    from builder.cli import build_parser
+
+    lines = _readme_tour()
+    assert lines[0] == ". .venv/bin/activate"  # without it a fresh clone answers `builder: command not found`
+    commands = [shlex.split(line.split(">", 1)[0]) for line in lines[1:]]
+    assert commands and all(argv[0] == "builder" for argv in commands), lines
+    parser = build_parser()
+    for argv in commands:
+        parser.parse_args(argv[1:])  # exits 2 (SystemExit) on a command or option the CLI no longer has
+    assert ["builder", "report"] in commands
+
+
+def test_the_readme_names_the_extras_the_makefile_installs():
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    [installed] = re.findall(r"pip install -q -e '\.\[([a-z,-]+)\]'", (root / "Makefile").read_text())
+    assert f"pip install -e '.[{installed}]'" in (root / "README.md").read_text()
+
+
+def test_report_writes_under_artifacts_by_default(tmp_path, capsys, monkeypatch):
+    from test_hub_publish import make_artifact
+
+    make_artifact(tmp_path / "artifacts" / "tiny-nf4")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("wrote artifacts/report.html: 1 artifact(s)")
+    assert (tmp_path / "artifacts" / "report.html").is_file() and not (tmp_path / "report.html").exists()

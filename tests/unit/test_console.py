@@ -66,3 +66,35 @@ def test_library_bars_follow_the_terminal_and_quiet():
     assert _bars_in_a_fresh_process(terminal=True) == "False True"
     assert _bars_in_a_fresh_process(terminal=False) == "True False"
     assert _bars_in_a_fresh_process(terminal=True, quiet=True) == "True False"
+
+
+def test_a_line_said_ahead_of_its_stage_follows_the_stage_line(capsys):
+    from builder.console import begin_stage, end_stages
+
+    say("verify: candidate: imports 1.0 s", stage="verify")  # no build under way (`builder verify`): at once
+    begin_stage("quantize", "[2/4] quantize")
+    say("verify: reference: imports 1.0 s", stage="verify")  # a gate run started during the quantize step
+    say("verify: reference: load 0.5 s", stage="verify")
+    begin_stage("verify", "[3/4] verify")
+    say("verify: reference: evaluation 2.0 s", stage="verify")
+    begin_stage("write", "[4/4] write")
+    end_stages()
+    assert capsys.readouterr().err.splitlines() == [
+        "verify: candidate: imports 1.0 s",
+        "[2/4] quantize",
+        "[3/4] verify",
+        "verify: reference: imports 1.0 s",
+        "verify: reference: load 0.5 s",
+        "verify: reference: evaluation 2.0 s",
+        "[4/4] write",
+    ]
+
+
+def test_lines_of_a_stage_that_never_began_print_when_the_build_ends(capsys):
+    from builder.console import begin_stage, end_stages
+
+    begin_stage("quantize", "[2/4] quantize")
+    say("verify: reference: imports 1.0 s", stage="verify")
+    assert capsys.readouterr().err == "[2/4] quantize\n"
+    end_stages()  # the quantize step failed
+    assert capsys.readouterr().err == "verify: reference: imports 1.0 s\n"

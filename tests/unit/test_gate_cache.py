@@ -276,6 +276,9 @@ def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp
     offload = blocks["candidate"]["offload"]
     assert offload["blocks"] == 2 and offload["onloads"] > 2 * 4  # every forward of every block onloads it
     assert offload["peak_onloaded_bytes"] == offload["largest_block_bytes"]  # one block at a time
+    # The reference's blocks are read from its files; the bitsandbytes candidate's are kept in host memory.
+    assert (blocks["reference"]["offload"]["read_from"], offload["read_from"]) == ("files", "host")
+    assert blocks["reference"]["offload"]["peak_onloaded_blocks"] == offload["peak_onloaded_blocks"] == 1
     assert_same_metrics(blocks, whole)
 
 

@@ -69,8 +69,8 @@ def test_artifact_holds_the_quantized_model_and_its_description(built):
     config = json.loads((built["artifact"] / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
-    # Only the artifact, its lock file and nothing temporary is left in the output folder.
-    assert sorted(p.name for p in built["out"].iterdir()) == [".tiny-nf4.lock", "tiny-nf4"]
+    # Only the artifact is left in the output folder: no lock file, nothing temporary.
+    assert sorted(p.name for p in built["out"].iterdir()) == ["tiny-nf4"]
 
 
 def test_manifest_follows_the_contract(built, tiny_llama):
@@ -140,7 +140,6 @@ def test_second_build_is_up_to_date_and_force_rebuilds_identically(built, capsys
     # Quantization on CPU is deterministic: the same recipe gives byte-identical weights.
     assert after["files"]["model.safetensors"] == before["files"]["model.safetensors"]
     assert sorted(p.name for p in built["out"].iterdir()) == [
-        ".tiny-nf4.lock",
         ".tmp-tiny-nf4-int8-abcdefgh",
         "tiny-nf4",
     ]
@@ -164,7 +163,7 @@ def test_variants_build_each_artifact_and_replace_a_stale_one(built, tiny_llama,
     results = build_json(capsys, str(recipe), "--out", str(out))
     assert [(r["name"], r["status"]) for r in results] == [("tiny-nf4", "built"), ("tiny-int8", "built")]
     assert results[0]["build_hash"] != stale["build_hash"]
-    assert sorted(p.name for p in out.iterdir()) == [".tiny-int8.lock", ".tiny-nf4.lock", "tiny-int8", "tiny-nf4"]
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-int8", "tiny-nf4"]
 
     # Dequantize: a plain checkpoint in the source dtype under dequantized/.
     from safetensors import safe_open
