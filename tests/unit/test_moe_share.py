@@ -77,8 +77,9 @@ def _recipe(tmp_path: Path, source: Path, method: str, accept: bool = False) -> 
 
 
 def _shares(folder: Path, experts: int) -> tuple[float, float]:
-    """(quantized, experts) shares of the checkpoint's bytes, by the tensors' names: Linear weights that are not
-    embeddings, the head, experts or the router (`gate`, one row per expert) vs the experts' weights."""
+    """(quantized, experts) shares of the checkpoint's bytes of a 4-bit build, by the tensors' names: Linear weights
+    that are not embeddings, the head, experts, the router (`gate`, one row per expert) or a layer of fewer than 32
+    outputs (kept for bitsandbytes' CPU kernel: Qwen2-MoE's `shared_expert_gate`) vs the experts' weights."""
     tensors = [t for file in local_weight_files(folder) for t in read_header(file)]
     total = sum(t.nbytes for t in tensors)
     expert = sum(t.nbytes for t in tensors if ".experts." in t.name)
@@ -89,6 +90,7 @@ def _shares(folder: Path, experts: int) -> tuple[float, float]:
         and t.name.endswith(".weight")
         and not re.search(r"embed|lm_head|\.experts\.", t.name)
         and not (t.name.endswith(".gate.weight") and t.shape[0] == experts)
+        and t.shape[0] % 32 == 0
     )
     return quantized / total, expert / total
 
