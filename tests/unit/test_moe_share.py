@@ -140,24 +140,20 @@ def test_a_dense_model_plans_as_before_with_its_share(tiny_llama, tmp_path, caps
     assert share == {"quantized": round(quantized, 4), "unquantized_experts": 0.0, "kept_dtype": None}
 
 
-@pytest.fixture(scope="session")
-def lm_mixtral(tmp_path_factory, real_models) -> Path:
-    """A tiny Mixtral with SmolLM2's tokenizer (the gate's prompts need one)."""
+@pytest.mark.slow  # a CPU build: ~25 s on this machine
+@pytest.mark.parametrize("name", MOE)
+def test_an_accepted_moe_build_records_the_share_it_reached_and_its_card_says_so(name, real_models, tmp_path):
     from transformers import AutoTokenizer
 
-    folder = _save(tmp_path_factory.mktemp("mixtral") / "mixtral", *MOE["mixtral"], vocab=49152)
-    AutoTokenizer.from_pretrained(real_models["smollm2-135m-instruct"]).save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.slow  # a CPU build: ~25 s on this machine
-def test_an_accepted_moe_build_records_the_share_it_reached_and_its_card_says_so(lm_mixtral, tmp_path):
-    recipe = _recipe(tmp_path, lm_mixtral, "nf4", accept=True)
+    # SmolLM2's tokenizer: the gate's prompts need one
+    source_folder = _save(tmp_path / name, *MOE[name], vocab=49152)
+    AutoTokenizer.from_pretrained(real_models["smollm2-135m-instruct"]).save_pretrained(source_folder)
+    recipe = _recipe(tmp_path, source_folder, "nf4", accept=True)
     assert main(["build", str(recipe), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
     artifact = tmp_path / "out" / recipe.stem
     manifest = json.loads((artifact / "manifest.json").read_text())
     share = manifest["weight_share"]
-    source = [t for file in local_weight_files(lm_mixtral) for t in read_header(file)]
+    source = [t for file in local_weight_files(source_folder) for t in read_header(file)]
     source_bytes = sum(t.nbytes for t in source)
     # the plan's share is what bitsandbytes really converted: its Linear4bit layers' bf16 weights
     assert share["quantized"] == round(manifest["quantized_layers"]["parameters"] * 2 / source_bytes, 4)
