@@ -36,9 +36,13 @@ from builder.verification import NodePlacement, OnnxRecord, VerificationReport
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "recipe.lock.yaml"
 """The resolved recipe the artifact was built from, a local source as an absolute path (`builder verify` finds it)."""
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 """Version 2 types the gate's report (`builder.verification.VerificationReport`) and the ONNX record; a version-1
-manifest holds the same fields, and reads as written."""
+manifest holds the same fields, and reads as written. Version 3 adds `weight_share`, and its `bits_per_param` is
+the bits per parameter the artifact reached (all its weight files over all the source's parameters); before, it was
+`quantized_layers.bits_per_param` again."""
+REACHED_BITS_VERSION = 3
+"""The first manifest version whose `bits_per_param` counts every weight file over every parameter."""
 FAILED_DIR = ".failed"
 """`<out>/.failed/<name>/`: a build that failed verification, kept by `builder build --keep-failed` (no manifest;
 its verify-report.json says why)."""
@@ -90,6 +94,30 @@ class QuantizedLayers(_Record):
     bits_per_param: float
 
 
+class WeightShare(_Record):
+    """How much of the source's weights the build quantizes, as shares of its parameter bytes (safetensors
+    headers), and what it leaves in full precision besides embeddings, norms and skipped modules."""
+
+    quantized: float
+    """Bytes of the parameters the build quantizes over all the source's parameter bytes."""
+    unquantized_experts: float = 0.0
+    """Mixture-of-experts expert weights kept in `kept_dtype`: transformers 5 fuses them into 3-D parameters and
+    bitsandbytes converts only nn.Linear (bitsandbytes #1849); 0 for a dense model."""
+    kept_dtype: str | None = None
+    """The dtype the unquantized weights keep (the load dtype)."""
+
+    def describe(self) -> str:
+        """What `builder plan` and the card say: the quantized share of the weight bytes, and the experts' share and
+        dtype when a mixture of experts keeps them unquantized."""
+        kept = (
+            f"; the mixture-of-experts experts ({self.unquantized_experts:.1%}) are kept in "
+            f"{self.kept_dtype or 'the load dtype'}, not quantized (bitsandbytes #1849)"
+            if self.unquantized_experts
+            else ""
+        )
+        return f"{self.quantized:.1%} of the source's weight bytes{kept}"
+
+
 class Dequantized(_Record):
     path: str
     dtype: str
@@ -115,7 +143,8 @@ def table_path_problem(name: str) -> str:
 
 class Manifest(_Record):
     """manifest.json. Fields a kind of build does not produce are left unset and so absent from the file
-    (`quantize_path`, `quantized_layers` and `device_map` for bitsandbytes builds, `onnx` for exports)."""
+    (`quantize_path`, `quantized_layers`, `weight_share` and `device_map` for bitsandbytes builds, `onnx` for
+    exports)."""
 
     manifest_version: int
     name: str = Field(pattern=NAME_PATTERN)
@@ -135,12 +164,17 @@ class Manifest(_Record):
     timings: dict[str, float]
     footprint: Footprint | None
     bits_per_param: float | None
+    """Bits per parameter the artifact reached: its weight files' bytes over all the source's parameters
+    (`quantized_layers.bits_per_param` counts the quantized layers alone); before REACHED_BITS_VERSION, the
+    quantized layers' figure."""
     library_name: str
     verification: VerificationReport | None
     """The gate's report (the content of verify-report.json)."""
     device_map: str | dict[str, Any] | None = None
     quantize_path: str | None = None
     quantized_layers: QuantizedLayers | None = None
+    weight_share: WeightShare | None = None
+    """What share of the source's weights the build quantizes (bitsandbytes builds; the plan reads it)."""
     dequantized: Dequantized | None = None
     warnings: list[str] | None = None
     """What `builder plan` warned about (e.g. a compute dtype other than the load dtype); absent when none."""

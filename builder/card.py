@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from builder.artifact import Manifest
+from builder.artifact import REACHED_BITS_VERSION, Manifest
 from builder.errors import Location, Problem
 from builder.gates import GATES, bounds_by_metric
 from builder.kinds import block_of, kind_of
@@ -124,8 +124,8 @@ def _eval_results(manifest: Manifest, task: str) -> list:
     ]
 
 
-# One name per figure: the gate's `bits_per_param` counts every weight file, the manifest's only the quantized
-# layers; a card that calls both "bits per parameter" shows two different numbers for one thing.
+# The gate's `bits_per_param` counts every weight file over the parameters of the loaded model; its Hub name says
+# so, apart from the quantized layers' figure the card's Size section also shows.
 _METRIC_NAMES = {"bits_per_param": "weight_file_bits_per_param"}
 
 
@@ -273,6 +273,15 @@ def _summary(manifest: Manifest) -> str:
         if source.revision.startswith("sha256:")
         else f"`{source.model}` (revision `{source.revision}`)"
     )
+    share = manifest.weight_share
+    if share is not None and share.unquantized_experts:
+        # Not "a 4-bit build": most of a mixture of experts' weights are its experts, and they were not quantized.
+        what = (
+            f"Only partly quantized: the mixture-of-experts experts ({share.unquantized_experts:.1%} of the weights) "
+            f"are kept in {share.kept_dtype or 'the source dtype'}, not quantized, because bitsandbytes converts only "
+            f"nn.Linear and transformers holds the experts as fused 3-D parameters (bitsandbytes #1849); "
+            f"{what} covers the other Linear layers ({share.quantized:.1%} of the weights). A"
+        )
     return (
         f"{what} build of {origin}, made by "
         f"`builder` from a YAML recipe and "
@@ -420,8 +429,17 @@ def _size(manifest: Manifest) -> str:
     for key, value in sorted(footprint.items()):
         if key not in ("source_bytes", "artifact_bytes", "ratio", "expected_ratio"):
             lines.append(f"- {key}: {_number(value)}")
-    if manifest.bits_per_param is not None:
-        lines.append(f"- bits per quantized-layer weight (quantized layers only): {manifest.bits_per_param:.2f}")
+    if manifest.weight_share is not None:
+        lines.append(f"- quantized: {manifest.weight_share.describe()}")
+    reached, layers = manifest.bits_per_param, manifest.quantized_layers
+    if manifest.manifest_version < REACHED_BITS_VERSION:  # its bits_per_param was the quantized layers' figure
+        reached, layers_bits = None, manifest.bits_per_param
+    else:
+        layers_bits = layers.bits_per_param if layers is not None else None
+    if reached is not None:
+        lines.append(f"- bits per parameter (weight files over all parameters): {reached:.2f}")
+    if layers_bits is not None:
+        lines.append(f"- bits per quantized-layer weight (quantized layers only): {layers_bits:.2f}")
     return "\n".join(lines) or "Not measured."
 
 

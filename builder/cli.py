@@ -117,6 +117,7 @@ def _format_plan(plan) -> str:
             if plan.expected_footprint_ratio
             else []
         ),
+        *([f"quantized:   {plan.weight_share.describe()}"] if plan.weight_share else []),
         "versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
         "steps:",
     ]

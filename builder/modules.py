@@ -15,7 +15,10 @@ from builder.checkpoint import TensorInfo
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.recipe.wording import did_you_mean
 
-EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
+# `shared` is T5's embedding module, not a Qwen2-MoE `shared_expert` Linear (which bitsandbytes quantizes).
+EMBEDDING_NAMES = re.compile(
+    r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|(^|\.)shared\.)"
+)
 
 
 def skip_module_matches(module: str, pattern: str) -> bool:
@@ -46,18 +49,27 @@ def is_quantizable(tensor: TensorInfo, skip_modules: tuple[str, ...]) -> bool:
     return not any(skip_module_matches(module, p) for p in patterns)
 
 
-_EXPERT = re.compile(r"\.experts\.\d+\.")
+_EXPERT = re.compile(r"\.experts\.(\d+\.|[^.]+$)")
+
+
+def _experts(config: dict) -> int:
+    return config.get("num_local_experts") or config.get("num_experts") or 0
+
+
+def fused_expert(tensor: TensorInfo, config: dict) -> bool:
+    """A mixture-of-experts expert weight that transformers 5 holds as a fused 3-D parameter once loaded
+    (`experts.gate_up_proj`, `experts.down_proj`): the checkpoint's per-expert Linear weights (`experts.0.w1.weight`)
+    or the fused tensor itself. bitsandbytes converts only nn.Linear, so it stays in the load dtype."""
+    return bool(_experts(config)) and bool(_EXPERT.search(tensor.name))
 
 
 def left_alone_by_bnb(tensor: TensorInfo, config: dict) -> bool:
-    """A mixture-of-experts tensor that bitsandbytes leaves in the load dtype although it is a 2-D `.weight`:
-    transformers 5 fuses the per-expert Linear weights of the checkpoint into 3-D parameters on load, and keeps
-    the router (`gate`, one row per expert) unquantized."""
-    experts = config.get("num_local_experts") or config.get("num_experts")
-    if not experts:
-        return False
-    return bool(_EXPERT.search(tensor.name)) or (
-        tensor.name.endswith(".gate.weight") and tensor.shape[:1] == (experts,)
+    """A mixture-of-experts tensor that bitsandbytes leaves in the load dtype although it is a 2-D `.weight`: an
+    expert weight (`fused_expert`), or the router (`gate`, one row per expert), which transformers keeps
+    unquantized."""
+    experts = _experts(config)
+    return fused_expert(tensor, config) or (
+        bool(experts) and tensor.name.endswith(".gate.weight") and tensor.shape[:1] == (experts,)
     )
 
 

@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from builder.artifact import WeightShare
 from builder.card import inherited_license_problem, source_card_license_problem
 from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo, local_weight_files, read_header
 from builder.errors import Problem, RecipeError, SourceError
-from builder.kinds import BuildKind, kind_of, thresholds
+from builder.kinds import BuildKind, kind_field, kind_of, thresholds
 from builder.kinds.base import load_dtype
 from builder.modules import unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe, RefusedRecipe
@@ -83,6 +84,8 @@ class Plan:
     """The loaded artifact's memory over the source's that the build should give (its kind's
     `expected_footprint`; None where the kind predicts none, as for exports)."""
     warnings: list[str] = field(default_factory=list)
+    weight_share: WeightShare | None = None
+    """What share of the source's weights the build quantizes (its kind's `weight_share`)."""
 
     @property
     def kind(self) -> BuildKind:
@@ -113,6 +116,7 @@ class Plan:
             "source_bytes": self.source_bytes,
             "expected_artifact_bytes": self.expected_artifact_bytes,
             "expected_footprint_ratio": self.expected_footprint_ratio,
+            "weight_share": self.weight_share.model_dump() if self.weight_share else None,
             "stages": [
                 {"name": s.name, "description": s.description, "peak_memory_bytes": s.peak_memory_bytes}
                 for s in self.stages
@@ -137,8 +141,9 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     if (refusal := kind.refusal(task, source.config)) is not None:
         raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
-    if (problem := inherited_license_problem(loaded)) is not None:
-        raise RecipeError([problem])
+    for problem in (weights_problem(loaded, source.tensors, source.config), inherited_license_problem(loaded)):
+        if problem is not None:
+            raise RecipeError([problem])
     if (message := blocksize_problem(recipe, source.tensors, source.config)) is not None:
         raise RecipeError([Problem(loaded.where(("quantize", "blocksize")), "quantize.blocksize", message)])
     versions = package_versions(kind)
@@ -176,6 +181,7 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         artifact,
         kind.expected_footprint(recipe, source.tensors, source.config),
         warnings,
+        kind.weight_share(recipe, source.tensors, source.config),
     )
 
 
@@ -183,6 +189,16 @@ def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
     unmatched = unmatched_skip_modules(recipe, source.tensors, source.config)
     if unmatched:
         raise SourceError("; ".join(f"quantize.skip_modules: {message}" for _, message in unmatched))
+
+
+def weights_problem(loaded: LoadedRecipe, tensors: tuple[TensorInfo, ...], config: dict) -> Problem | None:
+    """The recipe's kind refusing what it would do to these weights (`weights_refusal`), located at the field that
+    names the kind."""
+    reason = kind_of(loaded.recipe).weights_refusal(loaded.recipe, tensors, config)
+    if reason is None:
+        return None
+    path = kind_field(loaded.recipe)
+    return Problem(loaded.where(path), ".".join(path), reason)
 
 
 def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
@@ -224,9 +240,10 @@ def _stages(kind: BuildKind, recipe: Recipe, loaded_bytes: int, artifact_bytes: 
 
 def source_problems(loaded: LoadedRecipe | RefusedRecipe) -> list[Problem]:
     """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
-    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
+    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, the kind
+    would do to the weights what its name says (`weights_problem`: a mixture of experts under bitsandbytes), and the
     license the artifact's card would inherit from the folder's README.md is the Hub's. Of a recipe the schema
-    refused, all but `skip_modules` (a refused `quantize` block names no modules to trust)."""
+    refused, only the folder and the license (a refused `quantize` block names no modules or method to trust)."""
     import json
 
     where = loaded.where(("source", "model"))
@@ -269,12 +286,12 @@ def source_problems(loaded: LoadedRecipe | RefusedRecipe) -> list[Problem]:
     if isinstance(loaded, RefusedRecipe):
         license_problem = None if _writes_license(loaded.data) else source_card_license_problem(folder, where)
         return [license_problem] if license_problem is not None else []
+    config = config if isinstance(config, dict) else {}
     problems = [
         Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
-        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
+        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config)
     ]
-    if (license_problem := inherited_license_problem(loaded)) is not None:
-        problems.append(license_problem)
+    problems += [p for p in (weights_problem(loaded, tensors, config), inherited_license_problem(loaded)) if p]
     return problems
 
 

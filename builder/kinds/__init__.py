@@ -17,6 +17,11 @@ def kind_name(recipe: dict) -> str:
     return recipe["quantize"]["method"] if recipe.get("quantize") else recipe["export"]["format"]
 
 
+def kind_field(recipe: Recipe) -> tuple[str, str]:
+    """The recipe field that names its kind, as a path: ("quantize", "method") or ("export", "format")."""
+    return ("quantize", "method") if recipe.quantize is not None else ("export", "format")
+
+
 def kind_of(recipe: Recipe | dict) -> BuildKind:
     """The registered kind of `recipe` (a `Recipe`, or a manifest's recipe JSON)."""
     data = recipe if isinstance(recipe, dict) else recipe.model_dump(mode="json", include={"quantize", "export"})
@@ -28,4 +33,4 @@ def block_of(recipe: dict) -> dict:
     return recipe.get("quantize") or recipe["export"]
 
 
-__all__ = ["KINDS", "BuildKind", "block_of", "kind_name", "kind_of", "thresholds"]
+__all__ = ["KINDS", "BuildKind", "block_of", "kind_field", "kind_name", "kind_of", "thresholds"]

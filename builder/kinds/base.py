@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from builder.artifact import WeightShare
 from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
 from builder.errors import BuildError
 from builder.gates import GATES
-from builder.modules import is_quantizable, left_alone_by_bnb
-from builder.recipe import Bnb4Bit, Recipe
+from builder.modules import fused_expert, is_quantizable, left_alone_by_bnb
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.steps import torch_defaults
+from builder.steps.bnb import kept_layers
 from builder.tasks import family
 from builder.tasks.base import Runner
 
@@ -63,6 +65,15 @@ class BuildKind(Protocol):
         ...
 
     def expected_artifact_bytes(self, recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int: ...
+
+    def weight_share(self, recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> WeightShare | None:
+        """What share of the source's parameter bytes the build quantizes (None: not predicted)."""
+        ...
+
+    def weights_refusal(self, recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> str | None:
+        """Why the recipe's method would not do to these weights what its name says, or None; the plan and
+        `validate` report it at the recipe's `quantize.method` (or `export.format`)."""
+        ...
 
     def describe(self, recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> tuple[str, int, str]:
         """What `builder plan` says of the build stage: (what it does, its peak memory, what the gate does)."""
@@ -180,15 +191,62 @@ def bnb_expected_footprint(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
     if quantize is None or not tensors:
         return None
     loaded = TORCH_DTYPE_BYTES.get(load_dtype(recipe, config, tensors) or "")
+    quantized = bnb_quantized(quantize, tensors, config)
     source = artifact = 0.0
     for tensor in tensors:
         size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
         source += size
-        if not is_quantizable(tensor, quantize.skip_modules) or left_alone_by_bnb(tensor, config):
+        if tensor.name not in quantized:
             artifact += size
         else:
             artifact += tensor.numel * bits / 8
     return round(artifact / source, 4) if source else None
+
+
+def bnb_quantized(quantize: Bnb4Bit | Bnb8Bit, tensors: tuple[TensorInfo, ...], config: dict) -> set[str]:
+    """The names of the tensors a bitsandbytes build quantizes: the weights of nn.Linear layers that are not skipped
+    (transformers converts nn.Linear alone: what it fuses on load, MoE experts, and routers stay in the load dtype),
+    less, for 4-bit, the small layers it keeps in full precision (`builder.steps.bnb.kept_layers`)."""
+    kept = set(kept_layers(quantize, tensors, config)) if isinstance(quantize, Bnb4Bit) else set()
+    return {
+        t.name
+        for t in tensors
+        if is_quantizable(t, quantize.skip_modules)
+        and not left_alone_by_bnb(t, config)
+        and t.name.removesuffix(".weight") not in kept
+    }
+
+
+def bnb_weight_share(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> WeightShare | None:
+    """The shares of the source's parameter bytes that the build quantizes and that stay in unquantized experts
+    (None for a source without safetensors headers)."""
+    quantize = recipe.quantize
+    total = sum(t.nbytes for t in tensors)
+    if quantize is None or not total:
+        return None
+    names = bnb_quantized(quantize, tensors, config)
+    quantized = sum(t.nbytes for t in tensors if t.name in names)
+    experts = sum(t.nbytes for t in tensors if fused_expert(t, config))
+    return WeightShare(
+        quantized=round(quantized / total, 4),
+        unquantized_experts=round(experts / total, 4),
+        kept_dtype=load_dtype(recipe, config, tensors) if experts else None,
+    )
+
+
+def bnb_weights_refusal(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> str | None:
+    """A mixture-of-experts model whose experts would stay unquantized, unless the recipe accepts it."""
+    share = bnb_weight_share(recipe, tensors, config)
+    assert recipe.quantize is not None
+    if share is None or not share.unquantized_experts or recipe.quantize.allow_unquantized_experts:
+        return None
+    return (
+        f"{config.get('model_type', 'this model')} is a mixture of experts whose experts transformers 5 holds as "
+        "fused 3-D parameters, and bitsandbytes converts only nn.Linear (bitsandbytes #1849, open): the experts, "
+        f"{share.unquantized_experts:.1%} of the weights, would stay in {share.kept_dtype or 'the load dtype'} and "
+        f"only {share.quantized:.1%} of the weights would be quantized; set `quantize.allow_unquantized_experts: "
+        "true` to build it so (its card says the experts are not quantized), see docs/support.md"
+    )
 
 
 def bnb_expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:

@@ -14,6 +14,8 @@ from builder.kinds.base import (
     bnb_refusal,
     bnb_reverify,
     bnb_verify,
+    bnb_weight_share,
+    bnb_weights_refusal,
 )
 from builder.recipe import Bnb4Bit, Recipe
 from builder.tasks.base import Runner
@@ -29,6 +31,8 @@ GATES: tuple[str, ...] = ("footprint_ratio",)
 default_thresholds = bnb_default_thresholds
 refusal = bnb_refusal
 expected_artifact_bytes = bnb_expected_artifact_bytes
+weight_share = bnb_weight_share
+weights_refusal = bnb_weights_refusal
 describe = bnb_describe
 build = bnb_build
 verify = bnb_verify

@@ -14,7 +14,7 @@ from builder.recipe import Recipe
 from builder.tasks.base import Runner
 
 if TYPE_CHECKING:
-    from builder.artifact import Manifest
+    from builder.artifact import Manifest, WeightShare
     from builder.context import BuildContext
 
 NAME: str = "onnx"
@@ -55,6 +55,14 @@ def refusal(task: str, config: dict) -> str | None:
 
 def expected_footprint(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> float | None:
     return None  # onnxruntime's session memory is not what the gate measures
+
+
+def weight_share(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> WeightShare | None:
+    return None  # the exporters' quantization passes pick their own MatMuls
+
+
+def weights_refusal(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> str | None:
+    return None
 
 
 def expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:

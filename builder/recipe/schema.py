@@ -226,6 +226,14 @@ class Load(Block):
 SkipModules = tuple[Annotated[str, Field(min_length=1)], ...]
 
 
+_UNQUANTIZED_EXPERTS = (
+    "Build a mixture-of-experts model although its experts stay unquantized: transformers 5 fuses them into 3-D "
+    "parameters and bitsandbytes converts only nn.Linear (bitsandbytes #1849), so only attention and the other "
+    "Linear layers are quantized and most weights keep the load dtype (the card says so). Without it such a recipe "
+    "is refused."
+)
+
+
 class Bnb4Bit(Block):
     method: Literal["bnb-4bit"] = Field(description="bitsandbytes 4-bit (QLoRA's NF4/FP4) quantization.")
     quant_type: Literal["nf4", "fp4"] = Field(
@@ -253,6 +261,7 @@ class Bnb4Bit(Block):
     dequantize: StrictBool = Field(
         default=False, description="Also write a dequantized checkpoint in the source dtype under `dequantized/`."
     )
+    allow_unquantized_experts: StrictBool = Field(default=False, description=_UNQUANTIZED_EXPERTS)
 
 
 class Bnb8Bit(Block):
@@ -271,6 +280,7 @@ class Bnb8Bit(Block):
     dequantize: StrictBool = Field(
         default=False, description="Also write a dequantized checkpoint in the source dtype under `dequantized/`."
     )
+    allow_unquantized_experts: StrictBool = Field(default=False, description=_UNQUANTIZED_EXPERTS)
 
 
 Quantize = Annotated[Bnb4Bit | Bnb8Bit, Field(discriminator="method")]

@@ -60,6 +60,8 @@ def manifest_for(ctx: BuildContext) -> Manifest:
     for field in ("quantize_path", "quantized_layers", "dequantized", "onnx"):
         if getattr(ctx, field) is not None:
             produced[field] = getattr(ctx, field)
+    if ctx.plan.weight_share is not None:
+        produced["weight_share"] = ctx.plan.weight_share
     if ctx.plan.warnings:
         produced["warnings"] = list(ctx.plan.warnings)
     return Manifest(
@@ -76,11 +78,19 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         timings=dict(ctx.timings),
         footprint=ctx.footprint,
-        bits_per_param=ctx.quantized_layers.bits_per_param if ctx.quantized_layers else None,
+        bits_per_param=_bits_per_param(ctx) if ctx.quantized_layers else None,
         library_name=kind.LIBRARY,
         verification=ctx.verification,
         **produced,
     )
+
+
+def _bits_per_param(ctx: BuildContext) -> float | None:
+    """The bits per parameter the artifact reached: its weight files over all the source's parameters (what stays
+    unquantized counts, unlike `quantized_layers.bits_per_param`)."""
+    weight_bytes = sum(path.stat().st_size for path in ctx.workdir.glob("*.safetensors"))
+    parameters = ctx.plan.parameter_count
+    return round(8 * weight_bytes / parameters, 4) if parameters else None
 
 
 def _readable_by_all(folder: Path) -> None:

@@ -10,7 +10,11 @@ Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM strea
 from the plan, source.base_model); issue 15 added the ONNX report's `placement` to the MiniLM ONNX manifest (only that
 key, from a build of it); issue 19 added the gate workers' `stages`, the candidate's `overlapped` and
 `performance.compare_seconds` to the three bitsandbytes manifests (only those keys, from builds of them), and
-regenerated the MiniLM ONNX manifest when O2 gained onnxscript's fusions (6 Attention nodes: a new graph). What may
+regenerated the MiniLM ONNX manifest when O2 gained onnxscript's fusions (6 Attention nodes: a new graph); issue 28
+moved the three bitsandbytes manifests to version 3 without a build (the same artifacts): their recipes gained
+`quantize.allow_unquantized_experts: false`, `weight_share` is the plan's (from the source's headers) and
+`bits_per_param` the bits per parameter reached (the weight files in their `files` table over the source's
+parameters; it was `quantized_layers.bits_per_param` again). What may
 differ: when and where it was built and with which versions (build hash,
 versions, device, dates, timings, latencies, the gate workers' stages, the reference's cache key and whether it came
 from the cache), the three files that carry those (README.md, recipe.lock.yaml, verify-report.json), under another
@@ -33,8 +37,8 @@ import math
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-# manifest_version (and the report's report_version): the goldens are version-1 manifests, which hold the same fields
-# as version 2 (builder.artifact.MANIFEST_VERSION) and read as written.
+# manifest_version (and the report's report_version): the ONNX golden is a version-1 manifest, which holds the same
+# fields as version 2 and reads as written; the bitsandbytes ones are version 3 (builder.artifact.MANIFEST_VERSION).
 _BUILD_CONDITIONS = ("manifest_version", "build_hash", "versions", "device", "device_uuid", "built_at", "timings")
 _DESCRIBE_THE_BUILD = ("README.md", "recipe.lock.yaml", "verify-report.json")
 # save_pretrained writes `transformers_version` into these: under another transformers release their hashes differ,

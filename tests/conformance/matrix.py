@@ -49,15 +49,18 @@ class Cell:
     """"streamed", "transformers" (the transformers quantize path), "exported" or "refused"."""
     detail: str = ""
     """Why not streamed, or why refused."""
+    share: str = ""
+    """What a bitsandbytes build of a mixture of experts quantizes and keeps (`WeightShare.describe`)."""
 
     def shown(self) -> str:
+        kept = f"; quantized: {self.share}" if self.share else ""
         match self.status:
             case "streamed":
-                return "streamed"
+                return f"streamed{kept}"
             case "exported":
                 return "exported"
             case "transformers":
-                return f"transformers path ({self.detail})"
+                return f"transformers path ({self.detail}){kept}"
         return f"**refused**: {self.detail}"
 
 
@@ -74,8 +77,14 @@ def make_sources(root: Path) -> dict[str, Path]:
     return folders
 
 
+def is_moe(family: Family) -> bool:
+    return any(key in family.kwargs for key in ("num_local_experts", "num_experts"))
+
+
 def recipe_file(family: Family, method: str, source: Path, folder: Path) -> Path:
-    """The cell's recipe: the method's block, random-weight quality thresholds, few generated tokens."""
+    """The cell's recipe: the method's block, random-weight quality thresholds, few generated tokens. A mixture of
+    experts' bitsandbytes recipes accept that its experts stay unquantized (bitsandbytes #1849): the table records
+    the share that was quantized."""
     lm = family.tokenizer == "lm"
     kind = "text-generation" if lm else "encoder"
     thresholds = (_ONNX_THRESHOLDS if method == "onnx-fp32" else _THRESHOLDS)[kind]
@@ -83,6 +92,7 @@ def recipe_file(family: Family, method: str, source: Path, folder: Path) -> Path
     text = (
         f"schema_version: 1\nname: {slug(family)}-{method}\nsource:\n  model: {source}\n{task}  dtype: auto\n"
         + _BLOCKS[method].format(dtype="bfloat16" if lm else "float32")
+        + ("  allow_unquantized_experts: true\n" if is_moe(family) and method != "onnx-fp32" else "")
         + f"verify:\n  max_new_tokens: 4\n  thresholds: {thresholds}\n"
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,9 +129,10 @@ def predict(family: Family, method: str, recipe: Path) -> Cell:
     reason = streamable(loaded.recipe, loaded.source_path)
     if reason is not None and reason.startswith(NOTHING_QUANTIZED):
         return Cell(family.name, method, "refused", reason)
-    return (
-        Cell(family.name, method, "streamed") if reason is None else Cell(family.name, method, "transformers", reason)
-    )
+    share = plan.weight_share.describe() if plan.weight_share and plan.weight_share.unquantized_experts else ""
+    if reason is None:
+        return Cell(family.name, method, "streamed", share=share)
+    return Cell(family.name, method, "transformers", reason, share)
 
 
 def _task(plan) -> str:

@@ -12,6 +12,8 @@ import pytest
 from families import BY_NAME, FAMILIES, slug
 from matrix import METHODS, SUPPORT_TABLE, build_cell, predict, predictions, recipe_file, render
 
+from builder.artifact import WeightShare
+
 DEFAULT_TIER = {
     ("Llama", "nf4-dq"),
     ("GPT-2", "int8"),
@@ -60,6 +62,8 @@ def test_cell(name, method, conformance_root):
         return
     # The footprint gate keeps its default: the plan's expected ratio plus the margin.
     assert manifest["verification"]["thresholds"]["footprint_ratio"] < 1.0
+    if cell.share:  # a mixture of experts: the share the table shows is the manifest's
+        assert WeightShare.model_validate(manifest["weight_share"]).describe() == cell.share
     if cell.status == "transformers":
         assert manifest["quantize_path"] == f"transformers ({cell.detail})"
         return

@@ -138,6 +138,35 @@ def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extr
     assert card.rstrip().endswith("Hand-written notes.")
 
 
+def test_a_version_3_card_shows_the_bits_reached_and_the_quantized_share_apart():
+    layers = {"count": 210, "parameters": 106_000_000, "bytes": 55_000_000, "bits_per_param": 4.15}
+    card = render_card(
+        bnb_manifest(
+            manifest_version=3,
+            bits_per_param=6.65,
+            quantized_layers=layers,
+            weight_share={"quantized": 0.7893, "unquantized_experts": 0.0, "kept_dtype": None},
+        )
+    )
+    assert "- bits per parameter (weight files over all parameters): 6.65" in card
+    assert "- bits per quantized-layer weight (quantized layers only): 4.15" in card
+    assert "- quantized: 78.9% of the source's weight bytes\n" in card
+    assert "bitsandbytes 4-bit (nf4, double quantization) build of" in card and "partly" not in card
+
+
+def test_a_moe_card_says_its_experts_were_not_quantized():
+    share = {"quantized": 0.1204, "unquantized_experts": 0.8412, "kept_dtype": "bfloat16"}
+    card = render_card(bnb_manifest(manifest_version=3, weight_share=share))
+    summary = card.split("# smol-nf4\n\n", 1)[1].split("\n", 1)[0]
+    assert summary.startswith(
+        "Only partly quantized: the mixture-of-experts experts (84.1% of the weights) are kept in bfloat16, not "
+        "quantized, because bitsandbytes converts only nn.Linear and transformers holds the experts as fused 3-D "
+        "parameters (bitsandbytes #1849); bitsandbytes 4-bit (nf4, double quantization) covers the other Linear "
+        "layers (12.0% of the weights). A build of "
+    )
+    assert "- quantized: 12.0% of the source's weight bytes; the mixture-of-experts experts (84.1%) are kept" in card
+
+
 def test_the_usage_snippet_names_the_repo_it_is_published_to():
     assert 'from_pretrained("other/repo"' in render_card(bnb_manifest(), repo_id="other/repo")
     manifest = bnb_manifest()

@@ -351,6 +351,7 @@ def test_plan_json_shape_on_a_local_folder(capsys):
         "variant",
         "versions",
         "warnings",
+        "weight_share",
     ]
     assert (
         plan["name"] == "tiny-nf4"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder.checkpoint import local_weight_files, read_header
 from builder.cli import main
 from builder.plan import make_plan
 from builder.recipe import load_recipes
@@ -72,9 +73,9 @@ def test_artifact_holds_the_quantized_model_and_its_description(built):
     assert sorted(p.name for p in built["out"].iterdir()) == ["tiny-nf4"]
 
 
-def test_manifest_follows_the_contract(built):
+def test_manifest_follows_the_contract(built, tiny_llama):
     manifest = json.loads((built["artifact"] / "manifest.json").read_text())
-    assert manifest["manifest_version"] == 2 and manifest["kind"] == "quantize"
+    assert manifest["manifest_version"] == 3 and manifest["kind"] == "quantize"
     assert len(manifest["build_hash"]) == 64
     assert manifest["source"]["revision"].startswith("sha256:")
     assert manifest["source"]["task"] == "text-generation"
@@ -95,7 +96,18 @@ def test_manifest_follows_the_contract(built):
     assert 0 < manifest["footprint"]["artifact_bytes"] < manifest["footprint"]["source_bytes"]
     # 2 layers x 7 Linear; the output head is tied to the embeddings and stays unquantized.
     assert manifest["quantized_layers"]["count"] == 14
-    assert manifest["bits_per_param"] == manifest["quantized_layers"]["bits_per_param"]
+    # The bits per parameter reached count every weight file (the bf16 embeddings too), as the gate's figure does;
+    # the quantized layers' own figure is apart. The share quantized is what bitsandbytes converted (bf16 weights).
+    layers, source = manifest["quantized_layers"], [t for f in local_weight_files(tiny_llama) for t in read_header(f)]
+    weight_bytes = sum(p.stat().st_size for p in built["artifact"].glob("*.safetensors"))
+    assert manifest["bits_per_param"] == round(8 * weight_bytes / sum(t.numel for t in source), 4)
+    assert manifest["bits_per_param"] == pytest.approx(manifest["verification"]["metrics"]["bits_per_param"], 1e-3)
+    assert layers["bits_per_param"] < manifest["bits_per_param"]
+    assert manifest["weight_share"] == {
+        "quantized": round(layers["parameters"] * 2 / sum(t.nbytes for t in source), 4),
+        "unquantized_experts": 0.0,
+        "kept_dtype": None,
+    }
     assert manifest["device_map"] == {"": "cpu"}
 
 

@@ -258,6 +258,12 @@ CASES = [
         ],
     ),
     Case(Bnb4Bit, "dequantize", [True], [(None, "dequantize: expected true or false, got nothing (null)")]),
+    Case(
+        Bnb4Bit,
+        "allow_unquantized_experts",
+        [True, False],
+        [("yes", "allow_unquantized_experts: expected true or false, got 'yes' (write it without quotes)")],
+    ),
     # quantize: bnb-8bit
     Case(Bnb8Bit, "method", ["bnb-8bit"], [(None, "method: nothing (null) is not one of bnb-4bit, bnb-8bit")]),
     Case(
@@ -283,6 +289,12 @@ CASES = [
         "dequantize",
         [True],
         [("yes", "dequantize: expected true or false, got 'yes' (write it without quotes)")],
+    ),
+    Case(
+        Bnb8Bit,
+        "allow_unquantized_experts",
+        [True],
+        [(1, "allow_unquantized_experts: expected true or false, got 1")],
     ),
     # export
     Case(OnnxExport, "format", ["onnx"], [("ONNX", "format: 'ONNX' is not one of onnx (did you mean 'onnx'?)")]),

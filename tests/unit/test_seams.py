@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_card import bnb_manifest
 
-from builder.artifact import Manifest, parse_manifest
+from builder.artifact import Manifest, WeightShare, parse_manifest
 from builder.card import render_card
 from builder.errors import ArtifactError, BuildError
 from builder.kinds import KINDS, thresholds
@@ -91,6 +91,8 @@ def toy_kind() -> types.ModuleType:
     toy.refusal = lambda task, config: None
     toy.expected_footprint = lambda recipe, tensors, config: 0.25
     toy.expected_artifact_bytes = lambda recipe, tensors: 1234
+    toy.weight_share = lambda recipe, tensors, config: WeightShare(quantized=0.5)
+    toy.weights_refusal = lambda recipe, tensors, config: None
     toy.describe = lambda recipe, loaded, artifact: ("make a toy", 99, "compare the toy")
     toy.build = lambda ctx: None
     toy.card_tags = lambda block: ["toy"]
@@ -107,6 +109,7 @@ def test_a_toy_kind_registered_from_the_test_alone_is_what_plan_pipeline_and_car
     assert [stage.name for stage in plan.stages] == ["resolve", "toy-build", "verify", "write"]
     assert plan.stages[1].description == "make a toy" and plan.stages[2].description == "compare the toy"
     assert plan.expected_footprint_ratio == 0.25 and plan.expected_artifact_bytes == 1234
+    assert plan.weight_share == WeightShare(quantized=0.5)
     assert set(plan.versions) == {"builder", "pyyaml"}
     # the text-encoder family's fp4 default, the toy's own footprint bound
     assert plan.thresholds == {"cosine": 0.85, "footprint_ratio": 0.123}
@@ -121,7 +124,10 @@ def test_a_toy_kind_registered_from_the_test_alone_is_what_plan_pipeline_and_car
 GOLDEN_AND_REPORT = sorted((Path(__file__).resolve().parents[1] / "assets").glob("*/*.json"))
 
 
-@pytest.mark.parametrize("path", [p for p in GOLDEN_AND_REPORT if "manifest" in p.name or p.parent.name == "golden"])
+VERSION_1 = [p for p in GOLDEN_AND_REPORT if json.loads(p.read_text()).get("manifest_version") == 1]
+
+
+@pytest.mark.parametrize("path", [p for p in VERSION_1 if "manifest" in p.name or p.parent.name == "golden"])
 def test_version_1_manifests_read_typed_and_as_written(path):
     raw = json.loads(path.read_text())
     manifest = parse_manifest(path.read_text(), str(path))
