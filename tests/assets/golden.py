@@ -17,7 +17,8 @@ moved the three bitsandbytes manifests to version 3 without a build (the same ar
 parameters; it was `quantized_layers.bits_per_param` again). What may
 differ: when and where it was built and with which versions (build hash,
 versions, device, dates, timings, latencies, the gate workers' stages, the reference's cache key and whether it came
-from the cache), the three files that carry those (README.md, recipe.lock.yaml, verify-report.json), under another
+from the cache), the four files that carry those (README.md, recipe.lock.yaml, verify-report.json and, since issue 31,
+.eval_results/builder-gate.yaml, whose entry each golden took from a build of it at 1295fec), under another
 transformers release than the golden's the files it stamps with its version (config.json, generation_config.json)
 and the content digest of a local source converted with it (transformers 5.25.0 moved both), and the gate's
 metrics within 5% (the CPU's instruction set changes bfloat16 kernels: a host without AVX-512 moved SmolLM2 nf4's
@@ -40,7 +41,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 # manifest_version (and the report's report_version): the ONNX golden is a version-1 manifest, which holds the same
 # fields as version 2 and reads as written; the bitsandbytes ones are version 3 (builder.artifact.MANIFEST_VERSION).
 _BUILD_CONDITIONS = ("manifest_version", "build_hash", "versions", "device", "device_uuid", "built_at", "timings")
-_DESCRIBE_THE_BUILD = ("README.md", "recipe.lock.yaml", "verify-report.json")
+_DESCRIBE_THE_BUILD = ("README.md", "recipe.lock.yaml", "verify-report.json", ".eval_results/builder-gate.yaml")
 # save_pretrained writes `transformers_version` into these: under another transformers release their hashes differ,
 # and so does the digest of a source that tests/assets/make_models.py converted with it (SmolLM2 from its GGUF).
 _VERSION_STAMPED = ("config.json", "generation_config.json")
