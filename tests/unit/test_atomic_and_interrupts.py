@@ -83,9 +83,9 @@ def _swallowing(signum):
 def test_an_interrupt_whose_exception_was_swallowed_still_stops_the_build(
     tiny_llama, tmp_path, monkeypatch, capsys, signum, code
 ):
-    from builder import pipeline
+    from builder.kinds import bnb_4bit
 
-    monkeypatch.setitem(pipeline._STEPS, "quantize", _swallowing(signum))
+    monkeypatch.setattr(bnb_4bit, "build", _swallowing(signum))  # the nf4 recipe's build stage (its kind's step)
     recipe = write_recipe(tmp_path, tiny_llama)
     out = tmp_path / "out"
     assert main(["build", str(recipe), "--out", str(out), "--device", "cpu"]) == code
