@@ -20,6 +20,14 @@ from builder.recipe.licenses import card_license_problems
 from builder.steps.gate import GATES
 from builder.tasks import AUTO_CLASSES
 
+_ORT_CLASSES = {
+    "text-generation": "ORTModelForCausalLM",
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "text-classification": "ORTModelForSequenceClassification",
+    "token-classification": "ORTModelForTokenClassification",
+    "question-answering": "ORTModelForQuestionAnswering",
+    "fill-mask": "ORTModelForMaskedLM",
+}
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
 _PIPELINE_TAGS = {
     "semantic-segmentation": "image-segmentation",
@@ -324,7 +332,10 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
             run = _ort_embeddings(_pooling(folder))
         else:
             run = _ort_forward()
-        return f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n{session}{run}```\n\n{local}"
+        return (
+            f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n{session}{run}```\n\n"
+            f"{_optimum(repo_id, task, provider)}\n\n{local}"
+        )
     auto = AUTO_CLASSES.get(task, "AutoModel")
     # A manifest's recipe has a `quantize` block where it has no `export` one.
     intro = (
@@ -475,6 +486,15 @@ def _usage_genai(repo_id: str, provider: str) -> str:
         "stream = tokenizer.create_stream()\nwhile not generator.is_done():\n"
         "    generator.generate_next_token()\n"
         '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n```'
+    )
+
+
+def _optimum(repo_id: str, task: str, provider: str) -> str:
+    """optimum's ORTModel class for the task loads the folder (its layout is optimum's: `make test-interop`)."""
+    ort_class = _ORT_CLASSES.get(task, "ORTModel")
+    return (
+        f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
+        f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
     )
 
 

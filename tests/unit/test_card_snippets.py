@@ -1,17 +1,22 @@
-"""Every snippet a card writes runs as written, in a fresh interpreter without builder, on the tiny random Llama's
-builds (bitsandbytes nf4, the torch exporter's ONNX graph with and without the KV cache, the genai exporter's) and on
-MiniLM's sentence-transformers folder; and what decides a snippet (chat template, pooling) comes from the folder."""
+"""What decides a card's snippets comes from the artifact's folder (the chat template of an instruct model's
+tokenizer; the pooling and normalization of a sentence-transformers folder), and (slow) every snippet of each tiny
+decoder kind's card runs as written in a fresh interpreter without builder. The default tier runs the snippets of the
+real-weight builds the integration tests make (tests/integration/: SmolLM2 nf4 and ONNX with the KV cache, MiniLM
+int8, nf4 and ONNX); the conformance matrix runs those of every cell it builds."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from card_snippets import card_snippets, local_snippet, run_card_snippets
+from card_snippets import local_snippet, run_card_snippets
+from test_card import bnb_manifest, onnx_manifest
 
-from builder.cli import main
+from builder.artifact import Manifest
+from builder.card import render_card
 from builder.pipeline import build
 from builder.plan import make_plan
 from builder.recipe import load_recipes
@@ -48,72 +53,100 @@ def tiny_builds(tiny_llama, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind", ["nf4", "onnx-past", pytest.param("onnx", marks=pytest.mark.slow), "genai"])
-def test_every_snippet_of_a_decoders_card_runs_as_written(tiny_builds, kind):
-    # Random weights decode to nothing in particular: that the snippet exits 0 on the folder is the check.
-    assert len(run_card_snippets(tiny_builds(kind))) == 1
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_every_snippet_of_a_tiny_decoders_card_runs_as_written(tiny_builds, kind):
+    """The default tier runs the snippets of the real-weight builds (tests/integration/); this covers each decoder
+    kind, the graph without the KV cache included."""
+    # Random weights decode to nothing in particular: that each snippet exits 0 on the folder is the check.
+    assert run_card_snippets(tiny_builds(kind))
 
 
-def test_an_instruct_models_card_prompts_with_its_chat_template(tiny_builds, tmp_path):
-    """The tiny Llama carries SmolLM2-Instruct's chat template: the card applies it; a copy without it gets a
-    sentence to continue instead."""
-    folder = tiny_builds("nf4")
-    [code] = card_snippets(folder)
-    assert "tokenizer.apply_chat_template(" in code and "What is the capital of France?" in code
-    plain = tmp_path / "plain"
-    shutil.copytree(folder, plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
+def card(manifest: dict, folder: Path | None) -> str:
+    return render_card(Manifest.model_validate(manifest), folder=folder)
+
+
+def snippets(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.fixture
+def tokenizer_folder(tiny_llama, tmp_path) -> Path:
+    """A folder with the tiny Llama's tokenizer files: SmolLM2-Instruct's, chat template included."""
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_llama / name).is_file():
+            shutil.copy(tiny_llama / name, folder / name)
+    return folder
+
+
+def without_chat_template(folder: Path) -> Path:
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    from builder.artifact import load_manifest
-    from builder.card import render_card
-
-    card = render_card(load_manifest(plain), folder=plain)
-    assert "apply_chat_template" not in card and 'tokenizer("The capital of France is"' in card
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
-def test_the_onnx_decoder_snippet_feeds_the_graphs_cache_inputs(tiny_builds):
-    [code] = card_snippets(tiny_builds("onnx-past"))
-    assert '"position_ids"' in code and 'startswith("past_key_values.")' in code and "present." in code
+@pytest.mark.parametrize("kind", ["bnb", "onnx"])
+def test_an_instruct_models_card_prompts_through_its_chat_template(tokenizer_folder, kind):
+    manifest = bnb_manifest() if kind == "bnb" else text_generation_onnx_manifest()
+    [code, *_] = snippets(card(manifest, tokenizer_folder))
+    assert "tokenizer.apply_chat_template(" in code and "What is the capital of France?" in code
+    [code, *_] = snippets(card(manifest, without_chat_template(tokenizer_folder)))
+    assert "apply_chat_template" not in code and 'tokenizer("The capital of France is"' in code
 
 
-@pytest.fixture(scope="module")
-def minilm_int8(minilm, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("minilm-card")
-    recipe = out / "minilm-int8.yaml"
-    recipe.write_text(
-        f"schema_version: 1\nname: minilm-int8\nsource:\n  model: {minilm}\n  task: feature-extraction\n"
-        "  dtype: float32\nquantize:\n  method: bnb-8bit\n"
-    )
-    assert main(["build", str(recipe), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
-    return out / "minilm-int8"
+def text_generation_onnx_manifest() -> dict:
+    manifest = onnx_manifest(with_past=True)
+    manifest["source"]["task"] = manifest["recipe"]["source"]["task"] = "text-generation"
+    return manifest
 
 
-def test_a_sentence_transformers_card_pools_as_sentence_transformers_does(minilm_int8):
-    """SentenceTransformer(folder) and the transformers-only snippet (mean pooling, normalized, from the folder's
-    modules.json and 1_Pooling/config.json) print the same similarity of the two sentences."""
-    st_code, transformers_code = card_snippets(minilm_int8)
-    assert "SentenceTransformer(model_id)" in st_code and "mask.sum(axis=1)" in transformers_code
-    outputs = run_card_snippets(minilm_int8)
-    similarities = [float(out.split(")")[-1]) for out in outputs]
-    assert all(out.startswith("(2, 384)") for out in outputs), outputs
-    assert similarities[0] == pytest.approx(similarities[1], abs=2e-3), outputs
+def test_the_onnx_decoder_snippet_feeds_position_ids_and_the_cache():
+    [code, optimum] = snippets(card(text_generation_onnx_manifest(), None))
+    assert '"position_ids"' in code and 'startswith("past_key_values.")' in code and '"present."' in code
+    assert "A man is eating food." not in code and "ORTModelForCausalLM" in optimum
 
 
-def test_cls_pooling_without_normalize_is_what_the_card_writes(minilm_int8, tmp_path):
-    folder = tmp_path / "cls"
-    shutil.copytree(minilm_int8, folder)
-    modules = json.loads((folder / "modules.json").read_text())
-    (folder / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
-    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
-    pooling |= {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
-    from builder.artifact import load_manifest
-    from builder.card import render_card
+def sentence_transformers_folder(tmp_path: Path, pooling: dict, normalize: bool) -> Path:
+    folder = tmp_path / "st"
+    (folder / "1_Pooling").mkdir(parents=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384, **pooling}))
+    return folder
 
-    card = render_card(load_manifest(folder), folder=folder)
-    assert "embeddings = hidden[:, 0]" in card and "np.linalg.norm" not in card
+
+def encoder_manifest() -> dict:
+    manifest = bnb_manifest()
+    manifest["source"]["task"] = manifest["recipe"]["source"]["task"] = "feature-extraction"
+    return manifest
+
+
+@pytest.mark.parametrize("make", [encoder_manifest, onnx_manifest])
+def test_an_encoders_card_pools_as_the_folders_sentence_transformers_config_says(tmp_path, make):
+    mean = card(make(), sentence_transformers_folder(tmp_path / "mean", {"pooling_mode_mean_tokens": True}, True))
+    assert "(hidden * mask).sum(axis=1)" in mean and "np.linalg.norm" in mean
+    cls = card(make(), sentence_transformers_folder(tmp_path / "cls", {"pooling_mode_cls_token": True}, False))
+    assert "embeddings = hidden[:, 0]" in cls and "np.linalg.norm" not in cls
+    plain = card(make(), tmp_path)  # no sentence-transformers config: mean pooling, normalized
+    assert "(hidden * mask).sum(axis=1)" in plain and "np.linalg.norm" in plain
+    assert "SentenceTransformer" not in plain
+
+
+def test_a_sentence_transformers_folder_gets_the_sentence_transformers_snippet_first(tmp_path):
+    folder = sentence_transformers_folder(tmp_path, {"pooling_mode_mean_tokens": True}, True)
+    [first, second] = snippets(card(encoder_manifest(), folder))
+    assert "model = SentenceTransformer(model_id)" in first and "AutoModel.from_pretrained(model_id" in second
+    # ONNX: sentence-transformers' ONNX backend wants another layout; onnxruntime and optimum only.
+    assert "SentenceTransformer" not in card(onnx_manifest(), folder)
 
 
 def test_a_snippet_that_never_loads_the_repo_is_refused():
