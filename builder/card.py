@@ -360,8 +360,9 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
             )
     else:
         run = _transformers_forward()
-    imports = {"text-generation": "", "feature-extraction": "import numpy as np\nimport torch\n"}
-    imports = imports.get(task, "import torch\n")
+    imports = {"text-generation": "", "feature-extraction": "import numpy as np\nimport torch\n"}.get(
+        task, "import torch\n"
+    )
     return f"{intro}\n\n```python\n{imports}{load}{run}```\n\n{local}"
 
 
