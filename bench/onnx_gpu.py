@@ -25,7 +25,7 @@ decoder: SmolLM2-135M's shape (bench/checkpoints.SHAPES["smollm2"]), bfloat16 we
     with save_pretrained before its first forward (its artifact size);
   - ort: the int4 graph with io-binding: the KV cache stays on the device from step to step, the logits of each step
     come to the host for the greedy argmax;
-  - ort_gate_loop: the same graph through the gate's own loop (builder.steps.verify_onnx._OnnxDecoder.generate: numpy
+  - ort_gate_loop: the same graph through the gate's own loop (builder.tasks.causal_lm.OnnxDecoder.generate: numpy
     in and out, so the whole cache crosses the bus twice a step).
   Checks of ort's loop: its tokens equal the gate loop's, and its last logits equal (within CACHE_TOLERANCE) those of
   one forward of the whole sequence with an empty cache.
@@ -95,7 +95,7 @@ def bert_source(folder: Path, small: bool) -> dict:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from builder.steps.gate import eval_text
+    from builder.evaluation import eval_text
 
     config = BertConfig(**(SMALL_ENCODER if small else {}))
     torch.manual_seed(0)
@@ -477,10 +477,10 @@ def ort_decoder(build_record: dict, device: str, runs: int, decode_runs: int, vo
     """The int4 graph: with io-binding (prefill and generation), or through the gate's numpy loop (`gate_loop`)."""
     from transformers import AutoConfig
 
-    from builder.steps.verify_onnx import _OnnxDecoder
+    from builder.tasks.causal_lm import OnnxDecoder
 
     session = _session(build_record["folder"], PROVIDERS[device], build_record["error"])
-    decoder = _OnnxDecoder(session, AutoConfig.from_pretrained(build_record["folder"]))
+    decoder = OnnxDecoder(session, AutoConfig.from_pretrained(build_record["folder"]))
     prompt = _prompt(vocab)[0].tolist()
     result: dict = {"provider": session.get_providers()[0], "io_binding": not gate_loop}
     if gate_loop:

@@ -15,7 +15,7 @@ falls on all of them alike: a 128-token prompt (the evaluation text's first 128 
 ignored). The genai graphs run through onnxruntime_genai's Generator, as their users run them: prefill = the
 `append_tokens` call, decode = 64 / the seconds of the 64 `generate_next_token` calls. The torch graph has no
 genai_config.json, so it runs on plain onnxruntime with numpy in and out (builder's gate loop,
-verify_onnx._OnnxDecoder). onnxruntime's default threads (all cores) everywhere.
+builder.tasks.causal_lm.OnnxDecoder). onnxruntime's default threads (all cores) everywhere.
 
 Usage: python bench/onnx_llm.py --dir /tmp/onnx-llm --json /tmp/onnx-llm/results.json
 """
@@ -132,10 +132,10 @@ class PlainOrtRun:
         from transformers import AutoConfig
 
         from builder.steps import ort
-        from builder.steps.verify_onnx import _OnnxDecoder
+        from builder.tasks.causal_lm import OnnxDecoder
 
         session = ort.session(folder / "model.onnx", "CPUExecutionProvider")
-        self.decoder = _OnnxDecoder(session, AutoConfig.from_pretrained(str(folder)))
+        self.decoder = OnnxDecoder(session, AutoConfig.from_pretrained(str(folder)))
 
     def __call__(self, ids: list[int]) -> tuple[float, float, list[int]]:
         decoder = self.decoder

@@ -31,11 +31,14 @@ from builder.console import show_progress
 from builder.errors import ArtifactError
 from builder.recipe.schema import NAME_PATTERN
 from builder.source import file_sha256s
+from builder.verification import NodePlacement, OnnxRecord, VerificationReport
 
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "recipe.lock.yaml"
 """The resolved recipe the artifact was built from, a local source as an absolute path (`builder verify` finds it)."""
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""Version 2 types the gate's report (`builder.verification.VerificationReport`) and the ONNX record; a version-1
+manifest holds the same fields, and reads as written."""
 FAILED_DIR = ".failed"
 """`<out>/.failed/<name>/`: a build that failed verification, kept by `builder build --keep-failed` (no manifest;
 its verify-report.json says why)."""
@@ -92,31 +95,6 @@ class Dequantized(_Record):
     dtype: str
 
 
-class NodePlacement(_Record):
-    """ONNX exports: which execution provider ran how many nodes of each op type in the gate's onnxruntime session,
-    counted after onnxruntime's graph optimizations (`builder.steps.placement` measures it). Kept in the
-    verification report as `placement`."""
-
-    measured_on: str
-    """The provider the session was created for: the verification provider (the target, or `export.verify_on`
-    where the target cannot run on the build host; the report's `target_provider` says which was wanted)."""
-    nodes: dict[str, dict[str, int]]
-    """Provider -> op type -> nodes of that type it ran."""
-
-    def op_types(self, provider: str) -> str:
-        """The op types `provider` ran with their node counts, most frequent first: "MatMul 14, Add 9"."""
-        ops = self.nodes.get(provider, {})
-        return ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda item: (-item[1], item[0])))
-
-    def providers(self) -> list[str]:
-        """The providers that ran nodes: the session's own first, then those it fell back to."""
-        return sorted(self.nodes, key=lambda provider: (provider != self.measured_on, provider))
-
-    def summary(self) -> list[str]:
-        """One line per provider: how many nodes it ran and of which op types."""
-        return [f"{p}: {sum(self.nodes[p].values())} nodes ({self.op_types(p)})" for p in self.providers()]
-
-
 class FileEntry(_Record):
     sha256: str
     size: int
@@ -158,16 +136,16 @@ class Manifest(_Record):
     footprint: Footprint | None
     bits_per_param: float | None
     library_name: str
-    verification: dict[str, Any] | None
-    """The gate's report (the content of verify-report.json); an ONNX export's has `placement`, a `NodePlacement`."""
+    verification: VerificationReport | None
+    """The gate's report (the content of verify-report.json)."""
     device_map: str | dict[str, Any] | None = None
     quantize_path: str | None = None
     quantized_layers: QuantizedLayers | None = None
     dequantized: Dequantized | None = None
     warnings: list[str] | None = None
     """What `builder plan` warned about (e.g. a compute dtype other than the load dtype); absent when none."""
-    onnx: dict[str, Any] | None = None
-    """The export step's record: exporter, task, opset, dtype, target and verification providers, inputs."""
+    onnx: OnnxRecord | None = None
+    """The export step's record (ONNX exports)."""
     files: dict[str, FileEntry] | None = None
     """Every other file of the folder by relative POSIX path; set last, once the folder is complete."""
 
@@ -179,27 +157,14 @@ class Manifest(_Record):
                 raise ValueError(f"entry {name!r} {problem}; an artifact lists only files inside its folder")
         return files
 
-    @field_validator("verification")
-    @classmethod
-    def _typed_placement(cls, report: dict[str, Any] | None) -> dict[str, Any] | None:
-        if report and report.get("placement") is not None:
-            try:
-                NodePlacement.model_validate(report["placement"])
-            except ValidationError as error:
-                first = error.errors()[0]
-                where = ".".join(str(part) for part in first["loc"])
-                raise ValueError(f"placement.{where}: {first['msg']}") from None
-        return report
-
     @property
     def passed(self) -> bool:
-        return bool((self.verification or {}).get("passed"))
+        return self.verification is not None and self.verification.passed
 
     @property
     def placement(self) -> NodePlacement | None:
         """The ONNX gate's node placement (None for bitsandbytes builds and manifests written before it)."""
-        recorded = (self.verification or {}).get("placement")
-        return None if recorded is None else NodePlacement.model_validate(recorded)
+        return None if self.verification is None else self.verification.placement
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)
@@ -220,7 +185,7 @@ def parse_manifest(data: bytes | str, where: str) -> Manifest:
         and raw["manifest_version"] > MANIFEST_VERSION
     ):
         raise ArtifactError(
-            f"{where} has manifest_version {raw['manifest_version']}; this builder reads version "
+            f"{where} has manifest_version {raw['manifest_version']}; this builder reads versions 1 to "
             f"{MANIFEST_VERSION}: upgrade builder"
         )
     try:
@@ -228,9 +193,8 @@ def parse_manifest(data: bytes | str, where: str) -> Manifest:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ArtifactError(
-            f"{where} is not a builder manifest ({field}: {first['msg']}); rebuild the artifact"
-        ) from None
+        message = first["msg"].split(" or instance of ")[0]  # the report's class names mean nothing to a reader
+        raise ArtifactError(f"{where} is not a builder manifest ({field}: {message}); rebuild the artifact") from None
 
 
 def load_manifest(folder: Path) -> Manifest:

@@ -15,19 +15,13 @@ import yaml
 
 from builder.artifact import Manifest
 from builder.errors import Problem
+from builder.gates import GATES, bounds_by_metric
+from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
-from builder.steps.gate import GATES
-from builder.tasks import AUTO_CLASSES
+from builder.tasks import AUTO_CLASSES, family
+from builder.verification import VerificationReport
 
-_ORT_CLASSES = {
-    "text-generation": "ORTModelForCausalLM",
-    "feature-extraction": "ORTModelForFeatureExtraction",
-    "text-classification": "ORTModelForSequenceClassification",
-    "token-classification": "ORTModelForTokenClassification",
-    "question-answering": "ORTModelForQuestionAnswering",
-    "fill-mask": "ORTModelForMaskedLM",
-}
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
 _PIPELINE_TAGS = {
     "semantic-segmentation": "image-segmentation",
@@ -53,7 +47,7 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, folder: Path 
         *(["## Warnings\n\n" + "\n".join(f"- {w}" for w in manifest.warnings)] if manifest.warnings else []),
         "## Usage\n\n" + _usage(manifest, repo_id, folder),
         "## Build settings\n\n" + _settings(manifest),
-        "## Verification\n\n" + _verification(manifest.verification or {}) + _placement(manifest),
+        "## Verification\n\n" + _verification(manifest.verification) + _placement(manifest),
         "## Size\n\n" + _size(manifest),
         "## Reproduce\n\n" + _reproduce(manifest),
     ]
@@ -112,8 +106,10 @@ def _eval_results(manifest: Manifest, task: str) -> list:
     marked verified only when the gate passed."""
     from huggingface_hub import EvalResult
 
-    report = manifest.verification or {}
-    digest = (report.get("inputs") or {}).get("eval_text_sha256")
+    report = manifest.verification
+    if report is None:
+        return []
+    digest = (report.inputs or {}).get("eval_text_sha256")
     return [
         EvalResult(
             task_type=task,
@@ -123,9 +119,9 @@ def _eval_results(manifest: Manifest, task: str) -> list:
             metric_type=_METRIC_NAMES.get(metric, metric),
             metric_value=value,
             verified=False,
-            metric_config="compared with the source model" + ("" if report.get("passed") else " (gate FAILED)"),
+            metric_config="compared with the source model" + ("" if report.passed else " (gate FAILED)"),
         )
-        for metric, value in sorted((report.get("metrics") or {}).items())
+        for metric, value in sorted(report.metrics.items())
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
 
@@ -143,9 +139,9 @@ as well, for readers of the older format."""
 
 def eval_results_files(manifest: Manifest) -> dict[str, str]:
     """The artifact's `.eval_results/*.yaml` files (path -> text): the gate's results, {} when it gated no number."""
-    entries = gate_eval_results(
-        manifest.verification or {}, reference=reference_model(manifest), date=manifest.built_at
-    )
+    if manifest.verification is None:
+        return {}
+    entries = gate_eval_results(manifest.verification, reference=reference_model(manifest), date=manifest.built_at)
     if not entries:
         return {}
     from huggingface_hub import eval_result_entries_to_yaml
@@ -153,26 +149,24 @@ def eval_results_files(manifest: Manifest) -> dict[str, str]:
     return {EVAL_RESULTS_FILE: yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, width=2**16)}
 
 
-def gate_eval_results(report: dict, *, reference: str, date: str) -> list:
+def gate_eval_results(report: VerificationReport, *, reference: str, date: str) -> list:
     """One huggingface_hub `EvalResultEntry` (present since 1.33, the oldest huggingface_hub we admit) per metric the
     gate `report` held to a threshold: the evaluation data as the dataset (`EVAL_DATASET`, at the sha256 the report
     recorded), the metric as its task id, and in the notes the model's task, the `reference` it was compared with,
     the threshold and the verdict. The entry format has no metric field, so the metric is the task id."""
     from huggingface_hub import EvalResultEntry
 
-    metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
-    digest = (report.get("inputs") or {}).get("eval_text_sha256")
+    failed = {failure.metric for failure in report.failures}
+    digest = (report.inputs or {}).get("eval_text_sha256")
     entries = []
-    for key, bound in (report.get("thresholds") or {}).items():
-        metric, kind = GATES[key]
-        value = metrics.get(metric)
+    for key, bound in report.thresholds.items():
+        gate = GATES[key]
+        metric = gate.metric
+        value = report.metrics.get(metric)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         verdict = "failed" if metric in failed else "passed"
-        notes = (
-            f"task {report.get('task')}; compared with {reference}; "
-            f"gate {'>=' if kind == 'min' else '<='} {_number(bound)}: {verdict}"
-        )
+        notes = f"task {report.task}; compared with {reference}; gate {gate.sign} {_number(bound)}: {verdict}"
         entries.append(
             EvalResultEntry(
                 dataset_id=EVAL_DATASET,
@@ -256,45 +250,18 @@ def inherited_license_problem(loaded: LoadedRecipe) -> Problem | None:
 
 
 def _is_quantized(recipe: dict) -> bool:
-    export = recipe.get("export")
-    # A float32 ONNX export holds the source's weights unchanged: a conversion, not a quantization.
-    return recipe.get("quantize") is not None or bool(
-        export and (export.get("quantize") not in (None, "none") or export.get("dtype") == "float16")
-    )
+    return kind_of(recipe).quantized(block_of(recipe))
 
 
 def _tags(recipe: dict) -> list[str]:
-    tags = ["builder"]
-    quantize, export = recipe.get("quantize"), recipe.get("export")
-    if quantize:
-        tags += ["bitsandbytes", "4-bit" if quantize["method"] == "bnb-4bit" else "8-bit"]
-        if quantize.get("quant_type"):
-            tags.append(quantize["quant_type"])
-    if export:
-        tags += ["onnx", export["provider"]]
-        if export.get("quantize") == "dynamic-int8":
-            tags.append("int8")
-        elif export.get("quantize") in ("int4", "nf4", "fp4"):
-            tags += ["4-bit", export["quantize"]]
+    tags = ["builder", *kind_of(recipe).card_tags(block_of(recipe))]
     tags += list((recipe.get("publish") or {}).get("tags") or ())
     return list(dict.fromkeys(tags))
 
 
 def _summary(manifest: Manifest) -> str:
     recipe, source = manifest.recipe, manifest.source
-    quantize, export = recipe.get("quantize"), recipe.get("export")
-    if quantize:
-        what = {
-            "bnb-4bit": f"bitsandbytes 4-bit ({quantize.get('quant_type', 'nf4')}"
-            f"{', double quantization' if quantize.get('double_quant') else ''})",
-            "bnb-8bit": "bitsandbytes LLM.int8()",
-        }[quantize["method"]]
-    else:
-        assert export is not None  # a manifest's recipe has one of the two blocks
-        what = (
-            f"ONNX (opset {export['opset']}, {export['dtype']}, optimize {export['optimize']}, "
-            f"quantize {export['quantize']}) for {export['provider']}"
-        )
+    what = kind_of(recipe).card_summary(block_of(recipe))
     passed = manifest.passed
     origin = (
         f"a local copy{f' of `{base}`' if (base := base_model_of(manifest)) else ''} (content digest "
@@ -322,7 +289,7 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
     )
     if manifest.library_name == "onnx":
         provider = manifest.recipe["export"]["provider"]
-        if (manifest.onnx or {}).get("exporter") == "genai":  # the genai exporter's folder is for its runtime
+        if manifest.onnx is not None and manifest.onnx.exporter == "genai":  # the genai folder is for its runtime
             return _usage_genai(repo_id, provider) + f"\n\n{local}"
         graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
         session = _ort_session(repo_id, graphs[0] if graphs else "model.onnx", provider)
@@ -358,11 +325,9 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
                 f"pools and normalizes as the source does:\n\n```python\n{_sentence_transformers(repo_id)}```\n\n"
                 "With `transformers` alone, pooling as its `modules.json` and `1_Pooling/config.json` say:"
             )
-    else:
-        run = _transformers_forward()
-    imports = {"text-generation": "", "feature-extraction": "import numpy as np\nimport torch\n"}.get(
-        task, "import torch\n"
-    )
+    else:  # the task family's own lines (builder/tasks/)
+        run = family(task).usage() + "\n"
+    imports = "import numpy as np\nimport torch\n" if task == "feature-extraction" else ""
     return f"{intro}\n\n```python\n{imports}{load}{run}```\n\n{local}"
 
 
@@ -457,13 +422,6 @@ def _transformers_embeddings(pooling: _Pooling) -> str:
     )
 
 
-def _transformers_forward() -> str:
-    return (
-        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="pt").to(model.device)\n'
-        "with torch.no_grad():\n    outputs = model(**inputs)\nprint(outputs[0].shape)\n"
-    )
-
-
 def _sentence_transformers(repo_id: str) -> str:
     return (
         "from sentence_transformers import SentenceTransformer\n\n"
@@ -492,7 +450,7 @@ def _usage_genai(repo_id: str, provider: str) -> str:
 
 def _optimum(repo_id: str, task: str, provider: str) -> str:
     """optimum's ORTModel class for the task loads the folder (its layout is optimum's: `make test-interop`)."""
-    ort_class = _ORT_CLASSES.get(task, "ORTModel")
+    ort_class = family(task).ort_class(task)
     return (
         f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
         f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
@@ -569,32 +527,28 @@ def _settings(manifest: Manifest) -> str:
     return f"| setting | value |\n|---|---|\n{rows}\n\nBuilt on `{manifest.device}`."
 
 
-def _verification(report: dict) -> str:
-    if not report:
+def _verification(report: VerificationReport | None) -> str:
+    if report is None:
         return "No verification report."
-    metrics, failed = report.get("metrics") or {}, {f["metric"] for f in report.get("failures") or ()}
-    gated = {}  # metric -> (threshold key, limit); `kl_divergence` gates the metric `kl_divergence_mean`
-    for key, limit in (report.get("thresholds") or {}).items():
-        gated[key if key in metrics or f"{key}_mean" not in metrics else f"{key}_mean"] = (key, limit)
+    failed = {failure.metric for failure in report.failures}
+    bounds = bounds_by_metric(report.thresholds)  # `cosine` bounds `cosine_min`, as the gate checks
     rows = []
-    for metric, value in sorted(metrics.items()):
-        key, limit = gated.get(metric, (None, None))
-        verdict = "" if limit is None else ("fail" if {metric, key} & failed else "pass")
+    for metric, value in sorted(report.metrics.items()):
+        limit = bounds.get(metric)
+        verdict = "" if limit is None else ("fail" if metric in failed else "pass")
         shown_limit = "" if limit is None else _number(limit)
         rows.append(f"| {_METRIC_NAMES.get(metric, metric)} | {_number(value)} | {shown_limit} | {verdict} |")
-    where = report.get("provider") or report.get("device") or "cpu"
     lines = [
-        f"Task `{report.get('task')}`, compared with the source on `{where}`: "
-        f"**{'passed' if report.get('passed') else 'FAILED'}**.",
+        f"Task `{report.task}`, compared with the source on `{report.provider or report.device}`: "
+        f"**{'passed' if report.passed else 'FAILED'}**.",
         "",
         "| metric | value | threshold | |",
         "|---|---|---|---|",
         *rows,
     ]
-    performance = report.get("performance") or {}
-    if performance:
+    if report.performance:
         lines += ["", "| performance | value |", "|---|---|"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(performance.items())]
+        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(report.performance.items())]
     return "\n".join(lines)
 
 
@@ -603,7 +557,7 @@ def _placement(manifest: Manifest) -> str:
     placement = manifest.placement
     if placement is None:
         return ""
-    target = (manifest.verification or {}).get("target_provider")
+    target = manifest.verification.target_provider if manifest.verification else None
     rows = "\n".join(
         f"| {provider} | {sum(placement.nodes[provider].values())} | {placement.op_types(provider)} |"
         for provider in placement.providers()

@@ -22,12 +22,13 @@ from builder.console import configured, say
 from builder.demo import run_demo
 from builder.errors import BuilderError, RecipeError
 from builder.fleet import artifact_units, github_matrix
+from builder.gates import describe
 from builder.hub.publish import publish, use_network_timeouts
 from builder.hub.server import serve
 from builder.interrupts import Interrupted, finished, handling_signals
 from builder.inventory import CURRENT, artifact_states, format_table, write_stamp
-from builder.modules import source_problems
-from builder.plan import DISTRIBUTION, footprint_threshold, make_plan
+from builder.kinds.base import footprint_threshold
+from builder.plan import DISTRIBUTION, make_plan, source_problems
 from builder.recipe import (
     files_defining,
     find_recipe_files,
@@ -39,9 +40,7 @@ from builder.recipe import (
 from builder.report import DEFAULT_OUT as REPORT_OUT
 from builder.report import write_report
 from builder.reverify import reverify  # deferred: the gate imports torch
-from builder.steps import verify, verify_onnx
 from builder.steps.gate import format_report, format_summary
-from builder.tasks import infer_task
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 0, 1, 2, 3, 130, 141
 
@@ -102,7 +101,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plans = [make_plan(loaded) for loaded in load_recipes(args.recipe)]
     if args.json:
-        _print_json([p.as_json() | {"thresholds": _thresholds(p)} for p in plans])
+        _print_json([p.as_json() | {"thresholds": p.thresholds} for p in plans])
         return EXIT_OK
     for plan in plans:
         print(_format_plan(plan))
@@ -135,32 +134,10 @@ def _format_plan(plan) -> str:
     for stage in plan.stages:
         peak = f"  [peak ~{_size(stage.peak_memory_bytes)}]" if stage.peak_memory_bytes else ""
         lines.append(f"  {stage.name:<11} {stage.description}{peak}")
-    thresholds = _thresholds(plan)
-    lines.append(
-        "gate:        " + ", ".join(f"{key} {_GATE_SIGNS[key]} {value:g}" for key, value in thresholds.items())
-    )
+    lines.append(f"gate:        {describe(plan.thresholds)}")
     lines += [f"warning: {w}" for w in plan.warnings]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
     return "\n".join(lines) + "\n"
-
-
-_GATE_SIGNS = {
-    "top1_agreement": ">=",
-    "kl_divergence": "<=",
-    "perplexity_ratio": "<=",
-    "max_abs_diff": "<=",
-    "cosine": ">=",
-    "footprint_ratio": "<=",
-}
-
-
-def _thresholds(plan) -> dict[str, float]:
-    """The gate's thresholds for the plan's recipe: the defaults for its method and task, with its overrides."""
-
-    recipe = plan.loaded.recipe
-    task = recipe.source.task or infer_task(plan.source.config.get("architectures"))
-    gate = verify_onnx if recipe.export is not None else verify
-    return gate.thresholds_for(recipe, task)
 
 
 def _size(n: int | None) -> str:
@@ -273,7 +250,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def _gate_summary(artifact: Path) -> str:
 
-    return format_summary(load_manifest(artifact).verification or {})
+    verification = load_manifest(artifact).verification
+    return format_summary(verification) if verification is not None else "  no verification report"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -286,10 +264,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         max_gpu_memory=args.max_gpu_memory,
     )
     if args.json:
-        _print_json(report)
+        _print_json(report.to_json())
     else:
         print(format_report(report))
-    return EXIT_OK if report["passed"] else EXIT_FAILED
+    return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """What the steps of one build share: the build context, and a typed field for what each step produces.
 
-The pipeline creates the context; `resolve` sets the source folder and task, `quantize` or `export` the footprint
+The pipeline creates the context; `resolve` sets the source folder, `quantize` or `export` the footprint
 and what they built (and the pipeline starts the gate's reference run beside `quantize`), `verify` the report;
 `write` turns it into the manifest (`builder.artifact`). This module imports no step and not the pipeline, so every
 step can import it.
@@ -15,6 +15,7 @@ from typing import Any
 from builder.artifact import Dequantized, Footprint, HashAhead, QuantizedLayers
 from builder.plan import Plan
 from builder.recipe import LoadedRecipe
+from builder.verification import OnnxRecord, VerificationReport
 
 
 @dataclass
@@ -31,16 +32,14 @@ class BuildContext:
     """What `from_pretrained` gets as `device_map` (bitsandbytes builds; None for exports)."""
     source_dir: Path | None = None
     """Local folder holding the source files: a Hub snapshot, or the local folder (set by `resolve`)."""
-    task: str | None = None
-    """The recipe's `source.task`, or the one config.json implies (set by `resolve`)."""
     footprint: Footprint | None = None
     quantized_layers: QuantizedLayers | None = None
     quantize_path: str | None = None
     """"stream", or "transformers (<why it could not be streamed>)"."""
     dequantized: Dequantized | None = None
-    onnx: dict[str, Any] | None = None
+    onnx: OnnxRecord | None = None
     """The export step's record (exporter, task, opset, dtype, providers, inputs, model bytes)."""
-    verification: dict[str, Any] | None = None
+    verification: VerificationReport | None = None
     """The gate's report (set by `verify`)."""
     use_cache: bool = True
     """Whether the gate may reuse cached reference outputs (`builder build --no-cache`: recompute them)."""

@@ -78,13 +78,13 @@ def run_demo(
     started = time.perf_counter()
     say(f"[1/4] build + verify {recipe}")
     result = build_file(recipe, out=out)[0]
-    report = result.manifest.verification or {}
+    report = result.manifest.verification
     metrics = ", ".join(
-        f"{k} {v:.3f}" for k, v in sorted((report.get("metrics") or {}).items()) if isinstance(v, float)
+        f"{k} {v:.3f}" for k, v in sorted((report.metrics if report else {}).items()) if isinstance(v, float)
     )
     say(
         f"      {result.name}: {result.status} at {result.path}; verification "
-        f"{'passed' if report.get('passed') else 'FAILED'} ({metrics})"
+        f"{'passed' if result.manifest.passed else 'FAILED'} ({metrics})"
     )
     repo = (result.manifest.recipe.get("publish") or {}).get("repo") or f"demo/{result.name}"
     with tempfile.TemporaryDirectory(prefix="builder-demo-") as scratch:

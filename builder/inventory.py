@@ -10,7 +10,8 @@ from pathlib import Path
 
 from builder.artifact import MANIFEST_FILE, Manifest, load_manifest, not_current, read_published
 from builder.errors import ArtifactError, BuilderError, RecipeError
-from builder.plan import build_hash, build_kind, make_plan, recorded_versions
+from builder.kinds import kind_of
+from builder.plan import build_hash, make_plan, recorded_versions
 from builder.recipe import files_defining, find_recipe_files, load_recipes
 
 STAMPS_DIR = ".stamps"
@@ -81,7 +82,7 @@ def artifact_states(
             if manifest is not None and found != expected:
                 # Packages the build had and this environment lacks (a core install has no torch) change the hash
                 # made here; with the versions the build recorded, an unchanged recipe and source hash the same.
-                recorded = recorded_versions(build_kind(loaded.recipe), manifest.versions)
+                recorded = recorded_versions(kind_of(loaded.recipe), manifest.versions)
                 if missing := sorted(set(recorded) - set(plan.versions)):
                     expected = build_hash(loaded.recipe, plan.source.revision, recorded)
                     detail = f"compared with the versions the build recorded ({', '.join(missing)} not installed here)"

@@ -9,10 +9,8 @@ from __future__ import annotations
 import re
 from difflib import get_close_matches
 
-from builder.card import inherited_license_problem
-from builder.checkpoint import TensorInfo, local_weight_files, read_header
-from builder.errors import Problem, SourceError
-from builder.recipe import Bnb4Bit, Bnb8Bit, LoadedRecipe, Recipe
+from builder.checkpoint import TensorInfo
+from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.recipe.wording import did_you_mean
 
 EMBEDDING_NAMES = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)")
@@ -105,45 +103,3 @@ def unmatched_skip_modules(recipe: Recipe, tensors: tuple[TensorInfo, ...], conf
             )
         )
     return found
-
-
-def source_problems(loaded: LoadedRecipe) -> list[Problem]:
-    """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
-    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
-    license the artifact's card would inherit from the folder's README.md is the Hub's."""
-    import json
-
-    folder = loaded.source_path
-    if folder is None:
-        return []  # a Hub source: checked by `plan`, which may reach the network
-    where = loaded.where(("source", "model"))
-    if not folder.is_dir():
-        return [
-            Problem(
-                where,
-                "source.model",
-                f"source folder {folder} does not exist; check `source.model` "
-                "(relative paths are relative to the recipe file)",
-            )
-        ]
-    if not (folder / "config.json").is_file():
-        return [
-            Problem(
-                where,
-                "source.model",
-                f"source folder {folder} has no config.json; point `source.model` at "
-                "a Hugging Face model folder (the one save_pretrained writes)",
-            )
-        ]
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
-    except (SourceError, ValueError, OSError) as error:
-        return [Problem(where, "source.model", str(error))]
-    problems = [
-        Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
-        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
-    ]
-    if (license_problem := inherited_license_problem(loaded)) is not None:
-        problems.append(license_problem)
-    return problems

@@ -24,9 +24,9 @@ from builder.artifact import FAILED_DIR, HashAhead, Manifest, load_manifest, rep
 from builder.console import begin_stage, end_stages, library_noise_filtered, say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.plan import Plan, build_kind, build_stages, make_plan
+from builder.plan import Plan, build_stages, make_plan
 from builder.recipe import load_recipes
-from builder.steps import bnb, load, torch_defaults, write
+from builder.steps import bnb, load, write
 
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
@@ -117,7 +117,7 @@ def build(
             plan,
             workdir,
             chosen,
-            device_map=device_map if build_kind(recipe) == "quantize" else None,
+            device_map=device_map if plan.kind.RUNNER == "transformers" else None,
             use_cache=use_cache,
             max_gpu_memory=max_gpu_memory,
         )
@@ -156,27 +156,10 @@ def _reused(final: Path, manifest: Manifest, note: str = "") -> BuildResult:
 
 
 def steps_for(plan: Plan) -> tuple[tuple[str, Step], ...]:
-    """The build's steps in order, by the recipe's kind: `plan.build_stages`, each with its function."""
-    return tuple((stage, _STEPS[stage]) for stage in build_stages(plan.loaded.recipe))
-
-
-def _quantize(ctx: BuildContext) -> None:
-    from builder.steps.quantize import quantize  # deferred: torch and transformers, only when a build runs
-    from builder.steps.verify import start_candidate, start_reference
-
-    # The gate's runs start now: the reference computes (a run on this process's threads loads once this step is
-    # done: `torch_defaults`), the candidate's imports its modeling code, while this quantizes.
-    ctx.reference, ctx.candidate = start_reference(ctx), start_candidate(ctx)
-    with torch_defaults.exclusive():
-        quantize(ctx)
-
-
-def _export(ctx: BuildContext) -> None:
-    from builder.steps.export import (
-        export,  # deferred: torch and onnx, only when a build runs
-    )
-
-    export(ctx)
+    """The build's steps in order, by the recipe's kind: `plan.build_stages`, each with its function (the kind's
+    own `build` for its stage)."""
+    steps = _STEPS | {plan.kind.STAGE: plan.kind.build}
+    return tuple((stage, steps[stage]) for stage in build_stages(plan.loaded.recipe))
 
 
 def _verify(ctx: BuildContext) -> None:
@@ -190,8 +173,6 @@ def _verify(ctx: BuildContext) -> None:
 
 _STEPS: dict[str, Step] = {
     "resolve": load.resolve,
-    "quantize": _quantize,
-    "export": _export,
     "verify": _verify,
     "write": write.write,
 }

@@ -1,4 +1,5 @@
-"""What a build would do, decided before anything heavy runs: the build hash, the steps and a preflight.
+"""What a build would do, decided before anything heavy runs: the build hash, the steps and a preflight (and
+`validate`'s checks of a local source: `source_problems`).
 
 The preflight reads config.json and the safetensors headers only, so `builder plan` runs on a laptop with the
 core install and tells you parameter count, expected artifact size and peak memory per stage.
@@ -13,49 +14,33 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from builder.card import inherited_license_problem
-from builder.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, TORCH_DTYPE_BYTES, TensorInfo
-from builder.errors import RecipeError, SourceError
-from builder.modules import EMBEDDING_NAMES, is_quantizable, left_alone_by_bnb, unmatched_skip_modules
+from builder.checkpoint import DTYPE_BYTES, TORCH_DTYPE_BYTES, TensorInfo, local_weight_files, read_header
+from builder.errors import Problem, RecipeError, SourceError
+from builder.kinds import BuildKind, kind_of, thresholds
+from builder.kinds.base import load_dtype
+from builder.modules import unmatched_skip_modules
 from builder.recipe import Bnb4Bit, LoadedRecipe, Recipe
 from builder.source import ResolvedSource, resolve
-from builder.tasks import infer_task, unverifiable
+from builder.steps.bnb import PACKED_ROWS, blocksize_problem, kept_layers
+from builder.tasks import family_of, infer_task, unsupported
 
 DISTRIBUTION = "recipe-builder"
 """This package's distribution name (pyproject's `name`); it is recorded as `builder` in manifests."""
 
-# Packages whose version can change an artifact's bytes, per kind of build.
-_VERSIONED = {
-    "quantize": ("torch", "transformers", "accelerate", "bitsandbytes"),
-    "export": (
-        "torch",
-        "transformers",
-        "onnx",
-        "onnxscript",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "onnxruntime-genai",
-        "onnxruntime-genai-cuda",
-        "optimum",
-        "optimum-onnx",
-    ),
-}
-# The packages a build cannot run without (the others in `_VERSIONED` are alternatives: onnxruntime or -gpu).
-_BUILDS_WITH = {"quantize": ("torch", "transformers", "bitsandbytes"), "export": ("torch", "transformers", "onnx")}
 
-
-def package_versions(kind: str) -> dict[str, str]:
-    """Installed versions of the packages that matter for `kind` (quantize/export), plus builder's own."""
+def package_versions(kind: BuildKind) -> dict[str, str]:
+    """Installed versions of the packages that can change the bytes of a `kind` build, plus builder's own."""
     versions = {"builder": _version(DISTRIBUTION)}
-    for name in _VERSIONED[kind]:
+    for name in kind.VERSIONED:
         if (found := _version(name)) != "not installed":
             versions[name] = found
     return versions
 
 
-def recorded_versions(kind: str, versions: dict[str, str]) -> dict[str, str]:
+def recorded_versions(kind: BuildKind, versions: dict[str, str]) -> dict[str, str]:
     """The part of a manifest's `versions` that went into its build hash (builder's and `kind`'s byte-relevant
     packages; the manifest also records others for information)."""
-    return {name: version for name, version in versions.items() if name == "builder" or name in _VERSIONED[kind]}
+    return {name: version for name, version in versions.items() if name == "builder" or name in kind.VERSIONED}
 
 
 def _version(name: str) -> str:
@@ -63,10 +48,6 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def build_kind(recipe: Recipe) -> str:
-    return "export" if recipe.export is not None else "quantize"
 
 
 def build_hash(recipe: Recipe, source_revision: str, versions: dict[str, str]) -> str:
@@ -91,14 +72,27 @@ class Stage:
 class Plan:
     loaded: LoadedRecipe
     source: ResolvedSource
+    task: str
+    """The recipe's `source.task`, or the one config.json's `architectures` implies."""
     versions: dict[str, str]
     stages: list[Stage]
     parameter_count: int
     source_bytes: int
     expected_artifact_bytes: int
     expected_footprint_ratio: float | None = None
-    """The loaded artifact's memory over the source's that the quantization should give (None for exports)."""
+    """The loaded artifact's memory over the source's that the build should give (its kind's
+    `expected_footprint`; None where the kind predicts none, as for exports)."""
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> BuildKind:
+        """The recipe's build kind (`builder.kinds`)."""
+        return kind_of(self.loaded.recipe)
+
+    @functools.cached_property
+    def thresholds(self) -> dict[str, float]:
+        """The gate's bounds for this build: its task's and kind's defaults, then the recipe's overrides."""
+        return thresholds(self.kind, self.loaded.recipe, self.task, self.expected_footprint_ratio)
 
     @functools.cached_property
     def build_hash(self) -> str:
@@ -113,7 +107,7 @@ class Plan:
             "variant": self.loaded.variant,
             "recipe": recipe.model_dump(mode="json"),
             "build_hash": self.build_hash,
-            "source": {"model": recipe.source.model, "revision": self.source.revision},
+            "source": {"model": recipe.source.model, "revision": self.source.revision, "task": self.task},
             "versions": self.versions,
             "parameter_count": self.parameter_count,
             "source_bytes": self.source_bytes,
@@ -132,15 +126,25 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
     recipe = loaded.recipe
     source = resolve(recipe.source, loaded.source_path)
     task = recipe.source.task or infer_task(source.config.get("architectures"))
-    if task is not None and (refusal := unverifiable(task, source.config, build_kind(recipe))) is not None:
+    if task is None:
+        raise SourceError(
+            f"cannot infer the task of {recipe.source.model} from config.json's `architectures`; set "
+            "`source.task` in the recipe (e.g. text-generation)"
+        )
+    kind = kind_of(recipe)
+    if family_of(task) is None:
+        raise SourceError(f"{recipe.name}: {unsupported(task)}; see docs/support.md for what builder builds")
+    if (refusal := kind.refusal(task, source.config)) is not None:
         raise SourceError(f"{recipe.name}: {refusal}; see docs/support.md for what builder builds")
     _check_skip_modules(recipe, source)
     if (problem := inherited_license_problem(loaded)) is not None:
         raise RecipeError([problem])
-    versions = package_versions(build_kind(recipe))
+    if (message := blocksize_problem(recipe, source.tensors, source.config)) is not None:
+        raise RecipeError([Problem(loaded.where(("quantize", "blocksize")), "quantize.blocksize", message)])
+    versions = package_versions(kind)
     source_bytes = sum(t.nbytes for t in source.tensors)
     loaded_bytes = sum(t.numel * _loaded_bytes(t, recipe) for t in source.tensors)
-    artifact = _expected_artifact_bytes(recipe, source.tensors)
+    artifact = kind.expected_artifact_bytes(recipe, source.tensors)
     warnings = []
     if recipe.publish is not None and not recipe.source.pinned:
         warnings.append(
@@ -149,22 +153,28 @@ def make_plan(loaded: LoadedRecipe) -> Plan:
         )
     if (mismatch := compute_dtype_warning(recipe, source.config, source.tensors)) is not None:
         warnings.append(mismatch)
-    if missing := [name for name in _BUILDS_WITH[build_kind(recipe)] if name not in versions]:
+    if missing := [name for name in kind.REQUIRED if name not in versions]:
         warnings.append(
             f"{', '.join(missing)} not installed here: this environment cannot build the recipe, and its "
             "build hash differs from one made where they are; `builder list` compares artifacts by the "
             "versions their manifests record"
         )
-    stages = _stages(recipe, loaded_bytes, artifact)
+    stages = _stages(kind, recipe, loaded_bytes, artifact)
+    if isinstance(recipe.quantize, Bnb4Bit) and (kept := kept_layers(recipe.quantize, source.tensors, source.config)):
+        next(stage for stage in stages if stage.name == "quantize").description += (
+            f"; keep {', '.join(kept)} in full precision (output size not a multiple of {PACKED_ROWS}, which "
+            "bitsandbytes' CPU 4-bit kernel needs)"
+        )
     return Plan(
         loaded,
         source,
+        task,
         versions,
         stages,
         source.parameter_count,
         source_bytes,
         artifact,
-        expected_footprint_ratio(recipe, source.tensors, source.config),
+        kind.expected_footprint(recipe, source.tensors, source.config),
         warnings,
     )
 
@@ -173,18 +183,6 @@ def _check_skip_modules(recipe: Recipe, source: ResolvedSource) -> None:
     unmatched = unmatched_skip_modules(recipe, source.tensors, source.config)
     if unmatched:
         raise SourceError("; ".join(f"quantize.skip_modules: {message}" for _, message in unmatched))
-
-
-def load_dtype(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
-    """The dtype from_pretrained loads the source in: `source.dtype`, or for `auto` config.json's, else the first
-    floating checkpoint tensor's (None when none is known)."""
-    if recipe.source.dtype != "auto":
-        return recipe.source.dtype
-    found = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(found, str):
-        return found.removeprefix("torch.")
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-    return next((names[t.dtype] for t in tensors if t.dtype in names), None)
 
 
 def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInfo, ...]) -> str | None:
@@ -202,125 +200,65 @@ def compute_dtype_warning(recipe: Recipe, config: dict, tensors: tuple[TensorInf
     )
 
 
-def expected_footprint_ratio(recipe: Recipe, tensors: tuple[TensorInfo, ...], config: dict) -> float | None:
-    """The memory of the quantized model over the source's, both loaded (what the gate's `footprint_ratio`
-    measures with get_memory_footprint): quantizable Linear weights at 4 or 8 bits, everything else in the load
-    dtype. None for an export or a source without safetensors headers."""
-    quantize = recipe.quantize
-    if quantize is None or not tensors:
-        return None
-    loaded = TORCH_DTYPE_BYTES.get(load_dtype(recipe, config, tensors) or "")
-    source = artifact = 0.0
-    for tensor in tensors:
-        size = tensor.numel * loaded if loaded and tensor.dtype in FLOAT_DTYPES else tensor.nbytes
-        source += size
-        if not is_quantizable(tensor, quantize.skip_modules) or left_alone_by_bnb(tensor, config):
-            artifact += size
-        else:
-            artifact += tensor.numel / 2 if isinstance(quantize, Bnb4Bit) else tensor.numel
-    return round(artifact / source, 4) if source else None
-
-
-FOOTPRINT_MARGIN = 0.05
-UNKNOWN_FOOTPRINT_BOUND = 0.99
-"""The footprint bound when the expected ratio is unknown (no safetensors headers): the artifact must have shrunk."""
-
-
-def footprint_threshold(expected: float | None) -> float:
-    """The gate's default `footprint_ratio`: the expected ratio plus FOOTPRINT_MARGIN, but never past halfway to
-    1.0, the ratio of a build that quantized nothing (a model that is mostly embeddings expects ~0.98)."""
-    if expected is None:
-        return UNKNOWN_FOOTPRINT_BOUND
-    return round(min(expected + FOOTPRINT_MARGIN, (expected + 1) / 2), 4)
-
-
 def _loaded_bytes(tensor: TensorInfo, recipe: Recipe) -> int:
     dtype = recipe.source.dtype
     return TORCH_DTYPE_BYTES.get(dtype, DTYPE_BYTES.get(tensor.dtype, 4))
 
 
-def _expected_artifact_bytes(recipe: Recipe, tensors: tuple[TensorInfo, ...]) -> int:
-    quantize = recipe.quantize
-    if recipe.export is not None:
-        if recipe.export.quantize in ("int4", "nf4", "fp4"):
-            # 4 bits and one float scale (plus a 4-bit zero point for int4) per block of each MatMul weight;
-            # embeddings and 1-D tensors stay float32
-            block = recipe.export.block_size or (32 if recipe.export.quantize == "int4" else 64)
-            per_weight = 0.5 + (4.5 if recipe.export.quantize == "int4" else 4) / block
-            # onnxruntime-genai's model builder quantizes the embedding table too (GatherBlockQuantized)
-            genai = recipe.export.exporter == "genai"
-            return int(
-                sum(
-                    t.numel * (per_weight if len(t.shape) == 2 and (genai or not EMBEDDING_NAMES.search(t.name)) else 4)
-                    for t in tensors
-                )
-            )
-        if recipe.export.quantize == "int8":  # 8 bits, one float scale and a zero point per block (genai exporter)
-            block = recipe.export.block_size or 32
-            return int(sum(t.numel * ((1 + 5 / block) if len(t.shape) == 2 else 4) for t in tensors))
-        per_element = 1 if recipe.export.quantize == "dynamic-int8" else (4 if recipe.export.dtype == "float32" else 2)
-        return sum(t.numel for t in tensors) * per_element
-    total = 0.0
-    for tensor in tensors:
-        if quantize is None or not is_quantizable(tensor, quantize.skip_modules):
-            total += tensor.numel * _loaded_bytes(tensor, recipe)
-        elif isinstance(quantize, Bnb4Bit):
-            # 4 bits a weight, plus one absmax per 64-block (fp32, or uint8 + fp32 per 256 blocks with double quant)
-            scales = tensor.numel / 64 * (1 + 4 / 256) if quantize.double_quant else tensor.numel / 64 * 4
-            total += tensor.numel / 2 + scales
-        else:
-            total += tensor.numel + tensor.shape[0] * 4  # int8 weights + one fp32 scale per row
-    return int(total)
-
-
 def build_stages(recipe: Recipe) -> tuple[str, ...]:
     """The stages of a build, in order: what `builder plan` lists and `builder build` counts ([1/4] ...)."""
-    return ("resolve", build_kind(recipe), "verify", "write")
+    return ("resolve", kind_of(recipe).STAGE, "verify", "write")
 
 
-def _stages(recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stage]:
-    """`build_stages` with what each does and the peak memory it needs."""
+def _stages(kind: BuildKind, recipe: Recipe, loaded_bytes: int, artifact_bytes: int) -> list[Stage]:
+    """`build_stages` with what each does and the peak memory it needs (the kind says what its stage does)."""
+    what, peak, verify = kind.describe(recipe, loaded_bytes, artifact_bytes)
     described = {
         "resolve": Stage("resolve", "pin the source (commit sha or content digest) and read its config"),
+        kind.STAGE: Stage(kind.STAGE, what, peak),
+        "verify": Stage("verify", verify, loaded_bytes + artifact_bytes),
         "write": Stage("write", "manifest.json, recipe.lock.yaml, verify-report.json, README.md; then rename"),
     }
-    if recipe.export is not None:
-        export = recipe.export
-        what = [
-            f"load the source as {recipe.source.dtype}, export to ONNX (opset {export.opset}, {export.dtype}, "
-            f"exporter {export.exporter})"
-        ]
-        if export.exporter == "genai":  # hook: the model builder loads, exports and quantizes in one subprocess
-            what = [
-                f"onnxruntime-genai's model builder in a subprocess ({export.dtype}"
-                f"{', ' + export.quantize if export.quantize != 'none' else ''}, {export.provider}): fused attention "
-                "with the KV cache, genai_config.json"
-            ]
-        peak = loaded_bytes * 2
-        if export.optimize != "none":
-            what.append(f"onnxruntime transformer optimizer {export.optimize}")
-            peak = max(peak, artifact_bytes * 2)
-        if export.quantize != "none" and export.exporter != "genai":
-            what.append("onnxruntime dynamic int8 quantization")
-            peak = max(peak, artifact_bytes * 5)
-        described["export"] = Stage("export", "; ".join(what), peak)
-        verify_on = export.verify_on or export.provider
-        described["verify"] = Stage(
-            "verify", f"compare with the PyTorch source on {verify_on}", loaded_bytes + artifact_bytes
-        )
-    else:
-        method = recipe.quantize.method if recipe.quantize else "none"
-        what = [
-            f"quantize ({method}): streamed tensor by tensor when transformers' module selection allows it, else "
-            "loaded and quantized by transformers",
-            "write safetensors, config, tokenizer, generation config",
-        ]
-        if recipe.quantize is not None and recipe.quantize.dequantize:
-            what.append("write a dequantized checkpoint")
-        described["quantize"] = Stage("quantize", "; ".join(what), loaded_bytes + artifact_bytes)
-        described["verify"] = Stage(
-            "verify",
-            "reload the artifact with stock transformers and compare with the source",
-            loaded_bytes + artifact_bytes,
-        )
     return [described[name] for name in build_stages(recipe)]
+
+
+def source_problems(loaded: LoadedRecipe) -> list[Problem]:
+    """What `validate` can check of a local source without torch, located in the recipe: the folder exists and
+    is a model folder, its safetensors headers read, every `quantize.skip_modules` entry names a module, and the
+    license the artifact's card would inherit from the folder's README.md is the Hub's."""
+    import json
+
+    folder = loaded.source_path
+    if folder is None:
+        return []  # a Hub source: checked by `plan`, which may reach the network
+    where = loaded.where(("source", "model"))
+    if not folder.is_dir():
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} does not exist; check `source.model` "
+                "(relative paths are relative to the recipe file)",
+            )
+        ]
+    if not (folder / "config.json").is_file():
+        return [
+            Problem(
+                where,
+                "source.model",
+                f"source folder {folder} has no config.json; point `source.model` at "
+                "a Hugging Face model folder (the one save_pretrained writes)",
+            )
+        ]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tensors = tuple(t for file in local_weight_files(folder) for t in read_header(file))
+    except (SourceError, ValueError, OSError) as error:
+        return [Problem(where, "source.model", str(error))]
+    problems = [
+        Problem(loaded.where(("quantize", "skip_modules", str(index))), f"quantize.skip_modules.{index}", message)
+        for index, message in unmatched_skip_modules(loaded.recipe, tensors, config if isinstance(config, dict) else {})
+    ]
+    if (license_problem := inherited_license_problem(loaded)) is not None:
+        problems.append(license_problem)
+    return problems

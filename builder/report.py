@@ -2,9 +2,10 @@
 
 Per source: a size vs quality scatter for each quality metric the gate checks (KL divergence, top-1 agreement,
 perplexity ratio for causal LMs; lowest cosine and max abs difference for encoders), with the Pareto front among the
-passing artifacts marked and the gate thresholds drawn as lines; latency and throughput bars where the verification
-measured them; and a table of every figure linking each artifact's README.md card. Builds kept by `builder build
---keep-failed` (`<artifacts>/.failed/<name>/`: the files and verify-report.json, no manifest) are drawn as failed.
+passing artifacts marked and the gate thresholds drawn as lines; latency bars (one chart per set of inputs they were
+timed on) and throughput bars where the verification measured them; and a table of every figure linking each
+artifact's README.md card. Builds kept by `builder build --keep-failed` (`<artifacts>/.failed/<name>/`: the files and
+verify-report.json, no manifest) are drawn as failed.
 
 `report_data` gathers what the page is drawn from (also what `--json` prints); `builder.report_page` draws it.
 Reads JSON files only: no torch, no network.
@@ -12,10 +13,11 @@ Reads JSON files only: no torch, no network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -24,13 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from builder.artifact import FAILED_DIR, Manifest, load_manifest
 from builder.console import say
 from builder.errors import ArtifactError, BuilderError
+from builder.gates import GATES
+from builder.recipe import Bnb4Bit, is_local_path
 from builder.report_page import render_html
-from builder.steps.gate import GATES, REPORT_FILE
+from builder.steps.gate import REPORT_FILE
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: a group's `model`; a row's `latency_inputs` and `latency_inputs_id` replace `latency_basis`
 
 # Quality metrics in the order they are charted, with their axis labels. Better is lower or higher as the gate
-# bounds them (builder.steps.verify.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
+# bounds them (builder.gates.GATES: "max" -> lower is better); footprint_ratio is size, not quality.
 QUALITY_LABELS = {
     "kl_divergence_mean": "KL divergence, mean (nats)",
     "top1_agreement": "top-1 agreement",
@@ -38,7 +42,7 @@ QUALITY_LABELS = {
     "cosine_min": "cosine similarity, lowest",
     "max_abs_diff": "max abs difference",
 }
-_GATE_OF = {metric: (key, bound) for key, (metric, bound) in GATES.items()}
+_GATE_OF = {gate.metric: (key, gate.direction) for key, gate in GATES.items()}
 # A failed build's config.json is matched to a built artifact's without what quantizing or exporting changes.
 _BUILD_CONFIG_KEYS = {"quantization_config", "dtype", "torch_dtype", "transformers_version", "_name_or_path"}
 _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".bin")
@@ -76,6 +80,13 @@ class _Performance(_Read):
     latency_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
 
 
+class _Inputs(_Read):
+    """What the verification fed: the evaluation text (by digest) and the prompts."""
+
+    eval_text_sha256: str | None = None
+    prompts: list[str] | None = None
+
+
 class _Verification(_Read):
     """The fields of a verification report (verify-report.json, a manifest's `verification`) the page shows."""
 
@@ -87,6 +98,7 @@ class _Verification(_Read):
     thresholds: dict[str, _Figure] | None = None
     failures: list[_Failure] | None = None
     performance: _Performance | None = None
+    inputs: _Inputs | None = None
 
 
 class _Footprint(_Read):
@@ -299,9 +311,7 @@ def _row(
         "failures": [f.message for f in failures],
         "failed_metrics": [f.metric for f in failures],
         "latency_ms": performance.candidate_latency_ms,
-        "latency_basis": (
-            f"{performance.latency_tokens} tokens, batch 1" if performance.latency_tokens else "the verification inputs"
-        ),
+        **_latency_inputs(name, verification),
         "reference_latency_ms": performance.reference_latency_ms,
         "throughput_tokens_per_s": performance.candidate_throughput_tokens_per_s,
         "reference_throughput_tokens_per_s": performance.reference_throughput_tokens_per_s,
@@ -309,6 +319,24 @@ def _row(
         "built_at": built_at,
         "superseded": False,
     }
+
+
+def _latency_inputs(name: str, verification: _Verification) -> dict[str, str]:
+    """What the latency was timed on, in words (`latency_inputs`) and as a key equal only for the same inputs
+    (`latency_inputs_id`): latencies of different inputs are not comparable. The transformers verifier times
+    `latency_tokens` tokens of the evaluation text at batch 1; the ONNX verifier times its prompts."""
+    tokens = (verification.performance or _Performance()).latency_tokens
+    inputs = verification.inputs or _Inputs()
+    if tokens:
+        text = inputs.eval_text_sha256 or ""
+        return {"latency_inputs": f"{tokens} tokens, batch 1", "latency_inputs_id": f"tokens:{tokens}:{text}"}
+    if inputs.prompts:
+        digest = hashlib.sha256(json.dumps(inputs.prompts).encode()).hexdigest()
+        return {
+            "latency_inputs": f"the {len(inputs.prompts)} verification prompts #{digest[:8]}",
+            "latency_inputs_id": f"prompts:{digest}",
+        }
+    return {"latency_inputs": "inputs not recorded", "latency_inputs_id": f"unknown:{name}"}
 
 
 def _source_key(row: dict) -> str | None:
@@ -357,6 +385,7 @@ def _group(rows: list[dict], x_field: str) -> dict:
         r["source_bytes"] for r in rows if r["source_bytes"]
     ]
     return {
+        "model": model_name(sources[0]),
         "source": sources[0],
         "source_aliases": sources[1:],
         "revision": rows[0]["revision"],
@@ -365,6 +394,14 @@ def _group(rows: list[dict], x_field: str) -> dict:
         "charts": charts,
         "artifacts": rows,
     }
+
+
+def model_name(source: str | None) -> str | None:
+    """What a source is called: a Hub id as it is, a local folder by its folder name (`../../models/x` -> `x`; not
+    config.json's `_name_or_path`, which may name the model it was fine-tuned from)."""
+    if source is None or not is_local_path(source):
+        return source
+    return PurePosixPath(source.replace("\\", "/").rstrip("/")).name or source
 
 
 def pareto_front(points: list[tuple[str, float | None, float | None]], *, higher_is_better: bool) -> set[str]:
@@ -399,10 +436,15 @@ def _config_signature(folder: Path) -> str | None:
     return json.dumps({k: v for k, v in config.items() if k not in _BUILD_CONFIG_KEYS}, sort_keys=True)
 
 
+DEFAULT_BLOCKSIZE = Bnb4Bit.model_fields["blocksize"].default
+
+
 def _method(recipe: dict[str, Any]) -> str | None:
     """What the build did, in a few words: "bnb-4bit nf4 dq", "bnb-8bit", "onnx float32 dynamic-int8"."""
     if isinstance(quantize := recipe.get("quantize"), dict):
         words = [quantize.get("method"), quantize.get("quant_type"), "dq" if quantize.get("double_quant") else None]
+        if quantize.get("blocksize", DEFAULT_BLOCKSIZE) != DEFAULT_BLOCKSIZE:
+            words.append(f"blocksize {quantize['blocksize']}")
     elif isinstance(export := recipe.get("export"), dict):
         words = [export.get("format"), export.get("dtype"), export.get("quantize")]
         words = [w for w in words if w != "none"]

@@ -25,8 +25,10 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; } svg .title { font-siz
 .source-line { stroke: #888; stroke-dasharray: 2 3; }
 .bar-passed { fill: #4c72b0; } .bar-failed { fill: #fff; stroke: #c44e52; stroke-width: 2; stroke-dasharray: 3 2; }
 .reference { stroke: #222; stroke-width: 2; }
-table { border-collapse: collapse; margin-top: 12px; font-size: 13px; } .table { overflow-x: auto; }
+table { border-collapse: collapse; margin-top: 12px; font-size: 13px; }
+.table { overflow-x: auto; max-width: 100%; } /* a table wider than the page scrolls in its own box */
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th, td.text { white-space: normal; } th { vertical-align: bottom; min-width: 4em; }
 th:first-child, td:first-child, td.text { text-align: left; } th { background: #f3f3f3; }
 tr.failed td:first-child { border-left: 4px solid #c44e52; }
 tr.pareto td:first-child { border-left: 4px solid #dd8452; }
@@ -88,7 +90,10 @@ def _legend() -> Html:
 
 def _group(group: dict, axis: dict) -> Html:
     source = group["source"] or "unknown source"
-    about = [group["task"] or "task unknown"] + [f"also {alias}" for alias in group["source_aliases"]]
+    about = [group["task"] or "task unknown"]
+    if group["source"] != group["model"]:  # a local folder: where it was read from
+        about.append(f"from {group['source']}")
+    about += [f"also {alias}" for alias in group["source_aliases"]]
     about += [f"revision {group['revision']}"] if group["revision"] else []
     if group["source_bytes"]:
         about.append(f"source weights {format_size(group['source_bytes'])}")
@@ -97,13 +102,14 @@ def _group(group: dict, axis: dict) -> Html:
     parts = [
         html('<section class="group" data-source="{source}">', source=source),
         html(
-            '<h2>{source}</h2><p class="muted">{about}</p><div class="charts">', source=source, about="; ".join(about)
+            '<h2>{model}</h2><p class="muted">{about}</p><div class="charts">',
+            model=group["model"] or source,
+            about="; ".join(about),
         ),
     ]
     parts += [scatter(group, chart, axis) for chart in group["charts"]]
     rows = [a for a in group["artifacts"] if not a["superseded"]]
-    if any(a["latency_ms"] is not None for a in rows):
-        parts.append(bars(rows, "latency_ms", "reference_latency_ms", "latency per forward (ms, lower is better)"))
+    parts += _latency_charts(rows)
     if any(a["throughput_tokens_per_s"] is not None for a in rows):
         parts.append(
             bars(
@@ -117,6 +123,27 @@ def _group(group: dict, axis: dict) -> Html:
     parts.append(_table(group))
     parts.append(Html("</section>"))
     return join(parts, "\n")
+
+
+def _latency_charts(rows: list[dict]) -> list[Html]:
+    """One latency chart per set of inputs the latency was timed on: a latency on other inputs (another length, another
+    verifier) is not comparable, so it never shares an axis."""
+    by_inputs: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["latency_ms"] is not None:
+            by_inputs.setdefault(row["latency_inputs_id"], []).append(row)
+    note = "other inputs than the other latency charts: not comparable" if len(by_inputs) > 1 else None
+    return [
+        bars(
+            rows,
+            "latency_ms",
+            "reference_latency_ms",
+            f"latency per forward on {same[0]['latency_inputs']} (ms, lower is better)",
+            note=note,
+            only=same,
+        )
+        for same in by_inputs.values()
+    ]
 
 
 # --- table -----------------------------------------------------------------------------------------------------
@@ -137,7 +164,7 @@ def _table(group: dict) -> Html:
     lines = [
         html(
             '<div class="table"><table><thead><tr>{cells}</tr></thead><tbody>',
-            cells=join(html("<th>{h}</th>", h=h) for h in head),
+            cells=join(html("<th>{h}</th>", h=join(h.split("_"), Html("_<wbr>"))) for h in head),
         )
     ]
     for a in group["artifacts"]:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from builder.markup import Html, html, join
 
 WIDTH, HEIGHT = 600, 360
-LEFT, RIGHT, TOP, BOTTOM = 72, 170, 24, 52  # the right margin holds the threshold and point labels
+# The right margin holds the threshold and point labels; the top one the source model's size above its line.
+LEFT, RIGHT, TOP, BOTTOM = 72, 170, 40, 52
 _LOG_DECADES = 12
 # --- scatter ---------------------------------------------------------------------------------------------------
 
@@ -28,38 +29,42 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
     source_bytes = group["source_bytes"] if field == "size_bytes" else None
     across = [a[field] for a in drawn] + ([source_bytes] if source_bytes else [])
     values = [a["metrics"][metric] for a in drawn] + [t["value"] for t in chart["thresholds"]]
-    x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
+    if field == "size_bytes" and len({a[field] for a in drawn}) < 2:
+        # One size alone says nothing against itself: from 0, it is read against the source model's line.
+        x = _Axis(0, max(across or [1]) * 1.08, LEFT, WIDTH - RIGHT, log=False)
+    else:
+        x = _Axis.fitting(across or [1], LEFT, WIDTH - RIGHT, log=False)
     x.format = format_size if field == "size_bytes" else format_number
     y = _Axis.fitting(values, HEIGHT - BOTTOM, TOP, log=chart["better"] == "lower" and _spans_decades(values))
     short = _short_names([a["name"] for a in group["artifacts"]])
+    title = f"{chart['label']} ({chart['better']} is better) vs {'size' if field == 'size_bytes' else 'bits'}"
+    # How far right text reaches: the chart widens to hold its longest label (the plot area keeps its size).
+    reach = [LEFT + text_width(title, 14)]
     out = [
-        html(
-            '<svg class="chart scatter" data-metric="{metric}" width="{width}" height="{height}" '
-            'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
-            metric=metric,
-            width=WIDTH,
-            height=HEIGHT,
-        ),
         html("<title>{label} vs size</title>", label=chart["label"]),
-        html(
-            '<text class="title" x="{x}" y="16">{label} ({better} is better) vs {across}</text>',
-            x=LEFT,
-            label=chart["label"],
-            better=chart["better"],
-            across="size" if field == "size_bytes" else "bits",
-        ),
+        html('<text class="title" x="{x}" y="16">{title}</text>', x=LEFT, title=title),
         _x_axis(x, axis["label"]),
         _y_axis(y, chart["label"]),
     ]
     if source_bytes:
+        # Labelled above the plot, beside its line (left of it, or right of it near the y axis): no gate label or
+        # tick label is there.
+        line_x = x(source_bytes)
+        anchor, label_x = ("start", line_x + 4) if line_x < LEFT + 100 else ("end", line_x - 4)
         out.append(
             html(
-                '<line class="source-line" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
-                "<title>source model: {size}</title></line>",
-                x=x(source_bytes),
-                top=TOP,
+                '<line class="source-line" data-value="{value}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
+                "<title>source model: {size}</title></line>"
+                '<text class="source-label" x="{label_x:.1f}" y="{label_y}" text-anchor="{anchor}">'
+                "source {size}</text>",
+                value=source_bytes,
+                x=line_x,
+                top=TOP - 10,
                 bottom=HEIGHT - BOTTOM,
-                size=format_size(group["source_bytes"]),
+                size=format_size(source_bytes),
+                label_x=label_x,
+                label_y=TOP - 4,
+                anchor=anchor,
             )
         )
     label_ys = _spread([y(t["value"]) for t in chart["thresholds"]], gap=12)
@@ -70,6 +75,7 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
             applies = ""  # one gate for all
         else:
             applies = " · " + (", ".join(short[n] for n in names) if len(names) <= 2 else f"{len(names)} artifacts")
+        reach.append(WIDTH - RIGHT + 4 + text_width(f"gate {sign} {format_number(threshold['value'])}{applies}"))
         out.append(
             html(
                 '<line class="threshold" data-value="{value}" x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}">'
@@ -110,15 +116,17 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
             labels.append((px, py, [short[a["name"]]]))
         else:
             spot.append(short[a["name"]])
-    for px, py, names in labels:  # left of a point near the right edge, clear of the threshold labels
-        if px > WIDTH - RIGHT - 70:
+    for px, py, names in labels:  # left of a point near the right edge (when it fits), clear of the gate labels
+        label = ", ".join(names)
+        if px > WIDTH - RIGHT - 70 and px - 11 - text_width(label) >= 0:
             template = '<text x="{x:.1f}" text-anchor="end" y="{y:.1f}">{names}</text>'
-            out.append(html(template, x=px - 11, y=py + 4, names=", ".join(names)))
+            out.append(html(template, x=px - 11, y=py + 4, names=label))
         else:
-            out.append(
-                html('<text x="{x:.1f}" y="{y:.1f}">{names}</text>', x=px + 11, y=py + 4, names=", ".join(names))
-            )
+            out.append(html('<text x="{x:.1f}" y="{y:.1f}">{names}</text>', x=px + 11, y=py + 4, names=label))
+            reach.append(px + 11 + text_width(label))
     if missing:
+        names = ", ".join(short[n] for n in missing)
+        reach.append(LEFT + text_width(f"not drawn (no {axis['label']} or no {metric}): {names}"))
         out.append(
             html(
                 '<text x="{x}" y="{y}">not drawn (no {across} or no {metric}): {names}</text>',
@@ -126,11 +134,18 @@ def scatter(group: dict, chart: dict, axis: dict) -> Html:
                 y=HEIGHT - 6,
                 across=axis["label"],
                 metric=metric,
-                names=", ".join(short[n] for n in missing),
+                names=names,
             )
         )
-    out.append(Html("</svg>"))
-    return join(out, "\n")
+    width = max(WIDTH, math.ceil(max(reach) + 8))
+    svg = html(
+        '<svg class="chart scatter" data-metric="{metric}" width="{width}" height="{height}" '
+        'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg" role="img">',
+        metric=metric,
+        width=width,
+        height=HEIGHT,
+    )
+    return join([svg, *out, Html("</svg>")], "\n")
 
 
 def _point(artifact: dict, metric: str, px: float, py: float, pareto: bool, across: str) -> Html:
@@ -173,7 +188,7 @@ def _x_axis(x: _Axis, label: str) -> Html:
             '<g class="axis"><line x1="{left}" y1="{y}" x2="{right}" y2="{y}"/>', left=LEFT, right=WIDTH - RIGHT, y=base
         )
     ]
-    for tick in x.ticks():
+    for tick, shown in x.tick_labels():
         parts.append(
             html(
                 '<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{y}"/>'
@@ -182,7 +197,7 @@ def _x_axis(x: _Axis, label: str) -> Html:
                 top=TOP,
                 y=base,
                 text_y=base + 16,
-                tick=x.format(tick),
+                tick=shown,
             )
         )
     parts.append(
@@ -205,7 +220,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
             bottom=HEIGHT - BOTTOM,
         )
     ]
-    for tick in y.ticks():
+    for tick, shown in y.tick_labels():
         parts.append(
             html(
                 '<line class="grid" x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>'
@@ -215,7 +230,7 @@ def _y_axis(y: _Axis, label: str) -> Html:
                 y=y(tick),
                 text_x=LEFT - 6,
                 text_y=y(tick) + 4,
-                tick=format_number(tick),
+                tick=shown,
             )
         )
     parts.append(
@@ -257,6 +272,15 @@ class _Axis:
             lo, hi = self.lo, self.hi
         return self.start + (value - lo) / (hi - lo) * (self.end - self.start)
 
+    def tick_labels(self) -> list[tuple[float, str]]:
+        """The ticks with labels precise enough to tell neighbours apart (0.9999, 0.99995, 1 rather than 1, 1, 1)."""
+        ticks = self.ticks()
+        for digits in range(4, 13):
+            labels = [self.format(tick, digits) for tick in ticks]
+            if len(set(labels)) == len(labels):
+                break
+        return list(zip(ticks, labels, strict=True))
+
     def ticks(self) -> list[float]:
         if self.log:
             return [10.0**e for e in range(math.ceil(math.log10(self.lo)), math.floor(math.log10(self.hi)) + 1)]
@@ -284,16 +308,35 @@ def _spans_decades(values: list[float]) -> bool:
 # --- bars ------------------------------------------------------------------------------------------------------
 
 
-def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html:
-    shown = [r for r in rows if r[field] is not None]
-    # Latency is timed on what each verifier feeds (transformers: a fixed number of tokens at batch 1; ONNX Runtime:
-    # the verification inputs); say so on each bar when one chart mixes them.
-    mixed = len({r["latency_basis"] for r in shown}) > 1 and field == "latency_ms"
+def bars(
+    rows: list[dict],
+    field: str,
+    reference_field: str,
+    title: str,
+    *,
+    note: str | None = None,
+    only: list[dict] | None = None,
+) -> Html:
+    """A bar per row that measured `field` (of those in `only`, when given; names are shortened against all `rows`,
+    as in the other charts), with the source model's figure from the same run as a black tick. Three columns: the
+    names (as wide as the longest), the bars, and the figures ("38 · source 30"), so no text crosses a bar or a tick
+    whatever the values."""
+    shown = [r for r in (rows if only is None else only) if r[field] is not None]
     short = _short_names([r["name"] for r in rows])
-    row_height, left, width = 24, 130, WIDTH
-    height = TOP + 20 + row_height * len(shown) + 30
+    figures = {
+        r["name"]: format_number(r[field])
+        + ("" if r[reference_field] is None else f" · source {format_number(r[reference_field])}")
+        for r in shown
+    }
+    row_height, bar_width, first_row = 24, 300, 36
+    left = 12 + max(text_width(short[r["name"]]) for r in shown)
+    right = left + bar_width + 8 + max(text_width(f) for f in figures.values()) + 12
+    footer = "black tick: the source model in the same verification run"
+    lines = [footer] + ([note] if note else [])
+    width = math.ceil(max(right, 24 + max(text_width(t) for t in lines), 24 + text_width(title, 14)))
+    height = first_row + 8 + row_height * len(shown) + 16 * len(lines) + 14
     top = max([r[field] for r in shown] + [r[reference_field] or 0 for r in shown])
-    x = _Axis(0, top * 1.1 or 1, left, width - 60, log=False)
+    x = _Axis(0, top * 1.1 or 1, left, left + bar_width, log=False)
     out = [
         html(
             '<svg class="chart bars" data-field="{field}" width="{width}" height="{height}" '
@@ -302,10 +345,10 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
             width=width,
             height=height,
         ),
-        html('<title>{title}</title><text class="title" x="{x}" y="16">{title}</text>', title=title, x=left),
+        html('<title>{title}</title><text class="title" x="12" y="16">{title}</text>', title=title),
     ]
     for index, r in enumerate(shown):
-        by = TOP + 12 + index * row_height
+        by = first_row + index * row_height
         bar = x(r[field]) - left
         out.append(
             html(
@@ -313,7 +356,7 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
                 '<rect class="bar-{status}" data-artifact="{name}" data-status="{status}" data-value="{value}" '
                 'x="{x}" y="{y}" width="{width:.1f}" height="{height}">'
                 "<title>{name}: {shown} on {device}</title></rect>"
-                '<text x="{value_x:.1f}" y="{text_y}">{shown}{basis}</text>',
+                '<text class="figure" x="{value_x}" y="{text_y}">{figures}</text>',
                 label_x=left - 6,
                 text_y=by + 14,
                 short=short[r["name"]],
@@ -326,28 +369,25 @@ def bars(rows: list[dict], field: str, reference_field: str, title: str) -> Html
                 height=row_height - 6,
                 shown=format_number(r[field]),
                 device=str(r["device"]),
-                value_x=left + bar + 4,
-                basis=f" ({r['latency_basis']})" if mixed else "",
+                value_x=left + bar_width + 8,
+                figures=figures[r["name"]],
             )
         )
         if r[reference_field] is not None:
             out.append(
                 html(
-                    '<line class="reference" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
-                    "<title>source model, same run: {value}</title></line>",
+                    '<line class="reference" data-value="{value}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}">'
+                    "<title>source model, same run: {shown}</title></line>",
+                    value=r[reference_field],
                     x=x(r[reference_field]),
                     top=by - 2,
                     bottom=by + row_height - 4,
-                    value=format_number(r[reference_field]),
+                    shown=format_number(r[reference_field]),
                 )
             )
-    out.append(
-        html(
-            '<text x="{x}" y="{y}">black tick: the source model in the same verification run</text></svg>',
-            x=left,
-            y=height - 8,
-        )
-    )
+    for index, line in enumerate(lines):
+        out.append(html('<text x="12" y="{y}">{line}</text>', y=height - 8 - 16 * (len(lines) - 1 - index), line=line))
+    out.append(Html("</svg>"))
     return join(out, "\n")
 
 
@@ -366,18 +406,25 @@ def _short_names(names: list[str]) -> dict[str, str]:
     return {n: n[cut:] or n for n in names}
 
 
-def format_size(n: float | None) -> str:
+def text_width(text: str, font_px: float = 11) -> float:
+    """A generous estimate of `text`'s drawn width in pixels (system-ui; wide letters count more), so a chart sized
+    by it holds its labels."""
+    wide = sum(1 for c in text if c.isupper() or c in "mwMW@%")
+    return font_px * (0.62 * len(text) + 0.3 * wide)
+
+
+def format_size(n: float | None, digits: int = 3) -> str:
     if n is None:
         return "-"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{n / scale:.{digits}g} {unit}"
     return f"{n:.0f} B"
 
 
-def format_number(value) -> str:
+def format_number(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"
-    return f"{value:.4g}"
+    return f"{value:.{digits}g}"

@@ -1,7 +1,7 @@
 """`builder verify ARTIFACT`: re-run an existing artifact's gate against the source its manifest records.
 
-The checks are the build's (`builder.steps.verify.run_checks`, `builder.steps.verify_onnx.onnx_report`); what is
-this module's is finding that source again and refusing one whose content changed since the build.
+The checks are the build's (its kind's `reverify`: `builder.kinds`); what is this module's is finding that source
+again and refusing one whose content changed since the build.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from builder.artifact import (
     write_manifest,
 )
 from builder.errors import ArtifactError, BuildError, SourceError
+from builder.kinds import kind_of
 from builder.recipe import Recipe
 from builder.source import folder_digest
 from builder.steps.gate import write_report
 from builder.steps.load import download
-from builder.steps.verify import run_checks
-from builder.steps.verify_onnx import onnx_report
+from builder.verification import VerificationReport
 
 
 def reverify(
@@ -37,7 +37,7 @@ def reverify(
     device: str | None = None,
     use_cache: bool = True,
     max_gpu_memory: int | None = None,
-) -> dict:
+) -> VerificationReport:
     """Re-run the checks of the artifact in `artifact_dir` against the source its manifest records; returns the
     report. Refuses (`SourceError`) when that source is gone or its content changed, and (`ArtifactError`) a
     manifest or lock file it cannot read. With `write`, rewrites verify-report.json and the manifest's
@@ -53,24 +53,12 @@ def reverify(
     import torch  # deferred: the checks need it, importing builder must not
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    task = manifest.source.task or recipe.source.task
-    if task is None:
+    if manifest.source.task is None:
         raise BuildError(f"{artifact_dir}/manifest.json records no task; rebuild the artifact")
-    if recipe.export is not None:
-        if manifest.onnx is None:
-            raise BuildError(f"{artifact_dir}/manifest.json has no `onnx` record of the export; rebuild the artifact")
-        report = onnx_report(recipe, manifest.onnx, artifact_dir, source_dir, device)
-    else:
-        report = run_checks(
-            recipe,
-            task,
-            source_dir,
-            artifact_dir,
-            device,
-            revision=manifest.source.revision,
-            use_cache=use_cache,
-            max_device_memory=max_gpu_memory,
-        )
+    options = {"use_cache": use_cache, "max_gpu_memory": max_gpu_memory}
+    report = VerificationReport.model_validate(
+        kind_of(recipe).reverify(manifest, recipe, artifact_dir, source_dir, device, **options)
+    )
     if write:
         write_report(artifact_dir, report)
         updated = manifest.model_copy(update={"verification": report, "files": file_table(artifact_dir)})

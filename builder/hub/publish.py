@@ -92,9 +92,9 @@ def check_publishable(artifact_dir: Path, manifest: Manifest) -> dict[str, Path]
     """Refuse unverified or failed builds, files that are not the ones the manifest hashed (or not regular files
     inside the folder: `artifact_file`), and unpinned sources. Returns the listed files' paths."""
 
-    verification = manifest.verification or {}
     if not manifest.passed:
-        failures = "; ".join(f.get("message", str(f)) for f in verification.get("failures") or ()) or "no report"
+        missed = manifest.verification.failures if manifest.verification else []
+        failures = "; ".join(failure.message for failure in missed) or "no report"
         raise PublishError(
             f"{artifact_dir} did not pass verification ({failures}); only verified builds are "
             "published: fix the recipe or its thresholds and rebuild"
@@ -395,15 +395,14 @@ def _differences(upload: Upload, tree: dict) -> list[str]:
 
 
 def _description(manifest: Manifest) -> str:
-    verification = manifest.verification or {}
     metrics = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in sorted((verification.get("metrics") or {}).items())
+        for k, v in sorted((manifest.verification.metrics if manifest.verification else {}).items())
     )
     return (
         f"builder artifact {manifest.name}\n\nbuild hash: {manifest.build_hash}\n"
         f"source: {manifest.source.model} @ {manifest.source.revision}\n"
-        f"verification: {'passed' if verification.get('passed') else 'not passed'} ({metrics})\n"
+        f"verification: {'passed' if manifest.passed else 'not passed'} ({metrics})\n"
     )
 
 

@@ -7,7 +7,7 @@ validates the result against `Recipe`. The JSON Schema that editors use comes fr
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,13 +16,15 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from builder.gates import GATES
 from builder.recipe.licenses import license_problem
 from builder.recipe.wording import not_one_of, show
-from builder.tasks import TASKS
+from builder.tasks import FAMILIES, TASKS
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,95}$"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
@@ -238,6 +240,13 @@ class Bnb4Bit(Block):
     quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = Field(
         default="uint8", description="Storage dtype of the packed 4-bit weights (match it to FSDP's dtype)."
     )
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        default=64,
+        description="Weights per block, each with its own float32 scale (absmax): smaller blocks follow the "
+        "weights more closely and cost more scales (5 bits/param at 32, 4.5 at 64, before double_quant). It must "
+        "divide every quantized layer's input size (`builder plan` names the sizes that do); a size other than 64 "
+        "is written by the streaming quantizer only.",
+    )
     skip_modules: SkipModules = Field(
         default=(), description="Module names (or name suffixes) kept unquantized, e.g. lm_head."
     )
@@ -408,25 +417,24 @@ class OnnxExport(Block):
         return None
 
 
-class Thresholds(Block):
-    top1_agreement: StrictFloat | None = Field(
-        default=None, ge=0, le=1, description="Minimum share of positions whose top-1 next token matches (LMs)."
-    )
-    kl_divergence: StrictFloat | None = Field(
-        default=None, ge=0, description="Maximum mean KL divergence of next-token distributions, in nats (LMs)."
-    )
-    perplexity_ratio: StrictFloat | None = Field(
-        default=None, ge=1, description="Maximum perplexity ratio candidate/reference on the evaluation text (LMs)."
-    )
-    max_abs_diff: StrictFloat | None = Field(
-        default=None, gt=0, description="Maximum absolute difference of outputs (ONNX) or hidden states (encoders)."
-    )
-    cosine: StrictFloat | None = Field(
-        default=None, ge=-1, le=1, description="Minimum cosine similarity of pooled embeddings (encoders)."
-    )
-    footprint_ratio: StrictFloat | None = Field(
-        default=None, gt=0, description="Maximum memory footprint ratio candidate/reference."
-    )
+def _thresholds_model() -> type[Block]:
+    """`verify.thresholds`: one optional field per gate a recipe may set, from the metric table (`builder.gates`),
+    so a new gate is a new field without a second list to keep equal."""
+    fields: dict = {
+        key: (StrictFloat | None, Field(default=None, description=gate.description, ge=gate.ge, le=gate.le, gt=gate.gt))
+        for key, gate in GATES.items()
+        if gate.recipe
+    }
+    return create_model("Thresholds", __base__=Block, __module__=__name__, **fields)
+
+
+if TYPE_CHECKING:
+
+    class Thresholds(Block):
+        """Overrides of the gate's default bounds (fields: `builder.gates.RECIPE_GATES`)."""
+
+else:
+    Thresholds = _thresholds_model()
 
 
 class Verify(Block):
@@ -524,8 +532,12 @@ class Recipe(Block):
                     "fp32_cpu_offload needs `load.device_map` to put some modules on cpu and the rest on a GPU "
                     "(with everything on one device it quantizes nothing or offloads nothing)",
                 )
-        if self.export is not None and self.export.with_past and self.source.task not in (None, "text-generation"):
-            raise RuleViolation(("export", "with_past"), f"with_past is for text-generation, not {self.source.task}")
+        if self.export is not None and self.export.with_past and self.source.task is not None:
+            decoders = [task for family in FAMILIES.values() if family.GRAPH == "decoder" for task in family.TASKS]
+            if self.source.task not in decoders:
+                raise RuleViolation(
+                    ("export", "with_past"), f"with_past is for {', '.join(decoders)}, not {self.source.task}"
+                )
         return self
 
 

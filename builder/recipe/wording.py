@@ -92,4 +92,6 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 def not_one_of(value: Any, choices: tuple[str, ...]) -> str:
     """`'nf5' is not one of nf4, fp4 (did you mean 'nf4'?)`; long lists show their first eight."""
     shown = ", ".join(choices) if len(choices) <= 8 else ", ".join(choices[:8]) + ", ..."
+    if isinstance(value, str) and value in choices:  # a quoted number where the choices are numbers
+        return f"{show(value)} is not one of {shown} (write it without quotes)"
     return f"{show(value)} is not one of {shown}{did_you_mean(value, choices)}"

@@ -23,7 +23,9 @@ from builder.context import BuildContext
 from builder.errors import BuildError, MissingDependency
 from builder.recipe import OnnxExport
 from builder.steps import export_genai, ort
-from builder.tasks import auto_class, infer_task
+from builder.tasks import auto_class, family
+from builder.tasks.causal_lm import decoder_shape
+from builder.verification import OnnxRecord
 
 # Tasks the torch exporter handles, with the graph's output name (optimum's names).
 TORCH_TASKS = {
@@ -64,22 +66,17 @@ def export(ctx: BuildContext) -> None:
     recipe = ctx.loaded.recipe
     spec = recipe.export
     assert spec is not None  # the pipeline runs this step for export recipes only
+    task = ctx.plan.task
     config = ctx.plan.source.config
-    task = ctx.task or recipe.source.task or infer_task(config.get("architectures"))
-    if task is None:
-        raise BuildError(
-            f"cannot infer the task of {recipe.source.model} from config.json's architectures "
-            f"{config.get('architectures')}; set `source.task`"
-        )
     exporter = choose_exporter(spec, task, config)
     ort.preflight(spec.provider, spec.verify_on)
     if exporter == "genai":  # hook: onnxruntime-genai's model builder writes and places the graph itself
-        ctx.onnx = export_genai.export(ctx, task, spec, _copy_side_files)
-        ctx.footprint = Footprint.of(ctx.plan.source_bytes, ctx.onnx["model_bytes"])
+        ctx.onnx = OnnxRecord.model_validate(export_genai.export(ctx, task, spec, _copy_side_files))
+        ctx.footprint = Footprint.of(ctx.plan.source_bytes, ctx.onnx.model_bytes)
         return
     # hook: why `auto` did not take the genai exporter for a language model (the manifest records it)
     genai_fallback = None
-    if spec.exporter == "auto" and task == "text-generation":
+    if spec.exporter == "auto" and family(task).GRAPH == "decoder":
         genai_fallback = export_genai.genai_problem(spec, task, config)
     timings: dict[str, float] = {}
     model_path = Path(ctx.workdir) / ort.MODEL_FILE
@@ -93,12 +90,12 @@ def export(ctx: BuildContext) -> None:
         timings["export"] = time.perf_counter() - started
         record = _finish(ctx, task, spec, exporter, model_path, timings)
         if genai_fallback:
-            record["genai_fallback"] = genai_fallback
+            record.genai_fallback = genai_fallback
     except BaseException:
         _remove_model(Path(ctx.workdir))
         raise
     ctx.onnx = record
-    ctx.footprint = Footprint.of(ctx.plan.source_bytes, record["model_bytes"])
+    ctx.footprint = Footprint.of(ctx.plan.source_bytes, record.model_bytes)
 
 
 def choose_exporter(spec: OnnxExport, task: str, config: dict | None = None) -> str:
@@ -113,7 +110,7 @@ def choose_exporter(spec: OnnxExport, task: str, config: dict | None = None) -> 
             raise BuildError(f"export.exporter genai: {problem}; use `exporter: torch`")
         return exporter
     if exporter == "auto":
-        if task == "text-generation" and export_genai.genai_problem(spec, task, config or {}) is None:
+        if family(task).GRAPH == "decoder" and export_genai.genai_problem(spec, task, config or {}) is None:
             return "genai"  # onnxruntime-genai's graphs decode ~3x faster than the torch exporter's (#29)
         exporter = "optimum" if has_optimum else "torch"
     if exporter == "optimum" and not has_optimum:
@@ -173,10 +170,11 @@ def _export_torch(ctx: BuildContext, task: str, spec: OnnxExport, model_path: Pa
     except ImportError:
         raise MissingDependency("onnxscript", "onnx") from None
     model = load_source(ctx.source_folder(), task, torch.float32, "cpu", recipe.load.attn_implementation)
-    if task == "text-generation":
-        module, args, dynamic, inputs, outputs = _decoder_graph(model, spec.with_past)
-    else:
-        module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
+    match family(task).GRAPH:
+        case "decoder":
+            module, args, dynamic, inputs, outputs = _decoder_graph(model, spec.with_past)
+        case "encoder":
+            module, args, dynamic, inputs, outputs = _encoder_graph(model, ctx.source_folder(), TORCH_TASKS[task])
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -270,14 +268,6 @@ def _decoder_module(model, with_past: bool):
     return Graph().eval()  # as in _encoder_module
 
 
-def decoder_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder's KV cache."""
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return layers, kv_heads, head_dim
-
-
 def _decoder_graph(model, with_past: bool):
     import torch
 
@@ -346,7 +336,9 @@ def _export_optimum(ctx: BuildContext, task: str, spec: OnnxExport) -> None:
 # --- after either exporter -----------------------------------------------------------------------------------------
 
 
-def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict) -> dict:
+def _finish(
+    ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model_path: Path, timings: dict
+) -> OnnxRecord:
     import onnx
 
     onnx.checker.check_model(str(model_path))  # the path form reads model.onnx_data and graphs past 2 GB
@@ -374,21 +366,21 @@ def _finish(ctx: BuildContext, task: str, spec: OnnxExport, exporter: str, model
     _copy_side_files(ctx.source_folder(), Path(ctx.workdir))
     graph = onnx.load(str(model_path), load_external_data=False).graph
     files = sorted(p.name for p in Path(ctx.workdir).iterdir() if p.name.startswith("model.onnx"))
-    return {
-        "exporter": exporter,
-        "task": task,
-        "with_past": spec.with_past,
-        "opset": spec.opset,
-        "dtype": spec.dtype,
+    return OnnxRecord(
+        exporter=exporter,
+        task=task,
+        with_past=spec.with_past,
+        opset=spec.opset,
+        dtype=spec.dtype,
         **placement.as_json(),
-        "optimization": optimization,
-        "quantization": quantization,
-        "inputs": [i.name for i in graph.input],
-        "outputs": [o.name for o in graph.output],
-        "files": files,
-        "model_bytes": sum((Path(ctx.workdir) / f).stat().st_size for f in files),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
+        optimization=optimization,
+        quantization=quantization,
+        inputs=[i.name for i in graph.input],
+        outputs=[o.name for o in graph.output],
+        files=files,
+        model_bytes=sum((Path(ctx.workdir) / f).stat().st_size for f in files),
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )
 
 
 def _copy_side_files(source_dir: Path, workdir: Path) -> None:

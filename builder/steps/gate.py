@@ -1,82 +1,27 @@
-"""The gate's shared parts: thresholds over metrics, the report file, the failure message, the evaluation data.
+"""The gate's shared parts: the report file, the failure message and the report's printed forms.
 
 Both gates use them: `builder.steps.verify` (bitsandbytes artifacts reloaded by stock transformers) and
-`builder.steps.verify_onnx` (ONNX graphs on onnxruntime). The evaluation data is builder/data/: a public-domain text
-(LMs score it; encoders embed `ENCODER_SENTENCES` of its sentences) and the default prompts.
+`builder.steps.verify_onnx` (ONNX graphs on onnxruntime). The metric table is `builder.gates`; the evaluation data
+`builder.evaluation`.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from importlib import resources
 from pathlib import Path
 
-from builder.artifact import NodePlacement
-from builder.errors import BuildError
-from builder.recipe import Recipe
+from builder.gates import GATES, gate_of_metric, number
+from builder.verification import VerificationReport
 
 REPORT_FILE = "verify-report.json"
-ENCODER_SENTENCES = 32  # sentences of the evaluation text embedded by encoders (plus the recipe's prompts)
-
-# Threshold key -> (the metric it bounds, "min" or "max"). Every key but generation_match is a `verify.thresholds`
-# key; generation_match is the fixed bound of an ONNX text-generation export (`builder.steps.verify_onnx`).
-GATES: dict[str, tuple[str, str]] = {
-    "top1_agreement": ("top1_agreement", "min"),
-    "kl_divergence": ("kl_divergence_mean", "max"),
-    "perplexity_ratio": ("perplexity_ratio", "max"),
-    "max_abs_diff": ("max_abs_diff", "max"),
-    "cosine": ("cosine_min", "min"),
-    "footprint_ratio": ("footprint_ratio", "max"),
-    "generation_match": ("generation_match", "min"),
-}
 
 
-def with_overrides(defaults: dict[str, float], recipe: Recipe, applicable, what: str) -> dict[str, float]:
-    """`defaults` with the recipe's `verify.thresholds` written over them; a threshold outside `applicable` (the
-    gates of `what` is being verified) is refused."""
-    thresholds = dict(defaults)
-    for key, value in recipe.verify.thresholds.model_dump(exclude_none=True).items():
-        if key not in applicable:
-            raise BuildError(
-                f"verify.thresholds.{key} does not apply to {what} (its gates: "
-                f"{', '.join(applicable)}); remove it from the recipe"
-            )
-        thresholds[key] = value
-    return thresholds
-
-
-def gate(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
-    """The failures of `metrics` against `thresholds`: one entry per missed threshold, with its message."""
-    failures = []
-    for key, bound in thresholds.items():
-        metric, kind = GATES[key]
-        value = metrics[metric]
-        missed = bound - value if kind == "min" else value - bound
-        if missed > 0:
-            sign = "<" if kind == "min" else ">"
-            failures.append(
-                {
-                    "metric": metric,
-                    "value": value,
-                    "threshold": bound,
-                    "message": f"{metric} {_number(value)} {sign} {_number(bound)} (missed by {_number(missed)})",
-                }
-            )
-    return failures
-
-
-def _number(value: float) -> str:
-    """Three decimals, or three significant digits for values too small for that (a KL of 0.000213)."""
-    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
-
-
-def failure_message(name: str, report: dict) -> str:
+def failure_message(name: str, report: VerificationReport) -> str:
     """One line per missed metric, then what to do."""
-    lines = [f"{name}: verification failed on {report['device']}:"]
-    lines += [f"  {failure['message']}" for failure in report["failures"]]
+    lines = [f"{name}: verification failed on {report.device}:"]
+    lines += [f"  {failure.message}" for failure in report.failures]
     kept = "The artifact was not installed (build with --keep-failed to keep it and its verify-report.json)."
-    if all(failure["metric"] == "placement" for failure in report["failures"]):
+    if all(failure.metric == "placement" for failure in report.failures):
         lines.append(kept)  # the placement failure says what to do; no threshold would change it
     else:
         lines.append(
@@ -86,58 +31,37 @@ def failure_message(name: str, report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: Path, report: dict) -> None:
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+def write_report(folder: Path, report: VerificationReport) -> None:
+    (folder / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
 
 
-def eval_text() -> str:
-    """The built-in evaluation text (public-domain prose; builder/data/README.md says what and whence)."""
-    return resources.files("builder").joinpath("data/eval_text.txt").read_text(encoding="utf-8")
-
-
-def default_prompts() -> list[str]:
-    """The greedy-continuation prompts used when a recipe gives none."""
-    text = resources.files("builder").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def eval_sentences(count: int) -> list[str]:
-    """`count` sentences of at least five words, spread evenly over the evaluation text."""
-    flat = re.sub(r"\s+", " ", eval_text())
-    sentences = [s for s in re.split(r"(?<=[.!?:;])\s+", flat) if len(s.split()) >= 5]
-    step = max(len(sentences) // count, 1)
-    return sentences[::step][:count]
-
-
-def format_report(report: dict) -> str:
+def format_report(report: VerificationReport) -> str:
     """The report as a few human-readable lines (what `builder verify` prints)."""
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    lines = [f"verification {verdict} ({report['task']} on {report['device']})"]
-    for name, value in report["metrics"].items():
-        gated = next(
-            (key for key, (metric, _) in GATES.items() if metric == name and key in report["thresholds"]), None
-        )
-        bound = f"  (threshold {report['thresholds'][gated]})" if gated else ""
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [f"verification {verdict} ({report.task} on {report.device})"]
+    for name, value in report.metrics.items():
+        gate = gate_of_metric(name)
+        bound = f"  (threshold {report.thresholds[gate.key]})" if gate and gate.key in report.thresholds else ""
         lines.append(f"  {name:<28} {value:.6g}{bound}" if isinstance(value, float) else f"  {name:<28} {value}")
-    for name, value in report["performance"].items():
-        lines.append(f"  {name:<34} {value}")
-    if report.get("placement"):
-        placement = NodePlacement.model_validate(report["placement"])
-        lines.append(f"  nodes by provider (session on {placement.measured_on}):")
-        lines += [f"    {line}" for line in placement.summary()]
-    lines += [f"missed: {failure['message']}" for failure in report["failures"]]
+    for name, performance in report.performance.items():
+        lines.append(f"  {name:<34} {performance}")
+    if report.placement is not None:
+        lines.append(f"  nodes by provider (session on {report.placement.measured_on}):")
+        lines += [f"    {line}" for line in report.placement.summary()]
+    lines += [f"missed: {failure.message}" for failure in report.failures]
     return "\n".join(lines)
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: VerificationReport) -> str:
     """The gated metrics against their thresholds, one line each (what `builder build` prints after a build)."""
+    cached = report.reference is not None and report.reference.cached
     lines = [
-        f"  gate {'passed' if report.get('passed') else 'failed'} on {report.get('device')}"
-        + (" (reference from the cache)" if (report.get("reference") or {}).get("cached") else "")
+        f"  gate {'passed' if report.passed else 'failed'} on {report.device}"
+        + (" (reference from the cache)" if cached else "")
     ]
-    for key, bound in (report.get("thresholds") or {}).items():
-        metric, kind = GATES[key]
-        value = (report.get("metrics") or {}).get(metric)
+    for key, bound in report.thresholds.items():
+        gate = GATES[key]
+        value = report.metrics.get(gate.metric)
         if value is not None:
-            lines.append(f"    {metric:<20} {_number(value):>8}  {'>=' if kind == 'min' else '<='} {_number(bound)}")
+            lines.append(f"    {gate.metric:<20} {number(value):>8}  {gate.sign} {number(bound)}")
     return "\n".join(lines)

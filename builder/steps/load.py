@@ -11,7 +11,6 @@ from pathlib import Path
 
 from builder.context import BuildContext
 from builder.errors import SourceError
-from builder.tasks import infer_task
 
 # What a transformers model folder needs besides its weights.
 _HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*")
@@ -19,7 +18,7 @@ _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
 
 
 def resolve(ctx: BuildContext) -> None:
-    """Make `ctx.source_dir` a local folder holding the source at `ctx.plan.source.revision`; record the task."""
+    """Make `ctx.source_dir` a local folder holding the source at `ctx.plan.source.revision`."""
     source = ctx.loaded.recipe.source
     if ctx.plan.source.path is not None:
         ctx.source_dir = ctx.plan.source.path
@@ -30,7 +29,6 @@ def resolve(ctx: BuildContext) -> None:
             allow_pickle=source.allow_pickle,
             remote_code=source.trust_remote_code,
         )
-    ctx.task = task_of(ctx)
 
 
 def download(repo_id: str, commit: str, *, allow_pickle: bool, remote_code: bool) -> Path:
@@ -48,14 +46,3 @@ def download(repo_id: str, commit: str, *, allow_pickle: bool, remote_code: bool
             f"cannot download {repo_id}@{commit[:12]} from the Hub: {error}; check the network, "
             "HF_ENDPOINT and HF_TOKEN, or pre-fill the Hub cache (HF_HUB_CACHE)"
         ) from None
-
-
-def task_of(ctx: BuildContext) -> str:
-    """The recipe's `source.task`, or the one config.json's `architectures` implies."""
-    task = ctx.loaded.recipe.source.task or infer_task(ctx.plan.source.config.get("architectures"))
-    if task is None:
-        raise SourceError(
-            f"cannot infer the task of {ctx.loaded.recipe.source.model} from config.json's "
-            "`architectures`; set `source.task` in the recipe (e.g. text-generation)"
-        )
-    return task

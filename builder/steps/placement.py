@@ -19,9 +19,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from builder.artifact import NodePlacement
 from builder.recipe import GPU_PROVIDERS
 from builder.steps import ort
+from builder.verification import NodePlacement
 
 CPU = "CPUExecutionProvider"
 # The ops whose cost grows with the weights or with the sequence squared: matrix products (float, int8, 4-bit

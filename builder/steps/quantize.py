@@ -24,8 +24,14 @@ from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError
 from builder.recipe import Bnb4Bit, Bnb8Bit
-from builder.steps.bnb import bnb_config, load_kwargs
-from builder.steps.stream import NOTHING_QUANTIZED, stream_build, streamable
+from builder.steps.bnb import (
+    TRANSFORMERS_BLOCKSIZE,
+    bnb_config,
+    load_kwargs,
+    skip_modules_keeping,
+    small_output_layers,
+)
+from builder.steps.stream import NOTHING_QUANTIZED, stream_build, stream_plan
 from builder.tasks import auto_class
 
 # A serialized tensor of a bitsandbytes Linear: `<module>.weight`, `.weight.absmax`, `.weight.quant_map`,
@@ -38,24 +44,32 @@ def quantize(ctx: BuildContext) -> None:
     with `dequantize: true` also write a dequantized checkpoint under `dequantized/`."""
     recipe = ctx.loaded.recipe
     spec = recipe.quantize
-    assert spec is not None and ctx.task is not None  # a quantize recipe, resolved
-    model_class = auto_class(ctx.task)
+    assert spec is not None  # a quantize recipe
+    model_class = auto_class(ctx.plan.task)
     for warning in ctx.plan.warnings:
         say(f"{recipe.name}: warning: {warning}")
-    reason = streamable(recipe, ctx.source_folder())
-    if reason is None:
+    planned = stream_plan(recipe, ctx.source_folder(), ctx.plan.task)
+    if not isinstance(planned, str):
         with _stage(ctx, "stream", "streaming the quantized weights"):
-            result = stream_build(recipe, ctx.source_folder(), ctx.workdir, ctx.device)
+            result = stream_build(recipe, ctx.source_folder(), ctx.workdir, ctx.device, plan=planned)
         ctx.quantize_path = "stream"
         _record_sizes(ctx, result["memory_footprint"], result["layers"], model_class)
         return
+    reason = planned
     if reason.startswith(NOTHING_QUANTIZED):  # the transformers path swaps the same modules: it would fail too
         raise BuildError(f"{recipe.name}: cannot quantize {recipe.source.model} with bitsandbytes: {reason}")
+    if isinstance(spec, Bnb4Bit) and spec.blocksize != TRANSFORMERS_BLOCKSIZE:
+        raise BuildError(
+            f"{recipe.name}: quantize.blocksize {spec.blocksize} is written by the streaming quantizer only "
+            f"(transformers' BitsAndBytesConfig has no 4-bit blocksize), and this build cannot be streamed: "
+            f"{reason}; use blocksize {TRANSFORMERS_BLOCKSIZE} or change that"
+        )
     say(f"{recipe.name}: quantizing through transformers (not streamed: {reason})")
     ctx.quantize_path = f"transformers ({reason})"
     kwargs = load_kwargs(recipe, ctx.device_map)
+    config = _transformers_config(ctx, spec, model_class)
     with _stage(ctx, "load", "loading and quantizing"):
-        model = model_class.from_pretrained(ctx.source_folder(), quantization_config=bnb_config(spec), **kwargs)
+        model = model_class.from_pretrained(ctx.source_folder(), quantization_config=config, **kwargs)
     layers = _quantized_layers(model)
     if not layers:
         raise BuildError(
@@ -74,6 +88,29 @@ def quantize(ctx: BuildContext) -> None:
             model.save_pretrained(ctx.workdir / "dequantized")
             _save_preprocessor(ctx, ctx.workdir / "dequantized")
         ctx.dequantized = Dequantized(path="dequantized", dtype=str(dtype).removeprefix("torch."))
+
+
+def _transformers_config(ctx: BuildContext, spec: Bnb4Bit | Bnb8Bit, model_class):
+    """`bnb_config(spec)`, keeping in full precision the 4-bit layers that bitsandbytes' CPU kernel cannot pack
+    (`small_output_layers`), found on an empty model swapped as from_pretrained would: the streaming quantizer's
+    rule, so both paths write the same config.json."""
+    config = bnb_config(spec)
+    if not isinstance(spec, Bnb4Bit):
+        return config
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    trust = ctx.loaded.recipe.source.trust_remote_code
+    with init_empty_weights():
+        model = model_class.from_config(
+            AutoConfig.from_pretrained(ctx.source_folder(), trust_remote_code=trust), trust_remote_code=trust
+        )
+    AutoHfQuantizer.from_config(config, pre_quantized=False).preprocess_model(
+        model=model, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
+    )
+    kept = small_output_layers(model)
+    return bnb_config(spec, skip_modules_keeping(spec, model, kept)) if kept else config
 
 
 def _record_sizes(ctx: BuildContext, artifact_bytes: int, layers: dict[str, int], model_class) -> None:

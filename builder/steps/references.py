@@ -15,6 +15,7 @@ is deleted and recomputed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from builder.steps import metrics
+from builder.tasks import family
 
 CACHE_ENV = "BUILDER_CACHE_DIR"
 _MAGIC = b"builder-reference 1\n"
@@ -45,12 +47,20 @@ def reference_key(*, revision: str, dtype: str, device_kind: str, inputs: dict, 
         "dtype": dtype,
         "device": device_kind,
         "inputs": inputs_sha256(inputs),
-        "code": hashlib.sha256(Path(metrics.__file__).read_bytes()).hexdigest(),
+        "code": _probing_code_sha256(task),
         "task": task,
         "max_new_tokens": max_new_tokens,
         "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _probing_code_sha256(task: str) -> str:
+    """sha256 of the code a reference run's outputs come from: the run (`builder.steps.metrics`) and the task
+    family's probe (its module, `builder.tasks`)."""
+    digest = hashlib.sha256(Path(metrics.__file__).read_bytes())
+    digest.update(Path(inspect.getfile(family(task).probe)).read_bytes())
+    return digest.hexdigest()
 
 
 def inputs_sha256(inputs) -> str:

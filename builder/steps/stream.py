@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from builder.checkpoint import copy_sentence_transformers, has_tokenizer, local_weight_files, read_header
 from builder.errors import BuildError
-from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
-from builder.steps.bnb import bnb_config
+from builder.recipe import Bnb4Bit, Recipe
+from builder.steps.bnb import bnb_config, skip_modules_keeping, small_output_layers, streaming_refusal
 from builder.tasks import AUTO_CLASSES, infer_task
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ MAX_SHARD_SIZE = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 
 
 @dataclass
-class _Plan:
+class StreamPlan:
     """What the streaming build writes: per output key, where it comes from and how."""
 
     model: Any  # the meta model, after transformers' quantizer swapped its modules
@@ -41,47 +41,25 @@ class _Plan:
     params: dict[str, torch.Tensor]  # key -> the meta tensor (its dtype is the saved dtype)
 
 
-def streamable(recipe: Recipe, source_dir: Path) -> str | None:
+def streamable(recipe: Recipe, source_dir: Path, task: str | None = None) -> str | None:
     """None when the streaming quantizer reproduces the transformers path for this recipe and model; otherwise
-    the reason the build must take the transformers path."""
-    plan = _plan(recipe, Path(source_dir))
+    the reason the build must take the transformers path (`stream_plan` without the plan)."""
+    plan = stream_plan(recipe, Path(source_dir), task)
     return plan if isinstance(plan, str) else None
 
 
-def _recipe_reason(recipe: Recipe, source_dir: Path) -> str | None:
+def _recipe_reason(recipe: Recipe, source_dir: Path, task: str | None) -> str | None:
     import json
 
-    quantize = recipe.quantize
-    if quantize is None:
-        return "the recipe has no bitsandbytes `quantize` block"
-    if quantize.dequantize:
-        return "`dequantize: true` needs the quantized model in memory"
-    if isinstance(quantize, Bnb8Bit) and quantize.has_fp16_weight:
-        return "`has_fp16_weight: true` keeps fp16 master weights, which only the transformers path writes"
-    if isinstance(quantize, Bnb8Bit) and quantize.fp32_cpu_offload:
-        return "`fp32_cpu_offload` depends on the device map's placement"
-    if isinstance(quantize, Bnb4Bit) and quantize.quant_storage != "uint8":
-        return f"`quant_storage: {quantize.quant_storage}` is only written by the transformers path"
-    if isinstance(recipe.load.device_map, dict) or recipe.load.max_memory:
-        return "a custom `load.device_map`/`load.max_memory` can offload modules, which changes what is quantized"
-    if recipe.source.trust_remote_code:
-        return "remote code (`trust_remote_code`) defines its own modules"
-    if not local_weight_files(source_dir):
-        return "the source has no model.safetensors (or model.safetensors.index.json)"
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization_config"):
-        return "the source is already quantized"
-    if config.get("auto_map"):
-        return "the model's config points at remote code (`auto_map`)"
-    task = recipe.source.task or infer_task(config.get("architectures"))
-    if task not in AUTO_CLASSES:
-        return f"task {task!r} is not one the streaming quantizer knows ({', '.join(AUTO_CLASSES)})"
-    return None
+    return streaming_refusal(recipe, config, has_safetensors=bool(local_weight_files(source_dir)), task=task)
 
 
-def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
-    """The meta model with transformers' own module swaps, and every output key's origin; or why not."""
-    reason = _recipe_reason(recipe, source_dir)
+def stream_plan(recipe: Recipe, source_dir: Path, task: str | None = None) -> StreamPlan | str:
+    """The meta model with transformers' own module swaps, and every output key's origin; or why the build cannot
+    be streamed. `task`: the plan's (None, for a caller without one: the recipe's or the one config.json
+    implies)."""
+    reason = _recipe_reason(recipe, source_dir, task)
     if reason:
         return reason
     import torch
@@ -100,27 +78,39 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
             return f"tensor {info.name} has dtype {info.dtype}, which the streaming quantizer cannot read"
     sources = read_source_tensors(files)
     config = transformers.AutoConfig.from_pretrained(source_dir)
-    assert recipe.quantize is not None  # _recipe_reason refused a recipe without one
-    quantizer = AutoHfQuantizer.from_config(bnb_config(recipe.quantize), pre_quantized=False)
-    dtype = quantizer.update_dtype(_load_dtype(recipe.source.dtype, config, sources))
-    config.quantization_config = quantizer.quantization_config
-    task = recipe.source.task or infer_task(config.architectures)
+    spec = recipe.quantize
+    assert spec is not None  # _recipe_reason refused a recipe without one
+    task = task or recipe.source.task or infer_task(config.architectures)
     assert task is not None  # _recipe_reason refused an unknown task
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
         cls = transformers.models.auto.auto_factory._get_model_class(config, auto._model_mapping)
     except (KeyError, ValueError):
         return f"transformers has no {AUTO_CLASSES[task]} class for model type {config.model_type!r}"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
-            model = cls(config)
-            quantizer.preprocess_model(
-                model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
-            )
-    finally:
-        torch.set_default_dtype(previous)
+    # update_dtype is from_pretrained's dtype rule for bitsandbytes (it does not depend on the skipped modules)
+    dtype = AutoHfQuantizer.from_config(bnb_config(spec), pre_quantized=False).update_dtype(
+        _load_dtype(recipe.source.dtype, config, sources)
+    )
+
+    def swapped(skip_modules: list[str]) -> Any:
+        """The meta model with transformers' module swaps for `bnb_config(spec, skip_modules)`."""
+        quantizer = AutoHfQuantizer.from_config(bnb_config(spec, skip_modules), pre_quantized=False)
+        config.quantization_config = quantizer.quantization_config
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):  # what from_pretrained's init context does, then preprocess_model inside it
+                model = cls(config)
+                quantizer.preprocess_model(
+                    model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False
+                )
+        finally:
+            torch.set_default_dtype(previous)
+        return model
+
+    model = swapped([])
+    if isinstance(spec, Bnb4Bit) and (kept := small_output_layers(model)):
+        model = swapped(skip_modules_keeping(spec, model, kept))
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         return f"{cls.__name__} keeps modules in float32 (`_keep_in_fp32_modules`)"
     import bitsandbytes as bnb
@@ -130,6 +120,8 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             if issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D):
                 return f"{name} is a Conv1D (transposed on quantization)"
+            if isinstance(spec, Bnb4Bit):  # transformers' swap leaves the bitsandbytes default (64)
+                module.weight.blocksize = spec.blocksize  # type: ignore[attr-defined]  # a Params4bit
             quantized[f"{name}.weight" if name else "weight"] = module
     if not quantized:
         return nothing_quantized(model)
@@ -152,7 +144,7 @@ def _plan(recipe: Recipe, source_dir: Path) -> _Plan | str:
     for key in keys:
         if sources[key].shape != tuple(params[key].shape):
             return f"{key} has shape {sources[key].shape} in the checkpoint, {tuple(params[key].shape)} in the model"
-    return _Plan(model, dtype, sources, keys, quantized, params)
+    return StreamPlan(model, dtype, sources, keys, quantized, params)
 
 
 def _same_bytes(a: Any, b: Any) -> bool:
@@ -216,20 +208,28 @@ def _load_dtype(dtype: str, config: Any, sources: dict) -> torch.dtype:
 
 
 def stream_build(
-    recipe: Recipe, source_dir: Path, workdir: Path, device: str = "cpu", *, max_shard_size: int = MAX_SHARD_SIZE
+    recipe: Recipe,
+    source_dir: Path,
+    workdir: Path,
+    device: str = "cpu",
+    *,
+    max_shard_size: int = MAX_SHARD_SIZE,
+    plan: StreamPlan | None = None,
 ) -> dict:
     """Quantize `source_dir` per `recipe` into `workdir` on `device`, tensor by tensor; returns counts and sizes.
-    Raises `BuildError` when the build cannot be streamed (see `streamable`)."""
+    `plan`: the `stream_plan` already made for them (else made here). Raises `BuildError` when the build cannot be
+    streamed (see `streamable`)."""
     import torch
 
     from builder.steps.stream_io import Engine, ShardWriter  # deferred: stream_io imports torch
 
     source_dir, workdir = Path(source_dir), Path(workdir)
     started = time.perf_counter()
-    plan = _plan(recipe, source_dir)
+    planned_or_reason = plan or stream_plan(recipe, source_dir)
     planned = time.perf_counter()
-    if isinstance(plan, str):
-        raise BuildError(f"this build cannot be streamed: {plan}; build it through the transformers path")
+    if isinstance(planned_or_reason, str):
+        raise BuildError(f"this build cannot be streamed: {planned_or_reason}; build it through the transformers path")
+    plan = planned_or_reason
     outputs = {key: _outputs(plan, key) for key in plan.keys}
     shards = _split(plan.keys, outputs, max_shard_size)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +287,7 @@ def stream_build(
     }
 
 
-def _outputs(plan: _Plan, key: str) -> list:
+def _outputs(plan: StreamPlan, key: str) -> list:
     """The tensors save_pretrained writes for one state_dict key (several for a quantized weight)."""
     import torch
 
@@ -325,7 +325,7 @@ def _outputs(plan: _Plan, key: str) -> list:
     ]
 
 
-def _quantize_fn(plan: _Plan, key: str):
+def _quantize_fn(plan: StreamPlan, key: str):
     """tensor on the device, in the checkpoint's dtype -> {output key: tensor}, with the exact bitsandbytes calls
     of Params4bit._quantize / Int8Params._quantize on a tensor loaded in the load dtype."""
     import bitsandbytes as bnb
@@ -382,7 +382,7 @@ def _split(keys: list[str], outputs: dict, max_shard_size: int) -> list[tuple[st
     return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", keys) for i, keys in enumerate(shards, 1)]
 
 
-def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> None:
+def _write_index(workdir: Path, plan: StreamPlan, outputs: dict, shards: list) -> None:
     import json
 
     from builder.steps.stream_io import read_source_tensors  # deferred: stream_io imports torch
@@ -399,7 +399,7 @@ def _write_index(workdir: Path, plan: _Plan, outputs: dict, shards: list) -> Non
     )
 
 
-def _write_configs(plan: _Plan, source_dir: Path, workdir: Path) -> None:
+def _write_configs(plan: StreamPlan, source_dir: Path, workdir: Path) -> None:
     """config.json and generation_config.json as save_pretrained writes them, the tokenizer files and a
     sentence-transformers source's module files."""
     from transformers import GenerationConfig

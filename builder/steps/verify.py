@@ -1,156 +1,63 @@
-"""The verification gate: an artifact proves, before anyone can publish it, that it still computes what its source
-computes.
+"""The bitsandbytes gate: an artifact proves, before anyone can publish it, that it still computes what its source
+computes (`builder.steps.verify_onnx` is the ONNX kind's).
 
-The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU), probed by a run
-(`builder.steps.metrics`) that the pipeline starts with the quantize step, so the two overlap; its outputs are kept
-in the reference cache (`builder.steps.references`), so other variants of the source and rebuilds reuse them. The
-candidate is the artifact as a user loads it: the folder reloaded from disk by stock transformers, or, for an ONNX
-export, the onnxruntime session on the verification provider (`builder.steps.verify_onnx`). Without a device memory
-cap both runs are threads of the build process, which has torch, transformers (and CUDA) started already: a fresh
-process spends 10-12 s on that on an H200, longer than the quantizer, and 4.5-5.3 s on a 2-core CPU, where it takes
-the cores from the quantizer. Under a cap each is a worker process of its own, held to the cap.
-Both see the same token ids: the recipe's prompts and the built-in evaluation text (builder/data/). Under a device
-memory cap, a model whose weights pass it runs one decoder block at a time (`builder.steps.blockwise`).
+The reference is the source model at the recipe's dtype (float16 becomes float32 on a CPU), probed by a run that the
+pipeline starts with the quantize step, so the two overlap; its outputs are kept in the reference cache
+(`builder.steps.references`), so other variants of the source and rebuilds reuse them. The candidate is the folder
+reloaded from disk by stock transformers. Where each run executes is `builder.steps.runs`'; what it probes and how
+the two compare is the task family's (`builder.tasks`), run by `builder.steps.metrics`. Both see the same token ids.
+Under a device memory cap, a model whose weights pass it runs one decoder block at a time
+(`builder.steps.blockwise`).
 
-The metrics are compared with thresholds (the per-method defaults below, overridden by `verify.thresholds`); the
-report goes to verify-report.json and the manifest. A miss raises `VerificationFailed` naming each metric and by how
-much it missed. The thresholds, the report and the evaluation data are `builder.steps.gate`'s.
+The metrics are compared with the bounds of `builder.kinds.thresholds` (the task's and kind's defaults, overridden
+by `verify.thresholds`); the report goes to verify-report.json and the manifest. A miss raises `VerificationFailed`
+naming each metric and by how much it missed (`builder.steps.gate`).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import gc
-import hashlib
-import json
-import os
-import queue
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from builder.checkpoint import local_weight_files, read_header
-from builder.console import say, show_progress
+from builder.console import say
 from builder.context import BuildContext
 from builder.errors import BuildError, VerificationFailed
-from builder.plan import expected_footprint_ratio, footprint_threshold
+from builder.gates import check
+from builder.kinds import kind_of, thresholds
 from builder.recipe import Bnb4Bit, Bnb8Bit, Recipe
 from builder.source import folder_digest
 from builder.steps import metrics as probes
-from builder.steps import references, torch_defaults
-from builder.steps.gate import (
-    ENCODER_SENTENCES,
-    default_prompts,
-    eval_sentences,
-    eval_text,
-    failure_message,
-    gate,
-    with_overrides,
-    write_report,
-)
-from builder.steps.metrics import LATENCY_TOKENS
-from builder.steps.verify_onnx import onnx_report
-
-CHUNK_TOKENS = 512  # the evaluation text is scored in chunks of this many tokens (no overlap)
-EVAL_TOKENS = 2048  # tokens of the evaluation text scored (SmolLM2: 3,126 in all); keeps a CPU verify under a minute
-ENCODER_MAX_TOKENS = 128
-
-# Defaults, from measurements on SmolLM2-135M-Instruct and all-MiniLM-L6-v2 on CPU (docs/recipes.md, "verify", has
-# the table): each allows about twice an honest build's distance from the reference (a 135M model loses a lot to
-# 4-bit: nf4 agrees on 63% of next tokens), and sits far from a build with shuffled 4-bit blocks (top-1 0.016,
-# KL 9.95 nats, perplexity x16,000). The footprint bound comes from the model (`footprint_default`).
-_LM_DEFAULTS = {
-    "nf4": {"top1_agreement": 0.45, "kl_divergence": 1.5, "perplexity_ratio": 2.5},
-    "fp4": {"top1_agreement": 0.40, "kl_divergence": 2.0, "perplexity_ratio": 2.2},
-    "int8": {"top1_agreement": 0.75, "kl_divergence": 0.15, "perplexity_ratio": 1.10},
-}
-_ENCODER_DEFAULTS = {
-    "nf4": {"cosine": 0.90},
-    "fp4": {"cosine": 0.85},
-    "int8": {"cosine": 0.99},
-}
-
-
-def default_thresholds(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
-    """The thresholds a recipe gets before its `verify.thresholds` apply, by method (and quant type) and task; the
-    footprint bound from what the plan expects of `source_dir`'s tensors."""
-    match recipe.quantize:
-        case Bnb4Bit(quant_type=quant_type):
-            scheme: str = quant_type
-        case Bnb8Bit():
-            scheme = "int8"
-        case _:
-            raise BuildError(
-                f"recipe {recipe.name} has no bitsandbytes `quantize` block; ONNX exports are verified "
-                "by builder.steps.verify_onnx"
-            )
-    table = _LM_DEFAULTS if task == "text-generation" else _ENCODER_DEFAULTS
-    return dict(table[scheme]) | {"footprint_ratio": footprint_default(recipe, source_dir)}
-
-
-def footprint_default(recipe: Recipe, source_dir: Path | None) -> float:
-    """`plan.footprint_threshold` of the ratio the plan expects: which tensors get quantized at which bits and
-    which stay in the load dtype (a model that is mostly embeddings barely shrinks, and passes)."""
-    import json
-
-    expected = None
-    if source_dir is not None and (Path(source_dir) / "config.json").is_file():
-        config = json.loads((Path(source_dir) / "config.json").read_text(encoding="utf-8"))
-        tensors = tuple(t for file in local_weight_files(Path(source_dir)) for t in read_header(file))
-        expected = expected_footprint_ratio(recipe, tensors, config)
-    return footprint_threshold(expected)
-
-
-def thresholds_for(recipe: Recipe, task: str, source_dir: Path | None = None) -> dict[str, float]:
-    """Defaults overridden by the recipe's `verify.thresholds`; refuses a threshold the task has no metric for."""
-    applicable = _LM_GATES if task == "text-generation" else _ENCODER_GATES
-    return with_overrides(default_thresholds(recipe, task, source_dir), recipe, applicable, f"a {task} model")
-
-
-_LM_GATES = ("top1_agreement", "kl_divergence", "perplexity_ratio", "footprint_ratio")
-_ENCODER_GATES = ("cosine", "max_abs_diff", "footprint_ratio")
-
+from builder.steps import references
+from builder.steps.gate import failure_message, write_report
+from builder.steps.runs import GateRun, RunFailed, runner
+from builder.tasks import family
+from builder.tasks.base import LATENCY_TOKENS
+from builder.verification import REPORT_VERSION, VerificationReport
 
 # --- the build step --------------------------------------------------------------------------------------------
 
 
 def verify(ctx: BuildContext) -> None:
     """Verify the artifact in `ctx.workdir` against `ctx.source_dir` into `ctx.verification` (also written to
-    verify-report.json). Raises `VerificationFailed` naming each metric that missed, and by how much."""
-    recipe = ctx.loaded.recipe
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
-    if recipe.export is not None:
-        assert ctx.onnx is not None  # set by export
-        report = onnx_report(recipe, ctx.onnx, ctx.workdir, ctx.source_dir, ctx.device)
-    else:
-        report = run_checks(
-            recipe,
-            ctx.task,
-            ctx.source_dir,
-            ctx.workdir,
-            ctx.device,
-            reference=ctx.reference or start_reference(ctx),
-            candidate=ctx.candidate,
-            max_device_memory=ctx.max_gpu_memory,
-        )
+    verify-report.json), as the recipe's build kind runs its gate. Raises `VerificationFailed` naming each metric
+    that missed, and by how much."""
+    report = VerificationReport.model_validate(ctx.plan.kind.verify(ctx))
     write_report(ctx.workdir, report)
     ctx.verification = report
-    if not report["passed"]:
-        raise VerificationFailed(failure_message(recipe.name, report))
+    if not report.passed:
+        raise VerificationFailed(failure_message(ctx.loaded.recipe.name, report))
 
 
 def start_reference(ctx: BuildContext) -> ReferenceRun:
     """The build's reference run, started now (the pipeline starts it with the quantize step, so it overlaps it)."""
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
+    assert ctx.source_dir is not None  # set by resolve
     return ReferenceRun(
         ctx.loaded.recipe,
-        ctx.task,
+        ctx.plan.task,
         ctx.source_dir,
         ctx.device,
         revision=ctx.plan.source.pin,
@@ -191,7 +98,7 @@ class ReferenceRun:
         self._max_new_tokens, self._max_device_memory = recipe.verify.max_new_tokens, max_device_memory
         self.outputs: dict | None = None
         self.cached = False
-        self.run: _Worker | _InProcess | None = None
+        self.run: GateRun | None = None
         self._store: threading.Thread | None = None
         # A cache entry is read (and its digest checked) on a thread, off the quantize step's path; a damaged one
         # is found out in `result`, which then computes the outputs after all.
@@ -239,7 +146,7 @@ class ReferenceRun:
             assert self.run is not None
             try:
                 outputs = self.run.result()
-            except _WorkerFailed as error:
+            except RunFailed as error:
                 raise BuildError(
                     f"the source model does not load and run to compute the reference outputs {error.detail}"
                 ) from None
@@ -272,16 +179,14 @@ class ReferenceRun:
             self._store.join()
 
 
-def start_candidate(ctx: BuildContext) -> _Worker | _InProcess:
+def start_candidate(ctx: BuildContext) -> GateRun:
     """The gate's candidate run, started now on the source's architecture (the pipeline starts it with the
     quantize step, so its imports overlap the quantizer); `verify` hands it the artifact."""
-    assert ctx.source_dir is not None and ctx.task is not None  # set by resolve
-    return candidate_run(ctx.loaded.recipe, ctx.task, ctx.source_dir, ctx.device, ctx.max_gpu_memory)
+    assert ctx.source_dir is not None  # set by resolve
+    return candidate_run(ctx.loaded.recipe, ctx.plan.task, ctx.source_dir, ctx.device, ctx.max_gpu_memory)
 
 
-def candidate_run(
-    recipe: Recipe, task: str, source_dir: Path, device: str, max_device_memory: int | None
-) -> _Worker | _InProcess:
+def candidate_run(recipe: Recipe, task: str, source_dir: Path, device: str, max_device_memory: int | None) -> GateRun:
     """The artifact's run (`runner`), importing what `source_dir`'s architecture (and the recipe's quantizer)
     needs to load."""
     quantized = isinstance(recipe.quantize, (Bnb4Bit, Bnb8Bit))
@@ -296,22 +201,6 @@ def candidate_run(
     )
 
 
-def runner(
-    preload: Path,
-    task: str,
-    device: str,
-    label: str,
-    max_device_memory: int | None,
-    *,
-    foreground: bool = False,
-    imports: tuple[str, ...] = (),
-) -> _Worker | _InProcess:
-    """Where a gate run executes: a thread of this process without a device memory cap, else a worker process
-    (`torch.cuda.set_per_process_memory_fraction` holds a process, not a thread, to the cap)."""
-    kind = _InProcess if max_device_memory is None else _Worker
-    return kind(preload, task, device, label, foreground=foreground, imports=imports)
-
-
 def run_checks(
     recipe: Recipe,
     task: str,
@@ -320,17 +209,18 @@ def run_checks(
     device: str,
     *,
     reference: ReferenceRun | None = None,
-    candidate: _Worker | _InProcess | None = None,
+    candidate: GateRun | None = None,
     revision: str | None = None,
     use_cache: bool = True,
     max_device_memory: int | None = None,
+    expected_footprint: float | None = None,
 ) -> dict:
     """Reference (the source; cached, or run by `runner`) vs candidate (the artifact reloaded, run by `runner`): the
     verification report. `reference` and `candidate` (`candidate_run`) are runs already started for this check;
     `max_device_memory` caps each run's device memory, and a model whose weights pass it runs block by block. On a
     GPU with room for both models the candidate runs while the reference still computes."""
     started = time.perf_counter()
-    thresholds = thresholds_for(recipe, task, source_dir)
+    bounds = thresholds(kind_of(recipe), recipe, task, expected_footprint)
     if reference is None:
         reference = ReferenceRun(
             recipe,
@@ -345,12 +235,13 @@ def run_checks(
         candidate = candidate_run(recipe, task, source_dir, device, max_device_memory)
     dtype, inputs = reference.dtype, reference.inputs
     report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
         "passed": False,
         "task": task,
         "device": device,
         "provider": None,
         "metrics": {},
-        "thresholds": thresholds,
+        "thresholds": bounds,
         "failures": [],
         "performance": {},
     }
@@ -364,7 +255,7 @@ def run_checks(
             candidate.submit(*submit)
         try:
             candidate_outputs = candidate.result()
-        except _WorkerFailed as error:
+        except RunFailed as error:
             message = f"the artifact does not load and run with stock transformers {error.detail}"
             report["failures"] = [{"metric": "loads", "value": None, "threshold": None, "message": message}]
             reference.cancel()
@@ -383,7 +274,7 @@ def run_checks(
     weight_bytes = sum(p.stat().st_size for p in artifact_dir.glob("*.safetensors"))
     measured |= {"artifact_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / outputs["parameters"]}
     report["metrics"] = {k: _rounded(v) for k, v in measured.items()}
-    report["failures"] = gate(measured, thresholds)
+    report["failures"] = check(measured, bounds)
     report["passed"] = not report["failures"]
     report["performance"] = _performance(outputs, candidate_outputs)
     report["performance"]["verification_seconds"] = round(time.perf_counter() - started, 2)
@@ -398,7 +289,8 @@ def run_checks(
         **_execution(outputs),
     }
     report["candidate"] = {"overlapped": overlapped, "stages": candidate.stages, **_execution(candidate_outputs)}
-    report["inputs"] = _describe_inputs(inputs, task, recipe, details)
+    report["inputs"] = family(task).describe_inputs(inputs, recipe.verify.prompts, recipe.verify.max_new_tokens)
+    report["inputs"] |= details
     return report
 
 
@@ -437,220 +329,8 @@ def _room_for_both(source_dir: Path, artifact_dir: Path, dtype: str, device: str
     return free >= 1.25 * weights + 4 * 2**30
 
 
-class _WorkerFailed(Exception):
-    """A run that produced no outputs; `detail` says where it ran and what it said last."""
-
-    def __init__(self, detail: str):
-        super().__init__(detail)
-        self.detail = detail
-
-
-class _Progress:
-    """A run's stage events (`builder.steps.metrics.Emit`) as status lines with their duration (and, in the
-    `foreground`, progress bars on a terminal), and the durations in `stages`."""
-
-    def __init__(self, label: str, foreground: bool):
-        self.label, self.foreground = label, foreground
-        self.stages: dict[str, float] = {}
-        self._bars: dict = {}
-
-    def __call__(self, event: dict) -> None:
-        stage = event["stage"]
-        if "seconds" in event:
-            if stage in self._bars:
-                self._bars.pop(stage).close()
-            self.stages[stage] = event["seconds"]
-            say(f"{self.label}: {stage} {event['seconds']:.1f} s", stage="verify")  # it may run ahead of the step
-        elif "done" in event and stage in self._bars:
-            self._bars[stage].update(event["done"] - self._bars[stage].n)
-        elif event.get("total") and self.foreground and show_progress():
-            from tqdm.auto import tqdm
-
-            self._bars[stage] = tqdm(total=event["total"], desc=f"{self.label}: {stage}", leave=False)
-
-    def close(self) -> None:
-        """Close the bars of stages that did not end (the run failed or was stopped)."""
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
-
-
-def _spec(folder: Path, task: str, dtype: str, device: str, inputs: dict, max_new_tokens: int, cap: int | None):
-    """What a run probes (`builder.steps.metrics.run`)."""
-    return {
-        "folder": str(folder),
-        "task": task,
-        "dtype": dtype,
-        "device": device,
-        "inputs": inputs,
-        "max_new_tokens": max_new_tokens,
-        "max_device_memory": cap,
-    }
-
-
-class _Cancelled(Exception):
-    """Raised inside a run in this process at its next stage event once `cancel` was called."""
-
-
-class _InProcess:
-    """A gate run on a thread of this process, with `_Worker`'s interface: it starts at once, importing what
-    `preload`'s architecture needs (`builder.steps.metrics.import_for`) while the build goes on, and runs the
-    spec `submit` gives it. Its model is freed, and CUDA's cache emptied, when it ends."""
-
-    def __init__(
-        self,
-        preload: Path,
-        task: str,
-        device: str,
-        label: str,
-        *,
-        foreground: bool = False,
-        imports: tuple[str, ...] = (),
-    ):
-        self.task, self.device = task, device
-        self._progress = _Progress(label, foreground)
-        self._specs: queue.Queue[dict | None] = queue.Queue()
-        self._outputs: dict | None = None
-        self._error: str | None = None
-        self._cancelled = False
-        self._thread = threading.Thread(
-            target=self._run, args=(str(preload), imports), name=f"builder-{label}", daemon=True
-        )
-        self._thread.start()
-
-    @property
-    def stages(self) -> dict[str, float]:
-        return self._progress.stages
-
-    def _emit(self, event: dict) -> None:
-        if self._cancelled:
-            raise _Cancelled
-        self._progress(event)
-
-    def _run(self, preload: str, imports: tuple[str, ...]) -> None:
-        import torch
-
-        try:
-            with torch_defaults.exclusive():  # imports, like loads, run alone (`torch_defaults`)
-                started = time.perf_counter()
-                probes.import_for(preload, self.task, self.device, imports)
-                seconds = time.perf_counter() - started
-            self._emit({"stage": "imports", "seconds": round(seconds, 3)})
-            spec = self._specs.get()
-            if spec is not None:
-                self._outputs = probes.run(spec, self._emit)
-        except _Cancelled:
-            pass
-        except Exception as error:  # noqa: BLE001 (a model that does not load or run raises anything)
-            self._error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:600]
-        finally:
-            self._progress.close()
-            gc.collect()  # the model is unreferenced now; give its device memory back
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-
-    def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
-        """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.run`)."""
-        self._specs.put(_spec(folder, self.task, dtype, self.device, inputs, max_new_tokens, max_device_memory))
-
-    def result(self) -> dict:
-        self._thread.join()
-        if self._outputs is None:
-            raise _WorkerFailed(f"in the build process: {self._error or 'the run was stopped'}")
-        return self._outputs
-
-    def cancel(self) -> None:
-        """Stop the run at its next stage event and wait for it (a model load finishes first)."""
-        self._cancelled = True
-        self._specs.put(None)
-        self._thread.join()
-
-
-class _Worker:
-    """One `python -m builder.steps.metrics` process. It starts at once, importing what `preload`'s architecture
-    needs for `task` (and `imports`) and starting CUDA, so a worker started early has that done when `submit`
-    names the model folder. Its stage lines become status lines (`_Progress`) and `stages`; `result` waits for its
-    outputs."""
-
-    def __init__(
-        self,
-        preload: Path,
-        task: str,
-        device: str,
-        label: str,
-        *,
-        foreground: bool = False,
-        imports: tuple[str, ...] = (),
-    ):
-        self.task, self.device = task, device
-        self._progress = _Progress(label, foreground)
-        self._tmp = tempfile.TemporaryDirectory(prefix="builder-verify-")
-        self._spec, self._out = Path(self._tmp.name) / "spec.pt", Path(self._tmp.name) / "outputs.pt"
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "builder.steps.metrics", str(preload), task, device, *imports],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._tail: collections.deque[str] = collections.deque(maxlen=3)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @property
-    def stages(self) -> dict[str, float]:
-        return self._progress.stages
-
-    def submit(self, folder: Path, dtype: str, inputs: dict, max_new_tokens: int, max_device_memory: int | None):
-        """Probe `folder` in `dtype` on `inputs` (see `builder.steps.metrics.main`)."""
-        import torch
-
-        torch.save(_spec(folder, self.task, dtype, self.device, inputs, max_new_tokens, max_device_memory), self._spec)
-        assert self._process.stdin is not None
-        try:
-            self._process.stdin.write(f"{self._spec}\n{self._out}\n")
-            self._process.stdin.close()
-        except BrokenPipeError:
-            pass  # the worker died starting up: `result` reports its exit and last lines
-
-    def _read(self) -> None:
-        assert self._process.stderr is not None
-        for line in self._process.stderr:
-            if line.startswith(probes.PROGRESS):
-                self._progress(json.loads(line[len(probes.PROGRESS) :]))
-            elif line.strip():
-                self._tail.append(line.strip())
-        self._progress.close()
-
-    def result(self) -> dict:
-        import torch
-
-        returncode = self._process.wait()
-        self._reader.join()
-        if returncode != 0 or not self._out.exists():
-            raise _WorkerFailed(f"in a fresh process (exit {returncode}): {' | '.join(self._tail)}")
-        return torch.load(self._out, weights_only=True)
-
-    def cancel(self) -> None:
-        """Stop the process if it still runs, and delete its files."""
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        if self._process.stdin is not None and not self._process.stdin.closed:
-            try:
-                self._process.stdin.close()
-            except BrokenPipeError:
-                pass
-        self._reader.join()
-        self._tmp.cleanup()
-
-
 def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> dict:
-    """Token ids for both runs, from the source's tokenizer: the evaluation text in CHUNK_TOKENS chunks and the
-    prompts (LMs), or the prompts and ENCODER_SENTENCES sentences of the text, padded (encoders)."""
+    """Token ids for both runs, from the source's tokenizer: what the task's family probes with (`inputs`)."""
     from transformers import AutoTokenizer
 
     try:
@@ -660,19 +340,7 @@ def tokenize_inputs(source_dir: Path, task: str, prompts: tuple[str, ...]) -> di
             f"cannot load the tokenizer of {source_dir} to verify the artifact ({error}); the source "
             "folder needs its tokenizer files"
         ) from None
-    text = eval_text()
-    if task == "text-generation":
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        latency_ids = ids[:, : probes.LATENCY_TOKENS]
-        ids = ids[:, :EVAL_TOKENS]
-        chunks = [ids[:, i : i + CHUNK_TOKENS] for i in range(0, ids.shape[1], CHUNK_TOKENS)]
-        chunks = [chunk for chunk in chunks if chunk.shape[1] > 1]
-        prompt_ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts or default_prompts()]
-        return {"eval_chunks": chunks, "prompts": prompt_ids, "latency_ids": latency_ids}
-    sentences = list(prompts) + eval_sentences(ENCODER_SENTENCES)
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="pt")
-    latency_ids = tokenizer(text[:2000], truncation=True, max_length=probes.LATENCY_TOKENS, return_tensors="pt")
-    return {"sentences": dict(batch), "latency_ids": latency_ids.input_ids}
+    return family(task).inputs(tokenizer, prompts)
 
 
 def _performance(reference: dict, candidate: dict) -> dict:
@@ -685,23 +353,6 @@ def _performance(reference: dict, candidate: dict) -> dict:
         "candidate_footprint_bytes": candidate["footprint_bytes"],
         "latency_tokens": LATENCY_TOKENS,
     }
-
-
-def _describe_inputs(inputs: dict, task: str, recipe: Recipe, details: dict) -> dict:
-    described = {"eval_text_sha256": hashlib.sha256(eval_text().encode("utf-8")).hexdigest(), **details}
-    if task == "text-generation":
-        described |= {
-            "eval_tokens": sum(c.shape[1] for c in inputs["eval_chunks"]),
-            "chunk_tokens": CHUNK_TOKENS,
-            "prompts": list(recipe.verify.prompts) or default_prompts(),
-            "max_new_tokens": recipe.verify.max_new_tokens,
-        }
-    else:
-        described |= {
-            "sentences": int(inputs["sentences"]["input_ids"].shape[0]),
-            "prompts": list(recipe.verify.prompts),
-        }
-    return described
 
 
 def _rounded(value):

@@ -30,7 +30,7 @@ from builder.artifact import (
 )
 from builder.card import eval_results_files, render_card
 from builder.context import BuildContext
-from builder.plan import Plan, build_kind
+from builder.plan import Plan
 from builder.recipe import LoadedRecipe
 from builder.steps.gate import write_report
 
@@ -40,7 +40,8 @@ _EXTRA_VERSIONS = ("huggingface_hub", "safetensors")
 def write(ctx: BuildContext) -> None:
     """Write the artifact's descriptive files into `ctx.workdir`, manifest.json last."""
     manifest = manifest_for(ctx)
-    write_report(ctx.workdir, manifest.verification or {})
+    assert manifest.verification is not None  # an artifact is written once its gate passed
+    write_report(ctx.workdir, manifest.verification)
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
     (ctx.workdir / "README.md").write_text(render_card(manifest, folder=ctx.workdir), encoding="utf-8")
     for path, text in eval_results_files(manifest).items():
@@ -54,8 +55,8 @@ def write(ctx: BuildContext) -> None:
 def manifest_for(ctx: BuildContext) -> Manifest:
     """The manifest without its `files` table (the card is rendered from this)."""
     recipe = ctx.loaded.recipe
-    kind = build_kind(recipe)
-    produced: dict[str, Any] = {"device_map": ctx.device_map} if kind == "quantize" else {}
+    kind = ctx.plan.kind
+    produced: dict[str, Any] = {"device_map": ctx.device_map} if kind.RUNNER == "transformers" else {}
     for field in ("quantize_path", "quantized_layers", "dequantized", "onnx"):
         if getattr(ctx, field) is not None:
             produced[field] = getattr(ctx, field)
@@ -65,10 +66,10 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         manifest_version=MANIFEST_VERSION,
         name=recipe.name,
         build_hash=ctx.plan.build_hash,
-        kind=kind,
+        kind=kind.STAGE,
         recipe=recipe.model_dump(mode="json"),
         recipe_files=[_display(path) for path in ctx.loaded.files],
-        source=SourceRecord(model=recipe.source.model, revision=ctx.plan.source.revision, task=ctx.task),
+        source=SourceRecord(model=recipe.source.model, revision=ctx.plan.source.revision, task=ctx.plan.task),
         versions={**ctx.plan.versions, **_extra_versions()},
         device=device_name(ctx.device),
         device_uuid=device_uuid(ctx.device),
@@ -76,7 +77,7 @@ def manifest_for(ctx: BuildContext) -> Manifest:
         timings=dict(ctx.timings),
         footprint=ctx.footprint,
         bits_per_param=ctx.quantized_layers.bits_per_param if ctx.quantized_layers else None,
-        library_name="onnx" if kind == "export" else "transformers",
+        library_name=kind.LIBRARY,
         verification=ctx.verification,
         **produced,
     )

@@ -1,4 +1,4 @@
-"""The gate generates every prompt's greedy continuation in one left-padded batch (`metrics._greedy`); each must be
+"""The gate generates every prompt's greedy continuation in one left-padded batch (`causal_lm._greedy`); each must be
 the continuation that prompt gets when it is generated alone, in every decoder family of the matrix (absolute and
 rotary positions, ALiBi-free and sliding-window attention, a mixture of experts)."""
 
@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from builder.steps import metrics
 from builder.steps.verify import tokenize_inputs
+from builder.tasks import causal_lm
 
 NEW_TOKENS = 16  # the recipe default
 PROMPTS = ("Once", "It is a truth universally acknowledged, that", "Call me Ishmael. Some years ago, never mind how")
@@ -40,7 +41,7 @@ def test_a_batched_continuation_is_the_one_generated_alone(family, conformance_r
 
 @torch.inference_mode()
 def _batched(model, prompts, stage) -> list[list[int]]:
-    return metrics._greedy(model, prompts, NEW_TOKENS, "cpu", stage)
+    return causal_lm._greedy(model, prompts, NEW_TOKENS, metrics._Run("cpu", lambda event: None), stage)
 
 
 @torch.inference_mode()

@@ -85,11 +85,11 @@ def test_minilm_cpu_build(built, shared_dir):
 def test_minilm_dynamic_int8_is_smaller_and_keeps_its_embeddings(built, minilm, tmp_path):
     fp32 = built("recipes/minilm/onnx-cpu.yaml")
     int8 = build_file(_recipe(tmp_path, minilm, "  quantize: dynamic-int8\n"), out=tmp_path / "out", device="cpu")[0]
-    record = int8.manifest.onnx
-    assert record["quantization"]["method"] == "dynamic-int8"
-    assert record["model_bytes"] < fp32["onnx"]["model_bytes"] / 3
-    report = int8.manifest.verification
-    assert report["passed"] and report["metrics"]["cosine_min"] >= report["thresholds"]["cosine"] == 0.97
+    record, report = int8.manifest.onnx, int8.manifest.verification
+    assert record is not None and report is not None
+    assert record.quantization is not None and record.quantization["method"] == "dynamic-int8"
+    assert record.model_bytes < fp32["onnx"]["model_bytes"] / 3
+    assert report.passed and report.metrics["cosine_min"] >= report.thresholds["cosine"] == 0.97
     ops = {node.op_type for node in onnx.load(str(int8.path / "model.onnx")).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops
 

@@ -83,7 +83,7 @@ def context(model: str, method: str, source: Path, artifact: Path, tmp_path: Pat
         f"verify:\n  prompts: {prompts}\n  max_new_tokens: 16\n"
     )
     loaded = load_recipes(recipe_file)[0]
-    return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source, task=TASKS[model])
+    return BuildContext(loaded, make_plan(loaded), artifact, "cpu", source_dir=source)
 
 
 def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:
@@ -91,7 +91,8 @@ def run_gate(bnb_artifact, model: str, method: str, tmp_path: Path) -> dict:
     started = time.perf_counter()
     ctx = context(model, method, source, artifact, tmp_path)
     verify(ctx)
-    report = ctx.verification
+    assert ctx.verification is not None
+    report = ctx.verification.to_json()  # as verify-report.json holds it
     print(f"{model} {method}: verified in {time.perf_counter() - started:.1f} s: {json.dumps(report['metrics'])}")
     return report
 

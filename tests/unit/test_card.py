@@ -310,3 +310,38 @@ def test_a_published_card_names_no_local_path(tmp_path, monkeypatch):
     card = render_card(manifest)
     assert "../" not in card and "models/smollm2" not in card
     assert "a local copy of `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+
+
+def _verification_rows(card: str) -> dict[str, tuple[str, str]]:
+    """metric -> (threshold cell, verdict cell) of the card's verification table."""
+    table = card.split("## Verification")[1].split("##")[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): (cells[2].strip(), cells[3].strip()) for cells in rows[1:] if len(cells) == 4}
+
+
+@pytest.mark.parametrize(
+    ("kind", "task", "metrics", "thresholds"),
+    [
+        ("quantize", "text-generation", {"top1_agreement": 0.7, "kl_divergence_mean": 0.3, "kl_divergence_max": 2.0,
+         "perplexity_ratio": 1.1, "footprint_ratio": 0.4}, {"top1_agreement": 0.45, "kl_divergence": 1.5,
+         "perplexity_ratio": 2.5, "footprint_ratio": 0.5}),
+        ("quantize", "feature-extraction", {"cosine_min": 0.95, "cosine_mean": 0.99, "max_abs_diff": 0.3,
+         "footprint_ratio": 0.6}, {"cosine": 0.9, "footprint_ratio": 0.7}),
+        ("export", "feature-extraction", {"cosine_min": 0.99999, "max_abs_diff": 1e-4, "relative_error": 1e-5},
+         {"max_abs_diff": 2e-2, "cosine": 0.9999}),
+        ("export", "text-generation", {"max_abs_diff": 1e-3, "top1_agreement": 1.0, "kl_divergence_mean": 1e-6,
+         "generation_match": 1.0, "relative_error": 1e-5}, {"max_abs_diff": 2e-2, "top1_agreement": 0.99,
+         "kl_divergence": 1e-4, "generation_match": 1.0}),
+    ],
+)  # fmt: skip
+def test_the_card_shows_each_bound_beside_the_metric_the_gate_checks(kind, task, metrics, thresholds):
+    from builder.gates import GATES
+
+    manifest = bnb_manifest() if kind == "quantize" else onnx_manifest()
+    manifest["source"]["task"] = manifest["recipe"]["source"]["task"] = task
+    manifest["verification"] |= {"task": task, "metrics": metrics, "thresholds": thresholds}
+    rows = _verification_rows(render_card(manifest))
+    bounded = {GATES[key].metric: bound for key, bound in thresholds.items()}
+    assert {metric for metric, (limit, _) in rows.items() if limit} == set(bounded)  # cosine_mean: no bound
+    for metric, bound in bounded.items():
+        assert rows[metric] == (f"{bound:.4g}", "pass")

@@ -15,9 +15,25 @@ from builder.plan import make_plan
 from builder.recipe import load_recipes
 from builder.steps import ort
 from builder.steps.export import choose_exporter, export
-from builder.steps.verify_onnx import default_thresholds, onnx_metrics
+from builder.steps.verify_onnx import onnx_metrics
 
 PROMPTS = ("The capital of France is", "def add(a, b):")
+
+
+def default_thresholds(task: str, dtype: str = "float32", quantize: str = "none") -> dict[str, float]:
+    """The gate's default bounds for an ONNX export of `task` (a recipe without overrides)."""
+    from builder.kinds import KINDS, thresholds
+    from builder.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "schema_version": 1,
+            "name": "x",
+            "source": {"model": "/nowhere"},
+            "export": {"format": "onnx", "dtype": dtype, "quantize": quantize},
+        }
+    )
+    return thresholds(KINDS["onnx"], recipe, task, None)
 
 
 def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-generation") -> BuildContext:
@@ -29,7 +45,7 @@ def _context(tmp_path: Path, source: Path, export_block: str, task: str = "text-
     loaded = load_recipes(recipe)[0]
     workdir = tmp_path / "work"
     workdir.mkdir()
-    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task=task)
+    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source)
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +64,14 @@ def test_decoder_with_past_has_optimums_layout_and_names(tiny_with_past):
     onnx.checker.check_model(str(work / "model.onnx"))
     record = tiny_with_past.onnx
     past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
-    assert record["inputs"] == ["input_ids", "attention_mask", "position_ids", *past]
-    assert record["outputs"] == ["logits", *[name.replace("past_key_values", "present") for name in past]]
-    assert (record["exporter"], record["provider"], record["verified_on"]) == (
+    assert record.inputs == ["input_ids", "attention_mask", "position_ids", *past]
+    assert record.outputs == ["logits", *[name.replace("past_key_values", "present") for name in past]]
+    assert (record.exporter, record.provider, record.verified_on) == (
         "torch",
         "CPUExecutionProvider",
         "CPUExecutionProvider",
     )
-    assert record["target_checked"] is True
+    assert record.target_checked is True
     assert tiny_with_past.footprint.artifact_bytes == (work / "model.onnx").stat().st_size
 
 
@@ -102,8 +118,8 @@ def test_cache_continues_from_an_empty_past(tiny_with_past, tiny_llama):
 def test_decoder_without_past_has_no_cache_inputs(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  exporter: torch\n")
     export(ctx)
-    assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "position_ids"]
-    assert ctx.onnx["outputs"] == ["logits"]
+    assert ctx.onnx.inputs == ["input_ids", "attention_mask", "position_ids"]
+    assert ctx.onnx.outputs == ["logits"]
     metrics = onnx_metrics(
         ctx.workdir,
         tiny_llama,
@@ -134,8 +150,8 @@ def tiny_classifier(minilm, tmp_path_factory) -> Path:
 def test_text_classification(tiny_classifier, tmp_path):
     ctx = _context(tmp_path, tiny_classifier, "  optimize: O2\n", task="text-classification")
     export(ctx)
-    assert ctx.onnx["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert ctx.onnx["outputs"] == ["logits"]
+    assert ctx.onnx.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert ctx.onnx.outputs == ["logits"]
     metrics = onnx_metrics(
         ctx.workdir,
         tiny_classifier,
@@ -160,8 +176,8 @@ def test_auto_picks_genai_for_a_language_model_it_builds_else_torch_without_opti
 def test_auto_records_why_a_language_model_did_not_take_the_genai_exporter(tiny_llama, tmp_path):
     ctx = _context(tmp_path, tiny_llama, "  optimize: O1\n")
     export(ctx)
-    assert ctx.onnx["exporter"] == "torch"
-    assert ctx.onnx["genai_fallback"] == (
+    assert ctx.onnx.exporter == "torch"
+    assert ctx.onnx.genai_fallback == (
         "export.optimize: the genai exporter writes an already fused graph; remove `optimize` (or set none)"
     )
 
@@ -239,13 +255,13 @@ def test_float16_for_tensorrt_verified_on_cpu(tiny_llama, tmp_path):
     )
     export(ctx)
     record = ctx.onnx
-    assert (record["provider"], record["verified_on"], record["target_checked"]) == (
+    assert (record.provider, record.verified_on, record.target_checked) == (
         "TensorrtExecutionProvider",
         "CPUExecutionProvider",
         False,
     )
-    assert "lacks TensorrtExecutionProvider" in record["fallback_reason"]
-    json.dumps(record)  # goes into manifest.json as is
+    assert "lacks TensorrtExecutionProvider" in record.fallback_reason
+    json.dumps(record.model_dump(mode="json"))  # goes into manifest.json
     model = onnx.load(str(Path(ctx.workdir) / "model.onnx"))
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
     io_types = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} & float_types
@@ -299,7 +315,7 @@ def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path
     ctx = _context(tmp_path, tiny_llama, f"  exporter: torch\n  with_past: true\n  quantize: {method}\n")
     export(ctx)
     assert "Progress" not in capsys.readouterr().out
-    record = ctx.onnx["quantization"]
+    record = ctx.onnx.quantization
     ops = [node.op_type for node in onnx.load(str(ctx.workdir / "model.onnx")).graph.node]
     assert record["method"] == method and record["quantized_nodes"] == ops.count(operator) >= 2 * 7
     assert "MatMul" not in ops or ops.count("MatMul") < ops.count(operator)  # attention's MatMuls stay float
@@ -316,11 +332,14 @@ def test_weight_only_4bit_decoder_runs_in_plain_onnxruntime(tiny_llama, tmp_path
 
 def test_a_passing_onnx_text_generation_report_prints_its_generation_bound():
     # `builder build` prints this summary after a build; the ONNX bound on greedy generation once crashed it.
-    from builder.steps.gate import format_summary, gate
+    from builder.gates import check
+    from builder.steps.gate import format_summary
+    from builder.verification import VerificationReport
 
     thresholds = default_thresholds("text-generation")
     metrics = {"max_abs_diff": 1e-3, "top1_agreement": 1.0, "kl_divergence_mean": 1e-6, "generation_match": 1.0}
-    summary = format_summary({"passed": True, "device": "cpu", "thresholds": thresholds, "metrics": metrics})
+    report = {"passed": True, "task": "text-generation", "device": "cpu", "thresholds": thresholds, "metrics": metrics}
+    summary = format_summary(VerificationReport.model_validate(report | {"failures": [], "performance": {}}))
     assert "    generation_match        1.000  >= 1.000" in summary.splitlines()
-    missed = gate(metrics | {"generation_match": 0.5}, thresholds)
+    missed = check(metrics | {"generation_match": 0.5}, thresholds)
     assert [failure["metric"] for failure in missed] == ["generation_match"]

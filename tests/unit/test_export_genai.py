@@ -28,7 +28,7 @@ def _context(tmp_path: Path, source: Path, export_block: str) -> BuildContext:
     loaded = load_recipes(recipe)[0]
     workdir = tmp_path / "work"
     workdir.mkdir()
-    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task="text-generation")
+    return BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source)
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +46,11 @@ def test_the_folder_is_one_onnxruntime_genai_loads(tiny_genai):
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "config.json"} <= names
     assert not {n for n in names if n.startswith(".") or n.endswith(".log")}  # its cache and log are gone
     record = tiny_genai.onnx
-    assert (record["exporter"], record["with_past"], record["attention_nodes"]) == ("genai", True, 2)
-    assert record["model_builder"] == {"precision": "fp32", "execution_provider": "cpu"}
-    assert record["inputs"][:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
-    assert record["files"] == [f for f in ("model.onnx", "model.onnx.data") if f in names]
-    assert tiny_genai.footprint.artifact_bytes == sum((work / f).stat().st_size for f in record["files"])
+    assert (record.exporter, record.with_past, record.attention_nodes) == ("genai", True, 2)
+    assert record.model_builder == {"precision": "fp32", "execution_provider": "cpu"}
+    assert record.inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+    assert record.files == [f for f in ("model.onnx", "model.onnx.data") if f in names]
+    assert tiny_genai.footprint.artifact_bytes == sum((work / f).stat().st_size for f in record.files)
     assert json.loads((work / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 2
     og.Model(str(work))
 

@@ -276,6 +276,9 @@ def test_block_by_block_gives_the_whole_models_metrics(variants, tiny_llama, tmp
     offload = blocks["candidate"]["offload"]
     assert offload["blocks"] == 2 and offload["onloads"] > 2 * 4  # every forward of every block onloads it
     assert offload["peak_onloaded_bytes"] == offload["largest_block_bytes"]  # one block at a time
+    # The reference's blocks are read from its files; the bitsandbytes candidate's are kept in host memory.
+    assert (blocks["reference"]["offload"]["read_from"], offload["read_from"]) == ("files", "host")
+    assert blocks["reference"]["offload"]["peak_onloaded_blocks"] == offload["peak_onloaded_blocks"] == 1
     assert_same_metrics(blocks, whole)
 
 
@@ -309,10 +312,10 @@ def test_block_by_block_gives_the_whole_models_metrics_on_smollm2(smollm2, tmp_p
 @pytest.fixture
 def in_worker_processes(monkeypatch):
     """Gate runs in worker processes, as under a device memory cap (here without one)."""
-    from builder.steps import verify
+    from builder.steps import runs, verify
 
     def worker(preload, task, device, label, max_device_memory, *, foreground=False, imports=()):
-        return verify._Worker(preload, task, device, label, foreground=foreground, imports=imports)
+        return runs.WorkerRun(preload, task, device, label, foreground=foreground, imports=imports)
 
     monkeypatch.setattr(verify, "runner", worker)
 
@@ -353,14 +356,14 @@ def test_an_artifact_that_does_not_load_in_the_build_process_fails_the_gate(vari
 
 
 def test_a_run_in_the_build_process_stops_when_cancelled(tiny_llama):
-    from builder.steps import verify
+    from builder.steps import runs, verify
 
     inputs = verify.tokenize_inputs(tiny_llama, "text-generation", ())
-    run = verify._InProcess(tiny_llama, "text-generation", "cpu", "tiny: verify: reference")
+    run = runs.InProcessRun(tiny_llama, "text-generation", "cpu", "tiny: verify: reference")
     run.submit(tiny_llama, "bfloat16", inputs, 4, None)
     run.cancel()  # the run stops at its next stage event: before its model loads
     assert not run._thread.is_alive() and set(run.stages) <= {"imports"}
-    with pytest.raises(verify._WorkerFailed, match="in the build process: the run was stopped"):
+    with pytest.raises(runs.RunFailed, match="in the build process: the run was stopped"):
         run.result()
 
 

@@ -48,7 +48,15 @@ def manifest_json(name: str, build_hash: str, passed: bool, files: dict | None =
         "footprint": None,
         "bits_per_param": None,
         "library_name": "transformers",
-        "verification": {"passed": passed},
+        "verification": {
+            "passed": passed,
+            "task": "text-generation",
+            "device": "cpu",
+            "metrics": {},
+            "thresholds": {},
+            "failures": [],
+            "performance": {},
+        },
         "files": files or {},
     }
 

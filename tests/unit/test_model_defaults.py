@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from builder.cli import main
-from builder.plan import footprint_threshold, make_plan
+from builder.kinds.base import footprint_threshold
+from builder.plan import make_plan
 from builder.recipe import Recipe, load_recipes
 
 

@@ -74,7 +74,7 @@ def test_artifact_holds_the_quantized_model_and_its_description(built):
 
 def test_manifest_follows_the_contract(built):
     manifest = json.loads((built["artifact"] / "manifest.json").read_text())
-    assert manifest["manifest_version"] == 1 and manifest["kind"] == "quantize"
+    assert manifest["manifest_version"] == 2 and manifest["kind"] == "quantize"
     assert len(manifest["build_hash"]) == 64
     assert manifest["source"]["revision"].startswith("sha256:")
     assert manifest["source"]["task"] == "text-generation"
@@ -85,7 +85,8 @@ def test_manifest_follows_the_contract(built):
     assert {"resolve", "stream", "quantize", "verify"} <= set(manifest["timings"])
     assert manifest["quantize_path"] == "stream"  # a plain bnb recipe streams; see test_stream_step for fallbacks
     assert manifest["library_name"] == "transformers" and manifest["device"] and manifest["device_uuid"] is None
-    assert manifest["verification"]["passed"] is True
+    assert manifest["verification"]["passed"] is True and manifest["verification"]["report_version"] == 2
+    assert json.loads((built["artifact"] / "verify-report.json").read_text()) == manifest["verification"]
     assert 0 < manifest["footprint"]["artifact_bytes"] < manifest["footprint"]["source_bytes"]
     # 2 layers x 7 Linear; the output head is tied to the embeddings and stays unquantized.
     assert manifest["quantized_layers"]["count"] == 14

@@ -26,7 +26,7 @@ def transformers_path(monkeypatch):
     plain recipes are otherwise streamed (test_stream_faults_* below break the streaming path)."""
     import builder.steps.quantize
 
-    monkeypatch.setattr(builder.steps.quantize, "streamable", lambda recipe, source_dir: "forced by the test")
+    monkeypatch.setattr(builder.steps.quantize, "stream_plan", lambda recipe, source_dir, task: "forced by the test")
 
 
 def nothing_written(out) -> bool:
@@ -166,7 +166,7 @@ def test_stream_faults_name_the_stage(tiny_llama, tmp_path, capsys, monkeypatch,
 
     import builder.steps.quantize
 
-    def broken(recipe, source_dir, workdir, device):
+    def broken(recipe, source_dir, workdir, device, plan):
         (workdir / "model.safetensors").write_bytes(b"half written")
         if fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

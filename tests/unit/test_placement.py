@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.artifact import NodePlacement, parse_manifest
+from builder.artifact import parse_manifest
 from builder.card import render_card
 from builder.context import BuildContext
 from builder.errors import ArtifactError
@@ -19,6 +19,7 @@ from builder.steps import ort, placement
 from builder.steps.export import export
 from builder.steps.gate import failure_message, format_report
 from builder.steps.verify_onnx import onnx_report
+from builder.verification import NodePlacement, VerificationReport
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 PROMPT = "The capital of France is"
@@ -34,7 +35,7 @@ def _exported(folder: Path, source: Path, export_block: str) -> BuildContext:
     loaded = load_recipes(recipe)[0]
     workdir = folder / "work"
     workdir.mkdir()
-    ctx = BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source, task="text-generation")
+    ctx = BuildContext(loaded, make_plan(loaded), workdir, "cpu", source_dir=source)
     export(ctx)
     return ctx
 
@@ -107,7 +108,8 @@ def test_a_cuda_session_that_falls_back_to_the_cpu_fails_naming_matmul(tiny_for_
     assert f"{heavy} compute-heavy node(s) ran on {CPU}, not {CUDA}: MatMul x{ops['MatMul']}" in message
     assert "Softmax" not in message and "Gather" not in message
     assert "OperatorKernels.md" in message and "target CPUExecutionProvider" in message
-    shown = failure_message("tiny-placement", {"device": "cuda", "failures": [failure]})
+    report = {"passed": False, "task": "text-generation", "device": "cuda", "failures": [failure]}
+    shown = failure_message("tiny-placement", VerificationReport.model_validate(report | _NO_METRICS))
     assert message in shown and "relax the named thresholds" not in shown  # no threshold changes a placement
 
 
@@ -144,10 +146,12 @@ def test_a_cuda_target_verified_on_the_cpu_reports_the_cpu_placement_and_passes(
     measured = NodePlacement.model_validate(report["placement"])
     assert measured.measured_on == CPU and list(measured.nodes) == [CPU] and measured.nodes[CPU]["MatMul"] > 0
     assert not [f for f in report["failures"] if f["metric"] == "placement"]
-    assert f"nodes by provider (session on {CPU}):" in format_report(report)
+    assert f"nodes by provider (session on {CPU}):" in format_report(VerificationReport.model_validate(report))
 
     resolved = tiny_for_cuda.loaded.recipe.model_dump(mode="json")
-    manifest = parse_manifest(json.dumps(_manifest(report, resolved, tiny_for_cuda.onnx)), "manifest.json")
+    manifest = parse_manifest(
+        json.dumps(_manifest(report, resolved, tiny_for_cuda.onnx.model_dump(mode="json"))), "manifest.json"
+    )
     assert manifest.placement == measured
     card = render_card(manifest)
     assert f"onnxruntime session on `{CPU}`" in card
@@ -156,8 +160,10 @@ def test_a_cuda_target_verified_on_the_cpu_reports_the_cpu_placement_and_passes(
 
 
 def test_a_manifest_with_a_malformed_placement_is_refused():
-    report = {"passed": True, "placement": {"measured_on": CPU, "nodes": {CPU: {"MatMul": "many"}}}}
-    with pytest.raises(ArtifactError, match=r"verification: .*placement\.nodes\.CPUExecutionProvider\.MatMul"):
+    placed = {"measured_on": CPU, "nodes": {CPU: {"MatMul": "many"}}}
+    report = {"passed": True, "task": "text-generation", "device": "cpu", "placement": placed} | _NO_METRICS
+    report["failures"] = []
+    with pytest.raises(ArtifactError, match=r"verification\.placement\.nodes\.CPUExecutionProvider\.MatMul: "):
         parse_manifest(json.dumps(_manifest(report)), "manifest.json")
 
 
@@ -167,6 +173,9 @@ _RECIPE = {
     "source": {"model": "org/tiny", "task": "text-generation"},
     "export": {"format": "onnx", "provider": CUDA, "verify_on": CPU},
 }
+
+
+_NO_METRICS = {"metrics": {}, "thresholds": {}, "performance": {}}
 
 
 def _manifest(report: dict, recipe: dict = _RECIPE, onnx: dict | None = None) -> dict:

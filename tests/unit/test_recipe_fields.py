@@ -241,6 +241,15 @@ CASES = [
     ),
     Case(
         Bnb4Bit,
+        "blocksize",
+        [32, 64, 4096],
+        [
+            (100, "blocksize: 100 is not one of 32, 64, 128, 256, 512, 1024, 2048, 4096"),
+            ("64", "blocksize: '64' is not one of 32, 64, 128, 256, 512, 1024, 2048, 4096 (write it without quotes)"),
+        ],
+    ),
+    Case(
+        Bnb4Bit,
         "skip_modules",
         [[], ["lm_head", "mlp.down_proj"]],
         [

@@ -13,6 +13,7 @@ import hashlib
 import html.parser
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 
 from builder import report_page, report_svg
 from builder.cli import main
-from builder.report import pareto_front, report_data, write_report
+from builder.report import model_name, pareto_front, report_data, write_report
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "report"
 LLAMA, MINILM = "models/tiny-llama", "models/tiny-minilm"
@@ -453,10 +454,10 @@ def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_
     rows = {a["name"]: a for a in group["artifacts"]}
     onnx, int8 = rows["all-minilm-l6-v2-onnx-cpu"], rows["all-minilm-l6-v2-int8"]
     assert onnx["method"] == "onnx float32" and onnx["device"] == "CPUExecutionProvider"
-    assert onnx["weight_bits_per_param"] is None and onnx["latency_basis"] == "the verification inputs"
-    assert int8["method"] == "bnb-8bit" and int8["latency_basis"] == "64 tokens, batch 1"
+    assert onnx["weight_bits_per_param"] is None
+    assert onnx["latency_inputs"].startswith("the 18 verification prompts #")
+    assert int8["method"] == "bnb-8bit" and int8["latency_inputs"] == "64 tokens, batch 1"
     page = out.read_text()
-    assert "(the verification inputs)</text>" in page and "(64 tokens, batch 1)</text>" in page
     assert page.count('data-artifact="all-minilm-l6-v2-onnx-cpu" data-status="passed"') == 3  # 2 charts, 1 bar
 
 
@@ -466,7 +467,22 @@ def test_real_minilm_bitsandbytes_and_onnx_manifests_compare_in_one_section(tmp_
 # that means something in HTML, and a handler that would run if any of it were parsed as markup.
 HOSTILE = "x<img src=x onerror=document.body.dataset.pwned=1>&\"'"
 PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "section", "div", "svg", "g", "line"}
-PAGE_TAGS |= {"text", "circle", "path", "polyline", "rect", "ellipse", "table", "thead", "tbody", "tr", "th", "td", "a"}
+PAGE_TAGS |= {
+    "text",
+    "circle",
+    "path",
+    "polyline",
+    "rect",
+    "ellipse",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "a",
+    "wbr",
+}
 
 
 class _Tags(html.parser.HTMLParser):
@@ -496,7 +512,7 @@ def _small(root: Path) -> Path:
 def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     root = tmp_path / "artifacts"
     _small(root)
-    hostile = _artifact(root, "tiny-nf4" + HOSTILE, LLAMA + HOSTILE, *LM["tiny-fp4"][:2], LM_THRESHOLDS, 37.0)
+    hostile = _artifact(root, "tiny-fp4", LLAMA + HOSTILE, *LM["tiny-fp4"][:2], LM_THRESHOLDS, 37.0)
     manifest = json.loads((hostile / "manifest.json").read_text())
     manifest["device"] = manifest["recipe"]["quantize"]["quant_type"] = HOSTILE
     manifest["verification"]["metrics"]["metric" + HOSTILE] = 0.5
@@ -506,8 +522,10 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     broken = root / ("broken" + HOSTILE)
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json " + HOSTILE)
+    # an artifact name outside the name pattern is a malformed manifest since issue 26: left out, its path shown
+    misnamed = _artifact(root, "tiny-nf4" + HOSTILE, LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, 38.0)
     out, data = write_report([root], root / "report.html")
-    assert [s["path"] for s in data["skipped"]] == [str(broken.resolve())]
+    assert sorted(s["path"] for s in data["skipped"]) == sorted([str(broken.resolve()), str(misnamed.resolve())])
     page = _Tags()
     page.feed(out.read_text())
     assert {tag for tag, _ in page.tags} <= PAGE_TAGS  # no <img> from a name
@@ -516,11 +534,11 @@ def test_every_string_from_the_artifacts_reaches_the_page_escaped(tmp_path):
     for shown in ("tiny-nf4" + HOSTILE, "failed" + HOSTILE, LLAMA + HOSTILE, "metric" + HOSTILE, "message" + HOSTILE):
         assert shown in text  # as the person reading the page sees it
     names = {attrs.get("data-artifact") for _, attrs in page.tags} - {None}
-    assert {"tiny-nf4" + HOSTILE, "failed" + HOSTILE} <= names
+    assert {"tiny-fp4", "failed" + HOSTILE} <= names
     sections = {attrs["data-source"] for tag, attrs in page.tags if tag == "section"}
     assert sections == {LLAMA + HOSTILE, LLAMA, "unknown source"}  # the failed build's config matches both
     links = {unquote(attrs["href"]) for tag, attrs in page.tags if tag == "a"}
-    assert "tiny-nf4" + HOSTILE + "/README.md" in links and all((out.parent / link).is_file() for link in links)
+    assert "tiny-fp4/README.md" in links and all((out.parent / link).is_file() for link in links)
 
 
 @needs_chromium
@@ -642,3 +660,143 @@ def test_markup_is_written_only_as_literal_templates_that_escape_what_fills_them
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "html":
                 # A Name: a template chosen between two literals.
                 assert isinstance(node.args[0], (ast.Constant, ast.Name)), f"{where}:{node.lineno}: not a literal"
+
+
+# --- layout: what a newcomer saw (#30), measured in Chromium --------------------------------------------------------
+
+# Appended to a copy of the page (the page itself runs no script): every chart's text, bar and tick boxes relative to
+# its SVG, and the widths of the page and each table box, written into the DOM for --dump-dom.
+_MEASURE = """<script>
+window.addEventListener('load', () => {
+  const out = {page: document.documentElement.scrollWidth, window: window.innerWidth, tables: [], charts: []};
+  for (const t of document.querySelectorAll('.table'))
+    out.tables.push({scroll: t.scrollWidth, client: t.clientWidth, right: t.getBoundingClientRect().right});
+  for (const svg of document.querySelectorAll('svg.chart')) {
+    const o = svg.getBoundingClientRect(), marks = [];
+    for (const el of svg.querySelectorAll('text, rect, line.reference, line.source-line')) {
+      const b = el.getBoundingClientRect();
+      marks.push({tag: el.tagName, cls: el.getAttribute('class') || '',
+                  text: el.tagName === 'text' ? el.textContent : '',
+                  left: b.left - o.left, right: b.right - o.left, top: b.top - o.top, bottom: b.bottom - o.top});
+    }
+    out.charts.push({cls: svg.getAttribute('class'), width: o.width, height: o.height, marks});
+  }
+  const pre = document.createElement('pre'); pre.id = 'layout'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _layout(page: Path, width: int = 900) -> dict:
+    measured = page.with_name("measured.html")
+    measured.write_text(page.read_text().replace("</body>", _MEASURE + "</body>"))
+    process = _chromium(f"--window-size={width},800", "--dump-dom", measured.as_uri())
+    assert _console_messages(process.stderr) == [], process.stderr[-2000:]
+    found = process.stdout.split('<pre id="layout">')[1].split("</pre>")[0]
+    return json.loads(html.unescape(found))
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def _minilm_pair(root: Path, names=("minilm-int8", "minilm-onnx-cpu")) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        shutil.copy(ASSETS / f"{name}.manifest.json", root / name / "manifest.json")
+    return root
+
+
+def test_a_section_is_titled_by_the_model_name_never_a_relative_path(tmp_path):
+    root = _minilm_pair(tmp_path / "artifacts")
+    hub = _artifact(root, "smollm2-int8", "HuggingFaceTB/SmolLM2-135M-Instruct", 160e6, LM["tiny-int8"][1], {}, None)
+    manifest = json.loads((hub / "manifest.json").read_text())
+    manifest["source"]["revision"] = "a" * 40  # a Hub commit
+    (hub / "manifest.json").write_text(json.dumps(manifest))
+    out, data = write_report([root], root / "report.html")
+    assert [(g["model"], g["source"]) for g in data["groups"]] == [
+        ("all-minilm-l6-v2", "../../models/all-minilm-l6-v2"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ]
+    titles = re.findall(r"<h2>(.*?)</h2>", out.read_text())
+    assert titles == ["all-minilm-l6-v2", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert "from ../../models/all-minilm-l6-v2;" in out.read_text()  # where it was read from, said once
+    assert model_name("/tmp/rep/tiny/") == "tiny" and model_name(None) is None
+
+
+def test_latencies_on_different_inputs_get_their_own_charts_said_not_comparable(matrix, tmp_path):
+    root = _minilm_pair(tmp_path / "artifacts")
+    out, data = write_report([root], root / "report.html")
+    rows = {a["name"]: a for a in data["groups"][0]["artifacts"]}
+    assert rows["all-minilm-l6-v2-int8"]["latency_inputs_id"] != rows["all-minilm-l6-v2-onnx-cpu"]["latency_inputs_id"]
+    marks = _Tags()
+    marks.feed(out.read_text())
+    latency = [a for tag, a in marks.tags if tag == "svg" and a.get("data-field") == "latency_ms"]
+    assert len(latency) == 2  # one bar each, never on one axis
+    page = out.read_text()
+    assert page.count("other inputs than the other latency charts: not comparable") == 2
+    assert "latency per forward on 64 tokens, batch 1 (ms" in page
+    assert "latency per forward on the 18 verification prompts #" in page
+    # Each bar named as in the scatters, shortened against the whole section, not its own chart.
+    assert 'text-anchor="end">onnx-cpu</text><rect class="bar-passed" data-artifact="all-minilm-l6-v2-onnx-cpu"' in page
+    # Builds timed on the same inputs share one chart, and nothing says they are not comparable.
+    same, _ = write_report([matrix], tmp_path / "same.html")
+    assert same.read_text().count('data-field="latency_ms"') == 1 and "not comparable" not in same.read_text()
+
+
+@needs_chromium
+def test_every_label_fits_its_chart_and_no_tick_crosses_a_label(matrix, tmp_path):
+    real = _minilm_pair(tmp_path / "real")  # its two latencies on two kinds of inputs, the ONNX one long-named
+    long = "smollm2-135m-instruct-bnb-4bit-nf4-double-quant-cpu-float32-compute"
+    _artifact(tmp_path / "one", long, LLAMA, *LM["tiny-nf4"][:2], LM_THRESHOLDS, 38.0)
+    for folders in ([matrix, real], [tmp_path / "one"]):
+        folder = folders[-1]
+        out, _ = write_report(folders, folder / "report.html")
+        layout = _layout(out)
+        assert layout["charts"]
+        for chart in layout["charts"]:
+            texts = [m for m in chart["marks"] if m["tag"] == "text"]
+            for text in texts:  # nothing cut at an edge
+                assert 0 <= text["left"] and text["right"] <= chart["width"], (chart["cls"], text)
+                assert 0 <= text["top"] and text["bottom"] <= chart["height"], (chart["cls"], text)
+            # A bar's source tick crosses no text; the scatter's source line not its own label, the title, a gate's.
+            for tick in (m for m in chart["marks"] if m["cls"] == "reference"):
+                assert not [t for t in texts if _overlap(tick, t)], (chart["cls"], tick)
+            labels = [t for t in texts if t["cls"] in ("source-label", "title", "threshold-label")]
+            for line in (m for m in chart["marks"] if m["cls"] == "source-line"):
+                assert not [t for t in labels if _overlap(line, t)], (chart["cls"], line)
+        bars = [c for c in layout["charts"] if "bars" in c["cls"]]
+        labels = {m["text"] for c in bars for m in c["marks"] if m["tag"] == "text"}
+        if folder.name == "one":
+            assert long in labels and "38 · source 30" in labels  # the full name; the tick's value beside it
+    source = [m for c in layout["charts"] if "scatter" in c["cls"] for m in c["marks"] if m["cls"] == "source-label"]
+    assert source and all(m["text"] == "source 270 MB" for m in source)
+
+
+@needs_chromium
+def test_the_table_wraps_its_headers_and_scrolls_in_its_own_box_not_the_page(matrix):
+    out, _ = write_report([matrix], matrix / "report.html")
+    layout = _layout(out, width=900)
+    assert layout["page"] <= layout["window"]  # the page never scrolls sideways
+    for table in layout["tables"]:
+        assert table["right"] <= layout["window"] and table["client"] < table["scroll"]
+    assert "<th>kl_<wbr>divergence_<wbr>mean</th>" in out.read_text()
+    wide = _layout(out, width=2000)
+    assert all(t["scroll"] <= t["client"] for t in wide["tables"])  # room enough: no scrolling at all
+
+
+def test_a_single_artifact_is_drawn_against_the_source_from_zero_with_distinct_ticks(tmp_path):
+    root = _minilm_pair(tmp_path / "artifacts", names=("minilm-onnx-cpu",))
+    out, _ = write_report([root], root / "report.html")
+    page = out.read_text()
+    cosine = page.split('data-metric="cosine_min"')[1].split("</svg>")[0]
+    ticks = re.findall(r'text-anchor="(?:middle|end)">([^<]+)</text>', cosine)
+    x_ticks = [t for t in ticks if t.endswith("B")]
+    y_ticks = [t for t in ticks if not t.endswith("B")]
+    assert x_ticks[0] == "0 B" and len(x_ticks) >= 4  # the size read against 0 and the source's 90.9 MB
+    assert len(y_ticks) >= 3 and len(set(y_ticks)) == len(y_ticks), y_ticks  # not "1, 1, 1, 0.9999"
+    assert '<text class="source-label"' in cosine and "source 90.9 MB</text>" in cosine
+    marks = _Marks()
+    marks.feed(page)
+    [point] = marks.charts[0]["circles"]
+    assert 72 + 200 < float(point["cx"]) < 430  # near the source line at the right, not alone in a corner

@@ -29,7 +29,7 @@ def test_stream_path_records_what_the_transformers_path_records(quantize, tiny_l
     streamed = _context(recipe, tmp_path / "stream")
     streamed.workdir.mkdir()
     quantize_module.quantize(streamed)
-    monkeypatch.setattr(quantize_module, "streamable", lambda recipe, source_dir: "forced by the test")
+    monkeypatch.setattr(quantize_module, "stream_plan", lambda recipe, source_dir, task: "forced by the test")
     reference = _context(recipe, tmp_path / "transformers")
     quantize_module.quantize(reference)
     assert differences(streamed.workdir, reference.workdir) == []

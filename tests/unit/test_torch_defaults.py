@@ -68,12 +68,12 @@ def test_a_waiting_load_goes_before_new_shared_work():
 def test_a_gate_run_in_the_build_process_imports_only_while_nothing_else_holds_the_defaults(monkeypatch, tmp_path):
     # Two threads importing torch's modules at once failed a fresh `builder build` (a half-initialized
     # torch._inductor.utils): a run's imports wait, like a load, for the quantize step.
-    from builder.steps import metrics, verify
+    from builder.steps import metrics, runs
 
     imported = threading.Event()
     monkeypatch.setattr(metrics, "import_for", lambda *args: imported.set())
     with torch_defaults.exclusive():  # the quantize step
-        run = verify._InProcess(tmp_path, "text-generation", "cpu", "x: verify: candidate")
+        run = runs.InProcessRun(tmp_path, "text-generation", "cpu", "x: verify: candidate")
         assert not imported.wait(0.3)
     assert imported.wait(10)
     run.cancel()

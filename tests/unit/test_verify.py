@@ -15,30 +15,37 @@ import pytest
 
 from builder.cli import main
 from builder.errors import BuildError
+from builder.evaluation import eval_sentences, eval_text
+from builder.gates import check
+from builder.kinds import kind_of, thresholds
 from builder.recipe import Recipe
 from builder.steps import gate as gate_module
-from builder.steps.gate import eval_sentences, eval_text, gate
-from builder.steps.verify import default_thresholds, reference_dtype, run_checks, thresholds_for
+from builder.steps.verify import reference_dtype, run_checks
 
 DATA = Path(gate_module.__file__).resolve().parents[1] / "data"
 # The tiny model is mostly its 49152x64 embedding table, which stays unquantized: its footprint barely shrinks.
 TINY_VERIFY = "verify:\n  thresholds: {footprint_ratio: 1.0}\n  max_new_tokens: 4\n"
 
 
-def recipe(quantize: dict, thresholds: dict | None = None) -> Recipe:
+def recipe(quantize: dict, overrides: dict | None = None) -> Recipe:
     return Recipe.model_validate(
         {
             "schema_version": 1,
             "name": "x",
             "source": {"model": "/nowhere"},
             "quantize": quantize,
-            "verify": {"thresholds": thresholds or {}},
+            "verify": {"thresholds": overrides or {}},
         }
     )
 
 
+def thresholds_for(recipe: Recipe, task: str) -> dict[str, float]:
+    """The bounds the gate holds a build of `recipe` for `task` to (no expected footprint: 0.99)."""
+    return thresholds(kind_of(recipe), recipe, task, None)
+
+
 def test_gate_names_each_missed_metric_and_by_how_much():
-    failures = gate(
+    failures = check(
         {"top1_agreement": 0.4, "kl_divergence_mean": 0.5, "perplexity_ratio": 1.01},
         {"top1_agreement": 0.9, "kl_divergence": 0.1, "perplexity_ratio": 1.2},
     )
@@ -60,9 +67,9 @@ def test_defaults_depend_on_method_and_task_and_the_recipe_overrides_them():
         recipe({"method": "bnb-4bit", "quant_type": "fp4"}),
         recipe({"method": "bnb-8bit"}),
     )
-    lm = {r: default_thresholds(r, "text-generation") for r in (nf4, fp4, int8)}
+    lm = {r: thresholds_for(r, "text-generation") for r in (nf4, fp4, int8)}
     assert lm[int8]["kl_divergence"] < lm[nf4]["kl_divergence"] <= lm[fp4]["kl_divergence"]
-    assert set(default_thresholds(nf4, "feature-extraction")) == {"cosine", "footprint_ratio"}
+    assert set(thresholds_for(nf4, "feature-extraction")) == {"cosine", "footprint_ratio"}
     custom = recipe({"method": "bnb-4bit"}, {"top1_agreement": 0.5, "kl_divergence": 2.0})
     assert thresholds_for(custom, "text-generation") == lm[nf4] | {"top1_agreement": 0.5, "kl_divergence": 2.0}
 
@@ -218,32 +225,32 @@ def test_an_artifact_that_does_not_load_in_a_worker_process_fails_the_gate(built
 
 
 def test_onnx_thresholds_take_the_recipes_overrides_and_refuse_what_the_task_lacks():
-    from builder.steps import verify_onnx
+    def export(overrides: dict) -> Recipe:
+        return Recipe.model_validate(
+            {
+                "schema_version": 1,
+                "name": "x",
+                "source": {"model": "/nowhere"},
+                "export": {"format": "onnx"},
+                "verify": {"thresholds": overrides},
+            }
+        )
 
-    export = Recipe.model_validate(
-        {
-            "schema_version": 1,
-            "name": "x",
-            "source": {"model": "/nowhere"},
-            "export": {"format": "onnx"},
-            "verify": {"thresholds": {"top1_agreement": 0.5}},
-        }
-    )
-    assert verify_onnx.thresholds_for(export, "text-generation") == (
-        verify_onnx.default_thresholds("text-generation") | {"top1_agreement": 0.5}
-    )
+    defaults = thresholds_for(export({}), "text-generation")
+    assert defaults["generation_match"] == 1.0
+    assert thresholds_for(export({"top1_agreement": 0.5}), "text-generation") == defaults | {"top1_agreement": 0.5}
     with pytest.raises(
         BuildError,
         match=r"verify\.thresholds\.top1_agreement does not apply to an ONNX export of a "
         r"feature-extraction model \(its gates: ",
     ):
-        verify_onnx.thresholds_for(export, "feature-extraction")
+        thresholds_for(export({"top1_agreement": 0.5}), "feature-extraction")
 
 
 def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monkeypatch):
     import torch
 
-    from builder.steps import metrics
+    from builder.tasks import causal_lm
 
     vocabulary, generator = 50, torch.Generator().manual_seed(0)
 
@@ -257,9 +264,9 @@ def test_logits_compared_a_few_rows_at_a_time_give_the_whole_chunks_metrics(monk
         "prompt_logits": [logits(5)],
         "continuations": [[1, 2, 4]],
     }
-    whole, _ = metrics._compare_lm(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
-    monkeypatch.setattr(metrics, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
-    blocked, details = metrics._compare_lm(inputs, reference, candidate, "cpu")
+    whole, _ = causal_lm.compare(inputs, reference, candidate, "cpu")  # 2**21 elements: each chunk at once
+    monkeypatch.setattr(causal_lm, "CPU_COMPARE_ELEMENTS", 3 * vocabulary)  # 3 rows: blocks end inside each chunk
+    blocked, details = causal_lm.compare(inputs, reference, candidate, "cpu")
     assert blocked == pytest.approx(whole, rel=1e-6) and details["positions"] == 21
     assert blocked["top1_agreement"] == whole["top1_agreement"] and 0 < whole["top1_agreement"] < 1
     assert blocked["perplexity_ratio"] != 1.0

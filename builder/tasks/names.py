@@ -1,4 +1,4 @@
-"""The task vocabulary, kept in the core package so `validate` needs no optimum.
+"""The task vocabulary (optimum's task names), kept in the core package so `validate` needs no optimum.
 
 It mirrors the transformers tasks of optimum's `TasksManager`; `tests/unit/test_tasks.py` keeps the two equal
 whenever optimum is installed.
@@ -49,53 +49,6 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "image-classification"),
     ("Model", "feature-extraction"),
 )
-
-
-# What the verification gate can feed a model: token ids (builder.steps.verify.tokenize_inputs). Other tasks need
-# pixels or waveforms, which the gate does not make, so their builds are refused before anything runs.
-TEXT_TASKS: tuple[str, ...] = (
-    "text-generation",
-    "feature-extraction",
-    "fill-mask",
-    "text-classification",
-    "token-classification",
-    "question-answering",
-    "multiple-choice",
-    "text2text-generation",
-)
-_INPUTS = {
-    "image": "images",
-    "audio": "audio",
-    "automatic-speech": "audio",
-    "text-to-audio": "text (it outputs audio)",
-    "depth": "images",
-    "object": "images",
-    "mask": "images",
-    "semantic": "images",
-    "visual": "images and text",
-    "zero-shot-image": "images",
-    "masked-im": "images",
-    "reinforcement": "environment observations",
-}
-
-
-def unverifiable(task: str, config: dict, kind: str) -> str | None:
-    """Why the gate cannot verify a `kind` ("quantize" or "export") build of a model with this task and config.json,
-    or None. Encoders and decoder-only LMs are probed; an encoder-decoder needs decoder inputs the bitsandbytes
-    gate does not make."""
-    if task not in TEXT_TASKS:
-        needs = next((inputs for prefix, inputs in _INPUTS.items() if task.startswith(prefix)), "non-text")
-        return (
-            f"task {task!r} takes {needs} as input, but the verification gate feeds token ids only (it "
-            "verifies text models: decoder LMs and encoders), so this build cannot be verified"
-        )
-    if kind == "quantize" and config.get("is_encoder_decoder"):
-        return (
-            f"{config.get('model_type', 'this model')} is an encoder-decoder model: the bitsandbytes gate probes "
-            "decoder-only LMs (text-generation) and encoders (their last hidden state), and its forward needs "
-            "decoder inputs, so this build cannot be verified"
-        )
-    return None
 
 
 def infer_task(architectures: list[str] | None) -> str | None:
