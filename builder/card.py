@@ -8,6 +8,7 @@ what was done to it, how well it matched the source, what it costs, and exactly 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,9 +33,10 @@ _PIPELINE_TAGS = {
 }
 
 
-def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
+def render_card(manifest: Manifest, *, repo_id: str | None = None, folder: Path | None = None) -> str:
     """README.md for the artifact `manifest` describes. `repo_id` (default: the recipe's `publish.repo`) is the
-    repo the usage snippet loads from."""
+    repo the usage snippets load from; `folder`, the artifact's folder, says how they pool and prompt (its
+    sentence-transformers config, its chat template)."""
     from huggingface_hub import ModelCard
 
     recipe = manifest.recipe
@@ -43,7 +45,7 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None) -> str:
         f"# {manifest.name}",
         _summary(manifest),
         *(["## Warnings\n\n" + "\n".join(f"- {w}" for w in manifest.warnings)] if manifest.warnings else []),
-        "## Usage\n\n" + _usage(manifest, repo_id),
+        "## Usage\n\n" + _usage(manifest, repo_id, folder),
         "## Build settings\n\n" + _settings(manifest),
         "## Verification\n\n" + _verification(manifest.verification) + _placement(manifest),
         "## Size\n\n" + _size(manifest),
@@ -290,41 +292,158 @@ def _summary(manifest: Manifest) -> str:
     )
 
 
-def _usage(manifest: Manifest, repo_id: str) -> str:
+def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
+    """How to run the artifact with stock libraries: snippets that run as written (tests/unit/test_card_snippets.py
+    executes each one against the built folder). `folder` is the artifact's folder (its sentence-transformers
+    config and chat template decide pooling and prompting); without one the snippets assume neither."""
     task = manifest.source.task or "feature-extraction"
+    local = (
+        f'Replace `"{repo_id}"` with the path of a local copy of this folder to run it from disk.'
+        if manifest.library_name == "onnx"
+        else f'`model_id` may be the path of a local copy of this folder instead of `"{repo_id}"`.'
+    )
     if manifest.library_name == "onnx":
-        return _usage_onnx(manifest, repo_id, task)
+        provider = manifest.recipe["export"]["provider"]
+        if manifest.onnx is not None and manifest.onnx.exporter == "genai":  # the genai folder is for its runtime
+            return _usage_genai(repo_id, provider) + f"\n\n{local}"
+        graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
+        session = _ort_session(repo_id, graphs[0] if graphs else "model.onnx", provider)
+        if task == "text-generation":
+            run = _ort_decoder_loop(_has_chat_template(folder))
+        elif task == "feature-extraction":
+            run = _ort_embeddings(_pooling(folder))
+        else:
+            run = _ort_forward()
+        return (
+            f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n{session}{run}```\n\n"
+            f"{_optimum(repo_id, task, provider)}\n\n{local}"
+        )
     auto = AUTO_CLASSES.get(task, "AutoModel")
-    extra = " (with `bitsandbytes` installed)" if manifest.recipe.get("quantize") else ""
-    run = family(task).usage()
-    settings = "; the quantization settings are in `config.json`" if extra else ""
+    # A manifest's recipe has a `quantize` block where it has no `export` one.
+    intro = (
+        "Stock `transformers` (with `bitsandbytes` installed) loads it; the quantization settings are in `config.json`."
+    )
+    load = (
+        f"from transformers import AutoTokenizer, {auto}\n\n"
+        f'model_id = "{repo_id}"\n'
+        "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
+        f'model = {auto}.from_pretrained(model_id, device_map="auto")\n'
+    )
+    if task == "text-generation":
+        run = _transformers_generate(_has_chat_template(folder))
+    elif task == "feature-extraction":
+        pooling = _pooling(folder)
+        run = _transformers_embeddings(pooling)
+        if pooling.sentence_transformers:
+            intro += (
+                " The folder is a sentence-transformers model (`modules.json`), so `SentenceTransformer` "
+                f"pools and normalizes as the source does:\n\n```python\n{_sentence_transformers(repo_id)}```\n\n"
+                "With `transformers` alone, pooling as its `modules.json` and `1_Pooling/config.json` say:"
+            )
+    else:  # the task family's own lines (builder/tasks/)
+        run = family(task).usage() + "\n"
+    imports = "import numpy as np\nimport torch\n" if task == "feature-extraction" else ""
+    return f"{intro}\n\n```python\n{imports}{load}{run}```\n\n{local}"
+
+
+_SENTENCES = '["A man is eating food.", "A man is riding a horse."]'
+_QUESTION = "What is the capital of France?"
+
+
+@dataclass(frozen=True)
+class _Pooling:
+    """How a sentence embedding is made from the last hidden state: sentence-transformers' Pooling module's mode
+    and whether a Normalize module follows (mean pooling and normalization where the folder says nothing)."""
+
+    mode: str = "mean"
+    normalize: bool = True
+    sentence_transformers: bool = False
+
+
+def _pooling(folder: Path | None) -> _Pooling:
+    """The pooling the folder's sentence-transformers config (modules.json, its Pooling module's config.json) says,
+    the default `_Pooling` when it has none."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8")) if folder else None
+    except (OSError, ValueError):
+        modules = None
+    if not isinstance(modules, list):
+        return _Pooling()
+    types = [str(module.get("type", "")) for module in modules if isinstance(module, dict)]
+    pooling_dir = next(
+        (m.get("path", "") for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None
+    )
+    mode = "mean"
+    if pooling_dir is not None and folder is not None:
+        try:
+            config = json.loads((folder / pooling_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+        if config.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif config.get("pooling_mode_max_tokens"):
+            mode = "max"
+    return _Pooling(mode, any(t.endswith("Normalize") for t in types), sentence_transformers=True)
+
+
+def _has_chat_template(folder: Path | None) -> bool:
+    """Whether the folder's tokenizer has a chat template (an instruct model, prompted as it was trained)."""
+    if folder is None:
+        return False
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prompt_ids(chat: bool, tensors: str) -> str:
+    """Code that sets `inputs`: the chat-templated question for an instruct model, else a sentence to continue."""
+    if chat:
+        return (
+            f'messages = [{{"role": "user", "content": "{_QUESTION}"}}]\n'
+            "inputs = tokenizer.apply_chat_template(\n"
+            f'    messages, add_generation_prompt=True, return_dict=True, return_tensors="{tensors}"\n)\n'
+        )
+    return f'inputs = tokenizer("The capital of France is", return_tensors="{tensors}")\n'
+
+
+def _transformers_generate(chat: bool) -> str:
     return (
-        f"Stock `transformers`{extra} loads it{settings}.\n\n"
-        f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
-        f'model = {auto}.from_pretrained("{repo_id}", device_map="auto")\n{run}\n```'
+        _prompt_ids(chat, "pt") + "inputs = inputs.to(model.device)\n"
+        "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
     )
 
 
-def _usage_onnx(manifest: Manifest, repo_id: str, task: str) -> str:
-    provider = manifest.recipe["export"]["provider"]
-    # hook: the genai exporter's folder is for its runtime
-    if manifest.onnx is not None and manifest.onnx.exporter == "genai":
-        return _usage_genai(repo_id, provider)
-    graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
-    graph = graphs[0] if graphs else "model.onnx"
-    ort_class = family(task).ort_class(task)
+def _pool(pooling: _Pooling) -> str:
+    """numpy code from `hidden` (batch, tokens, width) and `mask` (batch, tokens, 1) to `embeddings`."""
+    pooled = {
+        "mean": "embeddings = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)\n",
+        "cls": "embeddings = hidden[:, 0]\n",
+        "max": "embeddings = np.where(mask > 0, hidden, -np.inf).max(axis=1)\n",
+    }[pooling.mode]
+    normalized = "embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)\n" if pooling.normalize else ""
+    return f"{pooled}{normalized}print(embeddings.shape, embeddings[0] @ embeddings[1])\n"
+
+
+def _transformers_embeddings(pooling: _Pooling) -> str:
     return (
-        f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n"
-        "import onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"
-        "from transformers import AutoTokenizer\n\n"
-        f'folder = snapshot_download("{repo_id}")\n'
-        "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
-        f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
-        'inputs = tokenizer(["A man is eating food."], return_tensors="np")\n'
-        "outputs = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})\n```\n\n"
-        f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
-        f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
+        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="pt").to(model.device)\n'
+        "with torch.no_grad():\n"
+        "    hidden = model(**inputs).last_hidden_state.float().cpu().numpy()\n"
+        'mask = inputs["attention_mask"].cpu().numpy()[..., None].astype(hidden.dtype)\n' + _pool(pooling)
+    )
+
+
+def _sentence_transformers(repo_id: str) -> str:
+    return (
+        "from sentence_transformers import SentenceTransformer\n\n"
+        f'model_id = "{repo_id}"\n'
+        "model = SentenceTransformer(model_id)\n"
+        f"embeddings = model.encode({_SENTENCES})\n"
+        "print(embeddings.shape, embeddings[0] @ embeddings[1])\n"
     )
 
 
@@ -341,6 +460,78 @@ def _usage_genai(repo_id: str, provider: str) -> str:
         "stream = tokenizer.create_stream()\nwhile not generator.is_done():\n"
         "    generator.generate_next_token()\n"
         '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n```'
+    )
+
+
+def _optimum(repo_id: str, task: str, provider: str) -> str:
+    """optimum's ORTModel class for the task loads the folder (its layout is optimum's: `make test-interop`)."""
+    ort_class = family(task).ort_class(task)
+    return (
+        f"With `optimum` (optimum-onnx installed):\n\n```python\nfrom optimum.onnxruntime import {ort_class}\n\n"
+        f'model = {ort_class}.from_pretrained("{repo_id}", provider="{provider}")\n```'
+    )
+
+
+def _ort_session(repo_id: str, graph: str, provider: str) -> str:
+    return (
+        "import numpy as np\nimport onnxruntime as ort\nfrom huggingface_hub import snapshot_download\n"
+        "from transformers import AutoTokenizer\n\n"
+        f'folder = snapshot_download("{repo_id}")\n'
+        "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
+        f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
+        "graph_inputs = {i.name: i for i in session.get_inputs()}\n"
+    )
+
+
+def _ort_decoder_loop(chat: bool) -> str:
+    """Greedy decoding with the graph of the torch exporter: optimum's decoder inputs (`input_ids`,
+    `attention_mask`, `position_ids`, and with the KV cache `past_key_values.N.key/value`, their heads and head
+    size fixed in the graph) and outputs (`logits`, `present.N.key/value`)."""
+    return (
+        _prompt_ids(chat, "np") + 'ids = [int(i) for i in inputs["input_ids"][0]]\n'
+        "# The cache starts empty: batch 1, the graph's heads and head size, no positions yet.\n"
+        "past = {\n"
+        '    name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float16 if "float16" in i.type else np.float32)\n'
+        "    for name, i in graph_inputs.items()\n"
+        '    if name.startswith("past_key_values.")\n'
+        "}\n"
+        "output_names = [o.name for o in session.get_outputs()]\n"
+        "fed, new, generated = 0, ids, []  # tokens already in the cache, tokens to feed, tokens generated\n"
+        "while len(generated) < 32:\n"
+        "    feed = {\n"
+        '        "input_ids": np.array([new], np.int64),\n'
+        '        "attention_mask": np.ones((1, fed + len(new)), np.int64),\n'
+        '        "position_ids": np.arange(fed, fed + len(new), dtype=np.int64)[None],\n'
+        "        **past,\n"
+        "    }\n"
+        "    outputs = session.run(None, {k: v for k, v in feed.items() if k in graph_inputs})\n"
+        "    outputs = dict(zip(output_names, outputs))\n"
+        '    token = int(outputs["logits"][0, -1].argmax())\n'
+        "    if token == tokenizer.eos_token_id:\n"
+        "        break\n"
+        "    generated.append(token)\n"
+        "    if past:  # the cache now holds every token fed so far: feed only the new one\n"
+        '        past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}\n'
+        "        fed, new = fed + len(new), [token]\n"
+        "    else:  # no cache: feed the whole sequence again\n"
+        "        new = new + [token]\n"
+        "print(tokenizer.decode(generated, skip_special_tokens=True))\n"
+    )
+
+
+def _ort_embeddings(pooling: _Pooling) -> str:
+    return (
+        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="np")\n'
+        'hidden = session.run(["last_hidden_state"], {k: v for k, v in inputs.items() if k in graph_inputs})[0]\n'
+        'mask = inputs["attention_mask"][..., None].astype(hidden.dtype)\n' + _pool(pooling)
+    )
+
+
+def _ort_forward() -> str:
+    return (
+        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="np")\n'
+        "outputs = session.run(None, {k: v for k, v in inputs.items() if k in graph_inputs})\n"
+        "print(outputs[0].shape)\n"
     )
 
 

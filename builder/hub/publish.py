@@ -140,7 +140,7 @@ def prepare_upload(artifact_dir: Path, manifest: Manifest, repo: str, paths: dic
     files: dict[str, Path | bytes] = {name: paths[name] for name in sorted(listed)}
     recipe_repo = (manifest.recipe.get("publish") or {}).get("repo")
     if repo != recipe_repo and "README.md" in files:
-        card = render_card(manifest, repo_id=repo).encode()
+        card = render_card(manifest, repo_id=repo, folder=Path(artifact_dir)).encode()
         files["README.md"] = card
         card_entry = FileEntry(sha256=hashlib.sha256(card).hexdigest(), size=len(card))
         manifest = manifest.model_copy(update={"files": {**listed, "README.md": card_entry}})

@@ -43,7 +43,7 @@ def write(ctx: BuildContext) -> None:
     assert manifest.verification is not None  # an artifact is written once its gate passed
     write_report(ctx.workdir, manifest.verification)
     (ctx.workdir / "recipe.lock.yaml").write_text(lock_text(ctx.loaded, ctx.plan), encoding="utf-8")
-    (ctx.workdir / "README.md").write_text(render_card(manifest), encoding="utf-8")
+    (ctx.workdir / "README.md").write_text(render_card(manifest, folder=ctx.workdir), encoding="utf-8")
     for path, text in eval_results_files(manifest).items():
         (ctx.workdir / path).parent.mkdir(exist_ok=True)
         (ctx.workdir / path).write_text(text, encoding="utf-8")
@@ -126,7 +126,10 @@ def refresh_publish(final: Path, loaded: LoadedRecipe, plan: Plan, manifest: Man
     unchanged files) gets the new recipe.lock.yaml, README.md card and manifest, then replaces `final` the way a
     build does, so a crash leaves the old artifact or the new one, never a mix. Returns the new manifest."""
     manifest = manifest.model_copy(update={"recipe": loaded.recipe.model_dump(mode="json")})
-    rewritten = {"recipe.lock.yaml": lock_text(loaded, plan).encode(), "README.md": render_card(manifest).encode()}
+    rewritten = {
+        "recipe.lock.yaml": lock_text(loaded, plan).encode(),
+        "README.md": render_card(manifest, folder=final).encode(),
+    }
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         for relative in folder_files(final):  # regular files only: a symlink's target never becomes a file here

@@ -1,7 +1,7 @@
 """The conformance matrix: each architecture family x {nf4+dq, fp4, int8, ONNX fp32} is validated, planned and built
 (the gate reloads the artifact from its folder with stock transformers), and does what docs/support.md says:
 streamed (byte for byte the transformers path's tensors), the transformers path for the reason given, exported, or
-refused with exit 1 and the reason, never an internal error.
+refused with exit 1 and the reason, never an internal error; and every snippet of a built cell's card runs.
 
 The default tier builds a few fast cells that cover each path; `make test-conformance` builds them all.
 """
@@ -71,6 +71,21 @@ def test_cell(name, method, conformance_root):
     _same_tensors_as_the_transformers_path(
         recipe, source, artifact, family.task or "text-generation", conformance_root / "transformers" / recipe.stem
     )
+
+
+@pytest.mark.slow  # `make test-conformance`: after test_cell, whose artifact is then up to date
+@pytest.mark.parametrize("name, method", [pytest.param(*cell.values, id=cell.id) for cell in CELLS])
+def test_cell_card_snippets_run(name, method, conformance_root):
+    """Every snippet of a built cell's card runs as written in a fresh interpreter without builder."""
+    from card_snippets import run_card_snippets
+
+    family = BY_NAME[name]
+    recipe = recipe_file(family, method, conformance_root / "sources" / slug(family), conformance_root / "recipes")
+    if predict(family, method, recipe).status == "refused":
+        pytest.skip("the build is refused: no card")
+    outcome = build_cell(recipe, conformance_root / "out")
+    assert outcome.exit_code == 0, outcome.stderr
+    assert run_card_snippets(conformance_root / "out" / recipe.stem)
 
 
 def _same_tensors_as_the_transformers_path(recipe_path, source, artifact, task, reference) -> None:

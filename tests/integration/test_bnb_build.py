@@ -132,6 +132,24 @@ def test_minilm_artifact_reloads_in_a_fresh_process_and_embeds(artifacts, minilm
     assert result["similar"] > result["unrelated"] + 0.2, result
 
 
+def test_the_smollm2_cards_snippet_answers_through_the_chat_template(artifacts):
+    from card_snippets import run_card_snippets
+
+    [answer] = run_card_snippets(artifacts("smollm2-nf4-dq"))
+    assert "Paris" in answer, answer
+
+
+def test_the_minilm_cards_snippets_pool_as_sentence_transformers_does(artifacts):
+    """SentenceTransformer(folder) and the transformers-only snippet print the same embedding shape and
+    similarity of the two sentences."""
+    from card_snippets import run_card_snippets
+
+    outputs = run_card_snippets(artifacts("minilm-int8"))
+    assert len(outputs) == 2 and all(out and out.startswith("(2, 384)") for out in outputs), outputs
+    first, second = (float(out.rsplit(" ", 1)[1]) for out in outputs if out)
+    assert first == pytest.approx(second, abs=2e-3) and 0 < first < 1, outputs
+
+
 @pytest.mark.parametrize("name", ["smollm2-nf4-dq", pytest.param("smollm2-fp4", marks=pytest.mark.slow), "minilm-nf4"])
 def test_4bit_weights_are_in_bitsandbytes_serialized_format(artifacts, name):
     folder = artifacts(name)

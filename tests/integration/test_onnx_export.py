@@ -136,6 +136,22 @@ def test_smollm2_with_past_build(built, shared_dir):
     assert json.loads((folder / "verify-report.json").read_text())["metrics"] == report["metrics"]
 
 
+def test_the_minilm_cards_snippets_run_as_written(built, shared_dir):
+    from card_snippets import run_card_snippets
+
+    [embeddings, optimum] = run_card_snippets(shared_dir / built("recipes/minilm/onnx-cpu.yaml")["name"])
+    assert embeddings and embeddings.startswith("(2, 384)"), embeddings
+    assert optimum is None or optimum == ""  # optimum-onnx is not in this environment: make test-interop runs it
+
+
+@pytest.mark.slow  # the with-past build above
+def test_the_smollm2_cards_greedy_loop_answers(built, shared_dir):
+    from card_snippets import run_card_snippets
+
+    [answer, _optimum] = run_card_snippets(shared_dir / built("recipes/smollm2/onnx-cpu.yaml")["name"])
+    assert answer and "Paris" in answer, answer
+
+
 def test_manifest_is_the_recorded_one(built):
     from golden import differences
 

@@ -126,7 +126,7 @@ def test_bnb_card_metadata_links_the_source_as_quantized():
 
 def test_bnb_card_body_usage_settings_verification_size_recipe_versions_and_extra_text():
     card = render_card(bnb_manifest())
-    assert 'AutoModelForCausalLM.from_pretrained("demo/smol-nf4"' in card
+    assert 'model_id = "demo/smol-nf4"' in card and "AutoModelForCausalLM.from_pretrained(model_id" in card
     assert "| `quantize.quant_type` | `nf4` |" in card and "| `quantize.double_quant` | `true` |" in card
     assert re.search(r"\| top1_agreement \| 0\.953 \|  \| 0\.9 \| pass \|", card)  # no interval: a version-1 report
     assert re.search(r"\| kl_divergence_mean \| 0\.0412 \|  \| 0\.15 \| pass \|", card)  # gated as kl_divergence
@@ -168,10 +168,10 @@ def test_a_moe_card_says_its_experts_were_not_quantized():
 
 
 def test_the_usage_snippet_names_the_repo_it_is_published_to():
-    assert 'from_pretrained("other/repo"' in render_card(bnb_manifest(), repo_id="other/repo")
+    assert 'model_id = "other/repo"' in render_card(bnb_manifest(), repo_id="other/repo")
     manifest = bnb_manifest()
     manifest["recipe"]["publish"] = None
-    assert 'from_pretrained("<org>/smol-nf4"' in render_card(manifest)
+    assert 'model_id = "<org>/smol-nf4"' in render_card(manifest)
 
 
 def test_failed_verification_is_shown_as_failed():
