@@ -8,7 +8,6 @@ what was done to it, how well it matched the source, what it costs, and exactly 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -19,7 +18,7 @@ from builder.gates import GATES, bounds_by_metric
 from builder.kinds import block_of, kind_of
 from builder.recipe import REPO_ID_PATTERN, LoadedRecipe, is_local_path
 from builder.recipe.licenses import card_license_problems
-from builder.tasks import AUTO_CLASSES, family
+from builder.tasks import AUTO_CLASSES, BARE_MODEL_TASK, family
 from builder.verification import VerificationReport
 
 # optimum task -> the Hub's pipeline_tag, where the two names differ (None: the Hub has no such pipeline).
@@ -76,7 +75,7 @@ def _card_data(manifest: Manifest):
         fields["base_model"] = base_model
         if _is_quantized(recipe):
             fields["base_model_relation"] = "quantized"
-    if results := _eval_results(manifest, fields["pipeline_tag"] or task or "feature-extraction"):
+    if results := _eval_results(manifest, fields["pipeline_tag"] or task or BARE_MODEL_TASK):
         fields |= {"model_name": manifest.name, "eval_results": results}
     return ModelCardData(**{key: value for key, value in fields.items() if value is not None})
 
@@ -295,8 +294,9 @@ def _summary(manifest: Manifest) -> str:
 def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
     """How to run the artifact with stock libraries: snippets that run as written (tests/unit/test_card_snippets.py
     executes each one against the built folder). `folder` is the artifact's folder (its sentence-transformers
-    config and chat template decide pooling and prompting); without one the snippets assume neither."""
-    task = manifest.source.task or "feature-extraction"
+    config and chat template decide pooling and prompting); without one the snippets assume neither. The task's
+    family (builder/tasks/) writes the lines that run the model."""
+    task = manifest.source.task or BARE_MODEL_TASK
     local = (
         f'Replace `"{repo_id}"` with the path of a local copy of this folder to run it from disk.'
         if manifest.library_name == "onnx"
@@ -308,17 +308,13 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
             return _usage_genai(repo_id, provider) + f"\n\n{local}"
         graphs = sorted(path for path in manifest.files or {} if path.endswith(".onnx"))
         session = _ort_session(repo_id, graphs[0] if graphs else "model.onnx", provider)
-        if task == "text-generation":
-            run = _ort_decoder_loop(_has_chat_template(folder))
-        elif task == "feature-extraction":
-            run = _ort_embeddings(_pooling(folder))
-        else:
-            run = _ort_forward()
+        run = family(task).onnx_usage(task, folder)
         return (
             f"With `onnxruntime` (the graph targets `{provider}`):\n\n```python\n{session}{run}```\n\n"
             f"{_optimum(repo_id, task, provider)}\n\n{local}"
         )
     auto = AUTO_CLASSES.get(task, "AutoModel")
+    snippet = family(task).transformers_usage(task, folder, repo_id)
     # A manifest's recipe has a `quantize` block where it has no `export` one.
     intro = (
         "Stock `transformers` (with `bitsandbytes` installed) loads it; the quantization settings are in `config.json`."
@@ -329,122 +325,7 @@ def _usage(manifest: Manifest, repo_id: str, folder: Path | None) -> str:
         "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
         f'model = {auto}.from_pretrained(model_id, device_map="auto")\n'
     )
-    if task == "text-generation":
-        run = _transformers_generate(_has_chat_template(folder))
-    elif task == "feature-extraction":
-        pooling = _pooling(folder)
-        run = _transformers_embeddings(pooling)
-        if pooling.sentence_transformers:
-            intro += (
-                " The folder is a sentence-transformers model (`modules.json`), so `SentenceTransformer` "
-                f"pools and normalizes as the source does:\n\n```python\n{_sentence_transformers(repo_id)}```\n\n"
-                "With `transformers` alone, pooling as its `modules.json` and `1_Pooling/config.json` say:"
-            )
-    else:  # the task family's own lines (builder/tasks/)
-        run = family(task).usage() + "\n"
-    imports = "import numpy as np\nimport torch\n" if task == "feature-extraction" else ""
-    return f"{intro}\n\n```python\n{imports}{load}{run}```\n\n{local}"
-
-
-_SENTENCES = '["A man is eating food.", "A man is riding a horse."]'
-_QUESTION = "What is the capital of France?"
-
-
-@dataclass(frozen=True)
-class _Pooling:
-    """How a sentence embedding is made from the last hidden state: sentence-transformers' Pooling module's mode
-    and whether a Normalize module follows (mean pooling and normalization where the folder says nothing)."""
-
-    mode: str = "mean"
-    normalize: bool = True
-    sentence_transformers: bool = False
-
-
-def _pooling(folder: Path | None) -> _Pooling:
-    """The pooling the folder's sentence-transformers config (modules.json, its Pooling module's config.json) says,
-    the default `_Pooling` when it has none."""
-    try:
-        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8")) if folder else None
-    except (OSError, ValueError):
-        modules = None
-    if not isinstance(modules, list):
-        return _Pooling()
-    types = [str(module.get("type", "")) for module in modules if isinstance(module, dict)]
-    pooling_dir = next(
-        (m.get("path", "") for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None
-    )
-    mode = "mean"
-    if pooling_dir is not None and folder is not None:
-        try:
-            config = json.loads((folder / pooling_dir / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-        if config.get("pooling_mode_cls_token"):
-            mode = "cls"
-        elif config.get("pooling_mode_max_tokens"):
-            mode = "max"
-    return _Pooling(mode, any(t.endswith("Normalize") for t in types), sentence_transformers=True)
-
-
-def _has_chat_template(folder: Path | None) -> bool:
-    """Whether the folder's tokenizer has a chat template (an instruct model, prompted as it was trained)."""
-    if folder is None:
-        return False
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _prompt_ids(chat: bool, tensors: str) -> str:
-    """Code that sets `inputs`: the chat-templated question for an instruct model, else a sentence to continue."""
-    if chat:
-        return (
-            f'messages = [{{"role": "user", "content": "{_QUESTION}"}}]\n'
-            "inputs = tokenizer.apply_chat_template(\n"
-            f'    messages, add_generation_prompt=True, return_dict=True, return_tensors="{tensors}"\n)\n'
-        )
-    return f'inputs = tokenizer("The capital of France is", return_tensors="{tensors}")\n'
-
-
-def _transformers_generate(chat: bool) -> str:
-    return (
-        _prompt_ids(chat, "pt") + "inputs = inputs.to(model.device)\n"
-        "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
-    )
-
-
-def _pool(pooling: _Pooling) -> str:
-    """numpy code from `hidden` (batch, tokens, width) and `mask` (batch, tokens, 1) to `embeddings`."""
-    pooled = {
-        "mean": "embeddings = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)\n",
-        "cls": "embeddings = hidden[:, 0]\n",
-        "max": "embeddings = np.where(mask > 0, hidden, -np.inf).max(axis=1)\n",
-    }[pooling.mode]
-    normalized = "embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)\n" if pooling.normalize else ""
-    return f"{pooled}{normalized}print(embeddings.shape, embeddings[0] @ embeddings[1])\n"
-
-
-def _transformers_embeddings(pooling: _Pooling) -> str:
-    return (
-        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="pt").to(model.device)\n'
-        "with torch.no_grad():\n"
-        "    hidden = model(**inputs).last_hidden_state.float().cpu().numpy()\n"
-        'mask = inputs["attention_mask"].cpu().numpy()[..., None].astype(hidden.dtype)\n' + _pool(pooling)
-    )
-
-
-def _sentence_transformers(repo_id: str) -> str:
-    return (
-        "from sentence_transformers import SentenceTransformer\n\n"
-        f'model_id = "{repo_id}"\n'
-        "model = SentenceTransformer(model_id)\n"
-        f"embeddings = model.encode({_SENTENCES})\n"
-        "print(embeddings.shape, embeddings[0] @ embeddings[1])\n"
-    )
+    return f"{intro}{snippet.intro}\n\n```python\n{snippet.imports}{load}{snippet.run}```\n\n{local}"
 
 
 def _usage_genai(repo_id: str, provider: str) -> str:
@@ -480,58 +361,6 @@ def _ort_session(repo_id: str, graph: str, provider: str) -> str:
         "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
         f'session = ort.InferenceSession(f"{{folder}}/{graph}", providers=["{provider}"])\n'
         "graph_inputs = {i.name: i for i in session.get_inputs()}\n"
-    )
-
-
-def _ort_decoder_loop(chat: bool) -> str:
-    """Greedy decoding with the graph of the torch exporter: optimum's decoder inputs (`input_ids`,
-    `attention_mask`, `position_ids`, and with the KV cache `past_key_values.N.key/value`, their heads and head
-    size fixed in the graph) and outputs (`logits`, `present.N.key/value`)."""
-    return (
-        _prompt_ids(chat, "np") + 'ids = [int(i) for i in inputs["input_ids"][0]]\n'
-        "# The cache starts empty: batch 1, the graph's heads and head size, no positions yet.\n"
-        "past = {\n"
-        '    name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float16 if "float16" in i.type else np.float32)\n'
-        "    for name, i in graph_inputs.items()\n"
-        '    if name.startswith("past_key_values.")\n'
-        "}\n"
-        "output_names = [o.name for o in session.get_outputs()]\n"
-        "fed, new, generated = 0, ids, []  # tokens already in the cache, tokens to feed, tokens generated\n"
-        "while len(generated) < 32:\n"
-        "    feed = {\n"
-        '        "input_ids": np.array([new], np.int64),\n'
-        '        "attention_mask": np.ones((1, fed + len(new)), np.int64),\n'
-        '        "position_ids": np.arange(fed, fed + len(new), dtype=np.int64)[None],\n'
-        "        **past,\n"
-        "    }\n"
-        "    outputs = session.run(None, {k: v for k, v in feed.items() if k in graph_inputs})\n"
-        "    outputs = dict(zip(output_names, outputs))\n"
-        '    token = int(outputs["logits"][0, -1].argmax())\n'
-        "    if token == tokenizer.eos_token_id:\n"
-        "        break\n"
-        "    generated.append(token)\n"
-        "    if past:  # the cache now holds every token fed so far: feed only the new one\n"
-        '        past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}\n'
-        "        fed, new = fed + len(new), [token]\n"
-        "    else:  # no cache: feed the whole sequence again\n"
-        "        new = new + [token]\n"
-        "print(tokenizer.decode(generated, skip_special_tokens=True))\n"
-    )
-
-
-def _ort_embeddings(pooling: _Pooling) -> str:
-    return (
-        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="np")\n'
-        'hidden = session.run(["last_hidden_state"], {k: v for k, v in inputs.items() if k in graph_inputs})[0]\n'
-        'mask = inputs["attention_mask"][..., None].astype(hidden.dtype)\n' + _pool(pooling)
-    )
-
-
-def _ort_forward() -> str:
-    return (
-        f'inputs = tokenizer({_SENTENCES}, padding=True, truncation=True, return_tensors="np")\n'
-        "outputs = session.run(None, {k: v for k, v in inputs.items() if k in graph_inputs})\n"
-        "print(outputs[0].shape)\n"
     )
 
 

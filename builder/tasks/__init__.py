@@ -8,7 +8,7 @@ from __future__ import annotations
 from builder.errors import BuildError
 from builder.tasks import causal_lm, text_encoder
 from builder.tasks.base import Runner, TaskFamily
-from builder.tasks.names import AUTO_CLASSES, TASKS, auto_class, infer_task
+from builder.tasks.names import AUTO_CLASSES, BARE_MODEL_TASK, TASKS, auto_class, infer_task
 
 FAMILIES: dict[str, TaskFamily] = {causal_lm.NAME: causal_lm, text_encoder.NAME: text_encoder}
 
@@ -59,6 +59,7 @@ def applicable_gates(task: str, runner: Runner) -> tuple[str, ...]:
 
 __all__ = [
     "AUTO_CLASSES",
+    "BARE_MODEL_TASK",
     "FAMILIES",
     "TASKS",
     "TaskFamily",

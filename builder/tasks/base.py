@@ -13,6 +13,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 LATENCY_TOKENS = 64
@@ -37,6 +39,18 @@ class ProbeRun(Protocol):
     def synchronize(self) -> None: ...
 
     def stage(self, name: str, total: int | None = None) -> AbstractContextManager[Stage]: ...
+
+
+@dataclass(frozen=True)
+class CardUsage:
+    """A family's part of the card's transformers snippet, which loads `model` and `tokenizer` before `run`."""
+
+    run: str
+    """The lines that run the loaded model (each ending in a newline)."""
+    imports: str = ""
+    """Imports `run` needs besides transformers' (each ending in a newline)."""
+    intro: str = ""
+    """Words after the card's opening sentence, before the snippet (a leading space; another snippet first)."""
 
 
 class TaskFamily(Protocol):
@@ -103,8 +117,14 @@ class TaskFamily(Protocol):
         gate has one."""
         ...
 
-    def usage(self) -> str:
-        """The card's lines that run a loaded `model` with its `tokenizer`."""
+    def transformers_usage(self, task: str, folder: Path | None, repo_id: str) -> CardUsage:
+        """The card's snippet for `task` with stock transformers, given the artifact's `folder` (None: the card
+        assumes no chat template and no pooling config) and the `repo_id` its snippets load from."""
+        ...
+
+    def onnx_usage(self, task: str, folder: Path | None) -> str:
+        """The card's lines that run an ONNX export of `task` as onnxruntime's `session` (with `graph_inputs`, its
+        inputs by name, and `tokenizer`), given the artifact's `folder` as `transformers_usage` does."""
         ...
 
     def ort_class(self, task: str) -> str:

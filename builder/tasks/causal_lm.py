@@ -8,11 +8,14 @@ import hashlib
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from builder.evaluation import default_prompts, eval_text
+from builder.tasks import snippets
 from builder.tasks.base import (
     LATENCY_TOKENS,
+    CardUsage,
     ProbeRun,
     Runner,
     Stage,
@@ -395,12 +398,12 @@ def onnx_metrics(
 # --- the card ---------------------------------------------------------------------------------------------------
 
 
-def usage() -> str:
-    return (
-        'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)\n'
-        "output = model.generate(**inputs, max_new_tokens=20)\n"
-        "print(tokenizer.decode(output[0], skip_special_tokens=True))"
-    )
+def transformers_usage(task: str, folder: Path | None, repo_id: str) -> CardUsage:
+    return CardUsage(snippets.transformers_generate(snippets.has_chat_template(folder)))
+
+
+def onnx_usage(task: str, folder: Path | None) -> str:
+    return snippets.ort_decoder_loop(snippets.has_chat_template(folder))
 
 
 def ort_class(task: str) -> str:

@@ -36,6 +36,10 @@ TASKS: tuple[str, ...] = (
     "zero-shot-object-detection",
 )
 
+BARE_MODEL_TASK = "feature-extraction"
+"""The task of a model without a head: what an architecture named `*Model` implies, and what the card takes a
+manifest that records no task for."""
+
 # Architecture-name suffixes -> task, for recipes that leave `source.task` out (checked in this order).
 _ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForCausalLM", "text-generation"),
@@ -47,7 +51,7 @@ _ARCHITECTURE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForMaskedLM", "fill-mask"),
     ("ForMultipleChoice", "multiple-choice"),
     ("ForImageClassification", "image-classification"),
-    ("Model", "feature-extraction"),
+    ("Model", BARE_MODEL_TASK),
 )
 
 

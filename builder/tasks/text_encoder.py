@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from builder.evaluation import ENCODER_SENTENCES, eval_sentences, eval_text
+from builder.tasks import snippets
 from builder.tasks.base import (
     LATENCY_TOKENS,
+    CardUsage,
     ProbeRun,
     Runner,
     block_interval,
@@ -211,11 +214,24 @@ _ORT_CLASSES = {
 }
 
 
-def usage() -> str:
-    return (
-        'inputs = tokenizer(["A man is eating food."], return_tensors="pt", padding=True).to(model.device)\n'
-        "outputs = model(**inputs)"
+def transformers_usage(task: str, folder: Path | None, repo_id: str) -> CardUsage:
+    """Embeddings pooled as the folder's sentence-transformers config says (feature-extraction; sentence-transformers
+    itself first where the folder is its model), a forward for the heads."""
+    if task != _EMBEDDING:
+        return CardUsage(snippets.transformers_forward())
+    pooling = snippets.pooling(folder)
+    intro = (
+        " The folder is a sentence-transformers model (`modules.json`), so `SentenceTransformer` pools and normalizes "
+        f"as the source does:\n\n```python\n{snippets.sentence_transformers(repo_id)}```\n\n"
+        "With `transformers` alone, pooling as its `modules.json` and `1_Pooling/config.json` say:"
+        if pooling.sentence_transformers
+        else ""
     )
+    return CardUsage(snippets.transformers_embeddings(pooling), "import numpy as np\nimport torch\n", intro)
+
+
+def onnx_usage(task: str, folder: Path | None) -> str:
+    return snippets.ort_embeddings(snippets.pooling(folder)) if task == _EMBEDDING else snippets.ort_forward()
 
 
 def ort_class(task: str) -> str:

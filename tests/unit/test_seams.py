@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
-from test_card import bnb_manifest
+from test_card import bnb_manifest, onnx_manifest
 
 from builder.artifact import Manifest, WeightShare, parse_manifest
 from builder.card import render_card
@@ -19,6 +19,7 @@ from builder.pipeline import steps_for
 from builder.plan import make_plan
 from builder.recipe import Recipe, load_recipes
 from builder.tasks import FAMILIES, family_of
+from builder.tasks.base import CardUsage
 from builder.verification import VerificationReport
 
 TOY_TASK = "image-to-text"  # a task no shipped family verifies: the plan refuses it today
@@ -33,7 +34,8 @@ def toy_family() -> types.ModuleType:
     toy.GRAPH = "decoder"
     toy.gates = lambda runner, task: ("max_abs_diff", "top1_agreement")
     toy.default_thresholds = lambda scheme, task: {"bnb-int8": {"top1_agreement": 0.7}}[scheme]
-    toy.usage = lambda: "caption = model.generate(**inputs)  # toy"
+    toy.transformers_usage = lambda task, folder, repo_id: CardUsage("caption = model.generate(**inputs)  # toy\n")
+    toy.onnx_usage = lambda task, folder: "caption = session.run(None, {})  # toy\n"
     toy.ort_class = lambda task: "ORTModelForToy"
     return toy
 
@@ -74,6 +76,10 @@ def test_a_toy_task_registered_from_the_test_alone_gets_thresholds_schema_rules_
     manifest = bnb_manifest()
     manifest["source"]["task"] = TOY_TASK
     assert "caption = model.generate(**inputs)  # toy" in render_card(Manifest.model_validate(manifest))
+    manifest = onnx_manifest()
+    manifest["source"]["task"] = TOY_TASK
+    onnx_card = render_card(Manifest.model_validate(manifest))
+    assert "caption = session.run(None, {})  # toy" in onnx_card and "ORTModelForToy" in onnx_card
 
 
 def toy_kind() -> types.ModuleType:
