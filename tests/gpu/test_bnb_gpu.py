@@ -77,7 +77,7 @@ def test_gpu_build_reloads_on_the_gpu(gpu_artifacts, name):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["device_map"] == {"": "cuda"}
     assert manifest["device"] and "cpu" not in manifest["device"].lower()
-    assert manifest["bits_per_param"] == pytest.approx(RECIPES[name][2], abs=0.03)
+    assert manifest["quantized_layers"]["bits_per_param"] == pytest.approx(RECIPES[name][2], abs=0.03)
     done = subprocess.run(
         [sys.executable, "-c", RELOAD, str(folder), manifest["source"]["task"]],
         capture_output=True,
