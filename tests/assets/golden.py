@@ -6,29 +6,28 @@ manifests built before it); a change that alters artifacts on purpose regenerate
         builder build recipes/$r.yaml --out /tmp/golden --device cpu --force; done
     cp /tmp/golden/<name>/manifest.json tests/assets/golden/<name>.json
 
-Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM streamed, the footprint bound derived
-from the plan, source.base_model); issue 15 added the ONNX report's `placement` to the MiniLM ONNX manifest (only that
-key, from a build of it); issue 19 added the gate workers' `stages`, the candidate's `overlapped` and
+Last regenerated for issues 13 and 16 (sentence-transformers files, MiniLM streamed, the footprint bound derived from
+the plan, source.base_model); issue 15 added the ONNX report's `placement` to the MiniLM ONNX manifest (only that key,
+from a build of it); issue 19 added the gate workers' `stages`, the candidate's `overlapped` and
 `performance.compare_seconds` to the three bitsandbytes manifests (only those keys, from builds of them), and
 regenerated the MiniLM ONNX manifest when O2 gained onnxscript's fusions (6 Attention nodes: a new graph); issue 28
 moved the three bitsandbytes manifests to version 3 without a build (the same artifacts): their recipes gained
 `quantize.allow_unquantized_experts: false`, `weight_share` is the plan's (from the source's headers) and
-`bits_per_param` the bits per parameter reached (the weight files in their `files` table over the source's
-parameters; it was `quantized_layers.bits_per_param` again). What may
-differ: when and where it was built and with which versions (build hash,
-versions, device, dates, timings, latencies, the gate workers' stages, the reference's cache key and whether it came
-from the cache), the four files that carry those (README.md, recipe.lock.yaml, verify-report.json and, since issue 31,
-.eval_results/builder-gate.yaml, whose entry each golden took from a build of it at 1295fec), under another
-transformers release than the golden's the files it stamps with its version (config.json, generation_config.json)
-and the content digest of a local source converted with it (transformers 5.25.0 moved both), and the gate's
-metrics within 5% (the CPU's instruction set changes bfloat16 kernels: a host without AVX-512 moved SmolLM2 nf4's
-top-1 agreement by 0.4% and its greedy continuations by a token), the greedy token counts compared by prompt count
-only, the gate's `intervals` and `interval_verdicts` (issue 31; the goldens predate them: they are derived from the
-metrics, which are compared) by metric name where the golden has them; the ONNX gate's metric values and prompts are
-compared by name only, its placement by the provider it was measured on and the providers that ran nodes (the
-counts per op type follow onnxruntime's fusions, which change with its version). Everything else must be equal: the
-recipe, the source, the footprints, bits per parameter, the quantize path, the layers, the ONNX record and every
-weight file's sha256.
+`bits_per_param` the bits per parameter reached (the weight files in their `files` table over the source's parameters;
+it was `quantized_layers.bits_per_param` again). What may differ: when and where it was built and with which versions
+(build hash, versions, device, dates, timings, latencies, the gate workers' stages, the reference's cache key and
+whether it came from the cache), the four files that carry those (README.md, recipe.lock.yaml, verify-report.json and,
+since issue 31, .eval_results/builder-gate.yaml, whose entry each golden took from a build of it at 1295fec), under
+another transformers release than the golden's the files it stamps with its version (config.json,
+generation_config.json) and the content digest of a local source converted with it (transformers 5.25.0 moved both),
+and the gate's metrics within 5% (the CPU's instruction set changes bfloat16 kernels: a host without AVX-512 moved
+SmolLM2 nf4's top-1 agreement by 0.4% and its greedy continuations by a token), the greedy token counts compared by
+prompt count only and `greedy_match` by name, the gate's `intervals` and `interval_verdicts` (issue 31; the goldens
+predate them: they are derived from the metrics, which are compared) by metric name where the golden has them; the
+ONNX gate's metric values and prompts are compared by name only, its placement by the provider it was measured on and
+the providers that ran nodes (the counts per op type follow onnxruntime's fusions, which change with its version).
+Everything else must be equal: the recipe, the source, the footprints, bits per parameter, the quantize path, the
+layers, the ONNX record and every weight file's sha256.
 """
 
 from __future__ import annotations
@@ -40,6 +39,10 @@ from pathlib import Path
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # manifest_version (and the report's report_version): the ONNX golden is a version-1 manifest, which holds the same
 # fields as version 2 and reads as written; the bitsandbytes ones are version 3 (builder.artifact.MANIFEST_VERSION).
+# The share of greedy tokens that match is taken over continuations cut at their first end token, so one token that
+# the CPU's bfloat16 kernels flip changes its denominator too: 4ba81e6 itself scores SmolLM2 nf4 0.294 (5 of 17) on
+# an AVX-512 host where the golden has 0.241 (7 of 29). Compared like the greedy token counts: by name.
+_GREEDY_METRICS = ("greedy_match",)
 _BUILD_CONDITIONS = ("manifest_version", "build_hash", "versions", "device", "device_uuid", "built_at", "timings")
 _DESCRIBE_THE_BUILD = ("README.md", "recipe.lock.yaml", "verify-report.json", ".eval_results/builder-gate.yaml")
 # save_pretrained writes `transformers_version` into these: under another transformers release their hashes differ,
@@ -101,7 +104,11 @@ def _report_differences(new: dict, old: dict, *, onnx: bool) -> list[str]:
             if set(a) != set(b):
                 found.append(f"verification.metrics keys: {sorted(set(a) ^ set(b))}")
             elif not onnx:
-                found += [f"verification.metrics.{m}: {a[m]} != {b[m]}" for m in a if not _close(a[m], b[m], rel=0.05)]
+                found += [
+                    f"verification.metrics.{m}: {a[m]} != {b[m]}"
+                    for m in a
+                    if m not in _GREEDY_METRICS and not _close(a[m], b[m], rel=0.05)
+                ]
         elif key == "inputs" and onnx:
             if set(a) != set(b):
                 found.append("verification.inputs keys differ")
