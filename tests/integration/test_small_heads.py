@@ -91,7 +91,7 @@ def test_both_paths_keep_the_head_and_write_the_same_bytes(three_labels, tmp_pat
     streamed = _context(recipe, tmp_path / "stream")
     streamed.workdir.mkdir()
     quantize_module.quantize(streamed)
-    monkeypatch.setattr(quantize_module, "streamable", lambda recipe, source_dir: "forced by the test")
+    monkeypatch.setattr(quantize_module, "stream_plan", lambda recipe, source_dir, task=None: "forced by the test")
     reference = _context(recipe, tmp_path / "transformers")
     quantize_module.quantize(reference)
     assert (streamed.quantize_path, reference.quantize_path) == ("stream", "transformers (forced by the test)")

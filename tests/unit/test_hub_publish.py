@@ -312,7 +312,7 @@ def test_revision_branch_private_repo_and_pull_request(hub, tmp_path):
     card = Path(
         hf_api(hub).hf_hub_download("demo/private", "README.md", revision="release", cache_dir=tmp_path / "c")
     ).read_text()
-    assert 'from_pretrained("demo/private"' in card
+    assert 'model_id = "demo/private"' in card  # the usage snippet's repo
 
     make_artifact(artifact, weights=b"\x02pr" * 3000, repo="demo/private")
     pr = run_publish(artifact, hub.url, "--revision", "release", "--create-pr", "--json")

@@ -151,6 +151,8 @@ def test_minimal_recipe_takes_every_default():
             "quant_storage": "uint8",
             "skip_modules": [],
             "dequantize": False,
+            "blocksize": 64,
+            "allow_unquantized_experts": False,
         },
         "export": None,
         "verify": {
@@ -277,6 +279,7 @@ def test_variants_are_one_artifact_each_on_top_of_the_merged_file():
         "fp32_cpu_offload": False,
         "has_fp16_weight": False,
         "dequantize": False,
+        "allow_unquantized_experts": False,
     }
     assert all(item.files == (VALID / "variants.yaml", VALID / "_family.yaml") for item in loaded)
     assert {item.recipe.publish.repo for item in loaded} == {"demo/family"}

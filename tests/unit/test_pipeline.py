@@ -246,7 +246,7 @@ def test_a_new_publish_block_refreshes_the_card_without_a_rebuild(built, tmp_pat
     assert after["files"]["model.safetensors"] == before["files"]["model.safetensors"]
     assert after["recipe"]["publish"]["repo"] == "team/tiny-nf4"
     card = (out / "tiny-nf4" / "README.md").read_text()
-    assert "license: apache-2.0" in card and 'from_pretrained("team/tiny-nf4")' in card
+    assert "license: apache-2.0" in card and 'model_id = "team/tiny-nf4"' in card
     assert "team/tiny-nf4" in (out / "tiny-nf4" / "recipe.lock.yaml").read_text()
     assert main(["publish", str(out / "tiny-nf4"), "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["repo"] == "team/tiny-nf4"
